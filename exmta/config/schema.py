@@ -1,0 +1,116 @@
+"""The validated, frozen configuration that every component is built from.
+
+:mod:`exmta.config.load` turns TOML into these objects and reports every
+problem at once; components take only the part of the config they need.
+Sizes are in octets and durations in seconds here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class AcceptedDomain:
+    """An Exchange accepted domain. ``kind`` is authoritative, internal_relay or external_relay."""
+
+    name: str  # lower case, no trailing dot; "*.example.com" matches subdomains
+    kind: str = "authoritative"
+
+    def matches(self, domain: str) -> bool:
+        d = domain.lower().rstrip(".")
+        if self.name.startswith("*."):
+            return d.endswith(self.name[1:])
+        return d == self.name
+
+
+@dataclass(frozen=True)
+class ReceiveConnectorConfig:
+    name: str
+    listen: tuple[str, ...] = ("tcp:2525:interface=127.0.0.1",)
+    hostname: str = "localhost"           # FQDN in the banner, EHLO reply and Received
+    banner: str | None = None             # text after the hostname in the 220 greeting
+    max_message_size: int = 36 * 1024 * 1024
+    max_recipients: int = 200             # per message (Exchange's default)
+    max_errors: int = 10                  # bad commands before 421 and close
+    max_command_line: int = 512           # RFC 5321 4.5.3.1.4, including CRLF
+    max_text_line: int = 1000             # RFC 5321 4.5.3.1.6, including CRLF; 0 = no limit
+    command_timeout: float = 300.0        # RFC 5321 4.5.3.2.7 server timeout
+    data_timeout: float = 180.0           # between two reads inside DATA/BDAT
+    bare_lf: str = "reject"               # "reject" or "normalize" (SMTP smuggling defence)
+    relay_networks: tuple[str, ...] = ()  # CIDRs whose clients may relay to any domain
+    filters: tuple[str, ...] = ()         # filter instance names, in order
+    add_received: bool = True
+
+
+@dataclass(frozen=True)
+class SmartHost:
+    host: str
+    port: int = 25
+
+
+@dataclass(frozen=True)
+class SendConnectorConfig:
+    name: str
+    kind: str = "smtp"                    # "smtp" | "lmtp" | "maildir"
+    smarthosts: tuple[SmartHost, ...] = ()  # smtp: try in order; empty means DNS MX
+    port: int = 25                        # smtp with MX: the port to connect to
+    lmtp: str | None = None               # lmtp: "host:port" or "unix:/path"
+    maildir_root: str | None = None       # maildir: <root>/<domain>/<local-part>/
+    helo_name: str | None = None          # defaults to the server hostname
+    tls: str = "opportunistic"            # "none" | "opportunistic" | "mandatory"
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    max_per_destination: int = 20         # concurrent connections per next hop
+    max_messages_per_connection: int = 100
+    auth_username: str | None = None
+    auth_password: str | None = None
+    dns_servers: tuple[str, ...] = ()     # "ip" or "ip:port"; empty = system resolver
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    domains: tuple[str, ...]              # "example.com", "*.example.com" or "*"
+    connector: str
+    cost: int = 1
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    retry_schedule: tuple[float, ...] = (300.0, 600.0, 1200.0, 2400.0, 4800.0, 9600.0, 14400.0)
+    max_lifetime: float = 5 * 86400.0     # then the message expires and bounces
+    delay_warning: float = 4 * 3600.0     # DSN action=delayed after this; 0 = never
+    max_active: int = 500                 # messages in delivery at once
+    poison_threshold: int = 3             # crashed attempts before a message is held
+    pickup_interval: float = 2.0          # seconds between scans of the pickup directory
+
+
+@dataclass(frozen=True)
+class Config:
+    hostname: str = "localhost"
+    data_dir: str = "./exmta-data"
+    postmaster: str = "postmaster"        # local part; always accepted for local domains
+    accepted_domains: tuple[AcceptedDomain, ...] = ()
+    receive: tuple[ReceiveConnectorConfig, ...] = ()
+    send: tuple[SendConnectorConfig, ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    pickup_dir: str | None = None         # default <data_dir>/pickup
+    tracking_log: str | None = None       # default <data_dir>/log/tracking.jsonl
+    receive_workers: int = 1              # processes accepting SMTP (0 = in the main process)
+    filters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    source: str = "<embedded default>"    # the file this came from, for messages
+
+    def send_connector(self, name: str) -> SendConnectorConfig:
+        for s in self.send:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def accepted_domain(self, domain: str) -> AcceptedDomain | None:
+        """The most specific accepted domain that matches, or None."""
+        best: AcceptedDomain | None = None
+        for ad in self.accepted_domains:
+            if ad.matches(domain) and (best is None or len(ad.name) > len(best.name)):
+                best = ad
+        return best
