@@ -97,7 +97,7 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     pickup_dir: str | None = None         # default <data_dir>/pickup
     tracking_log: str | None = None       # default <data_dir>/log/tracking.jsonl
-    receive_workers: int = 1              # processes accepting SMTP (0 = in the main process)
+    receive_workers: int = 0              # extra processes accepting SMTP (0 = the main process only)
     filters: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = "<embedded default>"    # the file this came from, for messages
 

@@ -1,0 +1,5 @@
+import sys
+
+from exmta.cli import main
+
+sys.exit(main())

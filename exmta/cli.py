@@ -1,0 +1,41 @@
+"""The ``exmta`` administration command."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from exmta.config.load import ConfigError, load_config
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    print(f"{args.file}: configuration OK "
+          f"({len(config.receive)} receive connector(s), {len(config.send)} send connector(s), "
+          f"{len(config.routes)} route(s))")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exmta", description="Administer an exmta mail server.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    check = sub.add_parser("check-config", help="validate a configuration file without starting anything")
+    check.add_argument("file", help="path to the TOML configuration")
+    check.set_defaults(func=_check_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,502 @@
+"""Read a TOML file into a validated :class:`~exmta.config.schema.Config`.
+
+Every problem is collected and reported at once, each naming the file, the
+key and what is wrong, so that an operator fixes a configuration in one pass.
+Nothing here opens sockets or touches the spool.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+from dataclasses import replace
+from typing import Any, Callable
+
+from exmta.config.schema import (
+    AcceptedDomain,
+    Config,
+    QueueConfig,
+    ReceiveConnectorConfig,
+    RouteConfig,
+    SendConnectorConfig,
+    SmartHost,
+)
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; ``problems`` lists every reason."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s) in the configuration:\n{lines}")
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+_DOMAIN = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+_ENDPOINT_KINDS = {"tcp", "tcp6", "unix", "ssl", "haproxy", "systemd"}
+_DOMAIN_KINDS = ("authoritative", "internal_relay", "external_relay")
+
+
+def parse_duration(value: Any) -> float:
+    """``30``, ``"30s"``, ``"5m"``, ``"4h"``, ``"5d"`` -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30, \"30s\", \"5m\" or \"4h\"")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    raise ValueError(f"expected a duration such as 30, \"30s\", \"5m\" or \"4h\", not {value!r}")
+
+
+def parse_size(value: Any) -> int:
+    """``1048576``, ``"35MiB"``, ``"10MB"`` -> octets."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 10485760 or \"10MiB\"")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            unit = (m.group(2) or "B").lower()
+            return int(float(m.group(1)) * _SIZE_UNITS[unit])
+    raise ValueError(f"expected a size such as 10485760 or \"10MiB\", not {value!r}")
+
+
+class _Reader:
+    """Walks one TOML table, converting values and remembering every problem."""
+
+    def __init__(self, problems: list[str], path: str, table: Any) -> None:
+        self.problems = problems
+        self.path = path
+        if not isinstance(table, dict):
+            self.error("", f"must be a table, not {type(table).__name__}")
+            table = {}
+        self.table = table
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def error(self, name: str, message: str) -> None:
+        where = self.key(name) if name else self.path
+        self.problems.append(f"{where}: {message}")
+
+    def get(self, name: str, default: Any, convert: Callable[[Any], Any]) -> Any:
+        self.used.add(name)
+        if name not in self.table:
+            return default
+        try:
+            return convert(self.table[name])
+        except (ValueError, TypeError) as e:
+            self.error(name, str(e))
+            return default
+
+    def sub(self, name: str) -> _Reader:
+        self.used.add(name)
+        return _Reader(self.problems, self.key(name), self.table.get(name, {}))
+
+    def finish(self) -> None:
+        for name in sorted(set(self.table) - self.used):
+            self.error(name, "unknown setting (check the spelling; etc/exmta.toml lists every setting)")
+
+
+# ---------------------------------------------------------------- converters
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"expected a string, not {type(v).__name__} {v!r}")
+    return v
+
+
+def _nonempty_str(v: Any) -> str:
+    s = _str(v)
+    if not s.strip():
+        raise ValueError("must not be empty")
+    return s
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"expected true or false, not {v!r}")
+    return v
+
+
+def _int(minimum: int = 0) -> Callable[[Any], int]:
+    def convert(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"expected a whole number, not {v!r}")
+        if v < minimum:
+            raise ValueError(f"must be at least {minimum}, not {v}")
+        return v
+
+    return convert
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def convert(v: Any) -> str:
+        if v not in choices:
+            raise ValueError(f"must be one of {', '.join(repr(c) for c in choices)}, not {v!r}")
+        return v
+
+    return convert
+
+
+def _list_of(convert: Callable[[Any], Any]) -> Callable[[Any], tuple]:
+    def convert_list(v: Any) -> tuple:
+        if not isinstance(v, list):
+            raise TypeError(f"expected a list, not {type(v).__name__} {v!r}")
+        out, errors = [], []
+        for i, item in enumerate(v):
+            try:
+                out.append(convert(item))
+            except (ValueError, TypeError) as e:
+                errors.append(f"item {i + 1} ({item!r}): {e}")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return tuple(out)
+
+    return convert_list
+
+
+def _domain(v: Any) -> str:
+    s = _str(v).strip().lower().rstrip(".")
+    if s == "*":
+        return s
+    try:
+        ascii_form = s.encode("idna").decode("ascii") if not s.isascii() else s
+    except UnicodeError:
+        raise ValueError(f"{v!r} is not a valid domain name") from None
+    if not _DOMAIN.match(ascii_form):
+        raise ValueError(f"{v!r} is not a domain name (use \"example.com\" or \"*.example.com\")")
+    return ascii_form
+
+
+def _cidr(v: Any) -> str:
+    s = _str(v)
+    try:
+        return str(ipaddress.ip_network(s, strict=False))
+    except ValueError:
+        raise ValueError(f"{s!r} is not an IP network such as \"192.0.2.0/24\" or \"2001:db8::/32\"") from None
+
+
+def _endpoint(v: Any) -> str:
+    """A Twisted server endpoint string, checked by Twisted's own parser."""
+    from twisted.internet import endpoints
+
+    s = _nonempty_str(v)
+    kind = s.split(":", 1)[0]
+    if kind not in _ENDPOINT_KINDS:
+        raise ValueError(f"{s!r}: endpoint kind {kind!r} is not one of {', '.join(sorted(_ENDPOINT_KINDS))}")
+    try:
+        endpoints.serverFromString(_NoReactor(), s)
+    except Exception as e:  # the parser raises many types; all mean the same here
+        raise ValueError(f"{s!r} is not a valid endpoint: {e}") from None
+    return s
+
+
+class _NoReactor:
+    """Stands in for a reactor so endpoint strings can be parsed without one."""
+
+
+def _smarthost(v: Any) -> SmartHost:
+    s = _nonempty_str(v).strip()
+    host, port = s, 25
+    if s.startswith("["):
+        end = s.find("]")
+        if end < 0:
+            raise ValueError(f"{s!r}: unmatched '['")
+        host, rest = s[1:end], s[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{s!r}: expected \"[host]:port\"")
+            port = _port(rest[1:], s)
+    elif s.count(":") == 1:
+        host, p = s.split(":")
+        port = _port(p, s)
+    if not host:
+        raise ValueError(f"{s!r}: the host is empty")
+    return SmartHost(host, port)
+
+
+def _port(text: str, whole: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"{whole!r}: {text!r} is not a port number")
+    return int(text)
+
+
+def _nameserver(v: Any) -> str:
+    s = _nonempty_str(v)
+    host = s.rsplit(":", 1)[0] if s.count(":") == 1 else s
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        raise ValueError(f"{s!r} is not an IP address (optionally with :port)") from None
+    return s
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _read_server(r: _Reader, base: Config) -> dict[str, Any]:
+    out = {
+        "hostname": r.get("hostname", base.hostname, _domain),
+        "data_dir": r.get("data_dir", base.data_dir, _nonempty_str),
+        "postmaster": r.get("postmaster", base.postmaster, _nonempty_str),
+        "pickup_dir": r.get("pickup_dir", base.pickup_dir, _nonempty_str),
+        "tracking_log": r.get("tracking_log", base.tracking_log, _nonempty_str),
+        "receive_workers": r.get("receive_workers", base.receive_workers, _int(0)),
+    }
+    r.finish()
+    return out
+
+
+def _read_receive(r: _Reader, name: str, hostname: str) -> ReceiveConnectorConfig:
+    d = ReceiveConnectorConfig(name=name, hostname=hostname)
+    c = ReceiveConnectorConfig(
+        name=name,
+        listen=r.get("listen", d.listen, _list_of(_endpoint)),
+        hostname=r.get("hostname", d.hostname, _domain),
+        banner=r.get("banner", d.banner, _str),
+        max_message_size=r.get("max_message_size", d.max_message_size, parse_size),
+        max_recipients=r.get("max_recipients", d.max_recipients, _int(1)),
+        max_errors=r.get("max_errors", d.max_errors, _int(1)),
+        max_command_line=r.get("max_command_line", d.max_command_line, _int(512)),
+        max_text_line=r.get("max_text_line", d.max_text_line, _int(0)),
+        command_timeout=r.get("command_timeout", d.command_timeout, parse_duration),
+        data_timeout=r.get("data_timeout", d.data_timeout, parse_duration),
+        bare_lf=r.get("bare_lf", d.bare_lf, _choice("reject", "normalize")),
+        relay_networks=r.get("relay_networks", d.relay_networks, _list_of(_cidr)),
+        filters=r.get("filters", d.filters, _list_of(_nonempty_str)),
+        add_received=r.get("add_received", d.add_received, _bool),
+    )
+    if not c.listen:
+        r.error("listen", "needs at least one endpoint, e.g. \"tcp:25\"")
+    if 0 < c.max_text_line < 1000:
+        r.error("max_text_line", "must be 0 (no limit) or at least 1000 (RFC 5321 4.5.3.1.6)")
+    r.finish()
+    return c
+
+
+def _read_send(r: _Reader, name: str, data_dir: str) -> SendConnectorConfig:
+    d = SendConnectorConfig(name=name)
+    kind = r.get("type", "smtp", _choice("smtp", "lmtp", "maildir"))
+    c = SendConnectorConfig(
+        name=name,
+        kind=kind,
+        smarthosts=r.get("smarthosts", d.smarthosts, _list_of(_smarthost)),
+        port=r.get("port", d.port, _int(1)),
+        lmtp=r.get("lmtp", d.lmtp, _nonempty_str),
+        maildir_root=r.get("root", d.maildir_root, _nonempty_str),
+        helo_name=r.get("helo_name", d.helo_name, _domain),
+        tls=r.get("tls", d.tls, _choice("none", "opportunistic", "mandatory")),
+        connect_timeout=r.get("connect_timeout", d.connect_timeout, parse_duration),
+        command_timeout=r.get("command_timeout", d.command_timeout, parse_duration),
+        max_per_destination=r.get("max_per_destination", d.max_per_destination, _int(1)),
+        max_messages_per_connection=r.get(
+            "max_messages_per_connection", d.max_messages_per_connection, _int(1)),
+        auth_username=r.get("auth_username", d.auth_username, _nonempty_str),
+        auth_password=r.get("auth_password", d.auth_password, _str),
+        dns_servers=r.get("dns_servers", d.dns_servers, _list_of(_nameserver)),
+    )
+    mx = r.get("mx", None, _bool)
+    if kind == "smtp" and mx and c.smarthosts:
+        r.error("mx", "cannot be true together with smarthosts (choose DNS MX or smart hosts)")
+    if kind == "smtp" and mx is False and not c.smarthosts:
+        r.error("smarthosts", "is needed when mx = false")
+    if kind == "lmtp" and not c.lmtp:
+        r.error("lmtp", "is needed for type = \"lmtp\" (\"host:port\" or \"unix:/path\")")
+    if kind == "maildir":
+        root = c.maildir_root or "mail"
+        c = replace(c, maildir_root=root if os.path.isabs(root) else os.path.join(data_dir, root))
+    if (c.auth_username is None) != (c.auth_password is None):
+        r.error("auth_username", "auth_username and auth_password go together")
+    r.finish()
+    return c
+
+
+def _read_queue(r: _Reader) -> QueueConfig:
+    d = QueueConfig()
+    q = QueueConfig(
+        retry_schedule=r.get("retry_schedule", d.retry_schedule, _list_of(parse_duration)),
+        max_lifetime=r.get("max_lifetime", d.max_lifetime, parse_duration),
+        delay_warning=r.get("delay_warning", d.delay_warning, parse_duration),
+        max_active=r.get("max_active", d.max_active, _int(1)),
+        poison_threshold=r.get("poison_threshold", d.poison_threshold, _int(1)),
+        pickup_interval=r.get("pickup_interval", d.pickup_interval, parse_duration),
+    )
+    if not q.retry_schedule:
+        r.error("retry_schedule", "needs at least one interval")
+    elif min(q.retry_schedule) <= 0:
+        r.error("retry_schedule", "intervals must be positive")
+    r.finish()
+    return q
+
+
+def _read_routes(problems: list[str], routes: Any) -> tuple[RouteConfig, ...]:
+    if not isinstance(routes, list):
+        problems.append("route: must be an array of tables ([[route]])")
+        return ()
+    out = []
+    for i, table in enumerate(routes):
+        r = _Reader(problems, f"route[{i + 1}]", table)
+        domains = r.get("domains", (), _list_of(_domain))
+        connector = r.get("connector", "", _nonempty_str)
+        cost = r.get("cost", 1, _int(0))
+        if not domains:
+            r.error("domains", "needs at least one domain pattern (\"*\" matches everything)")
+        if not connector:
+            r.error("connector", "is required: the name of a [send.NAME] connector")
+        r.finish()
+        out.append(RouteConfig(domains, connector, cost))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def embedded_default(data_dir: str = "./exmta-data") -> Config:
+    """The configuration used when no file is given: useful with no outside server.
+
+    Accepts mail on 127.0.0.1:2525 for example.test and localhost, delivers it to
+    Maildir folders under ``<data_dir>/mail``, and relays other domains by DNS MX
+    for clients on loopback.
+    """
+    return Config(
+        hostname="localhost",
+        data_dir=data_dir,
+        accepted_domains=(AcceptedDomain("example.test"), AcceptedDomain("localhost")),
+        receive=(
+            ReceiveConnectorConfig(
+                name="default",
+                listen=("tcp:2525:interface=127.0.0.1",),
+                hostname="localhost",
+                relay_networks=("127.0.0.0/8", "::1/128"),
+            ),
+        ),
+        send=(
+            SendConnectorConfig(name="local", kind="maildir", maildir_root=os.path.join(data_dir, "mail")),
+            SendConnectorConfig(name="internet", kind="smtp"),
+        ),
+        routes=(
+            RouteConfig(("example.test", "localhost"), "local"),
+            RouteConfig(("*",), "internet"),
+        ),
+        receive_workers=0,
+    )
+
+
+def load_config(path: str, data_dir: str | None = None) -> Config:
+    """Read and validate ``path``; raise ConfigError listing every problem."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, ["the file does not exist"]) from None
+    except OSError as e:
+        raise ConfigError(path, [f"cannot be read: {e.strerror}"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, [f"is not valid TOML: {e}"]) from None
+    return parse_config(raw, source=path, data_dir=data_dir)
+
+
+def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | None = None) -> Config:
+    problems: list[str] = []
+    top = _Reader(problems, "", raw)
+    base = Config(hostname=socket.gethostname().lower() or "localhost")
+    server = _read_server(top.sub("server"), base)
+    if data_dir is not None:
+        server["data_dir"] = data_dir
+    hostname = server["hostname"]
+
+    accepted: list[AcceptedDomain] = []
+    ad = top.sub("accepted_domains")
+    for name in list(ad.table):
+        kind = ad.get(name, "authoritative", _choice(*_DOMAIN_KINDS))
+        try:
+            accepted.append(AcceptedDomain(_domain(name), kind))
+        except ValueError as e:
+            ad.error(name, str(e))
+
+    receive = []
+    rs = top.sub("receive")
+    for name in list(rs.table):
+        rs.used.add(name)
+        receive.append(_read_receive(rs.sub(name), name, hostname))
+
+    send = []
+    ss = top.sub("send")
+    for name in list(ss.table):
+        ss.used.add(name)
+        send.append(_read_send(ss.sub(name), name, server["data_dir"]))
+
+    top.used.add("route")
+    routes = _read_routes(problems, raw.get("route", []))
+    queue = _read_queue(top.sub("queue"))
+
+    filters: dict[str, dict[str, Any]] = {}
+    fs = top.sub("filters")
+    for name, table in fs.table.items():
+        fs.used.add(name)
+        if not isinstance(table, dict):
+            fs.error(name, "must be a table with at least plugin = \"...\"")
+        elif not isinstance(table.get("plugin"), str):
+            fs.error(f"{name}.plugin", "is required: the entry-point name of the filter (group exmta.filters)")
+        else:
+            filters[name] = dict(table)
+    top.finish()
+
+    # cross-references
+    send_names = {s.name for s in send}
+    for i, route in enumerate(routes):
+        if route.connector and route.connector not in send_names:
+            problems.append(
+                f"route[{i + 1}].connector: no [send.{route.connector}] connector "
+                f"(defined: {', '.join(sorted(send_names)) or 'none'})"
+            )
+    for rc in receive:
+        for f in rc.filters:
+            if f not in filters:
+                problems.append(f"receive.{rc.name}.filters: no [filters.{f}] section")
+    if not receive:
+        problems.append("receive: at least one [receive.NAME] connector is needed")
+    seen: dict[str, str] = {}
+    for rc in receive:
+        for ep in rc.listen:
+            if ep in seen:
+                problems.append(f"receive.{rc.name}.listen: {ep!r} is also used by receive.{seen[ep]}")
+            seen[ep] = rc.name
+
+    if problems:
+        raise ConfigError(source, problems)
+    return Config(
+        hostname=hostname,
+        data_dir=server["data_dir"],
+        postmaster=server["postmaster"],
+        accepted_domains=tuple(accepted),
+        receive=tuple(receive),
+        send=tuple(send),
+        routes=routes,
+        queue=queue,
+        pickup_dir=server["pickup_dir"],
+        tracking_log=server["tracking_log"],
+        receive_workers=server["receive_workers"],
+        filters=filters,
+        source=source,
+    )
