@@ -1,0 +1,230 @@
+"""Build the running server from a Config: the ordered service tree.
+
+Objects are created from the bottom of the data path upward (threads, log,
+store, send connectors, router, scheduler, pickup, receive listeners) and
+started in that order; they stop in reverse order, one after the other, each
+with a deadline, so listeners close before the queue and the queue before
+the store.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from exmta.config.schema import Config, ReceiveConnectorConfig
+from exmta.plugins import FilterEnv, load_filters, ordered
+
+log = Logger()
+
+
+class OrderedService(MultiService):
+    """A MultiService that starts children in order and stops them in reverse, one at a time.
+
+    Twisted's MultiService stops every child at once and ignores the
+    Deferreds of startService; an MTA must close its listeners before it
+    stops its queue, and its queue before its store.
+    """
+
+    stop_deadline = 30.0
+
+    def __init__(self, clock: Any) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def startService(self) -> defer.Deferred:
+        Service.startService(self)
+        return defer.Deferred.fromCoroutine(self._start_all())
+
+    async def _start_all(self) -> None:
+        for child in list(self):
+            try:
+                await defer.maybeDeferred(child.startService)
+            except Exception:
+                log.failure("exmta: {service} failed to start", service=child.name)
+                raise
+
+    def stopService(self) -> defer.Deferred:
+        Service.stopService(self)
+        return defer.Deferred.fromCoroutine(self._stop_all())
+
+    async def _stop_all(self) -> None:
+        for child in reversed(list(self)):
+            if not child.running:
+                continue
+            d = defer.maybeDeferred(child.stopService)
+            d.addTimeout(self.stop_deadline, self.clock)
+            try:
+                await d
+            except defer.TimeoutError:
+                log.warn("exmta: {service} did not stop within {deadline}s", service=child.name,
+                         deadline=self.stop_deadline)
+            except Exception:
+                log.failure("exmta: {service} failed to stop cleanly", service=child.name)
+
+
+class ThreadPoolService(Service):
+    """Owns the bounded thread pool used for fsync, DNS and other blocking calls."""
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+class StoreService(Service):
+    """Recovers the spool at start, before the scheduler claims anything."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    async def _recover(self) -> None:
+        count = await defer.maybeDeferred(self.store.recover)
+        log.info("exmta: queue recovered, {count} message(s) waiting", count=count)
+
+    def startService(self) -> defer.Deferred:
+        super().startService()
+        return defer.Deferred.fromCoroutine(self._recover())
+
+
+class ReceiveDrainService(Service):
+    """Stops after the listeners: lets open sessions finish, then says 421."""
+
+    def __init__(self, factories: list[Any], grace: float) -> None:
+        self.factories = factories
+        self.grace = grace
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        return defer.DeferredList([defer.maybeDeferred(f.shutdown, self.grace) for f in self.factories])
+
+
+class TrackerService(Service):
+    def __init__(self, tracker: Any) -> None:
+        self.tracker = tracker
+
+    def stopService(self) -> None:
+        super().stopService()
+        close = getattr(self.tracker, "close", None)
+        if close is not None:
+            close()
+
+
+def data_paths(config: Config) -> dict[str, str]:
+    data = os.path.abspath(config.data_dir)
+    return {
+        "data": data,
+        "queue": os.path.join(data, "queue"),
+        "pickup": os.path.abspath(config.pickup_dir) if config.pickup_dir else os.path.join(data, "pickup"),
+        "tracking": (os.path.abspath(config.tracking_log) if config.tracking_log
+                     else os.path.join(data, "log", "tracking.jsonl")),
+    }
+
+
+def make_threadpool() -> ThreadPool:
+    return ThreadPool(minthreads=2, maxthreads=8, name="exmta-io")
+
+
+def make_send_connectors(config: Config, reactor: Any, pool: ThreadPool) -> dict[str, Any]:
+    from exmta.routing.dns import DNSResolver
+    from exmta.send.maildir import MaildirConnector
+    from exmta.send.smtp import SMTPSendConnector
+
+    connectors: dict[str, Any] = {}
+    for sc in config.send:
+        if sc.kind == "maildir":
+            connectors[sc.name] = MaildirConnector(sc.name, sc.maildir_root, clock=reactor, threadpool=pool,
+                                                   reactor=reactor)
+        else:
+            nameservers = [_split_nameserver(s) for s in sc.dns_servers] or None
+            resolver = DNSResolver(reactor, pool, nameservers=nameservers)
+            connectors[sc.name] = SMTPSendConnector(sc, reactor, reactor, resolver, config.hostname)
+    return connectors
+
+
+def _split_nameserver(text: str) -> tuple[str, int]:
+    if text.count(":") == 1:
+        host, port = text.split(":")
+        return host, int(port)
+    return text.strip("[]"), 53
+
+
+def make_receive_factory(config: Config, rc: ReceiveConnectorConfig, store: Any, filters: dict[str, Any],
+                         tracker: Any, clock: Any) -> Any:
+    """The protocol factory of one receive connector (shared by all its listen endpoints)."""
+    from exmta.filters.base import FilterChain
+    from exmta.receive.policy import DefaultReceivePolicy
+    from exmta.smtp.server import ESMTPServerFactory
+
+    policy = DefaultReceivePolicy(config.accepted_domain, rc.relay_networks)
+    chain = FilterChain(ordered(filters, rc.filters), clock)
+    return ESMTPServerFactory(
+        rc, policy, chain, store, clock, tracker=tracker, postmaster=config.postmaster,
+        local_domain=lambda domain: config.accepted_domain(domain) is not None,
+    )
+
+
+def build_service(config: Config, reactor: Any) -> OrderedService:
+    """Wire every component for ``config`` into one ordered service tree."""
+    from exmta.observe.tracking import TrackingLog
+    from exmta.queue.pickup import PickupDirectory
+    from exmta.queue.scheduler import DeliveryScheduler
+    from exmta.queue.spool import SpoolStore
+    from exmta.routing.router import StaticRouter
+
+    paths = data_paths(config)
+    for key in ("data", "queue", "pickup"):
+        os.makedirs(paths[key], exist_ok=True)
+    os.makedirs(os.path.dirname(paths["tracking"]), exist_ok=True)
+
+    top = OrderedService(reactor)
+    pool = make_threadpool()
+    _add(top, "threads", ThreadPoolService(pool))
+
+    tracker = TrackingLog(paths["tracking"])
+    _add(top, "tracking", TrackerService(tracker))
+
+    store = SpoolStore(paths["queue"], reactor, pool, clock=reactor)
+    _add(top, "store", StoreService(store))
+
+    connectors = make_send_connectors(config, reactor, pool)
+    router = StaticRouter(config.routes, set(connectors))
+    scheduler = DeliveryScheduler(store, router, connectors, config.queue, reactor, tracker=tracker,
+                                  hostname=config.hostname, postmaster=config.postmaster)
+    _add(top, "scheduler", scheduler)
+    store.add_listener(lambda queue_id: scheduler.wake())
+
+    pickup = PickupDirectory(paths["pickup"], store, reactor, config.queue.pickup_interval, tracker=tracker,
+                             hostname=config.hostname)
+    _add(top, "pickup", pickup)
+
+    env = FilterEnv(reactor=reactor, clock=reactor, threadpool=pool, hostname=config.hostname,
+                    data_dir=paths["data"])
+    filters = load_filters(config.filters, env, source=config.source)
+    factories = []
+    for rc in config.receive:
+        factory = make_receive_factory(config, rc, store, filters, tracker, reactor)
+        factories.append(factory)
+    _add(top, "receive-drain", ReceiveDrainService(factories, grace=10.0))
+    for rc, factory in zip(config.receive, factories):
+        for i, endpoint in enumerate(rc.listen):
+            _add(top, f"receive.{rc.name}.{i}", strports.service(endpoint, factory, reactor=reactor))
+    log.info("exmta: {count} receive connector(s), {send} send connector(s), data in {data}",
+             count=len(config.receive), send=len(connectors), data=paths["data"])
+    return top
+
+
+def _add(parent: MultiService, name: str, child: Service) -> None:
+    child.setName(name)
+    child.setServiceParent(parent)
