@@ -19,6 +19,7 @@ from twisted.python.threadpool import ThreadPool
 
 from exmta.config.schema import Config, ReceiveConnectorConfig
 from exmta.plugins import FilterEnv, load_filters, ordered
+from exmta.receive.workers import ListenSpec, WorkerPool, bind_socket, parse_shareable
 
 log = Logger()
 
@@ -217,9 +218,24 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
         factory = make_receive_factory(config, rc, store, filters, tracker, reactor)
         factories.append(factory)
     _add(top, "receive-drain", ReceiveDrainService(factories, grace=10.0))
+    shared: list[tuple[ListenSpec, Any]] = []
     for rc, factory in zip(config.receive, factories):
         for i, endpoint in enumerate(rc.listen):
-            _add(top, f"receive.{rc.name}.{i}", strports.service(endpoint, factory, reactor=reactor))
+            spec = parse_shareable(rc.name, endpoint) if config.receive_workers else None
+            if spec is not None:
+                shared.append((spec, bind_socket(spec)))  # bound now, before twistd drops root
+            else:
+                _add(top, f"receive.{rc.name}.{i}", strports.service(endpoint, factory, reactor=reactor))
+    if shared:
+        def committed_elsewhere(queue_id: str) -> None:
+            store.notice(queue_id)
+            scheduler.wake()
+
+        worker_args = ["--data", paths["data"]]
+        if config.source and os.path.exists(config.source):
+            worker_args += ["--config", os.path.abspath(config.source)]
+        _add(top, "receive-workers",
+             WorkerPool(reactor, config.receive_workers, shared, worker_args, committed_elsewhere))
     log.info("exmta: {count} receive connector(s), {send} send connector(s), data in {data}",
              count=len(config.receive), send=len(connectors), data=paths["data"])
     return top

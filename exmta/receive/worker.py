@@ -1,0 +1,92 @@
+"""Entry point of one receive worker process (started by exmta.receive.workers).
+
+``python -m exmta.receive.worker [--config FILE] --data DIR --fds FD=CONNECTOR=FAMILY=HAPROXY,...``
+
+The worker adopts the listening sockets it inherited, accepts SMTP on them
+with the same receive connectors as the main process, commits into the
+shared spool, and prints each committed queue id on its stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+
+log = Logger()
+
+
+def _announce(queue_id: str) -> None:
+    os.write(1, queue_id.encode("ascii") + b"\n")
+
+
+def run(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="exmta-receive-worker")
+    parser.add_argument("--config")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--fds", required=True)
+    args = parser.parse_args(argv)
+
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+
+    from twisted.internet import reactor
+
+    from exmta.config.load import embedded_default, load_config
+    from exmta.observe.tracking import TrackingLog
+    from exmta.plugins import FilterEnv, load_filters
+    from exmta.queue.spool import SpoolStore
+    from exmta.service import data_paths, make_receive_factory, make_threadpool
+
+    config = load_config(args.config, data_dir=args.data) if args.config else embedded_default(args.data)
+    paths = data_paths(config)
+    pool = make_threadpool()
+    pool.start()
+    tracker = TrackingLog(paths["tracking"])
+    store = SpoolStore(paths["queue"], reactor, pool, clock=reactor)
+    store.add_listener(_announce)
+    env = FilterEnv(reactor=reactor, clock=reactor, threadpool=pool, hostname=config.hostname,
+                    data_dir=paths["data"])
+    filters = load_filters(config.filters, env, source=config.source)
+    factories: dict[str, Any] = {
+        rc.name: make_receive_factory(config, rc, store, filters, tracker, reactor) for rc in config.receive
+    }
+
+    ports = []
+    for item in args.fds.split(","):
+        fd_text, connector, family_text, haproxy = item.split("=")
+        factory = factories[connector]
+        if haproxy == "1":
+            from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
+
+            factory = HAProxyWrappingFactory(factory)
+        ports.append(reactor.adoptStreamPort(int(fd_text), int(family_text), factory))
+
+    async def shutdown() -> None:
+        for port in ports:
+            await defer.maybeDeferred(port.stopListening)
+        await defer.DeferredList([defer.maybeDeferred(f.shutdown, 10.0) for f in factories.values()])
+        tracker.close()
+        pool.stop()
+
+    stopping = []
+
+    def on_term(*_: Any) -> None:
+        if stopping:
+            return
+        stopping.append(True)
+        d = defer.Deferred.fromCoroutine(shutdown())
+        d.addErrback(lambda f: log.failure("worker shutdown failed", f))
+        d.addBoth(lambda _: reactor.stop())
+
+    signal.signal(signal.SIGTERM, lambda *a: reactor.callFromThread(on_term))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when workers stop
+    log.info("receive worker ready, pid {pid}", pid=os.getpid())
+    reactor.run(installSignalHandlers=False)
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])

@@ -1,0 +1,169 @@
+"""Receive worker processes: SMTP acceptance on more than one core.
+
+One Twisted reactor runs on one core. With ``receive_workers = N`` the main
+process binds every listening socket itself (so port 25 is bound before
+twistd drops root), then starts N worker processes that inherit those
+sockets and accept SMTP on them, committing into the same spool directory.
+The main process keeps the scheduler and delivery. A worker tells the main
+process about each committed message by writing its queue id on a line to
+its stdout; the spool's own scan of incoming/ is the safety net for a lost
+line. A worker that dies is started again after a short pause.
+
+Only ``tcp:``, ``tcp6:`` and ``haproxy:tcp:`` endpoints can be shared this way;
+other endpoints stay in the main process.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from twisted.application.service import Service
+from twisted.internet import defer, endpoints, protocol
+from twisted.logger import Logger
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class ListenSpec:
+    """A parsed endpoint string that workers can share."""
+
+    connector: str
+    endpoint: str
+    family: int
+    host: str
+    port: int
+    backlog: int
+    haproxy: bool
+
+
+def parse_shareable(connector: str, endpoint: str) -> ListenSpec | None:
+    """The socket parameters of ``endpoint``, or None when it cannot be shared."""
+    desc = endpoint
+    haproxy = False
+    if desc.startswith("haproxy:"):
+        haproxy, desc = True, desc[len("haproxy:"):]
+    kind = desc.split(":", 1)[0]
+    if kind not in ("tcp", "tcp6"):
+        return None
+    args, kwargs = endpoints._parse(desc)  # Twisted's own parser for endpoint strings
+    if len(args) < 2:
+        return None
+    port = int(args[1])
+    family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
+    host = kwargs.get("interface", "::" if family == socket.AF_INET6 else "0.0.0.0")
+    return ListenSpec(connector, endpoint, family, host, port, int(kwargs.get("backlog", 511)), haproxy)
+
+
+def bind_socket(spec: ListenSpec) -> socket.socket:
+    """A listening, non-blocking, inheritable socket for ``spec``."""
+    sock = socket.socket(spec.family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if spec.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((spec.host, spec.port))
+    sock.listen(spec.backlog)
+    sock.setblocking(False)
+    sock.set_inheritable(True)
+    return sock
+
+
+class _WorkerProtocol(protocol.ProcessProtocol):
+    """Reads committed queue ids from a worker's stdout and relays its log."""
+
+    def __init__(self, owner: WorkerPool, index: int) -> None:
+        self.owner = owner
+        self.index = index
+        self.buffer = b""
+        self.ended: defer.Deferred = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for line in lines:
+            queue_id = line.strip().decode("ascii", "replace")
+            if queue_id:
+                self.owner.on_committed(queue_id)
+
+    def errReceived(self, data: bytes) -> None:
+        for line in data.decode("utf-8", "replace").splitlines():
+            if line.strip():
+                log.info("worker[{index}] {line}", index=self.index, line=line)
+
+    def processEnded(self, reason: Any) -> None:
+        self.owner.ended(self, reason)
+        self.ended.callback(None)
+
+
+class WorkerPool(Service):
+    """Starts, watches and stops the receive worker processes."""
+
+    restart_delay = 1.0
+    stop_deadline = 20.0
+
+    def __init__(self, reactor: Any, count: int, sockets: list[tuple[ListenSpec, socket.socket]],
+                 worker_args: list[str], on_committed: Callable[[str], None]) -> None:
+        self.reactor = reactor
+        self.count = count
+        self.sockets = sockets
+        self.worker_args = worker_args
+        self.on_committed = on_committed
+        self.procs: dict[int, tuple[Any, _WorkerProtocol]] = {}
+        self.stopping = False
+
+    def _spawn(self, index: int) -> None:
+        child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        fd_args = []
+        for n, (spec, sock) in enumerate(self.sockets):
+            child_fd = 3 + n
+            child_fds[child_fd] = sock.fileno()
+            fd_args.append(f"{child_fd}={spec.connector}={spec.family}={int(spec.haproxy)}")
+        args = [sys.executable, "-m", "exmta.receive.worker", *self.worker_args, "--fds", ",".join(fd_args)]
+        proto = _WorkerProtocol(self, index)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        transport = self.reactor.spawnProcess(proto, sys.executable, args, env=env, childFDs=child_fds)
+        self.procs[index] = (transport, proto)
+        log.info("exmta: receive worker {index} started, pid {pid}", index=index, pid=transport.pid)
+
+    def startService(self) -> None:
+        super().startService()
+        for i in range(self.count):
+            self._spawn(i)
+
+    def ended(self, proto: _WorkerProtocol, reason: Any) -> None:
+        self.procs.pop(proto.index, None)
+        if not self.stopping:
+            log.warn("exmta: receive worker {index} ended ({reason}); starting it again",
+                     index=proto.index, reason=reason.getErrorMessage())
+            self.reactor.callLater(self.restart_delay, self._respawn, proto.index)
+
+    def _respawn(self, index: int) -> None:
+        if not self.stopping and index not in self.procs:
+            self._spawn(index)
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        self.stopping = True
+        waits = []
+        for transport, proto in list(self.procs.values()):
+            try:
+                transport.signalProcess("TERM")
+            except Exception:
+                pass
+            d = proto.ended
+            d.addTimeout(self.stop_deadline, self.reactor, onTimeoutCancel=lambda *_a, t=transport: _kill(t))
+            waits.append(d)
+        for _spec, sock in self.sockets:
+            sock.close()
+        return defer.DeferredList(waits, consumeErrors=True)
+
+
+def _kill(transport: Any) -> None:
+    try:
+        transport.signalProcess("KILL")
+    except Exception:
+        pass
