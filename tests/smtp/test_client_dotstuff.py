@@ -1,0 +1,116 @@
+"""Property tests: DotStuffer output does not depend on chunking and round-trips."""
+from __future__ import annotations
+
+import io
+import re
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from exmta.model import DeliveryRequest, Envelope, Outcome, Recipient
+from exmta.smtp.client import READ_CHUNK, DotStuffer, SMTPClientProtocol
+
+# bytes rich in the characters that matter
+interesting = st.lists(st.sampled_from([b".", b"\r", b"\n", b"\r\n", b"a", b"..", b"\r\n.\r\n", b"x.y"]),
+                       max_size=60).map(b"".join)
+payloads = st.one_of(interesting, st.binary(max_size=300))
+
+
+def stuff_chunks(chunks: list[bytes]) -> bytes:
+    s = DotStuffer()
+    return b"".join(s.stuff(c) for c in chunks) + s.finish()
+
+
+def normalise(data: bytes) -> bytes:
+    data = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data
+
+
+def unstuff(wire: bytes) -> bytes:
+    """What a receiving server does: split lines on CRLF, stop at a lone dot, remove one leading dot."""
+    assert wire.endswith(b".\r\n")
+    lines = wire.split(b"\r\n")
+    out = []
+    for line in lines:
+        if line == b".":
+            break
+        out.append(line[1:] if line.startswith(b".") else line)
+    else:
+        raise AssertionError("no terminator")
+    return b"".join(line + b"\r\n" for line in out)
+
+
+@st.composite
+def chunked(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
+    data = draw(payloads)
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=8)))
+    chunks, last = [], 0
+    for c in cuts + [len(data)]:
+        chunks.append(data[last:c])
+        last = c
+    return data, chunks
+
+
+@settings(max_examples=400)
+@given(chunked())
+def test_chunking_does_not_matter(sample: tuple[bytes, list[bytes]]) -> None:
+    data, chunks = sample
+    assert stuff_chunks(chunks) == stuff_chunks([data])
+
+
+@settings(max_examples=400)
+@given(chunked())
+def test_round_trip_and_single_terminator(sample: tuple[bytes, list[bytes]]) -> None:
+    data, chunks = sample
+    wire = stuff_chunks(chunks)
+    # the end-of-data sequence appears exactly once, at the very end
+    assert (b"\r\n" + wire).find(b"\r\n.\r\n") == len(wire) - 3
+    # no bare CR or LF reaches the wire
+    assert re.search(rb"\r(?!\n)|(?<!\r)\n", wire) is None
+    assert unstuff(wire) == normalise(data)
+
+
+def test_known_cases() -> None:
+    assert stuff_chunks([b""]) == b".\r\n"
+    assert stuff_chunks([b".\r\n"]) == b"..\r\n.\r\n"
+    assert stuff_chunks([b"a\r\n", b".", b"\r\nb"]) == b"a\r\n..\r\nb\r\n.\r\n"
+    assert stuff_chunks([b"a\r", b"\n.b"]) == b"a\r\n..b\r\n.\r\n"
+    assert stuff_chunks([b"a\n.\nb"]) == b"a\r\n..\r\nb\r\n.\r\n"
+
+
+def test_lone_dot_at_16k_boundary_on_the_wire() -> None:
+    """The twisted.mail bug: a chunk ends with CRLF and the next starts with '.'."""
+    boundary = 16 * 1024
+    head = b"Subject: x\r\n\r\n"
+    filler = b"y" * (boundary - len(head) - 2) + b"\r\n"
+    body = head + filler + b".\r\nMAIL FROM:<evil@example.com>\r\n" + b"z" * 100 + b"\r\n"
+    assert body[boundary - 2:boundary + 1] == b"\r\n."
+    for chunk in (boundary, READ_CHUNK, 1, 7):
+        s = DotStuffer()
+        wire = b"".join(s.stuff(body[i:i + chunk]) for i in range(0, len(body), chunk)) + s.finish()
+        assert wire.count(b"\r\n.\r\n") == 1 and wire.endswith(b"\r\n.\r\n")
+        assert b"\r\n..\r\nMAIL FROM" in wire
+
+    # and through the protocol, which reads READ_CHUNK octets at a time
+    big = head + b"y" * (READ_CHUNK - len(head) - 2) + b"\r\n" + b".\r\nQUIT\r\n"
+    proto = SMTPClientProtocol(Clock(), "c.test", tls_mode="none")
+    t = StringTransport()
+    proto.makeConnection(t)
+    proto.establish()
+    proto.dataReceived(b"220 hi\r\n250-x\r\n250 PIPELINING\r\n")
+    rcpt = Recipient("a@example.net")
+    req = DeliveryRequest("Q", Envelope("s@x.test", [rcpt]), (rcpt,), lambda: io.BytesIO(big))
+    d = proto.deliver(req)
+    t.clear()
+    proto.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    wire = t.value()
+    assert wire.count(b"\r\n.\r\n") == 1 and wire.endswith(b"\r\n.\r\n")
+    assert b"\r\n..\r\nQUIT\r\n" in wire
+    proto.dataReceived(b"250 ok\r\n")
+    out: list = []
+    d.addCallback(out.append)
+    assert out[0][0].outcome is Outcome.DELIVERED
