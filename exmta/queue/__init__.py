@@ -1,0 +1,1 @@
+"""The message queue: durable stores, the delivery scheduler and DSN generation."""
