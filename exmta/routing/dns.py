@@ -1,0 +1,204 @@
+"""MX and address lookups with dnspython on a bounded thread pool.
+
+dnspython is blocking, so every query runs through ``deferToThreadPool`` on
+the pool the caller passes in (never the reactor's default pool, so a slow
+DNS server cannot starve other blocking work).  Errors are mapped to two
+exception classes whose ``reply`` a send connector can put in a result:
+
+* :class:`DNSTemporaryError` (SERVFAIL, timeouts, CNAME loops): retry later;
+* :class:`DNSPermanentError` (NXDOMAIN, RFC 7505 null MX, no address): bounce.
+"""
+from __future__ import annotations
+
+import ipaddress
+import random
+from typing import Callable, TypeVar
+
+import dns.exception
+import dns.message
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from exmta.model import Reply
+
+__all__ = [
+    "DNSError", "DNSPermanentError", "DNSResolver", "DNSTemporaryError", "NullMXError",
+    "parse_nameservers",
+]
+
+T = TypeVar("T")
+log = Logger()
+
+
+class DNSError(Exception):
+    """A lookup that gave no usable answer; ``reply`` explains it in SMTP terms."""
+
+    reply: Reply
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+class DNSTemporaryError(DNSError):
+    """Try again later (SERVFAIL, timeout, CNAME loop)."""
+
+
+class DNSPermanentError(DNSError):
+    """The destination does not exist or accepts no mail."""
+
+
+class NullMXError(DNSPermanentError):
+    """RFC 7505: the domain publishes a null MX and accepts no mail."""
+
+
+def _temp(text: str) -> DNSTemporaryError:
+    return DNSTemporaryError(Reply.make(451, "4.4.3", text))
+
+
+def _perm(text: str, code: int = 550, status: str = "5.4.4") -> DNSPermanentError:
+    return DNSPermanentError(Reply.make(code, status, text))
+
+
+def parse_nameservers(specs: tuple[str, ...] | list[str]) -> list[tuple[str, int]]:
+    """Config strings ("ip", "ip:port", "[v6]:port", "v6") -> (ip, port) pairs."""
+    out: list[tuple[str, int]] = []
+    for spec in specs:
+        spec = spec.strip()
+        if spec.startswith("["):
+            host, _, rest = spec[1:].partition("]")
+            port = int(rest[1:]) if rest.startswith(":") else 53
+        elif spec.count(":") == 1:
+            host, _, p = spec.partition(":")
+            port = int(p)
+        else:
+            host, port = spec, 53
+        ipaddress.ip_address(host)  # raises ValueError for a name
+        out.append((host, port))
+    return out
+
+
+class DNSResolver:
+    """MX and A/AAAA lookups for the send connectors.
+
+    ``nameservers`` None uses the system configuration (/etc/resolv.conf);
+    tests always pass a loopback server.  ``timeout`` bounds each whole
+    lookup (dnspython's lifetime), retries included.
+    """
+
+    def __init__(
+        self,
+        reactor: object,
+        threadpool: ThreadPool,
+        nameservers: list[tuple[str, int]] | None = None,
+        timeout: float = 5.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.threadpool = threadpool
+        self.timeout = timeout
+        self.rng = rng or random.Random()
+        if nameservers:
+            res = dns.resolver.Resolver(configure=False)
+            res.nameservers = [dns.nameserver.Do53Nameserver(ip, port) for ip, port in nameservers]
+        else:
+            res = dns.resolver.Resolver()
+        res.lifetime = timeout
+        res.timeout = min(timeout, 2.0)
+        res.cache = None
+        self._resolver = res
+
+    def _run(self, fn: Callable[[], T]) -> Deferred[T]:
+        return deferToThreadPool(self.reactor, self.threadpool, fn)
+
+    # ------------------------------------------------------------ blocking parts (thread)
+
+    def _query(self, name: str, rdtype: str) -> list[object] | None:
+        """Records of ``rdtype`` at ``name`` (CNAMEs followed); None when the name has none."""
+        try:
+            answer = self._resolver.resolve(name, rdtype, search=False, raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            raise _perm(f"Host or domain name not found: {name} (NXDOMAIN)") from None
+        except dns.message.ChainTooLong:
+            raise _temp(f"CNAME chain too long or looping at {name}") from None
+        except dns.resolver.LifetimeTimeout:
+            raise _temp(f"DNS timeout looking up {rdtype} for {name}") from None
+        except dns.resolver.NoNameservers:
+            raise _temp(f"DNS server failure (SERVFAIL) looking up {rdtype} for {name}") from None
+        except dns.resolver.YXDOMAIN:
+            raise _perm(f"DNS name too long after DNAME substitution: {name}") from None
+        except dns.exception.DNSException as exc:
+            raise _temp(f"DNS error looking up {rdtype} for {name}: {exc}") from None
+        if answer.rrset is None:
+            return None
+        return list(answer.rrset)
+
+    def _mx_blocking(self, domain: str) -> list[tuple[int, str]]:
+        domain = domain.rstrip(".")
+        records = self._query(domain, "MX")
+        if records is None:
+            # RFC 5321 5.1: no MX, the domain itself is the implicit MX (if it has an address)
+            self._addresses_blocking(domain)
+            return [(0, domain)]
+        mxs = [(int(r.preference), r.exchange.to_text(omit_final_dot=True)) for r in records]  # type: ignore[attr-defined]
+        real = [(p, h) for p, h in mxs if h not in ("", ".")]
+        if not real:
+            # RFC 7505: a null MX (a single "." target) says the domain accepts no mail
+            raise NullMXError(Reply.make(556, "5.1.10", f"Domain {domain} does not accept mail (null MX)"))
+        return real
+
+    def _addresses_blocking(self, host: str) -> list[str]:
+        host = host.rstrip(".")
+        try:
+            return [str(ipaddress.ip_address(host.strip("[]")))]
+        except ValueError:
+            pass
+        found: list[str] = []
+        errors: list[DNSError] = []
+        for rdtype in ("A", "AAAA"):
+            try:
+                records = self._query(host, rdtype)
+            except DNSError as exc:
+                errors.append(exc)
+                continue
+            for r in records or ():
+                found.append(r.address)  # type: ignore[attr-defined]
+        if found:
+            return found
+        temporary = [e for e in errors if isinstance(e, DNSTemporaryError)]
+        if temporary:
+            raise temporary[0]
+        if errors:
+            raise errors[0]
+        raise _perm(f"No address (A or AAAA) for {host}")
+
+    # ------------------------------------------------------------ API
+
+    def resolve_mx(self, domain: str) -> Deferred[list[tuple[int, str]]]:
+        """MX hosts as (preference, host), best first, shuffled within a preference.
+
+        Falls back to the implicit MX ``[(0, domain)]`` when there are no MX
+        records but the domain has an address.  Errbacks with
+        :class:`NullMXError`, :class:`DNSPermanentError` or
+        :class:`DNSTemporaryError`.
+        """
+        d = self._run(lambda: self._mx_blocking(domain))
+
+        def order(mxs: list[tuple[int, str]]) -> list[tuple[int, str]]:
+            shuffled = list(mxs)
+            self.rng.shuffle(shuffled)
+            shuffled.sort(key=lambda item: item[0])  # stable: shuffled within a preference
+            log.debug("MX for {domain}: {mxs}", domain=domain, mxs=shuffled)
+            return shuffled
+
+        return d.addCallback(order)
+
+    def resolve_addresses(self, host: str) -> Deferred[list[str]]:
+        """IPv4 then IPv6 addresses of ``host`` (an IP literal is returned as is)."""
+        return self._run(lambda: self._addresses_blocking(host))
