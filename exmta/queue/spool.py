@@ -1,0 +1,839 @@
+"""The embedded durable queue: one directory tree, JSON envelopes, fsync + rename.
+
+Layout under ``root`` (every file is named by its queue id; ids are time-ordered)::
+
+    tmp/       work in progress, never a message: writers' content
+               (``<id>.msg``, ``<id>.<n>.msg`` after header edits) and envelope
+               temp files (``<id>.<random>.json``). recover() empties it.
+    msg/       committed content, ``<id>``. It never moves after commit and is
+               removed together with the message.
+    incoming/  ``<id>.json``: committed new mail, due now (first come, first served).
+    active/    ``<id>.json``: claimed by the scheduler (delivery in progress).
+    deferred/  ``<id>.json``: waiting for its retry time (``"spool": {"next_attempt": t}``
+               inside the JSON).
+    hold/      ``<id>.json``: held (poison message or operator); never claimed.
+    corrupt/   envelopes that could not be read (``<id>.json``) and their content
+               (``<id>.msg``), kept for an operator; never read again.
+
+The envelope file *is* the message: a message exists exactly when its envelope
+is in one of incoming/, active/, deferred/ or hold/, and the directory is its
+state. Content is renamed into msg/ before the envelope is renamed into
+incoming/, so whenever an envelope is visible its content is as well. A state
+change is one atomic rename of the envelope. Rewriting an envelope writes a
+temp file, fsyncs it, renames it over the current name (atomic replace) and
+then renames it across directories, so an envelope is never in two places.
+
+Commit (what the 250 waits for): fsync the content file, write and fsync the
+envelope temp file, rename content into msg/, rename the envelope into
+incoming/, then fsync msg/ and incoming/. The directory fsyncs go through
+:class:`GroupSync`: one fsync of a directory serves every rename done before it
+started, so with N concurrent commits a message costs two file fsyncs plus
+about 2/N directory fsyncs. Claims are plain renames without fsync (a lost
+claim leaves the message due, which recover() would do anyway); updates,
+holds, releases and removals fsync the directories they touched (grouped).
+
+Several processes may commit into one spool (receive workers) while a single
+process claims (the scheduler's). Workers construct their store with
+``claims=False``; the main process learns of their messages through
+:meth:`SpoolStore.notice` and :meth:`SpoolStore.scan_incoming`. recover() deletes
+orphan files, so run it before workers start, or give ``tmp_grace`` so young
+files of a live worker are left alone.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import re
+import shutil
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Callable, Iterable, TypeVar
+
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from exmta.interfaces import IMessageWriter, IQueueStore
+from exmta.model import Envelope, QueueEntry, new_queue_id
+
+__all__ = ["GroupSync", "SpoolStore", "SpoolWriter", "STATES", "fsync_directory"]
+
+STATES = ("incoming", "active", "deferred", "hold")
+_DIRS = ("tmp", "msg", *STATES, "corrupt")
+_COPY_CHUNK = 256 * 1024
+_QUEUE_ID = re.compile(r"^[0-9A-Za-z]{1,64}$")
+
+T = TypeVar("T")
+FsyncFn = Callable[[int], None]
+
+
+def fsync_directory(path: str, fsync: FsyncFn = os.fsync) -> None:
+    """Make the entries of directory ``path`` (creations, renames, unlinks) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quiet(path: str) -> bool:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _check_id(queue_id: str) -> str:
+    if not isinstance(queue_id, str) or not _QUEUE_ID.match(queue_id):
+        raise ValueError(f"not a queue id: {queue_id!r}")
+    return queue_id
+
+
+class GroupSync:
+    """Group commit for directory fsyncs.
+
+    :meth:`sync` returns a Deferred that fires once each given directory has
+    been fsynced by a round that *started after* the call, so every rename the
+    caller finished before calling is durable. One round runs at a time (in the
+    thread pool, via ``run``); calls made while it runs are collected and
+    served together by the next round, which fsyncs each directory once.
+    """
+
+    def __init__(self, run: Callable[..., Deferred[Any]], fsync: FsyncFn = os.fsync) -> None:
+        self._run = run
+        self._fsync = fsync
+        self._paths: set[str] = set()
+        self._waiters: list[Deferred[None]] = []
+        self._busy = False
+        self.rounds = 0   # fsync rounds started
+        self.fsyncs = 0   # directory fsyncs done
+        self.requests = 0  # sync() calls served
+
+    def sync(self, paths: Iterable[str]) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self._paths.update(paths)
+        self._waiters.append(d)
+        self.requests += 1
+        if not self._busy:
+            self._start()
+        return d
+
+    def _start(self) -> None:
+        paths, waiters = sorted(self._paths), self._waiters
+        self._paths, self._waiters = set(), []
+        self._busy = True
+        self.rounds += 1
+        self.fsyncs += len(paths)
+        self._run(self._fsync_all, paths).addBoth(self._finished, waiters)
+
+    def _fsync_all(self, paths: list[str]) -> None:
+        for path in paths:
+            fsync_directory(path, self._fsync)
+
+    def _finished(self, result: object, waiters: list[Deferred[None]]) -> None:
+        self._busy = False
+        for d in waiters:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(None)
+        if self._waiters and not self._busy:
+            self._start()
+
+
+def _encode(envelope: Envelope, next_attempt: float | None) -> bytes:
+    data = envelope.to_json()
+    data["spool"] = {"next_attempt": next_attempt}
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _decode(raw: bytes, queue_id: str) -> tuple[Envelope, float | None]:
+    """Parse an envelope file; ValueError with a readable reason when it is unusable."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        envelope = Envelope.from_json(data)
+        spool = data.get("spool") or {}
+        next_attempt = spool.get("next_attempt")
+        next_attempt = None if next_attempt is None else float(next_attempt)
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise ValueError(f"unreadable envelope: {type(e).__name__}: {e}") from None
+    if envelope.queue_id != queue_id:
+        raise ValueError(f"envelope names queue id {envelope.queue_id!r}")
+    return envelope, next_attempt
+
+
+@implementer(IMessageWriter)
+class SpoolWriter:
+    """A message being received: content streams into ``tmp/<id>.msg``.
+
+    Writes are buffered file writes on the caller's thread (page cache only);
+    the fsync happens at commit, in the thread pool. After commit() has been
+    called, abort() does nothing (a failed commit cleans up by itself).
+    """
+
+    def __init__(self, store: SpoolStore, queue_id: str, path: str) -> None:
+        self.queue_id = queue_id
+        self.size = 0
+        self._store = store
+        self._path = path
+        self._generation = 0
+        self._file: BinaryIO | None = open(path, "xb")
+        self._state = "open"  # open | committing | committed | aborted
+
+    def _require_open(self) -> BinaryIO:
+        if self._state != "open" or self._file is None:
+            raise ValueError(f"writer {self.queue_id} is {self._state}")
+        return self._file
+
+    def write(self, data: bytes) -> None:
+        self._require_open().write(data)
+        self.size += len(data)
+
+    def open_read(self) -> BinaryIO:
+        if self._state == "committed":
+            return self._store.open_content(self.queue_id)
+        self._require_open().flush()
+        return open(self._path, "rb")
+
+    def replace_headers(self, old_length: int, new_header_block: bytes) -> None:
+        """Rewrite into a new temp file: new_header_block, then the content after old_length."""
+        f = self._require_open()
+        if not 0 <= old_length <= self.size:
+            raise ValueError(f"old_length {old_length} outside 0..{self.size}")
+        f.flush()
+        self._generation += 1
+        new_path = os.path.join(self._store._dirs["tmp"], f"{self.queue_id}.{self._generation}.msg")
+        new = open(new_path, "xb")
+        try:
+            new.write(new_header_block)
+            with open(self._path, "rb") as src:
+                src.seek(old_length)
+                shutil.copyfileobj(src, new, _COPY_CHUNK)
+        except BaseException:
+            new.close()
+            _unlink_quiet(new_path)
+            raise
+        f.close()
+        _unlink_quiet(self._path)
+        self._file, self._path = new, new_path
+        self.size = self.size - old_length + len(new_header_block)
+
+    def abort(self) -> None:
+        """Throw the partial content away; harmless when repeated or after commit."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        _unlink_quiet(self._path)
+
+
+@dataclass
+class _Recovery:
+    """What recover()'s thread job found; logged and applied on the reactor thread."""
+
+    incoming: list[str] = field(default_factory=list)
+    deferred: dict[str, float] = field(default_factory=dict)
+    returned: int = 0
+    held: int = 0
+    corrupt: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    orphans: int = 0
+    temps: int = 0
+    unknown: list[str] = field(default_factory=list)
+
+
+@implementer(IQueueStore)
+class SpoolStore:
+    """IQueueStore on a local directory tree (layout in the module docstring).
+
+    ``threadpool`` runs every blocking step (fsync, renames in bulk, directory
+    listings); ``fsync`` is injectable so tests can record it. ``claims=False``
+    makes a commit-only store for receive worker processes (no in-memory
+    index). ``tmp_grace`` (seconds): recover() leaves orphan temp and content
+    files younger than this alone. ``count_crashes``: recover() adds one to
+    ``Envelope.crashes`` of each message it finds in active/ (Exchange-style
+    poison detection for a crash of the whole process).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        root: str,
+        reactor: Any,
+        threadpool: Any,
+        clock: IReactorTime | None = None,
+        *,
+        fsync: FsyncFn = os.fsync,
+        claims: bool = True,
+        tmp_grace: float = 0.0,
+        count_crashes: bool = False,
+    ) -> None:
+        self.root = os.path.abspath(root)
+        self._reactor = reactor
+        self._pool = threadpool
+        self._clock: IReactorTime = clock if clock is not None else reactor
+        self._fsync = fsync
+        self._claims = claims
+        self._tmp_grace = tmp_grace
+        self._count_crashes = count_crashes
+        self._dirs = {name: os.path.join(self.root, name) for name in _DIRS}
+        created = not os.path.isdir(self.root)
+        for path in self._dirs.values():
+            if not os.path.isdir(path):
+                os.makedirs(path, mode=0o700, exist_ok=True)
+                created = True
+        if created:
+            fsync_directory(self.root, fsync)
+            fsync_directory(os.path.dirname(self.root), fsync)
+        self.syncer = GroupSync(self._in_pool, fsync)
+        self._new: OrderedDict[str, None] = OrderedDict()   # due new mail, FIFO
+        self._retry: dict[str, float] = {}                 # deferred id -> next attempt
+        self._heap: list[tuple[float, str]] = []           # (next attempt, id), lazily cleaned
+        self._prefer_new = True
+        self._listeners: list[Callable[[str], Any]] = []
+        self._tails: dict[str, Deferred[None]] = {}       # per-id operation in flight
+        self.last_recovery: dict[str, int] = {}
+
+    # ------------------------------------------------------------ helpers
+
+    def _in_pool(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
+        return deferToThreadPool(self._reactor, self._pool, f, *args)
+
+    def _env_path(self, state: str, queue_id: str) -> str:
+        return os.path.join(self._dirs[state], queue_id + ".json")
+
+    def _content_path(self, queue_id: str) -> str:
+        return os.path.join(self._dirs["msg"], queue_id)
+
+    def _write_temp(self, queue_id: str, data: bytes) -> str:
+        """Write data to a new temp file and fsync it (thread pool)."""
+        path = os.path.join(self._dirs["tmp"], f"{queue_id}.{os.urandom(4).hex()}.json")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            self._fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quiet(path)
+            raise
+        os.close(fd)
+        return path
+
+    def _read_envelope(self, path: str, queue_id: str) -> tuple[Envelope, float | None]:
+        with open(path, "rb") as f:
+            return _decode(f.read(), queue_id)
+
+    def _serial(self, ids: Iterable[str], op: Callable[[], Deferred[T]]) -> Deferred[T]:
+        """Run op() after every earlier operation on any of ids; later ones wait for it."""
+        ids = list(ids)
+        before = [self._tails[i] for i in ids if i in self._tails]
+        done: Deferred[None] = Deferred()
+        for i in ids:
+            self._tails[i] = done
+
+        def finished(result: object) -> object:
+            for i in ids:
+                if self._tails.get(i) is done:
+                    del self._tails[i]
+            done.callback(None)
+            return result
+
+        if before:
+            waits = []
+            for prior in before:
+                w: Deferred[None] = Deferred()
+                prior.addBoth(lambda r, w=w: (w.callback(None), r)[1])
+                waits.append(w)
+            d: Deferred[Any] = gatherResults(waits).addCallback(lambda _: op())
+        else:
+            try:
+                d = op()
+            except BaseException:
+                d = Deferred()
+                d.errback(Failure())
+        return d.addBoth(finished)
+
+    def _notify(self, queue_id: str) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(queue_id)
+            except Exception:
+                self.log.failure("queue listener failed for {queue_id}", queue_id=queue_id)
+
+    def _due_now(self, queue_id: str) -> bool:
+        """Index queue_id as new mail; True when it was not indexed as such yet."""
+        if not self._claims:
+            return True
+        self._retry.pop(queue_id, None)
+        if queue_id in self._new:
+            return False
+        self._new[queue_id] = None
+        return True
+
+    def _forget(self, queue_id: str) -> None:
+        self._new.pop(queue_id, None)
+        self._retry.pop(queue_id, None)
+
+    def _schedule(self, queue_id: str, when: float) -> None:
+        if not self._claims:
+            return
+        self._new.pop(queue_id, None)
+        self._retry[queue_id] = when
+        heapq.heappush(self._heap, (when, queue_id))
+
+    # ------------------------------------------------------------ writing
+
+    def open_writer(self) -> SpoolWriter:
+        queue_id = new_queue_id(self._clock.seconds())
+        return SpoolWriter(self, queue_id, os.path.join(self._dirs["tmp"], queue_id + ".msg"))
+
+    def commit(self, writer: SpoolWriter, envelope: Envelope) -> Deferred[str]:
+        """Make writer's content and envelope durable in incoming/; fires with the queue id.
+
+        Sets ``envelope.queue_id`` and, when it is 0, ``envelope.size``.
+        """
+        if not isinstance(writer, SpoolWriter) or writer._store is not self:
+            raise TypeError("commit() needs a writer from this store's open_writer()")
+        writer._require_open()
+        writer._state = "committing"
+        envelope.queue_id = writer.queue_id
+        if not envelope.size:
+            envelope.size = writer.size
+        return Deferred.fromCoroutine(self._commit(writer, _encode(envelope, None)))
+
+    async def _commit(self, writer: SpoolWriter, data: bytes) -> str:
+        queue_id = writer.queue_id
+        try:
+            await self._in_pool(self._commit_files, writer, data)
+        except Exception:
+            writer._state = "aborted"
+            raise
+        try:
+            await self.syncer.sync((self._dirs["msg"], self._dirs["incoming"]))
+        except Exception:
+            # not durable: take it back so that the sender's retry is not a duplicate
+            writer._state = "aborted"
+            self.log.error("directory fsync failed; rolling back {queue_id}", queue_id=queue_id)
+            await self._in_pool(self._remove_files, queue_id, ("incoming",))
+            raise
+        writer._state = "committed"
+        self._due_now(queue_id)
+        self._notify(queue_id)
+        return queue_id
+
+    def _commit_files(self, writer: SpoolWriter, data: bytes) -> None:
+        """fsync content, write + fsync envelope, rename content then envelope (thread pool)."""
+        f, content_tmp, queue_id = writer._file, writer._path, writer.queue_id
+        assert f is not None
+        env_tmp = None
+        try:
+            try:
+                f.flush()
+                self._fsync(f.fileno())
+            finally:
+                f.close()
+                writer._file = None
+            env_tmp = self._write_temp(queue_id, data)
+            content = self._content_path(queue_id)
+            os.rename(content_tmp, content)
+            try:
+                os.rename(env_tmp, self._env_path("incoming", queue_id))
+            except BaseException:
+                os.rename(content, content_tmp)
+                raise
+        except BaseException:
+            _unlink_quiet(content_tmp)
+            if env_tmp:
+                _unlink_quiet(env_tmp)
+            raise
+
+    def submit(self, content: bytes, envelope: Envelope) -> Deferred[str]:
+        """Commit a complete message held in memory (DSNs, pickup)."""
+        writer = self.open_writer()
+        try:
+            writer.write(content)
+        except BaseException:
+            writer.abort()
+            raise
+        return self.commit(writer, envelope)
+
+    def add_listener(self, callback: Callable[[str], Any]) -> None:
+        """callback(queue_id) whenever a message becomes due in this process.
+
+        That is after each commit and submit here, a release, and a notice() or
+        scan_incoming() that found an id not indexed yet.
+        """
+        self._listeners.append(callback)
+
+    # ------------------------------------------------------------ several processes
+
+    def notice(self, queue_id: str) -> None:
+        """Another process committed queue_id into incoming/: index it as due."""
+        try:
+            _check_id(queue_id)
+        except ValueError:
+            self.log.warn("ignoring bad queue id {queue_id!r} from notice()", queue_id=queue_id)
+            return
+        if self._due_now(queue_id):
+            self._notify(queue_id)
+
+    def scan_incoming(self) -> Deferred[int]:
+        """List incoming/ and index what the in-memory index missed; fires with that count."""
+        def listing() -> list[str]:
+            names = os.listdir(self._dirs["incoming"])
+            return sorted(n[:-5] for n in names if n.endswith(".json") and _QUEUE_ID.match(n[:-5]))
+
+        def found(ids: list[str]) -> int:
+            count = 0
+            for queue_id in ids:
+                if queue_id not in self._tails and self._due_now(queue_id):
+                    count += 1
+                    self._notify(queue_id)
+            return count
+
+        return self._in_pool(listing).addCallback(found)
+
+    # ------------------------------------------------------------ claiming
+
+    def _take_new(self) -> tuple[str, str] | None:
+        if self._new:
+            return self._new.popitem(last=False)[0], "incoming"
+        return None
+
+    def _take_deferred(self, now: float) -> tuple[str, str] | None:
+        while self._heap and self._heap[0][0] <= now:
+            when, queue_id = heapq.heappop(self._heap)
+            if self._retry.get(queue_id) == when:
+                del self._retry[queue_id]
+                return queue_id, "deferred"
+        return None
+
+    def next_due(self) -> float | None:
+        """The earliest retry time of deferred mail (new mail is due at once)."""
+        while self._heap and self._retry.get(self._heap[0][1]) != self._heap[0][0]:
+            heapq.heappop(self._heap)
+        return self._heap[0][0] if self._heap else None
+
+    def due_count(self) -> int:
+        """Indexed new mail plus deferred mail (due or not)."""
+        return len(self._new) + len(self._retry)
+
+    def claim(self, now: float, limit: int) -> Deferred[list[QueueEntry]]:
+        """Lease up to limit due messages, alternating new and deferred mail."""
+        picked: list[tuple[str, str]] = []
+        while len(picked) < limit:
+            if self._prefer_new:
+                item = self._take_new() or self._take_deferred(now)
+            else:
+                item = self._take_deferred(now) or self._take_new()
+            if item is None:
+                break
+            picked.append(item)
+            self._prefer_new = not self._prefer_new
+        if not picked:
+            return succeed([])
+        return self._serial(
+            [q for q, _ in picked], lambda: self._in_pool(self._claim_files, picked)
+        ).addCallback(self._claimed)
+
+    def _claim_files(self, picked: list[tuple[str, str]]) -> list[tuple[str, Envelope | None, str | None]]:
+        out: list[tuple[str, Envelope | None, str | None]] = []
+        for queue_id, source in picked:
+            path = self._env_path("active", queue_id)
+            try:
+                os.rename(self._env_path(source, queue_id), path)
+            except FileNotFoundError:
+                continue  # claimed, moved or removed since it was indexed
+            try:
+                envelope, _ = self._read_envelope(path, queue_id)
+                if not os.path.exists(self._content_path(queue_id)):
+                    raise ValueError("content file is missing")
+            except (OSError, ValueError) as e:
+                dest = self._to_corrupt("active", queue_id)
+                out.append((queue_id, None, f"Moved corrupt message {path} to {dest}: {e}"))
+                continue
+            out.append((queue_id, envelope, None))
+        return out
+
+    def _claimed(self, results: list[tuple[str, Envelope | None, str | None]]) -> list[QueueEntry]:
+        entries = []
+        for queue_id, envelope, problem in results:
+            if envelope is None:
+                self.log.error("{problem}", problem=problem, queue_id=queue_id)
+            else:
+                entries.append(QueueEntry(queue_id, envelope))
+        return entries
+
+    def _to_corrupt(self, state: str, queue_id: str) -> str:
+        """Move an envelope (and its content) to corrupt/; returns where it went (thread pool)."""
+        src = self._env_path(state, queue_id)
+        dest = os.path.join(self._dirs["corrupt"], queue_id + ".json")
+        if os.path.exists(dest):
+            dest = os.path.join(self._dirs["corrupt"], f"{queue_id}.{state}.{os.urandom(3).hex()}.json")
+        os.rename(src, dest)
+        content = self._content_path(queue_id)
+        if os.path.exists(content):
+            os.rename(content, os.path.join(self._dirs["corrupt"], queue_id + ".msg"))
+        return dest
+
+    # ------------------------------------------------------------ after an attempt
+
+    def _locate(self, queue_id: str, states: Iterable[str]) -> str | None:
+        for state in states:
+            if os.path.exists(self._env_path(state, queue_id)):
+                return state
+        return None
+
+    def _move_rewritten(self, queue_id: str, data: bytes, source: str, target: str) -> None:
+        """Atomically replace source/<id>.json with data, then rename it into target/."""
+        tmp = self._write_temp(queue_id, data)
+        try:
+            os.replace(tmp, self._env_path(source, queue_id))
+        except BaseException:
+            _unlink_quiet(tmp)
+            raise
+        if source != target:
+            os.rename(self._env_path(source, queue_id), self._env_path(target, queue_id))
+
+    def _remove_files(self, queue_id: str, states: Iterable[str]) -> str | None:
+        """Unlink the envelope (the message is gone from then on), then the content."""
+        for state in states:
+            if _unlink_quiet(self._env_path(state, queue_id)):
+                _unlink_quiet(self._content_path(queue_id))
+                return state
+        return None
+
+    def update(self, queue_id: str, envelope: Envelope, next_attempt: float | None) -> Deferred[None]:
+        """Store the state after an attempt: remove (next_attempt None) or defer until next_attempt.
+
+        The message must be active (claimed). A message held meanwhile stays
+        held with the new envelope.
+        """
+        _check_id(queue_id)
+        envelope.queue_id = queue_id
+        self._forget(queue_id)
+        if next_attempt is None:
+            return self._serial([queue_id], lambda: Deferred.fromCoroutine(self._remove(queue_id)))
+        when = float(next_attempt)
+        return self._serial(
+            [queue_id], lambda: Deferred.fromCoroutine(self._defer(queue_id, envelope, when))
+        )
+
+    async def _remove(self, queue_id: str) -> None:
+        state = await self._in_pool(self._remove_files, queue_id, ("active", "hold"))
+        if state is None:
+            raise self._missing(queue_id, "active")
+        await self.syncer.sync([self._dirs[state]])
+
+    async def _defer(self, queue_id: str, envelope: Envelope, next_attempt: float) -> None:
+        def work() -> str | None:
+            source = self._locate(queue_id, ("active", "hold"))
+            if source is None:
+                return None
+            if source == "hold" and not envelope.held_reason:
+                envelope.held_reason = "held during delivery"
+            target = "hold" if source == "hold" else "deferred"
+            self._move_rewritten(queue_id, _encode(envelope, next_attempt), source, target)
+            return source
+
+        source = await self._in_pool(work)
+        if source is None:
+            raise self._missing(queue_id, "active")
+        target = "hold" if source == "hold" else "deferred"
+        await self.syncer.sync({self._dirs[source], self._dirs[target]})
+        if target == "deferred":
+            self._schedule(queue_id, next_attempt)
+
+    def _missing(self, queue_id: str, expected: str) -> Exception:
+        where = self._locate(queue_id, STATES)
+        if where is None:
+            return KeyError(queue_id)
+        return ValueError(f"{queue_id} is {where}, not {expected}")
+
+    def hold(self, queue_id: str, envelope: Envelope | None, reason: str) -> Deferred[None]:
+        """Move a message (wherever it is) to hold/ with held_reason=reason.
+
+        envelope None keeps the stored envelope (operator holds).
+        """
+        _check_id(queue_id)
+        self._forget(queue_id)
+
+        async def run() -> None:
+            def work() -> str | None:
+                source = self._locate(queue_id, ("active", "incoming", "deferred", "hold"))
+                if source is None:
+                    return None
+                env = envelope
+                if env is None:
+                    env, _ = self._read_envelope(self._env_path(source, queue_id), queue_id)
+                env.queue_id = queue_id
+                env.held_reason = reason
+                self._move_rewritten(queue_id, _encode(env, None), source, "hold")
+                return source
+
+            source = await self._in_pool(work)
+            if source is None:
+                raise KeyError(queue_id)
+            await self.syncer.sync({self._dirs[source], self._dirs["hold"]})
+
+        return self._serial([queue_id], lambda: Deferred.fromCoroutine(run()))
+
+    def release(self, queue_id: str) -> Deferred[None]:
+        """Bring a held message back to incoming/, due now, with its crash count reset."""
+        _check_id(queue_id)
+
+        async def run() -> None:
+            def work() -> None:
+                path = self._env_path("hold", queue_id)
+                if not os.path.exists(path):
+                    raise self._missing(queue_id, "hold")
+                env, _ = self._read_envelope(path, queue_id)
+                env.held_reason = None
+                env.crashes = 0
+                self._move_rewritten(queue_id, _encode(env, None), "hold", "incoming")
+
+            await self._in_pool(work)
+            await self.syncer.sync({self._dirs["hold"], self._dirs["incoming"]})
+            self._due_now(queue_id)
+            self._notify(queue_id)
+
+        return self._serial([queue_id], lambda: Deferred.fromCoroutine(run()))
+
+    # ------------------------------------------------------------ reading
+
+    def open_content(self, queue_id: str) -> BinaryIO:
+        return open(self._content_path(_check_id(queue_id)), "rb")
+
+    def list_messages(self, queue: str) -> Deferred[list[Envelope]]:
+        """Envelopes in queue (incoming, active, deferred, hold), oldest id first."""
+        if queue not in STATES:
+            raise ValueError(f"unknown queue {queue!r}")
+
+        def work() -> tuple[list[Envelope], list[str]]:
+            envelopes, problems = [], []
+            for name in sorted(os.listdir(self._dirs[queue])):
+                queue_id = name[:-5]
+                if not name.endswith(".json") or not _QUEUE_ID.match(queue_id):
+                    continue
+                try:
+                    envelopes.append(self._read_envelope(self._env_path(queue, queue_id), queue_id)[0])
+                except FileNotFoundError:
+                    continue
+                except (OSError, ValueError) as e:
+                    problems.append(f"{self._env_path(queue, queue_id)}: {e}")
+            return envelopes, problems
+
+        def done(result: tuple[list[Envelope], list[str]]) -> list[Envelope]:
+            for problem in result[1]:
+                self.log.warn("list_messages skipped {problem}", problem=problem)
+            return result[0]
+
+        return self._in_pool(work).addCallback(done)
+
+    # ------------------------------------------------------------ recovery
+
+    def recover(self) -> Deferred[int]:
+        """Return active/ to incoming/, quarantine corrupt envelopes, drop orphans, rebuild the index.
+
+        Fires with the number of messages returned from active/. Details of
+        the last run are in ``last_recovery``.
+        """
+        return Deferred.fromCoroutine(self._recover())
+
+    async def _recover(self) -> int:
+        report = await self._in_pool(self._recover_files)
+        for path, reason in report.corrupt:
+            self.log.error("Corrupt message {path}: {reason}", path=path, reason=reason)
+        for path in report.unknown:
+            self.log.warn("Unknown file {path} in the spool left alone", path=path)
+        if self._claims:
+            self._new = OrderedDict((q, None) for q in sorted(report.incoming))
+            self._retry = dict(report.deferred)
+            self._heap = [(t, q) for q, t in self._retry.items()]
+            heapq.heapify(self._heap)
+        await self.syncer.sync(self._dirs.values())
+        self.last_recovery = {
+            "returned": report.returned,
+            "incoming": len(report.incoming),
+            "deferred": len(report.deferred),
+            "held": report.held,
+            "corrupt": len(report.corrupt),
+            "orphan_content": report.orphans,
+            "temp_files": report.temps,
+        }
+        self.log.info(
+            "Spool {root} recovered: {incoming} new, {deferred} deferred, {held} held, "
+            "{returned} returned from active, {corrupt} corrupt, {orphan_content} orphan content "
+            "and {temp_files} temp files removed",
+            root=self.root,
+            **self.last_recovery,
+        )
+        return report.returned
+
+    def _recover_files(self) -> _Recovery:
+        report = _Recovery()
+        cutoff = time.time() - self._tmp_grace
+        live: set[str] = set()
+        for state in ("hold", "deferred", "incoming", "active"):
+            for name in sorted(os.listdir(self._dirs[state])):
+                queue_id = name[:-5]
+                path = os.path.join(self._dirs[state], name)
+                if not name.endswith(".json") or not _QUEUE_ID.match(queue_id):
+                    report.unknown.append(path)
+                    continue
+                if queue_id in live:  # cannot happen with this store's renames; keep the first
+                    dest = os.path.join(self._dirs["corrupt"], f"{queue_id}.{state}.json")
+                    os.rename(path, dest)
+                    report.corrupt.append((path, f"duplicate envelope; moved to {dest}"))
+                    continue
+                try:
+                    envelope, next_attempt = self._read_envelope(path, queue_id)
+                    if not os.path.exists(self._content_path(queue_id)):
+                        raise ValueError("content file is missing")
+                except (OSError, ValueError) as e:
+                    dest = self._to_corrupt(state, queue_id)
+                    report.corrupt.append((path, f"{e}; moved to {dest}"))
+                    continue
+                live.add(queue_id)
+                if state == "active":
+                    if self._count_crashes:
+                        envelope.crashes += 1
+                        self._move_rewritten(queue_id, _encode(envelope, None), "active", "incoming")
+                    else:
+                        os.rename(path, self._env_path("incoming", queue_id))
+                    report.returned += 1
+                    report.incoming.append(queue_id)
+                elif state == "incoming":
+                    report.incoming.append(queue_id)
+                elif state == "deferred":
+                    report.deferred[queue_id] = next_attempt if next_attempt is not None else 0.0
+                else:
+                    report.held += 1
+
+        def old(path: str) -> bool:
+            try:
+                return os.lstat(path).st_mtime <= cutoff
+            except FileNotFoundError:
+                return False
+
+        for name in os.listdir(self._dirs["msg"]):
+            path = os.path.join(self._dirs["msg"], name)
+            if name not in live and old(path) and _unlink_quiet(path):
+                report.orphans += 1
+        for name in os.listdir(self._dirs["tmp"]):
+            path = os.path.join(self._dirs["tmp"], name)
+            if old(path) and _unlink_quiet(path):
+                report.temps += 1
+        return report

@@ -1,0 +1,473 @@
+"""SpoolStore: durability ordering, group commit, claim/update/hold, recovery, corruption."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
+
+from exmta.interfaces import IMessageWriter, IQueueStore
+from exmta.model import Envelope, Recipient, RecipientStatus
+from exmta.queue.spool import SpoolStore
+
+
+# ---------------------------------------------------------------- fakes
+
+
+class SyncReactor:
+    """Runs callFromThread at once (stand-in reactor for deferToThreadPool)."""
+
+    def callFromThread(self, f: Callable[..., Any], *a: Any, **kw: Any) -> None:
+        f(*a, **kw)
+
+
+class SyncPool:
+    """A thread pool stand-in that runs each job at once, on the calling thread."""
+
+    def __init__(self) -> None:
+        self.jobs = 0
+
+    def callInThreadWithCallback(self, on_result: Callable[..., Any], f: Callable[..., Any], *a: Any, **kw: Any) -> None:
+        self.jobs += 1
+        try:
+            r = f(*a, **kw)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, r)
+
+
+class ManualPool(SyncPool):
+    """Queues jobs; the test runs them one by one to control interleaving."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queue: list[tuple[Any, ...]] = []
+
+    def callInThreadWithCallback(self, on_result: Callable[..., Any], f: Callable[..., Any], *a: Any, **kw: Any) -> None:
+        self.queue.append((on_result, f, a, kw))
+
+    def run_one(self) -> None:
+        on_result, f, a, kw = self.queue.pop(0)
+        SyncPool.callInThreadWithCallback(self, on_result, f, *a, **kw)
+
+    def run_all(self, bound: int = 1000) -> None:
+        for _ in range(bound):
+            if not self.queue:
+                return
+            self.run_one()
+        raise AssertionError("jobs keep coming")
+
+
+class FsyncRecorder:
+    """Records the path of every fsynced descriptor into a shared event list."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+
+    def __call__(self, fd: int) -> None:
+        self.events.append("fsync " + os.readlink(f"/proc/self/fd/{fd}"))
+        os.fsync(fd)
+
+
+def result(d: Deferred[Any]) -> Any:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "Deferred has not fired"
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return out[0]
+
+
+def failure(d: Deferred[Any]) -> Failure:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out and isinstance(out[0], Failure), f"expected a failure, got {out}"
+    return out[0]
+
+
+def envelope(*rcpts: str) -> Envelope:
+    return Envelope(sender="alice@example.com", recipients=[Recipient(r) for r in rcpts or ("bob@example.net",)])
+
+
+def make_store(root: Any, pool: SyncPool | None = None, clock: Clock | None = None, **kw: Any) -> SpoolStore:
+    return SpoolStore(str(root), SyncReactor(), pool or SyncPool(), clock or Clock(), **kw)
+
+
+def commit(store: SpoolStore, body: bytes = b"Subject: t\r\n\r\nhello\r\n", env: Envelope | None = None) -> str:
+    w = store.open_writer()
+    w.write(body)
+    return result(store.commit(w, env or envelope()))
+
+
+def files(store: SpoolStore, sub: str) -> list[str]:
+    return sorted(os.listdir(os.path.join(store.root, sub)))
+
+
+# ---------------------------------------------------------------- writing and durability
+
+
+def test_provides_interfaces(tmp_path: Any) -> None:
+    store = make_store(tmp_path)
+    assert verifyObject(IQueueStore, store)
+    w = store.open_writer()
+    assert verifyObject(IMessageWriter, w)
+    w.abort()
+    assert set(files(store, ".")) >= {"tmp", "msg", "incoming", "active", "deferred", "hold", "corrupt"}
+
+
+def test_commit_fires_only_after_every_fsync(tmp_path: Any) -> None:
+    events: list[str] = []
+    pool = ManualPool()
+    store = make_store(tmp_path / "spool", pool, fsync=FsyncRecorder(events))
+    events.clear()
+    w = store.open_writer()
+    w.write(b"Subject: x\r\n\r\n")
+    w.write(b"body\r\n")
+    d = store.commit(w, envelope())
+    d.addCallback(lambda qid: events.append("fired " + qid))
+    assert events == []
+    pool.run_one()  # content fsync, envelope fsync, renames
+    assert not d.called, "must not fire before the directories are fsynced"
+    assert len(events) == 2
+    assert events[0] == f"fsync {store.root}/tmp/{w.queue_id}.msg"
+    assert events[1].startswith(f"fsync {store.root}/tmp/{w.queue_id}.") and events[1].endswith(".json")
+    pool.run_one()  # the grouped directory fsync
+    assert events[2:] == [
+        f"fsync {store.root}/incoming",
+        f"fsync {store.root}/msg",
+        f"fired {w.queue_id}",
+    ]
+    assert files(store, "incoming") == [w.queue_id + ".json"]
+    assert files(store, "tmp") == []
+    with store.open_content(w.queue_id) as f:
+        assert f.read() == b"Subject: x\r\n\r\nbody\r\n"
+    stored = json.loads((tmp_path / "spool" / "incoming" / (w.queue_id + ".json")).read_text())
+    assert stored["queue_id"] == w.queue_id and stored["size"] == 20
+
+
+def test_concurrent_commits_share_directory_fsyncs(tmp_path: Any) -> None:
+    events: list[str] = []
+    pool = ManualPool()
+    store = make_store(tmp_path, pool, fsync=FsyncRecorder(events))
+    events.clear()
+    fired: list[str] = []
+    ds = []
+    for i in range(6):
+        w = store.open_writer()
+        w.write(b"m%d\r\n" % i)
+        ds.append(store.commit(w, envelope()).addCallback(fired.append))
+    for _ in range(6):
+        pool.run_one()  # file jobs; the first one starts a directory round
+    assert fired == []
+    pool.run_all()
+    assert len(fired) == 6
+    dir_fsyncs = [e for e in events if e.endswith(("/incoming", "/msg"))]
+    # round 1 serves the first commit, round 2 the five that finished while it ran
+    assert store.syncer.rounds == 2
+    assert len(dir_fsyncs) == 4
+    assert len([e for e in events if f"{store.root}/tmp/" in e]) == 12  # one content + one envelope fsync each
+
+
+def test_dir_fsync_failure_fails_commit_and_rolls_back(tmp_path: Any) -> None:
+    def fsync(fd: int) -> None:
+        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(5, "Input/output error")
+
+    store = make_store(tmp_path / "s", fsync=os.fsync)
+    store.syncer._fsync = fsync
+    w = store.open_writer()
+    w.write(b"x\r\n")
+    f = failure(store.commit(w, envelope()))
+    assert f.check(OSError)
+    assert files(store, "incoming") == [] and files(store, "msg") == [] and files(store, "tmp") == []
+
+
+def test_writer_streams_rewrites_headers_and_aborts(tmp_path: Any) -> None:
+    store = make_store(tmp_path)
+    w = store.open_writer()
+    w.write(b"Subject: old\r\n\r\n")
+    w.write(b"body line\r\n" * 1000)
+    with w.open_read() as f:
+        assert f.read(14) == b"Subject: old\r\n"
+    w.replace_headers(14, b"Subject: new header\r\nX-A: 1\r\n")
+    assert w.size == len(b"Subject: new header\r\nX-A: 1\r\n\r\n") + 11000
+    with w.open_read() as f:
+        data = f.read()
+    assert data.startswith(b"Subject: new header\r\nX-A: 1\r\n\r\nbody line\r\n")
+    assert len(data) == w.size
+    assert files(store, "tmp") == [w.queue_id + ".1.msg"]
+    w.write(b"tail\r\n")
+    qid = result(store.commit(w, envelope()))
+    with store.open_content(qid) as f:
+        assert f.read() == data + b"tail\r\n"
+    w.abort()  # after commit: no-op
+    assert files(store, "msg") == [qid]
+
+    w2 = store.open_writer()
+    w2.write(b"partial")
+    w2.abort()
+    w2.abort()
+    assert files(store, "tmp") == []
+    with pytest.raises(ValueError):
+        w2.write(b"more")
+    with pytest.raises(ValueError):
+        store.commit(w2, envelope())
+    with pytest.raises(ValueError):
+        w.replace_headers(0, b"")
+
+
+def test_submit_and_listener(tmp_path: Any) -> None:
+    store = make_store(tmp_path)
+    seen: list[str] = []
+    store.add_listener(seen.append)
+    store.add_listener(lambda q: 1 / 0)  # a failing listener is logged, not fatal
+    store.log = Logger(observer=lambda e: None)
+    qid = result(store.submit(b"Subject: dsn\r\n\r\nx\r\n", envelope()))
+    assert seen == [qid]
+    assert [e.queue_id for e in result(store.list_messages("incoming"))] == [qid]
+
+
+# ---------------------------------------------------------------- claim / update / hold
+
+
+def _three(store: SpoolStore, clock: Clock) -> list[str]:
+    ids = []
+    for i in range(3):
+        clock.advance(1)
+        ids.append(commit(store, b"msg %d\r\n" % i))
+    return ids
+
+
+def test_claim_update_remove_and_defer(tmp_path: Any) -> None:
+    clock = Clock()
+    store = make_store(tmp_path, clock=clock)
+    a, b, c = _three(store, clock)
+    entries = result(store.claim(10.0, 2))
+    assert [e.queue_id for e in entries] == [a, b]
+    assert files(store, "active") == [a + ".json", b + ".json"]
+    assert entries[0].envelope.sender == "alice@example.com"
+
+    result(store.update(a, entries[0].envelope, None))
+    assert a + ".json" not in files(store, "active") and a not in files(store, "msg")
+
+    env_b = entries[1].envelope
+    env_b.recipients[0].attempts = 1
+    result(store.update(b, env_b, 100.0))
+    assert files(store, "deferred") == [b + ".json"]
+    assert store.next_due() == 100.0
+    assert [e.queue_id for e in result(store.claim(50.0, 10))] == [c]
+    assert result(store.claim(99.0, 10)) == []
+    again = result(store.claim(100.0, 10))
+    assert [e.queue_id for e in again] == [b]
+    assert again[0].envelope.recipients[0].attempts == 1
+    assert store.next_due() is None
+    env_b.recipients[0].status = RecipientStatus.DELIVERED
+    result(store.update(b, env_b, None))
+    with pytest.raises(KeyError):
+        result(store.update(b, env_b, None))
+    assert files(store, "msg") == [c]
+
+
+def test_update_of_a_message_that_is_not_active_fails(tmp_path: Any) -> None:
+    store = make_store(tmp_path)
+    qid = commit(store)
+    assert failure(store.update(qid, envelope(), 5.0)).check(ValueError)
+    assert files(store, "incoming") == [qid + ".json"]
+
+
+def test_claim_alternates_new_and_deferred(tmp_path: Any) -> None:
+    clock = Clock()
+    store = make_store(tmp_path, clock=clock)
+    d1, d2, n1 = _three(store, clock)
+    for qid, e in [(x.queue_id, x.envelope) for x in result(store.claim(0, 2))]:
+        result(store.update(qid, e, 5.0))
+    clock.advance(1)
+    n2 = commit(store)
+    order = [e.queue_id for _ in range(4) for e in result(store.claim(10.0, 1))]
+    assert order == [n1, d1, n2, d2]
+    assert result(store.claim(10.0, 5)) == []
+
+
+def test_hold_and_release(tmp_path: Any) -> None:
+    store = make_store(tmp_path)
+    seen: list[str] = []
+    store.add_listener(seen.append)
+    qid = commit(store)
+    result(store.hold(qid, None, "operator"))
+    assert result(store.claim(1e12, 10)) == []
+    held = result(store.list_messages("hold"))
+    assert [(e.queue_id, e.held_reason) for e in held] == [(qid, "operator")]
+
+    result(store.release(qid))
+    assert seen == [qid, qid]
+    entries = result(store.claim(0, 10))
+    assert [e.queue_id for e in entries] == [qid]
+    env = entries[0].envelope
+    env.crashes = 3
+    result(store.hold(qid, env, "poison"))
+    assert files(store, "active") == [] and files(store, "hold") == [qid + ".json"]
+    result(store.release(qid))
+    [again] = result(store.claim(0, 10))
+    assert again.envelope.crashes == 0 and again.envelope.held_reason is None
+    assert failure(store.release(qid)).check(ValueError)
+    assert failure(store.hold("NOSUCHID", None, "x")).check(KeyError)
+
+
+def test_operations_on_one_id_are_serialised(tmp_path: Any) -> None:
+    pool = ManualPool()
+    store = make_store(tmp_path, pool)
+    w = store.open_writer()
+    w.write(b"x")
+    d = store.commit(w, envelope())
+    pool.run_all()
+    qid = result(d)
+    claimed = store.claim(0, 1)
+    held = store.hold(qid, None, "operator")
+    assert len(pool.queue) == 1, "hold must wait for the claim's rename"
+    pool.run_all()
+    assert [e.queue_id for e in result(claimed)] == [qid]
+    result(held)
+    assert files(store, "hold") == [qid + ".json"] and files(store, "active") == []
+
+
+def test_bad_queue_ids_are_refused(tmp_path: Any) -> None:
+    store = make_store(tmp_path)
+    for bad in ("../x", "a/b", "", "x" * 65):
+        with pytest.raises(ValueError):
+            store.open_content(bad)
+        with pytest.raises(ValueError):
+            store.update(bad, envelope(), None)
+    store.log = Logger(observer=lambda e: None)
+    store.notice("../../etc")
+    assert store.due_count() == 0
+
+
+# ---------------------------------------------------------------- several processes
+
+
+def test_worker_commits_are_found_by_notice_and_scan(tmp_path: Any) -> None:
+    main = make_store(tmp_path)
+    worker = make_store(tmp_path, claims=False)
+    seen: list[str] = []
+    main.add_listener(seen.append)
+    q1 = commit(worker)
+    q2 = commit(worker)
+    assert worker.due_count() == 0 and main.due_count() == 0
+    main.notice(q1)
+    main.notice(q1)
+    assert seen == [q1]
+    assert result(main.scan_incoming()) == 1
+    assert seen == [q1, q2]
+    assert sorted(e.queue_id for e in result(main.claim(0, 10))) == sorted([q1, q2])
+    assert result(main.scan_incoming()) == 0
+    main.notice(q1)  # stale notice: the rename finds nothing
+    assert result(main.claim(0, 10)) == []
+
+
+# ---------------------------------------------------------------- recovery and corruption
+
+
+def _capture(store: SpoolStore) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    store.log = Logger(observer=events.append)
+    return events
+
+
+def _text(event: dict[str, Any]) -> str:
+    from twisted.logger import formatEvent
+
+    return formatEvent(event)
+
+
+def test_recover_returns_active_drops_orphans_rebuilds_index(tmp_path: Any) -> None:
+    clock = Clock()
+    store = make_store(tmp_path, clock=clock)
+    a, b, c = _three(store, clock)
+    [ea, eb] = result(store.claim(0, 2))
+    result(store.update(b, eb.envelope, 500.0))
+    # a is left active (crash mid-delivery); leftovers of an interrupted writer and envelope
+    w = store.open_writer()
+    w.write(b"half a mess")
+    (tmp_path / "tmp" / "0123ABCD.1234.json").write_bytes(b"{")
+    (tmp_path / "msg" / "ORPHAN123").write_bytes(b"content whose envelope never landed")
+
+    fresh = make_store(tmp_path, clock=clock)
+    events = _capture(fresh)
+    assert result(fresh.recover()) == 1
+    assert fresh.last_recovery == {
+        "returned": 1, "incoming": 2, "deferred": 1, "held": 0, "corrupt": 0,
+        "orphan_content": 1, "temp_files": 2,
+    }
+    assert files(fresh, "tmp") == [] and files(fresh, "active") == []
+    assert files(fresh, "msg") == sorted([a, b, c])
+    assert fresh.next_due() == 500.0
+    assert [e.queue_id for e in result(fresh.claim(0, 10))] == [a, c]
+    assert [e.queue_id for e in result(fresh.claim(500.0, 10))] == [b]
+    assert any("recovered" in _text(e) for e in events)
+    w.abort()
+
+
+def test_recover_can_count_crashes(tmp_path: Any) -> None:
+    store = make_store(tmp_path)
+    qid = commit(store)
+    result(store.claim(0, 1))
+    fresh = make_store(tmp_path, count_crashes=True)
+    _capture(fresh)
+    assert result(fresh.recover()) == 1
+    [entry] = result(fresh.claim(0, 1))
+    assert entry.queue_id == qid and entry.envelope.crashes == 1
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda p, q: (p / "incoming" / f"{q}.json").write_bytes(b'{"version": 1, "sender": "a@b", "recip'), "unreadable envelope"),
+        (lambda p, q: (p / "incoming" / f"{q}.json").write_bytes(b"[1, 2]"), "not a JSON object"),
+        (lambda p, q: (p / "incoming" / f"{q}.json").write_bytes(b'{"version": 99}'), "unsupported envelope version"),
+        (lambda p, q: (p / "incoming" / f"{q}.json").write_bytes(b"\xff\xfe"), "unreadable envelope"),
+        (lambda p, q: (p / "msg" / q).unlink(), "content file is missing"),
+    ],
+)
+def test_recover_moves_corrupt_messages_aside(tmp_path: Any, damage: Callable[..., Any], reason: str) -> None:
+    store = make_store(tmp_path)
+    good = commit(store)
+    bad = commit(store)
+    damage(tmp_path, bad)
+    fresh = make_store(tmp_path)
+    events = _capture(fresh)
+    assert result(fresh.recover()) == 0
+    assert files(fresh, "incoming") == [good + ".json"]
+    assert bad + ".json" in files(fresh, "corrupt")
+    errors = [_text(e) for e in events if e["log_level"].name == "error"]
+    assert len(errors) == 1
+    assert f"{tmp_path}/incoming/{bad}.json" in errors[0] and reason in errors[0]
+    assert fresh.last_recovery["corrupt"] == 1
+    assert [e.queue_id for e in result(fresh.claim(0, 10))] == [good]
+
+
+def test_claim_quarantines_an_envelope_broken_after_indexing(tmp_path: Any) -> None:
+    store = make_store(tmp_path)
+    events = _capture(store)
+    good = commit(store)
+    bad = commit(store)
+    (tmp_path / "incoming" / f"{bad}.json").write_bytes(b"not json")
+    assert [e.queue_id for e in result(store.claim(0, 10))] == [good]
+    assert sorted(files(store, "corrupt")) == sorted([bad + ".json", bad + ".msg"])
+    assert any(bad in _text(e) and e["log_level"].name == "error" for e in events)
+
+
+def test_list_messages(tmp_path: Any) -> None:
+    store = make_store(tmp_path)
+    qid = commit(store, env=envelope("x@example.org", "y@example.org"))
+    [env] = result(store.list_messages("incoming"))
+    assert env.queue_id == qid and [r.address for r in env.recipients] == ["x@example.org", "y@example.org"]
+    assert result(store.list_messages("deferred")) == []
+    with pytest.raises(ValueError):
+        store.list_messages("tmp")
