@@ -51,7 +51,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Iterable, TypeVar
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -407,11 +407,12 @@ class SpoolStore:
         if not isinstance(writer, SpoolWriter) or writer._store is not self:
             raise TypeError("commit() needs a writer from this store's open_writer()")
         writer._require_open()
-        writer._state = "committing"
         envelope.queue_id = writer.queue_id
         if not envelope.size:
             envelope.size = writer.size
-        return Deferred.fromCoroutine(self._commit(writer, _encode(envelope, None)))
+        data = _encode(envelope, None)
+        writer._state = "committing"
+        return Deferred.fromCoroutine(self._commit(writer, data))
 
     async def _commit(self, writer: SpoolWriter, data: bytes) -> str:
         queue_id = writer.queue_id
@@ -719,7 +720,7 @@ class SpoolStore:
     def list_messages(self, queue: str) -> Deferred[list[Envelope]]:
         """Envelopes in queue (incoming, active, deferred, hold), oldest id first."""
         if queue not in STATES:
-            raise ValueError(f"unknown queue {queue!r}")
+            return fail(ValueError(f"unknown queue {queue!r}"))
 
         def work() -> tuple[list[Envelope], list[str]]:
             envelopes, problems = [], []

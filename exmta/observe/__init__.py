@@ -1,0 +1,1 @@
+"""Observability: message tracking, logging setup and metrics."""
