@@ -129,8 +129,10 @@ class DNSResolver:
             raise _temp(f"CNAME chain too long or looping at {name}") from None
         except dns.resolver.LifetimeTimeout:
             raise _temp(f"DNS timeout looking up {rdtype} for {name}") from None
-        except dns.resolver.NoNameservers:
-            raise _temp(f"DNS server failure (SERVFAIL) looking up {rdtype} for {name}") from None
+        except dns.resolver.NoNameservers as exc:
+            if "CNAME chain" in str(exc):
+                raise _temp(f"CNAME chain too long or looping at {name}") from None
+            raise _temp(f"DNS server failure (SERVFAIL/REFUSED) looking up {rdtype} for {name}") from None
         except dns.resolver.YXDOMAIN:
             raise _perm(f"DNS name too long after DNAME substitution: {name}") from None
         except dns.exception.DNSException as exc:

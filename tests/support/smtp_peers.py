@@ -153,9 +153,10 @@ class ScriptedServer:
                 return answer
         return self.replies.get(verb, "502 5.5.2 unknown command")
 
-    def listen(self, reactor: Any) -> int:
+    def listen(self, reactor: Any, interface: str = LOOPBACK, port: int = 0) -> int:
+        """Listen on interface:port (port 0 = any free one); return the port."""
         factory = Factory.forProtocol(lambda: _ScriptedProtocol(self))
-        self.port = reactor.listenTCP(0, factory, interface=LOOPBACK)
+        self.port = reactor.listenTCP(port, factory, interface=interface)
         return self.port.getHost().port
 
     def stop(self) -> defer.Deferred[None]:
