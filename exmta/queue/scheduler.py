@@ -1,0 +1,821 @@
+"""The delivery scheduler: Postfix's queue manager, done as objects.
+
+:class:`DeliveryScheduler` claims due messages from an
+:class:`~exmta.interfaces.IQueueStore`, routes their pending recipients with
+an :class:`~exmta.interfaces.IRouter`, hands them to
+:class:`~exmta.interfaces.ISendConnector` providers, records per-recipient
+results, generates DSNs (:mod:`exmta.queue.bounce`) and writes the new state
+back with ``store.update``. Every timer runs on the injected clock.
+
+Rules, in one place:
+
+* **Active window.** At most ``QueueConfig.max_active`` messages are claimed
+  at once. ``wake()`` (called by the store listener after each commit) asks
+  for a claim on the next reactor turn; several wakes coalesce into one.
+  The store alternates new and deferred mail inside a claim.
+* **Destinations.** A delivery goes to a destination keyed by
+  ``(connector, nexthop)``. Each destination has its own queue of waiting
+  deliveries and a concurrency limit, ``SendConnectorConfig.max_per_destination``
+  of its connector (``send_configs``; 20 when unknown). A destination whose
+  attempt failed (every recipient deferred, or the connector crashed or timed
+  out) drops to concurrency 1 and doubles on every successful attempt back up
+  to the limit (slow start, as Postfix's destination concurrency feedback).
+  An attempt is successful when the next hop gave any final answer (delivered
+  or failed). The state is forgotten ``destination_ttl`` seconds after the
+  last failure once the destination is idle.
+* **Fairness.** Destinations do not share a queue, so a slow destination only
+  occupies its own slots. So that one destination cannot fill the whole
+  active window with waiting messages, a destination keeps at most
+  ``max_waiting_per_destination`` waiting deliveries (default
+  ``max(1, max_active // 4)``); more are put back to the deferred queue due
+  in ``requeue_delay`` seconds without counting an attempt.
+* **Retries.** A DEFERRED recipient stays pending with
+  ``next_attempt = now + backoff(attempts - 1, retry_schedule)``, capped at the
+  expiry time, so the last try happens when the message expires. The
+  message's next attempt is its earliest pending recipient's; only recipients
+  whose own time has come are tried when it is claimed.
+* **Expiry.** A recipient deferred at or after ``received_at + max_lifetime``
+  becomes EXPIRED (``550 5.4.7 QUEUE.Expired``) and bounces.
+* **Delay warnings.** When ``delay_warning`` > 0, a recipient deferred at or
+  after ``received_at + delay_warning`` gets one ``action=delayed`` DSN if its
+  NOTIFY includes DELAY or it had no NOTIFY (RFC 3461 leaves the default to
+  the server; we warn, as Exchange does).
+* **DSNs.** FAILED and EXPIRED recipients bounce when NOTIFY includes FAILURE
+  or is absent. Recipients delivered by a *local* connector (Maildir or LMTP:
+  ``send_configs[name].kind`` in ``{"lmtp", "maildir"}``, or a ``kind``
+  attribute on the connector object) with NOTIFY=SUCCESS get an
+  ``action=delivered`` DSN; remote SMTP hops are expected to relay NOTIFY, so
+  no "relayed" DSN is made. No DSN ever goes to the null sender or is made
+  for a message of kind ``"dsn"``. DSNs are queued with ``store.submit``
+  before the original's state is updated (a crash in between may duplicate a
+  DSN, never lose one).
+* **Crashes.** A connector that raises or errbacks counts as DEFERRED
+  ``451 4.3.0`` for its recipients and the message's ``crashes`` goes up by
+  one for that attempt; at ``poison_threshold`` the message is moved to the
+  hold queue with ``store.hold`` and a POISONMESSAGE event. A connector that
+  does not answer within ``delivery_timeout`` is cancelled and counts as
+  DEFERRED ``451 4.4.2`` (not a crash).
+* **Routing.** Recipients in a route to :data:`~exmta.routing.router.UNREACHABLE`
+  fail with ``550 5.4.4 Unable to route``. A route to a connector name that
+  is not in ``connectors`` (a wiring mistake) defers ``451 4.4.0``.
+* **Tracking.** One event per recipient and outcome: SEND (remote 250) or
+  DELIVER (local connector, same rule as above), DEFER, FAIL, EXPIRE; DSN per
+  generated report; POISONMESSAGE when held.
+* **Stopping.** ``stopService`` stops claiming, cancels timers, returns
+  deliveries that have not started to the queue unchanged, and waits up to
+  ``stop_timeout`` seconds for running ones. After the deadline the rest are
+  cancelled and left leased in the store, which ``recover()`` returns to
+  the queue on the next start. The scheduler does not call ``recover()``;
+  the store's owner does before starting it.
+"""
+from __future__ import annotations
+
+import collections
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from exmta.config.schema import QueueConfig, SendConnectorConfig
+from exmta.interfaces import IMessageTracker, IQueueStore, IRouter, ISendConnector
+from exmta.model import (
+    DeliveryRequest,
+    Envelope,
+    Outcome,
+    QueueEntry,
+    Recipient,
+    RecipientResult,
+    RecipientStatus,
+    Reply,
+    TrackingEvent,
+    TrackingEventId,
+)
+from exmta.queue.bounce import make_dsn
+from exmta.routing.router import UNREACHABLE
+
+LOCAL_KINDS = frozenset({"lmtp", "maildir"})
+DEFAULT_DESTINATION_LIMIT = 20
+
+REPLY_UNROUTABLE = Reply.make(550, "5.4.4", "Unable to route")
+REPLY_EXPIRED = Reply.make(550, "5.4.7", "QUEUE.Expired; message expired")
+REPLY_CRASH = Reply.make(451, "4.3.0", "Internal error in the send connector")
+REPLY_TIMEOUT = Reply.make(451, "4.4.2", "Delivery attempt timed out")
+REPLY_NO_RESULT = Reply.make(451, "4.3.0", "Send connector returned no result for this recipient")
+REPLY_ROUTER_ERROR = Reply.make(451, "4.3.0", "Routing failed")
+
+
+def backoff(attempt: int, schedule: Sequence[float]) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (0 = the first).
+
+    Attempt n uses ``schedule[min(n, len(schedule) - 1)]``: the last entry
+    repeats forever. Pure, so retry timing is testable without a clock.
+    """
+    if not schedule:
+        raise ValueError("retry schedule is empty")
+    return float(schedule[min(max(attempt, 0), len(schedule) - 1)])
+
+
+def wants_notify(notify: tuple[str, ...] | None, what: str) -> bool:
+    """Does a recipient's NOTIFY ask for a DSN of type ``what`` (SUCCESS/FAILURE/DELAY)?
+
+    Without NOTIFY we report FAILURE and DELAY, never SUCCESS.
+    """
+    if notify is None:
+        return what in ("FAILURE", "DELAY")
+    upper = {n.upper() for n in notify}
+    return "NEVER" not in upper and what in upper
+
+
+@dataclass(eq=False)
+class _Message:
+    entry: QueueEntry
+    outstanding: int = 0
+    crashed: bool = False
+    failed: list[Recipient] = field(default_factory=list)
+    delayed: list[Recipient] = field(default_factory=list)
+    delivered: list[Recipient] = field(default_factory=list)
+    remote_hosts: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def queue_id(self) -> str:
+        return self.entry.queue_id
+
+    @property
+    def envelope(self) -> Envelope:
+        return self.entry.envelope
+
+
+@dataclass(eq=False)
+class _Delivery:
+    message: _Message
+    connector: str
+    nexthop: str | None
+    recipients: list[Recipient]
+    # every recipient object of the message with the same address shares the result
+    same_address: dict[str, list[Recipient]]
+    call: defer.Deferred[Any] | None = None
+
+
+@dataclass(eq=False)
+class _Destination:
+    key: tuple[str, str | None]
+    limit: int
+    window: int
+    active: int = 0
+    waiting: collections.deque[_Delivery] = field(default_factory=collections.deque)
+    failures: int = 0
+    last_failure: float | None = None
+
+    @property
+    def idle(self) -> bool:
+        return self.active == 0 and not self.waiting
+
+
+class DeliveryScheduler(Service):
+    """Claims, routes and delivers queued mail; see the module docstring for the rules.
+
+    ``connectors`` maps send connector names (as routes name them) to
+    ISendConnector providers. ``send_configs`` maps the same names to their
+    :class:`SendConnectorConfig`, for ``max_per_destination`` and to tell
+    local (LMTP/Maildir) connectors from SMTP ones.
+    """
+
+    name = "scheduler"
+    _log = Logger()
+
+    def __init__(
+        self,
+        store: IQueueStore,
+        router: IRouter,
+        connectors: Mapping[str, ISendConnector],
+        config: QueueConfig,
+        clock: IReactorTime,
+        tracker: IMessageTracker | None = None,
+        hostname: str = "localhost",
+        postmaster: str = "postmaster",
+        *,
+        send_configs: Mapping[str, SendConnectorConfig] | None = None,
+        stop_timeout: float = 30.0,
+        delivery_timeout: float = 3600.0,
+        max_waiting_per_destination: int | None = None,
+        requeue_delay: float = 60.0,
+        destination_ttl: float = 300.0,
+        claim_retry: float = 5.0,
+    ) -> None:
+        if not config.retry_schedule:
+            raise ValueError("QueueConfig.retry_schedule must not be empty")
+        self._store = store
+        self._router = router
+        self._connectors = dict(connectors)
+        self._config = config
+        self._clock = clock
+        self._tracker = tracker
+        self._hostname = hostname
+        self._postmaster = postmaster
+        self._send_configs = dict(send_configs or {})
+        self._stop_timeout = stop_timeout
+        self._delivery_timeout = delivery_timeout
+        self._max_waiting = (
+            max_waiting_per_destination if max_waiting_per_destination is not None
+            else max(1, config.max_active // 4)
+        )
+        self._requeue_delay = requeue_delay
+        self._destination_ttl = destination_ttl
+        self._claim_retry = claim_retry
+
+        self._messages: dict[str, _Message] = {}
+        self._in_flight: set[_Delivery] = set()
+        self._destinations: dict[tuple[str, str | None], _Destination] = {}
+        self._pumping: set[tuple[str, str | None]] = set()
+        self._claim_call: IDelayedCall | None = None
+        self._timer: IDelayedCall | None = None
+        self._claiming = False
+        self._claim_again = False
+        self._listening = False
+        self._drained: defer.Deferred[None] | None = None
+        self._deadline: IDelayedCall | None = None
+        self._generation = 0
+
+    # ------------------------------------------------------------ service
+
+    def startService(self) -> None:
+        super().startService()
+        self._generation += 1
+        if not self._listening:
+            self._store.add_listener(self._on_commit)
+            self._listening = True
+        self._log.info("delivery scheduler started, window {max_active}", max_active=self._config.max_active)
+        self.wake()
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        self._cancel(self._claim_call)
+        self._claim_call = None
+        self._cancel(self._timer)
+        self._timer = None
+        for dest in list(self._destinations.values()):
+            while dest.waiting:
+                self._skip(dest.waiting.popleft(), None)
+        if not self._messages:
+            self._log.info("delivery scheduler stopped")
+            return defer.succeed(None)
+        self._log.info(
+            "delivery scheduler stopping, waiting up to {timeout}s for {count} messages",
+            timeout=self._stop_timeout, count=len(self._messages),
+        )
+        self._drained = defer.Deferred()
+        self._deadline = self._clock.callLater(self._stop_timeout, self._abandon)
+        return self._drained
+
+    def _abandon(self) -> None:
+        """Stop deadline: cancel what is still running and leave it leased in the store."""
+        self._deadline = None
+        self._generation += 1  # results that still arrive are ignored
+        ids = sorted(self._messages)
+        self._log.warn(
+            "stop deadline passed; {count} messages left for recover(): {queue_ids}",
+            count=len(ids), queue_ids=ids,
+        )
+        calls = [d.call for d in self._in_flight if d.call is not None]
+        self._in_flight.clear()
+        self._messages.clear()
+        self._destinations.clear()
+        drained, self._drained = self._drained, None
+        for call in calls:
+            call.cancel()
+        if drained is not None:
+            drained.callback(None)
+
+    def _check_drained(self) -> None:
+        if self.running or self._drained is None or self._messages:
+            return
+        self._cancel(self._deadline)
+        self._deadline = None
+        drained, self._drained = self._drained, None
+        self._log.info("delivery scheduler stopped")
+        drained.callback(None)
+
+    @staticmethod
+    def _cancel(call: IDelayedCall | None) -> None:
+        if call is not None and call.active():
+            call.cancel()
+
+    # ------------------------------------------------------------ claiming
+
+    def _on_commit(self, queue_id: str) -> None:
+        self.wake()
+
+    def wake(self) -> None:
+        """New mail (or free room): claim on the next reactor turn. Coalesced."""
+        if not self.running:
+            return
+        if self._claiming:
+            self._claim_again = True
+            return
+        if self._claim_call is None or not self._claim_call.active():
+            self._claim_call = self._clock.callLater(0, self._claim)
+
+    def _claim(self) -> None:
+        self._claim_call = None
+        if not self.running:
+            return
+        if self._claiming:
+            self._claim_again = True
+            return
+        limit = self._config.max_active - len(self._messages)
+        if limit <= 0:
+            self._reschedule_timer()
+            return
+        self._claiming = True
+        generation = self._generation
+        d = defer.maybeDeferred(self._store.claim, self._clock.seconds(), limit)
+        d.addCallbacks(self._cb_claimed, self._eb_claim, callbackArgs=(generation,))
+        d.addBoth(self._claim_done)
+
+    def _cb_claimed(self, entries: list[QueueEntry], generation: int) -> None:
+        for entry in entries:
+            if not self.running or generation != self._generation:
+                # stopped while claiming: hand it straight back, due now
+                self._put_back(entry)
+                continue
+            try:
+                self._process(entry)
+            except Exception:
+                self._log.failure("processing {queue_id} failed", queue_id=entry.queue_id)
+
+    def _eb_claim(self, failure: Failure) -> None:
+        self._log.failure("claiming from the queue failed; retrying in {delay}s", failure, delay=self._claim_retry)
+        if self.running:
+            self._set_timer(self._clock.seconds() + self._claim_retry)
+
+    def _claim_done(self, _: object) -> None:
+        self._claiming = False
+        if self._claim_again:
+            self._claim_again = False
+            self.wake()
+        else:
+            self._reschedule_timer()
+
+    def _put_back(self, entry: QueueEntry) -> None:
+        d = defer.maybeDeferred(self._store.update, entry.queue_id, entry.envelope, self._clock.seconds())
+        d.addErrback(lambda f: self._log.failure("returning {queue_id} failed", f, queue_id=entry.queue_id))
+
+    def _reschedule_timer(self) -> None:
+        """Arm the retry timer for the store's earliest deferred message."""
+        if not self.running:
+            return
+        if len(self._messages) >= self._config.max_active:
+            # the window is full; a finishing message wakes us
+            self._cancel(self._timer)
+            self._timer = None
+            return
+        d = defer.maybeDeferred(self._store.next_due)
+        d.addCallbacks(self._cb_next_due, lambda f: self._log.failure("next_due failed", f))
+
+    def _cb_next_due(self, due: float | None) -> None:
+        if not self.running:
+            return
+        if due is None:
+            self._cancel(self._timer)
+            self._timer = None
+            return
+        now = self._clock.seconds()
+        # something due now that the claim did not return: don't spin
+        self._set_timer(due if due > now else now + 1.0)
+
+    def _set_timer(self, when: float) -> None:
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() == when:
+                return
+            self._timer.cancel()
+        self._timer = self._clock.callLater(max(0.0, when - self._clock.seconds()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.wake()
+
+    # ------------------------------------------------------------ one message
+
+    def _process(self, entry: QueueEntry) -> None:
+        now = self._clock.seconds()
+        env = entry.envelope
+        if not env.received_at:
+            env.received_at = now
+        msg = _Message(entry)
+        self._messages[entry.queue_id] = msg
+        msg.outstanding += 1  # guard: deliveries may finish synchronously while we route
+        try:
+            due = [r for r in env.pending() if r.next_attempt is None or r.next_attempt <= now]
+            if due:
+                self._route(msg, due, now)
+        finally:
+            msg.outstanding -= 1
+        if msg.outstanding == 0:
+            self._finalize(msg)
+
+    def _route(self, msg: _Message, due: list[Recipient], now: float) -> None:
+        by_address: dict[str, list[Recipient]] = {}
+        for r in due:
+            by_address.setdefault(r.address, []).append(r)
+        try:
+            routes = list(self._router.route(msg.envelope, list(by_address)))
+        except Exception:
+            self._log.failure("router failed for {queue_id}", queue_id=msg.queue_id)
+            routes = []
+        seen: set[str] = set()
+        for route in routes:
+            addresses = [a for a in route.recipients if a in by_address and a not in seen]
+            seen.update(addresses)
+            if not addresses:
+                continue
+            if route.connector == UNREACHABLE:
+                for a in addresses:
+                    self._apply_all(msg, by_address[a], RecipientResult(a, Outcome.FAILED, REPLY_UNROUTABLE), None)
+                continue
+            if route.connector not in self._connectors:
+                self._log.error(
+                    "route to unknown send connector {connector} for {queue_id}",
+                    connector=route.connector, queue_id=msg.queue_id,
+                )
+                reply = Reply.make(451, "4.4.0", f"Send connector {route.connector} is not available")
+                for a in addresses:
+                    self._apply_all(msg, by_address[a], RecipientResult(a, Outcome.DEFERRED, reply), route.connector)
+                continue
+            delivery = _Delivery(
+                msg, route.connector, route.nexthop,
+                [by_address[a][0] for a in addresses], {a: by_address[a] for a in addresses},
+            )
+            msg.outstanding += 1
+            self._enqueue(delivery, now)
+        for a, rcpts in by_address.items():
+            if a not in seen:
+                reply = REPLY_ROUTER_ERROR if not routes else REPLY_NO_RESULT
+                self._apply_all(msg, rcpts, RecipientResult(a, Outcome.DEFERRED, reply), None)
+
+    # ------------------------------------------------------------ destinations
+
+    def _limit_for(self, connector: str) -> int:
+        cfg = self._send_configs.get(connector)
+        return max(1, cfg.max_per_destination) if cfg is not None else DEFAULT_DESTINATION_LIMIT
+
+    def _is_local(self, connector: str) -> bool:
+        cfg = self._send_configs.get(connector)
+        if cfg is not None:
+            return cfg.kind in LOCAL_KINDS
+        return getattr(self._connectors.get(connector), "kind", None) in LOCAL_KINDS
+
+    def _destination(self, key: tuple[str, str | None], now: float) -> _Destination:
+        dest = self._destinations.get(key)
+        if dest is None:
+            self._prune(now)
+            limit = self._limit_for(key[0])
+            dest = self._destinations[key] = _Destination(key, limit, limit)
+        elif dest.idle and dest.last_failure is not None and now - dest.last_failure >= self._destination_ttl:
+            dest.window, dest.failures, dest.last_failure = dest.limit, 0, None
+        return dest
+
+    def _prune(self, now: float) -> None:
+        for key, dest in list(self._destinations.items()):
+            if dest.idle and (
+                dest.last_failure is None or now - dest.last_failure >= self._destination_ttl
+            ):
+                del self._destinations[key]
+
+    def _enqueue(self, delivery: _Delivery, now: float) -> None:
+        dest = self._destination((delivery.connector, delivery.nexthop), now)
+        if dest.active >= dest.window and len(dest.waiting) >= self._max_waiting:
+            self._log.debug(
+                "destination {connector}/{nexthop} backlog full; {queue_id} requeued",
+                connector=delivery.connector, nexthop=delivery.nexthop, queue_id=delivery.message.queue_id,
+            )
+            self._skip(delivery, now + self._requeue_delay)
+            return
+        dest.waiting.append(delivery)
+        self._pump(dest)
+
+    def _pump(self, dest: _Destination) -> None:
+        if dest.key in self._pumping:
+            return  # a delivery finished synchronously inside the loop below; it goes on
+        self._pumping.add(dest.key)
+        try:
+            while dest.waiting and dest.active < dest.window:
+                delivery = dest.waiting.popleft()
+                if not self.running:
+                    self._skip(delivery, None)
+                    continue
+                dest.active += 1
+                self._start(delivery)
+        finally:
+            self._pumping.discard(dest.key)
+
+    def _skip(self, delivery: _Delivery, retry_at: float | None) -> None:
+        """Give up a delivery that was never started; recipients keep their state."""
+        if retry_at is not None:
+            for rcpts in delivery.same_address.values():
+                for r in rcpts:
+                    r.next_attempt = retry_at
+        self._delivery_done(delivery)
+
+    def _start(self, delivery: _Delivery) -> None:
+        msg = delivery.message
+        now = self._clock.seconds()
+        for rcpts in delivery.same_address.values():
+            for r in rcpts:
+                r.attempts += 1
+                r.last_attempt = now
+                r.route = delivery.connector
+        store, queue_id = self._store, msg.queue_id
+        request = DeliveryRequest(
+            queue_id=queue_id,
+            envelope=msg.envelope,
+            recipients=tuple(delivery.recipients),
+            open_content=lambda: store.open_content(queue_id),
+            nexthop=delivery.nexthop,
+        )
+        self._in_flight.add(delivery)
+        generation = self._generation
+        d = defer.maybeDeferred(self._connectors[delivery.connector].deliver, request)
+        delivery.call = d
+        d.addTimeout(self._delivery_timeout, self._clock)
+        d.addCallbacks(
+            self._cb_delivered, self._eb_delivered,
+            callbackArgs=(delivery, generation), errbackArgs=(delivery, generation),
+        )
+        d.addErrback(lambda f: self._log.failure("handling a delivery result failed", f))
+
+    def _cb_delivered(self, results: Any, delivery: _Delivery, generation: int) -> None:
+        if generation != self._generation:
+            return
+        msg = delivery.message
+        by_address: dict[str, RecipientResult] = {}
+        try:
+            for result in results:
+                if result.recipient in delivery.same_address:
+                    by_address.setdefault(result.recipient, result)
+                else:
+                    self._log.warn(
+                        "connector {connector} reported unknown recipient {recipient} for {queue_id}",
+                        connector=delivery.connector, recipient=result.recipient, queue_id=msg.queue_id,
+                    )
+        except Exception:
+            self._log.failure("connector {connector} returned a bad result", connector=delivery.connector)
+            msg.crashed = True
+        answered = False
+        for address, rcpts in delivery.same_address.items():
+            result = by_address.get(address) or RecipientResult(address, Outcome.DEFERRED, REPLY_NO_RESULT)
+            answered = answered or result.outcome is not Outcome.DEFERRED
+            self._apply_all(msg, rcpts, result, delivery.connector)
+        self._feedback(delivery, answered)
+        self._delivery_done(delivery)
+
+    def _eb_delivered(self, failure: Failure, delivery: _Delivery, generation: int) -> None:
+        if generation != self._generation:
+            return
+        msg = delivery.message
+        if failure.check(defer.TimeoutError):
+            self._log.warn(
+                "connector {connector} timed out for {queue_id}", connector=delivery.connector, queue_id=msg.queue_id,
+            )
+            reply = REPLY_TIMEOUT
+        else:
+            self._log.failure(
+                "connector {connector} crashed delivering {queue_id}", failure,
+                connector=delivery.connector, queue_id=msg.queue_id,
+            )
+            msg.crashed = True
+            reply = REPLY_CRASH
+        for address, rcpts in delivery.same_address.items():
+            self._apply_all(msg, rcpts, RecipientResult(address, Outcome.DEFERRED, reply), delivery.connector)
+        self._feedback(delivery, False)
+        self._delivery_done(delivery)
+
+    def _feedback(self, delivery: _Delivery, success: bool) -> None:
+        """Destination concurrency feedback: 1 after a failure, doubling on success."""
+        dest = self._destinations.get((delivery.connector, delivery.nexthop))
+        if dest is None:
+            return
+        dest.active -= 1
+        if success:
+            dest.window = min(dest.limit, dest.window * 2)
+            dest.failures = 0
+            if dest.window == dest.limit:
+                dest.last_failure = None
+        else:
+            dest.window = 1
+            dest.failures += 1
+            dest.last_failure = self._clock.seconds()
+        self._pump(dest)
+        if dest.idle and dest.last_failure is None and self._destinations.get(dest.key) is dest:
+            del self._destinations[dest.key]  # healthy and idle: nothing worth remembering
+
+    def _delivery_done(self, delivery: _Delivery) -> None:
+        self._in_flight.discard(delivery)
+        msg = delivery.message
+        msg.outstanding -= 1
+        if msg.outstanding == 0 and self._messages.get(msg.queue_id) is msg:
+            self._finalize(msg)
+
+    # ------------------------------------------------------------ results
+
+    def _apply_all(self, msg: _Message, rcpts: list[Recipient], result: RecipientResult, connector: str | None) -> None:
+        for r in rcpts:
+            self._apply(msg, r, result, connector)
+
+    def _apply(self, msg: _Message, r: Recipient, result: RecipientResult, connector: str | None) -> None:
+        now = self._clock.seconds()
+        env = msg.envelope
+        r.last_reply = result.reply
+        if result.remote_host:
+            msg.remote_hosts[r.address] = result.remote_host
+        if result.outcome is Outcome.DELIVERED:
+            r.status = RecipientStatus.DELIVERED
+            r.next_attempt = None
+            local = connector is not None and self._is_local(connector)
+            self._track(
+                TrackingEventId.DELIVER if local else TrackingEventId.SEND, msg, (r.address,),
+                connector=connector, result=result, source="STOREDRIVER" if local else "SMTP",
+            )
+            if local and wants_notify(r.notify, "SUCCESS"):
+                msg.delivered.append(r)
+        elif result.outcome is Outcome.FAILED:
+            r.status = RecipientStatus.FAILED
+            r.next_attempt = None
+            self._track(
+                TrackingEventId.FAIL, msg, (r.address,), connector=connector, result=result,
+                source="ROUTING" if connector is None else "SMTP",
+            )
+            if wants_notify(r.notify, "FAILURE"):
+                msg.failed.append(r)
+        else:
+            expires = env.received_at + self._config.max_lifetime
+            if now >= expires:
+                r.status = RecipientStatus.EXPIRED
+                r.next_attempt = None
+                self._track(
+                    TrackingEventId.EXPIRE, msg, (r.address,), connector=connector, result=result,
+                    source="QUEUE", details={"last_reply": str(result.reply)},
+                    reply=str(REPLY_EXPIRED),
+                )
+                if wants_notify(r.notify, "FAILURE"):
+                    msg.failed.append(r)
+                return
+            r.next_attempt = min(now + backoff(r.attempts - 1, self._config.retry_schedule), expires)
+            self._track(
+                TrackingEventId.DEFER, msg, (r.address,), connector=connector, result=result, source="QUEUE",
+                details={"next_attempt": r.next_attempt},
+            )
+            warn_at = env.received_at + self._config.delay_warning
+            if (
+                self._config.delay_warning > 0 and now >= warn_at and not r.delay_notified
+                and wants_notify(r.notify, "DELAY") and self._bounceable(env)
+            ):
+                r.delay_notified = True
+                msg.delayed.append(r)
+
+    @staticmethod
+    def _bounceable(env: Envelope) -> bool:
+        return env.kind != "dsn" and env.sender not in ("", "<>")
+
+    def _finalize(self, msg: _Message) -> None:
+        """Every delivery of this attempt is done: DSNs, then store.update or hold."""
+        env = msg.envelope
+        if msg.crashed:
+            env.crashes += 1
+        d = self._send_dsns(msg)
+        if msg.crashed and env.crashes >= self._config.poison_threshold:
+            reason = f"poison message: send connector crashed {env.crashes} times"
+            d.addCallback(lambda _: self._store.hold(msg.queue_id, env, reason))
+            d.addCallback(lambda _: self._track(
+                TrackingEventId.POISONMESSAGE, msg, tuple(r.address for r in env.pending()),
+                source="QUEUE", details={"reason": reason},
+            ))
+            self._log.warn("{queue_id} moved to hold: {reason}", queue_id=msg.queue_id, reason=reason)
+        else:
+            pending = env.pending()
+            now = self._clock.seconds()
+            next_attempt = (
+                min(r.next_attempt if r.next_attempt is not None else now for r in pending) if pending else None
+            )
+            d.addCallback(lambda _: self._store.update(msg.queue_id, env, next_attempt))
+        d.addErrback(lambda f: self._log.failure("storing the state of {queue_id} failed", f, queue_id=msg.queue_id))
+        d.addBoth(lambda _: self._message_done(msg))
+
+    def _message_done(self, msg: _Message) -> None:
+        if self._messages.get(msg.queue_id) is msg:
+            del self._messages[msg.queue_id]
+        if self.running:
+            self.wake()
+        else:
+            self._check_drained()
+
+    # ------------------------------------------------------------ DSNs and tracking
+
+    def _send_dsns(self, msg: _Message) -> defer.Deferred[None]:
+        env = msg.envelope
+        d: defer.Deferred[None] = defer.succeed(None)
+        if not self._bounceable(env):
+            return d
+        retry_until = env.received_at + self._config.max_lifetime
+        for kind, rcpts in (("failed", msg.failed), ("delayed", msg.delayed), ("delivered", msg.delivered)):
+            if rcpts:
+                d.addCallback(lambda _, k=kind, rs=list(rcpts): self._send_dsn(msg, k, rs, retry_until))
+        return d
+
+    def _send_dsn(self, msg: _Message, kind: str, rcpts: list[Recipient], retry_until: float) -> defer.Deferred[None]:
+        now = self._clock.seconds()
+        try:
+            content = self._store.open_content(msg.queue_id)
+            try:
+                data, dsn_env = make_dsn(
+                    msg.envelope, rcpts, kind, self._hostname, content, now, self._postmaster,
+                    remote_hosts=msg.remote_hosts, retry_until=retry_until,
+                )
+            finally:
+                content.close()
+        except Exception:
+            self._log.failure("building a {kind} DSN for {queue_id} failed", kind=kind, queue_id=msg.queue_id)
+            return defer.succeed(None)
+
+        def submitted(dsn_id: str) -> None:
+            self._track(
+                TrackingEventId.DSN, msg, tuple(r.address for r in rcpts), source="DSN",
+                details={"dsn_queue_id": dsn_id, "action": kind, "related_recipient": msg.envelope.sender},
+            )
+
+        d = defer.maybeDeferred(self._store.submit, data, dsn_env)
+        d.addCallback(submitted)
+        d.addErrback(lambda f: self._log.failure(
+            "queueing a {kind} DSN for {queue_id} failed", f, kind=kind, queue_id=msg.queue_id,
+        ))
+        return d
+
+    def _track(
+        self,
+        event_id: TrackingEventId,
+        msg: _Message,
+        recipients: tuple[str, ...],
+        *,
+        connector: str | None = None,
+        result: RecipientResult | None = None,
+        source: str | None = None,
+        details: Mapping[str, Any] | None = None,
+        reply: str | None = None,
+    ) -> None:
+        if self._tracker is None:
+            return
+        env = msg.envelope
+        event = TrackingEvent(
+            event_id=event_id,
+            queue_id=msg.queue_id,
+            timestamp=self._clock.seconds(),
+            sender=env.sender,
+            recipients=recipients,
+            message_id=env.message_id,
+            size=env.size,
+            connector=connector,
+            source=source,
+            remote_host=result.remote_host if result else None,
+            reply=reply if reply is not None else (str(result.reply) if result else None),
+            tls=result.tls if result else None,
+            details=dict(details or {}),
+        )
+        try:
+            self._tracker.track(event)
+        except Exception:
+            self._log.failure("message tracker failed on {event_id}", event_id=event_id.value)
+
+    # ------------------------------------------------------------ operations
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot for operations: window use and per-destination state."""
+        return {
+            "running": bool(self.running),
+            "active_messages": len(self._messages),
+            "max_active": self._config.max_active,
+            "in_flight": len(self._in_flight),
+            "destinations": {
+                f"{c}/{n or '*'}": {
+                    "connector": c,
+                    "nexthop": n,
+                    "active": d.active,
+                    "window": d.window,
+                    "limit": d.limit,
+                    "waiting": len(d.waiting),
+                    "failures": d.failures,
+                }
+                for (c, n), d in self._destinations.items()
+            },
+        }
+
+
+def send_configs_by_name(configs: Sequence[SendConnectorConfig]) -> dict[str, SendConnectorConfig]:
+    """``{name: config}`` for :class:`DeliveryScheduler`'s ``send_configs`` and the router."""
+    return {c.name: c for c in configs}
+
+
+__all__ = ["DeliveryScheduler", "backoff", "send_configs_by_name", "wants_notify"]
