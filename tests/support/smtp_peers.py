@@ -159,5 +159,11 @@ class ScriptedServer:
         self.port = reactor.listenTCP(port, factory, interface=interface)
         return self.port.getHost().port
 
+    def listen_unix(self, reactor: Any, path: str) -> str:
+        """Listen on a unix socket (LMTP tests); return its path."""
+        factory = Factory.forProtocol(lambda: _ScriptedProtocol(self))
+        self.port = reactor.listenUNIX(path, factory)
+        return path
+
     def stop(self) -> defer.Deferred[None]:
         return defer.maybeDeferred(self.port.stopListening)
