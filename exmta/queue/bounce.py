@@ -30,9 +30,9 @@ import quopri
 import secrets
 from collections.abc import Mapping, Sequence
 from email.header import Header, decode_header, make_header
-from email.parser import BytesHeaderParser
+from email.parser import HeaderParser
 from email.policy import compat32
-from email.utils import format_datetime, make_msgid
+from email.utils import format_datetime
 from typing import BinaryIO
 
 from exmta.model import Body, Envelope, MailParams, Recipient, RecipientStatus
@@ -285,13 +285,14 @@ def make_dsn(
     full = (
         kind == "failed" and ret != "HDRS" and whole is not None and envelope.params.body is not Body.BINARY
     )
-    parsed = BytesHeaderParser(policy=compat32).parsebytes(headers)
+    # decoded as UTF-8 (RFC 6532 headers); a legacy 8-bit charset degrades to U+FFFD, never fails
+    parsed = HeaderParser(policy=compat32).parsestr(headers.decode("utf-8", "replace"))
     subject = _decoded(parsed.get("Subject"))
     original_id = envelope.message_id or _line(str(parsed.get("Message-ID") or "")) or None
 
     statuses = [_status(r, kind) for r in recipients]
     boundary = f"=_exmta-dsn-{secrets.token_hex(12)}"
-    msgid = make_msgid(idstring="dsn", domain=reporting_mta)
+    msgid = f"<{int(now * 1_000_000):X}.{secrets.token_hex(8).upper()}.dsn@{reporting_mta}>"
     title = _SUBJECT_PREFIX[kind] + (f": {_line(subject, 400)}" if subject else "")
 
     head = [
