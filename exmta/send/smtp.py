@@ -59,6 +59,13 @@ class Target:
         return f"{self.name}[{self.address or '?'}]:{self.port}"
 
 
+@dataclass(frozen=True)
+class _TLSFailed:
+    """Opportunistic TLS failed with this host (handshake or post-STARTTLS EHLO)."""
+
+    reply: Reply
+
+
 def default_tls_context(mode: str, hostname: str) -> Any:
     """Opportunistic: encrypt without verifying (RFC 7435). Mandatory: verify the host name."""
     from twisted.internet import ssl
@@ -166,6 +173,8 @@ class SMTPSendConnector:
 
     async def _deliver_group(self, request: DeliveryRequest, nexthop: str | None,
                              rcpts: tuple[Recipient, ...]) -> list[RecipientResult]:
+        if not rcpts:
+            return []
         key = self._key(nexthop, rcpts)
         # 1. an idle connection to the same destination
         while (proto := self._take_idle(key)) is not None:
@@ -205,8 +214,19 @@ class SMTPSendConnector:
 
     async def _try_target(self, target: Target, request: DeliveryRequest,
                           rcpts: tuple[Recipient, ...]) -> Reply | tuple[list[RecipientResult], SMTPClientProtocol]:
+        outcome = await self._try_target_once(target, request, rcpts, self._tls_mode(target))
+        if isinstance(outcome, _TLSFailed):
+            # RFC 7435: opportunistic TLS that fails falls back to plaintext (a new connection)
+            self.log.info("TLS with {remote} failed; retrying without TLS", remote=target.label)
+            outcome = await self._try_target_once(target, request, rcpts, "none")
+            if isinstance(outcome, _TLSFailed):  # cannot happen without TLS
+                return outcome.reply
+        return outcome
+
+    async def _try_target_once(self, target: Target, request: DeliveryRequest, rcpts: tuple[Recipient, ...],
+                               tls_mode: str) -> Any:
         proto = SMTPClientProtocol(
-            self.clock, self.helo_name, lmtp=self.lmtp, tls_mode=self._tls_mode(target),
+            self.clock, self.helo_name, lmtp=self.lmtp, tls_mode=tls_mode,
             tls_context=self._context_for(target), username=self.config.auth_username,
             password=self.config.auth_password, timeouts=self.timeouts, remote_host=target.label,
         )
@@ -226,6 +246,8 @@ class SMTPSendConnector:
             reply = exc.reply
             if target.label not in reply.text:
                 reply = Reply(reply.code, reply.status, reply.lines[:-1] + (f"{reply.lines[-1]} ({target.label})",))
+            if phase == "STARTTLS" and tls_mode == "opportunistic":
+                return _TLSFailed(reply)
             return reply
         self.log.info("Connected to {remote} (tls={tls})", remote=target.label, tls=proto.tls)
         results = await proto.deliver(request, rcpts)

@@ -118,7 +118,7 @@ class ClientTimeouts:
 
     @classmethod
     def uniform(cls, seconds: float) -> ClientTimeouts:
-        """Every phase the same (e.g. a connector's command_timeout), data end at least as long."""
+        """Every phase the same (tests, or a connector that wants one short value)."""
         return cls(*([seconds] * 11))
 
 
@@ -778,6 +778,7 @@ class SMTPClientProtocol(Protocol):
                 451, "4.4.2", f"Timeout after {self.timeouts.data_block:g}s sending data"
                 f" ({self.remote_host or 'remote'})")))
             self._abort()
+            self.resumeProducing()  # wake the writer, which then sees the error
 
         timer = self.clock.callLater(self.timeouts.data_block, expired)
         try:

@@ -296,3 +296,34 @@ def test_mandatory_tls_verified_with_trustme():
     assert ok[0].outcome is Outcome.DELIVERED and ok[0].tls.startswith("TLSv1")
     assert bad[0].outcome is Outcome.DEFERRED and bad[0].reply.status == "4.7.5"
     assert len(sink.messages) == 1
+
+
+# aiosmtpd leaks its socket when our client aborts a TLS handshake (its bug, not ours)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest_twisted.inlineCallbacks
+def test_opportunistic_tls_failure_falls_back_to_plaintext():
+    import ssl
+
+    import trustme
+    from twisted.internet.ssl import Certificate, optionsForClientTLS
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("sink.test").configure_cert(server_ctx)
+    sink = yield start_sink(tls_context=server_ctx)
+    root = Certificate.loadPEM(trustme.CA().cert_pem.bytes())  # a CA that did not sign the server
+    try:
+        conn = connector(sink.port, tls="opportunistic",
+                         tls_context=lambda host: optionsForClientTLS("sink.test", trustRoot=root))
+        results = yield conn.deliver(request(rcpts=("a@example.net",)))
+        yield conn.close()
+    finally:
+        yield stop_sink(sink)
+    assert results[0].outcome is Outcome.DELIVERED
+    assert results[0].tls is None
+    assert sink.messages[0].content == BODY
+
+
+@pytest_twisted.inlineCallbacks
+def test_empty_request_gives_no_results():
+    results = yield connector(dead_port()).deliver(request(rcpts=()))
+    assert results == []

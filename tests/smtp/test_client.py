@@ -560,3 +560,52 @@ def test_lmtp_lhlo_failure_is_session_failure() -> None:
     p.server("221 bye")
     f = failure_of(d)
     assert f.check(SessionFailure) and f.value.phase == "LHLO"
+
+
+class PausingTransport(StringTransport):
+    """Pauses its streaming producer once more than ``limit`` octets are buffered, like TCP."""
+
+    limit = 100_000
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.producer is not None and self.streaming and len(self.io.getvalue()) > self.limit:
+            self.producer.pauseProducing()
+
+
+def test_streaming_respects_backpressure_and_data_block_timeout() -> None:
+    body = b"x" * 998 + b"\r\n"
+    content = body * 1000  # ~1 MB
+    p = Peer(transport=PausingTransport(), timeouts=ClientTimeouts(data_block=30))
+    p.establish()
+    d = p.proto.deliver(make_request(rcpts=("a@example.net",), content=content))
+    p.sent()
+    p.server("250 ok", "250 ok", "354 go")
+    first = p.sent()
+    assert 100_000 < len(first) < len(content)  # stopped reading the file while paused
+    p.proto.resumeProducing()
+    second = p.sent()
+    assert second and not d.called
+    p.clock.advance(29)
+    p.proto.resumeProducing()
+    rest = b""
+    for _ in range(100):
+        if rest.endswith(b"\r\n.\r\n"):
+            break
+        p.clock.advance(1)
+        rest += p.sent()
+        p.proto.resumeProducing()
+    rest += p.sent()
+    assert first + second + rest == content + b".\r\n"
+    p.server("250 2.0.0 ok")
+    assert results_of(d)[0].outcome is Outcome.DELIVERED
+
+    # now a peer that never drains: the data block timeout defers
+    p2 = Peer(transport=PausingTransport(), timeouts=ClientTimeouts(data_block=30))
+    p2.establish()
+    d2 = p2.proto.deliver(make_request(rcpts=("a@example.net",), content=content))
+    p2.server("250 ok", "250 ok", "354 go")
+    p2.clock.advance(31)
+    [r] = results_of(d2)
+    assert r.outcome is Outcome.DEFERRED and "sending data" in r.reply.text
+    assert p2.transport.disconnecting or p2.transport.disconnected
