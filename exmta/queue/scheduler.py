@@ -22,7 +22,11 @@ Rules, in one place:
   to the limit (slow start, as Postfix's destination concurrency feedback).
   An attempt is successful when the next hop gave any final answer (delivered
   or failed). The state is forgotten ``destination_ttl`` seconds after the
-  last failure once the destination is idle.
+  last failure once the destination is idle. ``suspend_after`` (3) failed
+  attempts in a row suspend a destination for ``retry_schedule[0]``
+  seconds: its waiting and new deliveries are deferred at once with
+  ``451 4.4.1 Delivery to X temporarily suspended: <last reply>``, without a
+  connection and without counting an attempt (Postfix's dead destination).
 * **Fairness.** Destinations do not share a queue, so a slow destination only
   occupies its own slots. So that one destination cannot fill the whole
   active window with waiting messages, a destination keeps at most
@@ -120,6 +124,10 @@ def backoff(attempt: int, schedule: Sequence[float]) -> float:
     return float(schedule[min(max(attempt, 0), len(schedule) - 1)])
 
 
+def _line_cut(text: str, limit: int = 400) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def wants_notify(notify: tuple[str, ...] | None, what: str) -> bool:
     """Does a recipient's NOTIFY ask for a DSN of type ``what`` (SUCCESS/FAILURE/DELAY)?
 
@@ -170,6 +178,8 @@ class _Destination:
     waiting: collections.deque[_Delivery] = field(default_factory=collections.deque)
     failures: int = 0
     last_failure: float | None = None
+    last_reply: Reply | None = None
+    suspended_until: float | None = None
 
     @property
     def idle(self) -> bool:
@@ -205,6 +215,7 @@ class DeliveryScheduler(Service):
         max_waiting_per_destination: int | None = None,
         requeue_delay: float = 60.0,
         destination_ttl: float = 300.0,
+        suspend_after: int = 3,
         claim_retry: float = 5.0,
     ) -> None:
         if not config.retry_schedule:
@@ -226,6 +237,7 @@ class DeliveryScheduler(Service):
         )
         self._requeue_delay = requeue_delay
         self._destination_ttl = destination_ttl
+        self._suspend_after = max(1, suspend_after)
         self._claim_retry = claim_retry
 
         self._messages: dict[str, _Message] = {}
@@ -475,19 +487,27 @@ class DeliveryScheduler(Service):
             self._prune(now)
             limit = self._limit_for(key[0])
             dest = self._destinations[key] = _Destination(key, limit, limit)
-        elif dest.idle and dest.last_failure is not None and now - dest.last_failure >= self._destination_ttl:
-            dest.window, dest.failures, dest.last_failure = dest.limit, 0, None
+        elif dest.idle and self._forgettable(dest, now):
+            dest.window, dest.failures, dest.last_failure, dest.suspended_until = dest.limit, 0, None, None
         return dest
 
     def _prune(self, now: float) -> None:
         for key, dest in list(self._destinations.items()):
-            if dest.idle and (
-                dest.last_failure is None or now - dest.last_failure >= self._destination_ttl
-            ):
+            if dest.idle and (dest.last_failure is None or self._forgettable(dest, now)):
                 del self._destinations[key]
+
+    def _forgettable(self, dest: _Destination, now: float) -> bool:
+        """A failed destination's state is dropped destination_ttl after its last failure or suspension."""
+        if dest.last_failure is None:
+            return False
+        since = max(dest.last_failure, dest.suspended_until or 0.0)
+        return now - since >= self._destination_ttl
 
     def _enqueue(self, delivery: _Delivery, now: float) -> None:
         dest = self._destination((delivery.connector, delivery.nexthop), now)
+        if dest.suspended_until is not None and now < dest.suspended_until:
+            self._defer_suspended(delivery, dest)
+            return
         if dest.active >= dest.window and len(dest.waiting) >= self._max_waiting:
             self._log.debug(
                 "destination {connector}/{nexthop} backlog full; {queue_id} requeued",
@@ -497,6 +517,19 @@ class DeliveryScheduler(Service):
             return
         dest.waiting.append(delivery)
         self._pump(dest)
+
+    def _defer_suspended(self, delivery: _Delivery, dest: _Destination) -> None:
+        """Defer without trying: the destination is suspended (not counted as an attempt)."""
+        assert dest.suspended_until is not None
+        where = delivery.nexthop or delivery.connector
+        last = f": {dest.last_reply}" if dest.last_reply is not None else ""
+        reply = Reply.make(451, "4.4.1", _line_cut(f"Delivery to {where} temporarily suspended{last}"))
+        for address, rcpts in delivery.same_address.items():
+            self._apply_all(
+                delivery.message, rcpts, RecipientResult(address, Outcome.DEFERRED, reply),
+                delivery.connector, retry_at=dest.suspended_until,
+            )
+        self._delivery_done(delivery)
 
     def _pump(self, dest: _Destination) -> None:
         if dest.key in self._pumping:
@@ -566,11 +599,13 @@ class DeliveryScheduler(Service):
             self._log.failure("connector {connector} returned a bad result", connector=delivery.connector)
             msg.crashed = True
         answered = False
+        last: Reply | None = None
         for address, rcpts in delivery.same_address.items():
             result = by_address.get(address) or RecipientResult(address, Outcome.DEFERRED, REPLY_NO_RESULT)
             answered = answered or result.outcome is not Outcome.DEFERRED
+            last = result.reply
             self._apply_all(msg, rcpts, result, delivery.connector)
-        self._feedback(delivery, answered)
+        self._feedback(delivery, answered, last)
         self._delivery_done(delivery)
 
     def _eb_delivered(self, failure: Failure, delivery: _Delivery, generation: int) -> None:
@@ -591,24 +626,41 @@ class DeliveryScheduler(Service):
             reply = REPLY_CRASH
         for address, rcpts in delivery.same_address.items():
             self._apply_all(msg, rcpts, RecipientResult(address, Outcome.DEFERRED, reply), delivery.connector)
-        self._feedback(delivery, False)
+        self._feedback(delivery, False, reply)
         self._delivery_done(delivery)
 
-    def _feedback(self, delivery: _Delivery, success: bool) -> None:
-        """Destination concurrency feedback: 1 after a failure, doubling on success."""
+    def _feedback(self, delivery: _Delivery, success: bool, reply: Reply | None) -> None:
+        """Destination concurrency feedback: 1 after a failure, doubling on success.
+
+        ``suspend_after`` failed attempts in a row suspend the destination for
+        ``retry_schedule[0]`` seconds: its waiting and new deliveries are
+        deferred without a connection (Postfix's "dead destination").
+        """
         dest = self._destinations.get((delivery.connector, delivery.nexthop))
         if dest is None:
             return
         dest.active -= 1
+        now = self._clock.seconds()
         if success:
             dest.window = min(dest.limit, dest.window * 2)
             dest.failures = 0
+            dest.suspended_until = None
             if dest.window == dest.limit:
                 dest.last_failure = None
         else:
             dest.window = 1
             dest.failures += 1
-            dest.last_failure = self._clock.seconds()
+            dest.last_failure = now
+            dest.last_reply = reply
+            if dest.failures >= self._suspend_after:
+                dest.suspended_until = now + self._config.retry_schedule[0]
+                self._log.warn(
+                    "destination {connector}/{nexthop} suspended until {until} after {failures} failures: {reply}",
+                    connector=dest.key[0], nexthop=dest.key[1], until=dest.suspended_until,
+                    failures=dest.failures, reply=str(reply),
+                )
+                while dest.waiting:
+                    self._defer_suspended(dest.waiting.popleft(), dest)
         self._pump(dest)
         if dest.idle and dest.last_failure is None and self._destinations.get(dest.key) is dest:
             del self._destinations[dest.key]  # healthy and idle: nothing worth remembering
@@ -622,11 +674,17 @@ class DeliveryScheduler(Service):
 
     # ------------------------------------------------------------ results
 
-    def _apply_all(self, msg: _Message, rcpts: list[Recipient], result: RecipientResult, connector: str | None) -> None:
+    def _apply_all(
+        self, msg: _Message, rcpts: list[Recipient], result: RecipientResult, connector: str | None,
+        retry_at: float | None = None,
+    ) -> None:
         for r in rcpts:
-            self._apply(msg, r, result, connector)
+            self._apply(msg, r, result, connector, retry_at)
 
-    def _apply(self, msg: _Message, r: Recipient, result: RecipientResult, connector: str | None) -> None:
+    def _apply(
+        self, msg: _Message, r: Recipient, result: RecipientResult, connector: str | None,
+        retry_at: float | None = None,
+    ) -> None:
         now = self._clock.seconds()
         env = msg.envelope
         r.last_reply = result.reply
@@ -664,7 +722,9 @@ class DeliveryScheduler(Service):
                 if wants_notify(r.notify, "FAILURE"):
                     msg.failed.append(r)
                 return
-            r.next_attempt = min(now + backoff(r.attempts - 1, self._config.retry_schedule), expires)
+            if retry_at is None:
+                retry_at = now + backoff(r.attempts - 1, self._config.retry_schedule)
+            r.next_attempt = min(retry_at, expires)
             self._track(
                 TrackingEventId.DEFER, msg, (r.address,), connector=connector, result=result, source="QUEUE",
                 details={"next_attempt": r.next_attempt},
@@ -807,6 +867,7 @@ class DeliveryScheduler(Service):
                     "limit": d.limit,
                     "waiting": len(d.waiting),
                     "failures": d.failures,
+                    "suspended_until": d.suspended_until,
                 }
                 for (c, n), d in self._destinations.items()
             },

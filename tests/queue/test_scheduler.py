@@ -530,6 +530,77 @@ def test_slow_destination_does_not_block_others() -> None:
     h.stop()
 
 
+def test_failing_destination_is_suspended_without_connections() -> None:
+    h = Harness(limit=10)
+    first = [h.submit(f"u{i}@remote.example") for i in range(3)]
+    h.turn()
+    assert len(h.out.pending()) == 3
+    for _ in range(3):
+        h.out.answer(0, Outcome.DEFERRED, LATER)
+    dest = h.scheduler.stats()["destinations"]["out/remote.example"]
+    assert dest["failures"] == 3 and dest["suspended_until"] == START + 300 and dest["window"] == 1
+    h.clock.advance(10)
+    later = [h.submit(f"v{i}@remote.example") for i in range(2)]
+    other = h.submit("w@other.example")
+    h.turn()
+    assert [c[0].queue_id for c in h.out.pending()] == [other]  # only the healthy destination
+    h.out.answer()
+    for qid in later:
+        env = h.store.envelope(qid)
+        assert env.recipients[0].attempts == 0
+        assert env.recipients[0].last_reply.text.startswith("Delivery to remote.example temporarily suspended")
+        assert h.store.due(qid) == START + 300
+    assert h.tracker.ids(later[0]) == ["DEFER"]
+    # at 300 all five are due; the destination is probed with one connection, then opens up
+    h.at(300)
+    assert len(h.out.pending()) == 1
+    h.out.answer()
+    assert len(h.out.pending()) == 2
+    while h.out.pending():
+        h.out.answer(0)
+    assert all(h.store.queue_of(q) is None for q in first + later)
+    h.stop()
+
+
+def test_stats_snapshot() -> None:
+    h = Harness(limit=1)
+    h.submit("a@remote.example")
+    h.submit("b@remote.example")
+    h.turn()
+    stats = h.scheduler.stats()
+    assert stats["running"] is True and stats["active_messages"] == 2 and stats["in_flight"] == 1
+    assert stats["max_active"] == 50
+    assert stats["destinations"] == {"out/remote.example": {
+        "connector": "out", "nexthop": "remote.example", "active": 1, "window": 1, "limit": 1,
+        "waiting": 1, "failures": 0, "suspended_until": None,
+    }}
+    h.out.answer()
+    h.out.answer()
+    assert h.scheduler.stats()["destinations"] == {}
+    h.stop()
+
+
+def test_one_message_to_local_and_remote_destinations() -> None:
+    h = Harness()
+    qid = h.submit("u@local.example", "r@remote.example", "s@slow.example")
+    h.turn()
+    assert len(h.local.pending()) == len(h.out.pending()) == len(h.slow.pending()) == 1
+    h.local.answer()
+    h.out.answer(outcome=Outcome.FAILED, reply=NO_SUCH_USER)
+    assert h.store.queue_of(qid) == "active" and h.dsns() == []  # the bounce waits for the whole attempt
+    h.slow.answer(outcome=Outcome.DEFERRED, reply=LATER)
+    assert h.store.queue_of(qid) == "deferred"
+    [(_, _, msg)] = h.dsns()
+    assert [b["Final-Recipient"] for b in msg.get_payload()[1].get_payload()[1:]] == ["rfc822; r@remote.example"]
+    assert sorted(h.tracker.ids(qid)) == ["DEFER", "DELIVER", "DSN", "FAIL"]
+    h.turn()
+    h.out.answer()  # the DSN
+    h.at(300)
+    h.slow.answer()
+    assert h.store.queue_ids() == []
+    h.stop()
+
+
 # ---------------------------------------------------------------- crashes, poison, timeouts
 
 def test_crashing_connector_makes_a_poison_message() -> None:
