@@ -1,0 +1,309 @@
+"""The filter chain, the base class for filters, and the message view they see.
+
+Filters narrow what the receive policy allowed; they never accept. The
+chain runs the filters of one phase in order and the first verdict that is
+not CONTINUE wins (Haraka's hook order, typed). Each call goes through
+``maybeDeferred``/``Deferred.fromCoroutine`` with its own timeout on the
+injected clock; a filter that raises or times out gives ``451 4.3.0``, or
+is skipped when the chain runs with ``on_error="continue"``.
+
+Header edits are a journal applied once at end of data, on the raw header
+bytes, so untouched fields keep their exact bytes (DKIM signatures survive).
+"""
+from __future__ import annotations
+
+import email.message
+import inspect
+import io
+import re
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from typing import Any, BinaryIO, Callable, Sequence
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from exmta.interfaces import IMessageFilter, IMessageView
+from exmta.model import Action, Reply, Verdict
+
+__all__ = [
+    "FILTER_ERROR", "FilterBase", "FilterChain", "HeaderEdits", "MessageView", "PHASES",
+    "call_hook", "header_block_length",
+]
+
+log = Logger()
+
+#: what a failing or slow filter turns into (never 5xx: principle 4)
+FILTER_ERROR = Verdict(Action.TEMPFAIL, Reply.make(451, "4.3.0", "Error: temporary failure in message checks"))
+PHASES = ("connect", "helo", "mail", "rcpt", "data")
+#: largest header block a view parses (Postfix header_size_limit is 100 KiB per header)
+MAX_HEADER_BLOCK = 1024 * 1024
+
+
+@implementer(IMessageFilter)
+class FilterBase:
+    """A filter with no opinion: every phase returns CONTINUE. Override what you need."""
+
+    name = "filter"
+
+    def on_connect(self, session: Any) -> Verdict:
+        return Verdict.CONTINUE
+
+    def on_helo(self, session: Any) -> Verdict:
+        return Verdict.CONTINUE
+
+    def on_mail(self, session: Any, sender: Any, params: Any) -> Verdict:
+        return Verdict.CONTINUE
+
+    def on_rcpt(self, session: Any, txn: Any, rcpt: Any, params: Any) -> Verdict:
+        return Verdict.CONTINUE
+
+    def on_data(self, session: Any, txn: Any, message: Any) -> Verdict:
+        return Verdict.CONTINUE
+
+
+def call_hook(method: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    """Call a hook that may return a value, a Deferred or a coroutine; always get a Deferred."""
+    try:
+        result = method(*args)
+    except Exception:
+        return fail()
+    if isinstance(result, Deferred):
+        return result
+    if inspect.iscoroutine(result):
+        return Deferred.fromCoroutine(result)
+    return succeed(result)
+
+
+class FilterChain:
+    """Runs IMessageFilter providers phase by phase (see the module docstring)."""
+
+    def __init__(
+        self,
+        filters: Sequence[Any],
+        clock: IReactorTime,
+        timeout: float = 30.0,
+        on_error: str = "tempfail",
+    ) -> None:
+        if on_error not in ("tempfail", "continue"):
+            raise ValueError(f"on_error must be 'tempfail' or 'continue', not {on_error!r}")
+        self.filters = tuple(filters)
+        self.clock = clock
+        self.timeout = timeout
+        self.on_error = on_error
+
+    def __len__(self) -> int:
+        return len(self.filters)
+
+    def run(self, phase: str, *args: Any) -> Deferred[Verdict]:
+        """-> Deferred[Verdict] for one phase ("connect", "helo", "mail", "rcpt", "data")."""
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}")
+        if not self.filters:
+            return succeed(Verdict.CONTINUE)
+        return Deferred.fromCoroutine(self._run(phase, args))
+
+    def on_connect(self, session: Any) -> Deferred[Verdict]:
+        return self.run("connect", session)
+
+    def on_helo(self, session: Any) -> Deferred[Verdict]:
+        return self.run("helo", session)
+
+    def on_mail(self, session: Any, sender: Any, params: Any) -> Deferred[Verdict]:
+        return self.run("mail", session, sender, params)
+
+    def on_rcpt(self, session: Any, txn: Any, rcpt: Any, params: Any) -> Deferred[Verdict]:
+        return self.run("rcpt", session, txn, rcpt, params)
+
+    def on_data(self, session: Any, txn: Any, message: Any) -> Deferred[Verdict]:
+        return self.run("data", session, txn, message)
+
+    async def _run(self, phase: str, args: tuple[Any, ...]) -> Verdict:
+        for flt in self.filters:
+            method = getattr(flt, "on_" + phase, None)
+            if method is None:
+                continue
+            name = getattr(flt, "name", type(flt).__name__)
+            d = call_hook(method, *args)
+            d.addTimeout(self.timeout, self.clock)
+            try:
+                verdict = await d
+            except Exception:
+                log.failure("filter {filter_name} failed in phase {phase}", filter_name=name, phase=phase)
+                if self.on_error == "continue":
+                    continue
+                return FILTER_ERROR
+            if not isinstance(verdict, Verdict):
+                log.error(
+                    "filter {filter_name} returned {result!r} in phase {phase}, not a Verdict",
+                    filter_name=name, result=verdict, phase=phase,
+                )
+                if self.on_error == "continue":
+                    continue
+                return FILTER_ERROR
+            if verdict.action in (Action.CONTINUE, Action.ACCEPT):
+                continue  # filters cannot accept: ACCEPT means "no objection"
+            log.info(
+                "filter {filter_name} gave {action} in phase {phase}",
+                filter_name=name, action=verdict.action.value, phase=phase,
+            )
+            return verdict
+        return Verdict.CONTINUE
+
+
+# ---------------------------------------------------------------- headers
+
+
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+\Z")
+_FIELD_NAME_STR = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")
+
+
+def header_block_length(data: bytes) -> int:
+    """Octets of the header block at the start of ``data`` (without the empty separator line).
+
+    The block ends at the first empty line, or before the first line that is
+    neither a field nor a continuation (a message without a separator).
+    Only whole lines count: a final line without CRLF is not part of it.
+    """
+    pos = 0
+    n = len(data)
+    first = True
+    while pos < n:
+        end = data.find(b"\r\n", pos)
+        if end < 0:
+            break
+        line = data[pos:end]
+        if not line:
+            break
+        if line[:1] in (b" ", b"\t"):
+            if first:
+                break
+        else:
+            name, colon, _ = line.partition(b":")
+            if not colon or not _FIELD_NAME.match(name.rstrip(b" \t")):
+                break
+        first = False
+        pos = end + 2
+    return pos
+
+
+def _split_fields(block: bytes) -> list[tuple[str, bytes]]:
+    """Raw fields of a header block: (lower-case name, bytes including continuation lines)."""
+    fields: list[tuple[str, bytes]] = []
+    for line in block.split(b"\r\n")[:-1] if block else []:
+        raw = line + b"\r\n"
+        if line[:1] in (b" ", b"\t") and fields:
+            name, prev = fields[-1]
+            fields[-1] = (name, prev + raw)
+        else:
+            name = line.partition(b":")[0].rstrip(b" \t").decode("ascii", "replace").lower()
+            fields.append((name, raw))
+    return fields
+
+
+def _check_field(name: str, value: str) -> None:
+    if not _FIELD_NAME_STR.match(name):
+        raise ValueError(f"bad header name {name!r}")
+    if "\r" in value or "\n" in value:
+        raise ValueError("header values may not contain CR or LF (no header injection)")
+
+
+class HeaderEdits:
+    """A journal of header changes made by filters; applied once, before commit.
+
+    ``ops`` is a list of ("add", name, value) (append to the block),
+    ("insert", name, value) (prepend), ("replace", name, value) (first
+    occurrence, appended when missing) and ("remove", name) (every occurrence).
+    """
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[str, ...]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.ops)
+
+    def add_header(self, name: str, value: str) -> None:
+        _check_field(name, value)
+        self.ops.append(("add", name, value))
+
+    def insert_header(self, name: str, value: str) -> None:
+        _check_field(name, value)
+        self.ops.append(("insert", name, value))
+
+    def replace_header(self, name: str, value: str) -> None:
+        _check_field(name, value)
+        self.ops.append(("replace", name, value))
+
+    def remove_header(self, name: str) -> None:
+        _check_field(name, "")
+        self.ops.append(("remove", name))
+
+    def apply(self, block: bytes) -> bytes:
+        """The header block with every operation applied, in order."""
+        fields = _split_fields(block)
+        for op in self.ops:
+            kind, name = op[0], op[1]
+            key = name.lower()
+            if kind == "remove":
+                fields = [f for f in fields if f[0] != key]
+                continue
+            raw = f"{name}: {op[2]}\r\n".encode("utf-8")
+            if kind == "add":
+                fields.append((key, raw))
+            elif kind == "insert":
+                fields.insert(0, (key, raw))
+            elif kind == "replace":
+                for i, (fname, _) in enumerate(fields):
+                    if fname == key:
+                        fields[i] = (key, raw)
+                        break
+                else:
+                    fields.append((key, raw))
+        return b"".join(raw for _, raw in fields)
+
+
+@implementer(IMessageView)
+class MessageView:
+    """A message as filters see it at end of data.
+
+    ``source`` is the whole message as bytes (tests, plugin authors) or a
+    callable returning a new binary file positioned at the start (the spool).
+    The header block is parsed once; the body is never read unless a filter
+    calls :meth:`open_body`.
+    """
+
+    def __init__(self, source: bytes | Callable[[], BinaryIO], size: int | None = None) -> None:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            content = bytes(source)
+            self._open: Callable[[], BinaryIO] = lambda: io.BytesIO(content)
+            self.size = len(content) if size is None else size
+        else:
+            self._open = source
+            self.size = size if size is not None else 0
+        with self._open() as f:
+            head = f.read(MAX_HEADER_BLOCK)
+        self.header_length = header_block_length(head)
+        self.raw_headers = head[:self.header_length]
+        self.headers: email.message.Message = BytesHeaderParser(policy=compat32).parsebytes(
+            self.raw_headers + b"\r\n"
+        )
+        self.edits = HeaderEdits()
+
+    def open_body(self) -> BinaryIO:
+        """A new binary file reading the whole message from its first octet."""
+        return self._open()
+
+    def edited_headers(self) -> bytes:
+        """The header block after the edits journal (the original block when there are none)."""
+        return self.edits.apply(self.raw_headers) if self.edits else self.raw_headers
+
+    def apply_edits(self, writer: Any) -> int:
+        """Write the edited header block through ``writer.replace_headers``; returns the size change."""
+        if not self.edits:
+            return 0
+        new = self.edited_headers()
+        writer.replace_headers(self.header_length, new)
+        return len(new) - self.header_length
+

@@ -1,0 +1,804 @@
+"""The ESMTP server protocol: a thin Twisted adapter over :mod:`exmta.smtp.wire`.
+
+One command at a time. While a command waits for a Deferred (policy,
+filters, the store) the transport is paused and further input stays in the
+parser's buffer, so replies come out strictly in command order and the
+state a command sees is the state every earlier command left (RFC 2920;
+compare twisted#8126). Replies to a pipelined group are buffered and
+flushed when the parser needs more input.
+
+Content is streamed into ``store.open_writer()`` as it arrives and the
+``250 ... queued as`` reply is written only after ``store.commit()`` fired.
+Internal errors answer ``451 4.3.0``, never 5xx. On STARTTLS every buffered
+plaintext byte is discarded and the session is reset (RFC 3207 4.2,
+CVE-2011-0411).
+"""
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import os
+import re
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from exmta.config.schema import ReceiveConnectorConfig
+from exmta.filters.base import FilterChain, MessageView, call_hook
+from exmta.model import (
+    Action, Address, Body, Envelope, Recipient, Reply, Session, TrackingEvent,
+    TrackingEventId, Transaction, Verdict,
+)
+from exmta.smtp import replies
+from exmta.smtp.params import ParamError, parse_mail, parse_rcpt
+from exmta.smtp.wire import (
+    INVALID_BARE_NEWLINE, INVALID_TOO_LONG, ChunkEnd, Command, DataChunk, DataEnd,
+    InvalidLine, Mode, ServerParser,
+)
+
+__all__ = ["ESMTPServer", "ESMTPServerFactory"]
+
+_BDAT_ARG = re.compile(r"([0-9]{1,20})(?: +(LAST))?\Z", re.IGNORECASE)
+#: verbs that betray an HTTP or other non-SMTP client talking to us: close at once
+_NON_SMTP = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS"})
+_NOT_IMPLEMENTED = frozenset({"EXPN", "ETRN", "TURN", "ATRN", "SEND", "SOML", "SAML", "AUTH"})
+
+
+def _no_local_domains(domain: str) -> bool:
+    return False
+
+
+def _default_reply(verdict: Verdict) -> Reply:
+    if verdict.reply is not None:
+        return verdict.reply
+    if verdict.action is Action.REJECT:
+        return Reply.make(550, "5.7.1", "Rejected")
+    if verdict.action is Action.DISCONNECT:
+        return Reply.make(421, "4.7.0", "Closing connection")
+    return Reply.make(451, "4.7.1", "Try again later")
+
+
+def _printable(text: str) -> str:
+    """Text safe for a header field: printable, no CR/LF."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+class ESMTPServer(Protocol):
+    """One SMTP session. Built by :class:`ESMTPServerFactory`; all collaborators come from it."""
+
+    log = Logger()
+    #: how long a receive policy call may take before the command gets 451 4.3.0
+    policy_timeout = 60.0
+
+    def __init__(self, factory: ESMTPServerFactory) -> None:
+        self.factory = factory
+        self.config = factory.config
+        self.clock = factory.clock
+        cfg = self.config
+        self.parser = ServerParser(
+            max_command_line=cfg.max_command_line,
+            max_text_line=cfg.max_text_line,
+            bare_newline=cfg.bare_lf,
+            max_message_size=cfg.max_message_size,
+        )
+        self.session: Session | None = None
+        self.txn: Transaction | None = None
+        self.tls_active = False
+        self.errors = 0
+        self.messages = 0
+        self._writer: Any = None
+        self._txn_uses_bdat = False
+        self._txn_discard = False
+        self._write_failed = False
+        self._bdat_last = False
+        self._bdat_refusal: Reply | None = None  # the reply for a BDAT chunk being swallowed
+        self._out: list[bytes] = []
+        self._busy = False
+        self._processing = False
+        self._paused = False
+        self._closing = False
+        self._disconnected = False
+        self._timer: IDelayedCall | None = None
+
+    # ------------------------------------------------------------ connection
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        host = self.transport.getHost()
+        now = self.clock.seconds()
+        self.session = Session(
+            peer_ip=getattr(peer, "host", "") or "",
+            peer_port=getattr(peer, "port", 0) or 0,
+            local_ip=getattr(host, "host", "") or "",
+            local_port=getattr(host, "port", 0) or 0,
+            connector=self.config.name,
+            session_id=os.urandom(6).hex(),
+            started=now,
+        )
+        self.factory.sessions.add(self)
+        self.log.info(
+            "session {session_id} start: {peer_ip}:{peer_port} on {connector}",
+            session_id=self.session.session_id, peer_ip=self.session.peer_ip,
+            peer_port=self.session.peer_port, connector=self.config.name,
+        )
+        if self.factory.shutting_down:
+            self._close(replies.shutting_down(self.config.hostname))
+            return
+        self._run(self._on_connect)
+
+    async def _on_connect(self) -> None:
+        assert self.session is not None
+        verdict = await self._policy("check_connect", self.session)
+        if verdict.action in (Action.CONTINUE, Action.ACCEPT, Action.DISCARD):
+            verdict = await self.factory.filters.on_connect(self.session)
+        if verdict.action in (Action.REJECT, Action.TEMPFAIL, Action.DISCONNECT):
+            reply = _default_reply(verdict)
+            # a refused connection gets 554 or 421 (RFC 5321 3.1), then we close
+            code = 554 if reply.is_permanent else 421
+            self._close(Reply(code, reply.status, reply.lines))
+            return
+        if verdict.action is Action.DISCARD:
+            self.log.warn("DISCARD at connect ignored, session {session_id}", session_id=self._sid)
+        self._reply(replies.greeting(self.config.hostname, self.config.banner))
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._disconnected = True
+        self._closing = True
+        self._cancel_timer()
+        if self._writer is not None:
+            self.log.info(
+                "session {session_id}: client left during a transaction, message {queue_id} discarded",
+                session_id=self._sid, queue_id=getattr(self._writer, "queue_id", None),
+            )
+        self._abort_writer()
+        self.txn = None
+        self.parser.discard_buffer()
+        if self.session is not None:
+            self.log.info(
+                "session {session_id} end after {duration:.3f}s: {messages} message(s), {errors} error(s)",
+                session_id=self._sid, duration=self.clock.seconds() - self.session.started,
+                messages=self.messages, errors=self.errors,
+            )
+        self.factory._session_closed(self)
+
+    @property
+    def _sid(self) -> str:
+        return self.session.session_id if self.session else ""
+
+    # ------------------------------------------------------------ input loop
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self.parser.feed(data)
+        if not self._busy:
+            self._arm_timer()
+            self._process()
+
+    def _process(self) -> None:
+        """Turn buffered input into events until a command must wait or input runs out."""
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while not self._busy and not self._closing:
+                event = self.parser.next_event()
+                if event is None:
+                    break
+                self._dispatch(event)
+        finally:
+            self._processing = False
+        if not self._busy and not self._closing:
+            self._flush()
+            self._arm_timer()
+
+    def _dispatch(self, event: Any) -> None:
+        if isinstance(event, DataChunk):
+            self._write_content(event.data)
+        elif isinstance(event, Command):
+            self._run(self._command, event)
+        elif isinstance(event, DataEnd):
+            self._run(self._data_end, event)
+        elif isinstance(event, ChunkEnd):
+            self._run(self._chunk_end, event)
+        elif isinstance(event, InvalidLine):
+            self._invalid_line(event)
+
+    def _run(self, handler: Callable[..., Any], *args: Any) -> None:
+        """Run a (possibly async) handler; while it is pending, input waits and the transport is paused."""
+        self._busy = True
+        self._cancel_timer()
+        d = call_hook(handler, *args)
+        d.addErrback(self._handler_failed)
+        d.addBoth(self._handler_done)
+        if self._busy and not self._disconnected:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _handler_failed(self, failure: Failure) -> None:
+        self.log.failure("session {session_id}: internal error", failure, session_id=self._sid)
+        if self._writer is not None:
+            self._reset_transaction()  # a message half received cannot be trusted any more
+        self._reply(replies.INTERNAL_ERROR)
+
+    def _handler_done(self, _: Any) -> None:
+        self._busy = False
+        if self._paused:
+            self._paused = False
+            if not self._disconnected:
+                self.transport.resumeProducing()
+        if not self._processing:
+            self._process()
+
+    # ------------------------------------------------------------ output
+
+    def _reply(self, reply: Reply) -> None:
+        if self._closing:
+            return
+        self._out.append(reply.to_bytes())
+
+    def _flush(self) -> None:
+        if self._out and not self._disconnected:
+            data = b"".join(self._out)
+            self._out.clear()
+            self.transport.write(data)
+
+    def _close(self, reply: Reply | None) -> None:
+        """Send ``reply`` (after any buffered ones) and close. Input left over is dropped."""
+        if self._closing:
+            return
+        if reply is not None:
+            self._out.append(reply.to_bytes())
+        self._flush()
+        self._closing = True
+        self._cancel_timer()
+        self._abort_writer()
+        self.txn = None
+        self.parser.discard_buffer()
+        if not self._disconnected:
+            self.transport.loseConnection()
+
+    def _error(self, reply: Reply) -> None:
+        """A protocol error: reply, count, and close after too many."""
+        self.errors += 1
+        self._reply(reply)
+        if self.errors >= self.config.max_errors:
+            self.log.info(
+                "session {session_id}: too many errors ({errors}), closing",
+                session_id=self._sid, errors=self.errors,
+            )
+            self._close(replies.too_many_errors(self.config.hostname))
+
+    # ------------------------------------------------------------ timers
+
+    def _arm_timer(self) -> None:
+        if self._closing or self._busy:
+            return
+        delay = self.config.command_timeout if self.parser.mode is Mode.COMMAND else self.config.data_timeout
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(delay)
+        else:
+            self._timer = self.clock.callLater(delay, self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self.log.info("session {session_id}: timeout in {mode} mode", session_id=self._sid,
+                      mode=self.parser.mode.value)
+        self._close(replies.timeout(self.config.hostname))
+
+    # ------------------------------------------------------------ shutdown
+
+    def shutdown_requested(self) -> None:
+        """The server is stopping: close now when idle, else at the end of the transaction."""
+        if not self._busy and self.txn is None and self.parser.mode is Mode.COMMAND and not self.parser.buffered():
+            self._close(replies.shutting_down(self.config.hostname))
+
+    def force_close(self) -> None:
+        """The grace period is over: 421 and close whatever is going on."""
+        self._close(replies.shutting_down(self.config.hostname))
+
+    # ------------------------------------------------------------ helpers
+
+    def _policy(self, method: str, *args: Any) -> Deferred[Verdict]:
+        d = call_hook(getattr(self.factory.policy, method), *args)
+        d.addTimeout(self.policy_timeout, self.clock)
+        return d
+
+    def _refused(self, verdict: Verdict) -> bool:
+        """Send the reply for a refusing verdict; True when the command is refused."""
+        if verdict.action in (Action.CONTINUE, Action.ACCEPT, Action.DISCARD):
+            return False
+        reply = _default_reply(verdict)
+        if verdict.action is Action.DISCONNECT:
+            self._close(reply)
+        else:
+            self._reply(reply)
+        return True
+
+    def _abort_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.abort()
+            except Exception:
+                self.log.failure("session {session_id}: writer.abort failed", session_id=self._sid)
+
+    def _reset_transaction(self) -> None:
+        self._abort_writer()
+        self.txn = None
+        self._txn_uses_bdat = False
+        self._txn_discard = False
+        self._write_failed = False
+        self._bdat_last = False
+
+    def _write_content(self, data: bytes) -> None:
+        if self._writer is None or self._write_failed:
+            return
+        try:
+            self._writer.write(data)
+        except Exception:
+            self._write_failed = True
+            self.log.failure("session {session_id}: writing the message failed", session_id=self._sid)
+
+    def _invalid_line(self, event: InvalidLine) -> None:
+        self.log.debug("session {session_id}: invalid line ({reason}): {raw!r}",
+                       session_id=self._sid, reason=event.reason, raw=event.raw)
+        if event.reason == INVALID_TOO_LONG:
+            self._error(replies.LINE_TOO_LONG)
+        elif event.reason == INVALID_BARE_NEWLINE:
+            self._error(replies.BARE_NEWLINE_COMMAND)
+        else:
+            self._error(replies.BAD_CHARACTERS)
+
+    # ------------------------------------------------------------ commands
+
+    async def _command(self, cmd: Command) -> None:
+        verb = cmd.verb
+        if self.factory.shutting_down and self.txn is None and verb != "QUIT":
+            self._close(replies.shutting_down(self.config.hostname))
+            return
+        handler = getattr(self, f"smtp_{verb}", None) if verb.isalpha() else None
+        if handler is not None:
+            await handler(cmd.argument)
+        elif verb in _NON_SMTP:
+            self.log.info("session {session_id}: non-SMTP command {verb}", session_id=self._sid, verb=verb)
+            self._close(replies.non_smtp_command())
+        elif verb in _NOT_IMPLEMENTED:
+            self._error(replies.NOT_IMPLEMENTED)
+        else:
+            self._error(replies.UNKNOWN_COMMAND)
+
+    def _extensions(self) -> list[str]:
+        limit = self.config.max_message_size
+        exts = ["PIPELINING", f"SIZE {limit}" if limit else "SIZE"]
+        if self.factory.tls_context_factory is not None and not self.tls_active:
+            exts.append("STARTTLS")
+        exts += ["ENHANCEDSTATUSCODES", "8BITMIME", "BINARYMIME", "CHUNKING", "DSN", "SMTPUTF8"]
+        return exts
+
+    async def _helo(self, argument: str, esmtp: bool) -> None:
+        assert self.session is not None
+        name = argument.strip()
+        if not name:
+            self._error(replies.EHLO_SYNTAX if esmtp else replies.HELO_SYNTAX)
+            return
+        self._reset_transaction()  # RFC 5321 4.1.4: EHLO/HELO imply RSET
+        self.session.helo_name = name
+        self.session.esmtp = esmtp
+        verdict = await self.factory.filters.on_helo(self.session)
+        if self._refused(verdict):
+            self.session.helo_name = None
+            self.session.esmtp = False
+            return
+        if esmtp:
+            self._reply(replies.ehlo_ok(self.config.hostname, self._extensions()))
+        else:
+            self._reply(replies.helo_ok(self.config.hostname))
+
+    async def smtp_EHLO(self, argument: str) -> None:
+        await self._helo(argument, True)
+
+    async def smtp_HELO(self, argument: str) -> None:
+        await self._helo(argument, False)
+
+    async def smtp_MAIL(self, argument: str) -> None:
+        assert self.session is not None
+        if self.session.helo_name is None:
+            self._error(replies.NEED_HELO)
+            return
+        if self.txn is not None:
+            self._error(replies.NESTED_MAIL)
+            return
+        try:
+            sender, params = parse_mail(argument, esmtp=self.session.esmtp)
+        except ParamError as e:
+            self._error(e.reply)
+            return
+        limit = self.config.max_message_size
+        if limit and params.size is not None and params.size > limit:
+            self._reply(replies.size_declared_too_big(limit))
+            return
+        verdict = await self._policy("check_mail", self.session, sender, params)
+        if self._refused(verdict):
+            return
+        discard = verdict.action is Action.DISCARD
+        verdict = await self.factory.filters.on_mail(self.session, sender, params)
+        if self._refused(verdict):
+            return
+        self._reset_transaction()
+        self.txn = Transaction(sender, params)
+        self._txn_discard = discard or verdict.action is Action.DISCARD
+        self._reply(replies.SENDER_OK)
+
+    def _is_postmaster(self, rcpt: Address) -> bool:
+        if rcpt.local.lower() != self.factory.postmaster.lower():
+            return False
+        return not rcpt.domain or self.factory.local_domain(rcpt.domain_key)
+
+    async def smtp_RCPT(self, argument: str) -> None:
+        assert self.session is not None
+        txn = self.txn
+        if txn is None:
+            self._error(replies.NEED_MAIL)
+            return
+        if self._txn_uses_bdat:
+            self._error(replies.BAD_SEQUENCE)
+            return
+        try:
+            rcpt, params = parse_rcpt(argument, smtputf8=txn.params.smtputf8, esmtp=self.session.esmtp)
+        except ParamError as e:
+            self._error(e.reply)
+            return
+        if len(txn.recipients) >= self.config.max_recipients:
+            self._reply(replies.TOO_MANY_RECIPIENTS)
+            return
+        if not self._is_postmaster(rcpt):
+            verdict = await self._policy("authorize_rcpt", self.session, txn, rcpt, params)
+            if verdict.action is Action.CONTINUE:
+                verdict = Verdict(Action.REJECT, replies.RELAY_DENIED)  # default deny
+            if self._refused(verdict):
+                return
+            discard = verdict.action is Action.DISCARD
+            verdict = await self.factory.filters.on_rcpt(self.session, txn, rcpt, params)
+            if self._refused(verdict):
+                return
+            if discard or verdict.action is Action.DISCARD:
+                self._txn_discard = True
+        if self.txn is not txn:  # the session was reset while we waited (cannot happen today)
+            self._reply(replies.INTERNAL_ERROR)
+            return
+        key = (rcpt.local, rcpt.domain_key)
+        if all((a.local, a.domain_key) != key for a, _ in txn.recipients):
+            txn.recipients.append((rcpt, params))  # a repeated recipient is accepted once
+        self._reply(replies.RCPT_OK)
+
+    def _data_precheck(self) -> Reply | None:
+        if self.txn is None:
+            return replies.NEED_MAIL
+        if not self.txn.recipients:
+            return replies.NO_VALID_RECIPIENTS
+        return None
+
+    def _open_message(self) -> None:
+        """Open the store writer and write the Received header (first DATA/BDAT of a transaction)."""
+        self._writer = self.factory.store.open_writer()
+        self._write_failed = False
+        self.parser.begin_message()
+        if self.config.add_received:
+            self._writer.write(self._received_header(self._writer.queue_id))
+
+    async def smtp_DATA(self, argument: str) -> None:
+        if argument.strip():
+            self._error(replies.NO_ARGUMENTS)
+            return
+        refusal = self._data_precheck()
+        if refusal is not None:
+            self._error(refusal)
+            return
+        assert self.txn is not None
+        if self._txn_uses_bdat:
+            self._error(replies.DATA_AFTER_BDAT)
+            return
+        if self.txn.params.body is Body.BINARY:
+            self._error(replies.BINARYMIME_NEEDS_BDAT)
+            return
+        try:
+            self._open_message()
+        except Exception:
+            self.log.failure("session {session_id}: cannot open a message writer", session_id=self._sid)
+            self._abort_writer()
+            self._reply(replies.INTERNAL_ERROR)
+            return
+        self.parser.start_data()
+        self._reply(replies.START_DATA)
+
+    async def smtp_BDAT(self, argument: str) -> None:
+        m = _BDAT_ARG.match(argument.strip())
+        if m is None:
+            # the chunk size is unknown, so the stream cannot be followed: refuse and close
+            self.errors += 1
+            self._reply(replies.BDAT_SYNTAX)
+            self._close(None)
+            return
+        size = int(m.group(1))
+        last = m.group(2) is not None
+        self._bdat_refusal = None
+        refusal = self._data_precheck()
+        if refusal is not None:
+            self.errors += 1
+        elif self._writer is None:
+            try:
+                self._open_message()
+                self._txn_uses_bdat = True
+            except Exception:
+                self.log.failure("session {session_id}: cannot open a message writer", session_id=self._sid)
+                self._abort_writer()
+                refusal = replies.INTERNAL_ERROR
+        self._bdat_refusal = refusal  # answered once the chunk has been swallowed
+        self._bdat_last = last
+        self.parser.start_bdat(size)
+
+    async def _chunk_end(self, event: ChunkEnd) -> None:
+        refusal, self._bdat_refusal = self._bdat_refusal, None
+        if refusal is not None:
+            self._reply(refusal)
+            if self.errors >= self.config.max_errors:
+                self._close(replies.too_many_errors(self.config.hostname))
+            return
+        if event.oversize:
+            self._reset_transaction()
+            self._reply(replies.SIZE_EXCEEDED)
+            return
+        if self._bdat_last:
+            await self._finish_message(event.size, bare_newline=False, line_too_long=False)
+        else:
+            self._reply(Reply.make(250, "2.0.0", f"Ok: {event.size} octets received"))
+
+    async def _data_end(self, event: DataEnd) -> None:
+        if event.oversize:
+            self._reset_transaction()
+            self._reply(replies.SIZE_EXCEEDED)
+            return
+        await self._finish_message(event.size, event.bare_newline, event.line_too_long)
+
+    async def _finish_message(self, size: int, bare_newline: bool, line_too_long: bool) -> None:
+        """End of data: check, run on_data filters, apply header edits, commit, then answer."""
+        assert self.session is not None
+        writer, txn = self._writer, self.txn
+        discard, write_failed = self._txn_discard, self._write_failed
+        self._writer = None
+        self._reset_transaction()
+        if writer is None or txn is None:
+            self._reply(replies.INTERNAL_ERROR)
+            return
+        try:
+            if bare_newline:
+                self._refuse_message(writer, replies.BARE_NEWLINE_DATA, "bare newline")
+                return
+            if line_too_long:
+                self._refuse_message(writer, replies.TEXT_LINE_TOO_LONG, "line too long")
+                return
+            if write_failed:
+                self._refuse_message(writer, replies.INTERNAL_ERROR, "write failed")
+                return
+            view = MessageView(writer.open_read, size=writer.size)
+            verdict = await self.factory.filters.on_data(self.session, txn, view)
+            if self._disconnected:
+                writer.abort()
+                return
+            if verdict.action in (Action.REJECT, Action.TEMPFAIL, Action.DISCONNECT):
+                writer.abort()
+                self._refused(verdict)
+                return
+            if discard or verdict.action is Action.DISCARD:
+                writer.abort()
+                self.log.info("session {session_id}: message {queue_id} discarded",
+                              session_id=self._sid, queue_id=writer.queue_id)
+                self._reply(replies.queued(writer.queue_id))
+                return
+            view.apply_edits(writer)
+            message_id = view.headers.get("Message-ID")
+            envelope = Envelope(
+                sender=str(txn.sender),
+                recipients=[Recipient(str(a), p.notify, p.orcpt) for a, p in txn.recipients],
+                params=txn.params,
+                queue_id=writer.queue_id,
+                received_at=self.clock.seconds(),
+                connector=self.config.name,
+                client_ip=self.session.peer_ip,
+                client_helo=self.session.helo_name,
+                auth_identity=self.session.auth_identity,
+                message_id=str(message_id).strip() if message_id is not None else None,
+                size=writer.size,
+            )
+            queue_id = await self.factory.store.commit(writer, envelope)
+        except Exception:
+            self.log.failure("session {session_id}: end of data failed", session_id=self._sid)
+            writer.abort()
+            self._reply(replies.INTERNAL_ERROR)
+            return
+        self.messages += 1
+        self.log.info(
+            "session {session_id}: queued {queue_id} from <{sender}> for {rcpts} recipient(s), {size} octets",
+            session_id=self._sid, queue_id=queue_id, sender=envelope.sender,
+            rcpts=len(envelope.recipients), size=envelope.size, connector=self.config.name,
+        )
+        self._track(queue_id, envelope)
+        self._reply(replies.queued(queue_id))
+
+    def _refuse_message(self, writer: Any, reply: Reply, why: str) -> None:
+        writer.abort()
+        self.log.info("session {session_id}: message refused at end of data: {why}",
+                      session_id=self._sid, why=why)
+        self._reply(reply)
+
+    def _track(self, queue_id: str, envelope: Envelope) -> None:
+        tracker = self.factory.tracker
+        if tracker is None:
+            return
+        try:
+            tracker.track(TrackingEvent(
+                TrackingEventId.RECEIVE, queue_id, envelope.received_at,
+                sender=envelope.sender,
+                recipients=tuple(r.address for r in envelope.recipients),
+                message_id=envelope.message_id, size=envelope.size,
+                connector=self.config.name, source="SMTP",
+                remote_host=envelope.client_ip,
+                details={"session_id": self._sid, "client_helo": envelope.client_helo or ""},
+            ))
+        except Exception:
+            self.log.failure("tracker failed for {queue_id}", queue_id=queue_id)
+
+    def _received_header(self, queue_id: str) -> bytes:
+        assert self.session is not None and self.txn is not None
+        s = self.session
+        try:
+            ip = ipaddress.ip_address(s.peer_ip)
+            literal = f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"
+        except ValueError:
+            literal = f"[{_printable(s.peer_ip) or 'unknown'}]"
+        if not s.esmtp:
+            proto = "SMTP"
+        else:
+            proto = "ESMTP"
+            if self.txn.params.smtputf8:
+                proto = "UTF8SMTP"
+            suffix = ("S" if self.tls_active else "") + ("A" if s.auth_identity else "")
+            proto += suffix
+        lines = [f"Received: from {_printable(s.helo_name or 'unknown')} ({literal})"]
+        if s.tls is not None:
+            lines.append(f"\t(using {_printable(s.tls.version)} with cipher {_printable(s.tls.cipher)})")
+        lines.append(f"\tby {self.config.hostname} (exmta) with {proto} id {queue_id}")
+        date = email.utils.formatdate(self.clock.seconds(), localtime=True)
+        if len(self.txn.recipients) == 1:
+            rcpt = self.txn.recipients[0][0]
+            lines.append(f"\tfor <{_printable(str(rcpt))}>; {date}")
+        else:
+            lines[-1] += ";"
+            lines.append(f"\t{date}")
+        return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+    async def smtp_RSET(self, argument: str) -> None:
+        if argument.strip():
+            self._error(replies.NO_ARGUMENTS)
+            return
+        self._reset_transaction()
+        self._reply(replies.OK)
+
+    async def smtp_NOOP(self, argument: str) -> None:
+        self._reply(replies.OK)
+
+    async def smtp_QUIT(self, argument: str) -> None:
+        self._close(replies.closing(self.config.hostname))
+
+    async def smtp_VRFY(self, argument: str) -> None:
+        if not argument.strip():
+            self._error(replies.SYNTAX_ERROR)
+            return
+        self._reply(replies.VRFY_CANNOT)
+
+    async def smtp_HELP(self, argument: str) -> None:
+        self._reply(replies.HELP)
+
+    async def smtp_STARTTLS(self, argument: str) -> None:
+        ctx = self.factory.tls_context_factory
+        if ctx is None:
+            self._error(replies.NOT_IMPLEMENTED)
+            return
+        if argument.strip():
+            self._error(replies.NO_ARGUMENTS)
+            return
+        if self.tls_active:
+            self._error(replies.TLS_ACTIVE)
+            return
+        if self.session is None or self.session.helo_name is None:
+            self._error(replies.NEED_HELO)
+            return
+        self._reply(replies.STARTTLS_GO)
+        self._flush()
+        # no plaintext received after STARTTLS may be used (CVE-2011-0411)
+        dropped = self.parser.discard_buffer()
+        if dropped:
+            self.log.warn("session {session_id}: {octets} plaintext octets after STARTTLS dropped",
+                          session_id=self._sid, octets=dropped)
+        self._reset_transaction()
+        self.session.reset_for_tls()
+        self.tls_active = True
+        self.transport.startTLS(ctx)
+
+
+class ESMTPServerFactory(Factory):
+    """Builds :class:`ESMTPServer` sessions for one receive connector and tracks them for shutdown."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: ReceiveConnectorConfig,
+        policy: Any,
+        filters: FilterChain,
+        store: Any,
+        clock: IReactorTime,
+        tracker: Any = None,
+        postmaster: str = "postmaster",
+        local_domain: Callable[[str], bool] = _no_local_domains,
+        tls_context_factory: Any = None,
+    ) -> None:
+        self.config = config
+        self.policy = policy
+        self.filters = filters if filters is not None else FilterChain((), clock)
+        self.store = store
+        self.clock = clock
+        self.tracker = tracker
+        self.postmaster = postmaster
+        self.local_domain = local_domain
+        self.tls_context_factory = tls_context_factory
+        self.sessions: set[ESMTPServer] = set()
+        self.shutting_down = False
+        self._shutdown_waiters: list[Deferred[None]] = []
+        self._grace_call: IDelayedCall | None = None
+
+    def buildProtocol(self, addr: Any) -> ESMTPServer:
+        return ESMTPServer(self)
+
+    def shutdown(self, grace: float) -> Deferred[None]:
+        """Stop taking commands; after ``grace`` seconds send 421 4.3.2 to whoever is left.
+
+        Idle sessions are closed at once; a session in a transaction may
+        finish it. Fires when every session is closed.
+        """
+        self.shutting_down = True
+        if not self.sessions:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._shutdown_waiters.append(d)
+        for session in list(self.sessions):
+            session.shutdown_requested()
+        if self.sessions and self._grace_call is None:
+            self._grace_call = self.clock.callLater(grace, self._grace_over)
+        return d
+
+    def _grace_over(self) -> None:
+        self._grace_call = None
+        self.log.info("shutdown grace over: closing {count} session(s)", count=len(self.sessions))
+        for session in list(self.sessions):
+            session.force_close()
+
+    def _session_closed(self, session: ESMTPServer) -> None:
+        self.sessions.discard(session)
+        if self.shutting_down and not self.sessions:
+            if self._grace_call is not None and self._grace_call.active():
+                self._grace_call.cancel()
+            self._grace_call = None
+            waiters, self._shutdown_waiters = self._shutdown_waiters, []
+            for d in waiters:
+                d.callback(None)
