@@ -1,0 +1,1 @@
+"""The receive side: admission policy for SMTP clients (the protocol is in exmta.smtp)."""
