@@ -257,7 +257,6 @@ class DeliveryScheduler(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._generation += 1
         if not self._listening:
             self._store.add_listener(self._on_commit)
             self._listening = True
