@@ -62,6 +62,11 @@ def _line(value: str, limit: int = 900) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _ascii(value: str) -> str:
+    """Non-ASCII characters as ``?``: message/delivery-status is 7-bit (RFC 3464)."""
+    return value.encode("ascii", "replace").decode("ascii")
+
+
 def _date(ts: float) -> str:
     return format_datetime(datetime.datetime.fromtimestamp(ts, datetime.timezone.utc))
 
@@ -216,9 +221,12 @@ def _status_part(
     retry_until: float | None,
     utf8: bool,
 ) -> bytes:
-    fields = [f"Reporting-MTA: dns; {_line(reporting_mta)}"]
+    def clean(value: str) -> str:
+        return _line(value) if utf8 else _ascii(_line(value))
+
+    fields = [f"Reporting-MTA: dns; {clean(reporting_mta)}"]
     if envelope.params.envid:
-        fields.append(f"Original-Envelope-Id: {_line(envelope.params.envid)}")
+        fields.append(f"Original-Envelope-Id: {clean(envelope.params.envid)}")
     if envelope.received_at:
         fields.append(f"Arrival-Date: {_date(envelope.received_at)}")
     blocks = ["\r\n".join(fields)]
@@ -232,9 +240,9 @@ def _status_part(
         f.append(f"Status: {status}")
         host = remote_hosts.get(r.address)
         if host:
-            f.append(f"Remote-MTA: dns; {_line(_host_name(host))}")
+            f.append(f"Remote-MTA: dns; {clean(_host_name(host))}")
         if r.last_reply is not None:
-            f.append(f"Diagnostic-Code: smtp; {_line(str(r.last_reply))}")
+            f.append(f"Diagnostic-Code: smtp; {clean(str(r.last_reply))}")
         if r.last_attempt is not None:
             f.append(f"Last-Attempt-Date: {_date(r.last_attempt)}")
         if kind == "delayed" and retry_until is not None:
@@ -289,6 +297,8 @@ def make_dsn(
     parsed = HeaderParser(policy=compat32).parsestr(headers.decode("utf-8", "replace"))
     subject = _decoded(parsed.get("Subject"))
     original_id = envelope.message_id or _line(str(parsed.get("Message-ID") or "")) or None
+    if original_id and not original_id.isascii():
+        original_id = None
 
     statuses = [_status(r, kind) for r in recipients]
     boundary = f"=_exmta-dsn-{secrets.token_hex(12)}"

@@ -243,6 +243,19 @@ def test_long_diagnostic_is_cut_and_lines_stay_short() -> None:
     assert block["Diagnostic-Code"].startswith("smtp; 550 5.7.1 policy") and block["Diagnostic-Code"].endswith("...")
 
 
+def test_ascii_report_stays_seven_bit() -> None:
+    rcpt = failed_rcpt(last_reply=Reply.make(550, "5.7.1", "Zurückgewiesen"))
+    data, dsn_env = make_dsn(envelope(rcpt, envid="ä1"), [rcpt], "failed", "h", ORIGINAL, NOW)
+    status_part = data.split(b"Content-Type: message/delivery-status\r\n\r\n")[1].split(b"\r\n--")[0]
+    assert status_part.isascii()
+    per_message, block = status_blocks(parse(data))
+    assert block["Diagnostic-Code"] == "smtp; 550 5.7.1 Zur?ckgewiesen"
+    assert per_message["Original-Envelope-Id"] == "?1"
+    # the readable part keeps the text, quoted-printable
+    assert "Zurückgewiesen" in parse(data).get_payload()[0].get_content()
+    assert dsn_env.params.body is Body.SEVEN_BIT and data.isascii()
+
+
 def test_original_without_subject() -> None:
     rcpt = failed_rcpt()
     data, _ = make_dsn(envelope(rcpt), [rcpt], "failed", "h", b"From: a@b.example\r\n\r\nx\r\n", NOW)

@@ -327,6 +327,30 @@ def test_notify_controls_failure_dsn(notify: tuple[str, ...] | None, bounced: bo
     h.stop()
 
 
+def test_mixed_notify_in_one_message_bounces_only_who_asked() -> None:
+    h = Harness()
+    env = Envelope(sender="a@sender.example", recipients=[
+        Recipient("quiet@remote.example", notify=("NEVER",)),
+        Recipient("loud@remote.example"),
+        Recipient("orig@remote.example", notify=("FAILURE",), orcpt="rfc822;Original@Remote.Example"),
+    ], params=MailParams(ret="HDRS", envid="E-7"))
+    qid = result(h.store.submit(ORIGINAL, env))
+    h.turn()
+    h.out.answer(outcome=Outcome.FAILED, reply=NO_SUCH_USER)
+    [(_, _, msg)] = h.dsns()
+    blocks = msg.get_payload()[1].get_payload()
+    assert blocks[0]["Original-Envelope-Id"] == "E-7"
+    assert [b["Final-Recipient"] for b in blocks[1:]] == ["rfc822; loud@remote.example", "rfc822; orig@remote.example"]
+    assert blocks[2]["Original-Recipient"] == "rfc822;Original@Remote.Example"
+    assert msg.get_payload()[2].get_content_type() == "text/rfc822-headers"  # RET=HDRS
+    assert [e.recipients for e in h.tracker.of(TrackingEventId.DSN)] == [
+        ("loud@remote.example", "orig@remote.example")]
+    assert h.store.queue_of(qid) is None
+    h.turn()
+    h.out.answer()
+    h.stop()
+
+
 @pytest.mark.parametrize("sender,kind", [("", "message"), ("a@sender.example", "dsn")])
 def test_never_bounce_to_null_sender_or_for_a_dsn(sender: str, kind: str) -> None:
     h = Harness(QueueConfig(retry_schedule=(300.0,), max_lifetime=1000.0, delay_warning=500.0))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from zope.interface.verify import verifyObject
 
 from exmta.config.schema import RouteConfig, SendConnectorConfig, SmartHost
@@ -127,3 +129,35 @@ def test_route_without_domains_is_rejected() -> None:
 def test_reserved_connector_name() -> None:
     with pytest.raises(ValueError, match="reserved"):
         StaticRouter([], [UNREACHABLE])
+
+
+# ---------------------------------------------------------------- property: the choice is the most specific match
+
+LABELS = st.sampled_from(["a", "b", "mail", "eu"])
+DOMAINS = st.lists(LABELS, min_size=1, max_size=4).map(lambda ls: ".".join(ls) + ".example")
+PATTERNS = st.one_of(st.just("*"), DOMAINS, DOMAINS.map(lambda d: "*." + d))
+
+
+def _rank(pattern: str, domain: str) -> tuple[int, int] | None:
+    if pattern == "*":
+        return (0, 0)
+    if pattern.startswith("*."):
+        return (1, len(pattern)) if domain.endswith(pattern[1:]) else None
+    return (2, 0) if pattern == domain else None
+
+
+@given(
+    table=st.lists(st.tuples(PATTERNS, st.integers(1, 3), st.sampled_from(["internet", "partner", "hub"])),
+                   min_size=1, max_size=8),
+    domain=DOMAINS,
+)
+def test_choice_is_most_specific_then_cheapest(table, domain) -> None:
+    router = StaticRouter([RouteConfig((p,), c, cost) for p, cost, c in table], CONNECTORS)
+    matches = [(_rank(p, domain), cost, c) for p, cost, c in table if _rank(p, domain) is not None]
+    chosen = router.choose(domain)
+    if not matches:
+        assert chosen is None
+        return
+    best_rank = max(m[0] for m in matches)
+    best_cost = min(m[1] for m in matches if m[0] == best_rank)
+    assert chosen == min(m[2] for m in matches if m[0] == best_rank and m[1] == best_cost)
