@@ -1,0 +1,187 @@
+"""ESMTPServer on a real 127.0.0.1 port, driven by independent clients (smtplib, swaks, raw sockets)."""
+from __future__ import annotations
+
+import io
+import shutil
+import smtplib
+import socket
+import subprocess
+from email.message import EmailMessage
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import succeed
+from twisted.internet.threads import deferToThread
+from zope.interface import implementer
+
+from exmta.config.schema import ReceiveConnectorConfig
+from exmta.filters.base import FilterChain
+from exmta.interfaces import IMessageWriter, IQueueStore
+from exmta.model import Verdict
+from exmta.smtp.server import ESMTPServerFactory
+
+pytestmark = pytest.mark.integration
+
+
+@implementer(IMessageWriter)
+class Writer:
+    def __init__(self, queue_id: str) -> None:
+        self.queue_id, self.buf, self.aborted = queue_id, bytearray(), False
+
+    @property
+    def size(self) -> int:
+        return len(self.buf)
+
+    def write(self, data: bytes) -> None:
+        self.buf += data
+
+    def open_read(self) -> io.BytesIO:
+        return io.BytesIO(bytes(self.buf))
+
+    def replace_headers(self, old_length: int, new: bytes) -> None:
+        self.buf[:old_length] = new
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+@implementer(IQueueStore)
+class Store:
+    def __init__(self) -> None:
+        self.writers: list[Writer] = []
+        self.committed: list[tuple[bytes, Any]] = []
+
+    def open_writer(self) -> Writer:
+        self.writers.append(Writer(f"LOOP{len(self.writers) + 1}"))
+        return self.writers[-1]
+
+    def commit(self, writer: Writer, envelope: Any):
+        self.committed.append((bytes(writer.buf), envelope))
+        return succeed(writer.queue_id)
+
+
+class Policy:
+    def check_connect(self, session):
+        return Verdict.CONTINUE
+
+    def check_mail(self, session, sender, params):
+        return Verdict.CONTINUE
+
+    def authorize_rcpt(self, session, txn, rcpt, params):
+        return Verdict.ACCEPT if rcpt.domain_key == "local.test" else Verdict.reject(554, "5.7.1", "Relay access denied")
+
+
+@pytest.fixture
+def server():
+    from twisted.internet import reactor
+
+    store = Store()
+    config = ReceiveConnectorConfig(name="loop", hostname="mx.loop.test", max_message_size=200_000)
+    factory = ESMTPServerFactory(config, Policy(), FilterChain([], reactor), store, reactor)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    yield port.getHost().port, store, factory
+    port.stopListening()
+    for session in list(factory.sessions):
+        session.transport.abortConnection()
+
+
+def _smtplib_session(port: int) -> dict[str, Any]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        code, _ = client.ehlo("client.loop.test")
+        features = dict(client.esmtp_features)
+        msg = EmailMessage()
+        msg["From"] = "a@sender.test"
+        msg["To"] = "b@local.test"
+        msg["Subject"] = "loopback"
+        msg["Message-ID"] = "<loop1@sender.test>"
+        msg.set_content("line one\n.\n..two dots\n" + "x" * 70 + "\n")
+        refused = client.send_message(msg, rcpt_options=["NOTIFY=FAILURE"], mail_options=["BODY=8BITMIME"])
+        try:
+            client.sendmail("a@sender.test", ["c@elsewhere.test"], b"Subject: no\r\n\r\nx\r\n")
+            denied = None
+        except smtplib.SMTPRecipientsRefused as e:
+            denied = e.recipients
+        try:
+            client.sendmail("a@sender.test", ["b@local.test"], b"x" * 300_000)  # smtplib adds SIZE=
+            big = None
+        except smtplib.SMTPSenderRefused as e:
+            big = (e.smtp_code, e.smtp_error)
+        return {"ehlo": code, "features": features, "refused": refused, "denied": denied, "big": big}
+
+
+@pytest_twisted.inlineCallbacks
+def test_smtplib_delivers_through_a_real_socket(server):
+    port, store, _ = server
+    result = yield deferToThread(_smtplib_session, port)
+    assert result["ehlo"] == 250
+    features = result["features"]
+    for ext in ("pipelining", "8bitmime", "smtputf8", "chunking", "dsn", "enhancedstatuscodes"):
+        assert ext in features
+    assert features["size"] == "200000"
+    assert result["refused"] == {}
+    assert result["denied"] == {"c@elsewhere.test": (554, b"5.7.1 Relay access denied")}
+    assert result["big"][0] == 552
+    [(content, env)] = store.committed
+    assert env.message_id == "<loop1@sender.test>"
+    assert [(r.address, r.notify) for r in env.recipients] == [("b@local.test", ("FAILURE",))]
+    body = content.split(b"\r\n\r\n", 1)[1]
+    assert body == b"line one\r\n.\r\n..two dots\r\n" + b"x" * 70 + b"\r\n"
+    assert content.startswith(b"Received: from client.loop.test ([127.0.0.1])\r\n\tby mx.loop.test (exmta)")
+
+
+def _raw_session(port: int, payloads: list[bytes]) -> bytes:
+    """Send each payload in its own write, then read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for data in payloads:
+            sock.sendall(data)
+        received = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return received
+            received += chunk
+            if received.endswith(b"221 2.0.0 mx.loop.test closing connection\r\n"):
+                return received
+
+
+@pytest_twisted.inlineCallbacks
+def test_pipelined_smuggling_attempt_over_a_socket(server):
+    port, store, _ = server
+    payload = (
+        b"EHLO c\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<b@local.test>\r\nDATA\r\n"
+    )
+    body = b"Subject: s\r\n\r\nhello\n.\nMAIL FROM:<evil@x.test>\r\nRCPT TO:<c@local.test>\r\nDATA\r\nsmuggled\r\n.\r\nQUIT\r\n"
+    out = yield deferToThread(_raw_session, port, [payload, body])
+    lines = out.split(b"\r\n")
+    assert b"550 5.6.11 Error: bare <LF> or <CR> not allowed in message content" in lines
+    assert lines[-2] == b"221 2.0.0 mx.loop.test closing connection"
+    assert store.committed == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_bdat_over_a_socket_in_small_writes(server):
+    port, store, _ = server
+    message = b"Subject: chunks\r\n\r\n" + b"0123456789" * 1000 + b"\r\n"
+    cmds = b"EHLO c\r\nMAIL FROM:<a@sender.test> BODY=BINARYMIME\r\nRCPT TO:<b@local.test>\r\n"
+    wire = cmds + b"BDAT %d\r\n" % 5000 + message[:5000] + b"BDAT %d LAST\r\n" % (len(message) - 5000) + message[5000:]
+    pieces = [wire[i:i + 7] for i in range(0, len(wire), 7)] + [b"QUIT\r\n"]
+    out = yield deferToThread(_raw_session, port, pieces)
+    assert b"250 2.0.0 Ok: 5000 octets received\r\n" in out
+    assert b"250 2.0.0 Ok: queued as LOOP1\r\n" in out
+    [(content, env)] = store.committed
+    assert content.endswith(message)
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
+@pytest_twisted.inlineCallbacks
+def test_swaks_with_pipelining(server):
+    port, store, _ = server
+    cmd = ["swaks", "--server", "127.0.0.1", "--port", str(port), "--pipeline", "--timeout", "10",
+           "--from", "a@sender.test", "--to", "b@local.test,x@local.test", "--helo", "swaks.test",
+           "--header", "Subject: from swaks"]
+    proc = yield deferToThread(subprocess.run, cmd, capture_output=True, timeout=30, check=False)
+    assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
+    [(content, env)] = store.committed
+    assert [r.address for r in env.recipients] == ["b@local.test", "x@local.test"]
+    assert b"Subject: from swaks" in content
