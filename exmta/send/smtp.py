@@ -289,15 +289,16 @@ class SMTPSendConnector:
                 async for t in self._host_targets(sh.host, sh.port, fail_soft=True):
                     yield t
             return
-        if nexthop:
-            bracketed = _parse_bracketed(nexthop, self.config.port)
-            if bracketed is not None:
-                async for t in self._host_targets(bracketed[0], bracketed[1], fail_soft=False):
-                    yield t
-                return
-            domain = nexthop.lower().rstrip(".")
-        else:
-            domain = _domain_of(rcpts[0].address)
+        domain = (nexthop or _domain_of(rcpts[0].address)).lower().rstrip(".")
+        bracketed = _parse_bracketed(domain, self.config.port)
+        if bracketed is not None:
+            # "[host]:port" next hop or an address literal "user@[192.0.2.1]": no MX lookup
+            host = bracketed[0]
+            if host.startswith("ipv6:"):
+                host = host[5:]
+            async for t in self._host_targets(host, bracketed[1], fail_soft=False):
+                yield t
+            return
         if self.resolver is None:
             # no resolver: the domain itself, resolved by the reactor
             yield Target(domain, None, self.config.port)

@@ -564,7 +564,8 @@ class SMTPClientProtocol(Protocol):
     @property
     def usable(self) -> bool:
         """True when another message may be sent on this connection."""
-        return self._established and self._connected and self._error is None and self.state == _IDLE
+        return (self._established and self._connected and self._error is None and self.state == _IDLE
+                and not self._replies and not self._parser.partial)
 
     def quit(self) -> defer.Deferred[None]:
         """Say QUIT (bounded wait) and close."""
@@ -673,7 +674,9 @@ class SMTPClientProtocol(Protocol):
             if rcpt.notify:
                 parts.append("NOTIFY=" + ",".join(rcpt.notify))
             if rcpt.orcpt:
-                kind, _, addr = rcpt.orcpt.partition(";")
+                kind, sep, addr = rcpt.orcpt.partition(";")
+                if not sep:
+                    kind, addr = "rfc822", rcpt.orcpt
                 parts.append(f"ORCPT={kind};{xtext_encode(addr)}")
         return " ".join(parts)
 

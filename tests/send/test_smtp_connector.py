@@ -1,6 +1,7 @@
 """SMTPSendConnector on loopback against aiosmtpd and scripted Twisted peers (pytest-twisted)."""
 from __future__ import annotations
 
+import gc
 import io
 from typing import Any
 
@@ -293,6 +294,7 @@ def test_mandatory_tls_verified_with_trustme():
         bad = yield wrong.deliver(request(rcpts=("a@example.net",)))
     finally:
         yield stop_sink(sink)
+        gc.collect()  # collect aiosmtpd's leaked socket here, under this test's filter
     assert ok[0].outcome is Outcome.DELIVERED and ok[0].tls.startswith("TLSv1")
     assert bad[0].outcome is Outcome.DEFERRED and bad[0].reply.status == "4.7.5"
     assert len(sink.messages) == 1
@@ -318,6 +320,7 @@ def test_opportunistic_tls_failure_falls_back_to_plaintext():
         yield conn.close()
     finally:
         yield stop_sink(sink)
+        gc.collect()  # collect aiosmtpd's leaked socket here, under this test's filter
     assert results[0].outcome is Outcome.DELIVERED
     assert results[0].tls is None
     assert sink.messages[0].content == BODY
@@ -327,3 +330,21 @@ def test_opportunistic_tls_failure_falls_back_to_plaintext():
 def test_empty_request_gives_no_results():
     results = yield connector(dead_port()).deliver(request(rcpts=()))
     assert results == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_bracketed_nexthop_and_address_literal_skip_mx():
+    from twisted.internet import reactor
+    server = ScriptedServer()
+    port = server.listen(reactor)
+    cfg = SendConnectorConfig(name="internet", port=port, tls="none")
+    # resolver=None: any MX lookup would go to the reactor's resolver; none happens here
+    conn = SMTPSendConnector(cfg, reactor, reactor, None, "exmta.test", idle_timeout=0)
+    try:
+        [a] = yield conn.deliver(request(rcpts=("a@example.net",), nexthop=f"[127.0.0.1]:{port}"))
+        [b] = yield conn.deliver(request(rcpts=("b@[127.0.0.1]",)))
+    finally:
+        yield server.stop()
+    assert a.outcome is b.outcome is Outcome.DELIVERED
+    assert a.remote_host == f"127.0.0.1[127.0.0.1]:{port}"
+    assert len(server.sessions) == 2

@@ -609,3 +609,19 @@ def test_streaming_respects_backpressure_and_data_block_timeout() -> None:
     [r] = results_of(d2)
     assert r.outcome is Outcome.DEFERRED and "sending data" in r.reply.text
     assert p2.transport.disconnecting or p2.transport.disconnected
+
+
+def test_orcpt_without_type_and_null_sender() -> None:
+    p = Peer()
+    p.establish(("250-mx.test", "250-PIPELINING", "250 DSN"))
+    rc = (Recipient("a@example.net", orcpt="a=b@example.net"),)
+    p.proto.deliver(make_request(recipients=rc, sender=""))
+    assert p.sent_lines() == ["MAIL FROM:<>", "RCPT TO:<a@example.net> ORCPT=rfc822;a+3Db@example.net", "DATA"]
+
+
+def test_unsolicited_reply_makes_connection_unusable() -> None:
+    p = Peer()
+    p.establish()
+    assert p.proto.usable
+    p.server("421 4.4.2 idle timeout")
+    assert not p.proto.usable
