@@ -4,12 +4,12 @@
 #
 #   Debian: postfix (also provides smtp-source / smtp-sink), swaks, knot,
 #           knot-dnsutils, dovecot-core, dovecot-lmtpd, openssl
-#   Python: this repository, editable, with the [test] extras, in "compat"
-#           editable mode so the repository root is on sys.path and
-#           `twistd exmta` finds twisted/plugins/exmta_plugin.py in the tree.
+#   Python: this repository in ./.venv (scripts/install.sh test): editable,
+#           "compat" mode so the repository root is on sys.path and
+#           `.venv/bin/twistd exmta` finds twisted/plugins/exmta_plugin.py,
+#           with the [test] extras.  Tests run with .venv/bin/python -m pytest.
 #
-# Environment: PYTHON (default python3) is the interpreter that gets the
-# packages; it must be the one that later runs `python3 -m pytest`.
+# Environment: PYTHON (default python3) is the interpreter the venv is made from.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
@@ -27,9 +27,12 @@ if [ ! -e /usr/sbin/policy-rc.d ]; then
 fi
 
 debs="postfix swaks knot knot-dnsutils dovecot-core dovecot-lmtpd openssl ca-certificates"
-# a clean Debian 12 has python3 without pip
-if ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
-    debs="$debs python3-pip python3-venv"
+# a clean Debian 12 may lack python3, and has it without venv/ensurepip
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+    debs="$debs python3"
+fi
+if ! "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    debs="$debs python3-venv python3-pip"
 fi
 missing=""
 for p in $debs; do
@@ -50,21 +53,15 @@ for tool in postfix postconf postqueue smtp-source smtp-sink swaks dovecot knotd
 done
 [ -x /usr/lib/dovecot/lmtp ] || { log "missing after install: /usr/lib/dovecot/lmtp"; exit 1; }
 
-# Debian's own python3 is "externally managed" (PEP 668); CI installs into it anyway.
-pip_flags=(-q --disable-pip-version-check --root-user-action=ignore)
-if "$PYTHON" -c 'import sys, sysconfig, os; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["stdlib"], "EXTERNALLY-MANAGED")))' \
-    && [ -z "${VIRTUAL_ENV:-}" ]; then
-    pip_flags+=(--break-system-packages)
-fi
-# compat mode: a plain .pth with the repo root (a strict PEP 660 editable
-# install hides the twisted/plugins directory from twisted.plugin).
-timeout 900 "$PYTHON" -m pip install "${pip_flags[@]}" \
-    --config-settings editable_mode=compat -e "$here[test]"
+# exmta itself, editable (compat mode) with the [test] extras, in ./.venv
+# (scripts/install.sh; Debian's python3 is "externally managed", PEP 668)
+PYTHON="$PYTHON" timeout 900 bash "$here/scripts/install.sh" test
+VPY="$here/.venv/bin/python"
 
 # twistd must discover the plugin from this tree
 (
     cd /
-    "$PYTHON" - "$here" <<'EOF'
+    "$VPY" - "$here" <<'EOF'
 import sys
 from pathlib import Path
 
@@ -79,9 +76,9 @@ if not (want / "exmta_plugin.py").exists():
 print("[install-test-deps] twisted plugin directory found:", want, file=sys.stderr)
 EOF
 )
-if "$PYTHON" -c 'import exmta.tap' >/dev/null 2>&1; then
-    if ! (cd / && "$PYTHON" -c 'from twisted.scripts.twistd import run; import sys; sys.argv[0] = "twistd"; run()' --help) \
-            | grep -qw exmta; then
+if (cd / && "$VPY" -c 'import exmta.tap') >/dev/null 2>&1; then
+    help="$(cd / && "$here/.venv/bin/twistd" --help)"
+    if ! grep -qw exmta <<<"$help"; then
         log "twistd --help does not list exmta"
         exit 1
     fi
