@@ -85,7 +85,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from exmta.config.schema import QueueConfig, SendConnectorConfig
+from exmta.config.schema import Config, QueueConfig, SendConnectorConfig
 from exmta.interfaces import IMessageTracker, IQueueStore, IRouter, ISendConnector
 from exmta.model import (
     DeliveryRequest,
@@ -100,7 +100,7 @@ from exmta.model import (
     TrackingEventId,
 )
 from exmta.queue.bounce import make_dsn
-from exmta.routing.router import UNREACHABLE
+from exmta.routing.router import UNREACHABLE, StaticRouter
 
 LOCAL_KINDS = frozenset({"lmtp", "maildir"})
 DEFAULT_DESTINATION_LIMIT = 20
@@ -253,6 +253,36 @@ class DeliveryScheduler(Service):
         self._deadline: IDelayedCall | None = None
         self._generation = 0
 
+    @classmethod
+    def from_config(
+        cls,
+        config: Config,
+        store: IQueueStore,
+        connectors: Mapping[str, ISendConnector],
+        clock: IReactorTime,
+        tracker: IMessageTracker | None = None,
+        router: IRouter | None = None,
+        **options: Any,
+    ) -> DeliveryScheduler:
+        """The usual wiring: a StaticRouter over ``config.routes`` unless ``router`` is given."""
+        send = send_configs_by_name(config.send)
+        return cls(
+            store,
+            router if router is not None else StaticRouter(config.routes, send),
+            connectors,
+            config.queue,
+            clock,
+            tracker,
+            hostname=config.hostname,
+            postmaster=config.postmaster,
+            send_configs=send,
+            **options,
+        )
+
+    def set_router(self, router: IRouter) -> None:
+        """Swap the router (configuration reload); deliveries already routed keep their route."""
+        self._router = router
+
     # ------------------------------------------------------------ service
 
     def startService(self) -> None:
@@ -345,8 +375,8 @@ class DeliveryScheduler(Service):
         self._claiming = True
         generation = self._generation
         d = defer.maybeDeferred(self._store.claim, self._clock.seconds(), limit)
-        d.addCallbacks(self._cb_claimed, self._eb_claim, callbackArgs=(generation,))
-        d.addBoth(self._claim_done)
+        d.addCallback(self._cb_claimed, generation)
+        d.addCallbacks(self._claim_done, self._eb_claim)
 
     def _cb_claimed(self, entries: list[QueueEntry], generation: int) -> None:
         for entry in entries:
@@ -360,6 +390,8 @@ class DeliveryScheduler(Service):
                 self._log.failure("processing {queue_id} failed", queue_id=entry.queue_id)
 
     def _eb_claim(self, failure: Failure) -> None:
+        self._claiming = False
+        self._claim_again = False
         self._log.failure("claiming from the queue failed; retrying in {delay}s", failure, delay=self._claim_retry)
         if self.running:
             self._set_timer(self._clock.seconds() + self._claim_retry)

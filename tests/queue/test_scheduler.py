@@ -762,6 +762,62 @@ def test_active_window_limits_claims() -> None:
     h.stop()
 
 
+def test_failed_claim_is_retried_later() -> None:
+    h = Harness(claim_retry=5.0)
+    real_claim = h.store.claim
+    failures = []
+
+    def flaky_claim(now: float, limit: int) -> defer.Deferred[Any]:
+        if not failures:
+            failures.append(now)
+            return defer.fail(OSError("disk hiccup"))
+        return real_claim(now, limit)
+
+    h.store.claim = flaky_claim  # type: ignore[method-assign]
+    qid = h.submit("a@remote.example")
+    h.turn()
+    assert failures == [START] and h.out.pending() == []
+    h.clock.advance(4.9)
+    assert h.out.pending() == []
+    h.clock.advance(0.1)
+    [(request, _, _)] = h.out.pending()
+    assert request.queue_id == qid
+    h.out.answer()
+    h.stop()
+
+
+def test_from_config_wiring_and_router_swap() -> None:
+    from exmta.config.schema import Config
+
+    clock = task.Clock()
+    store = MemoryStore(clock)
+    out, hub = FakeConnector("out"), FakeConnector("hub")
+    out.clock = hub.clock = clock
+    config = Config(
+        hostname="relay.exmta.example",
+        send=(SendConnectorConfig("out", max_per_destination=1), SendConnectorConfig("hub")),
+        routes=(RouteConfig(("*",), "out"),),
+        queue=QueueConfig(max_active=7),
+    )
+    scheduler = DeliveryScheduler.from_config(config, store, {"out": out, "hub": hub}, clock, stop_timeout=5.0)
+    scheduler.startService()
+    result(store.submit(ORIGINAL, Envelope("a@sender.example", [Recipient("x@remote.example")])))
+    result(store.submit(ORIGINAL, Envelope("a@sender.example", [Recipient("y@remote.example")])))
+    clock.advance(0)
+    assert len(out.pending()) == 1  # max_per_destination from the send connector config
+    assert scheduler.stats()["max_active"] == 7
+    scheduler.set_router(StaticRouter([RouteConfig(("*",), "hub")], ["out", "hub"]))
+    result(store.submit(ORIGINAL, Envelope("a@sender.example", [Recipient("z@else.example")])))
+    clock.advance(0)
+    assert [c[0].nexthop for c in hub.pending()] == ["else.example"]
+    out.answer()
+    out.answer()
+    hub.answer()
+    assert store.queue_ids() == []
+    assert result(scheduler.stopService()) is None
+    assert clock.getDelayedCalls() == []
+
+
 def test_synchronous_connector() -> None:
     h = Harness()
     h.out.auto = lambda req: [RecipientResult(r.address, Outcome.DELIVERED, OK) for r in req.recipients]
