@@ -65,6 +65,10 @@ Rules, in one place:
 * **Tracking.** One event per recipient and outcome: SEND (remote 250) or
   DELIVER (local connector, same rule as above), DEFER, FAIL, EXPIRE; DSN per
   generated report; POISONMESSAGE when held.
+* **Store errors.** A failed claim is retried after ``claim_retry`` seconds.
+  A failed ``update``/``hold`` is retried with doubling delays
+  (``claim_retry`` * 2^n), ``STORE_RETRIES`` times, while the message keeps
+  its slot in the active window; then it is left leased for ``recover()``.
 * **Stopping.** ``stopService`` stops claiming, cancels timers, returns
   deliveries that have not started to the queue unchanged, and waits up to
   ``stop_timeout`` seconds for running ones. After the deadline the rest are
@@ -75,7 +79,7 @@ Rules, in one place:
 from __future__ import annotations
 
 import collections
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +108,7 @@ from exmta.routing.router import UNREACHABLE, StaticRouter
 
 LOCAL_KINDS = frozenset({"lmtp", "maildir"})
 DEFAULT_DESTINATION_LIMIT = 20
+STORE_RETRIES = 5  # attempts to write a message's state before leaving it to recover()
 
 REPLY_UNROUTABLE = Reply.make(550, "5.4.4", "Unable to route")
 REPLY_EXPIRED = Reply.make(550, "5.4.7", "QUEUE.Expired; message expired")
@@ -244,6 +249,7 @@ class DeliveryScheduler(Service):
         self._in_flight: set[_Delivery] = set()
         self._destinations: dict[tuple[str, str | None], _Destination] = {}
         self._pumping: set[tuple[str, str | None]] = set()
+        self._store_retries: dict[str, IDelayedCall] = {}
         self._claim_call: IDelayedCall | None = None
         self._timer: IDelayedCall | None = None
         self._claiming = False
@@ -323,6 +329,9 @@ class DeliveryScheduler(Service):
             count=len(ids), queue_ids=ids,
         )
         calls = [d.call for d in self._in_flight if d.call is not None]
+        for retry in self._store_retries.values():
+            self._cancel(retry)
+        self._store_retries.clear()
         self._in_flight.clear()
         self._messages.clear()
         self._destinations.clear()
@@ -780,21 +789,56 @@ class DeliveryScheduler(Service):
         d = self._send_dsns(msg)
         if msg.crashed and env.crashes >= self._config.poison_threshold:
             reason = f"poison message: send connector crashed {env.crashes} times"
-            d.addCallback(lambda _: self._store.hold(msg.queue_id, env, reason))
-            d.addCallback(lambda _: self._track(
-                TrackingEventId.POISONMESSAGE, msg, tuple(r.address for r in env.pending()),
-                source="QUEUE", details={"reason": reason},
-            ))
             self._log.warn("{queue_id} moved to hold: {reason}", queue_id=msg.queue_id, reason=reason)
+
+            def hold_done(_: object) -> None:
+                self._track(
+                    TrackingEventId.POISONMESSAGE, msg, tuple(r.address for r in env.pending()),
+                    source="QUEUE", details={"reason": reason},
+                )
+
+            def store_state() -> defer.Deferred[Any]:
+                return defer.maybeDeferred(self._store.hold, msg.queue_id, env, reason).addCallback(hold_done)
         else:
             pending = env.pending()
             now = self._clock.seconds()
             next_attempt = (
                 min(r.next_attempt if r.next_attempt is not None else now for r in pending) if pending else None
             )
-            d.addCallback(lambda _: self._store.update(msg.queue_id, env, next_attempt))
-        d.addErrback(lambda f: self._log.failure("storing the state of {queue_id} failed", f, queue_id=msg.queue_id))
-        d.addBoth(lambda _: self._message_done(msg))
+
+            def store_state() -> defer.Deferred[Any]:
+                return defer.maybeDeferred(self._store.update, msg.queue_id, env, next_attempt)
+
+        d.addCallback(lambda _: self._store_state(msg, store_state, 0))
+
+    def _store_state(self, msg: _Message, store_state: Callable[[], defer.Deferred[Any]], tries: int) -> None:
+        """Write the message's new state; retry with backoff when the store fails.
+
+        After ``STORE_RETRIES`` failures the message is given up in memory and
+        stays leased in the store until ``recover()`` on the next start.
+        """
+        self._store_retries.pop(msg.queue_id, None)
+        if self._messages.get(msg.queue_id) is not msg:
+            return  # abandoned at the stop deadline
+
+        def failed(f: Failure) -> None:
+            if tries + 1 >= STORE_RETRIES or self._messages.get(msg.queue_id) is not msg:
+                self._log.failure(
+                    "storing the state of {queue_id} failed {tries} times; left for recover()", f,
+                    queue_id=msg.queue_id, tries=tries + 1,
+                )
+                self._message_done(msg)
+                return
+            delay = self._claim_retry * 2 ** tries
+            self._log.failure(
+                "storing the state of {queue_id} failed; retrying in {delay}s", f, queue_id=msg.queue_id, delay=delay,
+            )
+            self._store_retries[msg.queue_id] = self._clock.callLater(
+                delay, self._store_state, msg, store_state, tries + 1,
+            )
+
+        d = store_state()
+        d.addCallbacks(lambda _: self._message_done(msg), failed)
 
     def _message_done(self, msg: _Message) -> None:
         if self._messages.get(msg.queue_id) is msg:

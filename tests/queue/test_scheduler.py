@@ -818,6 +818,42 @@ def test_from_config_wiring_and_router_swap() -> None:
     assert clock.getDelayedCalls() == []
 
 
+def test_failed_store_update_is_retried_with_backoff() -> None:
+    h = Harness(claim_retry=5.0)
+    real_update = h.store.update
+    failures: list[float] = []
+
+    def flaky_update(queue_id: str, env: Envelope, next_attempt: float | None) -> defer.Deferred[Any]:
+        if len(failures) < 2:
+            failures.append(h.clock.seconds() - START)
+            return defer.fail(OSError("disk full"))
+        return real_update(queue_id, env, next_attempt)
+
+    h.store.update = flaky_update  # type: ignore[method-assign]
+    qid = h.submit("a@remote.example")
+    h.turn()
+    h.out.answer()
+    assert h.store.queue_of(qid) == "active" and h.scheduler.stats()["active_messages"] == 1
+    h.clock.advance(5)
+    h.clock.advance(10)
+    assert failures == [0.0, 5.0]
+    assert h.store.queue_of(qid) is None and h.scheduler.stats()["active_messages"] == 0
+    h.stop()
+
+
+def test_stop_deadline_cancels_store_retries() -> None:
+    h = Harness(claim_retry=5.0, stop_timeout=3.0)
+    h.store.update = lambda *a: defer.fail(OSError("disk full"))  # type: ignore[method-assign]
+    qid = h.submit("a@remote.example")
+    h.turn()
+    h.out.answer()
+    d = h.scheduler.stopService()
+    h.clock.advance(3)
+    assert result(d) is None
+    assert h.clock.getDelayedCalls() == []
+    assert h.store.queue_of(qid) == "active"
+
+
 def test_synchronous_connector() -> None:
     h = Harness()
     h.out.auto = lambda req: [RecipientResult(r.address, Outcome.DELIVERED, OK) for r in req.recipients]
