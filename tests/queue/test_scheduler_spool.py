@@ -1,0 +1,142 @@
+"""The scheduler over the real SpoolStore (synchronous thread pool stand-in, task.Clock)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.internet import defer, task
+from twisted.python.failure import Failure
+
+from exmta.config.schema import QueueConfig, RouteConfig
+from exmta.model import DeliveryRequest, Envelope, Outcome, Recipient, RecipientResult, Reply
+from exmta.queue.scheduler import DeliveryScheduler
+from exmta.queue.spool import SpoolStore
+from exmta.routing import StaticRouter
+
+START = 1_700_000_000.0
+CONTENT = b"From: a@sender.example\r\nSubject: spool\r\n\r\nbody\r\n"
+
+
+class SyncReactor:
+    def callFromThread(self, f: Callable[..., Any], *a: Any, **kw: Any) -> None:
+        f(*a, **kw)
+
+
+class SyncPool:
+    def callInThreadWithCallback(self, on_result: Callable[..., Any], f: Callable[..., Any], *a: Any, **kw: Any) -> None:
+        try:
+            r = f(*a, **kw)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, r)
+
+
+class Connector:
+    def __init__(self) -> None:
+        self.calls: list[tuple[DeliveryRequest, defer.Deferred[Any]]] = []
+        self.crash = False
+
+    def deliver(self, request: DeliveryRequest) -> defer.Deferred[Any]:
+        if self.crash:
+            raise RuntimeError("bug")
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.calls.append((request, d))
+        return d
+
+    def answer(self, outcome: Outcome, reply: Reply) -> DeliveryRequest:
+        request, d = self.calls.pop(0)
+        d.callback([RecipientResult(r.address, outcome, reply) for r in request.recipients])
+        return request
+
+
+def setup(tmp_path: Path) -> tuple[task.Clock, SpoolStore, Connector, DeliveryScheduler]:
+    clock = task.Clock()
+    clock.advance(START)
+    store = SpoolStore(str(tmp_path / "spool"), SyncReactor(), SyncPool(), clock)
+    connector = Connector()
+    scheduler = DeliveryScheduler(
+        store, StaticRouter([RouteConfig(("*",), "out")], ["out"]), {"out": connector},
+        QueueConfig(retry_schedule=(300.0,), max_lifetime=1000.0, delay_warning=0.0, poison_threshold=2),
+        clock, hostname="mx.exmta.example",
+    )
+    return clock, store, connector, scheduler
+
+
+def fired(d: defer.Deferred[Any]) -> Any:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "not fired"
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return out[0]
+
+
+def test_retry_then_delivery_on_the_spool(tmp_path: Path) -> None:
+    clock, store, connector, scheduler = setup(tmp_path)
+    scheduler.startService()
+    qid = fired(store.submit(CONTENT, Envelope("a@sender.example", [Recipient("b@remote.example")])))
+    clock.advance(0)
+    request = connector.answer(Outcome.DEFERRED, Reply.make(451, "4.4.1", "later"))
+    assert request.queue_id == qid
+    with request.open_content() as f:
+        assert f.read() == CONTENT
+    [deferred] = fired(store.list_messages("deferred"))
+    assert deferred.recipients[0].attempts == 1 and deferred.recipients[0].next_attempt == START + 300
+    assert store.next_due() == START + 300
+    clock.advance(300)
+    connector.answer(Outcome.DELIVERED, Reply.make(250, "2.0.0", "ok"))
+    for queue in ("incoming", "active", "deferred", "hold"):
+        assert fired(store.list_messages(queue)) == []
+    assert fired(scheduler.stopService()) is None
+    assert clock.getDelayedCalls() == []
+
+
+def test_bounce_is_spooled_and_delivered(tmp_path: Path) -> None:
+    clock, store, connector, scheduler = setup(tmp_path)
+    scheduler.startService()
+    fired(store.submit(CONTENT, Envelope("a@sender.example", [Recipient("b@remote.example")])))
+    clock.advance(0)
+    connector.answer(Outcome.FAILED, Reply.make(550, "5.1.1", "unknown"))
+    clock.advance(0)
+    [(request, _)] = connector.calls
+    assert request.envelope.kind == "dsn" and request.envelope.sender == ""
+    with request.open_content() as f:
+        assert b"multipart/report" in f.read()
+    connector.answer(Outcome.DELIVERED, Reply.make(250, "2.0.0", "ok"))
+    assert fired(store.list_messages("active")) == [] and fired(store.list_messages("deferred")) == []
+    assert fired(scheduler.stopService()) is None
+    assert clock.getDelayedCalls() == []
+
+
+def test_poison_message_lands_in_the_spool_hold_queue(tmp_path: Path) -> None:
+    clock, store, connector, scheduler = setup(tmp_path)
+    connector.crash = True
+    scheduler.startService()
+    qid = fired(store.submit(CONTENT, Envelope("a@sender.example", [Recipient("b@remote.example")])))
+    clock.advance(0)
+    clock.advance(300)
+    [held] = fired(store.list_messages("hold"))
+    assert held.queue_id == qid and held.crashes == 2 and held.held_reason
+    assert fired(scheduler.stopService()) is None
+    assert clock.getDelayedCalls() == []
+
+
+def test_stop_deadline_then_recover_and_restart(tmp_path: Path) -> None:
+    clock, store, connector, scheduler = setup(tmp_path)
+    scheduler.startService()
+    qid = fired(store.submit(CONTENT, Envelope("a@sender.example", [Recipient("b@remote.example")])))
+    clock.advance(0)
+    d = scheduler.stopService()
+    clock.advance(30)
+    assert fired(d) is None
+    assert [e.queue_id for e in fired(store.list_messages("active"))] == [qid]
+    connector.calls.clear()
+    fired(store.recover())
+    scheduler.startService()
+    clock.advance(0)
+    [(request, _)] = connector.calls
+    assert request.queue_id == qid
+    connector.answer(Outcome.DELIVERED, Reply.make(250, "2.0.0", "ok"))
+    assert fired(scheduler.stopService()) is None
+    assert clock.getDelayedCalls() == []
