@@ -56,7 +56,9 @@ Rules, in one place:
 * **Crashes.** A connector that raises or errbacks counts as DEFERRED
   ``451 4.3.0`` for its recipients and the message's ``crashes`` goes up by
   one for that attempt; at ``poison_threshold`` the message is moved to the
-  hold queue with ``store.hold`` and a POISONMESSAGE event. A connector that
+  hold queue with ``store.hold`` and a POISONMESSAGE event. A claimed message
+  whose ``crashes`` already reached the threshold (a store's ``recover()``
+  may count process crashes there) is held without another attempt. A connector that
   does not answer within ``delivery_timeout`` is cancelled and counts as
   DEFERRED ``451 4.4.2`` (not a crash).
 * **Routing.** Recipients in a route to :data:`~exmta.routing.router.UNREACHABLE`
@@ -460,6 +462,10 @@ class DeliveryScheduler(Service):
             env.received_at = now
         msg = _Message(entry)
         self._messages[entry.queue_id] = msg
+        if env.crashes >= self._config.poison_threshold:
+            # counted by the store's recover() after process crashes: do not try again
+            self._finalize(msg)
+            return
         msg.outstanding += 1  # guard: deliveries may finish synchronously while we route
         try:
             due = [r for r in env.pending() if r.next_attempt is None or r.next_attempt <= now]
@@ -787,8 +793,8 @@ class DeliveryScheduler(Service):
         if msg.crashed:
             env.crashes += 1
         d = self._send_dsns(msg)
-        if msg.crashed and env.crashes >= self._config.poison_threshold:
-            reason = f"poison message: send connector crashed {env.crashes} times"
+        if env.crashes >= self._config.poison_threshold:
+            reason = f"poison message: delivery crashed {env.crashes} times"
             self._log.warn("{queue_id} moved to hold: {reason}", queue_id=msg.queue_id, reason=reason)
 
             def hold_done(_: object) -> None:

@@ -651,6 +651,17 @@ def test_crashing_connector_makes_a_poison_message() -> None:
     h.stop()
 
 
+def test_message_that_crashed_the_process_is_held_on_claim() -> None:
+    h = Harness()
+    env = Envelope(sender="a@sender.example", recipients=[Recipient("b@remote.example")], crashes=3)
+    qid = result(h.store.submit(ORIGINAL, env))
+    h.turn()
+    assert h.out.calls == []
+    assert h.store.queue_of(qid) == "hold"
+    assert h.tracker.ids(qid) == ["POISONMESSAGE"]
+    h.stop()
+
+
 def test_errback_counts_as_crash_and_recovers() -> None:
     h = Harness()
     qid = h.submit("b@remote.example")
