@@ -348,3 +348,58 @@ def test_bracketed_nexthop_and_address_literal_skip_mx():
     assert a.outcome is b.outcome is Outcome.DELIVERED
     assert a.remote_host == f"127.0.0.1[127.0.0.1]:{port}"
     assert len(server.sessions) == 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_large_message_over_tls_streams_intact():
+    """A few MB through STARTTLS: exercises the producer/back-pressure path on a real TLS transport."""
+    import ssl
+
+    import trustme
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("sink.test").configure_cert(server_ctx)
+    sink = yield start_sink(tls_context=server_ctx, data_size_limit=0)
+    lines = [b"Subject: big\r\n", b"\r\n"]
+    for i in range(60_000):
+        lines.append(b".%06d starts with a dot and is padded ...........................\r\n" % i)
+    content = b"".join(lines)
+    assert len(content) > 4_000_000
+    try:
+        conn = connector(sink.port, tls="opportunistic")
+        results = yield conn.deliver(request(rcpts=("a@example.net",), content=content))
+        yield conn.close()
+    finally:
+        yield stop_sink(sink)
+    assert results[0].outcome is Outcome.DELIVERED and results[0].tls is not None
+    assert sink.messages[0].content == content
+
+
+@pytest_twisted.inlineCallbacks
+def test_idle_connection_expires_on_the_injected_clock():
+    from twisted.internet import reactor
+    from twisted.internet.task import Clock
+    clock = Clock()
+    server = ScriptedServer()
+    port = server.listen(reactor)
+    cfg = SendConnectorConfig(name="out", smarthosts=(SmartHost("127.0.0.1", port),), tls="none")
+    conn = SMTPSendConnector(cfg, reactor, clock, None, "exmta.test", idle_timeout=15.0)
+    try:
+        [r] = yield conn.deliver(request(rcpts=("a@example.net",)))
+        assert r.outcome is Outcome.DELIVERED and conn.idle_connections == 1
+        clock.advance(14)
+        assert conn.idle_connections == 1
+        clock.advance(2)
+        assert conn.idle_connections == 0
+        for _ in range(200):  # bounded: wait for QUIT to reach the server
+            if server.sessions[0].commands[-1:] == ["QUIT"]:
+                break
+            yield deferLater(reactor, 0.01)
+    finally:
+        yield server.stop()
+    assert server.sessions[0].commands[-1] == "QUIT"
+
+
+def deferLater(reactor: Any, seconds: float) -> defer.Deferred[None]:
+    from twisted.internet.task import deferLater as _later
+    return _later(reactor, seconds, lambda: None)
