@@ -97,8 +97,9 @@ class MemoryStore:
     ``claim`` call: ``(now, limit, returned ids)``).
     """
 
-    def __init__(self, clock: IReactorTime) -> None:
+    def __init__(self, clock: IReactorTime, *, count_crashes: bool = False) -> None:
         self._clock = clock
+        self._count_crashes = count_crashes
         self._messages: dict[str, _Stored] = {}
         self._listeners: list[Callable[[str], Any]] = []
         self._seq = 0
@@ -139,12 +140,15 @@ class MemoryStore:
             env.received_at = now
         self._seq += 1
         self._messages[queue_id] = _Stored(env, content, "incoming", now, self._seq)
+        self._notify(queue_id)
+        return queue_id
+
+    def _notify(self, queue_id: str) -> None:
         for listener in list(self._listeners):
             try:
                 listener(queue_id)
             except Exception:
                 _log.failure("queue listener failed for {queue_id}", queue_id=queue_id)
-        return queue_id
 
     # ------------------------------------------------------------ scheduling
 
@@ -192,12 +196,13 @@ class MemoryStore:
             stored.due = float(next_attempt)
         return defer.succeed(None)
 
-    def hold(self, queue_id: str, envelope: Envelope, reason: str) -> defer.Deferred[None]:
+    def hold(self, queue_id: str, envelope: Envelope | None, reason: str) -> defer.Deferred[None]:
+        """Move a message from any queue to hold; envelope None keeps the stored one (operator hold)."""
         try:
             stored = self._get(queue_id)
         except KeyError as e:
             return defer.fail(e)
-        stored.envelope = _copy(envelope)
+        stored.envelope = _copy(envelope if envelope is not None else stored.envelope)
         stored.envelope.queue_id = queue_id
         stored.envelope.held_reason = reason
         stored.queue = "hold"
@@ -215,13 +220,17 @@ class MemoryStore:
         stored.envelope.crashes = 0
         stored.queue = "incoming"
         stored.due = self._clock.seconds()
+        self._notify(queue_id)
         return defer.succeed(None)
 
     def recover(self) -> defer.Deferred[int]:
+        """Leased messages back to incoming; with count_crashes each one's crash count goes up."""
         count = 0
         for stored in self._messages.values():
             if stored.queue == "active":
                 stored.queue = "incoming"
+                if self._count_crashes:
+                    stored.envelope.crashes += 1
                 count += 1
         return defer.succeed(count)
 

@@ -131,3 +131,22 @@ def test_listener_failure_does_not_break_submit(store: MemoryStore) -> None:
     store.add_listener(seen.append)
     qid = result(store.submit(b"x\r\n", envelope()))
     assert seen == [qid]
+
+
+def test_operator_hold_keeps_envelope_and_release_notifies(store: MemoryStore) -> None:
+    qid = result(store.submit(b"x\r\n", envelope("keep@example.net")))
+    result(store.hold(qid, None, "operator"))
+    held = store.envelope(qid)
+    assert held.held_reason == "operator" and held.recipients[0].address == "keep@example.net"
+    seen: list[str] = []
+    store.add_listener(seen.append)
+    result(store.release(qid))
+    assert seen == [qid] and store.queue_of(qid) == "incoming"
+
+
+def test_recover_can_count_crashes(clock: task.Clock) -> None:
+    store = MemoryStore(clock, count_crashes=True)
+    qid = result(store.submit(b"x\r\n", envelope()))
+    result(store.claim(clock.seconds(), 1))
+    assert result(store.recover()) == 1
+    assert store.envelope(qid).crashes == 1
