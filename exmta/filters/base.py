@@ -18,7 +18,7 @@ import io
 import re
 from email.parser import BytesHeaderParser
 from email.policy import compat32
-from typing import Any, BinaryIO, Callable, Sequence
+from typing import Any, BinaryIO, Callable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -64,6 +64,11 @@ class FilterBase:
         return Verdict.CONTINUE
 
 
+def _check_on_error(value: str) -> None:
+    if value not in ("tempfail", "continue"):
+        raise ValueError(f"on_error must be 'tempfail' or 'continue', not {value!r}")
+
+
 def call_hook(method: Callable[..., Any], *args: Any) -> Deferred[Any]:
     """Call a hook that may return a value, a Deferred or a coroutine; always get a Deferred."""
     try:
@@ -86,13 +91,29 @@ class FilterChain:
         clock: IReactorTime,
         timeout: float = 30.0,
         on_error: str = "tempfail",
+        per_filter: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
-        if on_error not in ("tempfail", "continue"):
-            raise ValueError(f"on_error must be 'tempfail' or 'continue', not {on_error!r}")
+        """``per_filter`` maps a filter's name to overrides: ``{"timeout": s, "on_error": ...}``.
+
+        Passing ``Config.filters`` (the ``[filters.NAME]`` tables) works: other keys are ignored.
+        """
+        _check_on_error(on_error)
         self.filters = tuple(filters)
         self.clock = clock
         self.timeout = timeout
         self.on_error = on_error
+        self._settings: dict[str, tuple[float, str]] = {}
+        for name, table in (per_filter or {}).items():
+            t = float(table.get("timeout", timeout))
+            e = str(table.get("on_error", on_error))
+            _check_on_error(e)
+            if t <= 0:
+                raise ValueError(f"filter {name}: timeout must be positive")
+            self._settings[name] = (t, e)
+
+    def settings_for(self, flt: Any) -> tuple[float, str]:
+        """(timeout, on_error) for one filter."""
+        return self._settings.get(getattr(flt, "name", ""), (self.timeout, self.on_error))
 
     def __len__(self) -> int:
         return len(self.filters)
@@ -126,13 +147,14 @@ class FilterChain:
             if method is None:
                 continue
             name = getattr(flt, "name", type(flt).__name__)
+            timeout, on_error = self.settings_for(flt)
             d = call_hook(method, *args)
-            d.addTimeout(self.timeout, self.clock)
+            d.addTimeout(timeout, self.clock)
             try:
                 verdict = await d
             except Exception:
                 log.failure("filter {filter_name} failed in phase {phase}", filter_name=name, phase=phase)
-                if self.on_error == "continue":
+                if on_error == "continue":
                     continue
                 return FILTER_ERROR
             if not isinstance(verdict, Verdict):
@@ -140,7 +162,7 @@ class FilterChain:
                     "filter {filter_name} returned {result!r} in phase {phase}, not a Verdict",
                     filter_name=name, result=verdict, phase=phase,
                 )
-                if self.on_error == "continue":
+                if on_error == "continue":
                     continue
                 return FILTER_ERROR
             if verdict.action in (Action.CONTINUE, Action.ACCEPT):

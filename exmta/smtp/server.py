@@ -73,6 +73,8 @@ class ESMTPServer(Protocol):
     log = Logger()
     #: how long a receive policy call may take before the command gets 451 4.3.0
     policy_timeout = 60.0
+    #: extra octets MAIL/RCPT lines may have for SIZE, DSN and AUTH parameters (RFC 3461 5, RFC 4954 5)
+    PARAMETER_ALLOWANCE = 1024
 
     def __init__(self, factory: ESMTPServerFactory) -> None:
         self.factory = factory
@@ -84,6 +86,7 @@ class ESMTPServer(Protocol):
             max_text_line=cfg.max_text_line,
             bare_newline=cfg.bare_lf,
             max_message_size=cfg.max_message_size,
+            parameter_allowance=self.PARAMETER_ALLOWANCE,
         )
         self.session: Session | None = None
         self.txn: Transaction | None = None
@@ -132,9 +135,14 @@ class ESMTPServer(Protocol):
 
     async def _on_connect(self) -> None:
         assert self.session is not None
-        verdict = await self._policy("check_connect", self.session)
-        if verdict.action in (Action.CONTINUE, Action.ACCEPT, Action.DISCARD):
-            verdict = await self.factory.filters.on_connect(self.session)
+        try:
+            verdict = await self._policy("check_connect", self.session)
+            if verdict.action in (Action.CONTINUE, Action.ACCEPT, Action.DISCARD):
+                verdict = await self.factory.filters.on_connect(self.session)
+        except Exception:
+            self.log.failure("session {session_id}: connect check failed", session_id=self._sid)
+            self._close(Reply.make(421, "4.3.0", f"{self.config.hostname} Error: internal error, try again later"))
+            return
         if verdict.action in (Action.REJECT, Action.TEMPFAIL, Action.DISCONNECT):
             reply = _default_reply(verdict)
             # a refused connection gets 554 or 421 (RFC 5321 3.1), then we close

@@ -121,10 +121,14 @@ class ServerParser:
         max_text_line: int = 1000,
         bare_newline: BareNewlinePolicy | str = BareNewlinePolicy.REJECT,
         max_message_size: int = 0,
+        parameter_allowance: int = 0,
     ) -> None:
         if max_command_line < 3:
             raise ValueError("max_command_line must leave room for CRLF")
         self.max_command_line = max_command_line
+        # MAIL and RCPT may be longer by what the advertised extensions add
+        # (RFC 1870 SIZE 26, RFC 3461 RET/ENVID 100 and NOTIFY/ORCPT 500, RFC 4954 AUTH 500)
+        self.parameter_allowance = parameter_allowance
         self.max_text_line = max_text_line
         self.bare_newline = BareNewlinePolicy(bare_newline)
         self.max_message_size = max_message_size
@@ -214,7 +218,8 @@ class ServerParser:
 
     def _next_command(self) -> Event | None:
         buf = self._buf
-        limit = self.max_command_line
+        base = self.max_command_line
+        limit = base + self.parameter_allowance
         while True:
             if self._skipping:
                 end = buf.find(CRLF)
@@ -236,6 +241,8 @@ class ServerParser:
                 return InvalidLine(INVALID_TOO_LONG, raw)
             line = bytes(buf[:end])
             del buf[: end + 2]
+            if end + 2 > base and line[:5].upper() not in (b"MAIL ", b"RCPT "):
+                return InvalidLine(INVALID_TOO_LONG, line[:_RAW_KEEP])
             return _parse_command(line)
 
     # -- DATA mode

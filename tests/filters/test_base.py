@@ -215,3 +215,21 @@ def test_harness_timeouts_and_raw_errors():
     with pytest.raises(Exception):
         h.run("helo", h.session(), raw=True)  # cancelled after the timeout
     assert h.clock.getDelayedCalls() == []
+
+
+def test_per_filter_timeout_and_on_error_override_the_chain():
+    slow, broken = Async(), Async()
+    slow.name, broken.name = "slow", "broken"
+    clock = Clock()
+    chain = FilterChain([slow], clock, timeout=30, per_filter={
+        "slow": {"plugin": "x", "timeout": 2, "on_error": "continue"},
+        "other": {"plugin": "y"},
+    })
+    results = run(chain, "helo", None)
+    clock.advance(2)
+    assert results == [Verdict.CONTINUE]
+    assert chain.settings_for(broken) == (30, "tempfail")
+    with pytest.raises(ValueError):
+        FilterChain([], clock, per_filter={"x": {"on_error": "explode"}})
+    with pytest.raises(ValueError):
+        FilterChain([], clock, per_filter={"x": {"timeout": 0}})

@@ -940,3 +940,164 @@ def test_shutdown_without_sessions_fires_at_once():
     c = make()
     c.lose()
     assert c.factory.shutdown(5).called
+
+
+# ------------------------------------------------------------ more edge cases
+
+
+def test_connect_check_failure_is_421_and_close():
+    clock = Clock()
+    policy = FakePolicy()
+    policy.check_connect = lambda session: 1 / 0  # type: ignore[method-assign]
+    factory = ESMTPServerFactory(ReceiveConnectorConfig(name="x", hostname="mx.test"), policy,
+                                 FilterChain([], clock), FakeStore(), clock)
+    proto = factory.buildProtocol(None)
+    t = StringTransport()
+    proto.makeConnection(t)
+    assert t.value() == b"421 4.3.0 mx.test Error: internal error, try again later\r\n" and t.disconnecting
+
+
+def test_long_orcpt_fits_the_rfc3461_allowance(c):
+    c.ehlo()
+    c.send(b"MAIL FROM:<a@sender.test>\r\n")
+    orcpt = b"rfc822;" + b"o" * 600 + b"@x.test"
+    assert c.send(b"RCPT TO:<b@local.test> ORCPT=" + orcpt + b"\r\n") == b"250 2.1.5 Ok\r\n"
+    assert c.send(b"NOOP " + b"n" * 600 + b"\r\n") == b"500 5.5.6 Error: line too long\r\n"
+
+
+def test_ipv6_client_in_received():
+    c = make()
+    c.proto.session.peer_ip = "2001:db8::7"
+    c.read()
+    c.ehlo()
+    c.envelope()
+    c.send(b"DATA\r\nx\r\n.\r\n")
+    assert c.store.committed[0][0].startswith(b"Received: from client.test ([IPv6:2001:db8::7])\r\n")
+
+
+def test_disconnect_while_data_filter_runs_queues_nothing():
+    pending: list[Deferred] = []
+
+    class Slow(FilterBase):
+        name = "slow"
+
+        def on_data(self, session, txn, message):
+            pending.append(Deferred())
+            return pending[-1]
+
+    c = make(filters=[Slow()])
+    c.read()
+    c.ehlo()
+    c.envelope()
+    c.send(b"DATA\r\nx\r\n.\r\n")
+    c.lose()
+    pending[0].callback(Verdict.CONTINUE)
+    assert c.store.committed == [] and c.store.writers[0].aborted
+
+
+def test_tracker_failure_does_not_change_the_reply(c):
+    c.tracker.track = lambda event: 1 / 0  # type: ignore[method-assign]
+    c.ehlo()
+    c.envelope()
+    c.send(b"DATA\r\n")
+    assert c.send(b"x\r\n.\r\n") == b"250 2.0.0 Ok: queued as Q1\r\n"
+
+
+# ------------------------------------------------------------ regressions: ../shared/probes/twisted_mail_probe.py
+
+
+def test_probe1_ehlo_lists_what_we_do_and_no_auth_in_plaintext():
+    c = make(tls=object())
+    c.read()
+    out = c.send(b"EHLO client.test\r\n")
+    for ext in (b"PIPELINING", b"SIZE 1000000", b"8BITMIME", b"SMTPUTF8", b"ENHANCEDSTATUSCODES",
+                b"CHUNKING", b"DSN", b"STARTTLS"):
+        assert b"250-" + ext + b"\r\n" in out or b"250 " + ext + b"\r\n" in out
+    assert b"AUTH" not in out
+
+
+def test_probe4_unknown_mail_parameter_is_555_and_nothing_is_recorded(c):
+    c.ehlo()
+    out = c.send(b"MAIL FROM:<a@x.test> SIZE=99999999999 BODY=BINARYMIME SMTPUTF8 NONSENSE=1\r\n")
+    assert out == b"555 5.5.4 Error: unsupported parameter\r\n"
+    assert c.proto.txn is None
+
+
+def test_probe5_bdat_works_and_bare_auth_does_not_crash(c):
+    c.ehlo()
+    c.envelope()
+    assert c.send(b"BDAT 5 LAST\r\nhello") == b"250 2.0.0 Ok: queued as Q1\r\n"
+    assert c.send(b"AUTH\r\n") == b"502 5.5.1 Error: command not implemented\r\n"
+    assert not c.closed
+
+
+def test_probe6_one_commit_for_all_recipients_and_4xx_on_failure(c):
+    c.store.fail_commit = True
+    c.ehlo()
+    c.envelope(rcpts=("ok@local.test", "broken@local.test"))
+    c.send(b"DATA\r\n")
+    assert c.send(b"Subject: hi\r\n\r\nbody\r\n.\r\n") == b"451 4.3.0 Error: internal error, try again later\r\n"
+    assert len(c.store.writers) == 1  # one copy of the message, not one per recipient
+
+
+def test_probe7_lf_dot_lf_stays_inside_and_is_refused(c):
+    c.ehlo()
+    c.send(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<ok@local.test>\r\nDATA\r\n")
+    out = c.send(b"Subject: x\r\n\r\nhello\n.\nMAIL FROM:<smuggled@evil.test>\r\n.\r\n")
+    assert out == b"550 5.6.11 Error: bare <LF> or <CR> not allowed in message content\r\n"
+
+
+def test_probe8_stuffer_at_a_16k_chunk_boundary_does_not_end_data_early():
+    from exmta.smtp.wire import DotStuffer
+
+    c = make(max_text_line=0)  # the probe's first line is 16 KiB long
+    c.read()
+
+    n = 2 ** 14
+    body = b"Subject: t\n\n" + b"A" * (n - 1 - len(b"Subject: t\n\n")) + b"\n" + b".\nRSET\n"
+    stuffer = DotStuffer()
+    wire = b"".join(stuffer.feed(body[i:i + n]) for i in range(0, len(body), n)) + stuffer.finish()
+    assert wire.count(b"\r\n.\r\n") == 1 and wire.endswith(b"\r\n.\r\n")
+    c.ehlo()
+    c.envelope()
+    c.send(b"DATA\r\n")
+    assert c.send(wire) == b"250 2.0.0 Ok: queued as Q1\r\n"
+    assert c.store.committed[0][0].endswith(b"\r\n.\r\nRSET\r\n")
+
+
+def test_probe9_utf8_envelope_addresses(c):
+    c.ehlo()
+    out = c.send("MAIL FROM:<j\u00f6hn@ex\u00e4mple.test> SMTPUTF8\r\n".encode())
+    assert out == b"250 2.1.0 Ok\r\n"
+    assert c.send("RCPT TO:<\u00fc@local.test>\r\n".encode()) == b"250 2.1.5 Ok\r\n"
+
+
+# ------------------------------------------------------------ fuzz: whatever arrives, the server stays sane
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_TOKENS = [
+    b"EHLO c\r\n", b"HELO c\r\n", b"MAIL FROM:<a@s.test>\r\n", b"MAIL FROM:<a@s.test> SIZE=5\r\n",
+    b"RCPT TO:<b@local.test>\r\n", b"RCPT TO:<x@denied.test>\r\n", b"DATA\r\n", b"BDAT 3\r\n",
+    b"BDAT 2 LAST\r\n", b"RSET\r\n", b"NOOP\r\n", b"x\r\n", b".\r\n", b"\r\n", b"\n", b"\r", b".",
+    b"\x00", b"\xff", b"A" * 300, b"STARTTLS\r\n", b"VRFY x\r\n",
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(_TOKENS), max_size=40), st.integers(min_value=1, max_value=50))
+def test_fuzzed_sessions_never_crash_and_answer_with_valid_replies(tokens, cut):
+    c = make(max_errors=1000)
+    stream = b"".join(tokens)
+    for i in range(0, len(stream), cut):
+        c.proto.dataReceived(stream[i:i + cut])
+    out = c.read()
+    for line in out.split(b"\r\n")[:-1]:
+        assert re.fullmatch(rb"[2-5]\d\d[ -].*", line), line
+        assert not line.startswith(b"451 4.3.0")  # no internal errors
+    queued = out.count(b"queued as")
+    assert queued == len(c.store.committed)
+    c.lose()
+    assert all(w.aborted or w.committed for w in c.store.writers)
+    assert c.clock.getDelayedCalls() == []

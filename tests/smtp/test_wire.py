@@ -106,6 +106,17 @@ def test_overlong_line_without_crlf_is_reported_once_and_skipped():
     assert parser.next_event() == Command("QUIT", "", b"QUIT")
 
 
+def test_mail_and_rcpt_get_the_parameter_allowance():
+    rcpt = b"RCPT TO:<b@x.test> ORCPT=rfc822;" + b"o" * 700
+    noop = b"NOOP " + b"n" * 700
+    events = parse(rcpt + b"\r\n" + noop + b"\r\nQUIT\r\n", parameter_allowance=1024)
+    assert [type(e) for e in events] == [Command, InvalidLine, Command]
+    assert events[0].verb == "RCPT" and events[1].reason == INVALID_TOO_LONG
+    too_long = b"MAIL FROM:<a@b.test> " + b"X" * 1600
+    events = parse(too_long + b"\r\nQUIT\r\n", chunks=[100] * 5, parameter_allowance=1024)
+    assert [type(e) for e in events] == [InvalidLine, Command]
+
+
 @pytest.mark.parametrize("line, reason", [
     (b"NOOP\nMAIL FROM:<x@y>", INVALID_BARE_NEWLINE),
     (b"NOOP\rRSET", INVALID_BARE_NEWLINE),
@@ -307,11 +318,13 @@ _crlf_text = st.lists(
 def test_rechunking_never_changes_events(body, sizes, policy):
     stream = (
         b"EHLO c\r\nMAIL FROM:<a@b>\r\nDATA\r\n" + body + b"\r\n.\r\n"
-        + b"BDAT 5\r\n" + body[:5].ljust(5, b"z") + b"BDAT 0 LAST\r\n" + b"X" * 700 + b"\r\nQUIT\r\n"
+        + b"BDAT 5\r\n" + body[:5].ljust(5, b"z") + b"BDAT 0 LAST\r\n" + b"X" * 700 + b"\r\n"
+        + b"NOOP " + body[:50] + b"\r\nRCPT TO:<x@y> " + body + b"\r\nQUIT\r\n"
     )
-    whole = parse(stream, bare_newline=policy, max_text_line=20)
-    assert parse(stream, sizes, bare_newline=policy, max_text_line=20) == whole
-    assert parse(stream, [1] * len(stream), bare_newline=policy, max_text_line=20) == whole
+    kw = dict(bare_newline=policy, max_text_line=20, max_command_line=40, parameter_allowance=30)
+    whole = parse(stream, **kw)
+    assert parse(stream, sizes, **kw) == whole
+    assert parse(stream, [1] * len(stream), **kw) == whole
     assert whole[-1] == Command("QUIT", "", b"QUIT")
 
 
