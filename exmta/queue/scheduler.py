@@ -43,7 +43,9 @@ Rules, in one place:
 * **Delay warnings.** When ``delay_warning`` > 0, a recipient deferred at or
   after ``received_at + delay_warning`` gets one ``action=delayed`` DSN if its
   NOTIFY includes DELAY or it had no NOTIFY (RFC 3461 leaves the default to
-  the server; we warn, as Exchange does).
+  the server; we warn, as Exchange does). The retry before the warning is
+  brought forward to the warning time, so the warning is not late by up to
+  one retry interval.
 * **DSNs.** FAILED and EXPIRED recipients bounce when NOTIFY includes FAILURE
   or is absent. Recipients delivered by a *local* connector (Maildir or LMTP:
   ``send_configs[name].kind`` in ``{"lmtp", "maildir"}``, or a ``kind``
@@ -770,18 +772,21 @@ class DeliveryScheduler(Service):
                 return
             if retry_at is None:
                 retry_at = now + backoff(r.attempts - 1, self._config.retry_schedule)
+            warn_at = env.received_at + self._config.delay_warning
+            warn = (
+                self._config.delay_warning > 0 and not r.delay_notified
+                and wants_notify(r.notify, "DELAY") and self._bounceable(env)
+            )
+            if warn and now >= warn_at:
+                r.delay_notified = True
+                msg.delayed.append(r)
+            elif warn:
+                retry_at = min(retry_at, warn_at)  # try again when the warning is due, so it is on time
             r.next_attempt = min(retry_at, expires)
             self._track(
                 TrackingEventId.DEFER, msg, (r.address,), connector=connector, result=result, source="QUEUE",
                 details={"next_attempt": r.next_attempt},
             )
-            warn_at = env.received_at + self._config.delay_warning
-            if (
-                self._config.delay_warning > 0 and now >= warn_at and not r.delay_notified
-                and wants_notify(r.notify, "DELAY") and self._bounceable(env)
-            ):
-                r.delay_notified = True
-                msg.delayed.append(r)
 
     @staticmethod
     def _bounceable(env: Envelope) -> bool:

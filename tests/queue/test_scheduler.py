@@ -425,29 +425,45 @@ def test_expiry_bounces_with_last_reply() -> None:
     h.stop()
 
 
-def test_delay_warning_sent_once() -> None:
+def test_delay_warning_sent_once_and_on_time() -> None:
     h = Harness(QueueConfig(retry_schedule=(300.0,), max_lifetime=10000.0, delay_warning=500.0))
     qid = h.submit("b@remote.example")
     h.turn()
-    for t in (0, 300, 600, 900, 1200):
-        h.at(t)
-        h.out.answer(*[i for i, c in enumerate(h.out.pending()) if c[0].queue_id == qid][:1],
-                     outcome=Outcome.DEFERRED, reply=LATER)
-    dsns = h.dsns()
-    assert len(dsns) == 1
-    [(_, dsn_env, msg)] = dsns
+    times = []
+    for _ in range(5):
+        [(_, _, t)] = [c for c in h.out.pending() if c[0].queue_id == qid]
+        times.append(t - START)
+        index = [i for i, c in enumerate(h.out.pending()) if c[0].queue_id == qid][0]
+        h.out.answer(index, outcome=Outcome.DEFERRED, reply=LATER)
+        for c in [c for c in h.out.pending() if c[0].queue_id != qid]:
+            h.out.answer(h.out.pending().index(c))  # deliver the DSN
+        h.at(h.store.due(qid) - START)
+    assert times == [0.0, 300.0, 500.0, 800.0, 1100.0]  # the retry before the warning moved to 500
+    dsn_events = h.tracker.of(TrackingEventId.DSN)
+    assert len(dsn_events) == 1 and dsn_events[0].timestamp == START + 500
+    assert dsn_events[0].details["action"] == "delayed"
+    assert h.store.envelope(qid).recipients[0].delay_notified is True
+    h.out.answer()
+    assert h.store.queue_ids() == []
+    h.stop()
+
+
+def test_delay_warning_content() -> None:
+    h = Harness(QueueConfig(retry_schedule=(600.0,), max_lifetime=10000.0, delay_warning=500.0))
+    qid = h.submit("b@remote.example")
+    h.turn()
+    h.out.answer(outcome=Outcome.DEFERRED, reply=LATER)
+    assert h.store.due(qid) == START + 500
+    h.at(500)
+    h.out.answer(outcome=Outcome.DEFERRED, reply=LATER)
+    [(_, dsn_env, msg)] = h.dsns()
     assert dsn_actions(msg) == ["delayed"]
     block = msg.get_payload()[1].get_payload()[1]
     assert block["Status"] == "4.4.1" and block["Will-Retry-Until"]
     assert msg["Subject"] == "Delivery delayed: hello"
-    assert h.store.envelope(qid).recipients[0].delay_notified is True
-    assert h.tracker.ids(qid).count("DSN") == 1
-    # deliver the DSN and the message
-    for c in list(h.out.pending()):
-        h.out.answer()
-    h.at(1500)
+    assert h.store.due(qid) == START + 1100  # back on the normal schedule
+    h.turn()
     h.out.answer()
-    assert h.store.queue_ids() == []
     h.stop()
 
 
@@ -455,9 +471,10 @@ def test_delay_warning_sent_once() -> None:
                                            (("NEVER",), False)])
 def test_notify_controls_delay_warning(notify: tuple[str, ...] | None, warned: bool) -> None:
     h = Harness(QueueConfig(retry_schedule=(600.0,), max_lifetime=10000.0, delay_warning=500.0))
-    h.submit("b@remote.example", notify=notify)
+    qid = h.submit("b@remote.example", notify=notify)
     h.turn()
     h.out.answer(outcome=Outcome.DEFERRED, reply=LATER)
+    assert h.store.due(qid) == START + (500 if warned else 600)
     h.at(600)
     h.out.answer(outcome=Outcome.DEFERRED, reply=LATER)
     assert [dsn_actions(m) for _, _, m in h.dsns()] == ([["delayed"]] if warned else [])
