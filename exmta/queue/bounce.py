@@ -71,8 +71,8 @@ def _date(ts: float) -> str:
     return format_datetime(datetime.datetime.fromtimestamp(ts, datetime.timezone.utc))
 
 
-def _read_original(original: BinaryIO | bytes, max_full_size: int) -> tuple[bytes, bytes | None, int]:
-    """-> (header block, whole message or None when larger than max_full_size, size read)."""
+def _read_original(original: BinaryIO | bytes, max_full_size: int) -> tuple[bytes, bytes | None]:
+    """-> (header block, whole message or None when larger than max_full_size)."""
     if isinstance(original, (bytes, bytearray, memoryview)):
         data = bytes(original)
         whole: bytes | None = data if len(data) <= max_full_size else None
@@ -92,7 +92,7 @@ def _read_original(original: BinaryIO | bytes, max_full_size: int) -> tuple[byte
                 head += more
     end = _header_end(head)
     headers = head if end is None else head[:end]
-    return headers, whole, len(whole) if whole is not None else -1
+    return headers, whole
 
 
 def _header_end(data: bytes) -> int | None:
@@ -288,7 +288,7 @@ def make_dsn(
         a.isascii() for a in [envelope.sender, *(r.address for r in recipients), *(r.orcpt or "" for r in recipients)]
     )
 
-    headers, whole, _ = _read_original(original, max_full_size)
+    headers, whole = _read_original(original, max_full_size)
     ret = (envelope.params.ret or "FULL").upper()
     full = (
         kind == "failed" and ret != "HDRS" and whole is not None and envelope.params.body is not Body.BINARY

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-from dataclasses import replace
 from typing import Any, Callable
 
 import pytest
@@ -901,5 +900,3 @@ def test_unknown_connector_in_route_defers() -> None:
     assert env.recipients[0].last_reply.status == "4.4.0" and env.recipients[0].status is RecipientStatus.PENDING
     h.stop()
 
-
-_ = replace  # dataclasses.replace kept for ad-hoc config tweaks in new tests
