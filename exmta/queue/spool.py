@@ -130,7 +130,9 @@ class GroupSync:
         self._busy = True
         self.rounds += 1
         self.fsyncs += len(paths)
-        self._run(self._fsync_all, paths).addBoth(self._finished, waiters)
+        # one job for the round: overlapping the directory fsyncs in parallel jobs measured no faster
+        d = self._run(self._fsync_all, paths)
+        d.addBoth(self._finished, waiters)
 
     def _fsync_all(self, paths: list[str]) -> None:
         for path in paths:
