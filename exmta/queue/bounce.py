@@ -12,7 +12,10 @@ Choices worth knowing:
   (``text/rfc822-headers``) for RET=HDRS, for ``delayed`` and ``delivered``
   reports (as Postfix does), when the original is larger than
   ``max_full_size`` (1 MiB by default) and when the original was sent as
-  BINARYMIME (which cannot be nested in an 8-bit message).
+  BINARYMIME (which cannot be nested in an 8-bit message). At most
+  ``max(max_full_size, HEADER_LIMIT)`` octets of the original are read, and
+  a header block with no end in sight is returned up to ``HEADER_LIMIT``
+  (256 KiB) in whole lines.
 * When the original used SMTPUTF8 (or any address involved is not ASCII)
   the report follows RFC 6533: ``message/global-delivery-status`` with
   ``utf-8`` address types for non-ASCII addresses, and ``message/global`` /
@@ -38,6 +41,7 @@ from typing import BinaryIO
 from exmta.model import Body, Envelope, MailParams, Recipient, RecipientStatus
 
 MAX_FULL_SIZE = 1024 * 1024
+HEADER_LIMIT = 256 * 1024  # a header block without an end is returned up to here (whole lines)
 KINDS = ("failed", "delayed", "delivered")
 
 _SUBJECT_PREFIX = {"failed": "Undeliverable", "delayed": "Delivery delayed", "delivered": "Delivered"}
@@ -79,19 +83,16 @@ def _read_original(original: BinaryIO | bytes, max_full_size: int) -> tuple[byte
         head = data
     else:
         original.seek(0)
-        head = original.read(max_full_size + 1)
+        head = original.read(max(max_full_size, HEADER_LIMIT) + 1)
         whole = head if len(head) <= max_full_size else None
-        if whole is None:
-            # large: the header block is at the start; read on until its end
-            while True:
-                if _header_end(head) is not None:
-                    break
-                more = original.read(64 * 1024)
-                if not more:
-                    break
-                head += more
     end = _header_end(head)
-    headers = head if end is None else head[:end]
+    if end is None:
+        # no end of header block in sight (or a header-only message): whole lines, bounded
+        headers = head[:HEADER_LIMIT]
+        if len(head) > HEADER_LIMIT:
+            headers = headers[: headers.rfind(b"\n") + 1]
+    else:
+        headers = head[:end]
     return headers, whole
 
 

@@ -163,6 +163,17 @@ def test_default_limit_is_one_mebibyte() -> None:
     assert len(data) < 10_000
 
 
+def test_header_block_without_end_is_bounded() -> None:
+    rcpt = failed_rcpt()
+    endless = b"Subject: x\r\n" + b"X-Junk: " + b"j" * 990 + b"\r\n"
+    endless = endless * 2000  # 2 MB of headers, no empty line
+    data, _ = make_dsn(envelope(rcpt), [rcpt], "failed", "h", io.BytesIO(endless), NOW)
+    third = parse(data).get_payload()[2]
+    assert third.get_content_type() == "text/rfc822-headers"
+    returned = third.get_payload(decode=True)
+    assert 200_000 < len(returned) <= 256 * 1024 and returned.endswith(b"\r\n")
+
+
 def test_binarymime_original_is_not_nested() -> None:
     rcpt = failed_rcpt()
     data, _ = make_dsn(envelope(rcpt, body=Body.BINARY), [rcpt], "failed", "h", ORIGINAL, NOW)
