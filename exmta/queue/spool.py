@@ -762,8 +762,13 @@ class SpoolStore:
         for path in report.unknown:
             self.log.warn("Unknown file {path} in the spool left alone", path=path)
         if self._claims:
-            self._new = OrderedDict((q, None) for q in sorted(report.incoming))
-            self._retry = dict(report.deferred)
+            # found on disk first (oldest id first), then anything indexed meanwhile
+            new = OrderedDict((q, None) for q in sorted(report.incoming) if q not in self._retry)
+            new.update(self._new)
+            self._new = new
+            self._retry = {**report.deferred, **self._retry}
+            for q in self._new:
+                self._retry.pop(q, None)
             self._heap = [(t, q) for q, t in self._retry.items()]
             heapq.heapify(self._heap)
         await self.syncer.sync(self._dirs.values())

@@ -470,3 +470,50 @@ def test_list_messages(tmp_path: Any) -> None:
     assert env.queue_id == qid and [r.address for r in env.recipients] == ["x@example.org", "y@example.org"]
     assert result(store.list_messages("deferred")) == []
     assert failure(store.list_messages("tmp")).check(ValueError)
+
+
+def test_recover_with_grace_leaves_young_files_of_live_writers(tmp_path: Any) -> None:
+    worker = make_store(tmp_path, claims=False)
+    w = worker.open_writer()
+    w.write(b"still arriving")
+    (tmp_path / "msg" / "YOUNGORPHAN").write_bytes(b"x")
+    old = tmp_path / "tmp" / "OLD.1234.json"
+    old.write_bytes(b"{")
+    os.utime(old, (1, 1))
+    main = make_store(tmp_path, tmp_grace=3600.0)
+    _capture(main)
+    result(main.recover())
+    assert files(main, "tmp") == [w.queue_id + ".msg"]
+    assert files(main, "msg") == ["YOUNGORPHAN"]
+    assert main.last_recovery["temp_files"] == 1
+    w.write(b" and done\r\n")
+    qid = result(worker.commit(w, envelope()))
+    main.notice(qid)
+    with main.open_content(qid) as f:
+        assert f.read() == b"still arriving and done\r\n"
+
+
+def test_update_of_a_message_held_during_delivery_keeps_it_held(tmp_path: Any) -> None:
+    store = make_store(tmp_path)
+    qid = commit(store)
+    [entry] = result(store.claim(0, 1))
+    result(store.hold(qid, None, "operator"))
+    entry.envelope.recipients[0].attempts = 1
+    result(store.update(qid, entry.envelope, 60.0))
+    [held] = result(store.list_messages("hold"))
+    assert held.recipients[0].attempts == 1 and held.held_reason
+    assert store.next_due() is None and result(store.claim(1e12, 5)) == []
+    result(store.update(qid, held, None))  # all final: removed even though held
+    assert files(store, "hold") == [] and files(store, "msg") == []
+
+
+def test_recover_keeps_what_was_indexed_meanwhile(tmp_path: Any) -> None:
+    store = make_store(tmp_path)
+    a = commit(store)
+    fresh = make_store(tmp_path)
+    _capture(fresh)
+    listed_early = fresh._recover_files()  # the recovery's scan, taken before b lands
+    fresh._recover_files = lambda: listed_early  # type: ignore[method-assign]
+    b = commit(fresh)
+    assert result(fresh.recover()) == 0
+    assert [e.queue_id for e in result(fresh.claim(0, 10))] == [a, b]
