@@ -65,7 +65,10 @@ _spec.loader.exec_module(child)
 
 
 def _run_and_kill(root: Path, rng: random.Random, log: Path) -> list[str]:
-    """Start the child, let it commit for a random while (< 5 s in all), SIGKILL it; its printed ids."""
+    """Start the child, SIGKILL it 0.05-1 s after its first acknowledgement; its printed ids.
+
+    Bounded: the child gets at most 8 s to start (import Twisted) on a busy machine.
+    """
     env = dict(os.environ, PYTHONPATH=str(HERE.parent.parent))
     with open(log, "ab") as err:
         proc = subprocess.Popen(
@@ -73,7 +76,7 @@ def _run_and_kill(root: Path, rng: random.Random, log: Path) -> list[str]:
         )
     buf = b""
     try:
-        deadline = time.monotonic() + 4.0
+        deadline = time.monotonic() + 8.0
         kill_at: float | None = None
         while time.monotonic() < deadline:
             if kill_at is not None and time.monotonic() >= kill_at:
