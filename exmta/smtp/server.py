@@ -224,8 +224,10 @@ class ESMTPServer(Protocol):
         d.addErrback(self._handler_failed)
         d.addBoth(self._handler_done)
         if self._busy and not self._disconnected:
-            self._paused = True
-            self.transport.pauseProducing()
+            pause = getattr(self.transport, "pauseProducing", None)
+            if pause is not None:
+                self._paused = True
+                pause()
 
     def _handler_failed(self, failure: Failure) -> None:
         self.log.failure("session {session_id}: internal error", failure, session_id=self._sid)
@@ -617,7 +619,7 @@ class ESMTPServer(Protocol):
             message_id = view.headers.get("Message-ID")
             envelope = Envelope(
                 sender=str(txn.sender),
-                recipients=[Recipient(str(a), p.notify, p.orcpt) for a, p in txn.recipients],
+                recipients=[Recipient(self._qualified(a), p.notify, p.orcpt) for a, p in txn.recipients],
                 params=txn.params,
                 queue_id=writer.queue_id,
                 received_at=self.clock.seconds(),
@@ -642,6 +644,12 @@ class ESMTPServer(Protocol):
         )
         self._track(queue_id, envelope)
         self._reply(replies.queued(queue_id))
+
+    def _qualified(self, rcpt: Address) -> str:
+        """The envelope form of a recipient; a bare ``<postmaster>`` gets the postmaster domain."""
+        if rcpt.domain:
+            return str(rcpt)
+        return f"{rcpt.local}@{self.factory.postmaster_domain or self.config.hostname}"
 
     def _refuse_message(self, writer: Any, reply: Reply, why: str) -> None:
         writer.abort()
@@ -760,7 +768,9 @@ class ESMTPServerFactory(Factory):
         postmaster: str = "postmaster",
         local_domain: Callable[[str], bool] = _no_local_domains,
         tls_context_factory: Any = None,
+        postmaster_domain: str | None = None,
     ) -> None:
+        """``postmaster_domain`` qualifies a bare ``RCPT TO:<postmaster>`` (default: the hostname)."""
         self.config = config
         self.policy = policy
         self.filters = filters if filters is not None else FilterChain((), clock)
@@ -770,6 +780,7 @@ class ESMTPServerFactory(Factory):
         self.postmaster = postmaster
         self.local_domain = local_domain
         self.tls_context_factory = tls_context_factory
+        self.postmaster_domain = postmaster_domain
         self.sessions: set[ESMTPServer] = set()
         self.shutting_down = False
         self._shutdown_waiters: list[Deferred[None]] = []

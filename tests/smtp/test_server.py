@@ -1101,3 +1101,13 @@ def test_fuzzed_sessions_never_crash_and_answer_with_valid_replies(tokens, cut):
     c.lose()
     assert all(w.aborted or w.committed for w in c.store.writers)
     assert c.clock.getDelayedCalls() == []
+
+
+def test_bare_postmaster_is_qualified_in_the_envelope(c):
+    c.ehlo()
+    c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<Postmaster>\r\nDATA\r\n")
+    c.send(b"x\r\n.\r\n")
+    assert [r.address for r in c.store.committed[0][1].recipients] == ["Postmaster@mx.test"]
+    c.factory.postmaster_domain = "local.test"
+    c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<postmaster>\r\nDATA\r\nx\r\n.\r\n")
+    assert [r.address for r in c.store.committed[1][1].recipients] == ["postmaster@local.test"]
