@@ -8,6 +8,8 @@ from email.message import EmailMessage
 from email.utils import parsedate_to_datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from exmta.model import Body, Envelope, MailParams, Recipient, RecipientStatus, Reply
 from exmta.queue.bounce import make_dsn
@@ -48,7 +50,7 @@ def failed_rcpt(address: str = "bob@remote.example", **kw) -> Recipient:
 
 def parse(data: bytes) -> EmailMessage:
     if not data.isascii():  # RFC 6532 UTF-8 headers: the bytes parser would surrogate-escape them
-        return email.message_from_string(data.decode("utf-8"), policy=email.policy.default)
+        return email.message_from_string(data.decode("utf-8", "replace"), policy=email.policy.default)
     return email.message_from_bytes(data, policy=email.policy.default)
 
 
@@ -283,3 +285,45 @@ def test_refuses_impossible_reports(kwargs: dict, match: str) -> None:
     env = envelope(rcpt, sender=kwargs.get("sender", "alice@sender.example"))
     with pytest.raises(ValueError, match=match):
         make_dsn(env, kwargs.get("recipients", [rcpt]), kwargs.get("kind", "failed"), "h", ORIGINAL, NOW)
+
+
+# ---------------------------------------------------------------- property: always well-formed
+
+TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=300)
+LOCAL = st.text(st.sampled_from("abcxyzäöü._-+"), min_size=1, max_size=20)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    reply_text=st.lists(TEXT, min_size=1, max_size=3),
+    local=LOCAL,
+    subject=TEXT,
+    envid=st.none() | TEXT,
+    kind=st.sampled_from(["failed", "delayed", "delivered"]),
+    ret=st.sampled_from([None, "FULL", "HDRS"]),
+    body=st.binary(max_size=2000),
+)
+def test_any_input_gives_a_well_formed_report(reply_text, local, subject, envid, kind, ret, body) -> None:
+    rcpt = failed_rcpt(f"{local}@remote.example", last_reply=Reply.make(550, "5.0.0", *reply_text))
+    env = envelope(rcpt, envid=envid, ret=ret, smtputf8=not local.isascii())
+    header = "Subject: " + " ".join(subject.split())
+    original = header.encode("utf-8") + b"\r\n\r\n" + body
+    data, dsn_env = make_dsn(env, [rcpt], kind, "mx.exmta.example", original, NOW)
+    head = data.split(b"\r\n\r\n", 1)[0]
+    assert all(len(line) <= 998 for line in head.split(b"\r\n"))
+    msg = parse(data)
+    assert msg.get_content_type() == "multipart/report"
+    blocks = status_blocks(msg)
+    assert blocks[1]["Action"] == kind
+    assert blocks[1]["Status"][0] == {"failed": "5", "delayed": "4", "delivered": "2"}[kind]
+    status_part = data.split(b"delivery-status\r\n\r\n")[1].split(b"\r\n--=_exmta")[0]
+    assert utf8_ok(status_part, env.params.smtputf8)
+    assert dsn_env.size == len(data)
+    assert dsn_env.params.body.value == ("7BIT" if data.isascii() else "8BITMIME")
+
+
+def utf8_ok(part: bytes, smtputf8: bool) -> bool:
+    if smtputf8:
+        part.decode("utf-8")
+        return True
+    return part.isascii()
