@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from exmta.config.schema import ReceiveConnectorConfig
 from exmta.filters.base import FilterChain, MessageView, call_hook
 from exmta.model import (
-    Action, Address, Body, Envelope, Recipient, Reply, Session, TrackingEvent,
+    Action, Address, Body, Envelope, Recipient, Reply, Session, TLSInfo, TrackingEvent,
     TrackingEventId, Transaction, Verdict,
 )
 from exmta.smtp import replies
@@ -371,8 +371,35 @@ class ESMTPServer(Protocol):
 
     # ------------------------------------------------------------ commands
 
+    def _fill_tls_info(self) -> None:
+        """Record the negotiated TLS version and cipher once the handshake is done (first command over TLS)."""
+        assert self.session is not None
+        get_handle = getattr(self.transport, "getHandle", None)
+        try:
+            conn = get_handle() if get_handle is not None else None
+            version = conn.get_protocol_version_name() if conn is not None else None
+            cipher = conn.get_cipher_name() if conn is not None else None
+        except Exception:
+            version = cipher = None
+        if not version or not cipher:
+            return
+        subject = None
+        try:
+            cert = conn.get_peer_certificate()
+            if cert is not None:
+                subject = "/".join(
+                    f"{k.decode()}={v.decode(errors='replace')}" for k, v in cert.get_subject().get_components()
+                )
+        except Exception:
+            subject = None
+        self.session.tls = TLSInfo(version, cipher, subject)
+        self.log.info("session {session_id}: TLS {tls_version} {tls_cipher}", session_id=self._sid,
+                      tls_version=version, tls_cipher=cipher)
+
     async def _command(self, cmd: Command) -> None:
         verb = cmd.verb
+        if self.tls_active and self.session is not None and self.session.tls is None:
+            self._fill_tls_info()
         if self.factory.shutting_down and self.txn is None and verb != "QUIT":
             self._close(replies.shutting_down(self.config.hostname))
             return
@@ -669,6 +696,7 @@ class ESMTPServer(Protocol):
                 message_id=envelope.message_id, size=envelope.size,
                 connector=self.config.name, source="SMTP",
                 remote_host=envelope.client_ip,
+                tls=f"{self.session.tls.version} {self.session.tls.cipher}" if self.session and self.session.tls else None,
                 details={"session_id": self._sid, "client_helo": envelope.client_helo or ""},
             ))
         except Exception:

@@ -185,3 +185,83 @@ def test_swaks_with_pipelining(server):
     [(content, env)] = store.committed
     assert [r.address for r in env.recipients] == ["b@local.test", "x@local.test"]
     assert b"Subject: from swaks" in content
+
+
+# ------------------------------------------------------------ STARTTLS over a real socket
+
+
+@pytest.fixture
+def tls_server():
+    import ssl as _ssl  # noqa: F401  (the client side below)
+
+    import trustme
+    from twisted.internet import reactor
+    from twisted.internet.ssl import PrivateCertificate
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("mx.loop.test", "127.0.0.1")
+    pem = cert.private_key_and_cert_chain_pem.bytes()
+    ctx = PrivateCertificate.loadPEM(pem).options()
+    store = Store()
+    config = ReceiveConnectorConfig(name="loop", hostname="mx.loop.test")
+    factory = ESMTPServerFactory(config, Policy(), FilterChain([], reactor), store, reactor,
+                                 tls_context_factory=ctx)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    yield port.getHost().port, store, ca
+    port.stopListening()
+    for session in list(factory.sessions):
+        session.transport.abortConnection()
+
+
+def _tls_session(port: int, ca: Any) -> dict[str, Any]:
+    import ssl
+
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("c.test")
+        before = dict(client.esmtp_features)
+        code, _ = client.starttls(context=ctx)
+        client.ehlo("c.test")
+        after = dict(client.esmtp_features)
+        client.sendmail("a@sender.test", ["b@local.test"], b"Subject: tls\r\n\r\nsecret\r\n")
+        version = client.sock.version()
+        return {"code": code, "before": before, "after": after, "version": version}
+
+
+def _injected_starttls(port: int) -> bytes:
+    """STARTTLS with a plaintext command pipelined behind it: the server must drop that command."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.recv(1000)
+        sock.sendall(b"EHLO c\r\n")
+        data = b""
+        while not data.endswith(b"250 SMTPUTF8\r\n"):
+            data += sock.recv(1000)
+        sock.sendall(b"STARTTLS\r\nMAIL FROM:<injected@evil.test>\r\n")
+        out = b""
+        while b"\r\n" not in out:
+            out += sock.recv(1000)
+        sock.settimeout(1)
+        try:
+            out += sock.recv(1000)  # a plaintext 250 here would be the bug
+        except socket.timeout:
+            pass
+        return out
+
+
+@pytest_twisted.inlineCallbacks
+def test_starttls_with_smtplib(tls_server):
+    port, store, ca = tls_server
+    result = yield deferToThread(_tls_session, port, ca)
+    assert result["code"] == 220
+    assert "starttls" in result["before"] and "starttls" not in result["after"]
+    [(content, env)] = store.committed
+    assert b"with ESMTPS id LOOP1" in content
+    assert f"(using {result['version']} with cipher ".encode() in content
+
+
+@pytest_twisted.inlineCallbacks
+def test_starttls_injection_over_a_socket_is_not_executed(tls_server):
+    port, store, _ = tls_server
+    out = yield deferToThread(_injected_starttls, port)
+    assert out == b"220 2.0.0 Ready to start TLS\r\n"
