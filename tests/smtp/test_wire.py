@@ -360,3 +360,26 @@ def test_crlf_content_round_trips_exactly(body):
     expected = body if not body or body.endswith(b"\r\n") else body + b"\r\n"
     assert content(events) == expected
     assert events[-1] == DataEnd(size=len(expected))
+
+
+_smuggle_soup = st.lists(
+    st.sampled_from([b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\r", b"\r\n.\n", b"\r\n", b"\n", b"\r", b".",
+                     b"x", b"QUIT\r\n", b"MAIL FROM:<e@evil.test>\r\n"]),
+    max_size=40,
+).map(b"".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    body=_smuggle_soup,
+    sizes=st.lists(st.integers(min_value=1, max_value=5), max_size=30),
+    policy=st.sampled_from(["reject", "normalize"]),
+)
+def test_only_crlf_dot_crlf_ends_data(body, sizes, policy):
+    framed = b"\r\n" + body
+    if b"\r\n.\r\n" in framed + b"\r\n":
+        return  # a real end marker inside: not a smuggling case
+    stream = b"DATA\r\n" + body + b"\r\n.\r\n"
+    events = parse(stream, sizes, bare_newline=policy, max_text_line=0)
+    assert [type(e) for e in events if not isinstance(e, DataChunk)] == [Command, DataEnd]
+    assert isinstance(events[-1], DataEnd)
