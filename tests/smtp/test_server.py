@@ -19,7 +19,7 @@ from zope.interface import implementer
 from exmta.config.schema import ReceiveConnectorConfig
 from exmta.filters.base import FilterBase, FilterChain
 from exmta.interfaces import IMessageTracker, IMessageWriter, IQueueStore, IReceivePolicy
-from exmta.model import Action, Body, TrackingEventId, Verdict
+from exmta.model import Body, TrackingEventId, Verdict
 from exmta.smtp.server import ESMTPServer, ESMTPServerFactory
 
 EHLO_REPLY = (

@@ -192,8 +192,6 @@ def test_swaks_with_pipelining(server):
 
 @pytest.fixture
 def tls_server():
-    import ssl as _ssl  # noqa: F401  (the client side below)
-
     import trustme
     from twisted.internet import reactor
     from twisted.internet.ssl import PrivateCertificate
