@@ -145,7 +145,8 @@ def make_send_connectors(config: Config, reactor: Any, pool: ThreadPool) -> dict
     connectors: dict[str, Any] = {}
     for sc in config.send:
         if sc.kind == "maildir":
-            connectors[sc.name] = MaildirConnector(sc.name, sc.maildir_root, clock=reactor, threadpool=pool,
+            root = os.path.abspath(sc.maildir_root or os.path.join(config.data_dir, "mail"))
+            connectors[sc.name] = MaildirConnector(sc.name, root, clock=reactor, threadpool=pool,
                                                    reactor=reactor)
         else:
             nameservers = [_split_nameserver(s) for s in sc.dns_servers] or None
@@ -182,7 +183,6 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     from exmta.queue.pickup import PickupDirectory
     from exmta.queue.scheduler import DeliveryScheduler
     from exmta.queue.spool import SpoolStore
-    from exmta.routing.router import StaticRouter
 
     paths = data_paths(config)
     for key in ("data", "queue", "pickup"):
@@ -200,9 +200,7 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     _add(top, "store", StoreService(store))
 
     connectors = make_send_connectors(config, reactor, pool)
-    router = StaticRouter(config.routes, set(connectors))
-    scheduler = DeliveryScheduler(store, router, connectors, config.queue, reactor, tracker=tracker,
-                                  hostname=config.hostname, postmaster=config.postmaster)
+    scheduler = DeliveryScheduler.from_config(config, store, connectors, reactor, tracker=tracker)
     _add(top, "scheduler", scheduler)
     store.add_listener(lambda queue_id: scheduler.wake())
 
