@@ -31,14 +31,78 @@ TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import 
           "sys.argv[0] = 'twistd'; run()"]
 
 
+def clean_exit(code: int | None) -> bool:
+    """True for the exit codes of a clean ``twistd`` stop on SIGTERM."""
+    return code in (0, -signal.SIGTERM)
+
+
+def exmta_toml(
+    *,
+    hostname: str = "mx.example.test",
+    local_domains: Sequence[str] = ("example.test",),
+    relay_networks: Sequence[str] = ("127.0.0.0/8",),
+    smarthost: str | None = None,
+    lmtp: str | None = None,
+    lmtp_domains: Sequence[str] = (),
+    retry: str = "1s",
+    receive_workers: int | None = 0,
+    receive_extra: str = "",
+    extra: str = "",
+) -> str:
+    """A TOML config for tests, with ``{port}`` / ``{data_dir}`` placeholders.
+
+    Listens on 127.0.0.1:{port}; *local_domains* are authoritative and go to
+    Maildir under ``{data_dir}/mail/``; *lmtp_domains* (internal relay) go to
+    the LMTP server *lmtp* (``"127.0.0.1:PORT"``); everything else goes to
+    *smarthost* (``"[127.0.0.1]:PORT"``) if given.  *receive_extra* is added
+    to ``[receive.default]``, *extra* at the end.
+    """
+    q = lambda xs: "[" + ", ".join(f'"{x}"' for x in xs) + "]"  # noqa: E731
+    out = [
+        "[server]",
+        f'hostname = "{hostname}"',
+        'data_dir = "{data_dir}"',
+        *([f"receive_workers = {receive_workers}"] if receive_workers is not None else []),
+        "",
+        "[accepted_domains]",
+        *[f'"{d}" = "authoritative"' for d in local_domains],
+        *[f'"{d}" = "internal_relay"' for d in lmtp_domains],
+        "",
+        "[receive.default]",
+        'listen = ["tcp:{port}:interface=127.0.0.1"]',
+        f"relay_networks = {q(relay_networks)}",
+        receive_extra,
+        "",
+        "[send.local]",
+        'type = "maildir"',
+        'root = "mail"',
+        "",
+    ]
+    if smarthost:
+        out += ["[send.relay]", 'type = "smtp"', f"smarthosts = {q([smarthost])}",
+                'tls = "none"', 'connect_timeout = "5s"', ""]
+    if lmtp:
+        out += ["[send.lmtp]", 'type = "lmtp"', f'lmtp = "{lmtp}"', ""]
+    out += ["[[route]]", f"domains = {q(local_domains)}", 'connector = "local"', ""]
+    if lmtp and lmtp_domains:
+        out += ["[[route]]", f"domains = {q(lmtp_domains)}", 'connector = "lmtp"', ""]
+    if smarthost:
+        out += ["[[route]]", 'domains = ["*"]', 'connector = "relay"', ""]
+    out += ["[queue]", f'retry_schedule = ["{retry}"]', "", extra]
+    return "\n".join(out) + "\n"
+
+
 class ExmtaProcess:
     """One ``twistd -n exmta`` subprocess.
 
     Args:
         workdir: directory for the TOML file, twistd's pid file and the log.
         toml: config text (placeholders ``{port}``, ``{workdir}``,
-            ``{data_dir}``, plus ``subst``); mutually exclusive with data_dir.
-        data_dir: run ``--data DIR`` (embedded default config, port 2525).
+            ``{data_dir}``, plus ``subst``).
+        data_dir: with ``toml``: the value of ``{data_dir}`` (default
+            ``workdir/data``; give the same one to a second process to restart
+            on the same queue); without: run ``--data DIR`` (embedded default
+            config, port 2525).
         port: the port to wait on (default: a free port for ``toml``, 2525
             for ``data_dir``).
         subst: extra placeholder values for the TOML text.
@@ -58,8 +122,8 @@ class ExmtaProcess:
         start_timeout: float = 30.0,
         stop_timeout: float = 15.0,
     ) -> None:
-        if (toml is None) == (data_dir is None):
-            raise ValueError("give exactly one of toml= or data_dir=")
+        if toml is None and data_dir is None:
+            raise ValueError("give toml= (data_dir= optional) or data_dir= alone")
         self.workdir = Path(workdir).resolve()
         self.data_dir = Path(data_dir).resolve() if data_dir is not None else self.workdir / "data"
         self.port = port or (DEFAULT_DATA_PORT if toml is None else free_port())
@@ -131,7 +195,11 @@ class ExmtaProcess:
         return self.process is not None and self.process.running()
 
     def stop(self) -> int | None:
-        """SIGTERM by PID (SIGKILL after stop_timeout); return the exit code."""
+        """SIGTERM by PID (SIGKILL after stop_timeout); return the exit code.
+
+        A clean twistd shutdown on SIGTERM ends with 0 or -SIGTERM (twistd
+        re-raises the signal it stopped on); see :func:`clean_exit`.
+        """
         return self.process.stop() if self.process is not None else None
 
     def log_text(self) -> str:

@@ -18,7 +18,10 @@ fixture                yields
 ``dovecot_lmtp``       a started :class:`support.dovecot.DovecotLmtp` (LMTP on
                        ``.port``, users alice/bob@example.net, ``wait_maildir``)
 ``exmta_factory``      ``make(toml=... | data_dir=..., port=...) -> ExmtaProcess``
-                       (``twistd -n exmta``, waited for its 220, stopped by SIGTERM)
+                       (``twistd -n exmta``, waited for its 220, stopped by SIGTERM;
+                       ``support.exmta_proc.exmta_toml()`` builds a config)
+``exmta_relay``        exmta on a free port: example.test to Maildir under its
+                       data dir, everything else relayed to ``smtp_sink``
 =====================  ==========================================================
 
 Fixtures skip (with the reason) only when the external program is not
@@ -131,3 +134,11 @@ def exmta_factory(tmp_path: Path) -> Iterator[Callable[..., exmta_proc.ExmtaProc
     yield make
     for p in reversed(procs):
         p.stop()
+
+
+@pytest.fixture
+def exmta_relay(
+    exmta_factory: Callable[..., exmta_proc.ExmtaProcess], smtp_sink: SmtpSink,
+) -> exmta_proc.ExmtaProcess:
+    """exmta: example.test delivered to Maildir, the rest relayed to ``smtp_sink``."""
+    return exmta_factory(toml=exmta_proc.exmta_toml(smarthost=smtp_sink.next_hop))

@@ -95,16 +95,21 @@ def wait_until(
 def read_smtp_reply(sock: socket.socket, timeout: float = 10.0) -> tuple[int, list[str]]:
     """Read one (possibly multi-line) SMTP reply; return (code, text lines)."""
     sock.settimeout(timeout)
-    buf = b""
     lines: list[str] = []
     while True:
-        while b"\n" not in buf:
-            chunk = sock.recv(4096)
-            if not chunk:
-                raise ConnectionError(f"connection closed in reply, got {buf!r}")
-            buf += chunk
-        line, buf = buf.split(b"\n", 1)
-        text = line.rstrip(b"\r").decode("utf-8", "replace")
+        # peek, then consume exactly one line: pipelined replies stay in the socket
+        while True:
+            peek = sock.recv(4096, socket.MSG_PEEK)
+            if not peek:
+                raise ConnectionError(f"connection closed in reply after {lines!r}")
+            end = peek.find(b"\n")
+            if end >= 0:
+                break
+            if len(peek) >= 4096:
+                raise ValueError(f"reply line too long: {peek[:80]!r}")
+            time.sleep(0.005)
+        line = sock.recv(end + 1)
+        text = line.rstrip(b"\r\n").decode("utf-8", "replace")
         if len(text) < 3 or not text[:3].isdigit():
             raise ValueError(f"malformed SMTP reply line {text!r}")
         lines.append(text[4:])

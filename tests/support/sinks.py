@@ -140,6 +140,20 @@ class SmtpSink:
                 self._cond.wait(left)
             return list(self.messages)
 
+    def wait_for_rcpts(self, rcpts: list[str] | tuple[str, ...], timeout: float = 30.0) -> list[Received]:
+        """Block until every address in *rcpts* was delivered (in any transactions)."""
+        want = {r.lower() for r in rcpts}
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not want <= {r.lower() for m in self.messages for r in m.rcpt_tos}:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    have = sorted({r for m in self.messages for r in m.rcpt_tos})
+                    raise TimeoutError(f"sink on port {self.port}: wanted {sorted(want)}, "
+                                       f"got {have} after {timeout:.1f} s")
+                self._cond.wait(left)
+            return list(self.messages)
+
     def clear(self) -> None:
         """Forget everything received so far."""
         with self._cond:
