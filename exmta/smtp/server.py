@@ -62,9 +62,9 @@ def _default_reply(verdict: Verdict) -> Reply:
     return Reply.make(451, "4.7.1", "Try again later")
 
 
-def _printable(text: str) -> str:
-    """Text safe for a header field: printable, no CR/LF."""
-    return "".join(c if c.isprintable() else "?" for c in text)
+def _printable(text: str, utf8: bool = False) -> str:
+    """Text safe for a header field: printable, no CR/LF; ASCII unless the message is SMTPUTF8."""
+    return "".join(c if c.isprintable() and (utf8 or c.isascii()) else "?" for c in text)
 
 
 class ESMTPServer(Protocol):
@@ -718,14 +718,15 @@ class ESMTPServer(Protocol):
                 proto = "UTF8SMTP"
             suffix = ("S" if self.tls_active else "") + ("A" if s.auth_identity else "")
             proto += suffix
-        lines = [f"Received: from {_printable(s.helo_name or 'unknown')} ({literal})"]
+        utf8 = self.txn.params.smtputf8
+        lines = [f"Received: from {_printable(s.helo_name or 'unknown', utf8)} ({literal})"]
         if s.tls is not None:
             lines.append(f"\t(using {_printable(s.tls.version)} with cipher {_printable(s.tls.cipher)})")
         lines.append(f"\tby {self.config.hostname} (exmta) with {proto} id {queue_id}")
         date = email.utils.formatdate(self.clock.seconds(), localtime=True)
         if len(self.txn.recipients) == 1:
             rcpt = self.txn.recipients[0][0]
-            lines.append(f"\tfor <{_printable(str(rcpt))}>; {date}")
+            lines.append(f"\tfor <{_printable(str(rcpt), utf8)}>; {date}")
         else:
             lines[-1] += ";"
             lines.append(f"\t{date}")

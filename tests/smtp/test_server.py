@@ -1111,3 +1111,10 @@ def test_bare_postmaster_is_qualified_in_the_envelope(c):
     c.factory.postmaster_domain = "local.test"
     c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<postmaster>\r\nDATA\r\nx\r\n.\r\n")
     assert [r.address for r in c.store.committed[1][1].recipients] == ["postmaster@local.test"]
+
+
+def test_received_header_stays_ascii_without_smtputf8(c):
+    c.send("EHLO h\u00e9lo.test\r\n".encode())
+    c.envelope()
+    c.send(b"DATA\r\nx\r\n.\r\n")
+    assert c.store.committed[0][0].startswith(b"Received: from h?lo.test ([192.0.2.7])")
