@@ -65,7 +65,9 @@ class FlakyStore:
 def make(tmp_path: Path, store: Any = None, **kw: Any) -> tuple[PickupDirectory, Clock, list[dict[str, Any]]]:
     clock = Clock()
     clock.advance(1_700_000_000)
-    pickup = PickupDirectory(str(tmp_path / "pickup"), store or FlakyStore(), clock, 2.0, hostname="mx.example.com", **kw)
+    pickup = PickupDirectory(
+        str(tmp_path / "pickup"), store or FlakyStore(), clock, 2.0, hostname="mx.example.com", **kw
+    )
     events: list[dict[str, Any]] = []
     pickup.log = Logger(observer=events.append)
     return pickup, clock, events

@@ -33,7 +33,9 @@ class SyncPool:
     def __init__(self) -> None:
         self.jobs = 0
 
-    def callInThreadWithCallback(self, on_result: Callable[..., Any], f: Callable[..., Any], *a: Any, **kw: Any) -> None:
+    def callInThreadWithCallback(
+        self, on_result: Callable[..., Any], f: Callable[..., Any], *a: Any, **kw: Any
+    ) -> None:
         self.jobs += 1
         try:
             r = f(*a, **kw)
@@ -50,7 +52,9 @@ class ManualPool(SyncPool):
         super().__init__()
         self.queue: list[tuple[Any, ...]] = []
 
-    def callInThreadWithCallback(self, on_result: Callable[..., Any], f: Callable[..., Any], *a: Any, **kw: Any) -> None:
+    def callInThreadWithCallback(
+        self, on_result: Callable[..., Any], f: Callable[..., Any], *a: Any, **kw: Any
+    ) -> None:
         self.queue.append((on_result, f, a, kw))
 
     def run_one(self) -> None:
@@ -425,13 +429,17 @@ def test_recover_can_count_crashes(tmp_path: Any) -> None:
     assert entry.queue_id == qid and entry.envelope.crashes == 1
 
 
+def _overwrite(data: bytes) -> Callable[[Any, str], Any]:
+    return lambda p, q: (p / "incoming" / f"{q}.json").write_bytes(data)
+
+
 @pytest.mark.parametrize(
     "damage, reason",
     [
-        (lambda p, q: (p / "incoming" / f"{q}.json").write_bytes(b'{"version": 1, "sender": "a@b", "recip'), "unreadable envelope"),
-        (lambda p, q: (p / "incoming" / f"{q}.json").write_bytes(b"[1, 2]"), "not a JSON object"),
-        (lambda p, q: (p / "incoming" / f"{q}.json").write_bytes(b'{"version": 99}'), "unsupported envelope version"),
-        (lambda p, q: (p / "incoming" / f"{q}.json").write_bytes(b"\xff\xfe"), "unreadable envelope"),
+        (_overwrite(b'{"version": 1, "sender": "a@b", "recip'), "unreadable envelope"),
+        (_overwrite(b"[1, 2]"), "not a JSON object"),
+        (_overwrite(b'{"version": 99}'), "unsupported envelope version"),
+        (_overwrite(b"\xff\xfe"), "unreadable envelope"),
         (lambda p, q: (p / "msg" / q).unlink(), "content file is missing"),
     ],
 )
