@@ -420,7 +420,8 @@ class ESMTPServer(Protocol):
         if self.factory.tls_context_factory is not None and not self.tls_active:
             exts.append("STARTTLS")
         exts += ["ENHANCEDSTATUSCODES", "8BITMIME", "BINARYMIME", "CHUNKING", "DSN", "SMTPUTF8"]
-        return exts
+        disabled = self.factory.disabled_extensions
+        return [e for e in exts if e.split(" ", 1)[0] not in disabled]
 
     async def _helo(self, argument: str, esmtp: bool) -> None:
         assert self.session is not None
@@ -456,7 +457,10 @@ class ESMTPServer(Protocol):
             self._error(replies.NESTED_MAIL)
             return
         try:
-            sender, params = parse_mail(argument, esmtp=self.session.esmtp)
+            sender, params = parse_mail(
+                argument, esmtp=self.session.esmtp,
+                binarymime="BINARYMIME" not in self.factory.disabled_extensions,
+            )
         except ParamError as e:
             self._error(e.reply)
             return
@@ -810,6 +814,9 @@ class ESMTPServerFactory(Factory):
         self.local_domain = local_domain
         self.tls_context_factory = tls_context_factory
         self.postmaster_domain = postmaster_domain
+        #: EHLO keywords not to advertise, e.g. {"CHUNKING", "BINARYMIME"} (Exchange's ChunkingEnabled
+        #: = false); BDAT itself stays accepted from clients that use it anyway
+        self.disabled_extensions: set[str] = set()
         self.sessions: set[ESMTPServer] = set()
         self.shutting_down = False
         self._shutdown_waiters: list[Deferred[None]] = []

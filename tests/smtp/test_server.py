@@ -1118,3 +1118,12 @@ def test_received_header_stays_ascii_without_smtputf8(c):
     c.envelope()
     c.send(b"DATA\r\nx\r\n.\r\n")
     assert c.store.committed[0][0].startswith(b"Received: from h?lo.test ([192.0.2.7])")
+
+
+def test_disabled_extensions_are_not_advertised():
+    c = make()
+    c.read()
+    c.factory.disabled_extensions |= {"CHUNKING", "BINARYMIME"}
+    out = c.send(b"EHLO c\r\n")
+    assert b"CHUNKING" not in out and b"BINARYMIME" not in out and b"250-PIPELINING" in out
+    assert c.send(b"MAIL FROM:<a@b.test> BODY=BINARYMIME\r\n") == b"555 5.5.4 Error: unsupported parameter\r\n"
