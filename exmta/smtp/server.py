@@ -15,6 +15,7 @@ CVE-2011-0411).
 """
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import ipaddress
 import os
@@ -73,6 +74,8 @@ class ESMTPServer(Protocol):
     log = Logger()
     #: how long a receive policy call may take before the command gets 451 4.3.0
     policy_timeout = 60.0
+    #: NOOP/RSET/VRFY/HELP commands allowed before each one counts as an error
+    JUNK_COMMAND_LIMIT = 100
     #: extra octets MAIL/RCPT lines may have for SIZE, DSN and AUTH parameters (RFC 3461 5, RFC 4954 5)
     PARAMETER_ALLOWANCE = 1024
 
@@ -93,6 +96,7 @@ class ESMTPServer(Protocol):
         self.tls_active = False
         self.errors = 0
         self.messages = 0
+        self._junk_commands = 0
         self._writer: Any = None
         self._txn_uses_bdat = False
         self._txn_discard = False
@@ -464,6 +468,9 @@ class ESMTPServer(Protocol):
         except ParamError as e:
             self._error(e.reply)
             return
+        if params.auth is not None and self.session.auth_identity is None:
+            # RFC 4954 5: an AUTH= from a client we did not authenticate is not passed on
+            params = dataclasses.replace(params, auth="<>")
         limit = self.config.max_message_size
         if limit and params.size is not None and params.size > limit:
             self._reply(replies.size_declared_too_big(limit))
@@ -736,15 +743,27 @@ class ESMTPServer(Protocol):
             lines.append(f"\t{date}")
         return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
+    def _junk(self) -> None:
+        """NOOP, RSET, VRFY and HELP past the junk limit count as errors (Postfix smtpd_junk_command_limit)."""
+        self._junk_commands += 1
+        if self._junk_commands > self.JUNK_COMMAND_LIMIT:
+            self.errors += 1
+
+    def _reply_junk(self, reply: Reply) -> None:
+        self._junk()
+        self._reply(reply)
+        if self.errors >= self.config.max_errors:
+            self._close(replies.too_many_errors(self.config.hostname))
+
     async def smtp_RSET(self, argument: str) -> None:
         if argument.strip():
             self._error(replies.NO_ARGUMENTS)
             return
         self._reset_transaction()
-        self._reply(replies.OK)
+        self._reply_junk(replies.OK)
 
     async def smtp_NOOP(self, argument: str) -> None:
-        self._reply(replies.OK)
+        self._reply_junk(replies.OK)
 
     async def smtp_QUIT(self, argument: str) -> None:
         self._close(replies.closing(self.config.hostname))
@@ -753,10 +772,10 @@ class ESMTPServer(Protocol):
         if not argument.strip():
             self._error(replies.SYNTAX_ERROR)
             return
-        self._reply(replies.VRFY_CANNOT)
+        self._reply_junk(replies.VRFY_CANNOT)
 
     async def smtp_HELP(self, argument: str) -> None:
-        self._reply(replies.HELP)
+        self._reply_junk(replies.HELP)
 
     async def smtp_STARTTLS(self, argument: str) -> None:
         ctx = self.factory.tls_context_factory

@@ -1127,3 +1127,20 @@ def test_disabled_extensions_are_not_advertised():
     out = c.send(b"EHLO c\r\n")
     assert b"CHUNKING" not in out and b"BINARYMIME" not in out and b"250-PIPELINING" in out
     assert c.send(b"MAIL FROM:<a@b.test> BODY=BINARYMIME\r\n") == b"555 5.5.4 Error: unsupported parameter\r\n"
+
+
+def test_junk_commands_count_as_errors_past_the_limit():
+    c = make(max_errors=5)
+    c.read()
+    out = c.send(b"NOOP\r\n" * 104 + b"VRFY x\r\n")
+    assert out == b"250 2.0.0 Ok\r\n" * 104 + b"252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery\r\n" + (
+        b"421 4.7.0 mx.test Error: too many errors\r\n"
+    )
+    assert c.closed
+
+
+def test_auth_parameter_from_an_unauthenticated_client_is_not_trusted(c):
+    c.ehlo()
+    c.envelope(mail_params=b" AUTH=someone+40x.test")
+    c.send(b"DATA\r\nx\r\n.\r\n")
+    assert c.store.committed[0][1].params.auth == "<>"
