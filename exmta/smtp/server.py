@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 
 from exmta.config.schema import ReceiveConnectorConfig
 from exmta.filters.base import FilterChain, MessageView, call_hook
+from exmta.interfaces import IMessageTracker, IQueueStore, IReceivePolicy
 from exmta.model import (
     Action, Address, Body, Envelope, Recipient, Reply, Session, TLSInfo, TrackingEvent,
     TrackingEventId, Transaction, Verdict,
@@ -812,11 +813,11 @@ class ESMTPServerFactory(Factory):
     def __init__(
         self,
         config: ReceiveConnectorConfig,
-        policy: Any,
+        policy: IReceivePolicy,
         filters: FilterChain,
-        store: Any,
+        store: IQueueStore,
         clock: IReactorTime,
-        tracker: Any = None,
+        tracker: IMessageTracker | None = None,
         postmaster: str = "postmaster",
         local_domain: Callable[[str], bool] = _no_local_domains,
         tls_context_factory: Any = None,
