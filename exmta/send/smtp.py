@@ -187,6 +187,7 @@ class SMTPSendConnector:
             return results
         # 2. new connections, in order, until one session comes up
         last: Reply | None = None
+        last_host: str | None = None
         attempts = 0
         try:
             async for target in self._targets(nexthop, rcpts):
@@ -195,7 +196,7 @@ class SMTPSendConnector:
                     break
                 outcome = await self._try_target(target, request, rcpts)
                 if isinstance(outcome, Reply):
-                    last = outcome
+                    last, last_host = outcome, target.label
                     continue
                 results, proto = outcome
                 self._release(key, proto)
@@ -210,7 +211,7 @@ class SMTPSendConnector:
             # every host refused the session: not a statement about the recipients, retry later
             status = "4" + last.status[1:] if last.status else "4.4.2"
             last = Reply.make(451, status, f"All next hops refused the session; last said: {last}")
-        return [RecipientResult(r.address, Outcome.DEFERRED, last) for r in rcpts]
+        return [RecipientResult(r.address, Outcome.DEFERRED, last, remote_host=last_host) for r in rcpts]
 
     async def _try_target(self, target: Target, request: DeliveryRequest,
                           rcpts: tuple[Recipient, ...]) -> Reply | tuple[list[RecipientResult], SMTPClientProtocol]:

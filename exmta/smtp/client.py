@@ -543,10 +543,12 @@ class SMTPClientProtocol(Protocol):
             self.log.info("No usable AUTH mechanism at {remote}: {mechs}",
                           remote=self.remote_host, mechs=sorted(mechanisms))
             return
+        if reply.code == 334:  # still challenging us: cancel the exchange (RFC 4954 4)
+            reply = await self._command("*", self.timeouts.auth, "AUTH")
         if reply.code != 235:
             # a wrong password is a configuration problem: defer, so fixing it fixes the queue
             raise SessionFailure(_local_reply(
-                451 if reply.is_permanent else reply.code, "4.7.0",
+                reply.code if reply.is_transient else 451, "4.7.0",
                 f"Authentication failed: {reply}"), "AUTH")
         self.authenticated = True
 
@@ -568,8 +570,30 @@ class SMTPClientProtocol(Protocol):
                 and not self._replies and not self._parser.partial)
 
     def quit(self) -> defer.Deferred[None]:
-        """Say QUIT (bounded wait) and close."""
-        return defer.Deferred.fromCoroutine(self._quietly_quit())
+        """Say QUIT and close; fires once the connection is closed (bounded by the quit timeout)."""
+        return defer.Deferred.fromCoroutine(self._quit_and_wait())
+
+    async def _quit_and_wait(self) -> None:
+        await self._quietly_quit()
+        if self.closed.called:
+            return
+        done: defer.Deferred[None] = defer.Deferred()
+
+        def finished(result: object) -> object:
+            if not done.called:
+                done.callback(None)
+            return result
+
+        def expired() -> None:
+            self._abort()  # the peer did not finish closing: drop it
+            if not done.called:
+                done.callback(None)
+
+        self.closed.addBoth(finished)
+        timer = self.clock.callLater(self.timeouts.quit, expired)
+        await done
+        if timer.active():
+            timer.cancel()
 
     # ------------------------------------------------------------ one message
 

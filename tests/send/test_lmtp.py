@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import socket
 from pathlib import Path
 from typing import Iterator
 
@@ -13,7 +14,7 @@ from exmta.config.schema import SendConnectorConfig
 from exmta.model import DeliveryRequest, Envelope, Outcome, Recipient
 from exmta.send.lmtp import LMTPSendConnector
 from exmta.smtp.client import ClientTimeouts
-from support.procs import ManagedProcess, free_port, make_traversable, wait_for_smtp
+from support.procs import ManagedProcess, free_port, make_traversable, wait_for_smtp, wait_until
 from support.smtp_peers import ScriptedServer, Session
 
 pytestmark = pytest.mark.integration
@@ -129,7 +130,28 @@ class Dovecot:
                                     str(d / "dovecot.conf")], log_path=d / "dovecot.log",
                                    name="dovecot", stop_timeout=5.0).start()
         wait_for_smtp(self.port, timeout=10.0, proc=self.proc.proc)
+        # ready means the userdb answers too (the auth process starts after the listener)
+        wait_until(self._rcpt_ok, 10.0, "dovecot userdb lookup", interval=0.05, proc=self.proc.proc)
         return self
+
+    def _rcpt_ok(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2.0) as sock:
+            f = sock.makefile("rwb")
+
+            def reply() -> bytes:
+                line = f.readline()
+                while line[3:4] == b"-":
+                    line = f.readline()
+                return line
+
+            reply()
+            for command in (b"LHLO probe", b"MAIL FROM:<>", b"RCPT TO:<alice@example.test>"):
+                f.write(command + b"\r\n")
+                f.flush()
+                last = reply()
+            f.write(b"QUIT\r\n")
+            f.flush()
+            return last.startswith(b"250")
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -156,7 +178,7 @@ def test_dovecot_lmtp_delivers_to_maildir(dovecot):
     results = yield conn.deliver(request("alice@example.test", "bob@example.test"))
     yield conn.close()
     alice, bob = results
-    assert alice.outcome is Outcome.DELIVERED and "Saved" in alice.reply.text
+    assert alice.outcome is Outcome.DELIVERED and "Saved" in alice.reply.text, dovecot.proc.log_tail()
     assert bob.outcome is Outcome.FAILED and bob.reply.status == "5.1.1"
     [stored] = dovecot.maildir_new("alice")
     data = stored.read_bytes().replace(b"\n", b"\r\n")

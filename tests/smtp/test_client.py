@@ -625,3 +625,23 @@ def test_unsolicited_reply_makes_connection_unusable() -> None:
     assert p.proto.usable
     p.server("421 4.4.2 idle timeout")
     assert not p.proto.usable
+
+
+def test_quit_waits_for_close_bounded() -> None:
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+    p = Peer(timeouts=ClientTimeouts(quit=5))
+    p.establish()
+    d = p.proto.quit()
+    assert p.sent_lines() == ["QUIT"]
+    p.server("221 bye")
+    assert p.transport.disconnecting and not d.called
+    p.proto.connectionLost(Failure(ConnectionDone()))
+    assert d.called and p.clock.getDelayedCalls() == []
+    # a peer that never closes: the quit timeout ends the wait
+    p2 = Peer(timeouts=ClientTimeouts(quit=5))
+    p2.establish()
+    d2 = p2.proto.quit()
+    p2.server("221 bye")
+    p2.clock.advance(5)
+    assert d2.called
