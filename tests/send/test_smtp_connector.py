@@ -403,3 +403,17 @@ def test_idle_connection_expires_on_the_injected_clock():
 def deferLater(reactor: Any, seconds: float) -> defer.Deferred[None]:
     from twisted.internet.task import deferLater as _later
     return _later(reactor, seconds, lambda: None)
+
+
+def test_build_wire_connector_picks_the_class():
+    from twisted.internet.task import Clock
+
+    from exmta.send import build_wire_connector
+    from exmta.send.lmtp import LMTPSendConnector
+    clock = Clock()
+    smtp = build_wire_connector(SendConnectorConfig(name="a"), clock, clock, None, "h.test")
+    lmtp = build_wire_connector(SendConnectorConfig(name="b", kind="lmtp", lmtp="unix:/x"), clock, clock, None, "h")
+    assert type(smtp) is SMTPSendConnector and isinstance(lmtp, LMTPSendConnector) and lmtp.lmtp
+    assert verifyObject(ISendConnector, lmtp)
+    with pytest.raises(ValueError):
+        build_wire_connector(SendConnectorConfig(name="c", kind="maildir"), clock, clock, None, "h")

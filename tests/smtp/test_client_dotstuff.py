@@ -114,3 +114,54 @@ def test_lone_dot_at_16k_boundary_on_the_wire() -> None:
     out: list = []
     d.addCallback(out.append)
     assert out[0][0].outcome is Outcome.DELIVERED
+
+
+# ---------------------------------------------------------------- reply parser and the whole DATA path
+
+from exmta.smtp.client import ReplyParser  # noqa: E402
+
+reply_texts = st.lists(st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=20), min_size=1,
+                       max_size=4)
+replies = st.lists(st.tuples(st.sampled_from([220, 250, 354, 421, 451, 550, 554]), reply_texts),
+                   min_size=1, max_size=6)
+
+
+@settings(max_examples=300)
+@given(replies, st.lists(st.integers(1, 40), max_size=30))
+def test_reply_parser_any_chunking(spec: list, cuts: list[int]) -> None:
+    wire = b""
+    for code, lines in spec:
+        for i, text in enumerate(lines):
+            sep = " " if i == len(lines) - 1 else "-"
+            wire += f"{code}{sep}{text}\r\n".encode()
+    parser = ReplyParser()
+    got = []
+    pos = 0
+    for n in cuts:
+        got += parser.feed(wire[pos:pos + n])
+        pos += n
+    got += parser.feed(wire[pos:])
+    assert [(r.code, len(r.lines)) for r in got] == [(c, len(lines)) for c, lines in spec]
+    assert not parser.partial
+
+
+@settings(max_examples=60, deadline=None)
+@given(payloads, st.integers(1, 64))
+def test_protocol_data_path_any_read_size(data: bytes, read_size: int) -> None:
+    import exmta.smtp.client as client
+    old = client.READ_CHUNK
+    client.READ_CHUNK = read_size
+    try:
+        proto = SMTPClientProtocol(Clock(), "c.test", tls_mode="none")
+        t = StringTransport()
+        proto.makeConnection(t)
+        proto.establish()
+        proto.dataReceived(b"220 hi\r\n250-x\r\n250 PIPELINING\r\n")
+        rcpt = Recipient("a@example.net")
+        req = DeliveryRequest("Q", Envelope("s@x.test", [rcpt]), (rcpt,), lambda: io.BytesIO(data))
+        proto.deliver(req)
+        t.clear()
+        proto.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        assert unstuff(t.value()) == normalise(data)
+    finally:
+        client.READ_CHUNK = old
