@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exmta.model import Address, Body, MailParams, NULL_ADDRESS, RcptParams
@@ -190,3 +190,26 @@ def test_xtext_round_trip(text):
     encoded = xtext_encode(text)
     assert encoded.isascii() and " " not in encoded and "=" not in encoded
     assert xtext_decode(encoded) == text
+
+
+_path_alphabet = st.sampled_from(list('<>@"\\[]:,. =+-aZ09é\x00\t') + ["IPv6:", "FROM:", "TO:", "SIZE=", "NOTIFY="])
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(_path_alphabet, max_size=30).map("".join), st.booleans(), st.booleans())
+def test_any_argument_parses_or_gives_a_reply(text, esmtp, smtputf8):
+    for arg in ("FROM:" + text, text):
+        try:
+            sender, params = parse_mail(arg, esmtp=esmtp)
+        except ParamError as e:
+            assert 500 <= e.reply.code < 600
+        else:
+            assert sender.is_null or sender.domain
+    for arg in ("TO:" + text, text):
+        try:
+            rcpt, params = parse_rcpt(arg, smtputf8=smtputf8, esmtp=esmtp)
+        except ParamError as e:
+            assert 500 <= e.reply.code < 600
+        else:
+            assert rcpt.domain or rcpt.local.lower() == "postmaster"
+            assert smtputf8 or rcpt.is_ascii()
