@@ -71,9 +71,9 @@ async def run(reactor: Any, pool: ThreadPool, base: str, writers: int, args: arg
             writers_busy[0] -= 1
 
     writers_busy = [0]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.thread_time()
     await Deferred.fromCoroutine(_gather([writer() for _ in range(writers)]))
-    elapsed = time.perf_counter() - t0
+    elapsed, reactor_cpu = time.perf_counter() - t0, time.thread_time() - cpu0
     n = len(committed)
     latencies.sort()
     out = {
@@ -84,6 +84,7 @@ async def run(reactor: Any, pool: ThreadPool, base: str, writers: int, args: arg
         "file_fsyncs_per_msg": round((fsync.count - (store.syncer.fsyncs - dirs0)) / n, 2),
         "dir_fsyncs_per_msg": round((store.syncer.fsyncs - dirs0) / n, 3),
         "msgs_per_dir_round": round(n / max(1, store.syncer.rounds - rounds0), 1),
+        "reactor_cpu_ms_per_msg": round(reactor_cpu * 1000 / n, 3),
         "p50_ms": round(latencies[n // 2] * 1000, 2),
         "p99_ms": round(latencies[min(n - 1, int(n * 0.99))] * 1000, 2),
     }

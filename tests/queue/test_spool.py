@@ -137,6 +137,8 @@ def test_commit_fires_only_after_every_fsync(tmp_path: Any) -> None:
     d = store.commit(w, envelope())
     d.addCallback(lambda qid: events.append("fired " + qid))
     assert events == []
+    pool.run_one()  # the writer's file is created
+    assert files(store, "tmp") == [w.queue_id + ".msg"]
     pool.run_one()  # content fsync, envelope fsync, renames
     assert not d.called, "must not fire before the directories are fsynced"
     assert len(events) == 2
@@ -167,8 +169,8 @@ def test_concurrent_commits_share_directory_fsyncs(tmp_path: Any) -> None:
         w = store.open_writer()
         w.write(b"m%d\r\n" % i)
         ds.append(store.commit(w, envelope()).addCallback(fired.append))
-    for _ in range(6):
-        pool.run_one()  # file jobs; the first one starts a directory round
+    for _ in range(12):
+        pool.run_one()  # file creations, then commit jobs; the first commit starts a directory round
     assert fired == []
     pool.run_all()
     assert len(fired) == 6
@@ -225,6 +227,50 @@ def test_writer_streams_rewrites_headers_and_aborts(tmp_path: Any) -> None:
         store.commit(w2, envelope())
     with pytest.raises(ValueError):
         w.replace_headers(0, b"")
+
+
+def test_writes_before_the_file_exists_are_buffered(tmp_path: Any) -> None:
+    pool = ManualPool()
+    store = make_store(tmp_path, pool)
+    w = store.open_writer()
+    assert len(pool.queue) == 1 and files(store, "tmp") == []  # creation is the pool's job
+    w.write(b"Subject: a\r\n\r\n")
+    with w.open_read() as f:
+        assert f.read() == b"Subject: a\r\n\r\n"
+    w.replace_headers(12, b"Subject: b\r\nX-New: 1\r\n")
+    assert w.size == 24
+    pool.run_one()
+    w.write(b"body\r\n")  # adopts the file, writes the buffer, then this
+    with w.open_read() as f:
+        assert f.read() == b"Subject: b\r\nX-New: 1\r\n\r\nbody\r\n"
+    d = store.commit(w, envelope())
+    pool.run_all()
+    with store.open_content(result(d)) as f:
+        assert f.read() == b"Subject: b\r\nX-New: 1\r\n\r\nbody\r\n"
+
+    w2 = store.open_writer()
+    w2.write(b"only in memory")
+    d2 = store.commit(w2, envelope())  # the commit job writes the buffer into the new file
+    pool.run_all()
+    with store.open_content(result(d2)) as f:
+        assert f.read() == b"only in memory"
+
+    w3 = store.open_writer()
+    w3.write(b"x")
+    w3.abort()  # before the file exists: it is removed once created
+    pool.run_all()
+    assert files(store, "tmp") == []
+
+
+def test_big_writes_wait_for_the_file(tmp_path: Any) -> None:
+    store = make_store(tmp_path, ManualPool())
+    w = store.open_writer()
+    w.write(b"x" * 1000)
+    store._pool.run_all()  # type: ignore[attr-defined]
+    w.write(b"y" * (2 * 1024 * 1024))
+    assert w._pending == bytearray() and w.size == 1000 + 2 * 1024 * 1024
+    w.abort()
+    assert files(store, "tmp") == []
 
 
 def test_submit_and_listener(tmp_path: Any) -> None:
