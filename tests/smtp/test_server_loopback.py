@@ -263,3 +263,38 @@ def test_starttls_injection_over_a_socket_is_not_executed(tls_server):
     port, store, _ = tls_server
     out = yield deferToThread(_injected_starttls, port)
     assert out == b"220 2.0.0 Ready to start TLS\r\n"
+
+
+# ------------------------------------------------------------ Postfix as the client (PIPELINING, BDAT, DSN)
+
+
+@pytest_twisted.inlineCallbacks
+def test_postfix_relays_into_the_server(server, postfix_factory):
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    port, store, _ = server
+    front = yield deferToThread(postfix_factory, relayhost=f"[127.0.0.1]:{port}",
+                                hostname="front.example.test",
+                                main_cf={"debug_peer_list": "127.0.0.1", "debug_peer_level": "2"})
+    body = "".join(f"line {i}\n" if i % 7 else ".dot line\n" for i in range(3000))
+    msg = EmailMessage()
+    msg["From"] = "alice@sender.test"
+    msg["To"] = "b@local.test"
+    msg["Subject"] = "via postfix"
+    msg["Message-ID"] = "<pf1@sender.test>"
+    msg.set_content(body)
+    refused = yield deferToThread(front.send, "alice@sender.test", ["b@local.test", "c@local.test"], msg)
+    assert refused == {}
+    for _ in range(300):  # bounded: 30 s
+        if store.committed:
+            break
+        yield deferLater(reactor, 0.1, lambda: None)
+    assert store.committed, front.log_text()[-2000:]
+    content, env = store.committed[0]
+    assert env.message_id == "<pf1@sender.test>"
+    assert sorted(r.address for r in env.recipients) == ["b@local.test", "c@local.test"]
+    assert env.client_helo == "front.example.test"
+    assert b".dot line\r\nline 8\r\n" in content  # dot-stuffed by Postfix, unstuffed by us
+    yield deferToThread(front.wait_queue_empty, 30)
+    assert "status=sent (250 2.0.0 Ok: queued as LOOP1)" in front.log_text()
