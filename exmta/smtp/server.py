@@ -47,6 +47,9 @@ __all__ = ["ESMTPServer", "ESMTPServerFactory"]
 _BDAT_ARG = re.compile(r"([0-9]{1,20})(?: +(LAST))?\Z", re.IGNORECASE)
 #: verbs that betray an HTTP or other non-SMTP client talking to us: close at once
 _NON_SMTP = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS"})
+_KNOWN_VERBS = frozenset({
+    "EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY", "HELP", "STARTTLS", "AUTH",
+})
 _NOT_IMPLEMENTED = frozenset({"EXPN", "ETRN", "TURN", "ATRN", "SEND", "SOML", "SAML", "AUTH"})
 
 
@@ -98,6 +101,7 @@ class ESMTPServer(Protocol):
         self.errors = 0
         self.messages = 0
         self._junk_commands = 0
+        self._verbs: dict[str, int] = {}  # per-verb counts for the end-of-session log line
         self._writer: Any = None
         self._txn_uses_bdat = False
         self._txn_discard = False
@@ -172,9 +176,11 @@ class ESMTPServer(Protocol):
         self.parser.discard_buffer()
         if self.session is not None:
             self.log.info(
-                "session {session_id} end after {duration:.3f}s: {messages} message(s), {errors} error(s)",
+                "session {session_id} end after {duration:.3f}s: {messages} message(s), {errors} error(s), {commands}",
                 session_id=self._sid, duration=self.clock.seconds() - self.session.started,
-                messages=self.messages, errors=self.errors,
+                messages=self.messages, errors=self.errors, peer_ip=self.session.peer_ip,
+                connector=self.config.name,
+                commands=" ".join(f"{verb.lower()}={n}" for verb, n in self._verbs.items()) or "no commands",
             )
         self.factory._session_closed(self)
 
@@ -403,6 +409,8 @@ class ESMTPServer(Protocol):
 
     async def _command(self, cmd: Command) -> None:
         verb = cmd.verb
+        key = verb if verb in _KNOWN_VERBS else "unknown"
+        self._verbs[key] = self._verbs.get(key, 0) + 1
         if self.tls_active and self.session is not None and self.session.tls is None:
             self._fill_tls_info()
         if self.factory.shutting_down and self.txn is None and verb != "QUIT":
@@ -809,6 +817,7 @@ class ESMTPServerFactory(Factory):
     """Builds :class:`ESMTPServer` sessions for one receive connector and tracks them for shutdown."""
 
     log = Logger()
+    noisy = False
 
     def __init__(
         self,

@@ -1144,3 +1144,21 @@ def test_auth_parameter_from_an_unauthenticated_client_is_not_trusted(c):
     c.envelope(mail_params=b" AUTH=someone+40x.test")
     c.send(b"DATA\r\nx\r\n.\r\n")
     assert c.store.committed[0][1].params.auth == "<>"
+
+
+def test_session_end_is_logged_with_command_counts():
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        c = make()
+        c.send(b"EHLO c\r\nNOOP\r\nNOOP\r\nXYZZY\r\nQUIT\r\n")
+        c.lose()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [start] = [e for e in events if e.get("log_format", "").startswith("session {session_id} start")]
+    [end] = [e for e in events if e.get("log_format", "").startswith("session {session_id} end")]
+    assert start["session_id"] == end["session_id"] == c.proto.session.session_id
+    assert end["commands"] == "ehlo=1 noop=2 unknown=1 quit=1"
+    assert end["errors"] == 1 and end["connector"] == "inbound"
