@@ -264,14 +264,14 @@ def xtext_encode(value: str) -> str:
     return "".join(out)
 
 
-def needs_smtputf8(request: DeliveryRequest) -> bool:
+def needs_smtputf8(request: DeliveryRequest, recipients: Iterable[Recipient] | None = None) -> bool:
     """True when the envelope needs SMTPUTF8 (flagged by the sender or non-ASCII addresses)."""
     env = request.envelope
     if env.params.smtputf8:
         return True
     if not env.sender.isascii():
         return True
-    return any(not r.address.isascii() for r in request.recipients)
+    return any(not r.address.isascii() for r in (request.recipients if recipients is None else recipients))
 
 
 def _angle(address: str) -> str:
@@ -337,6 +337,7 @@ class SMTPClientProtocol(Protocol):
         self._resume: defer.Deferred[None] | None = None
         self._established = False
         self._needs_rset = False
+        self._mail_answered = False
         self.closed: defer.Deferred[None] = defer.Deferred()
 
     # ------------------------------------------------------------ transport events
@@ -620,6 +621,8 @@ class SMTPClientProtocol(Protocol):
             raise StaleConnection("connection is not ready for a new message")
         self.state = _BUSY
         results: dict[str, RecipientResult] = {}
+        reused = self._needs_rset
+        self._mail_answered = False
         try:
             if self._needs_rset:
                 try:
@@ -630,11 +633,15 @@ class SMTPClientProtocol(Protocol):
                     self._abort()
                     raise StaleConnection(str(reply))
             self._needs_rset = True
-            refusal = self._precheck(request)
+            refusal = self._precheck(request, rcpts)
             if refusal is not None:
                 return self._all(rcpts, Outcome.FAILED, refusal)
             await self._transaction(request, rcpts, results)
         except ClientError as exc:
+            if reused and not self._mail_answered and not results:
+                # a cached connection died before the server said anything about this
+                # message (an idle timeout racing our MAIL): a fresh connection may work
+                raise StaleConnection(str(exc.reply)) from exc
             for r in rcpts:
                 results.setdefault(r.address, self._result(r, Outcome.DEFERRED, exc.reply))
         finally:
@@ -647,7 +654,7 @@ class SMTPClientProtocol(Protocol):
         env = request.envelope
         return env.size or env.params.size or None
 
-    def _precheck(self, request: DeliveryRequest) -> Reply | None:
+    def _precheck(self, request: DeliveryRequest, rcpts: tuple[Recipient, ...]) -> Reply | None:
         """A permanent refusal before MAIL when the server cannot take this message."""
         caps = self.capabilities
         size = self._message_size(request)
@@ -657,7 +664,7 @@ class SMTPClientProtocol(Protocol):
                 return _local_reply(552, "5.3.4",
                                     f"Message size {size} exceeds the limit of {int(limit)} "
                                     f"octets of {self.remote_host or 'the remote server'}")
-        if needs_smtputf8(request) and "SMTPUTF8" not in caps:
+        if needs_smtputf8(request, rcpts) and "SMTPUTF8" not in caps:
             return _local_reply(553, "5.6.7",
                                 f"Message needs SMTPUTF8 (internationalized addresses) but "
                                 f"{self.remote_host or 'the remote server'} does not support it")
@@ -672,7 +679,7 @@ class SMTPClientProtocol(Protocol):
                                 " does not support BINARYMIME with CHUNKING")
         return None
 
-    def _mail_command(self, request: DeliveryRequest) -> str:
+    def _mail_command(self, request: DeliveryRequest, rcpts: tuple[Recipient, ...]) -> str:
         env = request.envelope
         caps = self.capabilities
         parts = [f"MAIL FROM:{_angle(env.sender)}"]
@@ -683,7 +690,7 @@ class SMTPClientProtocol(Protocol):
             parts.append("BODY=8BITMIME")
         elif env.params.body is Body.BINARY:
             parts.append("BODY=BINARYMIME")
-        if needs_smtputf8(request):
+        if needs_smtputf8(request, rcpts):
             parts.append("SMTPUTF8")
         if "DSN" in caps:
             if env.params.ret:
@@ -709,7 +716,7 @@ class SMTPClientProtocol(Protocol):
         pipelining = "PIPELINING" in self.capabilities
         chunking = "CHUNKING" in self.capabilities and self.esmtp
         binary = request.envelope.params.body is Body.BINARY
-        mail = self._mail_command(request)
+        mail = self._mail_command(request, rcpts)
         rcpt_lines = [self._rcpt_command(r) for r in rcpts]
 
         accepted: list[Recipient] = []
@@ -717,6 +724,7 @@ class SMTPClientProtocol(Protocol):
             lines = [mail, *rcpt_lines] + ([] if chunking else ["DATA"])
             self._send(*lines)
             mail_reply = await self._next_reply(self.timeouts.mail, "MAIL")
+            self._mail_answered = True
             for r in rcpts:
                 reply = await self._next_reply(self.timeouts.rcpt, "RCPT")
                 if not mail_reply.is_positive:
@@ -740,6 +748,7 @@ class SMTPClientProtocol(Protocol):
                 return
         else:
             mail_reply = await self._command(mail, self.timeouts.mail, "MAIL")
+            self._mail_answered = True
             if not mail_reply.is_positive:
                 results.update((r.address, self._result(r, self._outcome(mail_reply), mail_reply)) for r in rcpts)
                 await self._rset_after_failure()

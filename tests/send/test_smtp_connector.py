@@ -417,3 +417,21 @@ def test_build_wire_connector_picks_the_class():
     assert verifyObject(ISendConnector, lmtp)
     with pytest.raises(ValueError):
         build_wire_connector(SendConnectorConfig(name="c", kind="maildir"), clock, clock, None, "h")
+
+
+@pytest_twisted.inlineCallbacks
+def test_stale_cached_connection_is_replaced():
+    from twisted.internet import reactor
+    server = ScriptedServer(replies={"RSET": "CLOSE"})  # the server drops idle sessions at our RSET
+    port = server.listen(reactor)
+    try:
+        conn = connector(port)
+        [a] = yield conn.deliver(request(rcpts=("a@example.net",)))
+        assert conn.idle_connections == 1
+        [b] = yield conn.deliver(request(rcpts=("b@example.net",)))
+        yield conn.close()
+    finally:
+        yield server.stop()
+    assert a.outcome is b.outcome is Outcome.DELIVERED
+    assert len(server.sessions) == 2
+    assert server.sessions[0].commands[-1] == "RSET"

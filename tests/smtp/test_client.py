@@ -645,3 +645,34 @@ def test_quit_waits_for_close_bounded() -> None:
     p2.server("221 bye")
     p2.clock.advance(5)
     assert d2.called
+
+
+def test_reused_connection_lost_before_mail_reply_is_stale() -> None:
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+    p = Peer()
+    p.establish()
+    d = p.proto.deliver(make_request(rcpts=("a@example.net",)))
+    p.server("250 ok", "250 ok", "354 go", "250 ok")
+    assert results_of(d)[0].outcome is Outcome.DELIVERED
+    d2 = p.proto.deliver(make_request(rcpts=("b@example.net",)))
+    p.sent()
+    p.server("250 reset")
+    p.proto.connectionLost(Failure(ConnectionLost()))
+    assert failure_of(d2).check(StaleConnection)
+    # on a fresh connection the same loss is a deferral
+    p2 = Peer()
+    p2.establish()
+    d3 = p2.proto.deliver(make_request(rcpts=("a@example.net",)))
+    p2.proto.connectionLost(Failure(ConnectionLost()))
+    assert results_of(d3)[0].outcome is Outcome.DEFERRED
+
+
+def test_smtputf8_judged_on_the_recipients_sent() -> None:
+    p = Peer()
+    p.establish()
+    req = make_request(rcpts=("jürgen@exämple.net", "plain@example.net"))
+    d = p.proto.deliver(req, [req.recipients[1]])
+    assert p.sent_lines()[0] == "MAIL FROM:<s@example.org>"
+    p.server("250 ok", "250 ok", "354 go", "250 ok")
+    assert [r.recipient for r in results_of(d)] == ["plain@example.net"]
