@@ -612,8 +612,7 @@ class ESMTPServer(Protocol):
                 self._close(replies.too_many_errors(self.config.hostname))
             return
         if event.oversize:
-            self._reset_transaction()
-            self._reply(replies.SIZE_EXCEEDED)
+            self._oversize()
             return
         if self._bdat_last:
             await self._finish_message(event.size, bare_newline=False, line_too_long=False)
@@ -622,8 +621,7 @@ class ESMTPServer(Protocol):
 
     async def _data_end(self, event: DataEnd) -> None:
         if event.oversize:
-            self._reset_transaction()
-            self._reply(replies.SIZE_EXCEEDED)
+            self._oversize()
             return
         await self._finish_message(event.size, event.bare_newline, event.line_too_long)
 
@@ -639,13 +637,13 @@ class ESMTPServer(Protocol):
             return
         try:
             if bare_newline:
-                self._refuse_message(writer, replies.BARE_NEWLINE_DATA, "bare newline")
+                self._refuse_message(writer, txn, replies.BARE_NEWLINE_DATA, "bare newline")
                 return
             if line_too_long:
-                self._refuse_message(writer, replies.TEXT_LINE_TOO_LONG, "line too long")
+                self._refuse_message(writer, txn, replies.TEXT_LINE_TOO_LONG, "line too long")
                 return
             if write_failed:
-                self._refuse_message(writer, replies.INTERNAL_ERROR, "write failed")
+                self._refuse_message(writer, txn, replies.INTERNAL_ERROR, "write failed")
                 return
             view = MessageView(writer.open_read, size=writer.size)
             verdict = await self.factory.filters.on_data(self.session, txn, view)
@@ -654,12 +652,14 @@ class ESMTPServer(Protocol):
                 return
             if verdict.action in (Action.REJECT, Action.TEMPFAIL, Action.DISCONNECT):
                 writer.abort()
+                self._track_refusal(TrackingEventId.REJECT, txn, writer, _default_reply(verdict), "filter")
                 self._refused(verdict)
                 return
             if discard or verdict.action is Action.DISCARD:
                 writer.abort()
                 self.log.info("session {session_id}: message {queue_id} discarded",
                               session_id=self._sid, queue_id=writer.queue_id)
+                self._track_refusal(TrackingEventId.DROP, txn, writer, None, "discarded by policy or filter")
                 self._reply(replies.queued(writer.queue_id))
                 return
             view.apply_edits(writer)
@@ -698,11 +698,39 @@ class ESMTPServer(Protocol):
             return str(rcpt)
         return f"{rcpt.local}@{self.factory.postmaster_domain or self.config.hostname}"
 
-    def _refuse_message(self, writer: Any, reply: Reply, why: str) -> None:
+    def _refuse_message(self, writer: Any, txn: Transaction, reply: Reply, why: str) -> None:
         writer.abort()
         self.log.info("session {session_id}: message refused at end of data: {why}",
                       session_id=self._sid, why=why)
+        self._track_refusal(TrackingEventId.REJECT, txn, writer, reply, why)
         self._reply(reply)
+
+    def _oversize(self) -> None:
+        """The message passed max_message_size: refuse it and end the transaction."""
+        if self.txn is not None and self._writer is not None:
+            self._track_refusal(TrackingEventId.REJECT, self.txn, self._writer, replies.SIZE_EXCEEDED,
+                                "message too big")
+        self._reset_transaction()
+        self._reply(replies.SIZE_EXCEEDED)
+
+    def _track_refusal(self, event_id: TrackingEventId, txn: Transaction, writer: Any, reply: Reply | None,
+                       why: str) -> None:
+        """A REJECT (or DROP, for DISCARD) tracking event for a message that was not queued."""
+        tracker = self.factory.tracker
+        if tracker is None:
+            return
+        try:
+            tracker.track(TrackingEvent(
+                event_id, getattr(writer, "queue_id", ""), self.clock.seconds(),
+                sender=str(txn.sender),
+                recipients=tuple(self._qualified(a) for a, _ in txn.recipients),
+                size=getattr(writer, "size", None), connector=self.config.name, source="SMTP",
+                remote_host=self.session.peer_ip if self.session else None,
+                reply=str(reply) if reply is not None else None,
+                details={"session_id": self._sid, "reason": why},
+            ))
+        except Exception:
+            self.log.failure("tracker failed for a refused message")
 
     def _track(self, queue_id: str, envelope: Envelope) -> None:
         tracker = self.factory.tracker

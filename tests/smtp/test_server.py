@@ -832,7 +832,7 @@ def test_discard_answers_250_and_queues_nothing():
     c.send(b"DATA\r\n")
     assert c.send(b"x\r\n.\r\n") == b"250 2.0.0 Ok: queued as Q1\r\n"
     assert c.store.committed == [] and c.store.writers[0].aborted
-    assert c.tracker.events == []
+    assert [e.event_id for e in c.tracker.events] == [TrackingEventId.DROP]
 
 
 def test_discard_at_rcpt_discards_the_message():
@@ -1162,3 +1162,28 @@ def test_session_end_is_logged_with_command_counts():
     assert start["session_id"] == end["session_id"] == c.proto.session.session_id
     assert end["commands"] == "ehlo=1 noop=2 unknown=1 quit=1"
     assert end["errors"] == 1 and end["connector"] == "inbound"
+
+
+def test_refused_and_discarded_messages_are_tracked():
+    c = make(filters=[Rejecter("data", Verdict.reject(554, "5.7.1", "spam"))], max_message_size=50)
+    c.read()
+    c.ehlo()
+    for payload in (b"x\r\n.\r\n", b"a\nb\r\n.\r\n", b"y" * 100 + b"\r\n.\r\n"):
+        c.envelope()
+        c.send(b"DATA\r\n")
+        c.send(payload)
+    reasons = [(e.event_id, e.reply, e.details["reason"]) for e in c.tracker.events]
+    assert reasons == [
+        (TrackingEventId.REJECT, "554 5.7.1 spam", "filter"),
+        (TrackingEventId.REJECT, "550 5.6.11 Error: bare <LF> or <CR> not allowed in message content",
+         "bare newline"),
+        (TrackingEventId.REJECT, "552 5.3.4 Error: message file too big", "message too big"),
+    ]
+    assert c.tracker.events[0].recipients == ("b@local.test",)
+    d = make(filters=[Rejecter("data", Verdict.discard())])
+    d.read()
+    d.ehlo()
+    d.envelope()
+    d.send(b"DATA\r\nx\r\n.\r\n")
+    [event] = d.tracker.events
+    assert event.event_id is TrackingEventId.DROP and event.queue_id == "Q1"
