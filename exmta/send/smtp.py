@@ -25,7 +25,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import (
     HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, UNIXClientEndpoint, connectProtocol,
 )
-from twisted.internet.error import ConnectError
+from twisted.internet.error import ConnectError, ConnectingCancelledError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -233,7 +233,7 @@ class SMTPSendConnector:
         )
         try:
             await connectProtocol(self._endpoint(target), proto)
-        except (ConnectError, OSError) as exc:
+        except (ConnectError, ConnectingCancelledError, OSError) as exc:
             self.log.info("Connect to {remote} failed: {error}", remote=target.label, error=str(exc))
             return Reply.make(451, "4.4.1", f"Connection to {target.label} failed: {exc.__class__.__name__}")
         try:
@@ -251,7 +251,10 @@ class SMTPSendConnector:
                 return _TLSFailed(reply)
             return reply
         self.log.info("Connected to {remote} (tls={tls})", remote=target.label, tls=proto.tls)
-        results = await proto.deliver(request, rcpts)
+        try:
+            results = await proto.deliver(request, rcpts)
+        except StaleConnection as exc:  # lost between the greeting exchange and MAIL
+            return Reply.make(451, "4.4.2", f"Connection to {target.label} lost before MAIL: {exc}")
         return results, proto
 
     def _tls_mode(self, target: Target) -> str:
