@@ -18,7 +18,6 @@ START_DATA = R(354, None, "End data with <CR><LF>.<CR><LF>")
 VRFY_CANNOT = R(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
 HELP = R(214, "2.0.0", "See RFC 5321 and https://www.rfc-editor.org/rfc/rfc5321")
 STARTTLS_GO = R(220, "2.0.0", "Ready to start TLS")
-DISCARDED = R(250, "2.0.0", "Ok")
 
 # -- sequence, syntax, unknown
 BAD_SEQUENCE = R(503, "5.5.1", "Error: bad sequence of commands")
@@ -46,7 +45,6 @@ NO_ARGUMENTS = R(501, "5.5.4", "Syntax error: no arguments allowed")
 # -- parameters (RFC 1870, 3461, 6152, 6531)
 UNKNOWN_PARAMETER = R(555, "5.5.4", "Error: unsupported parameter")
 DUPLICATE_PARAMETER = R(501, "5.5.4", "Error: duplicate parameter")
-BAD_PARAMETER = R(501, "5.5.4", "Error: bad parameter value")
 BAD_SENDER_SYNTAX = R(501, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT_SYNTAX = R(501, "5.1.3", "Bad recipient address syntax")
 NEED_SMTPUTF8 = R(553, "5.6.7", "Error: SMTPUTF8 is required for non-ASCII addresses")
@@ -62,7 +60,7 @@ RELAY_DENIED = R(554, "5.7.1", "Relay access denied")
 
 # -- transient, internal
 INTERNAL_ERROR = R(451, "4.3.0", "Error: internal error, try again later")
-TLS_NOT_AVAILABLE = R(454, "4.7.0", "TLS not available due to temporary reason")
+TLS_NOT_AVAILABLE = R(454, "4.7.0", "TLS not available due to temporary reason")  # for issue 4 (TLS)
 
 
 def greeting(hostname: str, banner: str | None) -> Reply:
