@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
 """Accept throughput and latency of an SMTP server (self-contained, stdlib only).
 
-    benchmarks/accept.py 127.0.0.1:2525 [-c 20] [-m 4000] [-t 60] [--sizes 4096,102400]
+    benchmarks/accept.py 127.0.0.1:2525 [-c 20] [-m 5000] [-t 60] [--sizes 4096,102400]
                          [--reuse 0] [--procs 1] [--pid PID] [--json-out FILE]
 
-For each message size (default 4 KiB and 100 KiB): ``-c`` concurrent clients (asyncio tasks, spread over
-``--procs`` load-generator processes) send EHLO, MAIL, RCPT, DATA; by default
-**a new TCP connection per message** (like smtp-source), with ``--reuse N``
-up to N messages per connection (RSET between them).  A run ends after ``-m``
-(``-M`` above 16 KiB) messages or ``-t`` seconds, whichever comes first; every socket operation has
-a timeout.
+For each message size (default 4 KiB and 100 KiB): ``-c`` concurrent
+clients (asyncio tasks, spread over ``--procs`` load-generator processes)
+send EHLO, MAIL, RCPT, DATA; by default **a new TCP connection per message**
+(like smtp-source), with ``--reuse N`` up to N messages per connection (RSET
+between them).  A run ends after ``-m`` (``-M`` above 16 KiB) messages or
+``-t`` seconds, whichever comes first; every socket operation has a timeout.
 
 Reported per size: msgs/s (= messages accepted with 250 / wall time of the
 run), accept latency p50/p90/p99/max (from the moment the final ``.`` of DATA
@@ -53,9 +53,11 @@ def make_head(seq: int, tag: str) -> bytes:
 
 def make_body(size: int) -> bytes:
     """CRLF lines of 76 octets so that head + body is about *size* octets."""
-    line = (b"abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ-_.!" * 2)[:74] + b"\r\n"
+    line = (b"abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ-_.!" * 2)[:74]
+    line += b"\r\n"
     need = max(76, size - 245)
-    return line * (need // len(line)) + (line[: need % len(line) - 2] + b"\r\n" if need % len(line) > 2 else b"")
+    rest = need % len(line)
+    return line * (need // len(line)) + (line[: rest - 2] + b"\r\n" if rest > 2 else b"")
 
 
 # ------------------------------------------------------------------ client

@@ -101,9 +101,11 @@ async def probe_transaction(host: str, port: int, timeout: float) -> float:
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
     try:
         steps = [(None, 220), (b"EHLO probe.bench.test\r\n", 250),
-                 (b"MAIL FROM:<probe@bench.test>\r\n", 250), (b"RCPT TO:<probe@dest.test>\r\n", 250),
+                 (b"MAIL FROM:<probe@bench.test>\r\n", 250),
+                 (b"RCPT TO:<probe@dest.test>\r\n", 250),
                  (b"DATA\r\n", 354),
-                 (b"Subject: idle probe\r\nMessage-ID: <probe@bench.test>\r\n\r\nprobe\r\n.\r\n", 250),
+                 (b"Subject: idle probe\r\nMessage-ID: <probe@bench.test>\r\n\r\n"
+                  b"probe\r\n.\r\n", 250),
                  (b"QUIT\r\n", 221)]
         for cmd, want in steps:
             if cmd:
@@ -188,10 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     rec = asyncio.run(run(a))
     b, f = rec["before"], rec["after"]
-    print(f"procs {b['procs']} -> {f['procs']}; RSS {b['rss_kb'] / 1024:.1f} -> {f['rss_kb'] / 1024:.1f} MB; "
-          f"PSS {b['pss_kb'] / 1024:.1f} -> {f['pss_kb'] / 1024:.1f} MB; opened {rec['established']}"
-          f"/{rec['wanted']} in {rec['open_s']} s (errors {rec['errors'] or 0}); kept {rec['kept']} "
-          f"after {a.hold:g} s; new-session probe {rec['probe_ms']} ms", file=sys.stderr)
+    mb = lambda kb: f"{kb / 1024:.1f}"  # noqa: E731
+    print(f"procs {b['procs']} -> {f['procs']}; RSS {mb(b['rss_kb'])} -> {mb(f['rss_kb'])} MB; "
+          f"PSS {mb(b['pss_kb'])} -> {mb(f['pss_kb'])} MB; "
+          f"opened {rec['established']}/{rec['wanted']} in {rec['open_s']} s "
+          f"(errors {rec['errors'] or 0}); kept {rec['kept']} after {a.hold:g} s; "
+          f"new-session probe {rec['probe_ms']} ms", file=sys.stderr)
     if a.json_out:
         with open(a.json_out, "a") as fh:
             fh.write(json.dumps(rec) + "\n")

@@ -27,7 +27,9 @@ def test_postfix_to_exmta_to_postfix(postfix_factory, exmta_factory) -> None:  #
     assert "relay=127.0.0.1[127.0.0.1]:%d" % ex.port in front.log_text()
 
 
-def test_exmta_delivers_over_lmtp_to_dovecot(exmta_factory, dovecot_lmtp: DovecotLmtp) -> None:  # noqa: ANN001
+def test_exmta_delivers_over_lmtp_to_dovecot(
+    exmta_factory, dovecot_lmtp: DovecotLmtp,  # noqa: ANN001
+) -> None:
     ex = exmta_factory(toml=exmta_toml(lmtp=f"127.0.0.1:{dovecot_lmtp.port}",
                                        lmtp_domains=["example.net"]))
     procs.swaks(ex.port, "x@example.test", ["alice@example.net", "bob@example.net"],
@@ -37,7 +39,9 @@ def test_exmta_delivers_over_lmtp_to_dovecot(exmta_factory, dovecot_lmtp: Doveco
         assert b"lmtp via exmta" in got
 
 
-def test_8bit_and_long_message_relayed_intact(exmta_relay, smtp_sink: SmtpSink) -> None:  # noqa: ANN001
+def test_8bit_and_long_message_relayed_intact(
+    exmta_relay, smtp_sink: SmtpSink,  # noqa: ANN001
+) -> None:
     import smtplib
     body = ("Subject: =?utf-8?q?gr=C3=BC=C3=9Fe?=\r\nContent-Type: text/plain; charset=utf-8\r\n"
             "Content-Transfer-Encoding: 8bit\r\n\r\n").encode() + \

@@ -28,7 +28,8 @@ def test_queued_mail_survives_restart(tmp_path: Path, free_tcp_port: int) -> Non
     first = ExmtaProcess(tmp_path / "run1", toml=toml, data_dir=data).start()
     try:
         with smtplib.SMTP(procs.LOOPBACK, first.port, timeout=10) as c:
-            c.sendmail("a@example.test", ["later@example.net"], b"Subject: durable\r\n\r\nkeep me\r\n")
+            c.sendmail("a@example.test", ["later@example.net"],
+                       b"Subject: durable\r\n\r\nkeep me\r\n")
     finally:
         assert clean_exit(first.stop())
     with SmtpSink(port=free_tcp_port) as sink:

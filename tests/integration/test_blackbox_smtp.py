@@ -35,9 +35,11 @@ def test_ehlo_advertises_p0_extensions(exmta_relay: ExmtaProcess) -> None:
 def test_relay_from_relay_network_reaches_next_hop(
     exmta_relay: ExmtaProcess, smtp_sink: SmtpSink,
 ) -> None:
-    body = b"Subject: relay test\r\nMessage-ID: <relay-1@example.test>\r\n\r\nline one\r\nline two\r\n"
+    body = (b"Subject: relay test\r\nMessage-ID: <relay-1@example.test>\r\n\r\n"
+            b"line one\r\nline two\r\n")
     with smtplib.SMTP(procs.LOOPBACK, exmta_relay.port, timeout=10) as c:
-        assert c.sendmail("alice@example.test", ["bob@example.net", "carol@example.org"], body) == {}
+        rcpts = ["bob@example.net", "carol@example.org"]
+        assert c.sendmail("alice@example.test", rcpts, body) == {}
     got = smtp_sink.wait_for_rcpts(["bob@example.net", "carol@example.org"], timeout=30)
     assert sorted(r for m in got for r in m.rcpt_tos) == ["bob@example.net", "carol@example.org"]
     assert all(m.mail_from == "alice@example.test" for m in got)
@@ -55,7 +57,9 @@ def test_local_domain_delivered_to_maildir(exmta_relay: ExmtaProcess) -> None:
     assert b"maildir body" in msg and b"Subject: to maildir" in msg
 
 
-def test_relay_refused_outside_relay_networks(exmta_factory, smtp_sink: SmtpSink) -> None:  # noqa: ANN001
+def test_relay_refused_outside_relay_networks(
+    exmta_factory, smtp_sink: SmtpSink,  # noqa: ANN001
+) -> None:
     from support.exmta_proc import exmta_toml
     ex = exmta_factory(toml=exmta_toml(smarthost=smtp_sink.next_hop, relay_networks=[]))
     with smtplib.SMTP(procs.LOOPBACK, ex.port, timeout=10) as c:
@@ -67,7 +71,9 @@ def test_relay_refused_outside_relay_networks(exmta_factory, smtp_sink: SmtpSink
         assert code == 250
 
 
-def test_pipelined_transaction_replies_in_order(exmta_relay: ExmtaProcess, smtp_sink: SmtpSink) -> None:
+def test_pipelined_transaction_replies_in_order(
+    exmta_relay: ExmtaProcess, smtp_sink: SmtpSink,
+) -> None:
     with socket.create_connection((procs.LOOPBACK, exmta_relay.port), timeout=10) as s:
         assert _reply(s)[0] == 220
         s.sendall(b"EHLO client.example.test\r\n")
@@ -86,7 +92,8 @@ def test_bare_lf_in_data_is_rejected(exmta_relay: ExmtaProcess, smtp_sink: SmtpS
     """SMTP smuggling defence (bare_lf = "reject" is the default)."""
     with socket.create_connection((procs.LOOPBACK, exmta_relay.port), timeout=10) as s:
         _reply(s)
-        for cmd, want in ((b"EHLO c.example.test\r\n", 250), (b"MAIL FROM:<a@example.test>\r\n", 250),
+        for cmd, want in ((b"EHLO c.example.test\r\n", 250),
+                          (b"MAIL FROM:<a@example.test>\r\n", 250),
                           (b"RCPT TO:<b@example.net>\r\n", 250), (b"DATA\r\n", 354)):
             s.sendall(cmd)
             assert _reply(s)[0] == want
@@ -96,7 +103,9 @@ def test_bare_lf_in_data_is_rejected(exmta_relay: ExmtaProcess, smtp_sink: SmtpS
     assert smtp_sink.messages == []
 
 
-def test_oversized_message_refused_at_mail_from(exmta_factory, smtp_sink: SmtpSink) -> None:  # noqa: ANN001
+def test_oversized_message_refused_at_mail_from(
+    exmta_factory, smtp_sink: SmtpSink,  # noqa: ANN001
+) -> None:
     from support.exmta_proc import exmta_toml
     ex = exmta_factory(toml=exmta_toml(smarthost=smtp_sink.next_hop,
                                        receive_extra="max_message_size = 10000"))

@@ -146,7 +146,9 @@ def test_postfix_as_client_relays_to_next_hop(postfix_factory) -> None:  # noqa:
     client.wait_queue_empty(timeout=10)
 
 
-def test_postfix_deferred_mail_is_visible_and_retried(postfix_factory, free_tcp_port) -> None:  # noqa: ANN001
+def test_postfix_deferred_mail_is_visible_and_retried(
+    postfix_factory, free_tcp_port: int,  # noqa: ANN001
+) -> None:
     """Mail to a next hop that is down stays queued; it leaves once the hop is up."""
     pf = postfix_factory(relayhost=f"[127.0.0.1]:{free_tcp_port}")
     pf.send("a@example.test", ["z@example.net"], b"Subject: later\r\n\r\nwait\r\n")
@@ -171,7 +173,9 @@ def test_postfix_stop_leaves_no_process(tmp_path: Path) -> None:
     assert not procs.port_in_use(pf.port)
 
 
-def test_postfix_routes_to_dovecot_lmtp(postfix_factory, dovecot_lmtp: DovecotLmtp) -> None:  # noqa: ANN001
+def test_postfix_routes_to_dovecot_lmtp(
+    postfix_factory, dovecot_lmtp: DovecotLmtp,  # noqa: ANN001
+) -> None:
     pf = postfix_factory(routes={"example.net": f"lmtp:inet:127.0.0.1:{dovecot_lmtp.port}"})
     procs.swaks(pf.port, "a@example.test", "bob@example.net", "--body", "via lmtp")
     (got,) = dovecot_lmtp.wait_maildir("bob@example.net", 1, timeout=30)

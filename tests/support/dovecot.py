@@ -104,10 +104,7 @@ class DovecotLmtp:
         os.chown(self.mail_dir, nobody.pw_uid, nobody.pw_gid)
         self._base_dir = Path(tempfile.mkdtemp(prefix="dv-"))
         self._base_dir.chmod(0o755)
-        lines = [
-            f"{u}::{nobody.pw_uid}:{nobody.pw_gid}::{self.mail_dir / u.split('@')[1] / u.split('@')[0]}::"
-            for u in self.users
-        ]
+        lines = [f"{u}::{nobody.pw_uid}:{nobody.pw_gid}::{self.maildir(u)}::" for u in self.users]
         self.passwd.write_text("\n".join(lines) + "\n")
         self.conf.write_text(CONF_TEMPLATE.format(
             base_dir=self._base_dir, state_dir=self.root / "state", log=self.log_path,

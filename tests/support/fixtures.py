@@ -29,7 +29,7 @@ installed; run ``scripts/install-test-deps.sh`` to get them all.
 """
 from __future__ import annotations
 
-import shutil
+import importlib.util
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -123,7 +123,7 @@ def dovecot_lmtp(tmp_path: Path) -> Iterator[dovecot_mod.DovecotLmtp]:
 @pytest.fixture
 def exmta_factory(tmp_path: Path) -> Iterator[Callable[..., exmta_proc.ExmtaProcess]]:
     """Factory: ``make(toml=TEXT | data_dir=DIR, port=PORT)`` starts ``twistd -n exmta``."""
-    _need("twistd", shutil.which("twistd") is not None)
+    _need("exmta's twistd plugin (exmta/tap.py)", importlib.util.find_spec("exmta.tap") is not None)
     procs: list[exmta_proc.ExmtaProcess] = []
 
     def make(**kw: Any) -> exmta_proc.ExmtaProcess:

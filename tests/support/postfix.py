@@ -356,7 +356,8 @@ class PostfixInstance:
         """Contents of the messages delivered to *address*, oldest first."""
         addr = address.lower()
         new = self.maildir(addr) / "new"
-        files = sorted(new.iterdir(), key=lambda p: (p.stat().st_mtime, p.name)) if new.is_dir() else []
+        files = sorted(new.iterdir(), key=lambda p: (p.stat().st_mtime, p.name)) \
+            if new.is_dir() else []
         out = [p.read_bytes() for p in files]
         if addr not in self.maildir_users:
             out = [m for m in out if addr in _delivered_to(m)]

@@ -363,7 +363,9 @@ def running(argv: Sequence[str | os.PathLike[str]], **kw: object) -> Iterator[Ma
 # ------------------------------------------------------------------- misc
 
 
-def make_traversable(path: str | os.PathLike[str], stop_at: str | os.PathLike[str] | None = None) -> None:
+def make_traversable(
+    path: str | os.PathLike[str], stop_at: str | os.PathLike[str] | None = None,
+) -> None:
     """Give "others" search (x) permission on *path* and its parents.
 
     Daemons that drop privileges (Postfix, Dovecot) must traverse the per-test

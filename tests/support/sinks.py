@@ -140,7 +140,9 @@ class SmtpSink:
                 self._cond.wait(left)
             return list(self.messages)
 
-    def wait_for_rcpts(self, rcpts: list[str] | tuple[str, ...], timeout: float = 30.0) -> list[Received]:
+    def wait_for_rcpts(
+        self, rcpts: list[str] | tuple[str, ...], timeout: float = 30.0,
+    ) -> list[Received]:
         """Block until every address in *rcpts* was delivered (in any transactions)."""
         want = {r.lower() for r in rcpts}
         deadline = time.monotonic() + timeout
