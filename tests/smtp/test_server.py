@@ -799,7 +799,7 @@ def test_filter_rejections_reach_the_wire(phase, command):
     assert c.send(command) == f"550 5.7.1 no {phase}\r\n".encode()
 
 
-def test_filter_rcpt_tempfail(c):
+def test_filter_rcpt_tempfail():
     c = make(filters=[Rejecter("rcpt", Verdict.tempfail(450, "4.2.0", "greylisted"))])
     c.read()
     c.ehlo()
