@@ -64,8 +64,8 @@ TLS_NOT_AVAILABLE = R(454, "4.7.0", "TLS not available due to temporary reason")
 
 
 def greeting(hostname: str, banner: str | None) -> Reply:
-    """220 greeting; RFC 2034 forbids an enhanced status code here."""
-    return R(220, None, f"{hostname} ESMTP {banner or 'exmta'}")
+    """220 greeting: the hostname, then the configured banner text (RFC 2034: no enhanced code here)."""
+    return R(220, None, f"{hostname} {banner or 'ESMTP exmta'}")
 
 
 def closing(hostname: str) -> Reply:

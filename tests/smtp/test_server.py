@@ -1187,3 +1187,8 @@ def test_refused_and_discarded_messages_are_tracked():
     d.send(b"DATA\r\nx\r\n.\r\n")
     [event] = d.tracker.events
     assert event.event_id is TrackingEventId.DROP and event.queue_id == "Q1"
+
+
+def test_configured_banner_follows_the_hostname():
+    c = make(banner="Microsoft ESMTP MAIL Service ready")
+    assert c.read() == b"220 mx.test Microsoft ESMTP MAIL Service ready\r\n"
