@@ -16,9 +16,7 @@ from typing import Callable, TypeVar
 
 import dns.exception
 import dns.message
-import dns.name
 import dns.nameserver
-import dns.rdatatype
 import dns.resolver
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool

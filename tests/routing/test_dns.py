@@ -48,6 +48,8 @@ down     MX 10 dead
 down     MX 20 alive
 dead     A 127.0.0.7
 alive    A 127.0.0.8
+v6       MX 10 v6host
+v6host   AAAA ::1
 """
 
 
@@ -190,6 +192,12 @@ def test_mx_walk_in_preference_order(resolver):
         # MX through a CNAME chain
         [r] = yield conn.deliver(_request("a@viacname.example.test"))
         assert r.remote_host == f"cname1.example.test[127.0.0.6]:{port}"
+        # an IPv6-only MX host
+        v6 = ScriptedServer()
+        v6.listen(reactor, "::1", port)
+        servers["::1"] = v6
+        [r] = yield conn.deliver(_request("a@v6.example.test"))
+        assert r.outcome is Outcome.DELIVERED and r.remote_host == f"v6host.example.test[::1]:{port}"
     finally:
         for s in servers.values():
             yield s.stop()

@@ -14,6 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
+import dns.exception
 import dns.message
 import dns.query
 import dns.rcode
