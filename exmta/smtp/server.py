@@ -647,7 +647,7 @@ class ESMTPServer(Protocol):
                 return
             view = MessageView(writer.open_read, size=writer.size)
             verdict = await self.factory.filters.on_data(self.session, txn, view)
-            if self._disconnected:
+            if self._closing:  # the client left, or we closed (timeout, shutdown): it cannot get a 250
                 writer.abort()
                 return
             if verdict.action in (Action.REJECT, Action.TEMPFAIL, Action.DISCONNECT):

@@ -1192,3 +1192,25 @@ def test_refused_and_discarded_messages_are_tracked():
 def test_configured_banner_follows_the_hostname():
     c = make(banner="Microsoft ESMTP MAIL Service ready")
     assert c.read() == b"220 mx.test Microsoft ESMTP MAIL Service ready\r\n"
+
+
+def test_shutdown_while_data_filter_runs_queues_nothing():
+    pending: list[Deferred] = []
+
+    class Slow(FilterBase):
+        name = "slow"
+
+        def on_data(self, session, txn, message):
+            pending.append(Deferred())
+            return pending[-1]
+
+    c = make(filters=[Slow()])
+    c.read()
+    c.ehlo()
+    c.envelope()
+    c.send(b"DATA\r\nx\r\n.\r\n")
+    c.factory.shutdown(5)
+    c.clock.advance(5)
+    assert c.read() == b"421 4.3.2 mx.test Service shutting down\r\n"
+    pending[0].callback(Verdict.CONTINUE)
+    assert c.store.committed == [] and c.store.writers[0].aborted
