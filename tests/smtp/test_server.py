@@ -1208,7 +1208,8 @@ def test_shutdown_while_data_filter_runs_queues_nothing():
     c.read()
     c.ehlo()
     c.envelope()
-    c.send(b"DATA\r\nx\r\n.\r\n")
+    assert c.send(b"DATA\r\n") == b"354 End data with <CR><LF>.<CR><LF>\r\n"
+    assert c.send(b"x\r\n.\r\n") == b""
     c.factory.shutdown(5)
     c.clock.advance(5)
     assert c.read() == b"421 4.3.2 mx.test Service shutting down\r\n"
