@@ -644,6 +644,14 @@ class SMTPClientProtocol(Protocol):
                 raise StaleConnection(str(exc.reply)) from exc
             for r in rcpts:
                 results.setdefault(r.address, self._result(r, Outcome.DEFERRED, exc.reply))
+        except StaleConnection:
+            raise
+        except Exception:
+            # a bug or an unreadable spool file: the session is in an unknown state, drop it
+            self.log.failure("Delivery on {remote} failed unexpectedly", remote=self.remote_host)
+            self.state = _CLOSED
+            self._abort()
+            raise
         finally:
             if self.state == _BUSY:
                 self.state = _IDLE if self._connected and self._error is None else _CLOSED

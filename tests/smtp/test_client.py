@@ -676,3 +676,19 @@ def test_smtputf8_judged_on_the_recipients_sent() -> None:
     assert p.sent_lines()[0] == "MAIL FROM:<s@example.org>"
     p.server("250 ok", "250 ok", "354 go", "250 ok")
     assert [r.recipient for r in results_of(d)] == ["plain@example.net"]
+
+
+def test_unreadable_content_errbacks_and_drops_the_connection() -> None:
+    p = Peer()
+    p.establish()
+    req = make_request(rcpts=("a@example.net",))
+
+    def broken() -> Any:
+        raise OSError("spool file vanished")
+
+    req.open_content = broken
+    d = p.proto.deliver(req)
+    p.server("250 ok", "250 ok", "354 go")
+    f = failure_of(d)
+    assert f.check(OSError)
+    assert not p.proto.usable and (p.transport.disconnecting or p.transport.disconnected)
