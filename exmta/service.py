@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from twisted.application import strports
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -22,6 +23,8 @@ from exmta.plugins import FilterEnv, load_filters, ordered
 from exmta.receive.workers import ListenSpec, WorkerPool, bind_socket, parse_shareable
 
 log = Logger()
+
+INCOMING_RESCAN = 30.0  # seconds between scans of incoming/ for mail committed by workers
 
 
 class OrderedService(MultiService):
@@ -234,6 +237,10 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
             worker_args += ["--config", os.path.abspath(config.source)]
         _add(top, "receive-workers",
              WorkerPool(reactor, config.receive_workers, shared, worker_args, committed_elsewhere))
+        # the safety net for a queue id whose line from a worker was lost
+        rescan = TimerService(INCOMING_RESCAN, store.scan_incoming)
+        rescan.clock = reactor
+        _add(top, "incoming-rescan", rescan)
     log.info("exmta: {count} receive connector(s), {send} send connector(s), data in {data}",
              count=len(config.receive), send=len(connectors), data=paths["data"])
     return top

@@ -46,7 +46,7 @@ def run(argv: list[str]) -> None:
     pool = make_threadpool()
     pool.start()
     tracker = TrackingLog(paths["tracking"])
-    store = SpoolStore(paths["queue"], reactor, pool, clock=reactor)
+    store = SpoolStore(paths["queue"], reactor, pool, clock=reactor, claims=False)  # only the main process claims
     store.add_listener(_announce)
     env = FilterEnv(reactor=reactor, clock=reactor, threadpool=pool, hostname=config.hostname,
                     data_dir=paths["data"])

@@ -155,6 +155,9 @@ class MaildirConnector:
     def _ensure_dirs(self, mailbox: str) -> None:
         """Create mailbox/{tmp,new,cur} and fsync each parent whose entries changed."""
         changed: set[str] = set()
+        if not os.path.isdir(self.root):
+            os.makedirs(self.root, 0o700, exist_ok=True)  # the first delivery ever
+            changed.add(os.path.dirname(self.root))
         for path in (os.path.dirname(mailbox), mailbox):
             if not os.path.isdir(path):
                 try:

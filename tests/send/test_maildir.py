@@ -170,3 +170,21 @@ def test_unwritable_mailbox_defers_and_leaves_no_temp_file(tmp_path: Path) -> No
 def test_threadpool_needs_reactor(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         MaildirConnector("local", str(tmp_path), threadpool=SyncPool())
+
+
+def test_root_created_on_first_delivery(tmp_path):
+    """The embedded default starts with no mail/ folder at all."""
+    from twisted.internet.task import Clock
+
+    from exmta.model import DeliveryRequest, Envelope, Outcome, Recipient
+    from exmta.send.maildir import MaildirConnector
+
+    root = tmp_path / "data" / "mail"
+    connector = MaildirConnector("local", str(root), clock=Clock())
+    rcpt = Recipient("alice@example.test")
+    envelope = Envelope(sender="bob@example.test", recipients=[rcpt])
+    request = DeliveryRequest("Q1", envelope, (rcpt,), lambda: __import__("io").BytesIO(b"Subject: x\r\n\r\nhi\r\n"))
+    results = []
+    connector.deliver(request).addCallback(results.extend)
+    assert results[0].outcome is Outcome.DELIVERED
+    assert len(list((root / "example.test" / "alice" / "new").iterdir())) == 1
