@@ -250,7 +250,7 @@ class ESMTPServer(Protocol):
         self._busy = False
         if self._paused:
             self._paused = False
-            if not self._disconnected:
+            if not self._closing:  # after loseConnection there is nothing to read any more
                 self.transport.resumeProducing()
         if not self._processing:
             self._process()

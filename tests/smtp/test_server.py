@@ -191,6 +191,28 @@ def make(filters=(), tls=None, tracker=True, **cfg: Any) -> Client:
     return Client(proto, transport, clock, store, policy, factory, trk)
 
 
+@pytest.fixture(autouse=True)
+def no_unhandled_deferred_errors():
+    """Fail a test that leaves an errback nobody handled (logged when the Deferred is collected)."""
+    import gc
+
+    from twisted.logger import globalLogPublisher
+
+    seen: list[dict] = []
+
+    def observer(event: dict) -> None:
+        if "Unhandled error in Deferred" in (event.get("log_format") or ""):
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield
+        gc.collect()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert not seen, [e.get("log_failure") for e in seen]
+
+
 @pytest.fixture
 def c() -> Client:
     client = make()
