@@ -130,6 +130,7 @@ class SMTPSendConnector:
         self.timeouts = timeouts or _timeouts_for(config)
         self.idle_timeout = idle_timeout
         self._idle: dict[tuple[str, ...], OrderedDict[SMTPClientProtocol, IDelayedCall]] = {}
+        self._closing: set[defer.Deferred[None]] = set()
 
     # ------------------------------------------------------------ ISendConnector
 
@@ -151,14 +152,24 @@ class SMTPSendConnector:
         return [results[r.address] for r in request.recipients]
 
     def close(self) -> defer.Deferred[None]:
-        """QUIT every idle connection (service stop)."""
-        ds = []
+        """QUIT every idle connection (service stop); fires when all are closed, those already
+        quitting included (each bounded by the quit timeout)."""
         for key in list(self._idle):
             for proto, timer in list(self._idle.pop(key).items()):
                 if timer.active():
                     timer.cancel()
-                ds.append(proto.quit())
-        return defer.gatherResults(ds).addCallback(lambda _: None)
+                self._quit(proto)
+        return defer.gatherResults(list(self._closing)).addCallback(lambda _: None)
+
+    def _quit(self, proto: SMTPClientProtocol) -> None:
+        """QUIT in the background, remembered so that close() can wait for it."""
+        d = proto.quit()
+        self._closing.add(d)
+
+        def done(result: object) -> None:
+            self._closing.discard(d)
+
+        d.addBoth(done)
 
     # ------------------------------------------------------------ one destination
 
@@ -371,14 +382,14 @@ class SMTPSendConnector:
         if (not proto.usable or proto.messages_sent >= self.config.max_messages_per_connection
                 or len(pool) >= self.config.max_per_destination or self.idle_timeout <= 0):
             if proto.usable:
-                proto.quit()
+                self._quit(proto)
             elif proto.transport is not None:
                 proto.transport.loseConnection()
             return
 
         def expire() -> None:
             if pool.pop(proto, None) is not None:
-                proto.quit()
+                self._quit(proto)
 
         pool[proto] = self.clock.callLater(self.idle_timeout, expire)
 

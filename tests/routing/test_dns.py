@@ -198,6 +198,7 @@ def test_mx_walk_in_preference_order(resolver):
         servers["::1"] = v6
         [r] = yield conn.deliver(_request("a@v6.example.test"))
         assert r.outcome is Outcome.DELIVERED and r.remote_host == f"v6host.example.test[::1]:{port}"
+        yield conn.close()
     finally:
         for s in servers.values():
             yield s.stop()

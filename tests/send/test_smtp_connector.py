@@ -343,6 +343,7 @@ def test_bracketed_nexthop_and_address_literal_skip_mx():
     try:
         [a] = yield conn.deliver(request(rcpts=("a@example.net",), nexthop=f"[127.0.0.1]:{port}"))
         [b] = yield conn.deliver(request(rcpts=("b@[127.0.0.1]",)))
+        yield conn.close()
     finally:
         yield server.stop()
     assert a.outcome is b.outcome is Outcome.DELIVERED
