@@ -234,7 +234,7 @@ class ESMTPServer(Protocol):
         d = call_hook(handler, *args)
         d.addErrback(self._handler_failed)
         d.addBoth(self._handler_done)
-        if self._busy and not self._disconnected:
+        if self._busy and not self._closing:
             pause = getattr(self.transport, "pauseProducing", None)
             if pause is not None:
                 self._paused = True
