@@ -146,7 +146,8 @@ class DNSResolver:
             # RFC 5321 5.1: no MX, the domain itself is the implicit MX (if it has an address)
             self._addresses_blocking(domain)
             return [(0, domain)]
-        mxs = [(int(r.preference), r.exchange.to_text(omit_final_dot=True)) for r in records]  # type: ignore[attr-defined]
+        mxs = [(int(r.preference), r.exchange.to_text(omit_final_dot=True))  # type: ignore[attr-defined]
+               for r in records]
         real = [(p, h) for p, h in mxs if h not in ("", ".")]
         if not real:
             # RFC 7505: a null MX (a single "." target) says the domain accepts no mail
