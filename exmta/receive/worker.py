@@ -24,6 +24,22 @@ def _announce(queue_id: str) -> None:
     os.write(1, queue_id.encode("ascii") + b"\n")
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to send SIGTERM when the main process dies, even by kill -9.
+
+    An orphaned worker would keep the listening socket and accept mail that
+    no scheduler delivers; with this it drains and exits instead.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def run(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="exmta-receive-worker")
     parser.add_argument("--config")
@@ -83,6 +99,9 @@ def run(argv: list[str]) -> None:
         d.addBoth(lambda _: reactor.stop())
 
     signal.signal(signal.SIGTERM, lambda *a: reactor.callFromThread(on_term))
+    _die_with_parent()
+    if os.getppid() == 1:  # the main process died before we got here
+        reactor.callWhenRunning(on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when workers stop
     log.info("receive worker ready, pid {pid}", pid=os.getpid())
     reactor.run(installSignalHandlers=False)
