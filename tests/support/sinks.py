@@ -20,7 +20,7 @@ from .procs import LOOPBACK, free_port
 
 @dataclass
 class Received:
-    """One message as the sink saw it."""
+    """One message as the sink saw it (``mail_from`` is "" for ``MAIL FROM:<>``)."""
 
     mail_from: str
     rcpt_tos: list[str]
@@ -57,7 +57,8 @@ class _Handler:
 
     async def handle_DATA(self, server, session, envelope):  # noqa: ANN001
         got = Received(
-            mail_from=envelope.mail_from,
+            # aiosmtpd reports the null reverse-path as "<>"; we use ""
+            mail_from="" if envelope.mail_from in ("<>", None) else envelope.mail_from,
             rcpt_tos=list(envelope.rcpt_tos),
             content=bytes(envelope.original_content or envelope.content or b""),
             mail_options=list(envelope.mail_options),
