@@ -20,7 +20,9 @@ def _tracking(ex: ExmtaProcess) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_tempfail_is_retried_until_delivered(exmta_factory, smtp_sink_factory) -> None:  # noqa: ANN001
+def test_tempfail_is_retried_until_delivered(
+    exmta_factory, smtp_sink_factory,  # noqa: ANN001
+) -> None:
     attempts: list[int] = []
 
     def twice_451(msg: Received) -> str | None:
@@ -35,7 +37,9 @@ def test_tempfail_is_retried_until_delivered(exmta_factory, smtp_sink_factory) -
     assert len(sink.rejected) == 2
 
 
-def test_permanent_failure_bounces_to_sender(exmta_factory, smtp_sink_factory) -> None:  # noqa: ANN001
+def test_permanent_failure_bounces_to_sender(
+    exmta_factory, smtp_sink_factory,  # noqa: ANN001
+) -> None:
     sink = smtp_sink_factory(
         rcpt_policy=lambda r: "550 5.1.1 no such user" if r.startswith("gone@") else None)
     ex = exmta_factory(toml=exmta_toml(smarthost=sink.next_hop))
