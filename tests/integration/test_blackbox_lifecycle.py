@@ -70,3 +70,14 @@ def test_data_dir_default_config(tmp_path: Path) -> None:
         assert b"default config" in ex.maildir_messages("alice@example.test")[0]
     finally:
         assert clean_exit(ex.stop())
+
+
+def test_bad_config_exits_with_every_problem(tmp_path: Path) -> None:
+    """A config with two mistakes: twistd exits non-zero and names both keys."""
+    toml = exmta_toml(receive_extra='max_recipients = "many"',
+                      extra='[[route]]\ndomains = ["x.example"]\nconnector = "nosuch"\n')
+    ex = ExmtaProcess(tmp_path / "bad", toml=toml, start_timeout=20)
+    with pytest.raises(procs.ProcessError):
+        ex.start()
+    log = ex.log_text()
+    assert "max_recipients" in log and "nosuch" in log, log[-2000:]

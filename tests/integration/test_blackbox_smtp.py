@@ -131,3 +131,24 @@ def test_quit_and_errors_do_not_crash_the_server(exmta_relay: ExmtaProcess) -> N
     assert procs.smtp_banner(procs.LOOPBACK, exmta_relay.port)[0] == 220
     assert exmta_relay.running()
     assert exmta_relay.error_lines() == []
+
+
+def test_bdat_chunks_are_joined(exmta_relay: ExmtaProcess, smtp_sink: SmtpSink) -> None:
+    """CHUNKING (RFC 3030): two BDAT chunks, the last one with LAST."""
+    part1 = b"Subject: chunked\r\n\r\nfirst chunk "
+    part2 = b"second chunk\r\n"
+    with socket.create_connection((procs.LOOPBACK, exmta_relay.port), timeout=10) as s:
+        _reply(s)
+        for cmd, want in ((b"EHLO c.example.test\r\n", 250),
+                          (b"MAIL FROM:<a@example.test>\r\n", 250),
+                          (b"RCPT TO:<chunks@example.net>\r\n", 250)):
+            s.sendall(cmd)
+            assert _reply(s)[0] == want
+        s.sendall(b"BDAT %d\r\n" % len(part1) + part1)
+        assert _reply(s)[0] == 250
+        s.sendall(b"BDAT %d LAST\r\n" % len(part2) + part2)
+        assert _reply(s)[0] == 250
+        s.sendall(b"QUIT\r\n")
+        assert _reply(s)[0] == 221
+    (got,) = smtp_sink.wait_for(1, timeout=30)
+    assert got.content.replace(b"\r\n", b"\n").endswith(b"first chunk second chunk\n")
