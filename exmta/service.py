@@ -141,28 +141,34 @@ def make_threadpool() -> ThreadPool:
 
 
 def make_send_connectors(config: Config, reactor: Any, pool: ThreadPool) -> dict[str, Any]:
-    from exmta.routing.dns import DNSResolver
+    from exmta.routing.dns import DNSResolver, parse_nameservers
+    from exmta.send import build_wire_connector
     from exmta.send.maildir import MaildirConnector
-    from exmta.send.smtp import SMTPSendConnector
 
     connectors: dict[str, Any] = {}
     for sc in config.send:
         if sc.kind == "maildir":
             root = os.path.abspath(sc.maildir_root or os.path.join(config.data_dir, "mail"))
             connectors[sc.name] = MaildirConnector(sc.name, root, clock=reactor, threadpool=pool,
-                                                   reactor=reactor)
+                                                   reactor=reactor, hostname=config.hostname)
         else:
-            nameservers = [_split_nameserver(s) for s in sc.dns_servers] or None
-            resolver = DNSResolver(reactor, pool, nameservers=nameservers)
-            connectors[sc.name] = SMTPSendConnector(sc, reactor, reactor, resolver, config.hostname)
+            resolver = None
+            if sc.kind == "smtp" and not sc.smarthosts:
+                resolver = DNSResolver(reactor, pool, nameservers=parse_nameservers(sc.dns_servers) or None)
+            connectors[sc.name] = build_wire_connector(sc, reactor, reactor, resolver, config.hostname)
     return connectors
 
 
-def _split_nameserver(text: str) -> tuple[str, int]:
-    if text.count(":") == 1:
-        host, port = text.split(":")
-        return host, int(port)
-    return text.strip("[]"), 53
+class ConnectorsService(Service):
+    """Closes the send connectors' cached connections (QUIT) after the scheduler stops."""
+
+    def __init__(self, connectors: dict[str, Any]) -> None:
+        self.connectors = connectors
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        closing = [defer.maybeDeferred(c.close) for c in self.connectors.values() if hasattr(c, "close")]
+        return defer.DeferredList(closing, consumeErrors=True)
 
 
 def make_receive_factory(config: Config, rc: ReceiveConnectorConfig, store: Any, filters: dict[str, Any],
@@ -203,6 +209,7 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     _add(top, "store", StoreService(store))
 
     connectors = make_send_connectors(config, reactor, pool)
+    _add(top, "send", ConnectorsService(connectors))
     scheduler = DeliveryScheduler.from_config(config, store, connectors, reactor, tracker=tracker)
     _add(top, "scheduler", scheduler)
     store.add_listener(lambda queue_id: scheduler.wake())
