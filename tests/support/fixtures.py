@@ -92,9 +92,10 @@ def postfix_factory(tmp_path: Path) -> Iterator[Callable[..., postfix_mod.Postfi
 
 @pytest.fixture
 def postfix_relay(
-    postfix_factory: Callable[..., postfix_mod.PostfixInstance], smtp_sink: SmtpSink,
+    smtp_sink: SmtpSink, postfix_factory: Callable[..., postfix_mod.PostfixInstance],
 ) -> postfix_mod.PostfixInstance:
     """A private Postfix relaying everything from 127.0.0.0/8 to ``smtp_sink``."""
+    # (the sink is set up first so that it is torn down last)
     return postfix_factory(relayhost=smtp_sink.next_hop)
 
 
@@ -138,7 +139,8 @@ def exmta_factory(tmp_path: Path) -> Iterator[Callable[..., exmta_proc.ExmtaProc
 
 @pytest.fixture
 def exmta_relay(
-    exmta_factory: Callable[..., exmta_proc.ExmtaProcess], smtp_sink: SmtpSink,
+    smtp_sink: SmtpSink, exmta_factory: Callable[..., exmta_proc.ExmtaProcess],
 ) -> exmta_proc.ExmtaProcess:
     """exmta: example.test delivered to Maildir, the rest relayed to ``smtp_sink``."""
+    # (the sink is set up first so that it is torn down last)
     return exmta_factory(toml=exmta_proc.exmta_toml(smarthost=smtp_sink.next_hop))
