@@ -23,10 +23,11 @@ import re
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from exmta.config.schema import ReceiveConnectorConfig
 from exmta.filters.base import FilterChain, MessageView, call_hook
@@ -72,6 +73,7 @@ def _printable(text: str, utf8: bool = False) -> str:
     return "".join(c if c.isprintable() and (utf8 or c.isascii()) else "?" for c in text)
 
 
+@implementer(IPushProducer)
 class ESMTPServer(Protocol):
     """One SMTP session. Built by :class:`ESMTPServerFactory`; all collaborators come from it."""
 
@@ -112,6 +114,8 @@ class ESMTPServer(Protocol):
         self._busy = False
         self._processing = False
         self._paused = False
+        self._write_blocked = False
+        self._producer_registered = False
         self._closing = False
         self._disconnected = False
         self._timer: IDelayedCall | None = None
@@ -132,6 +136,13 @@ class ESMTPServer(Protocol):
             started=now,
         )
         self.factory.sessions.add(self)
+        register = getattr(self.transport, "registerProducer", None)
+        if register is not None:
+            try:
+                register(self, True)
+                self._producer_registered = True
+            except RuntimeError:
+                pass  # somebody else produces into this transport: no write back-pressure then
         self.log.info(
             "session {session_id} start: {peer_ip}:{peer_port} on {connector}",
             session_id=self.session.session_id, peer_ip=self.session.peer_ip,
@@ -204,7 +215,7 @@ class ESMTPServer(Protocol):
             return
         self._processing = True
         try:
-            while not self._busy and not self._closing:
+            while not self._busy and not self._write_blocked and not self._closing:
                 event = self.parser.next_event()
                 if event is None:
                     break
@@ -234,11 +245,7 @@ class ESMTPServer(Protocol):
         d = call_hook(handler, *args)
         d.addErrback(self._handler_failed)
         d.addBoth(self._handler_done)
-        if self._busy and not self._closing:
-            pause = getattr(self.transport, "pauseProducing", None)
-            if pause is not None:
-                self._paused = True
-                pause()
+        self._update_reading()
 
     def _handler_failed(self, failure: Failure) -> None:
         self.log.failure("session {session_id}: internal error", failure, session_id=self._sid)
@@ -248,12 +255,38 @@ class ESMTPServer(Protocol):
 
     def _handler_done(self, _: Any) -> None:
         self._busy = False
-        if self._paused:
+        self._update_reading()
+        if not self._processing:
+            self._process()
+
+    def _update_reading(self) -> None:
+        """Stop reading while a command is pending or while the client does not read our replies."""
+        want_pause = (self._busy or self._write_blocked) and not self._closing
+        if want_pause and not self._paused:
+            pause = getattr(self.transport, "pauseProducing", None)
+            if pause is not None:
+                self._paused = True
+                pause()
+        elif not want_pause and self._paused:
             self._paused = False
             if not self._closing:  # after loseConnection there is nothing to read any more
                 self.transport.resumeProducing()
-        if not self._processing:
+
+    # IPushProducer, registered with our own transport: it pauses us when replies pile up unread
+    # (a client pipelining without reading), so input stops being processed until they drain.
+
+    def pauseProducing(self) -> None:
+        self._write_blocked = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        self._write_blocked = False
+        self._update_reading()
+        if not self._processing and not self._busy:
             self._process()
+
+    def stopProducing(self) -> None:
+        self._write_blocked = False
 
     # ------------------------------------------------------------ output
 
@@ -281,6 +314,9 @@ class ESMTPServer(Protocol):
         self.txn = None
         self.parser.discard_buffer()
         if not self._disconnected:
+            if self._producer_registered:
+                self._producer_registered = False
+                self.transport.unregisterProducer()  # so the transport closes once our replies are out
             self.transport.loseConnection()
 
     def _error(self, reply: Reply) -> None:

@@ -1237,3 +1237,24 @@ def test_shutdown_while_data_filter_runs_queues_nothing():
     assert c.read() == b"421 4.3.2 mx.test Service shutting down\r\n"
     pending[0].callback(Verdict.CONTINUE)
     assert c.store.committed == [] and c.store.writers[0].aborted
+
+
+def test_write_back_pressure_stops_processing_until_replies_drain(c):
+    assert c.transport.producer is c.proto and c.transport.streaming
+    c.ehlo()
+    c.proto.pauseProducing()  # what a TCP transport does when its send buffer is full
+    assert c.transport.producerState == "paused"
+    assert c.send(b"NOOP\r\nNOOP\r\n") == b""
+    c.proto.resumeProducing()
+    assert c.transport.producerState == "producing"
+    assert c.read() == b"250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n"
+    c.send(b"QUIT\r\n")
+    assert c.transport.producer is None  # unregistered, so the close is not held up
+
+
+def test_a_client_that_never_reads_is_timed_out(c):
+    c.proto.pauseProducing()
+    c.send(b"NOOP\r\n" * 10)
+    c.clock.advance(301)
+    assert c.read() == b"421 4.4.2 mx.test Error: timeout exceeded\r\n"
+    assert c.closed

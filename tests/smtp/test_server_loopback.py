@@ -298,3 +298,41 @@ def test_postfix_relays_into_the_server(server, postfix_factory):
     assert b".dot line\r\nline 8\r\n" in content  # dot-stuffed by Postfix, unstuffed by us
     yield deferToThread(front.wait_queue_empty, 30)
     assert "status=sent (250 2.0.0 Ok: queued as LOOP1)" in front.log_text()
+
+
+def _flood(port: int, count: int) -> tuple[int, bytes]:
+    """Pipeline `count` RCPTs while reading concurrently; the server may stop reading in between."""
+    import threading
+
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        payload = b"EHLO c\r\nMAIL FROM:<a@sender.test>\r\n" + b"RCPT TO:<b@local.test>\r\n" * count + b"QUIT\r\n"
+        sender = threading.Thread(target=sock.sendall, args=(payload,), daemon=True)
+        sender.start()
+        received = bytearray()
+        while not received.endswith(b"221 2.0.0 mx.loop.test closing connection\r\n"):
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                break
+            received += chunk
+        sender.join(20)
+        return received.count(b"\r\n452 4.5.3 ") + received.count(b"\r\n250 2.1.5 "), bytes(received[-200:])
+
+
+@pytest_twisted.inlineCallbacks
+def test_pipelined_flood_with_back_pressure_keeps_every_reply(server, monkeypatch):
+    from exmta.smtp.server import ESMTPServer
+
+    pauses: list[int] = []
+    original = ESMTPServer.pauseProducing
+
+    def counting_pause(self):
+        pauses.append(1)
+        original(self)
+
+    monkeypatch.setattr(ESMTPServer, "pauseProducing", counting_pause)
+    port, _, factory = server
+    count = 60_000  # ~1.4 MB in, ~2.3 MB of replies out: more than the socket buffers hold
+    replies_seen, tail = yield deferToThread(_flood, port, count)
+    assert replies_seen == count, tail
+    assert tail.endswith(b"221 2.0.0 mx.loop.test closing connection\r\n")
+    assert pauses, "the transport never applied back-pressure"
