@@ -237,7 +237,8 @@ class HeaderEdits:
 
     ``ops`` is a list of ("add", name, value) (append to the block),
     ("insert", name, value) (prepend), ("replace", name, value) (first
-    occurrence, appended when missing) and ("remove", name) (every occurrence).
+    occurrence, appended when missing), ("remove", name) (every occurrence)
+    and ("remove_prefix", prefix) (every field whose name starts so).
     """
 
     def __init__(self) -> None:
@@ -262,6 +263,11 @@ class HeaderEdits:
         _check_field(name, "")
         self.ops.append(("remove", name))
 
+    def remove_headers_with_prefix(self, prefix: str) -> None:
+        """Remove every field whose name starts with ``prefix`` (case-insensitive), e.g. a header firewall."""
+        _check_field(prefix, "")
+        self.ops.append(("remove_prefix", prefix))
+
     def apply(self, block: bytes) -> bytes:
         """The header block with every operation applied, in order."""
         fields = _split_fields(block)
@@ -270,6 +276,9 @@ class HeaderEdits:
             key = name.lower()
             if kind == "remove":
                 fields = [f for f in fields if f[0] != key]
+                continue
+            if kind == "remove_prefix":
+                fields = [f for f in fields if not f[0].startswith(key)]
                 continue
             raw = f"{name}: {op[2]}\r\n".encode("utf-8")
             if kind == "add":

@@ -54,7 +54,16 @@ _KNOWN_VERBS = frozenset({
 _NOT_IMPLEMENTED = frozenset({"EXPN", "ETRN", "TURN", "ATRN", "SEND", "SOML", "SAML", "AUTH"})
 
 
+#: Exchange's header firewall: organisation, forest and hybrid attribution headers are only
+#: believed from trusted peers (EXCHANGE.md section 5)
+FIREWALLED_HEADER_PREFIXES = ("X-MS-Exchange-Organization-", "X-MS-Exchange-Forest-", "X-MS-Exchange-CrossPremises-")
+
+
 def _no_local_domains(domain: str) -> bool:
+    return False
+
+
+def _untrusted(session: Session) -> bool:
     return False
 
 
@@ -682,6 +691,9 @@ class ESMTPServer(Protocol):
                 self._refuse_message(writer, txn, replies.INTERNAL_ERROR, "write failed")
                 return
             view = MessageView(writer.open_read, size=writer.size)
+            if not self.factory.trusted(self.session):
+                for prefix in self.factory.firewalled_header_prefixes:
+                    view.edits.remove_headers_with_prefix(prefix)
             verdict = await self.factory.filters.on_data(self.session, txn, view)
             if self._closing:  # the client left, or we closed (timeout, shutdown): it cannot get a 250
                 writer.abort()
@@ -907,6 +919,10 @@ class ESMTPServerFactory(Factory):
         self.local_domain = local_domain
         self.tls_context_factory = tls_context_factory
         self.postmaster_domain = postmaster_domain
+        #: header firewall (Exchange): these header families are removed from messages of sessions
+        #: that ``trusted`` does not accept; by default a session is trusted when the policy lets it relay
+        self.firewalled_header_prefixes: tuple[str, ...] = FIREWALLED_HEADER_PREFIXES
+        self.trusted: Callable[[Session], bool] = getattr(policy, "may_relay", None) or _untrusted
         #: EHLO keywords not to advertise, e.g. {"CHUNKING", "BINARYMIME"} (Exchange's ChunkingEnabled
         #: = false); BDAT itself stays accepted from clients that use it anyway
         self.disabled_extensions: set[str] = set()

@@ -233,3 +233,10 @@ def test_per_filter_timeout_and_on_error_override_the_chain():
         FilterChain([], clock, per_filter={"x": {"on_error": "explode"}})
     with pytest.raises(ValueError):
         FilterChain([], clock, per_filter={"x": {"timeout": 0}})
+
+
+def test_remove_headers_with_prefix():
+    edits = HeaderEdits()
+    edits.remove_headers_with_prefix("X-MS-Exchange-Organization-")
+    block = b"x-ms-exchange-organization-scl: 1\r\nX-MS-Exchange-Organization-AuthAs: x\r\n continued\r\nA: 1\r\n"
+    assert edits.apply(block) == b"A: 1\r\n"

@@ -1258,3 +1258,25 @@ def test_a_client_that_never_reads_is_timed_out(c):
     c.clock.advance(301)
     assert c.read() == b"421 4.4.2 mx.test Error: timeout exceeded\r\n"
     assert c.closed
+
+
+def test_header_firewall_strips_exchange_org_headers_from_untrusted_sessions():
+    message = (b"X-MS-Exchange-Organization-AuthAs: Internal\r\nSubject: s\r\n"
+               b"x-ms-exchange-crosspremises-scl: -1\r\nX-MS-Exchange-Forest-Foo: 1\r\n"
+               b"X-MS-Has-Attach: yes\r\n\r\nbody\r\n.\r\n")
+    c = make()
+    c.read()
+    c.ehlo()
+    c.envelope()
+    c.send(b"DATA\r\n" + message)
+    content = c.store.committed[0][0]
+    assert b"X-MS-Exchange-Organization" not in content and b"crosspremises" not in content
+    assert b"X-MS-Exchange-Forest" not in content
+    assert content.endswith(b"Subject: s\r\nX-MS-Has-Attach: yes\r\n\r\nbody\r\n")
+    t = make()
+    t.factory.trusted = lambda session: session.peer_ip == "192.0.2.7"
+    t.read()
+    t.ehlo()
+    t.envelope()
+    t.send(b"DATA\r\n" + message)
+    assert t.store.committed[0][0].endswith(message[:-3])  # byte-exact for a trusted peer

@@ -66,3 +66,12 @@ def test_relay_network_client_may_relay():
     proto.dataReceived(b"EHLO c.test\r\nMAIL FROM:<a@local.test>\r\nRCPT TO:<u@elsewhere.test>\r\n"
                        b"DATA\r\nx\r\n.\r\n")
     assert t.value().endswith(b"\r\n250 2.0.0 Ok: queued as " + store.queue_ids()[0].encode() + b"\r\n")
+
+
+def test_header_firewall_follows_the_relay_right():
+    message = b"X-MS-Exchange-Organization-AuthAs: Internal\r\nSubject: s\r\n\r\nb\r\n.\r\n"
+    for peer, kept in (("10.1.1.1", True), ("198.51.100.9", False)):
+        t, store, proto = session(peer)
+        proto.dataReceived(b"EHLO c.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<u@local.test>\r\nDATA\r\n" + message)
+        content = store.content(store.queue_ids()[0])
+        assert (b"X-MS-Exchange-Organization-AuthAs: Internal\r\n" in content) is kept
