@@ -53,6 +53,7 @@ NEED_SMTPUTF8 = R(553, "5.6.7", "Error: SMTPUTF8 is required for non-ASCII addre
 SIZE_EXCEEDED = R(552, "5.3.4", "Error: message file too big")
 TOO_MANY_RECIPIENTS = R(452, "4.5.3", "Error: too many recipients")
 BARE_NEWLINE_DATA = R(550, "5.6.11", "Error: bare <LF> or <CR> not allowed in message content")
+TOO_MANY_HOPS = R(554, "5.4.6", "Error: too many hops (mail forwarding loop)")
 TEXT_LINE_TOO_LONG = R(550, "5.6.0", "Error: message has a line longer than allowed")
 
 # -- policy defaults

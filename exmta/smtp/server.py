@@ -691,6 +691,10 @@ class ESMTPServer(Protocol):
                 self._refuse_message(writer, txn, replies.INTERNAL_ERROR, "write failed")
                 return
             view = MessageView(writer.open_read, size=writer.size)
+            hops = len(view.headers.get_all("Received") or ())
+            if self.factory.max_hops and hops > self.factory.max_hops:
+                self._refuse_message(writer, txn, replies.TOO_MANY_HOPS, f"{hops} Received headers (mail loop)")
+                return
             if not self.factory.trusted(self.session):
                 for prefix in self.factory.firewalled_header_prefixes:
                     view.edits.remove_headers_with_prefix(prefix)
@@ -923,6 +927,9 @@ class ESMTPServerFactory(Factory):
         #: that ``trusted`` does not accept; by default a session is trusted when the policy lets it relay
         self.firewalled_header_prefixes: tuple[str, ...] = FIREWALLED_HEADER_PREFIXES
         self.trusted: Callable[[Session], bool] = getattr(policy, "may_relay", None) or _untrusted
+        #: a message with more Received fields than this (ours included) is a mail loop: 554 5.4.6
+        #: (Exchange MaxHopCount 30; 0 = no check)
+        self.max_hops = 30
         #: EHLO keywords not to advertise, e.g. {"CHUNKING", "BINARYMIME"} (Exchange's ChunkingEnabled
         #: = false); BDAT itself stays accepted from clients that use it anyway
         self.disabled_extensions: set[str] = set()

@@ -1280,3 +1280,15 @@ def test_header_firewall_strips_exchange_org_headers_from_untrusted_sessions():
     t.envelope()
     t.send(b"DATA\r\n" + message)
     assert t.store.committed[0][0].endswith(message[:-3])  # byte-exact for a trusted peer
+
+
+def test_mail_loop_is_refused_by_hop_count(c):
+    c.ehlo()
+    c.envelope()
+    c.send(b"DATA\r\n")
+    looped = b"Received: from a by b; x\r\n" * 29 + b"Subject: loop\r\n\r\nx\r\n.\r\n"
+    assert c.send(looped) == b"250 2.0.0 Ok: queued as Q1\r\n"  # 29 + ours = 30: still fine
+    c.envelope()
+    c.send(b"DATA\r\n")
+    assert c.send(b"Received: x\r\n" + looped) == b"554 5.4.6 Error: too many hops (mail forwarding loop)\r\n"
+    assert len(c.store.committed) == 1 and c.store.writers[1].aborted
