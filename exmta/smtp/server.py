@@ -12,6 +12,11 @@ Content is streamed into ``store.open_writer()`` as it arrives and the
 Internal errors answer ``451 4.3.0``, never 5xx. On STARTTLS every buffered
 plaintext byte is discarded and the session is reset (RFC 3207 4.2,
 CVE-2011-0411).
+
+The session is also a push producer for its own transport: when the client
+does not read its replies, command processing stops until they drain.
+At end of data, before the filters: a mail-loop check (Received count) and
+Exchange's header firewall for sessions without relay rights.
 """
 from __future__ import annotations
 
