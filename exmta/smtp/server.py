@@ -64,6 +64,14 @@ _NOT_IMPLEMENTED = frozenset({"EXPN", "ETRN", "TURN", "ATRN", "SEND", "SOML", "S
 FIREWALLED_HEADER_PREFIXES = ("X-MS-Exchange-Organization-", "X-MS-Exchange-Forest-", "X-MS-Exchange-CrossPremises-")
 
 
+def _clean_header_value(value: Any) -> str | None:
+    """A header value as valid text: raw 8-bit octets (surrogate escapes) become UTF-8 or U+FFFD."""
+    if value is None:
+        return None
+    text = re.sub(r"\r?\n(?=[ \t])", "", str(value)).strip()  # RFC 5322 unfolding
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _no_local_domains(domain: str) -> bool:
     return False
 
@@ -720,7 +728,7 @@ class ESMTPServer(Protocol):
                 self._reply(replies.queued(writer.queue_id))
                 return
             view.apply_edits(writer)
-            message_id = view.headers.get("Message-ID")
+            message_id = next((v for k, v in view.headers.raw_items() if k.lower() == "message-id"), None)
             envelope = Envelope(
                 sender=str(txn.sender),
                 recipients=[Recipient(self._qualified(a), p.notify, p.orcpt) for a, p in txn.recipients],
@@ -731,7 +739,7 @@ class ESMTPServer(Protocol):
                 client_ip=self.session.peer_ip,
                 client_helo=self.session.helo_name,
                 auth_identity=self.session.auth_identity,
-                message_id=str(message_id).strip() if message_id is not None else None,
+                message_id=_clean_header_value(message_id),
                 size=writer.size,
             )
             queue_id = await self.factory.store.commit(writer, envelope)

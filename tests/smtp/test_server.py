@@ -1292,3 +1292,22 @@ def test_mail_loop_is_refused_by_hop_count(c):
     c.send(b"DATA\r\n")
     assert c.send(b"Received: x\r\n" + looped) == b"554 5.4.6 Error: too many hops (mail forwarding loop)\r\n"
     assert len(c.store.committed) == 1 and c.store.writers[1].aborted
+
+
+def test_eight_bit_message_id_becomes_valid_text(c):
+    import json
+
+    c.ehlo()
+    c.envelope()
+    c.send(b"DATA\r\n")
+    c.send(b"Message-ID: <\xc3\xa9t\xe9@x.test>\r\n\r\nx\r\n.\r\n")
+    env = c.store.committed[0][1]
+    assert env.message_id == "<\u00e9t\ufffd@x.test>"
+    json.dumps(env.to_json(), ensure_ascii=False).encode("utf-8")  # storable as UTF-8
+
+
+def test_folded_message_id_is_unfolded(c):
+    c.ehlo()
+    c.envelope()
+    c.send(b"DATA\r\nMessage-ID:\r\n <folded@x.test>\r\n\r\nx\r\n.\r\n")
+    assert c.store.committed[0][1].message_id == "<folded@x.test>"
