@@ -77,7 +77,7 @@ def xtext_decode(text: str) -> str:
             raise ValueError(f"character {c!r} not allowed in xtext")
         out.append(o)
         i += 1
-    return out.decode("utf-8", errors="surrogateescape")
+    return out.decode("utf-8", errors="replace")  # the envelope is stored as JSON text
 
 
 def _utf8_addr_decode(text: str) -> str:

@@ -213,3 +213,8 @@ def test_any_argument_parses_or_gives_a_reply(text, esmtp, smtputf8):
         else:
             assert rcpt.domain or rcpt.local.lower() == "postmaster"
             assert smtputf8 or rcpt.is_ascii()
+
+
+def test_xtext_with_invalid_utf8_decodes_to_replacement_characters():
+    assert xtext_decode("a+FFb") == "a\ufffdb"
+    assert parse_mail("FROM:<a@b.test> ENVID=x+C3")[1].envid == "x\ufffd"
