@@ -83,7 +83,10 @@ def xtext_decode(text: str) -> str:
 def _utf8_addr_decode(text: str) -> str:
     """RFC 6533 utf-8-addr-xtext: ``\\x{HEX}`` escapes (used by ORCPT=utf-8;...)."""
     def repl(m: re.Match[str]) -> str:
-        return chr(int(m.group(1), 16))
+        code = int(m.group(1), 16)
+        if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
+            raise ValueError(f"bad code point {m.group(1)}")
+        return chr(code)
     return re.sub(r"\\x\{([0-9A-Fa-f]{1,6})\}", repl, text)
 
 
@@ -377,7 +380,10 @@ def parse_rcpt(
             if not semi or not addr or not _KEYWORD.match(addr_type):
                 raise ParamError(replies.SYNTAX_ERROR, "bad ORCPT")
             if addr_type.lower() == "utf-8":
-                decoded = _utf8_addr_decode(addr)
+                try:
+                    decoded = _utf8_addr_decode(addr)
+                except ValueError:
+                    raise ParamError(replies.SYNTAX_ERROR, "bad ORCPT utf-8 address") from None
             else:
                 decoded = _decode_or_fail(addr)
             orcpt = f"{addr_type};{decoded}"

@@ -218,3 +218,8 @@ def test_any_argument_parses_or_gives_a_reply(text, esmtp, smtputf8):
 def test_xtext_with_invalid_utf8_decodes_to_replacement_characters():
     assert xtext_decode("a+FFb") == "a\ufffdb"
     assert parse_mail("FROM:<a@b.test> ENVID=x+C3")[1].envid == "x\ufffd"
+
+
+@pytest.mark.parametrize("value", ["utf-8;\\x{FFFFFF}@x.test", "utf-8;\\x{D800}@x.test"])
+def test_orcpt_utf8_bad_code_points(value):
+    assert rcpt_error(f"TO:<c@d.test> ORCPT={value}") == str(replies.SYNTAX_ERROR)
