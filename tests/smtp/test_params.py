@@ -192,7 +192,10 @@ def test_xtext_round_trip(text):
     assert xtext_decode(encoded) == text
 
 
-_path_alphabet = st.sampled_from(list('<>@"\\[]:,. =+-aZ09é\x00\t') + ["IPv6:", "FROM:", "TO:", "SIZE=", "NOTIFY="])
+_path_alphabet = st.sampled_from(list('<>@"\\[]:,. =+-;aZ09é\x00\t{}') + [
+    "IPv6:", "FROM:", "TO:", "SIZE=", "NOTIFY=", "ORCPT=utf-8;", "ORCPT=rfc822;", "\\x{", "D800}", "FFFFFF}",
+    "ENVID=", "AUTH=", "BODY=", "+FF", "+2", "SMTPUTF8",
+])
 
 
 @settings(max_examples=1000, deadline=None)
