@@ -1104,6 +1104,9 @@ _TOKENS = [
     b"RCPT TO:<b@local.test>\r\n", b"RCPT TO:<x@denied.test>\r\n", b"DATA\r\n", b"BDAT 3\r\n",
     b"BDAT 2 LAST\r\n", b"RSET\r\n", b"NOOP\r\n", b"x\r\n", b".\r\n", b"\r\n", b"\n", b"\r", b".",
     b"\x00", b"\xff", b"A" * 300, b"STARTTLS\r\n", b"VRFY x\r\n",
+    b"MAIL FROM:<a@s.test> BODY=BINARYMIME SMTPUTF8 RET=FULL ENVID=+FF\r\n",
+    b"RCPT TO:<postmaster> NOTIFY=NEVER ORCPT=utf-8;\\x{FFFFFF}\r\n", "RCPT TO:<\u00fc@local.test>\r\n".encode(),
+    b"BDAT 0 LAST\r\n", b"BDAT x\r\n", b"QUIT\r\n", b"Subject: s\r\n",
 ]
 
 
