@@ -179,10 +179,12 @@ def make_receive_factory(config: Config, rc: ReceiveConnectorConfig, store: Any,
     from exmta.smtp.server import ESMTPServerFactory
 
     policy = DefaultReceivePolicy(config.accepted_domain, rc.relay_networks)
-    chain = FilterChain(ordered(filters, rc.filters), clock)
+    chain = FilterChain(ordered(filters, rc.filters), clock, per_filter=config.filters)
+    primary = next((d.name for d in config.accepted_domains if not d.name.startswith("*")), None)
     return ESMTPServerFactory(
         rc, policy, chain, store, clock, tracker=tracker, postmaster=config.postmaster,
         local_domain=lambda domain: config.accepted_domain(domain) is not None,
+        postmaster_domain=primary,
     )
 
 
