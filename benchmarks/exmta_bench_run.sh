@@ -10,7 +10,8 @@
 # PORT / SINK_PORT default to $BENCH_PORT / $BENCH_SINK_PORT (set by the harness).
 # Environment: EXMTA_TWISTD (default: the repo's .venv/bin/twistd, else twistd),
 # EXMTA_RECEIVE_WORKERS (default: the config default), EXMTA_KEEP_QUEUE=1 keeps
-# the previous spool (default: emptied at each start, like peers/postfix_run.sh).
+# the previous spool (default: emptied at each start, like peers/postfix_run.sh),
+# EXMTA_PROFILE=FILE writes a cProfile of the reactor thread at exit (pstats).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PORT="${1:-${BENCH_PORT:?usage: exmta_bench_run.sh PORT [SINK_PORT]}}"
@@ -56,4 +57,9 @@ mkdir -p "$DIR/data"
     echo 'connector = "sink"'
 } > "$DIR/exmta.toml"
 cd "$DIR"
-exec "$TWISTD" -n --pidfile= exmta -c "$DIR/exmta.toml"
+profile=()
+if [ -n "${EXMTA_PROFILE:-}" ]; then
+    # cProfile of the reactor thread, written when twistd stops (SIGTERM)
+    profile=(--profile="$EXMTA_PROFILE" --profiler=cprofile --savestats)
+fi
+exec "$TWISTD" -n --pidfile= "${profile[@]}" exmta -c "$DIR/exmta.toml"
