@@ -10,70 +10,72 @@ next event opens it again, for rotation (rename the file, then reopen).
 from __future__ import annotations
 
 import json
-import os
-from typing import IO, Any
+import time
+from typing import Any
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from exmta.interfaces import IMessageTracker
 from exmta.model import TrackingEvent
+from exmta.observe.rotation import RotatingLog
 
 __all__ = ["MultiTracker", "TrackingLog"]
+
+
+class _WallClock:
+    """``seconds()`` from the system clock, for callers that inject no clock."""
+
+    @staticmethod
+    def seconds() -> float:
+        return time.time()
 
 
 @implementer(IMessageTracker)
 class TrackingLog:
     """Appends each event as one JSON line to ``path`` (created with its directory).
 
-    track() never raises: a write error is logged once per failure streak and
-    the file is reopened at the next event.
+    Rotation and retention are :class:`~exmta.observe.rotation.RotatingLog`'s
+    (``rotation`` holds its keyword arguments: max_size, max_age, keep_age,
+    keep_size); without them the file grows until :meth:`reopen` after an
+    external rename. track() never raises: a write error is logged once per
+    failure streak and the file is reopened at the next event.
     """
 
     log = Logger()
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, clock: Any = None, **rotation: Any) -> None:
         self.path = path
-        self._file: IO[str] | None = None
-        self._failing = False
-        self.written = 0
+        if not rotation:
+            rotation = {"max_size": 0, "max_age": 0, "keep_age": 0, "keep_size": 0}
+        self.file = RotatingLog(path, clock if clock is not None else _WallClock(), report_errors=False,
+                                **rotation)
 
-    def _open(self) -> IO[str]:
-        if self._file is None:
-            directory = os.path.dirname(self.path)
-            if directory:
-                os.makedirs(directory, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8", buffering=1, newline="\n")
-        return self._file
+    @property
+    def written(self) -> int:
+        return self.file.written
 
     def track(self, event: TrackingEvent) -> None:
         try:
             line = json.dumps(event.to_json(), ensure_ascii=False, separators=(",", ":"), default=str)
-            self._open().write(line + "\n")
         except Exception:
-            if not self._failing:
-                self.log.failure(
-                    "Cannot write the tracking log {path}", path=self.path, queue_id=getattr(event, "queue_id", None)
-                )
-            self._failing = True
-            self._close_quietly()
+            self.log.failure("Cannot encode a tracking event", queue_id=getattr(event, "queue_id", None))
             return
-        self._failing = False
-        self.written += 1
+        was_failing = self.file.failing
+        if not self.file.write_line(line) and not was_failing:
+            self.log.failure("Cannot write the tracking log {path}", self.file.last_failure, path=self.path,
+                             queue_id=getattr(event, "queue_id", None))
+
+    def rotate(self) -> str | None:
+        """Rotate now (operator request); returns the rotated file's name."""
+        return self.file.rotate()
 
     def reopen(self) -> None:
         """Close the file; the next event opens ``path`` again (log rotation)."""
-        self._close_quietly()
+        self.file.reopen()
 
-    close = reopen
-
-    def _close_quietly(self) -> None:
-        f, self._file = self._file, None
-        if f is not None:
-            try:
-                f.close()
-            except OSError:
-                pass
+    def close(self) -> None:
+        self.file.close()
 
 
 @implementer(IMessageTracker)

@@ -128,6 +128,8 @@ class SMTPSendConnector:
         self.tls_context = tls_context
         self.lmtp = config.kind == "lmtp"
         self.timeouts = timeouts or _timeouts_for(config)
+        #: exmta.observe.protocol.ProtocolLog for this connector, None when off
+        self.protocol_log: Any = None
         self.idle_timeout = idle_timeout
         self._idle: dict[tuple[str, ...], OrderedDict[SMTPClientProtocol, IDelayedCall]] = {}
         self._closing: set[defer.Deferred[None]] = set()
@@ -241,6 +243,7 @@ class SMTPSendConnector:
             self.clock, self.helo_name, lmtp=self.lmtp, tls_mode=tls_mode,
             tls_context=self._context_for(target), username=self.config.auth_username,
             password=self.config.auth_password, timeouts=self.timeouts, remote_host=target.label,
+            protocol_log=self.protocol_log,
         )
         try:
             await connectProtocol(self._endpoint(target), proto)

@@ -201,6 +201,19 @@ def _local_reply(code: int, status: str, text: str) -> Reply:
     return Reply.make(code, status, text)
 
 
+def _tls_failure(reason: Failure | None, transport: Any) -> str | None:
+    """Why a TLS handshake failed (e.g. "certificate has expired"), or None for other losses."""
+    if reason is None or transport is None:
+        return None
+    from exmta.tls.verify import describe_tls_failure
+
+    try:
+        handle = transport.getHandle()
+    except Exception:
+        handle = None
+    return describe_tls_failure(reason, handle)
+
+
 # ---------------------------------------------------------------- dot-stuffing
 
 
@@ -310,6 +323,7 @@ class SMTPClientProtocol(Protocol):
         password: str | None = None,
         timeouts: ClientTimeouts | None = None,
         remote_host: str | None = None,
+        protocol_log: Any = None,
     ) -> None:
         if tls_mode not in ("none", "opportunistic", "mandatory"):
             raise ValueError(f"unknown tls mode {tls_mode!r}")
@@ -339,11 +353,16 @@ class SMTPClientProtocol(Protocol):
         self._needs_rset = False
         self._mail_answered = False
         self.closed: defer.Deferred[None] = defer.Deferred()
+        #: the send connector's protocol log (exmta.observe.protocol.ProtocolLog), None when off
+        self.protocol_log = protocol_log
+        self._plog: Any = None
 
     # ------------------------------------------------------------ transport events
 
     def connectionMade(self) -> None:
         self._connected = True
+        if self.protocol_log is not None:
+            self._plog = self.protocol_log.for_transport(self.transport, self.remote_host)
 
     def dataReceived(self, data: bytes) -> None:
         if self._error is not None:
@@ -355,6 +374,9 @@ class SMTPClientProtocol(Protocol):
             self._fail(exc)
             self._abort()
             return
+        if self._plog is not None:
+            for reply in replies:
+                self._plog.reply(reply)
         # queue them all before waking anyone: a waiter resumed by the first
         # reply must see what followed it in the same read (STARTTLS injection)
         self._replies.extend(replies)
@@ -364,10 +386,13 @@ class SMTPClientProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._connected = False
         self.state = _CLOSED
+        if self._plog is not None:
+            self._plog.end()
         if self._error is None:
             truncated = " in the middle of a reply" if self._parser.partial else ""
+            why = _tls_failure(reason, self.transport) if self.tls_mode != "none" else None
             self._fail(ConnectionLostError(_local_reply(
-                451, "4.4.2", f"Connection lost{truncated} ({self.remote_host or 'remote'})")))
+                451, "4.4.2", f"{why or 'Connection lost' + truncated} ({self.remote_host or 'remote'})")))
         if self._resume is not None:
             d, self._resume = self._resume, None
             d.callback(None)
@@ -431,6 +456,9 @@ class SMTPClientProtocol(Protocol):
         return d
 
     def _send(self, *lines: str) -> None:
+        if self._plog is not None:
+            for line in lines:
+                self._plog.command(line)
         self.transport.write(b"".join(line.encode("utf-8") + CRLF for line in lines))
 
     async def _command(self, line: str, timeout: float, phase: str) -> Reply:
@@ -511,6 +539,9 @@ class SMTPClientProtocol(Protocol):
             raise SessionFailure(_local_reply(
                 451, "4.7.5", f"TLS negotiation or EHLO after STARTTLS failed: {exc.reply}"), "STARTTLS") from exc
         self.tls = self._describe_tls()
+        if self._plog is not None:
+            version, _, cipher = self.tls.partition(" ")
+            self._plog.tls(version, cipher or None)
 
     def _describe_tls(self) -> str:
         try:
@@ -836,16 +867,20 @@ class SMTPClientProtocol(Protocol):
     async def _send_data(self, content: BinaryIO) -> None:
         stuffer = DotStuffer()
         self.transport.registerProducer(self, True)
+        size = 0
         try:
             while True:
                 await self._wait_writable()
                 chunk = content.read(READ_CHUNK)
                 if not chunk:
                     break
+                size += len(chunk)
                 out = stuffer.stuff(chunk)
                 if out:
                     self.transport.write(out)
             self.transport.write(stuffer.finish())
+            if self._plog is not None:
+                self._plog.data(size)
         finally:
             if self._connected:
                 self.transport.unregisterProducer()
@@ -865,6 +900,9 @@ class SMTPClientProtocol(Protocol):
                 await self._wait_writable()
                 following = content.read(BDAT_CHUNK) if chunk else b""
                 last = not following
+                if self._plog is not None:
+                    self._plog.command(f"BDAT {len(chunk)}{' LAST' if last else ''}")
+                    self._plog.data(len(chunk), "BDAT")
                 self.transport.write(f"BDAT {len(chunk)}{' LAST' if last else ''}\r\n".encode() + chunk)
                 if last:
                     break

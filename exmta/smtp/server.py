@@ -141,6 +141,7 @@ class ESMTPServer(Protocol):
         self._closing = False
         self._disconnected = False
         self._timer: IDelayedCall | None = None
+        self._plog: Any = None  # protocol log transcript (exmta.observe.protocol), None when off
 
     # ------------------------------------------------------------ connection
 
@@ -158,6 +159,8 @@ class ESMTPServer(Protocol):
             started=now,
         )
         self.factory.sessions.add(self)
+        if self.factory.protocol_log is not None:
+            self._plog = self.factory.protocol_log.for_server(self.session)
         register = getattr(self.transport, "registerProducer", None)
         if register is not None:
             try:
@@ -215,6 +218,8 @@ class ESMTPServer(Protocol):
                 connector=self.config.name,
                 commands=" ".join(f"{verb.lower()}={n}" for verb, n in self._verbs.items()) or "no commands",
             )
+        if self._plog is not None:
+            self._plog.end()
         self.factory._session_closed(self)
 
     @property
@@ -249,6 +254,8 @@ class ESMTPServer(Protocol):
             self._arm_timer()
 
     def _dispatch(self, event: Any) -> None:
+        if self._plog is not None and not isinstance(event, DataChunk):
+            self._log_event(event)
         if isinstance(event, DataChunk):
             self._write_content(event.data)
         elif isinstance(event, Command):
@@ -310,11 +317,21 @@ class ESMTPServer(Protocol):
     def stopProducing(self) -> None:
         self._write_blocked = False
 
+    def _log_event(self, event: Any) -> None:
+        if isinstance(event, Command):
+            self._plog.command(event.raw)
+        elif isinstance(event, (DataEnd, ChunkEnd)):
+            self._plog.data(event.size, "DATA" if isinstance(event, DataEnd) else "BDAT")
+        elif isinstance(event, InvalidLine):
+            self._plog.command(event.raw, invalid=event.reason)
+
     # ------------------------------------------------------------ output
 
     def _reply(self, reply: Reply) -> None:
         if self._closing:
             return
+        if self._plog is not None:
+            self._plog.reply(reply)
         self._out.append(reply.to_bytes())
 
     def _flush(self) -> None:
@@ -328,6 +345,8 @@ class ESMTPServer(Protocol):
         if self._closing:
             return
         if reply is not None:
+            if self._plog is not None:
+                self._plog.reply(reply)
             self._out.append(reply.to_bytes())
         self._flush()
         self._closing = True
@@ -462,6 +481,8 @@ class ESMTPServer(Protocol):
         except Exception:
             subject = None
         self.session.tls = TLSInfo(version, cipher, subject)
+        if self._plog is not None:
+            self._plog.tls(version, cipher, subject)
         self.log.info("session {session_id}: TLS {tls_version} {tls_cipher}", session_id=self._sid,
                       tls_version=version, tls_cipher=cipher)
 
@@ -946,6 +967,8 @@ class ESMTPServerFactory(Factory):
         #: EHLO keywords not to advertise, e.g. {"CHUNKING", "BINARYMIME"} (Exchange's ChunkingEnabled
         #: = false); BDAT itself stays accepted from clients that use it anyway
         self.disabled_extensions: set[str] = set()
+        #: protocol log of this connector (exmta.observe.protocol.ProtocolLog), None when off
+        self.protocol_log: Any = None
         self.sessions: set[ESMTPServer] = set()
         self.shutting_down = False
         self._shutdown_waiters: list[Deferred[None]] = []
