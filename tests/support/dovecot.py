@@ -121,10 +121,33 @@ class DovecotLmtp:
         ).start()
         try:
             self.process.wait_smtp(self.port, timeout=timeout)
+            self._wait_userdb(timeout)
         except Exception as exc:
             self.stop()
             raise RuntimeError(f"{exc}\n--- dovecot.log ---\n{self.log_text()[-3000:]}") from exc
         return self
+
+    def _wait_userdb(self, timeout: float) -> None:
+        """Wait until RCPT for a known user gets 250 (auth/userdb answers).
+
+        The LMTP banner comes before Dovecot's auth process is ready; under
+        load an early RCPT gets ``451 4.3.0 Temporary internal error``.
+        """
+        if not self.users:
+            return
+
+        def rcpt_ok() -> bool:
+            with smtplib.LMTP(self.host, self.port, local_hostname="probe.example.test",
+                              timeout=5) as lmtp:
+                lmtp.ehlo_or_helo_if_needed()
+                lmtp.mail("")
+                code, text = lmtp.rcpt(self.users[0])
+                lmtp.rset()
+                if code != 250:
+                    raise RuntimeError(f"RCPT {self.users[0]}: {code} {text!r}")
+                return True
+        wait_until(rcpt_ok, timeout, f"dovecot:{self.port} userdb", interval=0.1,
+                   proc=self.process.proc if self.process else None)
 
     @property
     def pid(self) -> int:

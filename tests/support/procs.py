@@ -204,6 +204,16 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
+def _wait_gone(procs: list[tuple[int, int]], seconds: float) -> list[tuple[int, int]]:
+    """Wait up to *seconds* for (pid, start) entries to exit; return those alive."""
+    deadline = time.monotonic() + seconds
+    while True:
+        alive = [(p, st) for p, st in procs if pid_alive(p, st)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.02)
+
+
 def stop_pid(
     pid: int, timeout: float = 10.0, sig: int = signal.SIGTERM,
     proc: subprocess.Popen | None = None, kill_descendants: bool = True,
@@ -232,15 +242,17 @@ def stop_pid(
             deadline = time.monotonic() + 5.0
             while not gone() and time.monotonic() < deadline:
                 time.sleep(0.02)
-    leftovers = [(k, st) for k, st in kids if pid_alive(k, st)]
-    for k, _ in leftovers:
-        _signal(k, signal.SIGTERM)
-    deadline = time.monotonic() + 2.0
-    while any(pid_alive(k, st) for k, st in leftovers) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    for k, st in leftovers:
-        if pid_alive(k, st):
-            _signal(k, signal.SIGKILL)
+    # Children usually exit on their own once the parent is gone (Postfix,
+    # Dovecot): give them a moment, then SIGTERM, then SIGKILL, and wait, so
+    # that their listening sockets are closed when this returns.
+    for kid_sig, grace in ((0, 1.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        kids = _wait_gone(kids, 0.0)
+        for kid, st in kids:
+            if kid_sig and pid_alive(kid, st):
+                _signal(kid, kid_sig)
+        kids = _wait_gone(kids, grace)
+        if not kids:
+            break
     if proc is not None:
         try:
             return proc.wait(timeout=5.0)
