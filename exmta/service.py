@@ -210,6 +210,12 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     store = SpoolStore(paths["queue"], reactor, pool, clock=reactor)
     _add(top, "store", StoreService(store))
 
+    from exmta.observe.runtime import build_observability
+    observe = top.observability = build_observability(config, reactor, store, paths)
+    if observe.http is not None:
+        _add(top, "observe-http", observe.http)  # stops late: /readyz answers "stopping" while draining
+    tracker = observe.fan_out(tracker)
+
     connectors = make_send_connectors(config, reactor, pool)
     _add(top, "send", ConnectorsService(connectors))
     scheduler = DeliveryScheduler.from_config(config, store, connectors, reactor, tracker=tracker)
@@ -250,6 +256,9 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
         rescan = TimerService(INCOMING_RESCAN, store.scan_incoming)
         rescan.clock = reactor
         _add(top, "incoming-rescan", rescan)
+    observe.attach(scheduler, factories, config.receive)
+    _add(top, "reload", observe.reload_service(scheduler, factories, filters, env))  # SIGHUP
+    _add(top, "observe", observe.service)  # last: started when all listen, stopped first
     log.info("exmta: {count} receive connector(s), {send} send connector(s), data in {data}",
              count=len(config.receive), send=len(connectors), data=paths["data"])
     return top

@@ -16,7 +16,10 @@ from typing import Any, Callable
 
 from exmta.config.schema import (
     AcceptedDomain,
+    AlertRuleConfig,
+    AlertsConfig,
     Config,
+    MetricsConfig,
     QueueConfig,
     ReceiveConnectorConfig,
     RouteConfig,
@@ -349,6 +352,91 @@ def _read_queue(r: _Reader) -> QueueConfig:
     return q
 
 
+def _read_metrics(r: _Reader) -> MetricsConfig:
+    d = MetricsConfig()
+    m = MetricsConfig(
+        enabled=r.get("enabled", d.enabled, _bool),
+        listen=r.get("listen", d.listen, _endpoint),
+        sample_interval=r.get("sample_interval", d.sample_interval, parse_duration),
+        min_free_disk=r.get("min_free_disk", d.min_free_disk, parse_size),
+        status_page=r.get("status_page", d.status_page, _bool),
+    )
+    if m.sample_interval <= 0:
+        r.error("sample_interval", "must be positive")
+    r.finish()
+    return m
+
+
+def _read_alerts(r: _Reader) -> AlertsConfig:
+    from exmta.observe.alerts import RULE_KINDS
+
+    d = AlertsConfig()
+    rules = []
+    rs = r.sub("rule")
+    for name in list(rs.table):
+        rs.used.add(name)
+        t = rs.sub(name)
+        kind = t.get("kind", "", _choice(*RULE_KINDS))
+        if "kind" not in t.table:
+            t.error("kind", f"is required: one of {', '.join(RULE_KINDS)}")
+        threshold = t.get("threshold", None, _threshold(kind))
+        if threshold is None and "threshold" not in t.table:
+            t.error("threshold", "is required (a number; durations and sizes may use units)")
+        rule = AlertRuleConfig(
+            name=name, kind=kind, threshold=float(threshold or 0),
+            window=t.get("window", 900.0, parse_duration),
+            min_events=t.get("min_events", 20, _int(0)),
+            clear_ratio=t.get("clear_ratio", 0.8, _ratio),
+            certificates=t.get("certificates", (), _list_of(_nonempty_str)),
+        )
+        if rule.window <= 0:
+            t.error("window", "must be positive")
+        t.finish()
+        rules.append(rule)
+    a = AlertsConfig(
+        interval=r.get("interval", d.interval, parse_duration),
+        repeat=r.get("repeat", d.repeat, parse_duration),
+        mail_postmaster=r.get("mail_postmaster", d.mail_postmaster, _bool),
+        webhook=r.get("webhook", d.webhook, _http_url),
+        webhook_timeout=r.get("webhook_timeout", d.webhook_timeout, parse_duration),
+        rules=tuple(rules),
+    )
+    for key in ("interval", "repeat", "webhook_timeout"):
+        if getattr(a, key) <= 0:
+            r.error(key, "must be positive")
+    r.finish()
+    return a
+
+
+def _threshold(kind: str) -> Callable[[Any], float]:
+    def convert(v: Any) -> float:
+        if kind == "oldest_message":
+            return parse_duration(v)
+        if kind == "disk_space":
+            return float(parse_size(v))
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"expected a number, not {v!r}")
+        if v < 0:
+            raise ValueError("cannot be negative")
+        if kind in ("deferral_rate", "bounce_rate", "timeout_rate") and v > 1:
+            raise ValueError(f"is a ratio between 0 and 1, not {v!r}")
+        return float(v)
+    return convert
+
+
+def _ratio(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+        raise ValueError(f"expected a number in (0, 1], not {v!r}")
+    return float(v)
+
+
+def _http_url(v: Any) -> str:
+    s = _str(v)
+    if not re.match(r"^https?://[^/\s]+(/\S*)?$", s):
+        raise ValueError(f"expected an http:// or https:// URL, not {s!r}")
+    return s
+
+
 def _read_routes(problems: list[str], routes: Any) -> tuple[RouteConfig, ...]:
     if not isinstance(routes, list):
         problems.append("route: must be an array of tables ([[route]])")
@@ -449,6 +537,8 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
     top.used.add("route")
     routes = _read_routes(problems, raw.get("route", []))
     queue = _read_queue(top.sub("queue"))
+    metrics = _read_metrics(top.sub("metrics"))
+    alerts = _read_alerts(top.sub("alerts"))
 
     filters: dict[str, dict[str, Any]] = {}
     fs = top.sub("filters")
@@ -498,5 +588,7 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
         tracking_log=server["tracking_log"],
         receive_workers=server["receive_workers"],
         filters=filters,
+        metrics=metrics,
+        alerts=alerts,
         source=source,
     )

@@ -86,6 +86,42 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """[metrics]: Prometheus /metrics, /healthz and /readyz (exmta.observe)."""
+
+    enabled: bool = True                  # counters and gauges (needs prometheus-client, the "metrics" extra)
+    listen: str | None = None             # extra unauthenticated listener for /metrics /healthz /readyz only
+    sample_interval: float = 15.0         # seconds between queue listings for the gauges and alerts
+    min_free_disk: int = 100 * 1024 * 1024  # /readyz fails below this many free octets on the queue's disk
+    status_page: bool = False             # also serve /status (with tracking search) on ``listen``: no login!
+
+
+@dataclass(frozen=True)
+class AlertRuleConfig:
+    """[alerts.rule.NAME]; kinds and units in exmta.observe.alerts.RULE_KINDS."""
+
+    name: str
+    kind: str
+    threshold: float
+    window: float = 900.0                 # rates and counts: seconds looked back
+    min_events: int = 20                  # rates: fewer events in the window never fire
+    clear_ratio: float = 0.8              # hysteresis: clears at threshold*ratio (above) or /ratio (below)
+    certificates: tuple[str, ...] = ()    # cert_expiry: PEM files (default: the receive connectors' certificates)
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    """[alerts]: rules evaluated every ``interval``; notifications logged, mailed, posted."""
+
+    interval: float = 30.0
+    repeat: float = 3600.0                # re-notify an alert that still holds this often
+    mail_postmaster: bool = True          # mail each state change to the postmaster through the queue
+    webhook: str | None = None            # http(s) URL that gets a JSON POST per state change
+    webhook_timeout: float = 10.0
+    rules: tuple[AlertRuleConfig, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str = "localhost"
     data_dir: str = "./exmta-data"
@@ -99,6 +135,8 @@ class Config:
     tracking_log: str | None = None       # default <data_dir>/log/tracking.jsonl
     receive_workers: int = 0              # extra processes accepting SMTP (0 = the main process only)
     filters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
     source: str = "<embedded default>"    # the file this came from, for messages
 
     def send_connector(self, name: str) -> SendConnectorConfig:

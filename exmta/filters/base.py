@@ -103,6 +103,8 @@ class FilterChain:
         self.timeout = timeout
         self.on_error = on_error
         self._settings: dict[str, tuple[float, str]] = {}
+        #: called (filter name, phase, action) for each verdict other than CONTINUE (metrics)
+        self.verdict_observer: Callable[[str, str, str], None] | None = None
         for name, table in (per_filter or {}).items():
             t = float(table.get("timeout", timeout))
             e = str(table.get("on_error", on_error))
@@ -171,6 +173,11 @@ class FilterChain:
                 "filter {filter_name} gave {action} in phase {phase}",
                 filter_name=name, action=verdict.action.value, phase=phase,
             )
+            if self.verdict_observer is not None:
+                try:
+                    self.verdict_observer(name, phase, verdict.action.value)
+                except Exception:
+                    log.failure("filter verdict observer failed")
             return verdict
         return Verdict.CONTINUE
 

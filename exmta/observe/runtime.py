@@ -113,6 +113,18 @@ class Observability:
             self.factories[rc.name] = factory
             self.observe_factory(factory)
 
+    def reload_service(self, scheduler: Any, factories: list[Any], filters: dict[str, Any],
+                       filter_env: Any) -> Service:
+        """The SIGHUP configuration reload (exmta.observe.reload) for this server."""
+        from exmta.observe.reload import ConfigReloader, ReloadService
+
+        self.reloader = ConfigReloader(
+            self.config, self.reactor, scheduler=scheduler,
+            factories={rc.name: f for rc, f in zip(self.config.receive, factories)},
+            filters=filters, filter_env=filter_env, observability=self,
+        )
+        return ReloadService(self.reloader, self.reactor)
+
     def observe_factory(self, factory: Any) -> None:
         """Make ``factory`` (and its filter chain) report sessions and verdicts to the metrics."""
         if self.metrics is None:
@@ -184,9 +196,10 @@ class Observability:
     # ------------------------------------------------------------ web
 
     def public_root(self) -> resource.Resource:
-        """/metrics, /healthz, /readyz: the unauthenticated listener's tree."""
+        """/metrics, /healthz, /readyz (and /status with ``status_page``): the unauthenticated listener's tree."""
         root = resource.Resource()
-        for name, child in self.public_children().items():
+        children = self.admin_children() if self.config.metrics.status_page else self.public_children()
+        for name, child in children.items():
             root.putChild(name, child)
         return root
 

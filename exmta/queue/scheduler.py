@@ -293,6 +293,13 @@ class DeliveryScheduler(Service):
         """Swap the router (configuration reload); deliveries already routed keep their route."""
         self._router = router
 
+    def set_queue_config(self, config: QueueConfig) -> None:
+        """Swap the queue settings (configuration reload); they apply from the next decision on."""
+        if not config.retry_schedule:
+            raise ValueError("QueueConfig.retry_schedule must not be empty")
+        self._config = config
+        self.wake()
+
     # ------------------------------------------------------------ service
 
     def startService(self) -> None:

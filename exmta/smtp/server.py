@@ -159,6 +159,7 @@ class ESMTPServer(Protocol):
             started=now,
         )
         self.factory.sessions.add(self)
+        self._observe("session_opened")
         if self.factory.protocol_log is not None:
             self._plog = self.factory.protocol_log.for_server(self.session)
         register = getattr(self.transport, "registerProducer", None)
@@ -332,6 +333,8 @@ class ESMTPServer(Protocol):
             return
         if self._plog is not None:
             self._plog.reply(reply)
+        if reply.code == 535:  # RFC 4954: authentication credentials invalid
+            self._observe("auth_failed")
         self._out.append(reply.to_bytes())
 
     def _flush(self) -> None:
@@ -387,8 +390,18 @@ class ESMTPServer(Protocol):
             self._timer.cancel()
         self._timer = None
 
+    def _observe(self, event: str, *args: Any) -> None:
+        """Tell the factory's session observer (metrics) ``event``(connector, *args); never raises."""
+        observer = self.factory.session_observer
+        if observer is not None:
+            try:
+                getattr(observer, event)(self.config.name, *args)
+            except Exception:
+                self.log.failure("session observer failed on {event}", event=event)
+
     def _timed_out(self) -> None:
         self._timer = None
+        self._observe("session_timed_out")
         self.log.info("session {session_id}: timeout in {mode} mode", session_id=self._sid,
                       mode=self.parser.mode.value)
         self._close(replies.timeout(self.config.hostname))
@@ -481,6 +494,7 @@ class ESMTPServer(Protocol):
         except Exception:
             subject = None
         self.session.tls = TLSInfo(version, cipher, subject)
+        self._observe("tls_started", version)
         if self._plog is not None:
             self._plog.tls(version, cipher, subject)
         self.log.info("session {session_id}: TLS {tls_version} {tls_cipher}", session_id=self._sid,
@@ -973,6 +987,9 @@ class ESMTPServerFactory(Factory):
         self.shutting_down = False
         self._shutdown_waiters: list[Deferred[None]] = []
         self._grace_call: IDelayedCall | None = None
+        #: metrics (exmta.observe.metrics.Metrics): session_opened / session_timed_out / tls_started /
+        #: auth_failed (connector, ...) are called on it when set
+        self.session_observer: Any = None
 
     def buildProtocol(self, addr: Any) -> ESMTPServer:
         return ESMTPServer(self)

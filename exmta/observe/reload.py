@@ -1,0 +1,237 @@
+"""SIGHUP: reload the configuration file without dropping a connection or a message.
+
+The new file is read and validated first; a configuration with any problem
+is refused as a whole, the running one stays, and the log says every
+reason (the same text as ``twistd exmta --check``).
+
+What a valid new configuration changes at once:
+
+* routes: a new router for the scheduler (``DeliveryScheduler.set_router``);
+  deliveries already routed keep their route;
+* queue settings (retry schedule, lifetime, delay warning, active window,
+  poison threshold): the scheduler's next decisions use them;
+* receive connectors (same name): policy (accepted domains, relay networks,
+  permissions, rate limits, which restart counting), filter chain and
+  session limits, for sessions from their next command on;
+* alert rules and intervals.
+
+What needs a restart, and is logged as such (the old value stays in use):
+listen endpoints, added or removed receive connectors, send connectors,
+receive workers, data and log paths, TLS settings other than the
+certificate files (those are reloaded by exmta.tls on the same signal),
+AUTH settings and the pickup interval.
+
+The previous SIGHUP handler (e.g. the TLS certificate reloader) still runs.
+"""
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.logger import Logger
+
+__all__ = ["ConfigReloader", "ReloadService"]
+
+log = Logger()
+
+_RESTART_SERVER_KEYS = ("data_dir", "pickup_dir", "tracking_log", "receive_workers", "hostname")
+
+
+class ConfigReloader:
+    """Applies a new configuration to the running objects; ``reload()`` -> (applied, messages)."""
+
+    def __init__(self, config: Any, reactor: Any, *, scheduler: Any = None, factories: dict[str, Any] | None = None,
+                 filters: dict[str, Any] | None = None, filter_env: Any = None, observability: Any = None,
+                 data_dir: str | None = None) -> None:
+        self.config = config
+        self.filters = dict(filters or {})
+        self.reactor = reactor
+        self.scheduler = scheduler
+        self.factories = dict(factories or {})
+        self.filter_env = filter_env
+        self.observability = observability
+        self.data_dir = data_dir
+        self.reloads = 0
+        self.refused = 0
+        self._pending_filters: dict[str, Any] | None = None
+
+    def load(self) -> Any:
+        from exmta.config.load import load_config
+
+        return load_config(self.config.source, data_dir=self.data_dir or self.config.data_dir)
+
+    def reload(self) -> tuple[bool, list[str]]:
+        """Read the file again and apply what can be applied; never raises."""
+        from exmta.config.load import ConfigError
+
+        source = self.config.source
+        try:
+            new = self.load()
+        except ConfigError as e:
+            self.refused += 1
+            log.error("SIGHUP: {source} refused, the running configuration stays:\n{problems}",
+                      source=source, problems="\n".join(f"  - {p}" for p in e.problems))
+            return False, list(e.problems)
+        except Exception as e:
+            self.refused += 1
+            log.failure("SIGHUP: reading {source} failed; the running configuration stays", source=source)
+            return False, [str(e)]
+        try:
+            messages = self.apply(new)
+        except Exception:
+            self.refused += 1
+            log.failure("SIGHUP: applying {source} failed part way; restart exmta to be sure of its state",
+                        source=source)
+            return False, ["applying failed; see the log"]
+        self.reloads += 1
+        self.config = new
+        if self._pending_filters is not None:
+            self.filters, self._pending_filters = self._pending_filters, None
+        for m in messages:
+            log.info("SIGHUP: {message}", message=m)
+        log.info("SIGHUP: {source} reloaded ({count} change(s) reported)", source=source, count=len(messages))
+        return True, messages
+
+    def apply(self, new: Any) -> list[str]:
+        old = self.config
+        out: list[str] = []
+        needs_restart: list[str] = []
+
+        # send connectors are built objects with connections and resolvers: a restart changes them
+        old_send = {s.name: s for s in old.send}
+        new_send = {s.name: s for s in new.send}
+        if old_send != new_send:
+            needs_restart.append("send connectors")
+        usable = set(old_send) & set(new_send)
+
+        if self.scheduler is not None:
+            if new.routes != old.routes or new.accepted_domains != old.accepted_domains:
+                missing = {r.connector for r in new.routes} - usable
+                if missing:
+                    needs_restart.append(f"routes to new send connector(s) {', '.join(sorted(missing))}")
+                else:
+                    from exmta.queue.scheduler import send_configs_by_name
+                    from exmta.routing.router import StaticRouter
+
+                    self.scheduler.set_router(StaticRouter(new.routes, send_configs_by_name(
+                        [old_send[n] for n in sorted(usable)])))
+                    out.append(f"routes: {len(new.routes)} route(s) applied")
+            if new.queue != old.queue:
+                self.scheduler.set_queue_config(new.queue)
+                out.append("queue settings applied")
+                if new.queue.pickup_interval != old.queue.pickup_interval:
+                    needs_restart.append("queue.pickup_interval")
+
+        old_rc = {rc.name: rc for rc in old.receive}
+        new_rc = {rc.name: rc for rc in new.receive}
+        if set(old_rc) != set(new_rc):
+            needs_restart.append("added or removed receive connectors")
+        new_filters = None
+        if new.filters != old.filters:
+            if self.filter_env is None:
+                needs_restart.append("filters")
+            else:
+                from exmta.plugins import load_filters
+
+                new_filters = self._pending_filters = load_filters(new.filters, self.filter_env, source=new.source)
+        for name, rc in new_rc.items():
+            factory = self.factories.get(name)
+            before = old_rc.get(name)
+            if factory is None or before is None:
+                continue
+            if rc.listen != before.listen:
+                needs_restart.append(f"receive.{name}.listen")
+            for key in ("tls", "require_tls"):
+                if getattr(rc, key, None) != getattr(before, key, None):
+                    needs_restart.append(f"receive.{name}.{key}")
+            if rc == before and new.accepted_domains == old.accepted_domains and new_filters is None:
+                continue
+            self._swap_receive(factory, new, rc, new_filters)
+            out.append(f"receive.{name}: policy, filters and limits applied to sessions from their next command")
+
+        for key in _RESTART_SERVER_KEYS:
+            if getattr(new, key) != getattr(old, key):
+                needs_restart.append(key)
+        if new.metrics.listen != old.metrics.listen:
+            needs_restart.append("metrics.listen")
+        if self.observability is not None and (new.alerts != old.alerts or new.metrics != old.metrics):
+            out += self.observability.reload(new)
+        if needs_restart:
+            out.append("needs a restart to take effect (the old values stay in use): "
+                       + ", ".join(dict.fromkeys(needs_restart)))
+        return out
+
+    def _swap_receive(self, factory: Any, config: Any, rc: Any, new_filters: dict[str, Any] | None) -> None:
+        from exmta.filters.base import FilterChain
+        from exmta.plugins import ordered
+
+        old_policy = factory.policy
+        policy = self._policy(config, rc, old_policy)
+        if new_filters is not None or rc.filters != factory.config.filters:
+            filters = new_filters if new_filters is not None else self.filters
+            chain = FilterChain(ordered(filters, rc.filters), factory.clock, per_filter=config.filters)
+            chain.verdict_observer = getattr(factory.filters, "verdict_observer", None)
+            factory.filters = chain
+        factory.policy = policy
+        factory.local_domain = lambda domain: config.accepted_domain(domain) is not None
+        factory.postmaster_domain = next(
+            (d.name for d in config.accepted_domains if not d.name.startswith("*")), factory.postmaster_domain)
+        if rc.listen == factory.config.listen and getattr(rc, "tls", None) == getattr(factory.config, "tls", None):
+            factory.config = rc  # limits, banner, timeouts for new sessions
+
+    def _policy(self, config: Any, rc: Any, old: Any) -> Any:
+        try:
+            from exmta.receive.wiring import ReceiveResources, make_policy
+        except ImportError:
+            from exmta.receive.policy import DefaultReceivePolicy
+
+            return DefaultReceivePolicy(config.accepted_domain, rc.relay_networks)
+        resources = ReceiveResources(back_pressure=getattr(old, "back_pressure", None),
+                                     recipients=getattr(old, "recipients", None))
+        return make_policy(config, rc, self.reactor, resources)
+
+
+class ReloadService(Service):
+    """Installs the SIGHUP handler while running (chaining the previous one)."""
+
+    def __init__(self, reloader: ConfigReloader, reactor: Any, install_signal: bool = True) -> None:
+        self.reloader = reloader
+        self.reactor = reactor
+        self.install_signal = install_signal
+        self._previous: Any = None
+        self._installed = False
+
+    def startService(self) -> None:
+        super().startService()
+        if not self.install_signal or not hasattr(signal, "SIGHUP"):
+            return
+        if self.reloader.config.source.startswith("<"):
+            log.info("SIGHUP reload: not available with the embedded default configuration")
+        try:
+            self._previous = signal.signal(signal.SIGHUP, self._on_sighup)
+            self._installed = True
+        except ValueError:
+            log.warn("SIGHUP handler for configuration reload not installed (not in the main thread)")
+
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self._reload)
+        previous = self._previous
+        if callable(previous):
+            previous(signum, frame)
+
+    def _reload(self) -> None:
+        if self.reloader.config.source.startswith("<"):
+            log.warn("SIGHUP: running the embedded default configuration, there is no file to reload")
+            return
+        log.info("SIGHUP: reloading {source}", source=self.reloader.config.source)
+        self.reloader.reload()
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._installed:
+            try:
+                signal.signal(signal.SIGHUP, self._previous if self._previous is not None else signal.SIG_DFL)
+            except ValueError:
+                pass
+            self._installed = False
