@@ -37,6 +37,13 @@ class IMessageView(Interface):
     def open_body():
         """-> a binary file object reading the whole spooled message from its start."""
 
+    def quarantine(reason):
+        """Accept the message but queue it in the hold (quarantine) queue with ``reason``.
+
+        An operator lists held messages and releases them (IQueueStore.release).
+        The first reason given wins; the verdict still decides whether it is accepted.
+        """
+
 
 class IMessageFilter(Interface):
     """A hook point for built-in and third-party checks.
@@ -99,7 +106,10 @@ class IQueueStore(Interface):
         """-> IMessageWriter (synchronous, cheap)."""
 
     def commit(writer, envelope):
-        """-> Deferred[str queue id]. Fires only once content and envelope are on stable storage."""
+        """-> Deferred[str queue id]. Fires only once content and envelope are on stable storage.
+
+        An envelope with ``held_reason`` set (a quarantine) is committed to the hold queue.
+        """
 
     def submit(content, envelope):
         """-> Deferred[str queue id]: commit a complete message held in memory (DSNs, pickup)."""

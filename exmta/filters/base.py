@@ -232,11 +232,21 @@ def _split_fields(block: bytes) -> list[tuple[str, bytes]]:
     return fields
 
 
+#: a line break inside a value is allowed only as folding: CRLF followed by a space or tab
+_BAD_BREAK = re.compile(r"\r(?!\n[ \t])|(?<!\r)\n|\r\n(?![ \t])")
+
+
+def _unfolded_value(raw: bytes) -> str:
+    """The value of one raw field (after the colon), unfolded, as text."""
+    value = raw.partition(b":")[2]
+    return re.sub(rb"\r\n(?=[ \t])", b"", value).rstrip(b"\r\n").decode("utf-8", "replace")
+
+
 def _check_field(name: str, value: str) -> None:
     if not _FIELD_NAME_STR.match(name):
         raise ValueError(f"bad header name {name!r}")
-    if "\r" in value or "\n" in value:
-        raise ValueError("header values may not contain CR or LF (no header injection)")
+    if _BAD_BREAK.search(value) or value.endswith(("\r\n ", "\r\n\t")):
+        raise ValueError("header values may contain CR LF only as folding before a space or tab (no injection)")
 
 
 class HeaderEdits:
@@ -244,8 +254,11 @@ class HeaderEdits:
 
     ``ops`` is a list of ("add", name, value) (append to the block),
     ("insert", name, value) (prepend), ("replace", name, value) (first
-    occurrence, appended when missing), ("remove", name) (every occurrence)
-    and ("remove_prefix", prefix) (every field whose name starts so).
+    occurrence, appended when missing), ("remove", name) (every occurrence),
+    ("remove_prefix", prefix) (every field whose name starts so) and
+    ("remove_matching", name, regex) (every field of that name whose
+    unfolded value matches the regex, case-insensitively).
+    Values may be folded ("CRLF" then a space or tab).
     """
 
     def __init__(self) -> None:
@@ -270,6 +283,15 @@ class HeaderEdits:
         _check_field(name, "")
         self.ops.append(("remove", name))
 
+    def remove_header_matching(self, name: str, pattern: str) -> None:
+        """Remove every ``name`` field whose unfolded value matches ``pattern`` (``re.search``, no case).
+
+        E.g. forged Authentication-Results that claim this server's authserv-id.
+        """
+        _check_field(name, "")
+        re.compile(pattern)
+        self.ops.append(("remove_matching", name, pattern))
+
     def remove_headers_with_prefix(self, prefix: str) -> None:
         """Remove every field whose name starts with ``prefix`` (case-insensitive), e.g. a header firewall."""
         _check_field(prefix, "")
@@ -286,6 +308,10 @@ class HeaderEdits:
                 continue
             if kind == "remove_prefix":
                 fields = [f for f in fields if not f[0].startswith(key)]
+                continue
+            if kind == "remove_matching":
+                rx = re.compile(op[2], re.IGNORECASE)
+                fields = [f for f in fields if f[0] != key or not rx.search(_unfolded_value(f[1]))]
                 continue
             raw = f"{name}: {op[2]}\r\n".encode("utf-8")
             if kind == "add":
@@ -328,6 +354,12 @@ class MessageView:
             self.raw_headers + b"\r\n"
         )
         self.edits = HeaderEdits()
+        self.quarantine_reason: str | None = None
+
+    def quarantine(self, reason: str) -> None:
+        """Queue the message in hold/ with ``reason`` once it is accepted (the first reason wins)."""
+        if self.quarantine_reason is None:
+            self.quarantine_reason = str(reason).replace("\r", " ").replace("\n", " ")[:500]
 
     def open_body(self) -> BinaryIO:
         """A new binary file reading the whole message from its first octet."""

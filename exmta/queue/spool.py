@@ -472,7 +472,9 @@ class SpoolStore:
     def commit(self, writer: SpoolWriter, envelope: Envelope) -> Deferred[str]:
         """Make writer's content and envelope durable in incoming/; fires with the queue id.
 
-        Sets ``envelope.queue_id`` and, when it is 0, ``envelope.size``.
+        Sets ``envelope.queue_id`` and, when it is 0, ``envelope.size``. An
+        envelope with ``held_reason`` (a filter's quarantine) goes to hold/
+        instead, never due until released.
         """
         if not isinstance(writer, SpoolWriter) or writer._store is not self:
             raise TypeError("commit() needs a writer from this store's open_writer()")
@@ -482,29 +484,33 @@ class SpoolStore:
             envelope.size = writer.size
         data = _encode(envelope, None)
         writer._state = "committing"
-        return Deferred.fromCoroutine(self._commit(writer, data))
+        state = "hold" if envelope.held_reason else "incoming"
+        return Deferred.fromCoroutine(self._commit(writer, data, state))
 
-    async def _commit(self, writer: SpoolWriter, data: bytes) -> str:
+    async def _commit(self, writer: SpoolWriter, data: bytes, state: str = "incoming") -> str:
         queue_id = writer.queue_id
         try:
-            await self._in_pool(self._commit_files, writer, data)
+            await self._in_pool(self._commit_files, writer, data, state)
         except Exception:
             writer._state = "aborted"
             raise
         try:
-            await self.syncer.sync((self._dirs["msg"], self._dirs["incoming"]))
+            await self.syncer.sync((self._dirs["msg"], self._dirs[state]))
         except Exception:
             # not durable: take it back so that the sender's retry is not a duplicate
             writer._state = "aborted"
             self.log.error("directory fsync failed; rolling back {queue_id}", queue_id=queue_id)
-            await self._in_pool(self._remove_files, queue_id, ("incoming",))
+            await self._in_pool(self._remove_files, queue_id, (state,))
             raise
         writer._state = "committed"
+        if state == "hold":
+            self.log.info("{queue_id} committed to hold (quarantine)", queue_id=queue_id)
+            return queue_id
         self._due_now(queue_id)
         self._notify(queue_id)
         return queue_id
 
-    def _commit_files(self, writer: SpoolWriter, data: bytes) -> None:
+    def _commit_files(self, writer: SpoolWriter, data: bytes, state: str = "incoming") -> None:
         """fsync content, write + fsync envelope, rename content then envelope (thread pool)."""
         content_tmp, queue_id = writer._path, writer.queue_id
         env_tmp = None
@@ -520,7 +526,7 @@ class SpoolStore:
             content = self._content_path(queue_id)
             os.rename(content_tmp, content)
             try:
-                os.rename(env_tmp, self._env_path("incoming", queue_id))
+                os.rename(env_tmp, self._env_path(state, queue_id))
             except BaseException:
                 os.rename(content, content_tmp)
                 raise

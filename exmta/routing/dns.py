@@ -139,6 +139,14 @@ class DNSResolver:
             return None
         return list(answer.rrset)
 
+    def query_blocking(self, name: str, rdtype: str) -> list[object] | None:
+        """Records of ``rdtype`` at ``name``, or None; for callers already on a pool thread.
+
+        NXDOMAIN raises :class:`DNSPermanentError`, timeouts and SERVFAIL
+        :class:`DNSTemporaryError` (used by the mail authentication lookups).
+        """
+        return self._query(name, rdtype)
+
     def _mx_blocking(self, domain: str) -> list[tuple[int, str]]:
         domain = domain.rstrip(".")
         records = self._query(domain, "MX")

@@ -804,6 +804,7 @@ class ESMTPServer(Protocol):
                       session_id=self._sid, why=why)
         self._track_refusal(TrackingEventId.REJECT, txn, writer, reply, why)
         self._reply(reply)
+                held_reason=getattr(view, "quarantine_reason", None),
 
     def _oversize(self) -> None:
         """The message passed max_message_size: refuse it and end the transaction."""

@@ -139,8 +139,10 @@ class MemoryStore:
         if not env.received_at:
             env.received_at = now
         self._seq += 1
-        self._messages[queue_id] = _Stored(env, content, "incoming", now, self._seq)
-        self._notify(queue_id)
+        queue = "hold" if env.held_reason else "incoming"  # a filter's quarantine
+        self._messages[queue_id] = _Stored(env, content, queue, now, self._seq)
+        if queue == "incoming":
+            self._notify(queue_id)
         return queue_id
 
     def _notify(self, queue_id: str) -> None:

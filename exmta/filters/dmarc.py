@@ -1,0 +1,330 @@
+"""DMARC (RFC 7489) as a filter: alignment, policy discovery, p/sp/pct, and what we do.
+
+* The RFC5322.From domain comes from exactly one From: field with one
+  domain; none, several fields or several domains fail (RFC 7489 6.6.1) with
+  ``dmarc=permerror`` and, by default, 550 5.7.1.
+* The record is looked up at ``_dmarc.<from domain>`` and then at the
+  organisational domain, found with the packaged public suffix list
+  (:mod:`exmta.filters.psl`; ``exmta psl refresh`` updates a copy, never
+  at run time).
+* SPF (MAIL FROM, or HELO for the null sender) and DKIM identities are
+  aligned relaxed (same organisational domain) or strict (equal), per
+  ``aspf``/``adkim``.
+* On fail the policy is ``sp`` for a subdomain when given, else ``p``;
+  ``pct`` sampling downgrades reject to quarantine and quarantine to none
+  (RFC 7489 6.6.4). ``reject`` answers 550 5.7.1 with the reason,
+  ``quarantine`` holds the message (IMessageView.quarantine: the operator
+  lists and releases it from the hold queue), ``none`` only tags.
+* A DNS failure is ``temperror`` and a 451 4.7.1 by default, never a pass.
+
+Config (``plugin = "dmarc"``): ``dns_servers``, ``dns_timeout``,
+``enforce`` (true; false tags only), ``quarantine`` ("hold" | "tag"),
+``overrides`` (a table ``"domain" = "none" | "quarantine" | "reject"``
+replacing the published policy for that From: domain or organisational
+domain), ``malformed_from`` ("reject" | "tag"), ``on_temperror``,
+``skip_authenticated``, ``report_log`` (true: append results to
+``<data>/dmarc/results.jsonl`` for aggregate reports).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import time
+from email.utils import getaddresses
+from typing import Any
+
+from twisted.logger import Logger
+from zope.interface import provider
+
+from exmta.dns import AuthDNS, OversizeAnswer, TempDNSError, auth_dns_from_config
+from exmta.filters.authres import DKIMResult, DMARCResult, SPFResult, auth_state
+from exmta.filters.base import FilterBase
+from exmta.filters.dkim_verify import dkim_results
+from exmta.filters.psl import org_domain
+from exmta.filters.spf import bool_option, check_spf, common_options
+from exmta.interfaces import IFilterFactory
+from exmta.model import Verdict
+
+__all__ = ["DMARCFilter", "DMARCRecord", "evaluate", "from_domain", "lookup_record", "parse_record"]
+
+log = Logger()
+
+DISPOSITIONS = ("none", "quarantine", "reject")
+
+
+class DMARCRecordError(ValueError):
+    """A DMARC record that cannot be used (RFC 7489 6.6.3)."""
+
+
+class DMARCRecord(dict):  # type: ignore[type-arg]
+    """Parsed tags of a DMARC record (lower-case names), with RFC 7489 defaults applied on access."""
+
+    @property
+    def p(self) -> str:
+        return self["p"]
+
+    @property
+    def sp(self) -> str:
+        return self.get("sp", self["p"])
+
+    @property
+    def pct(self) -> int:
+        return int(self.get("pct", "100"))
+
+    @property
+    def adkim(self) -> str:
+        return self.get("adkim", "r")
+
+    @property
+    def aspf(self) -> str:
+        return self.get("aspf", "r")
+
+
+def parse_record(text: str) -> DMARCRecord:
+    """Parse ``v=DMARC1; p=...`` (RFC 7489 6.3); DMARCRecordError says what is wrong."""
+    tags = DMARCRecord()
+    parts = [p.strip() for p in text.split(";")]
+    if not parts or re.sub(r"\s", "", parts[0]) != "v=DMARC1":
+        raise DMARCRecordError("record does not start with v=DMARC1")
+    for part in parts[1:]:
+        if not part:
+            continue
+        name, eq, value = part.partition("=")
+        name = name.strip().lower()
+        if not eq or not re.fullmatch(r"[a-z0-9]+", name):
+            raise DMARCRecordError(f"malformed tag {part!r}")
+        if name in tags:
+            raise DMARCRecordError(f"tag {name} given twice")
+        tags[name] = value.strip()
+    for name in ("p", "sp", "np"):
+        if name in tags and tags[name].lower() not in DISPOSITIONS:
+            if name == "p" and "rua" in tags:
+                tags["p"] = "none"  # 6.6.3: an invalid p with rua is treated as p=none
+                continue
+            raise DMARCRecordError(f"{name}={tags[name]!r} is not none, quarantine or reject")
+        if name in tags:
+            tags[name] = tags[name].lower()
+    if "p" not in tags:
+        if "rua" in tags:
+            tags["p"] = "none"
+        else:
+            raise DMARCRecordError("required tag p is missing")
+    for name in ("adkim", "aspf"):
+        if name in tags and tags[name].lower() not in ("r", "s"):
+            raise DMARCRecordError(f"{name}={tags[name]!r} is not r or s")
+        if name in tags:
+            tags[name] = tags[name].lower()
+    if "pct" in tags and not (tags["pct"].isdigit() and 0 <= int(tags["pct"]) <= 100):
+        raise DMARCRecordError(f"pct={tags['pct']!r} is not an integer from 0 to 100")
+    return tags
+
+
+def from_domain(headers: Any) -> tuple[str | None, str]:
+    """(the RFC5322.From domain, "") or (None, why it cannot be used) per RFC 7489 6.6.1."""
+    fields = headers.get_all("From") or []
+    if not fields:
+        return None, "message has no From: header field"
+    if len(fields) > 1:
+        return None, f"message has {len(fields)} From: header fields"
+    addresses = getaddresses([str(fields[0])])
+    addrs = [addr for _, addr in addresses if addr]
+    domains = {addr.rpartition("@")[2].strip().rstrip(".").lower() for addr in addrs}
+    if not addrs or any("@" not in a for a in addrs) or "" in domains:
+        return None, "From: has no address with a domain"
+    if len(domains) > 1:
+        return None, f"From: has addresses in {len(domains)} domains"
+    domain = domains.pop()
+    try:
+        domain = domain.encode("idna").decode("ascii") if not domain.isascii() else domain
+    except UnicodeError:
+        return None, f"From: domain {domain!r} is not a valid IDN"
+    if not re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9_-]+)+", domain):
+        return None, f"From: domain {domain!r} is not a valid domain name"
+    return domain, ""
+
+
+def lookup_record(dns: AuthDNS, domain: str) -> tuple[DMARCRecord | None, str, str]:
+    """(record, the domain it was found at, problem) for ``domain``; blocking.
+
+    Raises TempDNSError. A record that exists but is unusable gives
+    (None, where, "why") so the result is permerror.
+    """
+    candidates = [domain]
+    org = org_domain(domain)
+    if org != domain:
+        candidates.append(org)
+    for where in candidates:
+        try:
+            records = dns.txt(f"_dmarc.{where}")
+        except OversizeAnswer as e:
+            return None, where, str(e)
+        texts = [r.decode("utf-8", "replace") for r in records or ()]
+        dmarc = [t for t in texts if re.match(r"\s*v\s*=\s*DMARC1\s*(;|$)", t, re.IGNORECASE)]
+        if len(dmarc) > 1:
+            return None, where, f"_dmarc.{where} has {len(dmarc)} DMARC records"
+        if dmarc:
+            try:
+                return parse_record(dmarc[0]), where, ""
+            except DMARCRecordError as e:
+                return None, where, f"_dmarc.{where}: {e}"
+    return None, "", ""
+
+
+def aligned(identity: str, from_dom: str, mode: str) -> bool:
+    identity = identity.lower().rstrip(".")
+    if mode == "s":
+        return identity == from_dom
+    return org_domain(identity) == org_domain(from_dom)
+
+
+def evaluate(dns: AuthDNS, from_dom: str, spf: SPFResult | None, dkim: list[DKIMResult],
+             rng: random.Random, overrides: dict[str, str]) -> DMARCResult:
+    """The DMARC result for an already known From domain (blocking: the record lookup)."""
+    org = org_domain(from_dom)
+    try:
+        record, where, problem = lookup_record(dns, from_dom)
+    except TempDNSError as e:
+        return DMARCResult("temperror", from_dom, reason=f"DMARC record lookup failed: {e}", org_domain=org)
+    if record is None:
+        if problem:
+            return DMARCResult("permerror", from_dom, reason=problem, org_domain=org)
+        return DMARCResult("none", from_dom, reason="no DMARC record", org_domain=org)
+    spf_ok = bool(spf and spf.result == "pass" and aligned(spf.domain, from_dom, record.aspf))
+    dkim_ok = any(d.result == "pass" and aligned(d.domain, from_dom, record.adkim) for d in dkim)
+    policy = record.sp if where != from_dom else record.p
+    tags = dict(record)
+    if spf_ok or dkim_ok:
+        return DMARCResult("pass", from_dom, policy, "none", "", org, spf_ok, dkim_ok, tags)
+    temp = (spf is not None and spf.result == "temperror" and aligned(spf.domain, from_dom, record.aspf)) or any(
+        d.result == "temperror" and aligned(d.domain, from_dom, record.adkim) for d in dkim)
+    if temp:
+        return DMARCResult("temperror", from_dom, policy, "none", "an aligned check failed temporarily (DNS)",
+                           org, False, False, tags)
+    disposition = policy
+    if record.pct < 100 and rng.random() * 100 >= record.pct:
+        disposition = {"reject": "quarantine", "quarantine": "none"}.get(policy, policy)  # 6.6.4
+    override = overrides.get(from_dom) or overrides.get(org)
+    if override:
+        disposition = override
+    reasons = []
+    reasons.append(f"SPF {spf.result} for {spf.domain}" if spf else "no SPF result")
+    if spf and spf.result == "pass" and not spf_ok:
+        reasons[-1] += " (not aligned)"
+    passing = [d.domain for d in dkim if d.result == "pass"]
+    reasons.append(f"DKIM pass only for {', '.join(passing)} (not aligned)" if passing else "no passing DKIM signature")
+    return DMARCResult("fail", from_dom, policy, disposition, "; ".join(reasons), org, False, False, tags)
+
+
+@provider(IFilterFactory)
+class DMARCFilter(FilterBase):
+    """``plugin = "dmarc"``: see the module docstring."""
+
+    KEYS = frozenset({"dns_servers", "dns_timeout", "enforce", "quarantine", "overrides", "malformed_from",
+                      "on_temperror", "skip_authenticated", "report_log"})
+
+    def __init__(self, name: str, dns: AuthDNS, receiver: str, *, enforce: bool = True, quarantine: str = "hold",
+                 overrides: dict[str, str] | None = None, malformed_from: str = "reject",
+                 on_temperror: str = "tempfail", skip_authenticated: bool = True,
+                 report_path: str | None = None, rng: random.Random | None = None, clock: Any = None) -> None:
+        self.name = name
+        self.dns = dns
+        self.receiver = receiver
+        self.enforce = enforce
+        self.quarantine = quarantine
+        self.overrides = {k.lower().rstrip("."): v for k, v in (overrides or {}).items()}
+        self.malformed_from = malformed_from
+        self.on_temperror = on_temperror
+        self.skip_authenticated = skip_authenticated
+        self.report_path = report_path
+        self.rng = rng or random.Random()
+        self.clock = clock
+
+    @classmethod
+    def from_config(cls, name: str, config: dict[str, Any], env: Any) -> DMARCFilter:
+        options = common_options(config, cls.KEYS)
+        if "enforce" in config:
+            options["enforce"] = bool_option(config, "enforce")
+        for key, allowed in (("quarantine", ("hold", "tag")), ("malformed_from", ("reject", "tag"))):
+            if key in config:
+                if config[key] not in allowed:
+                    raise ValueError(f"{key} must be one of {', '.join(allowed)}, not {config[key]!r}")
+                options[key] = config[key]
+        overrides = config.get("overrides", {})
+        if not isinstance(overrides, dict):
+            raise ValueError("overrides must be a table of \"domain\" = \"none\" | \"quarantine\" | \"reject\"")
+        for domain, value in overrides.items():
+            if value not in DISPOSITIONS:
+                raise ValueError(f"overrides.{domain} must be none, quarantine or reject, not {value!r}")
+        options["overrides"] = overrides
+        if config.get("report_log", False) is not False:
+            if bool_option(config, "report_log"):
+                options["report_path"] = os.path.join(env.data_dir, "dmarc", "results.jsonl")
+        return cls(name, auth_dns_from_config(config, env), env.hostname, clock=env.clock, **options)
+
+    async def on_data(self, session: Any, txn: Any, message: Any) -> Verdict:
+        if self.skip_authenticated and session.auth_identity:
+            return Verdict.CONTINUE
+        state = auth_state(session).for_message(txn)
+        domain, problem = from_domain(message.headers)
+        if domain is None:
+            state.dmarc = DMARCResult("permerror", reason=problem)
+            log.info("{filter_name}: DMARC permerror: {reason}", filter_name=self.name, reason=problem)
+            if self.enforce and self.malformed_from == "reject":
+                return Verdict.reject(550, "5.7.1", f"DMARC: {problem} (RFC 7489 6.6.1)")
+            return Verdict.CONTINUE
+        spf = state.spf_for(txn)
+        if spf is None:
+            sender = str(txn.sender)
+            spf = await self.dns.run(check_spf, self.dns, session.peer_ip, sender, session.helo_name or "",
+                                     self.receiver, "mailfrom")
+            state.mailfrom, state.mailfrom_sender = spf, sender
+        dkim = await dkim_results(self.dns, state, message)
+        result = await self.dns.run(evaluate, self.dns, domain, spf, dkim, self.rng, self.overrides)
+        if not self.enforce and result.result == "fail":
+            result = _with(result, disposition="none")
+        if result.disposition == "quarantine" and self.quarantine == "tag":
+            result = _with(result, disposition="none")
+        state.dmarc = result
+        log.info("{filter_name}: DMARC header.from={domain}: {result} p={policy} dis={disposition} {reason}",
+                 filter_name=self.name, domain=domain, result=result.result, policy=result.policy,
+                 disposition=result.disposition, reason=result.reason)
+        self._record(session, txn, result, spf, dkim)
+        if result.result == "temperror" and self.on_temperror == "tempfail":
+            return Verdict.tempfail(451, "4.7.1", f"DMARC check of {domain} failed temporarily; try again later")
+        if result.result != "fail":
+            return Verdict.CONTINUE
+        if result.disposition == "reject":
+            return Verdict.reject(550, "5.7.1", f"DMARC policy of {domain} rejects this message: {result.reason}"[:400])
+        if result.disposition == "quarantine":
+            message.quarantine(f"DMARC policy of {domain} is quarantine: {result.reason}")
+            state.quarantined = True
+        return Verdict.CONTINUE
+
+    def _record(self, session: Any, txn: Any, result: DMARCResult, spf: SPFResult | None,
+                dkim: list[DKIMResult]) -> None:
+        """Append one line for the aggregate reports (best effort; never fails the message)."""
+        if not self.report_path or not result.record:
+            return
+        now = self.clock.seconds() if self.clock is not None else time.time()
+        line = {
+            "time": now, "source_ip": session.peer_ip, "header_from": result.from_domain,
+            "org_domain": result.org_domain, "policy": result.record, "disposition": result.disposition,
+            "dkim_aligned": result.dkim_aligned, "spf_aligned": result.spf_aligned,
+            "envelope_from": spf.domain if spf else "",
+            "spf": {"domain": spf.domain, "result": spf.result, "scope": spf.identity} if spf else None,
+            "dkim": [{"domain": d.domain, "selector": d.selector, "result": d.result} for d in dkim],
+        }
+        try:
+            os.makedirs(os.path.dirname(self.report_path), exist_ok=True)
+            with open(self.report_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(line, separators=(",", ":")) + "\n")
+        except OSError:
+            log.failure("{filter_name}: cannot append to {path}", filter_name=self.name, path=self.report_path)
+
+
+def _with(result: DMARCResult, **changes: Any) -> DMARCResult:
+    from dataclasses import replace
+
+    return replace(result, **changes)
