@@ -181,11 +181,14 @@ def make_receive_factory(config: Config, rc: ReceiveConnectorConfig, store: Any,
     policy = DefaultReceivePolicy(config.accepted_domain, rc.relay_networks)
     chain = FilterChain(ordered(filters, rc.filters), clock, per_filter=config.filters)
     primary = next((d.name for d in config.accepted_domains if not d.name.startswith("*")), None)
-    return ESMTPServerFactory(
+    factory = ESMTPServerFactory(
         rc, policy, chain, store, clock, tracker=tracker, postmaster=config.postmaster,
         local_domain=lambda domain: config.accepted_domain(domain) is not None,
         postmaster_domain=primary,
     )
+    from exmta.auth.smtp import build_authenticator
+    factory.authenticator = build_authenticator(config, rc, clock)  # SMTP AUTH and send-as, or None
+    return factory
 
 
 def build_service(config: Config, reactor: Any) -> OrderedService:

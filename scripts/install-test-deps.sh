@@ -27,6 +27,7 @@ if [ ! -e /usr/sbin/policy-rc.d ]; then
 fi
 
 debs="postfix swaks knot knot-dnsutils dovecot-core dovecot-lmtpd openssl ca-certificates"
+debs="$debs slapd ldap-utils"  # OpenLDAP for the SMTP AUTH LDAP checker tests (tests/support/slapd.py)
 debs="$debs chromium"  # headless browser for the status page test (tests/integration/test_observe.py)
 # a clean Debian 12 may lack python3, and has it without venv/ensurepip
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
@@ -49,7 +50,7 @@ if [ -n "$missing" ]; then
 fi
 
 # the tools the tests and benchmarks call directly
-for tool in postfix postconf postqueue smtp-source smtp-sink swaks dovecot knotd kdig openssl chromium; do
+for tool in postfix postconf postqueue smtp-source smtp-sink swaks dovecot knotd kdig openssl slapd slapadd ldapwhoami chromium; do
     command -v "$tool" >/dev/null 2>&1 || { log "missing after install: $tool"; exit 1; }
 done
 [ -x /usr/lib/dovecot/lmtp ] || { log "missing after install: /usr/lib/dovecot/lmtp"; exit 1; }

@@ -270,6 +270,13 @@ def _read_server(r: _Reader, base: Config) -> dict[str, Any]:
     return out
 
 
+def _auth_config() -> Any:
+    """exmta.auth.config (SMTP AUTH keys and [auth.NAME] back ends), imported late: it imports this module."""
+    from exmta.auth import config
+
+    return config
+
+
 def _read_receive(r: _Reader, name: str, hostname: str) -> ReceiveConnectorConfig:
     d = ReceiveConnectorConfig(name=name, hostname=hostname)
     c = ReceiveConnectorConfig(
@@ -289,6 +296,7 @@ def _read_receive(r: _Reader, name: str, hostname: str) -> ReceiveConnectorConfi
         filters=r.get("filters", d.filters, _list_of(_nonempty_str)),
         add_received=r.get("add_received", d.add_received, _bool),
     )
+    c = replace(c, **_auth_config().receive_auth_kwargs(r, d))
     if not c.listen:
         r.error("listen", "needs at least one endpoint, e.g. \"tcp:25\"")
     if 0 < c.max_text_line < 1000:
@@ -539,6 +547,7 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
     queue = _read_queue(top.sub("queue"))
     metrics = _read_metrics(top.sub("metrics"))
     alerts = _read_alerts(top.sub("alerts"))
+    auth_backends = _auth_config().read_auth_backends(top.sub("auth"), source)
 
     filters: dict[str, dict[str, Any]] = {}
     fs = top.sub("filters")
@@ -566,6 +575,8 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
                 problems.append(f"receive.{rc.name}.filters: no [filters.{f}] section")
     if not receive:
         problems.append("receive: at least one [receive.NAME] connector is needed")
+    receive, auth_problems = _auth_config().resolve_references(receive, auth_backends, source)
+    problems += auth_problems
     seen: dict[str, str] = {}
     for rc in receive:
         for ep in rc.listen:
@@ -590,5 +601,6 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
         filters=filters,
         metrics=metrics,
         alerts=alerts,
+        auth_backends=auth_backends,
         source=source,
     )

@@ -25,6 +25,25 @@ class AcceptedDomain:
 
 
 @dataclass(frozen=True)
+class AuthBackendConfig:
+    """[auth.NAME]: where SMTP AUTH checks passwords (exmta.auth). ``kind`` is "users" or "ldap"."""
+
+    name: str
+    kind: str = "users"
+    path: str | None = None               # users: the users file (`exmta users add FILE USER`)
+    uri: str | None = None                # ldap: ldap://host:389 (StartTLS) or ldaps://host:636
+    tls: str = "starttls"                 # ldap: "starttls" | "ldaps" | "none" (loopback directories only)
+    ca_file: str | None = None            # ldap: PEM CAs for the directory's certificate; None = system store
+    base_dn: str = ""                     # ldap: where users are searched
+    bind_dn: str | None = None            # ldap: lookup account; None = anonymous lookup
+    bind_password: str | None = None
+    login_attributes: tuple[str, ...] = ("sAMAccountName", "userPrincipalName", "mail")
+    user_filter: str = ""                 # ldap: ANDed with the lookup, e.g. "(objectClass=user)"
+    identity_attributes: tuple[str, ...] = ("userPrincipalName", "mail")  # the session's auth identity
+    timeout: float = 10.0                 # ldap: connect and each operation
+
+
+@dataclass(frozen=True)
 class ReceiveConnectorConfig:
     name: str
     listen: tuple[str, ...] = ("tcp:2525:interface=127.0.0.1",)
@@ -41,6 +60,16 @@ class ReceiveConnectorConfig:
     relay_networks: tuple[str, ...] = ()  # CIDRs whose clients may relay to any domain
     filters: tuple[str, ...] = ()         # filter instance names, in order
     add_received: bool = True
+    # SMTP AUTH (exmta.auth): Exchange AuthMechanism BasicAuthRequireTLS, AuthTarpitInterval, MaxLogonFailures
+    auth: tuple[str, ...] = ()            # SASL mechanisms offered ("PLAIN", "LOGIN"); empty = no AUTH
+    auth_backend: str | None = None       # an [auth.NAME] section, or a users file path
+    auth_before_tls_networks: tuple[str, ...] = ()  # CIDRs that may AUTH without TLS (pinned networks only)
+    auth_tarpit: float = 5.0              # delay before each 535
+    auth_lockout_source_failures: int = 10  # failures per source (IPv6: /64) in the window; 0 = off
+    auth_lockout_user_failures: int = 5   # failures per user name in the window; 0 = off
+    auth_lockout_window: float = 600.0
+    auth_lockout_duration: float = 900.0
+    accept_any_sender: bool = False       # true: no send-as check (Ms-Exch-SMTP-Accept-Any-Sender)
 
 
 @dataclass(frozen=True)
@@ -135,9 +164,13 @@ class Config:
     tracking_log: str | None = None       # default <data_dir>/log/tracking.jsonl
     receive_workers: int = 0              # extra processes accepting SMTP (0 = the main process only)
     filters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    auth_backends: tuple[AuthBackendConfig, ...] = ()  # [auth.NAME] sections
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     source: str = "<embedded default>"    # the file this came from, for messages
+
+    def auth_backend(self, name: str) -> AuthBackendConfig | None:
+        return next((b for b in self.auth_backends if b.name == name), None)
 
     def send_connector(self, name: str) -> SendConnectorConfig:
         for s in self.send:

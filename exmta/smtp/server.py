@@ -141,6 +141,8 @@ class ESMTPServer(Protocol):
         self._closing = False
         self._disconnected = False
         self._timer: IDelayedCall | None = None
+        self._sasl: Any = None  # the SASL mechanism of an AUTH exchange in progress (exmta.auth.smtp)
+        self.auth_avatar: Any = None  # the ISubmitter of a successful AUTH (identity, send-as grants)
         self._plog: Any = None  # protocol log transcript (exmta.observe.protocol), None when off
 
     # ------------------------------------------------------------ connection
@@ -461,6 +463,10 @@ class ESMTPServer(Protocol):
             self.log.failure("session {session_id}: writing the message failed", session_id=self._sid)
 
     def _invalid_line(self, event: InvalidLine) -> None:
+        if self._sasl is not None or event.raw[:5].upper() == b"AUTH ":
+            # a bad line ends an AUTH exchange; its content may be a secret, so it is not logged
+            event = dataclasses.replace(event, raw=b"<AUTH data>" if self._sasl is not None else event.raw[:4])
+            self._sasl = None
         self.log.debug("session {session_id}: invalid line ({reason}): {raw!r}",
                        session_id=self._sid, reason=event.reason, raw=event.raw)
         if event.reason == INVALID_TOO_LONG:
@@ -501,6 +507,9 @@ class ESMTPServer(Protocol):
                       tls_version=version, tls_cipher=cipher)
 
     async def _command(self, cmd: Command) -> None:
+        if self._sasl is not None:  # a response line of an AUTH exchange, not a command
+            await self.factory.authenticator.response(self, cmd.raw)
+            return
         verb = cmd.verb
         key = verb if verb in _KNOWN_VERBS else "unknown"
         self._verbs[key] = self._verbs.get(key, 0) + 1
@@ -526,6 +535,8 @@ class ESMTPServer(Protocol):
         if self.factory.tls_context_factory is not None and not self.tls_active:
             exts.append("STARTTLS")
         exts += ["ENHANCEDSTATUSCODES", "8BITMIME", "BINARYMIME", "CHUNKING", "DSN", "SMTPUTF8"]
+        if self.factory.authenticator is not None:  # AUTH only over TLS unless the connector allows it
+            exts += self.factory.authenticator.ehlo_keywords(self)
         disabled = self.factory.disabled_extensions
         return [e for e in exts if e.split(" ", 1)[0] not in disabled]
 
@@ -573,6 +584,11 @@ class ESMTPServer(Protocol):
         if params.auth is not None and self.session.auth_identity is None:
             # RFC 4954 5: an AUTH= from a client we did not authenticate is not passed on
             params = dataclasses.replace(params, auth="<>")
+        if self.factory.authenticator is not None:  # send-as: 550 5.7.60 (exmta.auth.smtp)
+            refusal, params = self.factory.authenticator.check_mail(self, sender, params)
+            if refusal is not None:
+                self._reply(refusal)
+                return
         limit = self.config.max_message_size
         if limit and params.size is not None and params.size > limit:
             self._reply(replies.size_declared_too_big(limit))
@@ -746,6 +762,11 @@ class ESMTPServer(Protocol):
             if not self.factory.trusted(self.session):
                 for prefix in self.factory.firewalled_header_prefixes:
                     view.edits.remove_headers_with_prefix(prefix)
+            if self.factory.authenticator is not None:  # send-as on From: (exmta.auth.smtp)
+                refusal = self.factory.authenticator.check_message(self, view)
+                if refusal is not None:
+                    self._refuse_message(writer, txn, refusal, "send-as: From: not granted")
+                    return
             verdict = await self.factory.filters.on_data(self.session, txn, view)
             if self._closing:  # the client left, or we closed (timeout, shutdown): it cannot get a 250
                 writer.abort()
@@ -915,6 +936,12 @@ class ESMTPServer(Protocol):
     async def smtp_HELP(self, argument: str) -> None:
         self._reply_junk(replies.HELP)
 
+    async def smtp_AUTH(self, argument: str) -> None:
+        if self.factory.authenticator is None:
+            self._error(replies.NOT_IMPLEMENTED)
+            return
+        await self.factory.authenticator.command(self, argument)
+
     async def smtp_STARTTLS(self, argument: str) -> None:
         ctx = self.factory.tls_context_factory
         if ctx is None:
@@ -938,6 +965,7 @@ class ESMTPServer(Protocol):
                           session_id=self._sid, octets=dropped)
         self._reset_transaction()
         self.session.reset_for_tls()
+        self.auth_avatar = None
         self.tls_active = True
         self.transport.startTLS(ctx)
 
@@ -971,6 +999,8 @@ class ESMTPServerFactory(Factory):
         self.postmaster = postmaster
         self.local_domain = local_domain
         self.tls_context_factory = tls_context_factory
+        #: exmta.auth.smtp.Authenticator: SMTP AUTH and send-as for this connector, or None (no AUTH)
+        self.authenticator: Any = None
         self.postmaster_domain = postmaster_domain
         #: header firewall (Exchange): these header families are removed from messages of sessions
         #: that ``trusted`` does not accept; by default a session is trusted when the policy lets it relay

@@ -1,0 +1,28 @@
+"""The avatar an SMTP AUTH login yields: who the user is and whom they may send as."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from zope.interface import Attribute, Interface, implementer
+
+from exmta.auth.sendas import SendAsGrants
+
+__all__ = ["ISubmitter", "Submitter", "TemporaryAuthFailure"]
+
+
+class ISubmitter(Interface):
+    """An authenticated mail submitter (the twisted.cred avatar interface of SMTP AUTH)."""
+
+    identity = Attribute("str: the canonical user name, recorded as the session's auth_identity")
+    grants = Attribute("SendAsGrants: the envelope senders and From: addresses the user may use")
+
+
+@implementer(ISubmitter)
+@dataclass(frozen=True)
+class Submitter:
+    identity: str
+    grants: SendAsGrants = field(default_factory=SendAsGrants)
+
+
+class TemporaryAuthFailure(Exception):
+    """The back end could not decide (directory down, file unreadable): 454 4.7.0, not a failed login."""

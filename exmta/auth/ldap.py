@@ -1,0 +1,231 @@
+"""LDAP / Active Directory simple-bind checker for SMTP AUTH (ldap3 on a bounded thread pool).
+
+A login is two connections, each protected by TLS (StartTLS on ``ldap://``
+or implicit on ``ldaps://``; the directory's certificate is verified, host
+name included, against ``ca_file`` or the system store):
+
+1. bind as the service account (or anonymously) and find exactly one entry
+   whose ``sAMAccountName``, ``userPrincipalName`` or ``mail`` (the
+   ``login_attributes``) equals the login name, ANDed with ``user_filter``;
+2. bind as that entry's DN with the client's password.
+
+The avatar's send-as grants are the entry's ``mail`` and the ``smtp:`` /
+``SMTP:`` values of ``proxyAddresses``. An empty password is refused before
+the directory is asked (an LDAP bind with a DN and no password is an
+"unauthenticated bind" that succeeds). A directory that cannot be reached
+is a temporary failure (454 4.7.0), not a failed login.
+"""
+from __future__ import annotations
+
+import math
+import ssl
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+with warnings.catch_warnings():
+    # ldap3 2.9 imports names pyasn1 0.6 deprecated (tagMap, typeMap): harmless, and not ours to fix
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import ldap3
+    from ldap3.core.exceptions import LDAPException
+    from ldap3.utils.conv import escape_filter_chars
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from exmta.auth.avatar import ISubmitter, Submitter, TemporaryAuthFailure
+from exmta.auth.sendas import SendAsGrants, check_grant_pattern, proxy_addresses
+
+__all__ = ["LDAPChecker", "LDAPRealm", "LDAPSettings"]
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class LDAPSettings:
+    uri: str                                   # ldap://host:389 or ldaps://host:636
+    base_dn: str
+    tls: str = "starttls"                      # "starttls" | "ldaps" | "none" (loopback directories only)
+    ca_file: str | None = None
+    bind_dn: str | None = None                 # the lookup account; None = anonymous lookup
+    bind_password: str | None = None
+    login_attributes: tuple[str, ...] = ("sAMAccountName", "userPrincipalName", "mail")
+    user_filter: str = ""                      # e.g. "(&(objectCategory=person)(objectClass=user))"
+    identity_attributes: tuple[str, ...] = ("userPrincipalName", "mail")
+    timeout: float = 10.0
+
+
+class _VerifyingTls(ldap3.Tls):
+    """ldap3's Tls with a standard-library context that checks the host name itself.
+
+    ldap3 2.9 matches names with ``ssl.match_hostname`` (deprecated, gone in
+    Python 3.12); OpenSSL's own check during the handshake replaces it.
+    """
+
+    def __init__(self, context: ssl.SSLContext, hostname: str) -> None:
+        super().__init__(validate=ssl.CERT_REQUIRED)
+        self.context = context
+        self.hostname = hostname
+
+    def wrap_socket(self, connection: Any, do_handshake: bool = False) -> None:
+        connection.socket = self.context.wrap_socket(
+            connection.socket, server_side=False, do_handshake_on_connect=do_handshake,
+            server_hostname=self.hostname,
+        )
+
+
+def _first(entry: dict[str, list[Any]], names: tuple[str, ...]) -> str | None:
+    lowered = {k.lower(): v for k, v in entry.items()}
+    for name in names:
+        values = lowered.get(name.lower()) or []
+        for v in values:
+            if v:
+                return str(v)
+    return None
+
+
+@implementer(ICredentialsChecker, IRealm)
+class LDAPChecker:
+    """Both the checker and the realm of an LDAP back end: the lookup that verifies also finds the grants."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, settings: LDAPSettings, run_blocking: Callable[..., Deferred]) -> None:
+        self.settings = settings
+        self.run_blocking = run_blocking
+        parts = urlsplit(settings.uri)
+        self.host = parts.hostname or "localhost"
+        self.use_ssl = parts.scheme == "ldaps"
+        self.port = parts.port or (636 if self.use_ssl else 389)
+        self._context = ssl.create_default_context(cafile=settings.ca_file)
+        self._context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._found: dict[str, Submitter] = {}
+        self._lock = threading.Lock()
+
+    # -- blocking part, on the pool
+
+    def _server(self) -> Any:
+        tls = None if self.settings.tls == "none" else _VerifyingTls(self._context, self.host)
+        return ldap3.Server(self.host, port=self.port, use_ssl=self.use_ssl, tls=tls,
+                            connect_timeout=self.settings.timeout, get_info=ldap3.NONE)
+
+    def _open(self, user: str | None, password: str | None) -> Any:
+        """A bound connection (TLS first, then the bind); False when the credentials are refused.
+
+        Every other outcome is a :class:`TemporaryAuthFailure`, and the socket is closed on every path.
+        """
+        conn = ldap3.Connection(
+            self._server(), user=user, password=password, auto_bind=ldap3.AUTO_BIND_NONE,
+            receive_timeout=max(1, math.ceil(self.settings.timeout)),  # ldap3 packs it as an integer
+            raise_exceptions=False, read_only=True,
+            authentication=ldap3.SIMPLE if user else ldap3.ANONYMOUS,
+        )
+        bound = False
+        try:
+            conn.open()
+            if self.settings.tls == "starttls" and not conn.start_tls():
+                raise TemporaryAuthFailure(f"{self.settings.uri}: StartTLS refused: {conn.result}")
+            if not conn.bind():
+                code = (conn.result or {}).get("description", "")
+                if code == "invalidCredentials":
+                    return False
+                raise TemporaryAuthFailure(f"{self.settings.uri}: bind failed: {code or conn.result}")
+            bound = True
+            return conn
+        except LDAPException as e:
+            raise TemporaryAuthFailure(f"{self.settings.uri}: {type(e).__name__}: {e}") from None
+        except (OSError, ssl.SSLError) as e:
+            raise TemporaryAuthFailure(f"{self.settings.uri}: {e}") from None
+        finally:
+            if not bound:
+                _close(conn)
+
+    def _lookup(self, login: str) -> tuple[str, dict[str, list[Any]]] | None:
+        s = self.settings
+        conn = self._open(s.bind_dn, s.bind_password)
+        if conn is False:
+            raise TemporaryAuthFailure(f"{s.uri}: the lookup account {s.bind_dn!r} was refused (invalidCredentials)")
+        try:
+            value = escape_filter_chars(login)
+            alternatives = "".join(f"({a}={value})" for a in s.login_attributes)
+            flt = f"(&(|{alternatives}){s.user_filter})"
+            attributes = sorted({"mail", "proxyAddresses", *s.identity_attributes})
+            if not conn.search(s.base_dn, flt, attributes=attributes, size_limit=2):
+                if (conn.result or {}).get("description") in ("success", "noSuchObject"):
+                    return None
+                raise TemporaryAuthFailure(f"{s.uri}: search failed: {conn.result}")
+            entries = [e for e in conn.response or () if e.get("type") == "searchResEntry"]
+        finally:
+            _close(conn)
+        if len(entries) != 1:
+            if entries:
+                log.warn("ldap {uri}: login name {user!r} matches {count} entries; refused",
+                         uri=s.uri, user=login, count=len(entries))
+            return None
+        return entries[0]["dn"], dict(entries[0].get("attributes") or {})
+
+    def _check(self, login: str, password: str) -> str:
+        found = self._lookup(login)
+        if found is None:
+            raise UnauthorizedLogin("unknown user")
+        dn, attributes = found
+        conn = self._open(dn, password)
+        if conn is False:
+            raise UnauthorizedLogin("wrong password")
+        _close(conn)
+        mail = [str(v) for v in attributes.get("mail") or ()]
+        grants = SendAsGrants.from_patterns(
+            a for a in mail + proxy_addresses(attributes.get("proxyAddresses") or ()) if _plain_address(a))
+        identity = _first(attributes, self.settings.identity_attributes) or login
+        with self._lock:
+            self._found[identity] = Submitter(identity, grants)
+        return identity
+
+    # -- reactor side
+
+    def requestAvatarId(self, credentials: Any) -> Deferred:
+        username, password = credentials.username, credentials.password
+        if isinstance(username, bytes):
+            username = username.decode("utf-8")
+        if isinstance(password, bytes):
+            password = password.decode("utf-8")
+        if not username or not password:
+            return fail(UnauthorizedLogin("empty user name or password"))
+        return self.run_blocking(self._check, username, password)
+
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, Any, Callable[[], None]]:
+        if ISubmitter not in interfaces:
+            raise NotImplementedError("only ISubmitter avatars")
+        with self._lock:
+            submitter = self._found.pop(avatarId, None)
+        if submitter is None:
+            raise UnauthorizedLogin("lookup result missing")
+        return ISubmitter, submitter, lambda: None
+
+
+def _close(conn: Any) -> None:
+    """Unbind, and close the socket even when the unbind cannot be sent (a failed TLS handshake)."""
+    try:
+        conn.unbind()
+    except Exception:
+        pass
+    sock = getattr(conn, "socket", None)
+    if sock is not None:
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
+def _plain_address(address: str) -> bool:
+    try:
+        return "*" not in address and check_grant_pattern(address) != ""
+    except ValueError:
+        return False
