@@ -797,6 +797,7 @@ class ESMTPServer(Protocol):
                 auth_identity=self.session.auth_identity,
                 message_id=_clean_header_value(message_id),
                 size=writer.size,
+                held_reason=getattr(view, "quarantine_reason", None),
             )
             queue_id = await self.factory.store.commit(writer, envelope)
         except Exception:
@@ -825,7 +826,6 @@ class ESMTPServer(Protocol):
                       session_id=self._sid, why=why)
         self._track_refusal(TrackingEventId.REJECT, txn, writer, reply, why)
         self._reply(reply)
-                held_reason=getattr(view, "quarantine_reason", None),
 
     def _oversize(self) -> None:
         """The message passed max_message_size: refuse it and end the transaction."""
