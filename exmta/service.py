@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.application import strports
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
@@ -20,6 +19,8 @@ from twisted.python.threadpool import ThreadPool
 
 from exmta.config.schema import Config, ReceiveConnectorConfig
 from exmta.plugins import FilterEnv, load_filters, ordered
+from exmta.receive.ranges import listen_service
+from exmta.receive.wiring import make_dispatchers, make_resources
 from exmta.receive.workers import ListenSpec, WorkerPool, bind_socket, parse_shareable
 
 log = Logger()
@@ -172,13 +173,16 @@ class ConnectorsService(Service):
 
 
 def make_receive_factory(config: Config, rc: ReceiveConnectorConfig, store: Any, filters: dict[str, Any],
-                         tracker: Any, clock: Any) -> Any:
-    """The protocol factory of one receive connector (shared by all its listen endpoints)."""
+                         tracker: Any, clock: Any, resources: Any = None) -> Any:
+    """The protocol factory of one receive connector (shared by all its listen endpoints).
+
+    ``resources`` (exmta.receive.wiring.ReceiveResources) are shared by every connector of the process.
+    """
     from exmta.filters.base import FilterChain
-    from exmta.receive.policy import DefaultReceivePolicy
+    from exmta.receive.wiring import make_policy
     from exmta.smtp.server import ESMTPServerFactory
 
-    policy = DefaultReceivePolicy(config.accepted_domain, rc.relay_networks)
+    policy = make_policy(config, rc, clock, resources)
     chain = FilterChain(ordered(filters, rc.filters), clock, per_filter=config.filters)
     primary = next((d.name for d in config.accepted_domains if not d.name.startswith("*")), None)
     factory = ESMTPServerFactory(
@@ -232,19 +236,23 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     env = FilterEnv(reactor=reactor, clock=reactor, threadpool=pool, hostname=config.hostname,
                     data_dir=paths["data"])
     filters = load_filters(config.filters, env, source=config.source)
+    resources = make_resources(config, paths["queue"], reactor, reactor, pool)
+    if resources.service is not None:
+        _add(top, "back-pressure", resources.service)
+    top.back_pressure = resources.back_pressure  # .status() for an operator's metrics
     factories = []
     for rc in config.receive:
-        factory = make_receive_factory(config, rc, store, filters, tracker, reactor)
+        factory = make_receive_factory(config, rc, store, filters, tracker, reactor, resources)
         factories.append(factory)
     _add(top, "receive-drain", ReceiveDrainService(factories, grace=10.0))
     shared: list[tuple[ListenSpec, Any]] = []
-    for rc, factory in zip(config.receive, factories):
-        for i, endpoint in enumerate(rc.listen):
-            spec = parse_shareable(rc.name, endpoint) if config.receive_workers else None
-            if spec is not None:
-                shared.append((spec, bind_socket(spec)))  # bound now, before twistd drops root
-            else:
-                _add(top, f"receive.{rc.name}.{i}", strports.service(endpoint, factory, reactor=reactor))
+    # one listener per endpoint; it hands each connection to the connector whose remote_ranges fit best
+    for i, (endpoint, dispatcher) in enumerate(make_dispatchers(config.receive, factories, reactor)):
+        spec = parse_shareable(str(i), endpoint) if config.receive_workers else None
+        if spec is not None:
+            shared.append((spec, bind_socket(spec)))  # bound now, before twistd drops root
+        else:
+            _add(top, f"receive.{i}", listen_service(endpoint, dispatcher, reactor))
     if shared:
         def committed_elsewhere(queue_id: str) -> None:
             store.notice(queue_id)

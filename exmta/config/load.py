@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from exmta.config.schema import (
     AcceptedDomain,
+    BackPressureConfig,
     AlertRuleConfig,
     AlertsConfig,
     Config,
@@ -191,6 +192,15 @@ def _domain(v: Any) -> str:
     return ascii_form
 
 
+def _readable_file(v: Any) -> str:
+    s = _nonempty_str(v)
+    if not os.path.isfile(s):
+        raise ValueError(f"{s!r}: the file does not exist")
+    if not os.access(s, os.R_OK):
+        raise ValueError(f"{s!r}: the file cannot be read")
+    return os.path.abspath(s)
+
+
 def _cidr(v: Any) -> str:
     s = _str(v)
     try:
@@ -265,6 +275,7 @@ def _read_server(r: _Reader, base: Config) -> dict[str, Any]:
         "pickup_dir": r.get("pickup_dir", base.pickup_dir, _nonempty_str),
         "tracking_log": r.get("tracking_log", base.tracking_log, _nonempty_str),
         "receive_workers": r.get("receive_workers", base.receive_workers, _int(0)),
+        "recipient_list": r.get("recipient_list", base.recipient_list, _readable_file),
     }
     r.finish()
     return out
@@ -275,6 +286,43 @@ def _auth_config() -> Any:
     from exmta.auth import config
 
     return config
+
+
+def _read_connector_security(r: _Reader, d: ReceiveConnectorConfig) -> dict[str, Any]:
+    """Remote ranges, permission groups and per-client limits of one receive connector."""
+    from exmta.receive.policy import PERMISSION_GROUPS
+
+    out = {
+        "remote_ranges": r.get("remote_ranges", d.remote_ranges, _list_of(_cidr)),
+        "permission_groups": r.get("permission_groups", d.permission_groups, _list_of(_choice(*PERMISSION_GROUPS))),
+        "externally_secured": r.get("externally_secured", d.externally_secured, _bool),
+    }
+    for key in ("max_connections", "max_connections_per_ip", "messages_per_minute_per_ip",
+                "recipients_per_minute_per_ip", "messages_per_minute_per_user", "recipients_per_minute_per_user"):
+        out[key] = r.get(key, getattr(d, key), _int(0))
+    if not out["remote_ranges"]:
+        r.error("remote_ranges", "needs at least one range (\"0.0.0.0/0\" and \"::/0\" serve everyone)")
+    if "exchange_servers" in out["permission_groups"] and not out["externally_secured"]:
+        r.error("permission_groups", "exchange_servers needs externally_secured = true and remote_ranges that "
+                "list only your own servers (exmta cannot authenticate a server otherwise)")
+    if out["externally_secured"] and any(ipaddress.ip_network(n).prefixlen == 0 for n in out["remote_ranges"]):
+        r.error("externally_secured", "cannot be true while remote_ranges admits every address: "
+                "list the internal servers' ranges")
+    return out
+
+
+def _read_back_pressure(r: _Reader) -> BackPressureConfig:
+    d = BackPressureConfig()
+    b = BackPressureConfig(
+        min_free_disk=r.get("min_free_disk", d.min_free_disk, parse_size),
+        max_memory=r.get("max_memory", d.max_memory, parse_size),
+        max_queued_messages=r.get("max_queued_messages", d.max_queued_messages, _int(0)),
+        check_interval=r.get("check_interval", d.check_interval, parse_duration),
+    )
+    if b.check_interval <= 0:
+        r.error("check_interval", "must be more than 0")
+    r.finish()
+    return b
 
 
 def _read_receive(r: _Reader, name: str, hostname: str) -> ReceiveConnectorConfig:
@@ -297,6 +345,7 @@ def _read_receive(r: _Reader, name: str, hostname: str) -> ReceiveConnectorConfi
         add_received=r.get("add_received", d.add_received, _bool),
     )
     c = replace(c, **_auth_config().receive_auth_kwargs(r, d))
+    c = replace(c, **_read_connector_security(r, d))
     if not c.listen:
         r.error("listen", "needs at least one endpoint, e.g. \"tcp:25\"")
     if 0 < c.max_text_line < 1000:
@@ -464,6 +513,24 @@ def _read_routes(problems: list[str], routes: Any) -> tuple[RouteConfig, ...]:
     return tuple(out)
 
 
+def _shared_listener_problems(receive: list[ReceiveConnectorConfig]) -> list[str]:
+    """Connectors may share a listen endpoint when their remote_ranges tell them apart."""
+    from exmta.receive.ranges import range_overlaps
+
+    problems = []
+    seen: dict[str, list[ReceiveConnectorConfig]] = {}
+    for rc in receive:
+        for ep in rc.listen:
+            for other in seen.get(ep, ()):
+                same = range_overlaps(rc.remote_ranges, other.remote_ranges)
+                if same:
+                    problems.append(
+                        f"receive.{rc.name}.listen: {ep!r} is also used by receive.{other.name} with the same "
+                        f"remote_ranges ({', '.join(same)}); give each connector on one endpoint different ranges")
+            seen.setdefault(ep, []).append(rc)
+    return problems
+
+
 # ---------------------------------------------------------------- entry points
 
 
@@ -545,6 +612,7 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
     top.used.add("route")
     routes = _read_routes(problems, raw.get("route", []))
     queue = _read_queue(top.sub("queue"))
+    back_pressure = _read_back_pressure(top.sub("back_pressure"))
     metrics = _read_metrics(top.sub("metrics"))
     alerts = _read_alerts(top.sub("alerts"))
     auth_backends = _auth_config().read_auth_backends(top.sub("auth"), source)
@@ -577,12 +645,7 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
         problems.append("receive: at least one [receive.NAME] connector is needed")
     receive, auth_problems = _auth_config().resolve_references(receive, auth_backends, source)
     problems += auth_problems
-    seen: dict[str, str] = {}
-    for rc in receive:
-        for ep in rc.listen:
-            if ep in seen:
-                problems.append(f"receive.{rc.name}.listen: {ep!r} is also used by receive.{seen[ep]}")
-            seen[ep] = rc.name
+    problems += _shared_listener_problems(receive)
 
     if problems:
         raise ConfigError(source, problems)
@@ -598,6 +661,8 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
         pickup_dir=server["pickup_dir"],
         tracking_log=server["tracking_log"],
         receive_workers=server["receive_workers"],
+        back_pressure=back_pressure,
+        recipient_list=server["recipient_list"],
         filters=filters,
         metrics=metrics,
         alerts=alerts,

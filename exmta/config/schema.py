@@ -60,6 +60,16 @@ class ReceiveConnectorConfig:
     relay_networks: tuple[str, ...] = ()  # CIDRs whose clients may relay to any domain
     filters: tuple[str, ...] = ()         # filter instance names, in order
     add_received: bool = True
+    # connector security (exmta.receive.ranges / policy): Exchange RemoteIPRanges, PermissionGroups, limits
+    remote_ranges: tuple[str, ...] = ("0.0.0.0/0", "::/0")  # clients served; on one endpoint the most specific wins
+    permission_groups: tuple[str, ...] = ("anonymous", "authenticated")  # | "partners" | "exchange_servers"
+    externally_secured: bool = False      # every client in remote_ranges is an exchange_servers member
+    max_connections: int = 5000           # open sessions in total (Exchange MaxInboundConnection); 0 = none
+    max_connections_per_ip: int = 20      # per source address (MaxInboundConnectionPerSource); 0 = none
+    messages_per_minute_per_ip: int = 0   # MAIL FROM per source address per minute; 0 = no limit
+    recipients_per_minute_per_ip: int = 0
+    messages_per_minute_per_user: int = 0  # per authenticated user
+    recipients_per_minute_per_user: int = 0
     # SMTP AUTH (exmta.auth): Exchange AuthMechanism BasicAuthRequireTLS, AuthTarpitInterval, MaxLogonFailures
     auth: tuple[str, ...] = ()            # SASL mechanisms offered ("PLAIN", "LOGIN"); empty = no AUTH
     auth_backend: str | None = None       # an [auth.NAME] section, or a users file path
@@ -102,6 +112,16 @@ class RouteConfig:
     domains: tuple[str, ...]              # "example.com", "*.example.com" or "*"
     connector: str
     cost: int = 1
+
+
+@dataclass(frozen=True)
+class BackPressureConfig:
+    """[back_pressure]: new mail gets 452 4.3.1 while a limit is passed (exmta.receive.backpressure)."""
+
+    min_free_disk: int = 100 * 1024 * 1024  # free space on the queue's file system; 0 = not checked
+    max_memory: int = 0                   # resident memory of a process; 0 = not checked
+    max_queued_messages: int = 0          # messages in the queue; 0 = not checked
+    check_interval: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -164,6 +184,8 @@ class Config:
     tracking_log: str | None = None       # default <data_dir>/log/tracking.jsonl
     receive_workers: int = 0              # extra processes accepting SMTP (0 = the main process only)
     filters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    back_pressure: BackPressureConfig = field(default_factory=BackPressureConfig)
+    recipient_list: str | None = None     # addresses of authoritative domains (exmta.receive.recipients)
     auth_backends: tuple[AuthBackendConfig, ...] = ()  # [auth.NAME] sections
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)

@@ -1,6 +1,8 @@
 """Entry point of one receive worker process (started by exmta.receive.workers).
 
-``python -m exmta.receive.worker [--config FILE] --data DIR --fds FD=CONNECTOR=FAMILY=HAPROXY,...``
+``python -m exmta.receive.worker [--config FILE] --data DIR --fds FD=LISTENER=FAMILY=HAPROXY,...``
+
+LISTENER is the index of the listen endpoint in exmta.receive.wiring.make_dispatchers.
 
 The worker adopts the listening sockets it inherited, accepts SMTP on them
 with the same receive connectors as the main process, commits into the
@@ -67,24 +69,31 @@ def run(argv: list[str]) -> None:
     env = FilterEnv(reactor=reactor, clock=reactor, threadpool=pool, hostname=config.hostname,
                     data_dir=paths["data"])
     filters = load_filters(config.filters, env, source=config.source)
+    from exmta.receive.ranges import wrap_proxy
+    from exmta.receive.wiring import make_dispatchers, make_resources
+
+    resources = make_resources(config, paths["queue"], reactor, reactor, pool)
+    if resources.service is not None:
+        resources.service.startService()
     factories: dict[str, Any] = {
-        rc.name: make_receive_factory(config, rc, store, filters, tracker, reactor) for rc in config.receive
+        rc.name: make_receive_factory(config, rc, store, filters, tracker, reactor, resources)
+        for rc in config.receive
     }
+    # the same listeners in the same order as the main process: the index names the socket
+    dispatchers = make_dispatchers(config.receive, list(factories.values()), reactor)
 
     ports = []
     for item in args.fds.split(","):
-        fd_text, connector, family_text, haproxy = item.split("=")
-        factory = factories[connector]
-        if haproxy == "1":
-            from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
-
-            factory = HAProxyWrappingFactory(factory)
+        fd_text, index, family_text, haproxy = item.split("=")
+        factory = wrap_proxy(dispatchers[int(index)][1], haproxy == "1")
         ports.append(reactor.adoptStreamPort(int(fd_text), int(family_text), factory))
 
     async def shutdown() -> None:
         for port in ports:
             await defer.maybeDeferred(port.stopListening)
         await defer.DeferredList([defer.maybeDeferred(f.shutdown, 10.0) for f in factories.values()])
+        if resources.service is not None:
+            resources.service.stopService()
         tracker.close()
         pool.stop()
 

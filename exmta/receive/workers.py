@@ -31,7 +31,7 @@ log = Logger()
 class ListenSpec:
     """A parsed endpoint string that workers can share."""
 
-    connector: str
+    connector: str          # the listener's index in exmta.receive.wiring.make_dispatchers
     endpoint: str
     family: int
     host: str

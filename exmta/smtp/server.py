@@ -1005,7 +1005,9 @@ class ESMTPServerFactory(Factory):
         #: header firewall (Exchange): these header families are removed from messages of sessions
         #: that ``trusted`` does not accept; by default a session is trusted when the policy lets it relay
         self.firewalled_header_prefixes: tuple[str, ...] = FIREWALLED_HEADER_PREFIXES
-        self.trusted: Callable[[Session], bool] = getattr(policy, "may_relay", None) or _untrusted
+        #: (the policy's ``trusted``, from its permission groups, else its relay right)
+        self.trusted: Callable[[Session], bool] = (
+            getattr(policy, "trusted", None) or getattr(policy, "may_relay", None) or _untrusted)
         #: a message with more Received fields than this (ours included) is a mail loop: 554 5.4.6
         #: (Exchange MaxHopCount 30; 0 = no check)
         self.max_hops = 30

@@ -1,0 +1,304 @@
+"""Several receive connectors on one listen endpoint, chosen by remote IP range.
+
+Exchange binds a receive connector to ``Bindings`` (local address and port)
+and ``RemoteIPRanges``; when several connectors share a binding, the one whose
+range matches the client most specifically wins (a single address beats a
+/24, which beats 0.0.0.0/0). exmta does the same: one listening socket per
+endpoint string, and a :class:`DispatchingFactory` on it that sends each new
+connection to the connector whose ``remote_ranges`` match its source address
+with the longest prefix. A connection that no connector admits gets
+``554 5.7.1`` and is closed; one past a connector's connection limits (in
+total or from one source address) gets ``421 4.7.0`` and is closed. Both are
+logged.
+
+The choice is made when the connection is made, so that the chosen
+connector's banner is the first thing the client sees. Behind a PROXY
+protocol (``haproxy:`` endpoints) the client address is only known once the
+PROXY header has been read, so :class:`ProxyHeaderFactory` holds the SMTP
+session back until then (Twisted's own wrapper starts it at once, with the
+proxy's address).
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import Service
+from twisted.internet import endpoints
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+from exmta.model import Reply
+
+__all__ = [
+    "ANY_RANGES", "ConnectionCounter", "ConnectorEntry", "DispatchingFactory", "ProxyHeaderFactory",
+    "group_listeners", "listen_service", "parse_ip", "parse_ranges", "range_overlaps", "select_connector",
+]
+
+log = Logger()
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: the default ``remote_ranges``: every IPv4 and IPv6 client
+ANY_RANGES: tuple[str, ...] = ("0.0.0.0/0", "::/0")
+
+NO_CONNECTOR = Reply.make(554, "5.7.1", "Your address is not allowed to connect to this server")
+
+
+def parse_ip(text: str) -> IPAddress | None:
+    """``text`` as an address; an IPv4-mapped IPv6 address is the IPv4 one; None when it is no IP."""
+    try:
+        ip = ipaddress.ip_address(text.split("%", 1)[0])  # drop an IPv6 zone id
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped  # ::ffff:192.0.2.1 on a dual-stack socket is 192.0.2.1
+    return ip
+
+
+def parse_ranges(ranges: Iterable[str]) -> tuple[IPNetwork, ...]:
+    """CIDR strings as networks (host bits ignored; a bare address is a /32 or /128)."""
+    return tuple(ipaddress.ip_network(r.strip(), strict=False) for r in ranges)
+
+
+def best_prefix(ip: IPAddress | None, networks: Sequence[IPNetwork]) -> int | None:
+    """The longest prefix length among ``networks`` that contain ``ip``, or None."""
+    if ip is None:
+        return None
+    best: int | None = None
+    for net in networks:
+        if net.version == ip.version and ip in net and (best is None or net.prefixlen > best):
+            best = net.prefixlen
+    return best
+
+
+def range_overlaps(a: Sequence[str], b: Sequence[str]) -> list[str]:
+    """Ranges listed identically in both (those would make the choice between two connectors a tie)."""
+    nets_b = set(parse_ranges(b))
+    return [str(n) for n in parse_ranges(a) if n in nets_b]
+
+
+class ConnectionCounter:
+    """Open connections of one receive connector, in total and per source address."""
+
+    def __init__(self, max_total: int = 0, max_per_ip: int = 0) -> None:
+        self.max_total = max_total      # 0 = no limit
+        self.max_per_ip = max_per_ip    # 0 = no limit
+        self.total = 0
+        self.per_ip: dict[str, int] = {}
+
+    def refusal(self, ip: str) -> str | None:
+        """Why one more connection from ``ip`` is not allowed, or None."""
+        if self.max_total and self.total >= self.max_total:
+            return f"too many connections ({self.total}, limit {self.max_total})"
+        if self.max_per_ip and self.per_ip.get(ip, 0) >= self.max_per_ip:
+            return f"too many connections from {ip} (limit {self.max_per_ip})"
+        return None
+
+    def opened(self, ip: str) -> None:
+        self.total += 1
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+
+    def closed(self, ip: str) -> None:
+        self.total = max(0, self.total - 1)
+        n = self.per_ip.get(ip, 0) - 1
+        if n > 0:
+            self.per_ip[ip] = n
+        else:
+            self.per_ip.pop(ip, None)
+
+
+@dataclass
+class ConnectorEntry:
+    """One receive connector as the dispatcher sees it."""
+
+    name: str
+    factory: Any                         # builds the SMTP session (ESMTPServerFactory)
+    ranges: tuple[IPNetwork, ...]
+    counter: ConnectionCounter = field(default_factory=ConnectionCounter)
+    hostname: str = "localhost"
+
+    @classmethod
+    def from_config(cls, rc: Any, factory: Any) -> ConnectorEntry:
+        return cls(
+            rc.name, factory, parse_ranges(getattr(rc, "remote_ranges", ANY_RANGES)),
+            ConnectionCounter(getattr(rc, "max_connections", 0), getattr(rc, "max_connections_per_ip", 0)),
+            rc.hostname,
+        )
+
+
+def select_connector(entries: Sequence[ConnectorEntry], peer_ip: str) -> ConnectorEntry | None:
+    """The entry whose ranges match ``peer_ip`` most specifically; the first listed wins a tie."""
+    ip = parse_ip(peer_ip)
+    chosen, chosen_len = None, -1
+    for entry in entries:
+        length = best_prefix(ip, entry.ranges)
+        if length is not None and length > chosen_len:
+            chosen, chosen_len = entry, length
+    return chosen
+
+
+class _Refuse(Protocol):
+    """Sends one reply and closes: for connections no connector may take."""
+
+    def __init__(self, reply: Reply) -> None:
+        self.reply = reply
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.reply.to_bytes())
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass  # nothing the client says changes anything
+
+
+class _Dispatch(ProtocolWrapper):
+    """Picks the connector when the connection is made, then passes everything through."""
+
+    def __init__(self, factory: DispatchingFactory, addr: IAddress) -> None:
+        super().__init__(factory, Protocol())
+        self.addr = addr
+        self.entry: ConnectorEntry | None = None
+        self.peer_ip = ""
+
+    def makeConnection(self, transport: Any) -> None:
+        peer = transport.getPeer()
+        self.peer_ip = getattr(peer, "host", "") or ""
+        self.wrappedProtocol = self.factory.choose(self)
+        super().makeConnection(transport)
+
+    def connectionLost(self, reason: Any) -> None:
+        if self.entry is not None:
+            self.entry.counter.closed(self.peer_ip)
+            self.entry = None
+        super().connectionLost(reason)
+
+
+class DispatchingFactory(WrappingFactory):
+    """The factory on one listening socket shared by one or more receive connectors."""
+
+    protocol = _Dispatch
+    noisy = False
+
+    def __init__(self, entries: Sequence[ConnectorEntry], endpoint: str = "") -> None:
+        super().__init__(None)
+        self.entries = list(entries)
+        self.endpoint = endpoint
+        self.refused = 0  # connections that no connector admitted, for an operator's metric
+
+    def buildProtocol(self, addr: IAddress) -> _Dispatch:
+        return _Dispatch(self, addr)
+
+    def logPrefix(self) -> str:
+        return "exmta-receive"
+
+    def choose(self, conn: _Dispatch) -> Any:
+        """The protocol to run for ``conn``: a connector's SMTP session or a refusal."""
+        ip = conn.peer_ip
+        entry = select_connector(self.entries, ip)
+        if entry is None:
+            self.refused += 1
+            log.warn("connection from {peer_ip} on {endpoint} refused: no receive connector admits this address",
+                     peer_ip=ip, endpoint=self.endpoint)
+            return _Refuse(NO_CONNECTOR)
+        why = entry.counter.refusal(ip)
+        if why is not None:
+            log.warn("connection from {peer_ip} to connector {connector} refused: {why}",
+                     peer_ip=ip, connector=entry.name, why=why)
+            return _Refuse(Reply.make(421, "4.7.0", f"{entry.hostname} {why[0].upper()}{why[1:]}, try again later"))
+        entry.counter.opened(ip)
+        conn.entry = entry
+        return entry.factory.buildProtocol(conn.addr)
+
+    def doStart(self) -> None:  # the wrapped factories are started by the service tree, not per port
+        pass
+
+    def doStop(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- PROXY protocol
+
+
+class _ProxyHeaderWrapper(HAProxyProtocolWrapper):
+    """Twisted's PROXY wrapper, but the wrapped protocol starts only once the header is read."""
+
+    def makeConnection(self, transport: Any) -> None:
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        self._started = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._started:
+            self.wrappedProtocol.dataReceived(data)
+            return
+        parser = self._parser
+        if parser is None:
+            from twisted.protocols.haproxy._v1parser import V1Parser
+            from twisted.protocols.haproxy._v2parser import V2Parser
+
+            if len(data) >= 16 and data[:12] == V2Parser.PREFIX and ord(data[12:13]) & 0xF0 == 0x20:
+                self._parser = parser = V2Parser()
+            elif len(data) >= 8 and data[:5] == V1Parser.PROXYSTR:
+                self._parser = parser = V1Parser()
+            else:
+                log.info("connection from {peer} closed: no PROXY header", peer=self.transport.getPeer())
+                self.transport.loseConnection()
+                return
+        try:
+            self._proxyInfo, remaining = parser.feed(data)
+        except Exception:
+            log.info("connection from {peer} closed: bad PROXY header", peer=self.transport.getPeer())
+            self.transport.loseConnection()
+            return
+        if self._proxyInfo is None:
+            return  # header incomplete
+        self._started = True
+        self.wrappedProtocol.makeConnection(self)
+        if remaining:
+            self.wrappedProtocol.dataReceived(remaining)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.factory.unregisterProtocol(self)
+        if self._started:
+            self.wrappedProtocol.connectionLost(reason)
+        self.wrappedProtocol = None
+
+
+class ProxyHeaderFactory(HAProxyWrappingFactory):
+    """PROXY protocol v1/v2 in front of ``wrappedFactory``; the session starts after the header."""
+
+    protocol = _ProxyHeaderWrapper
+    noisy = False
+
+
+# ---------------------------------------------------------------- wiring
+
+
+def group_listeners(connectors: Sequence[Any]) -> list[tuple[str, list[Any]]]:
+    """Endpoint strings in first-seen order, each with the connector configs listening on it."""
+    groups: dict[str, list[Any]] = {}
+    for rc in connectors:
+        for endpoint in rc.listen:
+            groups.setdefault(endpoint, []).append(rc)
+    return list(groups.items())
+
+
+def wrap_proxy(factory: Any, haproxy: bool) -> Any:
+    return ProxyHeaderFactory(factory) if haproxy else factory
+
+
+def listen_service(endpoint: str, factory: Any, reactor: Any) -> Service:
+    """A service listening on ``endpoint``; ``haproxy:`` endpoints get :class:`ProxyHeaderFactory`."""
+    haproxy = endpoint.startswith("haproxy:")
+    inner = endpoint[len("haproxy:"):] if haproxy else endpoint
+    ep = endpoints.serverFromString(reactor, inner)
+    service = StreamServerEndpointService(ep, wrap_proxy(factory, haproxy))
+    service._raiseSynchronously = True  # a port in use stops twistd at start, as strports did
+    return service

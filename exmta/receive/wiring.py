@@ -1,0 +1,83 @@
+"""Builds the connector-security parts of the receive side from a Config.
+
+Used by :mod:`exmta.service` (the main process) and
+:mod:`exmta.receive.worker` (receive worker processes), so that both build
+the same policies and the same listeners in the same order: the worker finds
+its inherited sockets by their index in :func:`make_dispatchers`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from exmta.config.schema import Config, ReceiveConnectorConfig
+from exmta.receive.backpressure import BackPressure, BackPressureService
+from exmta.receive.policy import DefaultReceivePolicy
+from exmta.receive.ranges import ConnectorEntry, DispatchingFactory, group_listeners
+from exmta.receive.recipients import RecipientList, RecipientValidator
+
+__all__ = ["ReceiveResources", "make_dispatchers", "make_policy", "make_resources"]
+
+
+@dataclass
+class ReceiveResources:
+    """What all receive connectors of one process share."""
+
+    back_pressure: BackPressure | None = None
+    recipients: RecipientValidator | None = None
+    service: BackPressureService | None = None   # measures back pressure while running
+
+
+def make_resources(config: Config, queue_dir: str, clock: Any, reactor: Any = None,
+                   threadpool: Any = None) -> ReceiveResources:
+    """Back pressure on ``queue_dir`` and the recipient list of ``config``."""
+    bp_config = config.back_pressure
+    pressure = BackPressure(
+        queue_dir, min_free_disk=bp_config.min_free_disk, max_memory=bp_config.max_memory,
+        max_queued_messages=bp_config.max_queued_messages, clock=clock,
+    )
+    service = BackPressureService(pressure, clock, bp_config.check_interval, reactor=reactor,
+                                  threadpool=threadpool) if pressure.enabled else None
+    recipients = None
+    if config.recipient_list:
+        recipients = RecipientValidator(
+            RecipientList(os.path.abspath(config.recipient_list), clock, reactor=reactor, threadpool=threadpool),
+            postmaster=config.postmaster,
+        )
+    else:
+        recipients = RecipientValidator(postmaster=config.postmaster)  # directory lookups may be added
+    return ReceiveResources(pressure if pressure.enabled else None, recipients, service)
+
+
+def make_policy(config: Config, rc: ReceiveConnectorConfig, clock: Any,
+                resources: ReceiveResources | None = None) -> DefaultReceivePolicy:
+    resources = resources or ReceiveResources()
+    return DefaultReceivePolicy.for_connector(config, rc, clock, recipients=resources.recipients,
+                                              back_pressure=resources.back_pressure)
+
+
+def _listening(factory: Any, clock: Any) -> Any:
+    """The connector's own listening factory (implicit TLS wraps it; exmta.tls.context)."""
+    try:
+        from exmta.tls.context import listening_factory
+    except ImportError:
+        return factory
+    return listening_factory(factory, clock)
+
+
+def make_dispatchers(connectors: Sequence[ReceiveConnectorConfig], factories: Sequence[Any],
+                     clock: Any = None) -> list[tuple[str, DispatchingFactory]]:
+    """One dispatching factory per distinct listen endpoint, in a stable order.
+
+    ``factories[i]`` is the session factory of ``connectors[i]``. A connector
+    listening on several endpoints has one :class:`ConnectorEntry`, so its
+    connection limits count all of them together.
+    """
+    entries = {
+        rc.name: ConnectorEntry.from_config(rc, _listening(f, clock)) for rc, f in zip(connectors, factories)
+    }
+    return [
+        (endpoint, DispatchingFactory([entries[rc.name] for rc in rcs], endpoint))
+        for endpoint, rcs in group_listeners(connectors)
+    ]

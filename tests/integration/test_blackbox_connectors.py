@@ -1,0 +1,152 @@
+"""Black-box connector security: ``twistd -n exmta`` with two receive connectors on one port.
+
+127.0.0.1 and 127.0.0.2 are both loopback addresses, so a client bound to
+one or the other is a different source address to exmta: the "internet"
+connector serves 127.0.0.1 only, the "apps" connector 127.0.0.2 (and may
+relay), anything else (127.0.0.3) is refused at connect.
+"""
+from __future__ import annotations
+
+import os
+import smtplib
+import socket
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from support import procs
+from support.exmta_proc import ExmtaProcess, exmta_toml
+from support.sinks import SmtpSink
+
+pytestmark = pytest.mark.integration
+
+INTERNET = """
+remote_ranges = ["127.0.0.1/32"]
+banner = "internet connector"
+max_connections_per_ip = 2
+"""
+APPS = """
+[receive.apps]
+listen = ["tcp:{port}:interface=127.0.0.1"]
+remote_ranges = ["127.0.0.2/32"]
+relay_networks = ["127.0.0.2/32"]
+banner = "apps connector"
+"""
+
+
+def two_connectors(sink: SmtpSink, workers: int = 0) -> str:
+    return exmta_toml(relay_networks=[], smarthost=sink.next_hop, receive_extra=INTERNET, extra=APPS,
+                      receive_workers=workers)
+
+
+def connect_from(source: str, port: int) -> socket.socket:
+    sock = socket.create_connection((procs.LOOPBACK, port), timeout=10, source_address=(source, 0))
+    return sock
+
+
+def banner_from(source: str, port: int) -> tuple[int, list[str]]:
+    with connect_from(source, port) as sock:
+        return procs.read_smtp_reply(sock, timeout=10)
+
+
+def swaks_from(source: str, port: int, to: str) -> subprocess.CompletedProcess[str]:
+    return procs.swaks(port, "app@example.test", to, "--local-interface", source,
+                       "--header", "Subject: connector test", "--body", "hello", check=False, timeout=20)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_two_connectors_on_one_port(exmta_factory: Callable[..., ExmtaProcess], smtp_sink: SmtpSink,
+                                    workers: int) -> None:
+    exmta = exmta_factory(toml=two_connectors(smtp_sink, workers))
+    code, text = banner_from("127.0.0.1", exmta.port)
+    assert code == 220 and text[0].endswith("internet connector")
+    code, text = banner_from("127.0.0.2", exmta.port)
+    assert code == 220 and text[0].endswith("apps connector")
+
+    # the internet connector refuses to relay for 127.0.0.1 (swaks), the apps connector relays
+    refused = swaks_from("127.0.0.1", exmta.port, "someone@example.net")
+    assert refused.returncode != 0
+    assert "554 5.7.1 Relay access denied" in refused.stdout
+    relayed = swaks_from("127.0.0.2", exmta.port, "someone@example.net")
+    assert relayed.returncode == 0, relayed.stdout
+    got = smtp_sink.wait_for_rcpts(["someone@example.net"], timeout=30)
+    assert got[0].mail_from == "app@example.test"
+
+    # both may send to the accepted domain (smtplib from each source address)
+    for source in ("127.0.0.1", "127.0.0.2"):
+        with smtplib.SMTP(procs.LOOPBACK, exmta.port, timeout=10, source_address=(source, 0)) as c:
+            assert c.sendmail("x@example.net", ["alice@example.test"], f"Subject: from {source}\r\n\r\nx\r\n") == {}
+    procs.wait_until(lambda: len(exmta.maildir_messages("alice@example.test")) == 2, 30, "two local deliveries")
+
+    # an address no connector admits: 554 5.7.1 and the connection closed, and it is logged
+    with connect_from("127.0.0.3", exmta.port) as sock:
+        code, text = procs.read_smtp_reply(sock, timeout=10)
+        assert (code, text) == (554, ["5.7.1 Your address is not allowed to connect to this server"])
+        sock.settimeout(10)
+        assert sock.recv(100) == b""
+    procs.wait_until(lambda: "connection from 127.0.0.3" in exmta.log_text(), 10, "refusal logged")
+    assert "no receive connector admits this address" in exmta.log_text()
+    assert not exmta.error_lines()
+
+
+def test_connection_limit_per_source_address(exmta_factory: Callable[..., ExmtaProcess],
+                                             smtp_sink: SmtpSink) -> None:
+    exmta = exmta_factory(toml=two_connectors(smtp_sink))
+    held = [connect_from("127.0.0.1", exmta.port) for _ in range(2)]
+    try:
+        for sock in held:
+            assert procs.read_smtp_reply(sock, timeout=10)[0] == 220
+        code, text = banner_from("127.0.0.1", exmta.port)
+        assert code == 421
+        assert text == ["4.7.0 mx.example.test Too many connections from 127.0.0.1 (limit 2), try again later"]
+        # another source address (another connector) is not affected
+        assert banner_from("127.0.0.2", exmta.port)[0] == 220
+    finally:
+        for sock in held:
+            sock.sendall(b"QUIT\r\n")
+            sock.close()
+    procs.wait_until(lambda: banner_from("127.0.0.1", exmta.port)[0] == 220, 10, "a free slot after QUIT")
+    assert "refused: too many connections from 127.0.0.1 (limit 2)" in exmta.log_text()
+
+
+@pytest.fixture
+def tiny_data_dir(tmp_path: Path):
+    """exmta's data directory on an 8 MiB tmpfs (root only; failing to mount fails the test)."""
+    mnt = tmp_path / "tinydata"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], check=True, timeout=10)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True, timeout=10)
+
+
+def mail_reply(port: int) -> tuple[int, bytes]:
+    with smtplib.SMTP(procs.LOOPBACK, port, timeout=10) as c:
+        c.ehlo("c.example.test")
+        return c.mail("x@example.net")
+
+
+def test_back_pressure_on_a_full_disk(exmta_factory: Callable[..., ExmtaProcess], tiny_data_dir: Path) -> None:
+    toml = exmta_toml(relay_networks=[], extra='[back_pressure]\nmin_free_disk = "3MiB"\ncheck_interval = "200ms"\n')
+    exmta = exmta_factory(toml=toml, data_dir=tiny_data_dir)
+    with smtplib.SMTP(procs.LOOPBACK, exmta.port, timeout=10) as c:
+        assert c.sendmail("x@example.net", ["alice@example.test"], "Subject: before\r\n\r\nkept\r\n") == {}
+    procs.wait_until(lambda: exmta.maildir_messages("alice@example.test"), 30, "delivery before the disk fills")
+
+    ballast = tiny_data_dir / "ballast"
+    free = os.statvfs(tiny_data_dir)
+    ballast.write_bytes(b"\0" * max(0, free.f_bavail * free.f_frsize - 2 * 1024 * 1024))
+    procs.wait_until(lambda: mail_reply(exmta.port)[0] == 452, 10, "452 under back pressure")
+    code, text = mail_reply(exmta.port)
+    assert (code, text.split(b" (")[0]) == (452, b"4.3.1 Insufficient system resources")
+    assert b"below 3.0 MiB" in text
+    assert "back pressure ON" in exmta.log_text()
+    # what was accepted before is still there
+    (msg,) = exmta.maildir_messages("alice@example.test")
+    assert b"kept" in msg
+
+    ballast.unlink()
+    procs.wait_until(lambda: mail_reply(exmta.port)[0] == 250, 10, "mail taken again")
+    assert "back pressure OFF" in exmta.log_text()
+    assert not exmta.error_lines()
