@@ -52,7 +52,7 @@ REPLIES = {
     "need_tls": R(538, "5.7.11", "Encryption required for requested authentication mechanism"),
     "twice": R(503, "5.5.1", "Error: already authenticated"),
     "in_transaction": R(503, "5.5.1", "Error: AUTH not allowed during a mail transaction"),
-    "need_helo": R(503, "5.5.1", "Error: send HELO/EHLO first"),
+    "need_helo": R(503, "5.5.1", "Error: send EHLO first"),
     "syntax": R(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"),
     "mechanism": R(504, "5.5.4", "Error: unrecognized authentication type"),
     "temporary": R(454, "4.7.0", "Temporary authentication failure, try again later"),
@@ -133,8 +133,8 @@ class Authenticator:
     async def command(self, proto: Any, argument: str) -> None:
         """``AUTH mechanism [initial-response]``."""
         session = proto.session
-        if session is None or session.helo_name is None:
-            proto._error(REPLIES["need_helo"])
+        if session is None or session.helo_name is None or not session.esmtp:
+            proto._error(REPLIES["need_helo"])  # AUTH is an ESMTP extension (RFC 4954): EHLO first
             return
         if session.auth_identity is not None:
             proto._error(REPLIES["twice"])

@@ -301,8 +301,11 @@ def test_auth_during_a_transaction(s):
 
 def test_auth_before_ehlo_syntax_and_unknown_mechanism(users_path):
     s = make(users_path, mechanisms=("PLAIN",))
-    assert s.send(b"AUTH PLAIN " + plain() + b"\r\n") == b"503 5.5.1 Error: send HELO/EHLO first\r\n"
+    assert s.send(b"AUTH PLAIN " + plain() + b"\r\n") == b"503 5.5.1 Error: send EHLO first\r\n"
     s.starttls()
+    assert s.send(b"HELO c.test\r\n") == b"250 mx.test\r\n"
+    assert s.send(b"AUTH PLAIN " + plain() + b"\r\n") == b"503 5.5.1 Error: send EHLO first\r\n"
+    s.send(b"EHLO c.test\r\n")
     assert s.send(b"AUTH\r\n") == b"501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n"
     assert s.send(b"AUTH PLAIN a b\r\n") == b"501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n"
     assert s.send(b"AUTH CRAM-MD5\r\n") == b"504 5.5.4 Error: unrecognized authentication type\r\n"
