@@ -88,3 +88,29 @@ def test_connectors_may_share_an_endpoint_when_their_ranges_differ():
     }})
     assert ps == ["receive.lan2.listen: 'tcp:2700' is also used by receive.lan with the same remote_ranges "
                   "(10.0.0.0/8); give each connector on one endpoint different ranges"]
+
+
+def test_the_readme_example_loads_and_dispatches():
+    """The three connectors of README.rst's "Receive connectors" section share port 25 as described."""
+    import textwrap
+    import tomllib
+    from pathlib import Path
+
+    from exmta.receive.ranges import select_connector
+    from exmta.receive.wiring import make_dispatchers
+
+    readme = (Path(__file__).resolve().parents[2] / "README.rst").read_text()
+    section = readme.split("Receive connectors: ranges, permission groups, limits", 1)[1]
+    lines = []
+    for line in section.split("::\n\n", 1)[1].splitlines():
+        if line and not line.startswith(" "):
+            break  # the end of the literal block
+        lines.append(line)
+    block = "\n".join(lines)
+    cfg = parse_config(tomllib.loads(textwrap.dedent(block)))
+    assert [rc.name for rc in cfg.receive] == ["internet", "apps", "hybrid"]
+    ((endpoint, dispatcher),) = make_dispatchers(cfg.receive, [object()] * 3)
+    assert endpoint == "tcp:25"
+    pick = lambda ip: select_connector(dispatcher.entries, ip).name  # noqa: E731
+    assert (pick("203.0.113.9"), pick("10.1.2.3"), pick("10.0.5.11"), pick("10.0.5.12")) == \
+        ("internet", "apps", "hybrid", "internet")

@@ -150,3 +150,38 @@ def test_back_pressure_on_a_full_disk(exmta_factory: Callable[..., ExmtaProcess]
     procs.wait_until(lambda: mail_reply(exmta.port)[0] == 250, 10, "mail taken again")
     assert "back pressure OFF" in exmta.log_text()
     assert not exmta.error_lines()
+
+
+
+def test_implicit_tls_connector_shares_a_port_with_a_plaintext_one(
+        exmta_factory: Callable[..., ExmtaProcess], tmp_path: Path) -> None:
+    """Each connector keeps its own listening factory (implicit TLS, exmta.tls) behind the dispatcher."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    ca.issue_cert("mx.example.test", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "mx.pem"))
+    smtps = f"""
+[receive.smtps]
+listen = ["tcp:{{port}}:interface=127.0.0.1"]
+remote_ranges = ["127.0.0.2/32"]
+banner = "smtps connector"
+[receive.smtps.tls]
+cert = "{tmp_path / 'mx.pem'}"
+implicit = true
+"""
+    exmta = exmta_factory(toml=exmta_toml(relay_networks=[], receive_extra='remote_ranges = ["127.0.0.1/32"]',
+                                          extra=smtps))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    with smtplib.SMTP_SSL(procs.LOOPBACK, exmta.port, timeout=10, context=context,
+                          source_address=("127.0.0.2", 0)) as c:
+        assert c.ehlo("c.example.test")[0] == 250
+        assert c.sock.version() in ("TLSv1.2", "TLSv1.3")
+        assert c.sendmail("x@example.net", ["alice@example.test"], "Subject: smtps\r\n\r\nx\r\n") == {}
+    code, text = banner_from("127.0.0.1", exmta.port)  # plaintext for the other connector
+    assert code == 220
+    procs.wait_until(lambda: exmta.maildir_messages("alice@example.test"), 30, "delivery")
+    assert "smtps connector" not in text[0]
+    assert not exmta.error_lines()
