@@ -124,7 +124,7 @@ class LDAPChecker:
         conn = ldap3.Connection(
             self._server(), user=user, password=password, auto_bind=ldap3.AUTO_BIND_NONE,
             receive_timeout=max(1, math.ceil(self.settings.timeout)),  # ldap3 packs it as an integer
-            raise_exceptions=False, read_only=True,
+            raise_exceptions=False, read_only=True, auto_referrals=False,  # AD's referrals lead off-site
             authentication=ldap3.SIMPLE if user else ldap3.ANONYMOUS,
         )
         bound = False
@@ -158,14 +158,16 @@ class LDAPChecker:
             flt = f"(&(|{alternatives}){s.user_filter})"
             attributes = sorted({"mail", "proxyAddresses", *s.identity_attributes})
             if not conn.search(s.base_dn, flt, attributes=attributes, size_limit=2):
-                if (conn.result or {}).get("description") in ("success", "noSuchObject"):
+                outcome = (conn.result or {}).get("description")
+                if outcome in ("success", "noSuchObject"):
                     return None
-                raise TemporaryAuthFailure(f"{s.uri}: search failed: {conn.result}")
+                if outcome != "sizeLimitExceeded":  # more than two entries: ambiguous, handled below
+                    raise TemporaryAuthFailure(f"{s.uri}: search failed: {conn.result}")
             entries = [e for e in conn.response or () if e.get("type") == "searchResEntry"]
         finally:
             _close(conn)
         if len(entries) != 1:
-            if entries:
+            if entries:  # two or more: refuse rather than guess
                 log.warn("ldap {uri}: login name {user!r} matches {count} entries; refused",
                          uri=s.uri, user=login, count=len(entries))
             return None

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -99,6 +99,7 @@ class Authenticator:
         before_tls_networks: Sequence[str] = (),
         accept_any_sender: bool = False,
         throttle: LoginThrottle | None = None,
+        max_concurrent_checks: int = 4,
     ) -> None:
         unknown = [m for m in mechanisms if m.upper() not in MECHANISMS]
         if unknown:
@@ -110,6 +111,9 @@ class Authenticator:
         self.throttle = throttle or LoginThrottle(clock, self.lockout)
         self.before_tls_networks = tuple(ipaddress.ip_network(n, strict=False) for n in before_tls_networks)
         self.accept_any_sender = accept_any_sender
+        #: password checks running at once (argon2 takes 64 MiB and tens of ms each; a flood of AUTH
+        #: attempts from many connections queues here instead of exhausting memory and the thread pool)
+        self.checks = DeferredSemaphore(max_concurrent_checks)
 
     # ------------------------------------------------------------ when AUTH is possible
 
@@ -206,7 +210,8 @@ class Authenticator:
                 raise UnauthorizedLogin("authorization identity differs (proxy authorization is not supported)")
             if not user or not creds.password:
                 raise UnauthorizedLogin("empty user name or password")
-            _, avatar, _ = await self.portal.login(
+            _, avatar, _ = await self.checks.run(
+                self.portal.login,
                 UsernamePassword(user.encode("utf-8"), creds.password.encode("utf-8")), None, ISubmitter)
         except UnauthorizedLogin as e:
             why = str(e) or "unauthorized"

@@ -87,6 +87,9 @@ def test_ambiguous_login_name_is_refused(slapd):
     assert isinstance(login(LDAPChecker(settings(slapd), sync), "twins@example.test", "twin-secret"),
                       UnauthorizedLogin)
     assert login(LDAPChecker(settings(slapd), sync), "twin1", "twin-secret").identity == "twins@example.test"
+    # three matches pass the search's size limit: still a refused login, not a directory error
+    assert isinstance(login(LDAPChecker(settings(slapd), sync), "triplets@example.test", "t-secret"),
+                      UnauthorizedLogin)
 
 
 def test_ldaps(slapd):

@@ -550,3 +550,42 @@ def test_esmtpa_on_a_pinned_plaintext_network(users_path):
     out = s.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
     queue_id = out.split()[-1].decode()
     assert b" with ESMTPA id " in s.store.open_content(queue_id).read()
+
+
+class HeldChecker:
+    """Every password check waits until the test fires it."""
+    from twisted.cred.credentials import IUsernamePassword
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred] = []
+
+    def requestAvatarId(self, credentials):
+        d: Deferred = Deferred()
+        self.pending.append(d)
+        return d
+
+
+class FixedRealm:
+    def requestAvatar(self, avatar_id, mind, *interfaces):
+        from exmta.auth.avatar import ISubmitter, Submitter
+        return ISubmitter, Submitter(avatar_id), lambda: None
+
+
+def test_concurrent_password_checks_are_bounded(users_path):
+    clock = Clock()
+    checker = HeldChecker()
+    auth = Authenticator(Portal(FixedRealm(), [checker]), clock, max_concurrent_checks=2)
+    sessions = [make(users_path, peer=f"192.0.2.{10 + i}", clock=clock, authenticator=auth) for i in range(4)]
+    for s in sessions:
+        s.starttls()
+        assert s.send(b"AUTH PLAIN " + plain() + b"\r\n") == b""
+    assert len(checker.pending) == 2  # the other two wait for a free slot
+    checker.pending[0].callback("alice")
+    assert sessions[0].read() == b"235 2.7.0 Authentication successful\r\n"
+    assert len(checker.pending) == 3
+    for d in checker.pending[1:]:
+        d.callback("alice")
+    assert len(checker.pending) == 4
+    checker.pending[3].callback("alice")
+    assert [s.read() for s in sessions[1:]] == [b"235 2.7.0 Authentication successful\r\n"] * 3

@@ -85,9 +85,12 @@ PEOPLE: list[tuple[str, str, dict[str, list[str]]]] = [
         "sAMAccountName": ["bob"],
         "mail": ["bob@example.test"],
     }),
-    # two entries share a mail value: a login by that value is ambiguous and must fail
+    # entries sharing a mail value: a login by that value is ambiguous and must fail
     ("twin1", "twin-secret", {"sAMAccountName": ["twin1"], "mail": ["twins@example.test"]}),
     ("twin2", "twin-secret", {"sAMAccountName": ["twin2"], "mail": ["twins@example.test"]}),
+    ("triplet1", "t-secret", {"sAMAccountName": ["triplet1"], "mail": ["triplets@example.test"]}),
+    ("triplet2", "t-secret", {"sAMAccountName": ["triplet2"], "mail": ["triplets@example.test"]}),
+    ("triplet3", "t-secret", {"sAMAccountName": ["triplet3"], "mail": ["triplets@example.test"]}),
 ]
 
 
