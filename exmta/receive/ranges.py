@@ -11,6 +11,9 @@ with the longest prefix. A connection that no connector admits gets
 total or from one source address) gets ``421 4.7.0`` and is closed. Both are
 logged.
 
+A client on a UNIX socket endpoint has no address: the first connector
+listening there serves it.
+
 The choice is made when the connection is made, so that the chosen
 connector's banner is the first thing the client sees. Behind a PROXY
 protocol (``haproxy:`` endpoints) the client address is only known once the
@@ -27,6 +30,7 @@ from typing import Any, Iterable, Sequence
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import Service
 from twisted.internet import endpoints
+from twisted.internet.address import UNIXAddress
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -166,10 +170,12 @@ class _Dispatch(ProtocolWrapper):
         self.addr = addr
         self.entry: ConnectorEntry | None = None
         self.peer_ip = ""
+        self.local_socket = False
 
     def makeConnection(self, transport: Any) -> None:
         peer = transport.getPeer()
         self.peer_ip = getattr(peer, "host", "") or ""
+        self.local_socket = isinstance(peer, UNIXAddress)
         self.wrappedProtocol = self.factory.choose(self)
         super().makeConnection(transport)
 
@@ -201,7 +207,10 @@ class DispatchingFactory(WrappingFactory):
     def choose(self, conn: _Dispatch) -> Any:
         """The protocol to run for ``conn``: a connector's SMTP session or a refusal."""
         ip = conn.peer_ip
-        entry = select_connector(self.entries, ip)
+        if conn.local_socket:
+            entry = self.entries[0]  # a UNIX socket has no address to match: its first connector serves it
+        else:
+            entry = select_connector(self.entries, ip)
         if entry is None:
             self.refused += 1
             log.warn("connection from {peer_ip} on {endpoint} refused: no receive connector admits this address",

@@ -175,3 +175,15 @@ def test_dispatcher_on_a_tcp_like_transport_passes_tls_calls_through():
     t, p = h.connect("192.0.2.9")
     assert p.getPeer().host == "192.0.2.9"  # the SMTP session sees the wrapper as its transport
     assert p.wrappedProtocol.session.peer_ip == "192.0.2.9"
+
+
+def test_unix_socket_clients_go_to_the_first_connector_of_the_endpoint():
+    from twisted.internet.address import UNIXAddress
+
+    ep = "unix:/run/exmta/smtp.sock"
+    cfg = parse_config({"receive": {"local": {"listen": [ep], "remote_ranges": ["10.0.0.0/8"], "banner": "local"}}})
+    h = Harness(cfg)
+    proto = h.dispatchers[ep].buildProtocol(UNIXAddress(None))
+    t = StringTransport(peerAddress=UNIXAddress(None), hostAddress=UNIXAddress(b"/run/exmta/smtp.sock"))
+    proto.makeConnection(t)
+    assert t.value().startswith(b"220 ") and t.value().endswith(b" local\r\n")
