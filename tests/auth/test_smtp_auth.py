@@ -589,3 +589,10 @@ def test_concurrent_password_checks_are_bounded(users_path):
     assert len(checker.pending) == 4
     checker.pending[3].callback("alice")
     assert [s.read() for s in sessions[1:]] == [b"235 2.7.0 Authentication successful\r\n"] * 3
+
+
+def test_pipelined_login_exchange_and_mail(s):
+    s.starttls()
+    out = s.send(b"AUTH LOGIN\r\n" + b64("alice") + b"\r\n" + b64(PASSWORD) + b"\r\nMAIL FROM:<alice@example.test>\r\n")
+    assert out == (b"334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n235 2.7.0 Authentication successful\r\n"
+                   b"250 2.1.0 Ok\r\n")
