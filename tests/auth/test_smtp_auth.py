@@ -7,6 +7,7 @@ from typing import Any
 
 import argon2
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, maybeDeferred
@@ -596,3 +597,33 @@ def test_pipelined_login_exchange_and_mail(s):
     out = s.send(b"AUTH LOGIN\r\n" + b64("alice") + b"\r\n" + b64(PASSWORD) + b"\r\nMAIL FROM:<alice@example.test>\r\n")
     assert out == (b"334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n235 2.7.0 Authentication successful\r\n"
                    b"250 2.1.0 Ok\r\n")
+
+
+# ------------------------------------------------------------ fuzz: no input makes an internal error
+
+
+_TOKENS = [
+    b"EHLO c.test\r\n", b"STARTTLS\r\n", b"AUTH PLAIN\r\n", b"AUTH LOGIN\r\n", b"AUTH PLAIN " + plain() + b"\r\n",
+    b"AUTH LOGIN " + b64("alice") + b"\r\n", b64(PASSWORD) + b"\r\n", b"*\r\n", b"=\r\n", b"AUTH\r\n",
+    b"AUTH CRAM-MD5\r\n", b"AUTH PLAIN " + plain(password="x") + b"\r\n", b"%%%\r\n", b"\xff\x00\r\n",
+    b"A" * 700 + b"\r\n", b"MAIL FROM:<alice@example.test> AUTH=<>\r\n", b"MAIL FROM:<x@y.test>\r\n",
+    b"RCPT TO:<r@dest.test>\r\n", b"DATA\r\n", b"From: x@y.test\r\n\r\nbody\r\n.\r\n", b"RSET\r\n", b"\r\n",
+    b"AUTH PLAIN " + b64(b"\0\0\0") + b"\r\n", b"AUTH LOGIN " + b64(b"\xc3") + b"\r\n", b"HELO c.test\r\n",
+]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(_TOKENS), max_size=25), st.lists(st.floats(0, 10), max_size=5))
+def test_fuzz_auth_sessions_never_fail_internally(users_path, tokens, waits):
+    s = make(users_path, lockout=LockoutSettings(tarpit=1.0, user_threshold=3, ip_threshold=5))
+    out = b""
+    for i, token in enumerate(tokens):
+        out += s.send(token)
+        if waits and i % 5 == 0:
+            s.clock.advance(waits[i % len(waits)])
+            out += s.read()
+    s.clock.advance(400)
+    out += s.read()
+    assert b"4.3.0" not in out, out  # no internal error
+    for line in out.split(b"\r\n")[:-1]:
+        assert re.match(rb"^[2-5][0-9][0-9][ -]", line), line
