@@ -147,7 +147,8 @@ def test_back_pressure_refuses_new_mail_but_finishes_what_was_started():
     h0 = Harness(config())
     h = Harness(h0.config, clock=h0.clock, resources=ReceiveResources(back_pressure=bp))
     t1, p1 = h.connect("198.51.100.7")
-    assert h.say(t1, p1, HELLO + b"RCPT TO:<u@local.test>\r\nDATA\r\n").endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+    out = h.say(t1, p1, HELLO + b"RCPT TO:<u@local.test>\r\nDATA\r\n")
+    assert out.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n")
     free["octets"] = 10**7
     bp.check()
     assert bp.status()["pressure"] == 1

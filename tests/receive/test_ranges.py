@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
@@ -187,3 +189,22 @@ def test_unix_socket_clients_go_to_the_first_connector_of_the_endpoint():
     t = StringTransport(peerAddress=UNIXAddress(None), hostAddress=UNIXAddress(b"/run/exmta/smtp.sock"))
     proto.makeConnection(t)
     assert t.value().startswith(b"220 ") and t.value().endswith(b" local\r\n")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    nets=st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 32)), min_size=1, max_size=6),
+    ip=st.integers(0, 2**32 - 1),
+)
+def test_selection_is_the_longest_matching_prefix(nets, ip):
+    import ipaddress
+
+    es = entries(*[(f"c{i}", [f"{ipaddress.IPv4Address(a)}/{n}"]) for i, (a, n) in enumerate(nets)])
+    addr = ipaddress.IPv4Address(ip)
+    matching = [(e.ranges[0].prefixlen, -i) for i, e in enumerate(es) if addr in e.ranges[0]]
+    chosen = select_connector(es, str(addr))
+    if not matching:
+        assert chosen is None
+    else:
+        best = max(matching)
+        assert chosen is es[-best[1]]
