@@ -22,6 +22,7 @@ from support.procs import descendants, pid_alive, wait_until
 CLIENTS = 8
 PER_CLIENT = 60        # bounded: at most 480 messages in all
 KILL_AFTER = 150       # acknowledged messages before the kill
+BODY = ("x" * 76 + "\r\n") * 26   # about 2 KB in lines of RFC 5322 length
 
 
 class Load:
@@ -42,7 +43,7 @@ class Load:
             try:
                 with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as client:
                     client.sendmail("app@lan.test", ["x@dest.test"],
-                                    f"Subject: {tag}\r\nMessage-ID: <{tag}@lan.test>\r\n\r\n{'x' * 2000}\r\n".encode())
+                                    f"Subject: {tag}\r\nMessage-ID: <{tag}@lan.test>\r\n\r\n{BODY}".encode())
             except (OSError, smtplib.SMTPException):
                 return  # the server died under us: this message was not acknowledged
             with self.lock:
