@@ -1005,9 +1005,9 @@ class ESMTPServerFactory(Factory):
         #: header firewall (Exchange): these header families are removed from messages of sessions
         #: that ``trusted`` does not accept; by default a session is trusted when the policy lets it relay
         self.firewalled_header_prefixes: tuple[str, ...] = FIREWALLED_HEADER_PREFIXES
-        #: (the policy's ``trusted``, from its permission groups, else its relay right)
-        self.trusted: Callable[[Session], bool] = (
-            getattr(policy, "trusted", None) or getattr(policy, "may_relay", None) or _untrusted)
+        #: (asks the current policy, so a policy swapped by a reload counts: its ``trusted``, from its
+        #: permission groups, else its relay right)
+        self.trusted: Callable[[Session], bool] = self._policy_trusts
         #: a message with more Received fields than this (ours included) is a mail loop: 554 5.4.6
         #: (Exchange MaxHopCount 30; 0 = no check)
         self.max_hops = 30
@@ -1023,6 +1023,10 @@ class ESMTPServerFactory(Factory):
         #: metrics (exmta.observe.metrics.Metrics): session_opened / session_timed_out / tls_started /
         #: auth_failed (connector, ...) are called on it when set
         self.session_observer: Any = None
+
+    def _policy_trusts(self, session: Session) -> bool:
+        judge = getattr(self.policy, "trusted", None) or getattr(self.policy, "may_relay", None) or _untrusted
+        return bool(judge(session))
 
     def buildProtocol(self, addr: Any) -> ESMTPServer:
         return ESMTPServer(self)

@@ -162,3 +162,17 @@ def test_back_pressure_refuses_new_mail_but_finishes_what_was_started():
     bp.check()
     assert h.say(t2, p2, b"MAIL FROM:<a@remote.test>\r\n") == b"250 2.1.0 Ok\r\n"
     assert bp.status()["refused_mail_commands"] == 1
+
+
+def test_header_firewall_asks_the_policy_in_use_after_a_reload():
+    from dataclasses import replace
+
+    from exmta.receive.wiring import make_policy
+
+    cfg = config(remote_ranges=["10.0.0.0/8"])
+    h = Harness(cfg)
+    assert header_kept(h, "10.1.1.1") is False
+    # SIGHUP reload (exmta.observe.reload) swaps factory.policy: the new permission groups decide
+    rc = replace(cfg.receive[0], externally_secured=True, permission_groups=("exchange_servers",))
+    h.factories[0].policy = make_policy(cfg, rc, h.clock)
+    assert header_kept(h, "10.1.1.2") is True
