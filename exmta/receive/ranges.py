@@ -120,21 +120,44 @@ class ConnectionCounter:
 
 @dataclass
 class ConnectorEntry:
-    """One receive connector as the dispatcher sees it."""
+    """One receive connector as the dispatcher sees it.
+
+    ``config_source`` (the connector's ESMTPServerFactory) is asked for its
+    ``config`` before each choice: when a reload (SIGHUP) gave it a new
+    ReceiveConnectorConfig, the new remote_ranges and connection limits apply
+    to the next connection.
+    """
 
     name: str
-    factory: Any                         # builds the SMTP session (ESMTPServerFactory)
+    factory: Any                         # builds the SMTP session (its listening factory)
     ranges: tuple[IPNetwork, ...]
     counter: ConnectionCounter = field(default_factory=ConnectionCounter)
     hostname: str = "localhost"
+    config_source: Any = None
+    _config: Any = None
 
     @classmethod
-    def from_config(cls, rc: Any, factory: Any) -> ConnectorEntry:
-        return cls(
-            rc.name, factory, parse_ranges(getattr(rc, "remote_ranges", ANY_RANGES)),
-            ConnectionCounter(getattr(rc, "max_connections", 0), getattr(rc, "max_connections_per_ip", 0)),
-            rc.hostname,
-        )
+    def from_config(cls, rc: Any, factory: Any, config_source: Any = None) -> ConnectorEntry:
+        entry = cls(rc.name, factory, (), ConnectionCounter(), rc.hostname, config_source)
+        entry.apply(rc)
+        return entry
+
+    def apply(self, rc: Any) -> None:
+        """Take ranges, limits and hostname from ``rc`` (open connections stay counted)."""
+        self._config = rc
+        self.ranges = parse_ranges(getattr(rc, "remote_ranges", ANY_RANGES))
+        self.counter.max_total = getattr(rc, "max_connections", 0)
+        self.counter.max_per_ip = getattr(rc, "max_connections_per_ip", 0)
+        self.hostname = rc.hostname
+
+    def refresh(self) -> None:
+        rc = getattr(self.config_source, "config", None)
+        if rc is not None and rc is not self._config:
+            try:
+                self.apply(rc)
+            except ValueError:
+                log.failure("receive.{connector}: new remote_ranges not usable, the old ones stay", connector=self.name)
+                self._config = rc
 
 
 def select_connector(entries: Sequence[ConnectorEntry], peer_ip: str) -> ConnectorEntry | None:
@@ -207,6 +230,8 @@ class DispatchingFactory(WrappingFactory):
     def choose(self, conn: _Dispatch) -> Any:
         """The protocol to run for ``conn``: a connector's SMTP session or a refusal."""
         ip = conn.peer_ip
+        for candidate in self.entries:
+            candidate.refresh()
         if conn.local_socket:
             entry = self.entries[0]  # a UNIX socket has no address to match: its first connector serves it
         else:

@@ -75,7 +75,7 @@ def make_dispatchers(connectors: Sequence[ReceiveConnectorConfig], factories: Se
     connection limits count all of them together.
     """
     entries = {
-        rc.name: ConnectorEntry.from_config(rc, _listening(f, clock)) for rc, f in zip(connectors, factories)
+        rc.name: ConnectorEntry.from_config(rc, _listening(f, clock), f) for rc, f in zip(connectors, factories)
     }
     return [
         (endpoint, DispatchingFactory([entries[rc.name] for rc in rcs], endpoint))

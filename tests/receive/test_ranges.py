@@ -208,3 +208,18 @@ def test_selection_is_the_longest_matching_prefix(nets, ip):
     else:
         best = max(matching)
         assert chosen is es[-best[1]]
+
+
+def test_a_reloaded_connector_config_applies_to_the_next_connection():
+    from dataclasses import replace
+
+    h = Harness(two_connectors(max_connections_per_ip=1))
+    held = h.connect("192.0.2.1")
+    assert h.connect("192.0.2.1")[0].value().startswith(b"421 4.7.0")
+    # what exmta.observe.reload does on SIGHUP: a new ReceiveConnectorConfig on the session factory
+    internet, apps = h.factories
+    internet.config = replace(internet.config, max_connections_per_ip=2)
+    apps.config = replace(apps.config, remote_ranges=("127.0.0.2/32", "192.0.2.7/32"))
+    assert h.connect("192.0.2.1")[0].value().startswith(b"220 in.test")
+    assert h.connect("192.0.2.7")[0].value().startswith(b"220 apps.test")
+    assert held[0].value().startswith(b"220 in.test")
