@@ -226,6 +226,10 @@ class TLSInfo:
     version: str
     cipher: str
     peer_certificate_subject: str | None = None
+    #: filled by exmta.tls.verify on connectors that ask for a client certificate
+    peer_certificate_names: tuple[str, ...] = ()   # subject CN and SAN DNS names
+    peer_certificate_verified: bool = False        # the chain verified against the client CA
+    partner: str | None = None                     # the certificate name that matched client_names
 
 
 @dataclass

@@ -156,7 +156,9 @@ def make_send_connectors(config: Config, reactor: Any, pool: ThreadPool) -> dict
             resolver = None
             if sc.kind == "smtp" and not sc.smarthosts:
                 resolver = DNSResolver(reactor, pool, nameservers=parse_nameservers(sc.dns_servers) or None)
-            connectors[sc.name] = build_wire_connector(sc, reactor, reactor, resolver, config.hostname)
+            from exmta.tls.client import send_tls_context
+            connectors[sc.name] = build_wire_connector(sc, reactor, reactor, resolver, config.hostname,
+                                                       send_tls_context(sc))
     return connectors
 
 
@@ -190,6 +192,8 @@ def make_receive_factory(config: Config, rc: ReceiveConnectorConfig, store: Any,
         local_domain=lambda domain: config.accepted_domain(domain) is not None,
         postmaster_domain=primary,
     )
+    from exmta.tls.reload import configure_receive_tls
+    configure_receive_tls(factory, rc, clock)  # STARTTLS / implicit TLS, require_tls, client certificates
     from exmta.auth.smtp import build_authenticator
     factory.authenticator = build_authenticator(config, rc, clock)  # SMTP AUTH and send-as, or None
     return factory
@@ -245,6 +249,9 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
         factory = make_receive_factory(config, rc, store, filters, tracker, reactor, resources)
         factories.append(factory)
     _add(top, "receive-drain", ReceiveDrainService(factories, grace=10.0))
+    from exmta.tls.reload import TLSReloadService
+    _add(top, "tls-reload", TLSReloadService(
+        [f.tls_context_factory for f in factories if f.tls_context_factory is not None], reactor, reactor))
     shared: list[tuple[ListenSpec, Any]] = []
     # one listener per endpoint; it hands each connection to the connector whose remote_ranges fit best
     for i, (endpoint, dispatcher) in enumerate(make_dispatchers(config.receive, factories, reactor)):

@@ -27,6 +27,7 @@ if [ ! -e /usr/sbin/policy-rc.d ]; then
 fi
 
 debs="postfix swaks knot knot-dnsutils dovecot-core dovecot-lmtpd openssl ca-certificates"
+debs="$debs libnet-ssleay-perl"  # swaks --tls (tests/tls/)
 debs="$debs slapd ldap-utils"  # OpenLDAP for the SMTP AUTH LDAP checker tests (tests/support/slapd.py)
 debs="$debs chromium"  # headless browser for the status page test (tests/integration/test_observe.py)
 # a clean Debian 12 may lack python3, and has it without venv/ensurepip

@@ -281,6 +281,13 @@ def _read_server(r: _Reader, base: Config) -> dict[str, Any]:
     return out
 
 
+def _tls_config() -> Any:
+    """exmta.tls.config (TLS keys and certificate checks), imported late: it imports this module."""
+    from exmta.tls import config
+
+    return config
+
+
 def _auth_config() -> Any:
     """exmta.auth.config (SMTP AUTH keys and [auth.NAME] back ends), imported late: it imports this module."""
     from exmta.auth import config
@@ -343,6 +350,7 @@ def _read_receive(r: _Reader, name: str, hostname: str) -> ReceiveConnectorConfi
         relay_networks=r.get("relay_networks", d.relay_networks, _list_of(_cidr)),
         filters=r.get("filters", d.filters, _list_of(_nonempty_str)),
         add_received=r.get("add_received", d.add_received, _bool),
+        **_tls_config().receive_tls_kwargs(r),
     )
     c = replace(c, **_auth_config().receive_auth_kwargs(r, d))
     c = replace(c, **_read_connector_security(r, d))
@@ -374,6 +382,7 @@ def _read_send(r: _Reader, name: str, data_dir: str) -> SendConnectorConfig:
         auth_username=r.get("auth_username", d.auth_username, _nonempty_str),
         auth_password=r.get("auth_password", d.auth_password, _str),
         dns_servers=r.get("dns_servers", d.dns_servers, _list_of(_nameserver)),
+        **_tls_config().read_send_tls(r),
     )
     mx = r.get("mx", None, _bool)
     if kind == "smtp" and mx and c.smarthosts:
@@ -387,6 +396,7 @@ def _read_send(r: _Reader, name: str, data_dir: str) -> SendConnectorConfig:
         c = replace(c, maildir_root=root if os.path.isabs(root) else os.path.join(data_dir, root))
     if (c.auth_username is None) != (c.auth_password is None):
         r.error("auth_username", "auth_username and auth_password go together")
+    _tls_config().check_send_tls(r, c)
     r.finish()
     return c
 

@@ -25,6 +25,33 @@ class AcceptedDomain:
 
 
 @dataclass(frozen=True)
+class TLSCertificateConfig:
+    """One PEM certificate (optionally followed by its chain) and its key; see exmta.tls.certs."""
+
+    cert: str                             # PEM file: the certificate, then any intermediates
+    key: str | None = None                # PEM private key file; None = the key is in ``cert``
+    chain: str | None = None              # PEM intermediates, when not appended to ``cert``
+    names: tuple[str, ...] = ()           # SNI names this certificate serves ("*.example" allowed)
+
+
+@dataclass(frozen=True)
+class ReceiveTLSConfig:
+    """TLS of one receive connector ([receive.NAME.tls]); see exmta.tls.context."""
+
+    certificate: TLSCertificateConfig
+    sni: tuple[TLSCertificateConfig, ...] = ()   # more certificates chosen by the client's SNI name
+    implicit: bool = False                # TLS from the first byte (port 465, RFC 8314) instead of STARTTLS
+    min_version: str = "1.2"              # "1.2" or "1.3"
+    ciphers: str | None = None            # OpenSSL cipher string for TLS 1.2; None = modern AEAD list
+    legacy_networks: tuple[str, ...] = ()     # CIDRs that may use TLS 1.0/1.1 (old scanners, printers)
+    plaintext_networks: tuple[str, ...] = ()  # CIDRs exempt from require_tls
+    client_certificate: str = "none"      # "none" | "request" | "require" (partner connectors)
+    client_ca: str | None = None          # PEM CAs for client certificates; None = the system store
+    client_names: tuple[str, ...] = ()    # accepted client certificate subject CN / SAN DNS names
+    reload_interval: float = 60.0         # seconds between checks of the files' mtimes; 0 = only SIGHUP
+
+
+@dataclass(frozen=True)
 class AuthBackendConfig:
     """[auth.NAME]: where SMTP AUTH checks passwords (exmta.auth). ``kind`` is "users" or "ldap"."""
 
@@ -60,6 +87,8 @@ class ReceiveConnectorConfig:
     relay_networks: tuple[str, ...] = ()  # CIDRs whose clients may relay to any domain
     filters: tuple[str, ...] = ()         # filter instance names, in order
     add_received: bool = True
+    tls: ReceiveTLSConfig | None = None   # None: no STARTTLS on this connector
+    require_tls: bool = False             # MAIL before STARTTLS gets 530 5.7.0 (Exchange RequireTLS)
     # connector security (exmta.receive.ranges / policy): Exchange RemoteIPRanges, PermissionGroups, limits
     remote_ranges: tuple[str, ...] = ("0.0.0.0/0", "::/0")  # clients served; on one endpoint the most specific wins
     permission_groups: tuple[str, ...] = ("anonymous", "authenticated")  # | "partners" | "exchange_servers"
@@ -105,6 +134,12 @@ class SendConnectorConfig:
     auth_username: str | None = None
     auth_password: str | None = None
     dns_servers: tuple[str, ...] = ()     # "ip" or "ip:port"; empty = system resolver
+    tls_auth_level: str = "encryption_only"  # | "certificate" | "domain" (Exchange TlsAuthLevel)
+    tls_domain: str | None = None         # "domain": the name the certificate must match (default: host)
+    tls_ca_file: str | None = None        # PEM CA bundle for validation; None = the system store
+    tls_certificate: str | None = None    # PEM client certificate (+chain) to present (TlsCertificateName)
+    tls_key: str | None = None            # its key; None = in tls_certificate
+    protocol_log: str = "off"             # "off" | "verbose": SMTP transcript (exmta.observe.protocol)
 
 
 @dataclass(frozen=True)

@@ -201,6 +201,19 @@ def _local_reply(code: int, status: str, text: str) -> Reply:
     return Reply.make(code, status, text)
 
 
+def _tls_failure(reason: Failure | None, transport: Any) -> str | None:
+    """Why a TLS handshake failed (e.g. "certificate has expired"), or None for other losses."""
+    if reason is None or transport is None:
+        return None
+    from exmta.tls.verify import describe_tls_failure
+
+    try:
+        handle = transport.getHandle()
+    except Exception:
+        handle = None
+    return describe_tls_failure(reason, handle)
+
+
 # ---------------------------------------------------------------- dot-stuffing
 
 
@@ -377,8 +390,9 @@ class SMTPClientProtocol(Protocol):
             self._plog.end()
         if self._error is None:
             truncated = " in the middle of a reply" if self._parser.partial else ""
+            why = _tls_failure(reason, self.transport) if self.tls_mode != "none" else None
             self._fail(ConnectionLostError(_local_reply(
-                451, "4.4.2", f"Connection lost{truncated} ({self.remote_host or 'remote'})")))
+                451, "4.4.2", f"{why or 'Connection lost' + truncated} ({self.remote_host or 'remote'})")))
         if self._resume is not None:
             d, self._resume = self._resume, None
             d.callback(None)

@@ -121,7 +121,7 @@ class ESMTPServer(Protocol):
         )
         self.session: Session | None = None
         self.txn: Transaction | None = None
-        self.tls_active = False
+        self.tls_active = getattr(factory, "implicit_tls", False)  # implicit TLS (465)
         self.errors = 0
         self.messages = 0
         self._junk_commands = 0
@@ -205,6 +205,8 @@ class ESMTPServer(Protocol):
         self._disconnected = True
         self._closing = True
         self._cancel_timer()
+        if self.tls_active and self.factory.tls_gate is not None:
+            self.factory.tls_gate.connection_lost(self, reason)  # logs a failed handshake
         if self._writer is not None:
             self.log.info(
                 "session {session_id}: client left during a transaction, message {queue_id} discarded",
@@ -494,9 +496,7 @@ class ESMTPServer(Protocol):
         try:
             cert = conn.get_peer_certificate()
             if cert is not None:
-                subject = "/".join(
-                    f"{k.decode()}={v.decode(errors='replace')}" for k, v in cert.get_subject().get_components()
-                )
+                subject = cert.to_cryptography().subject.rfc4514_string()  # X509.get_subject is deprecated
         except Exception:
             subject = None
         self.session.tls = TLSInfo(version, cipher, subject)
@@ -515,6 +515,8 @@ class ESMTPServer(Protocol):
         self._verbs[key] = self._verbs.get(key, 0) + 1
         if self.tls_active and self.session is not None and self.session.tls is None:
             self._fill_tls_info()
+            if self.session.tls is not None and self.factory.tls_gate is not None:
+                self.factory.tls_gate.handshake_done(self)  # client certificate check (exmta.tls.verify)
         if self.factory.shutting_down and self.txn is None and verb != "QUIT":
             self._close(replies.shutting_down(self.config.hostname))
             return
@@ -573,6 +575,11 @@ class ESMTPServer(Protocol):
         if self.txn is not None:
             self._error(replies.NESTED_MAIL)
             return
+        if self.factory.tls_gate is not None:  # require_tls, partner certificates (exmta.tls.verify)
+            refusal = self.factory.tls_gate.check_mail(self)
+            if refusal is not None:
+                self._reply(refusal)
+                return
         try:
             sender, params = parse_mail(
                 argument, esmtp=self.session.esmtp,
@@ -999,6 +1006,10 @@ class ESMTPServerFactory(Factory):
         self.postmaster = postmaster
         self.local_domain = local_domain
         self.tls_context_factory = tls_context_factory
+        #: TLS from the first byte (the listener is wrapped by exmta.tls.context.listening_factory)
+        self.implicit_tls = False
+        #: exmta.tls.verify.TLSGate: require_tls and client certificate checks, or None
+        self.tls_gate: Any = None
         #: exmta.auth.smtp.Authenticator: SMTP AUTH and send-as for this connector, or None (no AUTH)
         self.authenticator: Any = None
         self.postmaster_domain = postmaster_domain
