@@ -7,9 +7,10 @@ text-mode browser. Mount it in the admin API (behind its authentication:
 the search shows addresses) as ``status``; ``?q=...`` searches the message
 tracking log.
 
-Search: the admin API may pass its own ``search(query, limit)`` function
-(``exmta track``'s engine); otherwise :func:`search_tracking_log` does a
-plain case-insensitive match of every word of the query against a record's
+Search: the admin API may pass its own ``search(query, limit)`` function;
+otherwise :func:`search_tracking_log` reads the log with ``exmta track``'s
+reader (:func:`exmta.admin.track.read_events`: rotated files included) when
+it is there, else the current file itself, and does a case-insensitive match of every word of the query against a record's
 queue id, Message-ID, sender, recipients, event id and connector (``key:value``
 words restrict to one field), newest first. Corrupt or truncated lines are
 skipped and counted, never fatal.
@@ -17,6 +18,7 @@ skipped and counted, never fatal.
 from __future__ import annotations
 
 import html
+import io
 import json
 import os
 import time
@@ -84,6 +86,15 @@ def search_tracking_log(path: str, query: str, limit: int = 100,
     terms = parse_query(query)
     if not terms:
         return [], 0
+    try:
+        from exmta.admin import track  # ``exmta track``'s reader: rotated files too, corrupt lines skipped
+    except ImportError:
+        track = None
+    if track is not None and hasattr(track, "read_events"):
+        warnings = io.StringIO()
+        found = [r for r in track.read_events(path, warnings) if _matches(r, terms)]
+        found.sort(key=lambda r: r.get("timestamp") or 0, reverse=True)
+        return found[:limit], warnings.getvalue().count("\n")
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
