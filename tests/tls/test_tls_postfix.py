@@ -47,12 +47,12 @@ def readable(*paths: Path) -> None:
 
 
 def exmta_config(*, smarthost: str | None = None, send_tls: str = "", receive_tls: str = "",
-                 extra: str = "") -> str:
+                 extra: str = "", workers: int = 0) -> str:
     out = f"""
 [server]
 hostname = "{EXMTA_HOST}"
 data_dir = "{{data_dir}}"
-receive_workers = 0
+receive_workers = {workers}
 
 [accepted_domains]
 "example.test" = "authoritative"
@@ -144,6 +144,15 @@ tls_key = "{relay.key}"
     delivered = [e for e in events if e.get("event_id") in ("SEND", "DELIVER") and e.get("tls")]
     assert delivered and delivered[-1]["tls"].startswith("TLSv1.3 ")
     assert ex.error_lines() == []
+
+
+def test_opportunistic_default_encrypts_to_postfix(tmp_path, pki, postfix_factory, exmta_factory):
+    pf = postfix_factory(maildir_domains=["example.net"], main_cf=postfix_tls_server(pki))
+    ex = exmta_factory(toml=exmta_config(smarthost=f"[127.0.0.1]:{pf.port}"))  # tls: default settings
+    submit(ex.port, "bob@example.net", "opportunistic")
+    [message] = pf.wait_maildir("bob@example.net", 1, timeout=30)
+    assert b"(using TLSv1.3 with cipher" in message
+    assert "Anonymous TLS connection established from" in pf.log_text()  # no client certificate by default
 
 
 def test_name_mismatch_defers_with_the_reason_and_never_sends_in_plaintext(tmp_path, pki, postfix_factory,
@@ -286,4 +295,42 @@ reload_interval = "1h"
     wait_until(lambda: "TLS certificates of receive.smtps not reloaded" in ex.log_text(), 15, "refusal log line")
     assert "expired on" in ex.log_text()
     assert served_names(port465, pki, "x") == ["smtps2.example.test"]
+    assert ex.error_lines() == []
+
+
+def test_receive_worker_processes_serve_starttls_and_implicit_tls(tmp_path, pki, exmta_factory):
+    """With receive_workers the listening sockets are shared: the workers do TLS the same way."""
+    files = pki.server(EXMTA_HOST, file="exmta")
+    port465 = free_port()
+    receive_tls = f"""
+require_tls = true
+[receive.default.tls]
+cert = "{files.cert}"
+key = "{files.key}"
+"""
+    extra = f"""
+[receive.smtps]
+listen = ["tcp:{port465}:interface=127.0.0.1"]
+relay_networks = ["127.0.0.0/8"]
+[receive.smtps.tls]
+cert = "{files.cert}"
+key = "{files.key}"
+implicit = true
+"""
+    ex = exmta_factory(toml=exmta_config(receive_tls=receive_tls, extra=extra, workers=2))
+    ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+    chain_only = ssl.create_default_context(cafile=str(pki.ca_file))
+    chain_only.check_hostname = False  # SMTP_SSL would check the name against "127.0.0.1"
+    for i in range(6):  # several connections, so that workers and the main process all take some
+        with smtplib.SMTP("127.0.0.1", ex.port, timeout=20) as client:
+            client.ehlo("c.test")
+            assert client.mail("a@example.test") == (530, b"5.7.0 Must issue a STARTTLS command first")
+            client.rset()
+            client._host = EXMTA_HOST
+            client.starttls(context=ctx)
+            client.sendmail("a@example.test", ["dave@example.test"], f"Subject: starttls {i}\r\n\r\nx\r\n")
+        with smtplib.SMTP_SSL("127.0.0.1", port465, timeout=20, context=chain_only) as client:
+            client.sendmail("a@example.test", ["dave@example.test"], f"Subject: 465 {i}\r\n\r\nx\r\n")
+    wait_until(lambda: len(ex.maildir_messages("dave@example.test")) == 12, 30, "12 messages for dave")
+    assert all(b"(using TLSv1.3 with cipher" in m for m in ex.maildir_messages("dave@example.test"))
     assert ex.error_lines() == []
