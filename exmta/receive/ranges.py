@@ -135,6 +135,8 @@ class ConnectorEntry:
     hostname: str = "localhost"
     config_source: Any = None
     _config: Any = None
+    table: Any = None                    # ranges as integers (select_connector), built from table_of
+    table_of: Any = None
 
     @classmethod
     def from_config(cls, rc: Any, factory: Any, config_source: Any = None) -> ConnectorEntry:
@@ -160,14 +162,26 @@ class ConnectorEntry:
                 self._config = rc
 
 
+def _table(ranges: Sequence[IPNetwork]) -> tuple[tuple[int, int, int, int], ...]:
+    """(version, network as int, netmask as int, prefix length) for quick matching."""
+    return tuple((n.version, int(n.network_address), int(n.netmask), n.prefixlen) for n in ranges)
+
+
 def select_connector(entries: Sequence[ConnectorEntry], peer_ip: str) -> ConnectorEntry | None:
     """The entry whose ranges match ``peer_ip`` most specifically; the first listed wins a tie."""
     ip = parse_ip(peer_ip)
+    if ip is None:
+        return None
+    version, value = ip.version, int(ip)
     chosen, chosen_len = None, -1
     for entry in entries:
-        length = best_prefix(ip, entry.ranges)
-        if length is not None and length > chosen_len:
-            chosen, chosen_len = entry, length
+        table = entry.table
+        if table is None or entry.table_of is not entry.ranges:
+            table = entry.table = _table(entry.ranges)
+            entry.table_of = entry.ranges
+        for v, net, mask, length in table:
+            if v == version and length > chosen_len and value & mask == net:
+                chosen, chosen_len = entry, length
     return chosen
 
 
