@@ -25,6 +25,10 @@ def make_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a configuration file without starting anything")
     check.add_argument("file", help="path to the TOML configuration")
     check.set_defaults(func=_check_config)
+    from exmta.admin.client import add_queue_parser
+    from exmta.admin.track import add_track_parser
+    add_track_parser(sub)  # exmta track (message tracking log search)
+    add_queue_parser(sub)  # exmta queue list|messages|show|retry|suspend|resume|remove|export|redirect
     from exmta.auth.users_cli import add_users_parser
     add_users_parser(sub)  # exmta users add|remove|passwd|grant|revoke|rehash|list
     return parser

@@ -462,6 +462,9 @@ class TrackingEventId(enum.Enum):
     POISONMESSAGE = "POISONMESSAGE"
     RESUBMIT = "RESUBMIT"
     REJECT = "REJECT"            # refused at the SMTP layer (not queued)
+    EXPAND = "EXPAND"            # a distribution group was expanded
+    REDIRECT = "REDIRECT"        # an operator redirected (drained) the queue to another host
+    AGENTINFO = "AGENTINFO"      # a filter (transport agent) or rule verdict
 
 
 @dataclass(frozen=True)

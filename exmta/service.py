@@ -215,7 +215,9 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     pool = make_threadpool()
     _add(top, "threads", ThreadPoolService(pool))
 
-    tracker = TrackingLog(paths["tracking"])
+    from exmta.admin.settings import rotation_kwargs
+    tracker = TrackingLog(paths["tracking"], reactor, **rotation_kwargs(config.logs))
+    tracking_log = tracker
     _add(top, "tracking", TrackerService(tracker))
 
     store = SpoolStore(paths["queue"], reactor, pool, clock=reactor)
@@ -277,6 +279,10 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     observe.attach(scheduler, factories, config.receive)
     _add(top, "reload", observe.reload_service(scheduler, factories, filters, env))  # SIGHUP
     _add(top, "observe", observe.service)  # last: started when all listen, stopped first
+    from exmta.admin.service import add_operations
+    top.admin_root = add_operations(  # protocol logs, log rotation, admin API (/api); others putChild here
+        top, config, reactor, paths, store=store, scheduler=scheduler, tracker=tracker, pool=pool,
+        connectors=connectors, factories=factories, tracking_log=tracking_log)
     log.info("exmta: {count} receive connector(s), {send} send connector(s), data in {data}",
              count=len(config.receive), send=len(connectors), data=paths["data"])
     return top

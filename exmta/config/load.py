@@ -281,6 +281,13 @@ def _read_server(r: _Reader, base: Config) -> dict[str, Any]:
     return out
 
 
+def _ops_config() -> Any:
+    """exmta.admin.settings ([logs], [admin], protocol_log), imported late: it imports this module."""
+    from exmta.admin import settings
+
+    return settings
+
+
 def _tls_config() -> Any:
     """exmta.tls.config (TLS keys and certificate checks), imported late: it imports this module."""
     from exmta.tls import config
@@ -354,6 +361,7 @@ def _read_receive(r: _Reader, name: str, hostname: str) -> ReceiveConnectorConfi
     )
     c = replace(c, **_auth_config().receive_auth_kwargs(r, d))
     c = replace(c, **_read_connector_security(r, d))
+    c = replace(c, **_ops_config().connector_kwargs(r, d))
     if not c.listen:
         r.error("listen", "needs at least one endpoint, e.g. \"tcp:25\"")
     if 0 < c.max_text_line < 1000:
@@ -394,6 +402,7 @@ def _read_send(r: _Reader, name: str, data_dir: str) -> SendConnectorConfig:
     if kind == "maildir":
         root = c.maildir_root or "mail"
         c = replace(c, maildir_root=root if os.path.isabs(root) else os.path.join(data_dir, root))
+    c = replace(c, **_ops_config().connector_kwargs(r, d))
     if (c.auth_username is None) != (c.auth_password is None):
         r.error("auth_username", "auth_username and auth_password go together")
     _tls_config().check_send_tls(r, c)
@@ -622,6 +631,8 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
     top.used.add("route")
     routes = _read_routes(problems, raw.get("route", []))
     queue = _read_queue(top.sub("queue"))
+    logs = _ops_config().read_logs(top.sub("logs"))
+    admin = _ops_config().read_admin(top.sub("admin"))
     back_pressure = _read_back_pressure(top.sub("back_pressure"))
     metrics = _read_metrics(top.sub("metrics"))
     alerts = _read_alerts(top.sub("alerts"))
@@ -668,6 +679,8 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
         send=tuple(send),
         routes=routes,
         queue=queue,
+        logs=logs,
+        admin=admin,
         pickup_dir=server["pickup_dir"],
         tracking_log=server["tracking_log"],
         receive_workers=server["receive_workers"],

@@ -109,6 +109,7 @@ class ReceiveConnectorConfig:
     auth_lockout_window: float = 600.0
     auth_lockout_duration: float = 900.0
     accept_any_sender: bool = False       # true: no send-as check (Ms-Exch-SMTP-Accept-Any-Sender)
+    protocol_log: str = "off"             # "off" | "verbose": SMTP transcript (exmta.observe.protocol)
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ class SendConnectorConfig:
     tls_certificate: str | None = None    # PEM client certificate (+chain) to present (TlsCertificateName)
     tls_key: str | None = None            # its key; None = in tls_certificate
     protocol_log: str = "off"             # "off" | "verbose": SMTP transcript (exmta.observe.protocol)
+    protocol_log: str = "off"             # "off" | "verbose": SMTP transcript (exmta.observe.protocol)
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,27 @@ class QueueConfig:
     max_active: int = 500                 # messages in delivery at once
     poison_threshold: int = 3             # crashed attempts before a message is held
     pickup_interval: float = 2.0          # seconds between scans of the pickup directory
+
+
+@dataclass(frozen=True)
+class LogsConfig:
+    """[logs]: rotation and retention of the tracking and protocol logs (exmta.observe.rotation)."""
+
+    protocol_dir: str | None = None       # default <data_dir>/log/protocol
+    rotate_size: int = 64 * 1024 * 1024   # rotate the live file at this size; 0 = never by size
+    rotate_age: float = 86400.0           # rotate the live file this long after opening it; 0 = never by age
+    keep_age: float = 30 * 86400.0        # delete rotated files older than this; 0 = keep (Exchange MaxAge)
+    keep_size: int = 1024 * 1024 * 1024   # rotated files of one log above this: oldest deleted; 0 = no cap
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """[admin]: the authenticated admin API behind `exmta queue` (exmta.admin)."""
+
+    enabled: bool = True
+    listen: tuple[str, ...] = ("tcp:8025:interface=127.0.0.1",)  # also "unix:/run/exmta/admin.sock"
+    token_file: str | None = None         # default <data_dir>/admin.token (0600, generated on first start)
+    allowed_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # other clients get 403
 
 
 @dataclass(frozen=True)
@@ -223,6 +246,8 @@ class Config:
     recipient_list: str | None = None     # addresses of authoritative domains (exmta.receive.recipients)
     auth_backends: tuple[AuthBackendConfig, ...] = ()  # [auth.NAME] sections
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logs: LogsConfig = field(default_factory=LogsConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     source: str = "<embedded default>"    # the file this came from, for messages
 

@@ -11,16 +11,43 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, Mapping
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from exmta.interfaces import IMessageTracker
-from exmta.model import TrackingEvent
+from exmta.model import TrackingEvent, TrackingEventId
 from exmta.observe.rotation import RotatingLog
 
-__all__ = ["MultiTracker", "TrackingLog"]
+__all__ = ["MultiTracker", "TrackingLog", "event_details", "record_of"]
+
+#: events that report how long the message has been in the queue (``latency``, seconds since received)
+LATENCY_EVENTS = frozenset({
+    TrackingEventId.SEND, TrackingEventId.DELIVER, TrackingEventId.FAIL, TrackingEventId.DEFER,
+    TrackingEventId.EXPIRE, TrackingEventId.POISONMESSAGE, TrackingEventId.DROP,
+})
+
+
+def event_details(event_id: TrackingEventId, received_at: float, now: float, result: Any,
+                  details: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``details`` of a queue event, with ``latency`` added for delivery outcomes."""
+    out = dict(details or {})
+    if received_at and event_id in LATENCY_EVENTS:
+        out.setdefault("latency", round(max(0.0, now - received_at), 3))
+    return out
+
+
+def record_of(event: TrackingEvent) -> dict[str, Any]:
+    """The JSON object written for an event: ``tls`` is also split into ``tls_version`` and ``tls_cipher``."""
+    d = event.to_json()
+    tls = d.get("tls")
+    if isinstance(tls, str) and tls and "tls_version" not in d:
+        version, _, cipher = tls.partition(" ")
+        d["tls_version"] = version
+        if cipher:
+            d["tls_cipher"] = cipher
+    return d
 
 
 class _WallClock:
@@ -57,7 +84,7 @@ class TrackingLog:
 
     def track(self, event: TrackingEvent) -> None:
         try:
-            line = json.dumps(event.to_json(), ensure_ascii=False, separators=(",", ":"), default=str)
+            line = json.dumps(record_of(event), ensure_ascii=False, separators=(",", ":"), default=str)
         except Exception:
             self.log.failure("Cannot encode a tracking event", queue_id=getattr(event, "queue_id", None))
             return

@@ -104,9 +104,11 @@ from exmta.model import (
     RecipientResult,
     RecipientStatus,
     Reply,
+    Route,
     TrackingEvent,
     TrackingEventId,
 )
+from exmta.observe.tracking import event_details
 from exmta.queue.bounce import make_dsn
 from exmta.routing.router import UNREACHABLE, StaticRouter
 
@@ -262,6 +264,9 @@ class DeliveryScheduler(Service):
         self._drained: defer.Deferred[None] | None = None
         self._deadline: IDelayedCall | None = None
         self._generation = 0
+        # operator actions (exmta.admin): suspended destinations and a redirect (drain) target
+        self._operator_suspended: dict[tuple[str, str | None], str] = {}
+        self._redirect: tuple[str, str | None] | None = None
 
     @classmethod
     def from_config(
@@ -490,7 +495,12 @@ class DeliveryScheduler(Service):
         for r in due:
             by_address.setdefault(r.address, []).append(r)
         try:
-            routes = list(self._router.route(msg.envelope, list(by_address)))
+            if self._redirect is not None:
+                routes = [Route(self._redirect[0], tuple(by_address), self._redirect[1])]
+                self._track(TrackingEventId.REDIRECT, msg, tuple(by_address), connector=self._redirect[0],
+                            source="ADMIN", details={"target": self._redirect[1]})
+            else:
+                routes = list(self._router.route(msg.envelope, list(by_address)))
         except Exception:
             self._log.failure("router failed for {queue_id}", queue_id=msg.queue_id)
             routes = []
@@ -560,6 +570,10 @@ class DeliveryScheduler(Service):
 
     def _enqueue(self, delivery: _Delivery, now: float) -> None:
         dest = self._destination((delivery.connector, delivery.nexthop), now)
+        if dest.key in self._operator_suspended:
+            # suspended by an operator: no attempt; looked at again after the first retry interval
+            self._skip(delivery, now + self._config.retry_schedule[0])
+            return
         if dest.suspended_until is not None and now < dest.suspended_until:
             self._defer_suspended(delivery, dest)
             return
@@ -935,7 +949,7 @@ class DeliveryScheduler(Service):
             remote_host=result.remote_host if result else None,
             reply=reply if reply is not None else (str(result.reply) if result else None),
             tls=result.tls if result else None,
-            details=dict(details or {}),
+            details=event_details(event_id, env.received_at, self._clock.seconds(), result, details),
         )
         try:
             self._tracker.track(event)
@@ -965,6 +979,117 @@ class DeliveryScheduler(Service):
                 for (c, n), d in self._destinations.items()
             },
         }
+
+
+    # ------------------------------------------------------------ operator actions (exmta.admin)
+
+    def routes_for(self, envelope: Envelope) -> list[Route]:
+        """Where the pending recipients of ``envelope`` would go now (the redirect target if one is set)."""
+        addresses = list(dict.fromkeys(r.address for r in envelope.pending()))
+        if not addresses:
+            return []
+        if self._redirect is not None:
+            return [Route(self._redirect[0], tuple(addresses), self._redirect[1])]
+        try:
+            return list(self._router.route(envelope, addresses))
+        except Exception:
+            self._log.failure("router failed for {queue_id}", queue_id=envelope.queue_id)
+            return []
+
+    def is_active(self, queue_id: str) -> bool:
+        """Is this message claimed by the scheduler (being delivered) right now?"""
+        return queue_id in self._messages
+
+    def destination_state(self, connector: str, nexthop: str | None) -> dict[str, Any]:
+        """Failures, last reply and suspension of one destination (empty when healthy and idle)."""
+        out: dict[str, Any] = {}
+        dest = self._destinations.get((connector, nexthop))
+        if dest is not None:
+            out.update(active=dest.active, failures=dest.failures, suspended_until=dest.suspended_until,
+                       last_error=str(dest.last_reply) if dest.last_reply is not None else None)
+        reason = self._operator_suspended.get((connector, nexthop))
+        if reason is not None:
+            out["suspended_by_operator"] = reason
+        return out
+
+    def suspend_destination(self, connector: str, nexthop: str | None, reason: str = "suspended by an operator") -> None:
+        """Stop delivering to one destination until :meth:`resume_destination` (Exchange Suspend-Queue)."""
+        self._operator_suspended[(connector, nexthop)] = reason
+        self._log.info("destination {connector}/{nexthop} suspended: {reason}", connector=connector,
+                       nexthop=nexthop, reason=reason)
+
+    def resume_destination(self, connector: str, nexthop: str | None) -> bool:
+        """Undo :meth:`suspend_destination`; True when it was suspended. Call retry_destination after it."""
+        found = self._operator_suspended.pop((connector, nexthop), None) is not None
+        self._log.info("destination {connector}/{nexthop} resumed", connector=connector, nexthop=nexthop)
+        return found
+
+    def suspended_destinations(self) -> dict[tuple[str, str | None], str]:
+        return dict(self._operator_suspended)
+
+    def clear_backoff(self, connector: str, nexthop: str | None) -> None:
+        """Forget a destination's failures and automatic suspension (before a retry now)."""
+        dest = self._destinations.get((connector, nexthop))
+        if dest is not None:
+            dest.window, dest.failures, dest.suspended_until = dest.limit, 0, None
+
+    def set_redirect(self, name: str | None, connector: ISendConnector | None = None,
+                     nexthop: str | None = None) -> None:
+        """Send every message from now on through ``connector`` to ``nexthop`` (drain); None stops it."""
+        if name is None:
+            self._redirect = None
+            return
+        if connector is not None:
+            self._connectors[name] = connector
+        self._redirect = (name, nexthop)
+
+    @property
+    def redirect(self) -> tuple[str, str | None] | None:
+        return self._redirect
+
+    def remove_message(self, queue_id: str, ndr: bool, reason: str = "removed by an administrator") -> defer.Deferred[dict[str, Any]]:
+        """Delete a queued message, with or without a non-delivery report (Exchange Remove-Message -WithNDR).
+
+        KeyError when there is no such message, ValueError while it is being
+        delivered. Tracking: FAIL per pending recipient and DSN with an NDR,
+        DROP without.
+        """
+        if queue_id in self._messages:
+            return defer.fail(ValueError(f"{queue_id} is being delivered right now; try again in a moment"))
+        return defer.Deferred.fromCoroutine(self._remove_message(queue_id, ndr, reason))
+
+    async def _remove_message(self, queue_id: str, ndr: bool, reason: str) -> dict[str, Any]:
+        state, env = await defer.maybeDeferred(self._store.read, queue_id)
+        if state == "active" or queue_id in self._messages:
+            raise ValueError(f"{queue_id} is being delivered right now; try again in a moment")
+        msg = _Message(QueueEntry(queue_id, env))
+        pending = env.pending()
+        reply = Reply.make(550, "5.3.0", f"Message {reason}")
+        dsn_id = None
+        if ndr and pending and self._bounceable(env):
+            for r in pending:
+                r.last_reply = reply
+            content = self._store.open_content(queue_id)
+            try:
+                data, dsn_env = make_dsn(env, pending, "failed", self._hostname, content, self._clock.seconds(),
+                                         self._postmaster)
+            finally:
+                content.close()
+            dsn_id = await defer.maybeDeferred(self._store.submit, data, dsn_env)
+        await defer.maybeDeferred(self._store.remove, queue_id)
+        addresses = tuple(r.address for r in pending)
+        if ndr:
+            self._track(TrackingEventId.FAIL, msg, addresses, source="ADMIN", reply=str(reply),
+                        details={"reason": reason})
+            if dsn_id is not None:
+                self._track(TrackingEventId.DSN, msg, addresses, source="DSN",
+                            details={"dsn_queue_id": dsn_id, "action": "failed"})
+        else:
+            self._track(TrackingEventId.DROP, msg, addresses, source="ADMIN", details={"reason": reason})
+        self._log.info("{queue_id} removed from {state} ({ndr}): {reason}", queue_id=queue_id, state=state,
+                       ndr="with NDR" if ndr else "without NDR", reason=reason)
+        return {"queue_id": queue_id, "state": state, "ndr": dsn_id is not None, "dsn_queue_id": dsn_id,
+                "recipients": list(addresses)}
 
 
 def send_configs_by_name(configs: Sequence[SendConnectorConfig]) -> dict[str, SendConnectorConfig]:

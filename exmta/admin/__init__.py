@@ -1,0 +1,1 @@
+"""Operations: the authenticated admin API (twisted.web) and the ``exmta queue`` / ``exmta track`` commands."""

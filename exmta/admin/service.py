@@ -1,0 +1,146 @@
+"""Wiring of operations into the running server: admin API listener, protocol logs, log upkeep.
+
+:func:`add_operations` is called once by :func:`exmta.service.build_service`
+after everything else is built. The admin API is an :class:`AdminService`
+(started last, stopped first). A listen endpoint that cannot be bound is
+logged as an error and the mail server runs on: mail flow matters more than
+the admin API, and `exmta queue` then says it cannot reach the server.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer, endpoints
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.web import server
+
+from exmta.admin.api import QueueOperations, TokenGuard, make_admin_root
+from exmta.admin.settings import rotation_kwargs
+from exmta.admin.token import ensure_token, token_path
+from exmta.observe.protocol import ProtocolLogs
+
+__all__ = ["AdminService", "add_operations"]
+
+log = Logger()
+
+LOG_CHECK_INTERVAL = 60.0  # seconds between age-rotation checks of idle logs
+
+
+def _unix_private(endpoint: str) -> str:
+    """A unix endpoint without ``mode=`` gets 0600: only the server's user may connect."""
+    if endpoint.startswith("unix:") and ":mode=" not in endpoint:
+        return endpoint + ":mode=600"
+    return endpoint
+
+
+class AdminService(Service):
+    """Listens with the admin web tree on every [admin] listen endpoint."""
+
+    def __init__(self, reactor: Any, listen: tuple[str, ...], site: server.Site, token_file: str) -> None:
+        self.reactor = reactor
+        self.listen = listen
+        self.site = site
+        self.token_file = token_file
+        self.token = ""
+        self.ports: list[Any] = []
+
+    def startService(self) -> defer.Deferred[None]:
+        super().startService()
+        self.token = ensure_token(self.token_file)
+        return defer.Deferred.fromCoroutine(self._listen())
+
+    async def _listen(self) -> None:
+        for ep in self.listen:
+            try:
+                port = await endpoints.serverFromString(self.reactor, _unix_private(ep)).listen(self.site)
+            except Exception as e:
+                log.error("exmta: the admin API cannot listen on {endpoint}: {error}; `exmta queue` will not "
+                          "work until [admin] listen is fixed", endpoint=ep, error=str(e))
+                continue
+            self.ports.append(port)
+            log.info("exmta: admin API on {endpoint}", endpoint=ep)
+
+    def stopService(self) -> defer.Deferred[Any]:
+        super().stopService()
+        ports, self.ports = self.ports, []
+        return defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in ports])
+
+
+class LogUpkeep(Service):
+    """Closes the protocol logs at stop; a timer rotates idle logs by age and applies retention."""
+
+    def __init__(self, logs: list[Any]) -> None:
+        self.logs = logs
+
+    def check(self) -> None:
+        for rotating in self.logs:
+            if rotating.max_age and rotating.written and rotating._due(0):
+                rotating.rotate()
+
+    def stopService(self) -> None:
+        super().stopService()
+        for rotating in self.logs:
+            rotating.close()
+
+
+def add_operations(top: MultiService, config: Any, reactor: Any, paths: dict[str, str], *, store: Any,
+                   scheduler: Any, tracker: Any, pool: Any, connectors: dict[str, Any],
+                   factories: list[Any], tracking_log: Any = None) -> Any:
+    """Protocol logs on the connectors, log upkeep and the admin API; returns the admin root (or None).
+
+    ``tracker`` is what events go to (maybe a fan-out); ``tracking_log`` the
+    TrackingLog itself, whose age rotation the upkeep timer checks.
+    """
+    from exmta.config.schema import SendConnectorConfig, SmartHost
+    from exmta.send import build_wire_connector
+
+    protocol_dir = (os.path.abspath(config.logs.protocol_dir) if config.logs.protocol_dir
+                    else os.path.join(paths["data"], "log", "protocol"))
+    plogs = ProtocolLogs(protocol_dir, reactor, **rotation_kwargs(config.logs))
+    for rc, factory in zip(config.receive, factories):
+        factory.protocol_log = plogs.get("receive", rc.name, rc.protocol_log)
+    for sc in config.send:
+        if sc.name in connectors and hasattr(connectors[sc.name], "protocol_log"):
+            connectors[sc.name].protocol_log = plogs.get("send", sc.name, sc.protocol_log)
+    rotating = [pl.file for pl in plogs.logs.values()]
+    if tracking_log is not None and hasattr(tracking_log, "file"):
+        rotating.append(tracking_log.file)
+    upkeep = LogUpkeep(rotating)
+    upkeep.setName("log-upkeep")
+    upkeep.setServiceParent(top)
+    timer = TimerService(LOG_CHECK_INTERVAL, upkeep.check)
+    timer.clock = reactor
+    timer.setName("log-rotation")
+    timer.setServiceParent(top)
+
+    if not config.admin.enabled:
+        return None
+
+    def redirect_connector(host: str, port: int) -> Any:
+        sc = SendConnectorConfig(name="redirect", kind="smtp", smarthosts=(SmartHost(host, port),),
+                                 tls="opportunistic")
+        return build_wire_connector(sc, reactor, reactor, None, config.hostname)
+
+    ops = QueueOperations(
+        scheduler, store, reactor, tracker=tracker, make_redirect_connector=redirect_connector,
+        run_blocking=lambda f, *a: deferToThreadPool(reactor, pool, f, *a),
+        connectors=[sc.name for sc in config.send],
+    )
+    path = token_path(config.data_dir, config.admin.token_file)
+    service: AdminService | None = None
+    root = make_admin_root(ops, lambda: service.token if service is not None else "",
+                           config.admin.allowed_networks)
+    observe = getattr(top, "observability", None)
+    if observe is not None and hasattr(observe, "admin_children"):
+        for name, child in observe.admin_children().items():
+            root.putChild(name, TokenGuard(child, root.token))
+    site = server.Site(root)
+    site.displayTracebacks = False
+    service = AdminService(reactor, config.admin.listen, site, path)
+    service.setName("admin")
+    service.setServiceParent(top)
+    return root
