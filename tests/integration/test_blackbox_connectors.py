@@ -185,3 +185,32 @@ implicit = true
     procs.wait_until(lambda: exmta.maildir_messages("alice@example.test"), 30, "delivery")
     assert "smtps connector" not in text[0]
     assert not exmta.error_lines()
+
+
+def test_proxy_protocol_endpoint_dispatches_on_the_client_address_in_the_header(
+        exmta_factory: Callable[..., ExmtaProcess]) -> None:
+    proxy_port = procs.free_port()
+    extra = """
+[receive.behind-lb]
+listen = ["haproxy:tcp:{proxy_port}:interface=127.0.0.1"]
+banner = "lb internet"
+[receive.behind-lb-apps]
+listen = ["haproxy:tcp:{proxy_port}:interface=127.0.0.1"]
+remote_ranges = ["192.0.2.0/24"]
+relay_networks = ["192.0.2.0/24"]
+banner = "lb apps"
+"""
+    exmta = exmta_factory(toml=exmta_toml(relay_networks=[], extra=extra), subst={"proxy_port": proxy_port})
+
+    def through_proxy(header: bytes) -> tuple[int, list[str]]:
+        with socket.create_connection((procs.LOOPBACK, proxy_port), timeout=10) as sock:
+            sock.sendall(header)
+            return procs.read_smtp_reply(sock, timeout=10)
+
+    assert through_proxy(b"PROXY TCP4 192.0.2.5 127.0.0.1 40000 25\r\n")[1][0].endswith("lb apps")
+    assert through_proxy(b"PROXY TCP4 198.51.100.1 127.0.0.1 40000 25\r\n")[1][0].endswith("lb internet")
+    with socket.create_connection((procs.LOOPBACK, proxy_port), timeout=10) as sock:
+        sock.sendall(b"EHLO no-proxy-header\r\n")
+        sock.settimeout(10)
+        assert sock.recv(100) == b""  # no PROXY header: closed without a word
+    assert not exmta.error_lines()
