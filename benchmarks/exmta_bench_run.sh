@@ -39,6 +39,8 @@ mkdir -p "$DIR/data"
     echo "[receive.default]"
     echo "listen = [\"tcp:$PORT:interface=127.0.0.1\"]"
     echo 'relay_networks = ["127.0.0.0/8"]'
+    echo 'max_connections_per_ip = 0          # every benchmark client comes from 127.0.0.1'
+    echo 'max_connections = 0'
     echo
     if [ -n "$SINK_PORT" ]; then
         echo "[send.sink]"
