@@ -110,9 +110,9 @@ def read_receive_tls(r: _Reader, now: datetime.datetime | None = None) -> Receiv
         reload_interval=t.get("reload_interval", d.reload_interval, parse_duration),
     )
     _check_ca_file(t, "client_ca", cfg.client_ca)
-    if cfg.client_certificate == "require" and not cfg.client_names and not cfg.client_ca:
-        t.error("client_names", "client_certificate = \"require\" needs client_names or a private client_ca "
-                "(any publicly trusted certificate would pass otherwise)")
+    if cfg.client_certificate != "none" and not cfg.client_names and not cfg.client_ca:
+        t.error("client_names", f"client_certificate = \"{cfg.client_certificate}\" needs client_names or a "
+                "private client_ca (any publicly trusted certificate would pass otherwise)")
     if cfg.client_certificate == "none" and (cfg.client_names or cfg.client_ca):
         t.error("client_certificate", "is \"none\": client_names and client_ca need \"request\" or \"require\"")
     t.finish()

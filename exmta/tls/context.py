@@ -53,6 +53,8 @@ LEGACY_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:ECDHE+AES:AES:!aNULL:!eNULL:!MD5:!
 
 _VERSIONS = {"1.0": SSL.TLS1_VERSION, "1.1": SSL.TLS1_1_VERSION, "1.2": SSL.TLS1_2_VERSION,
              "1.3": SSL.TLS1_3_VERSION}
+#: warn this long before a certificate in use expires
+EXPIRY_WARNING = 14 * 86400.0
 _OPTIONS = (SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION
             | SSL.OP_SINGLE_ECDH_USE)
 
@@ -264,6 +266,18 @@ class ServerTLS:
         log.info("TLS certificates of receive.{connector} reloaded: {subjects}", connector=self.connector,
                  subjects="; ".join(f"{c.subject} (until {c.not_after:%Y-%m-%d})" for c in self.certificates))
         return True
+
+    def expiring(self, now: float, within: float = EXPIRY_WARNING) -> list[str]:
+        """A sentence per certificate in use that expires within ``within`` seconds of ``now`` (or has)."""
+        out = []
+        for c in self.certificates:
+            left = c.not_after.timestamp() - now
+            if left <= 0:
+                out.append(f"{c.subject} ({', '.join(c.paths)}) expired on {c.not_after:%Y-%m-%d %H:%M} UTC")
+            elif left <= within:
+                out.append(f"{c.subject} ({', '.join(c.paths)}) expires in {left / 86400:.1f} day(s), "
+                           f"on {c.not_after:%Y-%m-%d %H:%M} UTC")
+        return out
 
     def maybe_reload(self) -> None:
         """Reload when ``reload_interval`` has passed since the last check (checked per handshake too)."""

@@ -28,6 +28,9 @@ __all__ = ["TLSReloadService", "configure_receive_tls"]
 
 log = Logger()
 
+#: seconds between checks for certificates about to expire
+EXPIRY_CHECK = 3600.0
+
 
 def configure_receive_tls(factory: Any, config: ReceiveConnectorConfig, clock: IReactorTime) -> ServerTLS | None:
     """Set ``tls_context_factory``, ``implicit_tls`` and ``tls_gate`` of ``factory`` from ``config``.
@@ -53,7 +56,9 @@ class TLSReloadService(Service):
         self.reactor = reactor
         self.install_signal = install_signal
         intervals = [s.config.reload_interval for s in self.servers if s.config.reload_interval > 0]
-        self.interval = min(intervals) if intervals else 0.0
+        # at least hourly: certificates about to expire are reported even without file polling
+        self.interval = min([*intervals, EXPIRY_CHECK]) if self.servers else 0.0
+        self._warned: dict[str, float] = {}
         self._call: IDelayedCall | None = None
         self._previous: Any = None
         self._installed = False
@@ -75,7 +80,22 @@ class TLSReloadService(Service):
                 server.maybe_reload()
             except Exception:
                 log.failure("TLS reload of receive.{connector} failed", connector=server.connector)
+        self.warn_expiring()
         self._schedule()
+
+    def warn_expiring(self) -> list[str]:
+        """Log (at most daily per certificate) the certificates in use that expire soon or have expired."""
+        now = self.clock.seconds()
+        said = []
+        for server in self.servers:
+            for text in server.expiring(now):
+                if now - self._warned.get(text.split(" (", 1)[0], -1e18) < 86400:
+                    continue
+                self._warned[text.split(" (", 1)[0]] = now
+                log.warn("TLS certificate of receive.{connector}: {what}; replace the file (it is reloaded "
+                         "without a restart)", connector=server.connector, what=text)
+                said.append(text)
+        return said
 
     def _schedule(self) -> None:
         if self.running and self.interval > 0:
@@ -93,6 +113,7 @@ class TLSReloadService(Service):
 
     def startService(self) -> None:
         super().startService()
+        self.warn_expiring()
         self._schedule()
         if self.install_signal and self.servers and hasattr(signal, "SIGHUP"):
             try:

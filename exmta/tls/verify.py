@@ -75,6 +75,8 @@ class TLSGate:
         self.server_tls = server_tls
         self.client_mode = config.tls.client_certificate if config.tls else "none"
         self.client_names = tuple(n.lower() for n in (config.tls.client_names if config.tls else ()))
+        #: without client_names only a private client_ca makes a partner (never the public CAs)
+        self.private_ca = bool(config.tls and config.tls.client_ca)
 
     # ------------------------------------------------------------ hooks
 
@@ -108,8 +110,8 @@ class TLSGate:
                 if self.client_names and partner is None:
                     problem = (f"certificate names {', '.join(names) or '(none)'} match none of "
                                f"{', '.join(self.client_names)}")
-                elif not self.client_names:
-                    partner = names[0] if names else None
+                elif not self.client_names and self.private_ca:
+                    partner = names[0] if names else None  # any certificate of the private CA
         session.tls = dataclasses.replace(
             session.tls, peer_certificate_names=names, peer_certificate_verified=verified,
             partner=partner if problem is None else None)

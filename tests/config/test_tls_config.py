@@ -176,6 +176,9 @@ def test_partner_connector_needs_names_or_private_ca(tmp_path, pki):
     [problem] = problems_of(write(tmp_path, receive_extra=f'[receive.in.tls]\ncert = "{files.cert}"\n'
                                                             f'key = "{files.key}"\nclient_certificate = "require"'))
     assert problem.startswith("receive.in.tls.client_names: client_certificate = \"require\" needs client_names")
+    [problem] = problems_of(write(tmp_path, receive_extra=f'[receive.in.tls]\ncert = "{files.cert}"\n'
+                                                            f'key = "{files.key}"\nclient_certificate = "request"'))
+    assert problem.startswith("receive.in.tls.client_names: client_certificate = \"request\" needs client_names")
 
 
 def test_send_tls_keys(tmp_path, pki):

@@ -78,10 +78,14 @@ class Store:
 
 
 class Policy:
+    def __init__(self) -> None:
+        self.tls_at_mail: list[Any] = []  # session.tls as the policy sees it at MAIL
+
     def check_connect(self, session):
         return Verdict.CONTINUE
 
     def check_mail(self, session, sender, params):
+        self.tls_at_mail.append(session.tls)
         return Verdict.CONTINUE
 
     def authorize_rcpt(self, session, txn, rcpt, params):
@@ -133,13 +137,13 @@ def make_server(pki):
             tls_config = ReceiveTLSConfig(
                 certificate=TLSCertificateConfig(str(files.cert), str(files.key)), sni=tuple(sni), **tls)
         rc = ReceiveConnectorConfig(name="tls", hostname=HOST, tls=tls_config, require_tls=require_tls)
-        store, tracker = Store(), Tracker()
-        factory = ESMTPServerFactory(rc, Policy(), FilterChain([], reactor), store, reactor, tracker=tracker)
+        store, tracker, policy = Store(), Tracker(), Policy()
+        factory = ESMTPServerFactory(rc, policy, FilterChain([], reactor), store, reactor, tracker=tracker)
         server_tls = configure_receive_tls(factory, rc, reactor)
         port = reactor.listenTCP(0, listening_factory(factory, reactor), interface="127.0.0.1")
         started.append((port, factory))
         return SimpleNamespace(port=port.getHost().port, store=store, factory=factory, tls=server_tls,
-                               tracker=tracker, files=files)
+                               tracker=tracker, files=files, policy=policy)
 
     yield make
     for port, factory in started:
@@ -462,6 +466,22 @@ def test_partner_certificate_that_matches_is_accepted(make_server, pki, logs):
     assert len(server.store.committed) == 1
     assert ("client certificate accepted for 127.0.0.1 on tls: mail.protection.outlook.com"
             in log_text(logs))
+    [tls] = server.policy.tls_at_mail  # what the relay policy's "partners" permission group reads
+    assert tls.partner == "mail.protection.outlook.com" and tls.peer_certificate_verified
+    assert tls.peer_certificate_names == ("mail.protection.outlook.com", "*.mail.protection.outlook.com")
+    assert tls.peer_certificate_subject.startswith("CN=mail.protection.outlook.com")
+
+
+@pytest_twisted.inlineCallbacks
+def test_request_mode_marks_partners_and_lets_the_others_in_as_anonymous(make_server, pki):
+    server = make_server(tls={"client_certificate": "request", "client_ca": str(pki.ca_file)})
+    exo = pki.client("relay.partner.test", file="partner")
+    assert (yield deferToThread(_with_client_cert, server.port, pki, exo))["mail"] == (250, b"2.1.0 Ok")
+    assert (yield deferToThread(_with_client_cert, server.port, pki, None))["mail"] == (250, b"2.1.0 Ok")
+    rogue = pki.other_ca().client("relay.partner.test", file="rogue2")
+    assert (yield deferToThread(_with_client_cert, server.port, pki, rogue))["mail"] == (250, b"2.1.0 Ok")
+    assert [t.partner for t in server.policy.tls_at_mail] == ["relay.partner.test", None, None]
+    assert [t.peer_certificate_verified for t in server.policy.tls_at_mail] == [True, False, False]
 
 
 @pytest_twisted.inlineCallbacks

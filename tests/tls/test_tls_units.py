@@ -260,3 +260,25 @@ def test_send_tls_client_certificate_reload(pki):
     client.key.write_bytes(broken.key.read_bytes())
     bump(client.key)
     assert served_names(send("mx.example.test").ctx) == ("relay2.example.test",)  # old one kept
+
+
+def test_certificates_about_to_expire_are_reported_daily(pki):
+    import datetime
+    import time
+
+    files = pki.server("mx.example.test")
+    clock = Clock()
+    clock.advance(time.time())
+    tls = ServerTLS("in", tls_config(files, reload_interval=0), clock)
+    service = TLSReloadService([tls], clock, install_signal=False)
+    not_after = tls.certificates[0].not_after.timestamp()
+    assert service.interval == 3600.0  # hourly even without file polling
+    assert service.warn_expiring() == []
+    clock.advance(not_after - clock.seconds() - 3 * 86400)  # three days left
+    [text] = service.warn_expiring()
+    assert "mx.example.test" in text and "expires in 3.0 day(s)" in text and str(files.cert) in text
+    assert service.warn_expiring() == []  # once a day
+    clock.advance(86400 * 4)
+    [text] = service.warn_expiring()
+    assert "expired on" in text
+    assert tls.certificates[0].not_after > datetime.datetime.now(datetime.timezone.utc)
