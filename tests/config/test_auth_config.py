@@ -179,3 +179,25 @@ def test_check_config_command_reports_auth_problems(tmp_path):
     assert proc.returncode == 2
     assert "receive.submission.auth_backend: no [auth.missing.jsonl] section and no users file" in proc.stderr
     assert "exmta users add" in proc.stderr
+
+
+def test_the_annotated_example_auth_settings_load(tmp_path):
+    """etc/exmta.toml's commented AUTH keys and [auth.corp] section, uncommented, are a valid configuration."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "etc" / "exmta.toml").read_text()
+    start, end = text.index("# SMTP AUTH (Exchange AuthMechanism"), text.index("values. true: no check")
+    block = text[start:end]
+    text = text.replace(block, re.sub(r"^# (auth\w*|accept_any_sender) =", r"\1 =", block, flags=re.M))
+    start, end = text.index("# [auth.corp]"), text.index("# A send connector")
+    block = text[start:end]
+    uncommented = re.sub(r"^# ([\[a-z_]+.*)$", r"\1", block, flags=re.M)
+    text = text.replace(block, uncommented.replace('ca_file = "/etc/exmta/tls/corp-ca.pem"', "# ca_file"))
+    path = tmp_path / "example.toml"
+    path.write_text(text)
+    config = load_config(str(path))
+    rc = config.receive[0]
+    assert rc.auth == ("PLAIN", "LOGIN") and rc.auth_backend == "corp" and rc.auth_before_tls_networks
+    corp = config.auth_backend("corp")
+    assert corp.kind == "ldap" and corp.tls == "starttls" and corp.user_filter.startswith("(&(objectCategory")
