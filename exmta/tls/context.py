@@ -53,6 +53,8 @@ LEGACY_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:ECDHE+AES:AES:!aNULL:!eNULL:!MD5:!
 
 _VERSIONS = {"1.0": SSL.TLS1_VERSION, "1.1": SSL.TLS1_1_VERSION, "1.2": SSL.TLS1_2_VERSION,
              "1.3": SSL.TLS1_3_VERSION}
+#: seconds an implicit-TLS client has to finish its handshake (at most; see ImplicitTLSFactory)
+HANDSHAKE_TIMEOUT = 60.0
 #: warn this long before a certificate in use expires
 EXPIRY_WARNING = 14 * 86400.0
 _OPTIONS = (SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION
@@ -316,22 +318,44 @@ class ImplicitTLSProtocol(BufferingTLSTransport):
     The greeting written before the handshake would be buffered by the TLS
     layer, which pauses its producer (the session), which stops reading,
     so the handshake could never finish; and nothing of SMTP should happen
-    before TLS anyway.  A failed handshake is logged here with its reason.
+    before TLS anyway.  A failed handshake is logged here with its reason;
+    one that does not finish within the factory's ``handshake_timeout`` is
+    aborted (a client that connects and sends nothing holds no slot).
     """
 
     exmta_peer: Any = None
 
-    def __init__(self, factory: TLSMemoryBIOFactory, wrappedProtocol: Any) -> None:
+    def __init__(self, factory: ImplicitTLSFactory, wrappedProtocol: Any) -> None:
         super().__init__(factory, wrappedProtocol, _connectWrapped=False)
         self._session_started = False
+        self._handshake_timer: Any = None
+
+    def makeConnection(self, transport: Any) -> None:
+        clock = self.factory._clock
+        self._handshake_timer = clock.callLater(self.factory.handshake_timeout, self._handshake_expired)
+        super().makeConnection(transport)
+
+    def _cancel_handshake_timer(self) -> None:
+        timer, self._handshake_timer = self._handshake_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if not self._session_started and self.transport is not None:
+            log.info("implicit TLS with {peer_ip}: no handshake within {timeout:g}s, closing",
+                     peer_ip=getattr(self.exmta_peer, "host", "?"), timeout=self.factory.handshake_timeout)
+            self.transport.abortConnection()
 
     def _checkHandshakeStatus(self) -> None:
         super()._checkHandshakeStatus()
         if self._handshakeDone and not self._session_started and not self._lostTLSConnection:
             self._session_started = True
+            self._cancel_handshake_timer()
             ProtocolWrapper.makeConnection(self, self.transport)
 
     def connectionLost(self, reason: Any = None) -> None:
+        self._cancel_handshake_timer()
         if not self._session_started:
             from exmta.tls.verify import describe_tls_failure
 
@@ -347,8 +371,13 @@ class ImplicitTLSFactory(TLSMemoryBIOFactory):
 
     protocol = ImplicitTLSProtocol
 
-    def __init__(self, creator: ServerTLS, wrapped: Any, clock: IReactorTime | None = None) -> None:
+    def __init__(self, creator: ServerTLS, wrapped: Any, clock: IReactorTime | None = None,
+                 handshake_timeout: float | None = None) -> None:
         super().__init__(creator, False, wrapped, clock=clock)
+        if handshake_timeout is None:  # the connector's command timeout, at most a minute
+            handshake_timeout = min(HANDSHAKE_TIMEOUT, getattr(getattr(wrapped, "config", None),
+                                                               "command_timeout", HANDSHAKE_TIMEOUT))
+        self.handshake_timeout = handshake_timeout
 
     def buildProtocol(self, addr: Any) -> Any:
         protocol = super().buildProtocol(addr)

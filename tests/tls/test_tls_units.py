@@ -282,3 +282,31 @@ def test_certificates_about_to_expire_are_reported_daily(pki):
     [text] = service.warn_expiring()
     assert "expired on" in text
     assert tls.certificates[0].not_after > datetime.datetime.now(datetime.timezone.utc)
+
+
+def test_implicit_tls_handshake_times_out_on_the_clock(pki):
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.testing import StringTransport
+
+    files = pki.server("mx.example.test")
+    clock = Clock()
+    started: list[Protocol] = []
+
+    class Session(Protocol):
+        def connectionMade(self) -> None:
+            started.append(self)
+
+    inner = Factory.forProtocol(Session)
+    inner.config = ReceiveConnectorConfig(name="smtps", command_timeout=30.0)
+    factory = ImplicitTLSFactory(ServerTLS("smtps", tls_config(files), clock), inner, clock=clock)
+    assert factory.handshake_timeout == 30.0  # min(60, the connector's command timeout)
+    proto = factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 1234))
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    assert started == []  # no SMTP session before the handshake
+    clock.advance(29)
+    assert not transport.disconnecting
+    clock.advance(1)
+    assert transport.disconnecting  # aborted: a silent client holds no slot
+    assert clock.getDelayedCalls() == []
