@@ -181,6 +181,17 @@ tls_ca_file = "{pki.ca_file}"
     assert ex.error_lines() == []
 
 
+def test_mandatory_tls_to_a_server_without_starttls_defers_and_says_why(tmp_path, pki, postfix_factory,
+                                                                        exmta_factory):
+    pf = postfix_factory(maildir_domains=["example.net"])  # no TLS at all
+    ex = exmta_factory(toml=exmta_config(smarthost=f"[127.0.0.1]:{pf.port}", send_tls='tls = "mandatory"'))
+    submit(ex.port, "bob@example.net", "needs tls")
+    wait_until(lambda: any(e.get("event_id") == "DEFER" and "TLS is mandatory but the remote server does not "
+                           "offer STARTTLS" in e.get("reply", "") for e in tracking(ex)), 30, "DEFER", interval=0.2)
+    assert pf.maildir_messages("bob@example.net") == []
+    assert "from=<alice@example.test>" not in pf.log_text()
+
+
 def test_certificate_level_refuses_an_unknown_ca(tmp_path, pki, postfix_factory, exmta_factory):
     pf = postfix_factory(maildir_domains=["example.net"], main_cf=postfix_tls_server(pki))
     stranger = pki.other_ca("stranger-ca")
