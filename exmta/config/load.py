@@ -288,6 +288,13 @@ def _ops_config() -> Any:
     return settings
 
 
+def _dkim_config() -> Any:
+    """exmta.send.dkim_sign ([dkim] signing keys), imported late: it imports this module."""
+    from exmta.send import dkim_sign
+
+    return dkim_sign
+
+
 def _tls_config() -> Any:
     """exmta.tls.config (TLS keys and certificate checks), imported late: it imports this module."""
     from exmta.tls import config
@@ -390,6 +397,7 @@ def _read_send(r: _Reader, name: str, data_dir: str) -> SendConnectorConfig:
         auth_username=r.get("auth_username", d.auth_username, _nonempty_str),
         auth_password=r.get("auth_password", d.auth_password, _str),
         dns_servers=r.get("dns_servers", d.dns_servers, _list_of(_nameserver)),
+        dkim_sign=r.get("dkim_sign", d.dkim_sign, _bool),
         **_tls_config().read_send_tls(r),
     )
     mx = r.get("mx", None, _bool)
@@ -638,6 +646,8 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
     alerts = _read_alerts(top.sub("alerts"))
     auth_backends = _auth_config().read_auth_backends(top.sub("auth"), source)
 
+    dkim_keys = _dkim_config().read_dkim(top.sub("dkim"), server["data_dir"])
+
     filters: dict[str, dict[str, Any]] = {}
     fs = top.sub("filters")
     for name, table in fs.table.items():
@@ -687,6 +697,7 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
         back_pressure=back_pressure,
         recipient_list=server["recipient_list"],
         filters=filters,
+        dkim_keys=dkim_keys,
         metrics=metrics,
         alerts=alerts,
         auth_backends=auth_backends,

@@ -135,6 +135,7 @@ class SendConnectorConfig:
     auth_username: str | None = None
     auth_password: str | None = None
     dns_servers: tuple[str, ...] = ()     # "ip" or "ip:port"; empty = system resolver
+    dkim_sign: bool = False               # DKIM-sign with the [[dkim.keys]] of the author domain
     tls_auth_level: str = "encryption_only"  # | "certificate" | "domain" (Exchange TlsAuthLevel)
     tls_domain: str | None = None         # "domain": the name the certificate must match (default: host)
     tls_ca_file: str | None = None        # PEM CA bundle for validation; None = the system store
@@ -229,6 +230,16 @@ class AlertsConfig:
 
 
 @dataclass(frozen=True)
+class DKIMKeyConfig:
+    """One DKIM signing key ([[dkim.keys]]); a domain may have several (RSA and Ed25519 together)."""
+
+    domain: str
+    selector: str
+    key_file: str                         # PEM RSA key or base64 Ed25519 seed (exmta dkim keygen)
+    algorithm: str = "rsa-sha256"         # | "ed25519-sha256"
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str = "localhost"
     data_dir: str = "./exmta-data"
@@ -242,6 +253,7 @@ class Config:
     tracking_log: str | None = None       # default <data_dir>/log/tracking.jsonl
     receive_workers: int = 0              # extra processes accepting SMTP (0 = the main process only)
     filters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    dkim_keys: tuple[DKIMKeyConfig, ...] = ()  # [[dkim.keys]]: outbound DKIM signing keys
     back_pressure: BackPressureConfig = field(default_factory=BackPressureConfig)
     recipient_list: str | None = None     # addresses of authoritative domains (exmta.receive.recipients)
     auth_backends: tuple[AuthBackendConfig, ...] = ()  # [auth.NAME] sections

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 from dataclasses import dataclass, replace
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -162,10 +163,81 @@ class DKIMSigner:
         return replace(request, open_content=lambda: io.BytesIO(signed))
 
 
-def keys_from_config(entries: Sequence[Any], base_dir: str = ".") -> list[DKIMKey]:
-    """DKIMKey objects from config entries with domain, selector, algorithm, key_file."""
+
+
+# ---------------------------------------------------------------- configuration ([dkim] and dkim_sign)
+
+_SELECTOR = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
+
+
+def read_dkim(r: Any, data_dir: str) -> tuple[Any, ...]:
+    """``[dkim] keys = [{domain, selector, algorithm, key_file}, ...]`` -> DKIMKeyConfig tuple.
+
+    Each key file is read and tried now, so a bad key is a configuration
+    problem naming ``dkim.keys[N].key_file``, not a failure at send time.
+    """
+    from exmta.config.load import _domain
+    from exmta.config.schema import DKIMKeyConfig
+
+    entries = r.get("keys", [], lambda v: v if isinstance(v, list) else _fail("must be a list of tables"))
     out = []
-    for e in entries:
-        path = e.key_file if os.path.isabs(e.key_file) else os.path.join(base_dir, e.key_file)
-        out.append(load_key(e.domain, e.selector, e.algorithm, path))
-    return out
+    seen: set[tuple[str, str]] = set()
+    for i, entry in enumerate(entries, 1):
+        where = f"keys[{i}]"
+        if not isinstance(entry, dict):
+            r.error(where, "must be a table {domain, selector, algorithm, key_file}")
+            continue
+        unknown = set(entry) - {"domain", "selector", "algorithm", "key_file"}
+        for name in sorted(unknown):
+            r.error(f"{where}.{name}", "unknown setting")
+        try:
+            domain = _domain(entry.get("domain"))
+        except (ValueError, TypeError) as e:
+            r.error(f"{where}.domain", str(e))
+            continue
+        selector = entry.get("selector")
+        if not isinstance(selector, str) or not _SELECTOR.match(selector):
+            r.error(f"{where}.selector", f"must be a DNS label such as \"s2026\", not {selector!r}")
+            continue
+        algorithm = entry.get("algorithm", "rsa-sha256")
+        if algorithm not in ALGORITHMS:
+            r.error(f"{where}.algorithm", f"must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
+            continue
+        path = entry.get("key_file")
+        if not isinstance(path, str) or not path:
+            r.error(f"{where}.key_file", "is required: the private key file (exmta dkim keygen writes one)")
+            continue
+        path = path if os.path.isabs(path) else os.path.join(data_dir, path)
+        try:
+            load_key(domain, selector, algorithm, path)
+        except OSError as e:
+            r.error(f"{where}.key_file", f"cannot read {path}: {e.strerror}")
+            continue
+        except ValueError as e:
+            r.error(f"{where}.key_file", str(e))
+            continue
+        if (domain, selector) in seen:
+            r.error(f"{where}.selector", f"{selector} is already configured for {domain}")
+            continue
+        seen.add((domain, selector))
+        out.append(DKIMKeyConfig(domain=domain, selector=selector, key_file=path, algorithm=algorithm))
+    r.finish()
+    return tuple(out)
+
+
+def _fail(message: str) -> Any:
+    raise ValueError(message)
+
+
+def signer_from_config(config: Any, reactor: Any = None, threadpool: Any = None) -> DKIMSigner:
+    keys = [load_key(k.domain, k.selector, k.algorithm, k.key_file) for k in config.dkim_keys]
+    return DKIMSigner(keys, reactor, threadpool)
+
+
+def attach_signers(config: Any, connectors: dict[str, Any], reactor: Any, threadpool: Any) -> None:
+    """Give every SMTP/LMTP connector with ``dkim_sign = true`` one shared signer."""
+    signer = signer_from_config(config, reactor, threadpool)
+    for sc in config.send:
+        connector = connectors.get(sc.name)
+        if getattr(sc, "dkim_sign", False) and connector is not None and hasattr(connector, "signer"):
+            connector.signer = signer

@@ -131,6 +131,8 @@ class SMTPSendConnector:
         #: exmta.observe.protocol.ProtocolLog for this connector, None when off
         self.protocol_log: Any = None
         self.idle_timeout = idle_timeout
+        #: exmta.send.dkim_sign.DKIMSigner when the connector has dkim_sign = true
+        self.signer: Any = None
         self._idle: dict[tuple[str, ...], OrderedDict[SMTPClientProtocol, IDelayedCall]] = {}
         self._closing: set[defer.Deferred[None]] = set()
 
@@ -140,6 +142,8 @@ class SMTPSendConnector:
         return defer.Deferred.fromCoroutine(self._deliver(request))
 
     async def _deliver(self, request: DeliveryRequest) -> list[RecipientResult]:
+        if self.signer is not None:  # DKIM signing: the last change to the bytes (exmta.send.dkim_sign)
+            request = await self.signer.prepare(request)
         if self.lmtp or self.config.smarthosts or request.nexthop:
             groups = [(request.nexthop, request.recipients)]
         else:
