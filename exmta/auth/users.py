@@ -22,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import stat
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -165,17 +166,35 @@ class UsersFile:
             os.close(fd)
 
     def write(self, users: dict[str, UserRecord]) -> None:
-        """Replace the file atomically (call inside :meth:`locked`). Mode 0600: hashes are secrets too."""
+        """Replace the file atomically (call inside :meth:`locked`).
+
+        A new file is mode 0600 (hashes are secrets too); a replaced one keeps its owner, group and
+        mode, minus any bit for others.
+        """
         directory = os.path.dirname(self.path)
         header = "# exmta users file: manage with `exmta users ...`; never edit hashes by hand\n"
         body = "".join(r.to_line() + "\n" for r in sorted(users.values(), key=lambda r: r.user.casefold()))
+        try:
+            old = os.stat(self.path)
+        except FileNotFoundError:
+            old = None
         fd, tmp = tempfile.mkstemp(prefix=".users.", dir=directory)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(header + body)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o600)
+            if old is not None:
+                # keep the owner, group and mode the operator gave the file (the server may run as
+                # another user than the one running `exmta users`); never readable by others
+                if (old.st_uid, old.st_gid) != (os.getuid(), os.getgid()):
+                    try:
+                        os.chown(tmp, old.st_uid, old.st_gid)
+                    except PermissionError:
+                        pass
+                os.chmod(tmp, stat.S_IMODE(old.st_mode) & 0o660)
+            else:
+                os.chmod(tmp, 0o600)
             os.replace(tmp, self.path)
         except BaseException:
             try:

@@ -127,3 +127,15 @@ def test_update_keeps_concurrent_changes(tmp_path):
     f.update(lambda users: users.__setitem__("b", UserRecord("b", "h2", [])))
     assert sorted(f.read()) == ["a", "b"]
     assert [p for p in os.listdir(tmp_path) if p.startswith(".users.")] == []  # no temporary files left
+
+
+def test_rewrite_keeps_owner_group_and_mode_but_never_others(tmp_path):
+    f = UsersFile(str(tmp_path / "u.jsonl"))
+    f.write({"a": UserRecord("a", "h", [])})
+    owner = (65534, 65534) if os.getuid() == 0 else (os.getuid(), os.getgid())  # nobody:nogroup as root
+    os.chown(f.path, *owner)  # as if the server ran as that user
+    os.chmod(f.path, 0o644)
+    f.update(lambda users: users.__setitem__("b", UserRecord("b", "h2", [])))
+    st = os.stat(f.path)
+    assert (st.st_uid, st.st_gid) == owner
+    assert stat.S_IMODE(st.st_mode) == 0o640
