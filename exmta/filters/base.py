@@ -187,6 +187,8 @@ class FilterChain:
 
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+\Z")
 _FIELD_NAME_STR = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")
+#: a field line the email package and a plain scan read alike: name, colon at once
+_SIMPLE_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")
 
 
 def header_block_length(data: bytes) -> int:
@@ -338,23 +340,70 @@ class MessageView:
     calls :meth:`open_body`.
     """
 
-    def __init__(self, source: bytes | Callable[[], BinaryIO], size: int | None = None) -> None:
+    def __init__(self, source: bytes | Callable[[], BinaryIO], size: int | None = None,
+                 head: bytes | None = None) -> None:
         if isinstance(source, (bytes, bytearray, memoryview)):
             content = bytes(source)
             self._open: Callable[[], BinaryIO] = lambda: io.BytesIO(content)
             self.size = len(content) if size is None else size
+            head = content[:MAX_HEADER_BLOCK]
         else:
             self._open = source
             self.size = size if size is not None else 0
-        with self._open() as f:
-            head = f.read(MAX_HEADER_BLOCK)
-        self.header_length = header_block_length(head)
-        self.raw_headers = head[:self.header_length]
-        self.headers: email.message.Message = BytesHeaderParser(policy=compat32).parsebytes(
-            self.raw_headers + b"\r\n"
-        )
+        length = -1
+        if head is not None:
+            # ``head``: a prefix of the content the caller already holds (the spool writer keeps
+            # one), used when it decides the header block without reading the file
+            length = header_block_length(head)
+            if not (len(head) >= min(self.size, MAX_HEADER_BLOCK) or head.find(b"\r\n", length) >= 0):
+                length = -1
+        if length < 0:
+            with self._open() as f:
+                head = f.read(MAX_HEADER_BLOCK)
+            length = header_block_length(head)
+        assert head is not None
+        self.header_length = length
+        self.raw_headers = head[:length]
+        self._headers: email.message.Message | None = None
         self.edits = HeaderEdits()
         self.quarantine_reason: str | None = None
+
+    @property
+    def headers(self) -> email.message.Message:
+        """The header block parsed by the email package, on first use (most messages never need it)."""
+        if self._headers is None:
+            self._headers = BytesHeaderParser(policy=compat32).parsebytes(self.raw_headers + b"\r\n")
+        return self._headers
+
+    def field_values(self, name: str) -> list[str]:
+        """Raw values of every ``name`` field, as ``headers.raw_items()`` gives them.
+
+        A plain scan of the raw block when every line is a simple field or a
+        continuation (the usual case); otherwise the email package decides, so
+        the answer is the same either way.
+        """
+        block = self.raw_headers
+        key = name.lower().encode("ascii")
+        crlf = block.count(b"\r\n")
+        if block.count(b"\r") == crlf and block.count(b"\n") == crlf:
+            out: list[str] = []
+            simple = True
+            current = False
+            for line in block.split(b"\r\n")[:-1] if block else ():
+                if line[:1] in (b" ", b"\t"):
+                    if current:
+                        out[-1] += "\r\n" + line.decode("ascii", "surrogateescape")
+                    continue
+                m = _SIMPLE_FIELD.match(line)
+                if m is None:
+                    simple = False
+                    break
+                current = line[:m.end() - 1].lower() == key
+                if current:
+                    out.append(line[m.end():].lstrip(b" \t").decode("ascii", "surrogateescape"))
+            if simple:
+                return out
+        return [v for k, v in self.headers.raw_items() if k.lower() == name.lower()]
 
     def quarantine(self, reason: str) -> None:
         """Queue the message in hold/ with ``reason`` once it is accepted (the first reason wins)."""
@@ -374,6 +423,8 @@ class MessageView:
         if not self.edits:
             return 0
         new = self.edited_headers()
+        if new == self.raw_headers:  # e.g. the header firewall found nothing to remove: no rewrite
+            return 0
         writer.replace_headers(self.header_length, new)
         return len(new) - self.header_length
 

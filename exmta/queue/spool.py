@@ -70,6 +70,7 @@ _DIRS = ("tmp", "msg", *STATES, "corrupt")
 _COPY_CHUNK = 256 * 1024
 _MAX_PENDING = 1024 * 1024    # octets a writer buffers while its file is being created
 _CREATE_TIMEOUT = 30.0        # seconds to wait for that file when it is needed at once
+_HEAD_KEEP = 64 * 1024        # octets of the start of a message a writer keeps in memory (see head)
 _QUEUE_ID = re.compile(r"^[0-9A-Za-z]{1,64}$")
 
 T = TypeVar("T")
@@ -202,6 +203,7 @@ class SpoolWriter:
         self._opened: BinaryIO | None = None   # set by the creation job
         self._open_error: BaseException | None = None
         self._ready = threading.Event()
+        self._head = bytearray()              # the first _HEAD_KEEP octets, for head
         self._created = store._in_pool(self._create)
 
     def _create(self) -> None:
@@ -234,8 +236,16 @@ class SpoolWriter:
         if self._state != "open":
             raise ValueError(f"writer {self.queue_id} is {self._state}")
 
+    @property
+    def head(self) -> bytes:
+        """A prefix of the content (the first 64 KiB, or less after a header rewrite), from
+        memory: end of data reads the header block here, not from the file on the reactor thread."""
+        return bytes(self._head)
+
     def write(self, data: bytes) -> None:
         self._require_open()
+        if len(self._head) == self.size < _HEAD_KEEP:  # the head still holds everything written
+            self._head += data[:_HEAD_KEEP - self.size]
         f = self._adopt(wait=len(self._pending) + len(data) > _MAX_PENDING)
         if f is None:
             self._pending += data
@@ -258,6 +268,11 @@ class SpoolWriter:
         self._require_open()
         if not 0 <= old_length <= self.size:
             raise ValueError(f"old_length {old_length} outside 0..{self.size}")
+        if old_length <= len(self._head):
+            self._head[:old_length] = new_header_block
+            del self._head[_HEAD_KEEP:]
+        else:
+            self._head = bytearray(new_header_block[:_HEAD_KEEP])
         f = self._adopt(wait=False)
         if f is None:  # everything so far is still in memory
             self._pending[:old_length] = new_header_block

@@ -171,11 +171,7 @@ class ESMTPServer(Protocol):
                 self._producer_registered = True
             except RuntimeError:
                 pass  # somebody else produces into this transport: no write back-pressure then
-        self.log.info(
-            "session {session_id} start: {peer_ip}:{peer_port} on {connector}",
-            session_id=self.session.session_id, peer_ip=self.session.peer_ip,
-            peer_port=self.session.peer_port, connector=self.config.name,
-        )
+        # no "session start" line: the end line names the peer (one log line per session)
         if self.factory.shutting_down:
             self._close(replies.shutting_down(self.config.hostname))
             return
@@ -217,10 +213,11 @@ class ESMTPServer(Protocol):
         self.parser.discard_buffer()
         if self.session is not None:
             self.log.info(
-                "session {session_id} end after {duration:.3f}s: {messages} message(s), {errors} error(s), {commands}",
+                "session {session_id} end after {duration:.3f}s: {peer_ip}:{peer_port} on {connector},"
+                " {messages} message(s), {errors} error(s), {commands}",
                 session_id=self._sid, duration=self.clock.seconds() - self.session.started,
                 messages=self.messages, errors=self.errors, peer_ip=self.session.peer_ip,
-                connector=self.config.name,
+                peer_port=self.session.peer_port, connector=self.config.name,
                 commands=" ".join(f"{verb.lower()}={n}" for verb, n in self._verbs.items()) or "no commands",
             )
         if self._plog is not None:
@@ -761,8 +758,8 @@ class ESMTPServer(Protocol):
             if write_failed:
                 self._refuse_message(writer, txn, replies.INTERNAL_ERROR, "write failed")
                 return
-            view = MessageView(writer.open_read, size=writer.size)
-            hops = len(view.headers.get_all("Received") or ())
+            view = MessageView(writer.open_read, size=writer.size, head=getattr(writer, "head", None))
+            hops = len(view.field_values("Received"))
             if self.factory.max_hops and hops > self.factory.max_hops:
                 self._refuse_message(writer, txn, replies.TOO_MANY_HOPS, f"{hops} Received headers (mail loop)")
                 return
@@ -791,7 +788,7 @@ class ESMTPServer(Protocol):
                 self._reply(replies.queued(writer.queue_id))
                 return
             view.apply_edits(writer)
-            message_id = next((v for k, v in view.headers.raw_items() if k.lower() == "message-id"), None)
+            message_id = next(iter(view.field_values("Message-ID")), None)
             envelope = Envelope(
                 sender=str(txn.sender),
                 recipients=[Recipient(self._qualified(a), p.notify, p.orcpt) for a, p in txn.recipients],
