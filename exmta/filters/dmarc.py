@@ -42,7 +42,7 @@ from exmta.dns import AuthDNS, OversizeAnswer, TempDNSError, auth_dns_from_confi
 from exmta.filters.authres import DKIMResult, DMARCResult, SPFResult, auth_state
 from exmta.filters.base import FilterBase
 from exmta.filters.dkim_verify import dkim_results
-from exmta.filters.psl import org_domain
+from exmta.filters.psl import org_domain, use_data_dir
 from exmta.filters.spf import bool_option, check_spf, common_options
 from exmta.interfaces import IFilterFactory
 from exmta.model import Verdict
@@ -261,6 +261,7 @@ class DMARCFilter(FilterBase):
         if config.get("report_log", False) is not False:
             if bool_option(config, "report_log"):
                 options["report_path"] = os.path.join(env.data_dir, "dmarc", "results.jsonl")
+        use_data_dir(env.data_dir)  # a list refreshed by `exmta psl refresh`, else the packaged one
         return cls(name, auth_dns_from_config(config, env), env.hostname, clock=env.clock, **options)
 
     async def on_data(self, session: Any, txn: Any, message: Any) -> Verdict:
