@@ -30,6 +30,7 @@ debs="postfix swaks knot knot-dnsutils dovecot-core dovecot-lmtpd openssl ca-cer
 debs="$debs libnet-ssleay-perl"  # swaks --tls (tests/tls/)
 debs="$debs slapd ldap-utils"  # OpenLDAP for the SMTP AUTH LDAP checker tests (tests/support/slapd.py)
 debs="$debs chromium"  # headless browser for the status page test (tests/integration/test_observe.py)
+debs="$debs opendkim-tools spf-tools-perl"  # DKIM/SPF cross-checks (tests/filters/test_auth_crosscheck.py)
 # a clean Debian 12 may lack python3, and has it without venv/ensurepip
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
     debs="$debs python3"
@@ -55,6 +56,9 @@ for tool in postfix postconf postqueue smtp-source smtp-sink swaks dovecot knotd
     command -v "$tool" >/dev/null 2>&1 || { log "missing after install: $tool"; exit 1; }
 done
 [ -x /usr/lib/dovecot/lmtp ] || { log "missing after install: /usr/lib/dovecot/lmtp"; exit 1; }
+for tool in opendkim-testmsg spfquery unshare; do  # mail authentication cross-checks
+    command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || { log "missing after install: $tool"; exit 1; }
+done
 
 # exmta itself, editable (compat mode) with the [test] extras, in ./.venv
 # (scripts/install.sh; Debian's python3 is "externally managed", PEP 668)
