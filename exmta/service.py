@@ -274,7 +274,8 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
         if config.source and os.path.exists(config.source):
             worker_args += ["--config", os.path.abspath(config.source)]
         _add(top, "receive-workers",
-             WorkerPool(reactor, config.receive_workers, shared, worker_args, committed_elsewhere))
+             WorkerPool(reactor, config.receive_workers, shared, worker_args, committed_elsewhere,
+                        on_event=observe.worker_event))
         # the safety net for a queue id whose line from a worker was lost
         rescan = TimerService(INCOMING_RESCAN, store.scan_incoming)
         rescan.clock = reactor

@@ -211,6 +211,7 @@ class ReloadService(Service):
         try:
             self._previous = signal.signal(signal.SIGHUP, self._on_sighup)
             self._installed = True
+            log.info("SIGHUP reloads {source}", source=self.reloader.config.source)
         except ValueError:
             log.warn("SIGHUP handler for configuration reload not installed (not in the main thread)")
 

@@ -113,6 +113,12 @@ class Observability:
             self.factories[rc.name] = factory
             self.observe_factory(factory)
 
+    def worker_event(self, line: bytes) -> None:
+        """One metrics line from a receive worker process (exmta.observe.relay)."""
+        from exmta.observe.relay import dispatch
+
+        dispatch(line, self.metrics, self.trackers())
+
     def reload_service(self, scheduler: Any, factories: list[Any], filters: dict[str, Any],
                        filter_env: Any) -> Service:
         """The SIGHUP configuration reload (exmta.observe.reload) for this server."""

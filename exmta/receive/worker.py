@@ -64,6 +64,9 @@ def run(argv: list[str]) -> None:
     pool = make_threadpool()
     pool.start()
     tracker = TrackingLog(paths["tracking"])
+    from exmta.observe.relay import WorkerRelay
+    relay = WorkerRelay(lambda line: os.write(1, line))  # metrics: events to the main process too
+    tracker = relay.wrap(tracker)
     store = SpoolStore(paths["queue"], reactor, pool, clock=reactor, claims=False)  # only the main process claims
     store.add_listener(_announce)
     env = FilterEnv(reactor=reactor, clock=reactor, threadpool=pool, hostname=config.hostname,
@@ -79,6 +82,7 @@ def run(argv: list[str]) -> None:
         rc.name: make_receive_factory(config, rc, store, filters, tracker, reactor, resources)
         for rc in config.receive
     }
+    relay.observe(factories.values())
     # the same listeners in the same order as the main process: the index names the socket
     dispatchers = make_dispatchers(config.receive, list(factories.values()), reactor)
 

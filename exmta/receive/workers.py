@@ -84,6 +84,9 @@ class _WorkerProtocol(protocol.ProcessProtocol):
         self.buffer += data
         *lines, self.buffer = self.buffer.split(b"\n")
         for line in lines:
+            if line.startswith(b"{"):  # a metrics event (exmta.observe.relay)
+                self.owner.on_event(line)
+                continue
             queue_id = line.strip().decode("ascii", "replace")
             if queue_id:
                 self.owner.on_committed(queue_id)
@@ -105,12 +108,14 @@ class WorkerPool(Service):
     stop_deadline = 20.0
 
     def __init__(self, reactor: Any, count: int, sockets: list[tuple[ListenSpec, socket.socket]],
-                 worker_args: list[str], on_committed: Callable[[str], None]) -> None:
+                 worker_args: list[str], on_committed: Callable[[str], None],
+                 on_event: Callable[[bytes], None] | None = None) -> None:
         self.reactor = reactor
         self.count = count
         self.sockets = sockets
         self.worker_args = worker_args
         self.on_committed = on_committed
+        self.on_event = on_event or (lambda line: None)
         self.procs: dict[int, tuple[Any, _WorkerProtocol]] = {}
         self.stopping = False
 

@@ -212,6 +212,8 @@ def test_sighup_reload_applies_valid_config_and_keeps_running_on_a_bad_one(
     exmta = exmta_factory(toml=exmta_toml(local_domains=("example.test",), relay_networks=("127.0.0.0/8",)))
     assert exmta.config_path is not None
     good = exmta.config_path.read_text()
+    # SMTP answers before the last services start; SIGHUP before the handler is installed would end twistd
+    procs.wait_until(lambda: "SIGHUP reloads" in exmta.log_text(), timeout=10, what="the SIGHUP handler")
 
     # a broken file: refused, the old configuration stays, the log says why
     exmta.config_path.write_text(good.replace('[queue]\n', '[queue]\nmax_active = -3\n'))
@@ -319,3 +321,27 @@ def test_session_past_the_grace_gets_421(tmp_path: Path, exmta_factory: Callable
     s.close()
     procs.wait_until(lambda: not exmta.running(), timeout=30, what="exmta exits")
     assert exmta.maildir_messages("bob@example.test") == []
+
+
+def test_receive_worker_sessions_and_messages_are_counted_in_the_main_process(
+        smtp_sink: SmtpSink, exmta_factory: Callable[..., ExmtaProcess]) -> None:
+    """With receive_workers = 1 every connection is accepted by the worker process; its events
+    reach the main process's metrics over the worker's stdout (exmta.observe.relay)."""
+    mport = procs.free_port()
+    extra = f'[metrics]\nlisten = "tcp:{mport}:interface=127.0.0.1"\n'
+    exmta = exmta_factory(toml=exmta_toml(smarthost=smtp_sink.next_hop, receive_workers=1, extra=extra))
+    procs.wait_until(lambda: "receive worker ready" in exmta.log_text(), timeout=20, what="the worker")
+    for i in range(3):
+        with smtplib.SMTP("127.0.0.1", exmta.port, timeout=10) as c:
+            c.sendmail("a@example.test", [f"w{i}@example.net"], b"Subject: via worker\r\n\r\nx\r\n")
+    smtp_sink.wait_for(3, timeout=30)
+
+    def counted() -> bool:
+        s = scrape(mport)
+        return metric(s, "exmta_messages_delivered_total", connector="relay") == 3
+    procs.wait_until(counted, timeout=20, what="three deliveries in /metrics", interval=0.1)
+    s = scrape(mport)
+    assert metric(s, "exmta_messages_received_total", connector="default", source="SMTP") == 3
+    assert metric(s, "exmta_smtp_connections_total", connector="default") >= 3  # + the start-up probe
+    assert "worker[0]" in exmta.log_text() and "receive worker ready" in exmta.log_text()
+    assert exmta.error_lines() == []
