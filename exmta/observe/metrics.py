@@ -16,12 +16,8 @@ prometheus-client is an optional dependency (the ``metrics`` extra);
 :data:`AVAILABLE` says whether it is installed, and without it the
 ``/metrics`` resource answers 503 with what to install.
 
-Limitation: with ``receive_workers > 0`` the connections, sessions, TLS and
-AUTH counters of the worker processes are not counted (their message events
-go to the shared tracking log file, not to this process); message counters
-for mail received by workers are counted only from the main process's own
-deliveries (delivered/deferred/bounced are always counted: delivery runs in
-the main process).
+With ``receive_workers > 0`` the workers' events reach these counters
+through :mod:`exmta.observe.relay` (JSON lines on the workers' stdout).
 """
 from __future__ import annotations
 
