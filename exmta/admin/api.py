@@ -331,7 +331,11 @@ class QueueOperations:
         if state != "hold":
             raise ApiError(409, f"{queue_id} is not suspended (it is {state})",
                            f"`exmta queue retry QUEUE` makes deferred mail due now")
-        await defer.maybeDeferred(self.store.release, queue_id)
+        release_now = getattr(self.store, "release_now", None)
+        if release_now is not None:
+            await defer.maybeDeferred(release_now, queue_id, self.clock.seconds())
+        else:
+            await defer.maybeDeferred(self.store.release, queue_id)
         self._track(TrackingEventId.RESUBMIT, env, {"reason": "released by an operator",
                                                      "held_reason": env.held_reason})
         return {"queue_id": queue_id, "state": "incoming"}

@@ -301,7 +301,7 @@ def _do(client: AdminClient, args: argparse.Namespace) -> Any:
         if kind == "message":
             return f"Message {target} {'suspended (held)' if a == 'suspend' else 'resumed'}.\n"
         extra = f" {body.get('retried', 0)} message(s) due now." if a == "resume" else ""
-        return f"Queue {target} {a}d.{extra}\n"
+        return f"Queue {target} {'suspended' if a == 'suspend' else 'resumed'}.{extra}\n"
     if a == "remove":
         body = _checked(*client.call("POST", f"messages\0{args.queue_id}\0remove",
                                      {"ndr": "1" if args.ndr else "0"})[:2])
