@@ -265,7 +265,9 @@ def test_graceful_stop_with_a_session_in_data_and_a_delivery_in_flight(
         return None
 
     data = tmp_path / "data"
-    toml = exmta_toml(smarthost=f"[127.0.0.1]:{free_tcp_port}", retry="1s")
+    mport = procs.free_port()
+    toml = exmta_toml(smarthost=f"[127.0.0.1]:{free_tcp_port}", retry="1s",
+                      extra=f'[metrics]\nlisten = "tcp:{mport}:interface=127.0.0.1"\n')
     with SmtpSink(port=free_tcp_port, data_policy=slow) as sink:
         first = ExmtaProcess(tmp_path / "run1", toml=toml, data_dir=data).start()
         try:
@@ -285,6 +287,9 @@ def test_graceful_stop_with_a_session_in_data_and_a_delivery_in_flight(
             s.close()
             time.sleep(0.5)
             assert first.running()  # still finishing the delivery in flight
+            # the load balancer is told at once (the health listener stops last)
+            status, body = http_get(f"http://127.0.0.1:{mport}/readyz")
+            assert status == 503 and "FAIL not stopping: stopping" in body, body
             release.set()
             procs.wait_until(lambda: not first.running(), timeout=40, what="exmta exits")
             assert clean_exit(first.process.proc.returncode)  # type: ignore[union-attr]
@@ -345,3 +350,33 @@ def test_receive_worker_sessions_and_messages_are_counted_in_the_main_process(
     assert metric(s, "exmta_smtp_connections_total", connector="default") >= 3  # + the start-up probe
     assert "worker[0]" in exmta.log_text() and "receive worker ready" in exmta.log_text()
     assert exmta.error_lines() == []
+
+
+def test_status_page_and_metrics_behind_the_admin_api(
+        tmp_path: Path, smtp_sink: SmtpSink, exmta_factory: Callable[..., ExmtaProcess]) -> None:
+    """The admin API serves the page, /metrics and the health checks only with its token; in Chromium
+    with the token as the Basic password the page shows the queue and the tracking search."""
+    aport = procs.free_port()
+    extra = f'[admin]\nlisten = ["tcp:{aport}:interface=127.0.0.1"]\n[metrics]\nsample_interval = "0.5s"\n'
+    exmta = exmta_factory(toml=exmta_toml(smarthost=smtp_sink.next_hop, extra=extra))
+    token_file = exmta.data_dir / "admin.token"
+    procs.wait_until(lambda: token_file.exists() and procs.port_in_use(aport), timeout=20, what="the admin API")
+    token = token_file.read_text().strip()
+    with smtplib.SMTP("127.0.0.1", exmta.port, timeout=10) as c:
+        c.sendmail("alice@example.test", ["zed@example.net"], b"Subject: via admin\r\n\r\nx\r\n")
+    smtp_sink.wait_for(1, timeout=30)
+
+    for path in ("status", "metrics", "readyz"):
+        status, body = http_get(f"http://127.0.0.1:{aport}/{path}")
+        assert status == 401 and "token" in body, (path, status, body)
+    req = urllib.request.Request(f"http://127.0.0.1:{aport}/metrics", headers={"Authorization": f"Bearer {token}"})
+    with _OPENER.open(req, timeout=10) as r:
+        text = r.read().decode()
+    assert 'exmta_messages_received_total{connector="default",source="SMTP"} 1.0' in text
+
+    dom = chromium_dom(f"http://admin:{token}@127.0.0.1:{aport}/status?q=zed%40example.net", tmp_path)
+    text = text_of(dom)
+    assert "exmta on mx.example.test" in text and "Queue Messages incoming" in text
+    events = re.findall(r'<tr class="event"><td>[^<]*</td><td>([A-Z]+)</td>', dom)
+    assert {"RECEIVE", "SEND"} <= set(events), events
+    assert token not in dom
