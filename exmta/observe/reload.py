@@ -25,6 +25,7 @@ The previous SIGHUP handler (e.g. the TLS certificate reloader) still runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import signal
 from typing import Any
 
@@ -177,8 +178,10 @@ class ConfigReloader:
         factory.local_domain = lambda domain: config.accepted_domain(domain) is not None
         factory.postmaster_domain = next(
             (d.name for d in config.accepted_domains if not d.name.startswith("*")), factory.postmaster_domain)
-        if rc.listen == factory.config.listen and getattr(rc, "tls", None) == getattr(factory.config, "tls", None):
-            factory.config = rc  # limits, banner, timeouts for new sessions
+        # limits, banner, timeouts for new sessions; what needs a restart keeps its running value
+        keep = {k: getattr(factory.config, k) for k in ("listen", "tls", "require_tls")
+                if hasattr(factory.config, k) and hasattr(rc, k)}
+        factory.config = dataclasses.replace(rc, **keep)
 
     def _policy(self, config: Any, rc: Any, old: Any) -> Any:
         try:
