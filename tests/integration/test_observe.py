@@ -380,3 +380,33 @@ def test_status_page_and_metrics_behind_the_admin_api(
     events = re.findall(r'<tr class="event"><td>[^<]*</td><td>([A-Z]+)</td>', dom)
     assert {"RECEIVE", "SEND"} <= set(events), events
     assert token not in dom
+
+
+def test_inbound_tls_counted_and_certificate_expiry_alert(
+        tmp_path: Path, exmta_factory: Callable[..., ExmtaProcess]) -> None:
+    """STARTTLS sessions are counted by TLS version; a cert_expiry rule with no file list watches the
+    receive connector's own certificate (threshold far away so that it fires now)."""
+    import ssl
+
+    from support.tlscerts import TestPKI
+
+    pki = TestPKI(tmp_path / "pki")
+    files = pki.server("mx.example.test")
+    mport = procs.free_port()
+    receive_extra = f'\n[receive.default.tls]\ncert = "{files.cert}"\nkey = "{files.key}"\n'
+    extra = (f'[metrics]\nlisten = "tcp:{mport}:interface=127.0.0.1"\nstatus_page = true\n'
+             '[alerts]\ninterval = "0.5s"\nmail_postmaster = false\n'
+             '[alerts.rule.certificate]\nkind = "cert_expiry"\nthreshold = 1000000\n')
+    exmta = exmta_factory(toml=exmta_toml(receive_extra=receive_extra, extra=extra))
+    ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+    with smtplib.SMTP("127.0.0.1", exmta.port, timeout=10) as c:
+        c._host = "mx.example.test"  # the name to verify
+        c.starttls(context=ctx)
+        c.sendmail("a@example.test", ["bob@example.test"], b"Subject: over TLS\r\n\r\nx\r\n")
+        version = c.sock.version()  # type: ignore[union-attr]
+
+    procs.wait_until(lambda: "alert certificate firing" in exmta.log_text(), timeout=10, what="the alert")
+    s = scrape(mport)
+    assert metric(s, "exmta_tls_sessions_total", direction="inbound", connector="default", version=version) == 1
+    status, page = http_get(f"http://127.0.0.1:{mport}/status")
+    assert "certificate" in page and str(files.cert) in page and 'class="firing alert"' in page
