@@ -56,7 +56,13 @@ def describe_tls_failure(reason: Failure | BaseException | None, connection: Any
         for item in exc.args[0] if exc.args and isinstance(exc.args[0], list) else []:
             if isinstance(item, tuple) and len(item) == 3:
                 parts.append(str(item[2]))
-        text = "TLS handshake failed: " + (", ".join(parts) or str(exc) or exc.__class__.__name__)
+        done = False
+        try:
+            done = connection is not None and connection.get_finished() is not None
+        except Exception:  # not an OpenSSL connection
+            done = False
+        what = "TLS error after the handshake" if done else "TLS handshake failed"
+        text = f"{what}: " + (", ".join(parts) or str(exc) or exc.__class__.__name__)
         detail = verify_errors(connection) if connection is not None else None
         return f"{text}: {detail}" if detail else text
     name = exc.__class__.__name__

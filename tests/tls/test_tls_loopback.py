@@ -598,6 +598,7 @@ def test_garbage_after_the_handshake(make_server, pki, logs):
     assert out["junk_command"][0] == 500
     assert out["ehlo"][0] == 250
     assert out["after"] in (b"", "SSLError", "ConnectionResetError")
+    assert "TLS with 127.0.0.1 on tls failed: TLS error after the handshake: " in log_text(logs)
     result = yield deferToThread(_smtplib_starttls, server.port, pki)
     assert result["code"] == 220
     assert no_failures(logs)
