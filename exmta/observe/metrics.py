@@ -35,7 +35,7 @@ from exmta.model import TrackingEvent, TrackingEventId
 
 try:  # optional: the "metrics" extra
     import prometheus_client
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    from prometheus_client import CollectorRegistry, Counter, Histogram
     from prometheus_client.core import GaugeMetricFamily
 
     AVAILABLE = True
@@ -294,7 +294,6 @@ class Throughput:
 class Metrics:
     """Every exmta metric, in its own registry; feed it events, scrape ``registry``."""
 
-    #: bound on the per-connector label values we create from events (connector names come from config)
     def __init__(self, clock: Any, sampler: QueueSampler | None = None,
                  factories: Callable[[], dict[str, Any]] | None = None,
                  scheduler: Any = None) -> None:
@@ -343,9 +342,7 @@ class Metrics:
         connector = event.connector or "none"
         n = max(1, len(event.recipients))
         if eid in (TrackingEventId.RECEIVE, TrackingEventId.SUBMIT):
-            self.received.labels(connector, event.source or eid.value).inc()
-            if event.tls and eid is TrackingEventId.RECEIVE:
-                pass  # inbound TLS is counted per session (tls_started)
+            self.received.labels(connector, event.source or eid.value).inc()  # inbound TLS: per session
         elif eid in (TrackingEventId.DELIVER, TrackingEventId.SEND):
             self.delivered.labels(connector).inc(n)
             latency = delivery_latency(event)

@@ -62,6 +62,7 @@ def test_example_file_parses_and_documents_every_key() -> None:
     path = Path(__file__).resolve().parents[2] / "etc" / "exmta.toml"
     text = path.read_text()
     for key in ("sample_interval", "min_free_disk", "mail_postmaster", "webhook_timeout", "clear_ratio",
-                "min_events", "status_page", "[alerts.rule.", "cert_expiry", "disk_space", "auth_failures", "timeout_rate"):
+                "min_events", "status_page", "[alerts.rule.", "cert_expiry", "disk_space", "auth_failures",
+                "timeout_rate"):
         assert key in text, key
     tomllib.loads(text)

@@ -181,10 +181,12 @@ def test_throughput_series_covers_the_last_hour() -> None:
 def test_tracking_search_and_bad_input(tmp_path: Any) -> None:
     log = tmp_path / "tracking.jsonl"
     log.write_text(
-        '{"timestamp": 1, "event_id": "RECEIVE", "queue_id": "Q1", "sender": "a@x.test", "recipients": ["bob@y.test"]}\n'
+        '{"timestamp": 1, "event_id": "RECEIVE", "queue_id": "Q1", "sender": "a@x.test",'
+        ' "recipients": ["bob@y.test"]}\n'
         '{"timestamp": 2, "event_id": "DEFER", "queue_id": "Q1", "sender": "a@x.test", "recipients": ["bob@y.test"]}\n'
         "{not json\n"
-        '{"timestamp": 3, "event_id": "RECEIVE", "queue_id": "Q2", "sender": "c@x.test", "recipients": ["eve@y.test"]}\n'
+        '{"timestamp": 3, "event_id": "RECEIVE", "queue_id": "Q2", "sender": "c@x.test",'
+        ' "recipients": ["eve@y.test"]}\n'
         '{"timestamp": 4, "event_id": "SEN'  # truncated last line
     )
     found, bad = search_tracking_log(str(log), "bob@y.test")

@@ -101,7 +101,8 @@ def test_routes_queue_policy_and_alerts_are_swapped_listeners_need_a_restart(tmp
     path, config, scheduler, factory, reloader, alerts = setup(tmp_path)
     assert rcpt_reply(factory, "x@example.org").startswith(b"250")  # relayed for loopback
     text = (path.read_text()
-            .replace('"example.test" = "authoritative"', '"example.test" = "authoritative"\n"example.org" = "authoritative"')
+            .replace('"example.test" = "authoritative"',
+                     '"example.test" = "authoritative"\n"example.org" = "authoritative"')
             .replace('relay_networks = ["127.0.0.0/8"]', "relay_networks = []")
             .replace('domains = ["example.test"]', 'domains = ["example.test", "example.org"]')
             .replace('retry_schedule = ["1m"]', 'retry_schedule = ["5m", "10m"]')

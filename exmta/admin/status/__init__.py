@@ -10,10 +10,11 @@ tracking log.
 Search: the admin API may pass its own ``search(query, limit)`` function;
 otherwise :func:`search_tracking_log` reads the log with ``exmta track``'s
 reader (:func:`exmta.admin.track.read_events`: rotated files included) when
-it is there, else the current file itself, and does a case-insensitive match of every word of the query against a record's
-queue id, Message-ID, sender, recipients, event id and connector (``key:value``
-words restrict to one field), newest first. Corrupt or truncated lines are
-skipped and counted, never fatal.
+it is there, else the current file itself, and does a case-insensitive match
+of every word of the query against a record's queue id, Message-ID, sender,
+recipients, event id and connector (``key:value`` words restrict to one
+field), newest first. Corrupt or truncated lines are skipped and counted,
+never fatal.
 """
 from __future__ import annotations
 
