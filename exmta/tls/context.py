@@ -331,6 +331,10 @@ class ImplicitTLSProtocol(BufferingTLSTransport):
         self._handshake_timer: Any = None
 
     def makeConnection(self, transport: Any) -> None:
+        try:  # the client's address as the layers below see it (PROXY protocol included)
+            self.exmta_peer = transport.getPeer() or self.exmta_peer
+        except Exception:
+            pass
         clock = self.factory._clock
         self._handshake_timer = clock.callLater(self.factory.handshake_timeout, self._handshake_expired)
         super().makeConnection(transport)

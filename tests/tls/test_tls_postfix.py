@@ -345,3 +345,41 @@ implicit = true
     wait_until(lambda: len(ex.maildir_messages("dave@example.test")) == 12, 30, "12 messages for dave")
     assert all(b"(using TLSv1.3 with cipher" in m for m in ex.maildir_messages("dave@example.test"))
     assert ex.error_lines() == []
+
+
+def _tls10_behind_proxy(port: int, pki: TestPKI, client_ip: str) -> str:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # ssl.TLSVersion.TLSv1: that is the point
+        ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    ctx.check_hostname = False
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.sendall(f"PROXY TCP4 {client_ip} 127.0.0.1 40000 465\r\n".encode())
+        try:
+            with ctx.wrap_socket(raw, server_hostname=EXMTA_HOST) as tls:
+                banner = tls.recv(200)
+                tls.sendall(b"QUIT\r\n")
+                return f"{tls.version()} {banner[:3].decode()}"
+        except (ssl.SSLError, ConnectionError) as e:
+            return f"refused: {e.__class__.__name__}"
+
+
+def test_legacy_networks_behind_haproxy_use_the_proxied_address(tmp_path, pki, exmta_factory):
+    files = pki.server(EXMTA_HOST, file="exmta")
+    port465 = free_port()
+    extra = f"""
+[receive.smtps]
+listen = ["haproxy:tcp:{port465}:interface=127.0.0.1"]
+[receive.smtps.tls]
+cert = "{files.cert}"
+key = "{files.key}"
+implicit = true
+legacy_networks = ["192.0.2.0/24"]
+"""
+    ex = exmta_factory(toml=exmta_config(extra=extra))
+    assert _tls10_behind_proxy(port465, pki, "192.0.2.7") == "TLSv1 220"
+    assert _tls10_behind_proxy(port465, pki, "198.51.100.1").startswith("refused")
+    assert ex.error_lines() == []
