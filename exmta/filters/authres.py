@@ -65,6 +65,7 @@ class DMARCResult:
     spf_aligned: bool = False
     dkim_aligned: bool = False
     record: dict[str, str] = field(default_factory=dict)
+    policy_domain: str = ""  # where the record was found (the From: domain or its organisational domain)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,9 @@ Config (``plugin = "dmarc"``): ``dns_servers``, ``dns_timeout``,
 replacing the published policy for that From: domain or organisational
 domain), ``malformed_from`` ("reject" | "tag"), ``on_temperror``,
 ``skip_authenticated``, ``report_log`` (true: append results to
-``<data>/dmarc/results.jsonl`` for aggregate reports).
+``<data>/dmarc/results.jsonl``), ``reports`` (true: send daily aggregate
+reports built from that log, :mod:`exmta.filters.dmarc_reports`),
+``report_from``, ``report_org``.
 """
 from __future__ import annotations
 
@@ -196,12 +198,12 @@ def evaluate(dns: AuthDNS, from_dom: str, spf: SPFResult | None, dkim: list[DKIM
     policy = record.sp if where != from_dom else record.p
     tags = dict(record)
     if spf_ok or dkim_ok:
-        return DMARCResult("pass", from_dom, policy, "none", "", org, spf_ok, dkim_ok, tags)
+        return DMARCResult("pass", from_dom, policy, "none", "", org, spf_ok, dkim_ok, tags, where)
     temp = (spf is not None and spf.result == "temperror" and aligned(spf.domain, from_dom, record.aspf)) or any(
         d.result == "temperror" and aligned(d.domain, from_dom, record.adkim) for d in dkim)
     if temp:
         return DMARCResult("temperror", from_dom, policy, "none", "an aligned check failed temporarily (DNS)",
-                           org, False, False, tags)
+                           org, False, False, tags, where)
     disposition = policy
     if record.pct < 100 and rng.random() * 100 >= record.pct:
         disposition = {"reject": "quarantine", "quarantine": "none"}.get(policy, policy)  # 6.6.4
@@ -214,7 +216,7 @@ def evaluate(dns: AuthDNS, from_dom: str, spf: SPFResult | None, dkim: list[DKIM
         reasons[-1] += " (not aligned)"
     passing = [d.domain for d in dkim if d.result == "pass"]
     reasons.append(f"DKIM pass only for {', '.join(passing)} (not aligned)" if passing else "no passing DKIM signature")
-    return DMARCResult("fail", from_dom, policy, disposition, "; ".join(reasons), org, False, False, tags)
+    return DMARCResult("fail", from_dom, policy, disposition, "; ".join(reasons), org, False, False, tags, where)
 
 
 @provider(IFilterFactory)
@@ -222,7 +224,8 @@ class DMARCFilter(FilterBase):
     """``plugin = "dmarc"``: see the module docstring."""
 
     KEYS = frozenset({"dns_servers", "dns_timeout", "enforce", "quarantine", "overrides", "malformed_from",
-                      "on_temperror", "skip_authenticated", "report_log"})
+                      "on_temperror", "skip_authenticated", "report_log", "reports", "report_from",
+                      "report_org"})
 
     def __init__(self, name: str, dns: AuthDNS, receiver: str, *, enforce: bool = True, quarantine: str = "hold",
                  overrides: dict[str, str] | None = None, malformed_from: str = "reject",
@@ -261,6 +264,14 @@ class DMARCFilter(FilterBase):
         if config.get("report_log", False) is not False:
             if bool_option(config, "report_log"):
                 options["report_path"] = os.path.join(env.data_dir, "dmarc", "results.jsonl")
+        if "reports" in config and bool_option(config, "reports") and config.get("report_log") is not True:
+            raise ValueError("reports = true needs report_log = true (the reports are built from that log)")
+        for key in ("report_from", "report_org"):
+            if key in config and (not isinstance(config[key], str) or not config[key].strip()
+                                  or "\n" in config[key] or "\r" in config[key]):
+                raise ValueError(f"{key} must be a one-line string")
+        if "report_from" in config and "@" not in config["report_from"]:
+            raise ValueError("report_from must be an address (local@domain)")
         use_data_dir(env.data_dir)  # a list refreshed by `exmta psl refresh`, else the packaged one
         return cls(name, auth_dns_from_config(config, env), env.hostname, clock=env.clock, **options)
 
@@ -291,7 +302,9 @@ class DMARCFilter(FilterBase):
         log.info("{filter_name}: DMARC header.from={domain}: {result} p={policy} dis={disposition} {reason}",
                  filter_name=self.name, domain=domain, result=result.result, policy=result.policy,
                  disposition=result.disposition, reason=result.reason)
-        self._record(session, txn, result, spf, dkim)
+        recording = self._record(session, txn, result, spf, dkim)
+        if recording is not None:
+            await recording
         if result.result == "temperror" and self.on_temperror == "tempfail":
             return Verdict.tempfail(451, "4.7.1", f"DMARC check of {domain} failed temporarily; try again later")
         if result.result != "fail":
@@ -304,23 +317,28 @@ class DMARCFilter(FilterBase):
         return Verdict.CONTINUE
 
     def _record(self, session: Any, txn: Any, result: DMARCResult, spf: SPFResult | None,
-                dkim: list[DKIMResult]) -> None:
-        """Append one line for the aggregate reports (best effort; never fails the message)."""
+                dkim: list[DKIMResult]) -> Any:
+        """Append one line for the aggregate reports on the pool (best effort; never fails the message)."""
         if not self.report_path or not result.record:
-            return
+            return None
         now = self.clock.seconds() if self.clock is not None else time.time()
         line = {
             "time": now, "source_ip": session.peer_ip, "header_from": result.from_domain,
-            "org_domain": result.org_domain, "policy": result.record, "disposition": result.disposition,
+            "org_domain": result.org_domain, "policy_domain": result.policy_domain, "policy": result.record,
+            "disposition": result.disposition, "result": result.result,
             "dkim_aligned": result.dkim_aligned, "spf_aligned": result.spf_aligned,
             "envelope_from": spf.domain if spf else "",
             "spf": {"domain": spf.domain, "result": spf.result, "scope": spf.identity} if spf else None,
             "dkim": [{"domain": d.domain, "selector": d.selector, "result": d.result} for d in dkim],
         }
+        return self.dns.run(self._append, json.dumps(line, separators=(",", ":")) + "\n")
+
+    def _append(self, text: str) -> None:
+        assert self.report_path is not None
         try:
             os.makedirs(os.path.dirname(self.report_path), exist_ok=True)
             with open(self.report_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(line, separators=(",", ":")) + "\n")
+                f.write(text)  # one write of one line: appends from pool threads do not interleave
         except OSError:
             log.failure("{filter_name}: cannot append to {path}", filter_name=self.name, path=self.report_path)
 

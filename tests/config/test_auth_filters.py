@@ -36,6 +36,8 @@ plugin = "dmarc"
 dns_servers = ["127.0.0.1:5353"]
 quarantine = "hold"
 report_log = true
+reports = true
+report_from = "dmarc-reports@example.test"
 overrides = { "partner.example" = "none" }
 
 [filters.authres]
@@ -87,7 +89,7 @@ def test_unknown_keys_are_refused(tmp_path) -> None:
         load_filters(parse_config(raw).filters, env(tmp_path))
     assert info.value.problems == [
         "filters.dmarc: unknown key(s) polcy (known: dns_servers, dns_timeout, enforce, malformed_from, "
-        "on_temperror, overrides, quarantine, report_log, skip_authenticated)"]
+        "on_temperror, overrides, quarantine, report_from, report_log, report_org, reports, skip_authenticated)"]
 
 
 def test_defaults_are_secure(tmp_path) -> None:

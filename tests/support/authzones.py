@@ -57,6 +57,7 @@ _dmarc.strict TXT "v=DMARC1; p=reject; aspf=s; adkim=s"
 """
     other = f"""\
 @ TXT "v=spf1 ip4:198.51.100.0/24 -all"
+ext.test._report._dmarc TXT "v=DMARC1"
 o1._domainkey TXT {txt(record_text("rsa-sha256", p["other"]))}
 """
     spf = """\
@@ -95,6 +96,8 @@ helo TXT "v=spf1 ip4:192.0.2.0/24 -all"
         "baddmarc.test": '@ TXT "v=spf1 -all"\n_dmarc TXT "v=DMARC1; p=bogus"\n',
         "twodmarc.test": '_dmarc TXT "v=DMARC1; p=reject"\n_dmarc TXT "v=DMARC1; p=none"\n',
         "bigdmarc.test": f'_dmarc TXT {txt("v=DMARC1; p=reject; x=" + "y" * 9000)}\n',
+        "ext.test": ('@ TXT "v=spf1 ip4:192.0.2.0/24 -all"\n'
+                     '_dmarc TXT "v=DMARC1; p=quarantine; rua=mailto:agg@other.test!10m,mailto:agg@third.test"\n'),
         "broken.test": "this line is not a record\n",
     }
 
