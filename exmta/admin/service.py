@@ -23,7 +23,7 @@ from exmta.admin.settings import rotation_kwargs
 from exmta.admin.token import ensure_token, token_path
 from exmta.observe.protocol import ProtocolLogs
 
-__all__ = ["AdminService", "add_operations"]
+__all__ = ["AdminService", "add_operations", "attach_protocol_logs"]
 
 log = Logger()
 
@@ -87,6 +87,23 @@ class LogUpkeep(Service):
             rotating.close()
 
 
+def attach_protocol_logs(config: Any, paths: dict[str, str], clock: Any, factories: Any,
+                         rotate: bool = True) -> ProtocolLogs:
+    """Give each receive connector's factory its protocol log (None when off).
+
+    Receive worker processes pass ``rotate=False``: they append to the same
+    files and follow the main process's rotations.
+    """
+    protocol_dir = (os.path.abspath(config.logs.protocol_dir) if config.logs.protocol_dir
+                    else os.path.join(paths["data"], "log", "protocol"))
+    rotation = rotation_kwargs(config.logs) if rotate else {"max_size": 0, "max_age": 0, "keep_age": 0,
+                                                              "keep_size": 0}
+    plogs = ProtocolLogs(protocol_dir, clock, **rotation)
+    for rc, factory in zip(config.receive, factories):
+        factory.protocol_log = plogs.get("receive", rc.name, rc.protocol_log)
+    return plogs
+
+
 def add_operations(top: MultiService, config: Any, reactor: Any, paths: dict[str, str], *, store: Any,
                    scheduler: Any, tracker: Any, pool: Any, connectors: dict[str, Any],
                    factories: list[Any], tracking_log: Any = None) -> Any:
@@ -98,11 +115,7 @@ def add_operations(top: MultiService, config: Any, reactor: Any, paths: dict[str
     from exmta.config.schema import SendConnectorConfig, SmartHost
     from exmta.send import build_wire_connector
 
-    protocol_dir = (os.path.abspath(config.logs.protocol_dir) if config.logs.protocol_dir
-                    else os.path.join(paths["data"], "log", "protocol"))
-    plogs = ProtocolLogs(protocol_dir, reactor, **rotation_kwargs(config.logs))
-    for rc, factory in zip(config.receive, factories):
-        factory.protocol_log = plogs.get("receive", rc.name, rc.protocol_log)
+    plogs = attach_protocol_logs(config, paths, reactor, factories)
     for sc in config.send:
         if sc.name in connectors and hasattr(connectors[sc.name], "protocol_log"):
             connectors[sc.name].protocol_log = plogs.get("send", sc.name, sc.protocol_log)

@@ -169,7 +169,10 @@ def search(path: str, flt: Filter, warn: TextIO | None = None, limit: int | None
 def history(path: str, flt: Filter, warn: TextIO | None = None) -> list[dict[str, Any]]:
     """One message's whole story: every event with its queue id(s) or Message-ID, and its DSNs."""
     first = search(path, flt, warn)
-    ids = {str(r.get("queue_id", "")).upper() for r in first if r.get("queue_id")}
+    if flt.queue_id is not None:
+        ids = {flt.queue_id}  # that message (and the DSN event that created it), not its parent's story
+    else:
+        ids = {str(r.get("queue_id", "")).upper() for r in first if r.get("queue_id")}
     if not ids:
         return first
     out = [r for r in read_events(path, None)

@@ -10,7 +10,10 @@ and the oldest ones are deleted while the rotated files together exceed
 uses the injected clock, so rotation is testable with ``task.Clock``.
 
 Writes are synchronous and line buffered (one ``write`` per line; no fsync):
-these are diagnostic logs, the queue itself is what is durable.
+these are diagnostic logs, the queue itself is what is durable. Several
+processes may append to one file (receive workers): only the main process
+rotates, and a writer notices within a second that the file was renamed
+under it and reopens ``path``.
 :func:`log_files` lists a log's files oldest first, for readers such as
 ``exmta track``.
 """
@@ -84,6 +87,7 @@ class RotatingLog:
         self._file: IO[str] | None = None
         self._size = 0
         self._opened_at = 0.0
+        self._checked_at = 0.0
         self.report_errors = report_errors
         self.failing = False
         self.last_failure: Failure | None = None
@@ -91,6 +95,17 @@ class RotatingLog:
         self.rotations = 0
 
     # ------------------------------------------------------------ writing
+
+    def _renamed(self) -> bool:
+        """Has someone else (another process's rotation) renamed or removed ``path``? Checked once a second."""
+        now = self.clock.seconds()
+        if self._file is None or now - self._checked_at < 1.0:
+            return False
+        self._checked_at = now
+        try:
+            return os.stat(self.path).st_ino != os.fstat(self._file.fileno()).st_ino
+        except OSError:
+            return True
 
     def _open(self) -> IO[str]:
         if self._file is None:
@@ -100,7 +115,7 @@ class RotatingLog:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, self.mode)
             self._file = os.fdopen(fd, "a", encoding="utf-8", buffering=1, newline="\n")
             self._size = os.fstat(fd).st_size
-            self._opened_at = self.clock.seconds()
+            self._opened_at = self._checked_at = self.clock.seconds()
         return self._file
 
     def _due(self, extra: int) -> bool:
@@ -116,6 +131,9 @@ class RotatingLog:
         try:
             encoded = len(data.encode("utf-8"))
             if self._file is None:
+                self._open()
+            elif self._renamed():
+                self._close_quietly()  # rotated by another process: follow to the new file
                 self._open()
             if self._due(encoded):
                 self.rotate()

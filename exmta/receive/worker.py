@@ -83,6 +83,8 @@ def run(argv: list[str]) -> None:
         for rc in config.receive
     }
     relay.observe(factories.values())
+    from exmta.admin.service import attach_protocol_logs
+    protocol_logs = attach_protocol_logs(config, paths, reactor, factories.values(), rotate=False)
     # the same listeners in the same order as the main process: the index names the socket
     dispatchers = make_dispatchers(config.receive, list(factories.values()), reactor)
 
@@ -99,6 +101,7 @@ def run(argv: list[str]) -> None:
         if resources.service is not None:
             resources.service.stopService()
         tracker.close()
+        protocol_logs.close()
         pool.stop()
 
     stopping = []

@@ -120,3 +120,20 @@ def test_wall_clock_default(tmp_path: Path) -> None:
     assert abs(log.file.clock.seconds() - time.time()) < 5
     assert log.file.max_size == 0 and log.file.max_age == 0  # no rotation unless configured
     log.close()
+
+
+def test_a_writer_follows_a_rotation_by_another_process(tmp_path: Path) -> None:
+    path = str(tmp_path / "x.log")
+    clock = clock_at()
+    main = RotatingLog(path, clock, max_size=0, max_age=0, keep_age=0, keep_size=0)
+    worker = RotatingLog(path, clock, max_size=0, max_age=0, keep_age=0, keep_size=0)
+    main.write_line("main 1")
+    worker.write_line("worker 1")
+    rotated = main.rotate()
+    clock.advance(1)
+    worker.write_line("worker 2")  # notices the rename and reopens path
+    main.write_line("main 2")
+    main.close()
+    worker.close()
+    assert Path(rotated).read_text() == "main 1\nworker 1\n"
+    assert Path(path).read_text() == "worker 2\nmain 2\n"
