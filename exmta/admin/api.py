@@ -362,8 +362,9 @@ class QueueOperations:
             raise ApiError(400, "redirect is not available in this server", None)
         connector = self.make_redirect_connector(host, port)
         label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.scheduler.set_redirect("redirect", connector, label)
-        self.connectors.add("redirect")
+        name = getattr(connector, "name", None) or "redirect"
+        self.scheduler.set_redirect(name, connector, label)
+        self.connectors.add(name)
         self.log.info("queue redirected to {target}", target=label)
         result = await self._retry(lambda name: True, "*", None)
         return {"redirect": label, "retried": result["retried"]}

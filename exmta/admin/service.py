@@ -134,9 +134,14 @@ def add_operations(top: MultiService, config: Any, reactor: Any, paths: dict[str
         return None
 
     def redirect_connector(host: str, port: int) -> Any:
-        sc = SendConnectorConfig(name="redirect", kind="smtp", smarthosts=(SmartHost(host, port),),
+        name = "redirect"
+        while name in {s.name for s in config.send}:
+            name += "_"  # never replaces a configured send connector
+        sc = SendConnectorConfig(name=name, kind="smtp", smarthosts=(SmartHost(host, port),),
                                  tls="opportunistic")
-        return build_wire_connector(sc, reactor, reactor, None, config.hostname)
+        connector = build_wire_connector(sc, reactor, reactor, None, config.hostname)
+        connectors[name] = connector  # closed (QUIT) with the other send connectors at stop
+        return connector
 
     ops = QueueOperations(
         scheduler, store, reactor, tracker=tracker, make_redirect_connector=redirect_connector,
