@@ -9,6 +9,10 @@ bytes. The signed headers are dkimpy's RFC 6376 5.4.1 set with From
 oversigned (a second From: cannot be added without breaking the
 signature); canonicalisation relaxed/relaxed.
 
+With a key marked ``arc_seal = true``, mail that carries our
+Authentication-Results (mail we received and checked, then forward) also
+gets an ARC set (RFC 8617) before the DKIM signatures.
+
 ``exmta dkim keygen`` uses :func:`generate_key` and :func:`txt_record`.
 """
 from __future__ import annotations
@@ -112,6 +116,18 @@ def sign_message(message: bytes, keys: Sequence[DKIMKey]) -> bytes:
     return signatures + message
 
 
+def arc_seal(message: bytes, key: DKIMKey, authserv_id: str) -> bytes | None:
+    """``message`` with a new ARC set (RFC 8617) on top, or None when it has no
+    Authentication-Results from ``authserv_id`` to seal (mail we did not check). Blocking."""
+    import dkim
+
+    seal = dkim.arc_sign(message, key.selector.encode("ascii"), key.domain.encode("ascii"), key.private,
+                         authserv_id.encode("ascii"), linesep=b"\r\n")
+    if not seal:
+        return None
+    return b"".join(seal) + message
+
+
 def author_domain(message: bytes, sender: str) -> str:
     """The domain to sign for: the single From: address's domain, else the envelope sender's."""
     head = message.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
@@ -127,7 +143,11 @@ def author_domain(message: bytes, sender: str) -> str:
 class DKIMSigner:
     """Signs a DeliveryRequest's content with the keys of its author domain (see the module docstring)."""
 
-    def __init__(self, keys: Sequence[DKIMKey], reactor: Any = None, threadpool: Any = None) -> None:
+    def __init__(self, keys: Sequence[DKIMKey], reactor: Any = None, threadpool: Any = None,
+                 arc_key: DKIMKey | None = None, authserv_id: str = "") -> None:
+        """``arc_key``: also ARC-seal (RFC 8617) every message that carries our Authentication-Results."""
+        self.arc_key = arc_key
+        self.authserv_id = authserv_id
         self.keys: dict[str, list[DKIMKey]] = {}
         for key in keys:
             self.keys.setdefault(key.domain, []).append(key)
@@ -145,10 +165,13 @@ class DKIMSigner:
             message = f.read(MAX_SIGN_OCTETS + 1)
         if len(message) > MAX_SIGN_OCTETS:
             return None
+        sealed = arc_seal(message, self.arc_key, self.authserv_id) if self.arc_key is not None else None
+        if sealed is not None:
+            message = sealed
         domain = author_domain(message, request.envelope.sender)
         keys = self.keys.get(domain)
         if not keys:
-            return None
+            return sealed
         return sign_message(message, keys)
 
     async def prepare(self, request: DeliveryRequest) -> DeliveryRequest:
@@ -187,7 +210,7 @@ def read_dkim(r: Any, data_dir: str) -> tuple[Any, ...]:
         if not isinstance(entry, dict):
             r.error(where, "must be a table {domain, selector, algorithm, key_file}")
             continue
-        unknown = set(entry) - {"domain", "selector", "algorithm", "key_file"}
+        unknown = set(entry) - {"domain", "selector", "algorithm", "key_file", "arc_seal"}
         for name in sorted(unknown):
             r.error(f"{where}.{name}", "unknown setting")
         try:
@@ -220,7 +243,18 @@ def read_dkim(r: Any, data_dir: str) -> tuple[Any, ...]:
             r.error(f"{where}.selector", f"{selector} is already configured for {domain}")
             continue
         seen.add((domain, selector))
-        out.append(DKIMKeyConfig(domain=domain, selector=selector, key_file=path, algorithm=algorithm))
+        seal = entry.get("arc_seal", False)
+        if not isinstance(seal, bool):
+            r.error(f"{where}.arc_seal", "must be true or false")
+            continue
+        if seal and algorithm != "rsa-sha256":
+            r.error(f"{where}.arc_seal", "ARC sealing needs an rsa-sha256 key (RFC 8617)")
+            continue
+        if seal and any(k.arc_seal for k in out):
+            r.error(f"{where}.arc_seal", "only one key may have arc_seal = true")
+            continue
+        extra = {"arc_seal": True} if seal else {}
+        out.append(DKIMKeyConfig(domain=domain, selector=selector, key_file=path, algorithm=algorithm, **extra))
     r.finish()
     return tuple(out)
 
@@ -231,7 +265,11 @@ def _fail(message: str) -> Any:
 
 def signer_from_config(config: Any, reactor: Any = None, threadpool: Any = None) -> DKIMSigner:
     keys = [load_key(k.domain, k.selector, k.algorithm, k.key_file) for k in config.dkim_keys]
-    return DKIMSigner(keys, reactor, threadpool)
+    arc = [key for key, k in zip(keys, config.dkim_keys) if getattr(k, "arc_seal", False)]
+    # seal with the authserv-id our authres filter writes (its authserv_id, else the hostname)
+    authserv_id = next((str(t["authserv_id"]) for t in config.filters.values()
+                        if t.get("plugin") == "authres" and "authserv_id" in t), config.hostname)
+    return DKIMSigner(keys, reactor, threadpool, arc_key=arc[0] if arc else None, authserv_id=authserv_id)
 
 
 def attach_signers(config: Any, connectors: dict[str, Any], reactor: Any, threadpool: Any) -> None:
