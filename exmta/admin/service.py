@@ -50,7 +50,12 @@ class AdminService(Service):
 
     def startService(self) -> defer.Deferred[None]:
         super().startService()
-        self.token = ensure_token(self.token_file)
+        try:
+            self.token = ensure_token(self.token_file)
+        except (OSError, ValueError) as e:
+            log.error("exmta: the admin API is off: its token file {path} cannot be used ({error}); fix or "
+                      "remove the file and restart", path=self.token_file, error=str(e))
+            return defer.succeed(None)
         return defer.Deferred.fromCoroutine(self._listen())
 
     async def _listen(self) -> None:

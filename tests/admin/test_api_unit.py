@@ -166,3 +166,28 @@ def test_search_history_and_formats(tmp_path: Path) -> None:
     assert [r["reply"] for r in only_fail] == ["550 5.1.1 no"]
     window = search(str(log), Filter.from_args(args(start="15", end="30"), NOW))
     assert [r["timestamp"] for r in window] == [20.0, 30.0]
+
+
+def test_admin_service_without_a_usable_token_stays_off(tmp_path: Path) -> None:
+    """An empty token file: the admin API does not listen (logged), the rest of the server is not stopped."""
+    from twisted.internet.task import Clock
+    from twisted.logger import globalLogPublisher
+    from twisted.web import server
+
+    from exmta.admin.service import AdminService
+
+    path = tmp_path / "admin.token"
+    path.write_text("\n")
+    path.chmod(0o600)
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        svc = AdminService(Clock(), ("tcp:0:interface=127.0.0.1",), server.Site(resource.Resource()), str(path))
+        d = svc.startService()
+        out: list[Any] = []
+        d.addBoth(out.append)
+        assert out == [None] and svc.ports == [] and svc.token == ""
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert any("admin API is off" in e.get("log_format", "") for e in seen)
+    svc.stopService()
