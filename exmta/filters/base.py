@@ -365,6 +365,7 @@ class MessageView:
         self.header_length = length
         self.raw_headers = head[:length]
         self._headers: email.message.Message | None = None
+        self._index: dict[bytes, list[str]] | bool | None = None  # see field_values
         self.edits = HeaderEdits()
         self.quarantine_reason: str | None = None
 
@@ -378,32 +379,35 @@ class MessageView:
     def field_values(self, name: str) -> list[str]:
         """Raw values of every ``name`` field, as ``headers.raw_items()`` gives them.
 
-        A plain scan of the raw block when every line is a simple field or a
-        continuation (the usual case); otherwise the email package decides, so
-        the answer is the same either way.
+        A plain scan of the raw block (done once per view) when every line is a
+        simple field or a continuation (the usual case); otherwise the email
+        package decides, so the answer is the same either way.
         """
-        block = self.raw_headers
-        key = name.lower().encode("ascii")
-        crlf = block.count(b"\r\n")
-        if block.count(b"\r") == crlf and block.count(b"\n") == crlf:
-            out: list[str] = []
-            simple = True
-            current = False
-            for line in block.split(b"\r\n")[:-1] if block else ():
-                if line[:1] in (b" ", b"\t"):
-                    if current:
-                        out[-1] += "\r\n" + line.decode("ascii", "surrogateescape")
-                    continue
-                m = _SIMPLE_FIELD.match(line)
-                if m is None:
-                    simple = False
-                    break
-                current = line[:m.end() - 1].lower() == key
-                if current:
-                    out.append(line[m.end():].lstrip(b" \t").decode("ascii", "surrogateescape"))
-            if simple:
-                return out
+        if self._index is None:
+            self._index = self._scan_fields()
+        if self._index is not False:
+            return list(self._index.get(name.lower().encode("ascii"), ()))
         return [v for k, v in self.headers.raw_items() if k.lower() == name.lower()]
+
+    def _scan_fields(self) -> dict[bytes, list[str]] | bool:
+        """{lower-case name: raw values} of the header block, or False when it needs the email package."""
+        block = self.raw_headers
+        crlf = block.count(b"\r\n")
+        if block.count(b"\r") != crlf or block.count(b"\n") != crlf:
+            return False  # bare CR or LF: the email package splits lines differently
+        index: dict[bytes, list[str]] = {}
+        values: list[str] | None = None
+        for line in block.split(b"\r\n")[:-1] if block else ():
+            if line[:1] in (b" ", b"\t"):
+                if values is not None:
+                    values[-1] += "\r\n" + line.decode("ascii", "surrogateescape")
+                continue
+            m = _SIMPLE_FIELD.match(line)
+            if m is None:
+                return False
+            values = index.setdefault(line[:m.end() - 1].lower(), [])
+            values.append(line[m.end():].lstrip(b" \t").decode("ascii", "surrogateescape"))
+        return index
 
     def quarantine(self, reason: str) -> None:
         """Queue the message in hold/ with ``reason`` once it is accepted (the first reason wins)."""
@@ -416,7 +420,23 @@ class MessageView:
 
     def edited_headers(self) -> bytes:
         """The header block after the edits journal (the original block when there are none)."""
-        return self.edits.apply(self.raw_headers) if self.edits else self.raw_headers
+        if not self.edits or self._only_vain_removals():
+            return self.raw_headers
+        return self.edits.apply(self.raw_headers)
+
+    def _only_vain_removals(self) -> bool:
+        """True when every edit removes fields whose name occurs nowhere in the block (the header
+        firewall on almost every message): then the block is unchanged, without splitting it."""
+        lowered = None
+        for op in self.edits.ops:
+            if op[0] not in ("remove", "remove_prefix"):
+                return False
+            if lowered is None:
+                lowered = b"\r\n" + self.raw_headers.lower()
+            needle = b"\r\n" + op[1].lower().encode("ascii")
+            if needle in lowered:
+                return False
+        return True
 
     def apply_edits(self, writer: Any) -> int:
         """Write the edited header block through ``writer.replace_headers``; returns the size change."""

@@ -23,6 +23,7 @@ proxy's address).
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -55,6 +56,7 @@ ANY_RANGES: tuple[str, ...] = ("0.0.0.0/0", "::/0")
 NO_CONNECTOR = Reply.make(554, "5.7.1", "Your address is not allowed to connect to this server")
 
 
+@functools.lru_cache(maxsize=4096)  # called several times per session with the same few peers
 def parse_ip(text: str) -> IPAddress | None:
     """``text`` as an address; an IPv4-mapped IPv6 address is the IPv4 one; None when it is no IP."""
     try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
+import functools
 import ipaddress
 import os
 import re
@@ -92,7 +93,19 @@ def _default_reply(verdict: Verdict) -> Reply:
 
 def _printable(text: str, utf8: bool = False) -> str:
     """Text safe for a header field: printable, no CR/LF; ASCII unless the message is SMTPUTF8."""
+    if text.isprintable() and (utf8 or text.isascii()):
+        return text  # the usual case, without a Python loop over the characters
     return "".join(c if c.isprintable() and (utf8 or c.isascii()) else "?" for c in text)
+
+
+@functools.lru_cache(maxsize=4096)  # once per message, with the same few peers
+def _address_literal(peer_ip: str) -> str:
+    """The peer as an address literal for the Received header: ``[192.0.2.1]``, ``[IPv6:2001:db8::1]``."""
+    try:
+        ip = ipaddress.ip_address(peer_ip)
+    except ValueError:
+        return f"[{_printable(peer_ip) or 'unknown'}]"
+    return f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"
 
 
 @implementer(IPushProducer)
@@ -879,11 +892,7 @@ class ESMTPServer(Protocol):
     def _received_header(self, queue_id: str) -> bytes:
         assert self.session is not None and self.txn is not None
         s = self.session
-        try:
-            ip = ipaddress.ip_address(s.peer_ip)
-            literal = f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"
-        except ValueError:
-            literal = f"[{_printable(s.peer_ip) or 'unknown'}]"
+        literal = _address_literal(s.peer_ip)
         if not s.esmtp:
             proto = "SMTP"
         else:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 __all__ = [
     "BareNewlinePolicy", "ChunkEnd", "Command", "DataChunk", "DataEnd", "DotStuffer",
@@ -31,6 +32,9 @@ __all__ = [
 CRLF = b"\r\n"
 _NEWLINE = re.compile(rb"[\r\n]")
 _ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
+_BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+#: octets of DATA content the bulk path (ServerParser._plain_run) looks at in one step
+_RUN_WINDOW = 16 * 1024
 
 # reasons carried by InvalidLine
 INVALID_TOO_LONG = "too_long"
@@ -268,6 +272,9 @@ class ServerParser:
         normalize = self.bare_newline is BareNewlinePolicy.NORMALIZE
         max_line = self.max_text_line
         ended = False
+        # _plain_run's findings: next CRLF ".", next bare CR/LF (-1: none seen yet), lines checked
+        # for length up to here, starts of overlong lines, lines counted for bare CR/LF up to here
+        run_state: list[Any] = [-1, -1, 0, [], 0]
         while i < n:
             if self._line_start:
                 # only after a real CRLF (or the DATA command): end marker or dot-stuffing
@@ -279,6 +286,12 @@ class ServerParser:
                         ended = True
                         break
                     i += 1  # unstuff
+                else:
+                    k = self._plain_run(buf, i, run_state)
+                    if k > i:
+                        out += buf[i:k]
+                        i = k
+                        continue  # at a line start again
                 self._line_start = False
                 continue
             m = _NEWLINE.search(buf, i)
@@ -316,6 +329,60 @@ class ServerParser:
         if ended:
             self._mode = Mode.COMMAND
             self._pending.append(DataEnd(self._size, self._oversize, self._bare, self._long))
+
+    def _plain_run(self, buf: bytearray, i: int, st: list[Any]) -> int:
+        """End of the run of whole ordinary lines starting at line start ``i`` (``i`` when none).
+
+        Ordinary: ends with CRLF, no bare CR or LF, not too long, the next
+        line does not start with a dot. Such lines are copied as they are,
+        with C-speed scans instead of the per-line loop, which handles the
+        rest. ``st`` (one per _parse_data call) remembers what
+        the scans found further on, so every octet is scanned a bounded
+        number of times whatever the content.
+        """
+        last = buf.rfind(CRLF, i, i + _RUN_WINDOW)
+        if last < 0:
+            return i
+        end = last + 2
+        dot = st[0]
+        if dot < i:  # the next CRLF "." (a dot line starts after it)
+            dot = buf.find(b"\r\n.", i)
+            st[0] = dot = len(buf) if dot < 0 else dot
+        if dot + 2 < end:
+            end = dot + 2
+        b = st[1]
+        if b == -1 and st[4] < end:  # no bare CR/LF seen so far: counting is cheaper than searching
+            start = max(i, st[4])
+            crlf = buf.count(CRLF, start, end)
+            if buf.count(b"\r", start, end) != crlf or buf.count(b"\n", start, end) != crlf:
+                b = -2  # there is one: locate it
+            st[4] = end
+        if b == -2 or 0 <= b < i:
+            m = _BARE_NEWLINE.search(buf, i)
+            b = m.start() if m else len(buf)
+        st[1] = b
+        if 0 <= b < end:
+            end = buf.rfind(CRLF, i, b) + 2  # the start of the line with the bare newline
+            if end < i + 2:
+                return i
+        limit = self.max_text_line
+        if limit:
+            longs: list[int] = st[3]  # starts of overlong lines found, ascending
+            if st[2] < end:  # lines from max(i, st[2]) to end not checked yet
+                start = max(i, st[2])
+                lines = buf[start:end].split(CRLF)
+                if max(map(len, lines)) > limit - 2:
+                    pos = start
+                    for line in lines:
+                        if len(line) > limit - 2:
+                            longs.append(pos)
+                        pos += len(line) + 2
+                st[2] = end
+            while longs and longs[0] < i:
+                longs.pop(0)
+            if longs and longs[0] < end:
+                end = longs[0]
+        return end
 
     def _end_line(self) -> None:
         max_line = self.max_text_line
