@@ -886,6 +886,13 @@ class ESMTPServer(Protocol):
                 tls=f"{self.session.tls.version} {self.session.tls.cipher}" if self.session and self.session.tls else None,
                 details={"session_id": self._sid, "client_helo": envelope.client_helo or ""},
             ))
+            if envelope.held_reason:  # a filter's quarantine verdict: Exchange's AGENTINFO event
+                tracker.track(TrackingEvent(
+                    TrackingEventId.AGENTINFO, queue_id, envelope.received_at, sender=envelope.sender,
+                    recipients=tuple(r.address for r in envelope.recipients), message_id=envelope.message_id,
+                    size=envelope.size, connector=self.config.name, source="AGENT",
+                    details={"session_id": self._sid, "verdict": "quarantine", "reason": envelope.held_reason},
+                ))
         except Exception:
             self.log.failure("tracker failed for {queue_id}", queue_id=queue_id)
 
