@@ -509,3 +509,20 @@ def test_arc_chain_verified(dns_cfg: dict[str, Any], keys: authzones.Keys) -> No
     tampered = sealed.replace(b"Hello.", b"Hallo.")
     _, _, state = Chain(dns_cfg, ("arc",)).run(tampered)
     assert state.arc.result == "fail"
+
+
+def test_spf_smtputf8_sender(knot_server: knot.KnotServer) -> None:
+    dns = auth_dns(knot_server)
+    assert check_spf(dns, "192.0.2.10", "jörg@plain.spf.test", "h.test").result == "pass"
+    result = check_spf(dns, "198.51.100.7", "jörg@plain.spf.test", "h.test")
+    assert result.result == "fail" and result.subject == "jörg@plain.spf.test"
+
+
+def test_smtputf8_from_domain_idn_and_ar_value(dns_cfg: dict[str, Any], keys: authzones.Keys) -> None:
+    from exmta.filters.authres import format_auth_results
+
+    verdict, view, state = Chain(dns_cfg).run(sign_message(message(from_="Jörg <jörg@example.test>"), [keys.rsa]),
+                                              sender="jörg@example.test")
+    assert verdict.action is Action.CONTINUE and state.dmarc.result == "pass"
+    assert "smtp.mailfrom=jörg@example.test" in ar_header(view)  # RFC 8616: UTF-8 in the value
+    assert format_auth_results("mx", state).count("\r\n\t") == 5
