@@ -191,3 +191,27 @@ def test_admin_service_without_a_usable_token_stays_off(tmp_path: Path) -> None:
         globalLogPublisher.removeObserver(seen.append)
     assert any("admin API is off" in e.get("log_format", "") for e in seen)
     svc.stopService()
+
+
+@pytest.mark.parametrize("argv", [
+    ["track"], ["queue"], *[["queue", a] for a in ("list", "messages", "show", "retry", "suspend", "resume",
+                                                   "remove", "export", "redirect")],
+])
+def test_every_command_has_help(argv: list[str], capsys: Any) -> None:
+    from exmta.cli import make_parser
+
+    with pytest.raises(SystemExit) as e:
+        make_parser().parse_args([*argv, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: exmta {' '.join(argv)}") and len(out.splitlines()) > 5
+
+
+def test_missing_arguments_are_usage_errors(capsys: Any) -> None:
+    from exmta.cli import make_parser
+
+    for argv in (["queue"], ["queue", "show"], ["queue", "retry"], ["track", "--format", "xml"]):
+        with pytest.raises(SystemExit) as e:
+            make_parser().parse_args(argv)
+        assert e.value.code == 2, argv
+    assert "usage:" in capsys.readouterr().err
