@@ -366,8 +366,8 @@ def _read_receive(r: _Reader, name: str, hostname: str) -> ReceiveConnectorConfi
         add_received=r.get("add_received", d.add_received, _bool),
         **_tls_config().receive_tls_kwargs(r),
     )
-    c = replace(c, **_auth_config().receive_auth_kwargs(r, d))
     c = replace(c, **_read_connector_security(r, d))
+    c = replace(c, **_auth_config().receive_auth_kwargs(r, d))
     c = replace(c, **_ops_config().connector_kwargs(r, d))
     if not c.listen:
         r.error("listen", "needs at least one endpoint, e.g. \"tcp:25\"")
@@ -674,9 +674,9 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
                 problems.append(f"receive.{rc.name}.filters: no [filters.{f}] section")
     if not receive:
         problems.append("receive: at least one [receive.NAME] connector is needed")
+    problems += _shared_listener_problems(receive)
     receive, auth_problems = _auth_config().resolve_references(receive, auth_backends, source)
     problems += auth_problems
-    problems += _shared_listener_problems(receive)
 
     if problems:
         raise ConfigError(source, problems)

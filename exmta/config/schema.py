@@ -142,7 +142,6 @@ class SendConnectorConfig:
     tls_certificate: str | None = None    # PEM client certificate (+chain) to present (TlsCertificateName)
     tls_key: str | None = None            # its key; None = in tls_certificate
     protocol_log: str = "off"             # "off" | "verbose": SMTP transcript (exmta.observe.protocol)
-    protocol_log: str = "off"             # "off" | "verbose": SMTP transcript (exmta.observe.protocol)
 
 
 @dataclass(frozen=True)
@@ -255,13 +254,13 @@ class Config:
     receive_workers: int = 0              # extra processes accepting SMTP (0 = the main process only)
     filters: dict[str, dict[str, Any]] = field(default_factory=dict)
     dkim_keys: tuple[DKIMKeyConfig, ...] = ()  # [[dkim.keys]]: outbound DKIM signing keys
-    back_pressure: BackPressureConfig = field(default_factory=BackPressureConfig)
-    recipient_list: str | None = None     # addresses of authoritative domains (exmta.receive.recipients)
     auth_backends: tuple[AuthBackendConfig, ...] = ()  # [auth.NAME] sections
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logs: LogsConfig = field(default_factory=LogsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    back_pressure: BackPressureConfig = field(default_factory=BackPressureConfig)
+    recipient_list: str | None = None     # addresses of authoritative domains (exmta.receive.recipients)
     source: str = "<embedded default>"    # the file this came from, for messages
 
     def auth_backend(self, name: str) -> AuthBackendConfig | None:
