@@ -21,6 +21,8 @@ spec="$here"
 # compat mode puts the checkout on sys.path, so twistd finds twisted/plugins/exmta_plugin.py
 "$here/.venv/bin/python" -m pip install -q --disable-pip-version-check \
     -e "$spec" --config-settings editable_mode=compat
-"$here/.venv/bin/twistd" --help | grep -q '^ *exmta ' || {
+# (capture first: grep -q closing the pipe early would fail the pipeline under pipefail)
+twistd_help="$(cd / && "$here/.venv/bin/twistd" --help)"
+grep -q '^ *exmta ' <<<"$twistd_help" || {
     echo "install.sh: twistd does not list the exmta plugin" >&2; exit 1; }
 echo "exmta installed in $here/.venv"
