@@ -244,7 +244,9 @@ class DotStuffer:
             self._pending_cr = True
         if not data:
             return b""
-        data = _LINE_ENDINGS.sub(CRLF, data)
+        crlf = data.count(CRLF)
+        if data.count(b"\r") != crlf or data.count(b"\n") != crlf:  # else every line end is CRLF already
+            data = _LINE_ENDINGS.sub(CRLF, data)
         data = data.replace(b"\r\n.", b"\r\n..")
         if self._at_line_start and data.startswith(b"."):
             data = b"." + data

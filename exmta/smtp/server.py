@@ -285,8 +285,9 @@ class ESMTPServer(Protocol):
     def _run(self, handler: Callable[..., Any], *args: Any) -> None:
         """Run a (possibly async) handler; while it is pending, input waits and the transport is paused."""
         self._busy = True
-        self._cancel_timer()
         d = call_hook(handler, *args)
+        if not d.called:
+            self._cancel_timer()  # no command timeout while it is pending (re-armed when it is done)
         d.addErrback(self._handler_failed)
         d.addBoth(self._handler_done)
         self._update_reading()
@@ -435,7 +436,8 @@ class ESMTPServer(Protocol):
 
     def _policy(self, method: str, *args: Any) -> Deferred[Verdict]:
         d = call_hook(getattr(self.factory.policy, method), *args)
-        d.addTimeout(self.policy_timeout, self.clock)
+        if not d.called:  # a synchronous answer needs no timer
+            d.addTimeout(self.policy_timeout, self.clock)
         return d
 
     def _refused(self, verdict: Verdict) -> bool:
