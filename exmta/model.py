@@ -89,6 +89,8 @@ class Verdict:
 
     action: Action
     reply: Reply | None = None
+    #: the filter that gave this verdict, set by the FilterChain (tracking's AGENTINFO); not part of equality
+    filter_name: str | None = field(default=None, compare=False)
 
     # instances for the argument-less cases are set below the class
     CONTINUE: ClassVar[Verdict]

@@ -12,6 +12,7 @@ bytes, so untouched fields keep their exact bytes (DKIM signatures survive).
 """
 from __future__ import annotations
 
+import dataclasses
 import email.message
 import inspect
 import io
@@ -158,7 +159,7 @@ class FilterChain:
                 log.failure("filter {filter_name} failed in phase {phase}", filter_name=name, phase=phase)
                 if on_error == "continue":
                     continue
-                return FILTER_ERROR
+                return dataclasses.replace(FILTER_ERROR, filter_name=name)
             if not isinstance(verdict, Verdict):
                 log.error(
                     "filter {filter_name} returned {result!r} in phase {phase}, not a Verdict",
@@ -166,7 +167,7 @@ class FilterChain:
                 )
                 if on_error == "continue":
                     continue
-                return FILTER_ERROR
+                return dataclasses.replace(FILTER_ERROR, filter_name=name)
             if verdict.action in (Action.CONTINUE, Action.ACCEPT):
                 continue  # filters cannot accept: ACCEPT means "no objection"
             log.info(
@@ -178,7 +179,8 @@ class FilterChain:
                     self.verdict_observer(name, phase, verdict.action.value)
                 except Exception:
                     log.failure("filter verdict observer failed")
-            return verdict
+            # the deciding filter's name travels with the verdict (the server tracks it as AGENTINFO)
+            return verdict if verdict.filter_name else dataclasses.replace(verdict, filter_name=name)
         return Verdict.CONTINUE
 
 

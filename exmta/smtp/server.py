@@ -196,6 +196,7 @@ class ESMTPServer(Protocol):
             verdict = await self._policy("check_connect", self.session)
             if verdict.action in (Action.CONTINUE, Action.ACCEPT, Action.DISCARD):
                 verdict = await self.factory.filters.on_connect(self.session)
+                self._track_agent("connect", verdict)
         except Exception:
             self.log.failure("session {session_id}: connect check failed", session_id=self._sid)
             self._close(Reply.make(421, "4.3.0", f"{self.config.hostname} Error: internal error, try again later"))
@@ -564,6 +565,7 @@ class ESMTPServer(Protocol):
         self.session.helo_name = name
         self.session.esmtp = esmtp
         verdict = await self.factory.filters.on_helo(self.session)
+        self._track_agent("helo", verdict)
         if self._refused(verdict):
             self.session.helo_name = None
             self.session.esmtp = False
@@ -617,6 +619,7 @@ class ESMTPServer(Protocol):
             return
         discard = verdict.action is Action.DISCARD
         verdict = await self.factory.filters.on_mail(self.session, sender, params)
+        self._track_agent("mail", verdict, sender=str(sender))
         if self._refused(verdict):
             return
         self._reset_transaction()
@@ -650,11 +653,15 @@ class ESMTPServer(Protocol):
             verdict = await self._policy("authorize_rcpt", self.session, txn, rcpt, params)
             if verdict.action is Action.CONTINUE:
                 verdict = Verdict(Action.REJECT, replies.RELAY_DENIED)  # default deny
-            if self._refused(verdict):
+            if self._refused(verdict):  # relay denied, unknown user, ...
+                self._track_refusal(TrackingEventId.REJECT, txn, None, _default_reply(verdict), "policy", rcpt=rcpt)
                 return
             discard = verdict.action is Action.DISCARD
             verdict = await self.factory.filters.on_rcpt(self.session, txn, rcpt, params)
+            self._track_agent("rcpt", verdict, sender=str(txn.sender), rcpt=rcpt)
             if self._refused(verdict):
+                self._track_refusal(TrackingEventId.REJECT, txn, None, _default_reply(verdict), "filter", rcpt=rcpt,
+                                    filter_name=verdict.filter_name)
                 return
             if discard or verdict.action is Action.DISCARD:
                 self._txn_discard = True
@@ -787,19 +794,23 @@ class ESMTPServer(Protocol):
                     self._refuse_message(writer, txn, refusal, "send-as: From: not granted")
                     return
             verdict = await self.factory.filters.on_data(self.session, txn, view)
+            self._track_agent("data", verdict, sender=str(txn.sender), txn=txn, writer=writer, view=view)
             if self._closing:  # the client left, or we closed (timeout, shutdown): it cannot get a 250
                 writer.abort()
                 return
             if verdict.action in (Action.REJECT, Action.TEMPFAIL, Action.DISCONNECT):
                 writer.abort()
-                self._track_refusal(TrackingEventId.REJECT, txn, writer, _default_reply(verdict), "filter")
+                self._track_refusal(TrackingEventId.REJECT, txn, writer, _default_reply(verdict), "filter",
+                                    filter_name=verdict.filter_name)
                 self._refused(verdict)
                 return
             if discard or verdict.action is Action.DISCARD:
                 writer.abort()
                 self.log.info("session {session_id}: message {queue_id} discarded",
                               session_id=self._sid, queue_id=writer.queue_id)
-                self._track_refusal(TrackingEventId.DROP, txn, writer, None, "discarded by policy or filter")
+                by_filter = verdict.filter_name if verdict.action is Action.DISCARD else None
+                self._track_refusal(TrackingEventId.DROP, txn, writer, None,
+                                    "filter" if by_filter else "discarded by policy", filter_name=by_filter)
                 self._reply(replies.queued(writer.queue_id))
                 return
             view.apply_edits(writer)
@@ -855,23 +866,51 @@ class ESMTPServer(Protocol):
         self._reply(replies.SIZE_EXCEEDED)
 
     def _track_refusal(self, event_id: TrackingEventId, txn: Transaction, writer: Any, reply: Reply | None,
-                       why: str) -> None:
-        """A REJECT (or DROP, for DISCARD) tracking event for a message that was not queued."""
+                       why: str, rcpt: Address | None = None, filter_name: str | None = None) -> None:
+        """A REJECT (or DROP, for DISCARD) tracking event for a message, or one recipient ``rcpt``, not queued."""
         tracker = self.factory.tracker
         if tracker is None:
             return
+        details = {"session_id": self._sid, "reason": why}
+        if filter_name:
+            details["filter"] = filter_name
         try:
             tracker.track(TrackingEvent(
                 event_id, getattr(writer, "queue_id", ""), self.clock.seconds(),
                 sender=str(txn.sender),
-                recipients=tuple(self._qualified(a) for a, _ in txn.recipients),
+                recipients=(self._qualified(rcpt),) if rcpt is not None else
+                tuple(self._qualified(a) for a, _ in txn.recipients),
                 size=getattr(writer, "size", None), connector=self.config.name, source="SMTP",
                 remote_host=self.session.peer_ip if self.session else None,
                 reply=str(reply) if reply is not None else None,
-                details={"session_id": self._sid, "reason": why},
+                details=details,
             ))
         except Exception:
             self.log.failure("tracker failed for a refused message")
+
+    def _track_agent(self, phase: str, verdict: Verdict, sender: str = "", rcpt: Address | None = None,
+                     txn: Transaction | None = None, writer: Any = None, view: Any = None) -> None:
+        """An AGENTINFO event for a filter's verdict other than CONTINUE: which filter, phase, verdict, reply."""
+        tracker = self.factory.tracker
+        if tracker is None or not verdict.filter_name or verdict.action in (Action.CONTINUE, Action.ACCEPT):
+            return
+        try:
+            if rcpt is not None:
+                recipients: tuple[str, ...] = (self._qualified(rcpt),)
+            else:
+                recipients = tuple(self._qualified(a) for a, _ in txn.recipients) if txn is not None else ()
+            tracker.track(TrackingEvent(
+                TrackingEventId.AGENTINFO, getattr(writer, "queue_id", ""), self.clock.seconds(),
+                sender=sender, recipients=recipients,
+                message_id=_clean_header_value(next(iter(view.field_values("Message-ID")), None)) if view else None,
+                size=getattr(writer, "size", None), connector=self.config.name, source="AGENT",
+                remote_host=self.session.peer_ip if self.session else None,
+                reply=None if verdict.action is Action.DISCARD else str(_default_reply(verdict)),
+                details={"session_id": self._sid, "filter": verdict.filter_name, "phase": phase,
+                         "verdict": verdict.action.value},
+            ))
+        except Exception:
+            self.log.failure("tracker failed for a filter verdict")
 
     def _track(self, queue_id: str, envelope: Envelope) -> None:
         tracker = self.factory.tracker

@@ -854,7 +854,8 @@ def test_discard_answers_250_and_queues_nothing():
     c.send(b"DATA\r\n")
     assert c.send(b"x\r\n.\r\n") == b"250 2.0.0 Ok: queued as Q1\r\n"
     assert c.store.committed == [] and c.store.writers[0].aborted
-    assert [e.event_id for e in c.tracker.events] == [TrackingEventId.DROP]
+    assert [e.event_id for e in c.tracker.events] == [TrackingEventId.AGENTINFO, TrackingEventId.DROP]
+    assert c.tracker.events[1].details["filter"] == "rejecter"
 
 
 def test_discard_at_rcpt_discards_the_message():
@@ -1199,20 +1200,21 @@ def test_refused_and_discarded_messages_are_tracked():
         c.envelope()
         c.send(b"DATA\r\n")
         c.send(payload)
-    reasons = [(e.event_id, e.reply, e.details["reason"]) for e in c.tracker.events]
+    reasons = [(e.event_id, e.reply, e.details["reason"]) for e in c.tracker.events
+               if e.event_id is not TrackingEventId.AGENTINFO]
     assert reasons == [
         (TrackingEventId.REJECT, "554 5.7.1 spam", "filter"),
         (TrackingEventId.REJECT, "550 5.6.11 Error: bare <LF> or <CR> not allowed in message content",
          "bare newline"),
         (TrackingEventId.REJECT, "552 5.3.4 Error: message file too big", "message too big"),
     ]
-    assert c.tracker.events[0].recipients == ("b@local.test",)
+    assert c.tracker.events[1].recipients == ("b@local.test",)
     d = make(filters=[Rejecter("data", Verdict.discard())])
     d.read()
     d.ehlo()
     d.envelope()
     d.send(b"DATA\r\nx\r\n.\r\n")
-    [event] = d.tracker.events
+    _, event = d.tracker.events
     assert event.event_id is TrackingEventId.DROP and event.queue_id == "Q1"
 
 
