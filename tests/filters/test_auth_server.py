@@ -6,14 +6,12 @@ in-memory one and, for quarantine, the real spool.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
 
 from exmta.config.schema import AcceptedDomain, Config, ReceiveConnectorConfig
 from exmta.filters import FilterChain
@@ -27,6 +25,7 @@ from exmta.smtp.server import ESMTPServerFactory
 from exmta.testing.memstore import MemoryStore
 from support import authzones, knot
 from support.authzones import message
+from support.sync import SyncPool, SyncReactor, result
 
 pytestmark = pytest.mark.integration
 
@@ -114,30 +113,6 @@ def test_quarantine_goes_to_hold_and_is_released(knot_server: knot.KnotServer) -
     assert store.envelope(qid).held_reason.startswith("DMARC policy of quar.test is quarantine")
     store.release(qid)
     assert store.queue_of(qid) == "incoming"
-
-
-class SyncReactor:
-    def callFromThread(self, f: Callable[..., Any], *a: Any, **kw: Any) -> None:
-        f(*a, **kw)
-
-
-class SyncPool:
-    def callInThreadWithCallback(self, on_result: Any, f: Callable[..., Any], *a: Any, **kw: Any) -> None:
-        try:
-            r = f(*a, **kw)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, r)
-
-
-def result(d: Deferred[Any]) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
 
 
 def test_spool_commit_with_held_reason_goes_to_hold(tmp_path: Any) -> None:

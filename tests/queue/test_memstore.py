@@ -8,14 +8,7 @@ from zope.interface.verify import verifyObject
 from exmta.interfaces import IMessageWriter, IQueueStore
 from exmta.model import Envelope, Recipient
 from exmta.testing.memstore import MemoryStore
-
-
-def result(d):
-    """The result of an already fired Deferred (MemoryStore answers synchronously)."""
-    out = []
-    d.addBoth(out.append)
-    assert len(out) == 1, "Deferred did not fire"
-    return out[0]
+from support.sync import failure, result
 
 
 def envelope(*rcpts: str) -> Envelope:
@@ -64,7 +57,7 @@ def test_aborted_writer_cannot_commit(store: MemoryStore) -> None:
     w.write(b"x")
     w.abort()
     w.abort()
-    assert isinstance(result(store.commit(w, envelope())).value, ValueError)
+    assert isinstance(failure(store.commit(w, envelope())).value, ValueError)
     assert store.queue_ids() == []
 
 
@@ -87,8 +80,8 @@ def test_claim_leases_and_update(store: MemoryStore, clock: task.Clock) -> None:
 
 def test_update_requires_a_claim(store: MemoryStore) -> None:
     qid = result(store.submit(b"m\r\n", envelope()))
-    assert isinstance(result(store.update(qid, envelope(), None)).value, ValueError)
-    assert isinstance(result(store.update("nope", envelope(), None)).value, KeyError)
+    assert isinstance(failure(store.update(qid, envelope(), None)).value, ValueError)
+    assert isinstance(failure(store.update("nope", envelope(), None)).value, KeyError)
 
 
 def test_claim_alternates_new_and_deferred(store: MemoryStore, clock: task.Clock) -> None:
@@ -118,8 +111,8 @@ def test_hold_release_recover_and_list(store: MemoryStore, clock: task.Clock) ->
     result(store.release(a))
     released = store.envelope(a)
     assert store.queue_of(a) == "incoming" and released.held_reason is None and released.crashes == 0
-    assert isinstance(result(store.release(a)).value, ValueError)
-    assert isinstance(result(store.list_messages("bogus")).value, ValueError)
+    assert isinstance(failure(store.release(a)).value, ValueError)
+    assert isinstance(failure(store.list_messages("bogus")).value, ValueError)
 
 
 def test_listener_failure_does_not_break_submit(store: MemoryStore) -> None:

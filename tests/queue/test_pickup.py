@@ -2,41 +2,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from exmta.model import Body, Envelope, TrackingEventId
 from exmta.queue.pickup import PickupDirectory, PickupError, parse_pickup
 from exmta.queue.spool import SpoolStore
-
-
-class SyncReactor:
-    def callFromThread(self, f: Callable[..., Any], *a: Any, **kw: Any) -> None:
-        f(*a, **kw)
-
-
-class SyncPool:
-    def callInThreadWithCallback(self, on_result: Any, f: Callable[..., Any], *a: Any, **kw: Any) -> None:
-        try:
-            r = f(*a, **kw)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, r)
-
-
-def result(d: Deferred[Any]) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
+from support.sync import SyncPool, SyncReactor, result
 
 
 class Tracker:

@@ -24,6 +24,7 @@ from exmta.model import (
 from exmta.queue.scheduler import DeliveryScheduler, backoff, wants_notify
 from exmta.routing import StaticRouter
 from exmta.testing.memstore import MemoryStore
+from support.sync import result
 
 START = 1_700_000_000.0
 OK = Reply.make(250, "2.0.0", "OK queued")
@@ -76,13 +77,6 @@ class Tracker:
 
     def of(self, event_id: TrackingEventId) -> list[TrackingEvent]:
         return [e for e in self.events if e.event_id is event_id]
-
-
-def result(d: defer.Deferred[Any]) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    return out[0]
 
 
 class Harness:

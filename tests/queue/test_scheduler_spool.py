@@ -2,34 +2,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import defer, task
-from twisted.python.failure import Failure
 
 from exmta.config.schema import QueueConfig, RouteConfig
 from exmta.model import DeliveryRequest, Envelope, Outcome, Recipient, RecipientResult, Reply
 from exmta.queue.scheduler import DeliveryScheduler
 from exmta.queue.spool import SpoolStore
 from exmta.routing import StaticRouter
+from support.sync import SyncPool, SyncReactor, result as fired
 
 START = 1_700_000_000.0
 CONTENT = b"From: a@sender.example\r\nSubject: spool\r\n\r\nbody\r\n"
-
-
-class SyncReactor:
-    def callFromThread(self, f: Callable[..., Any], *a: Any, **kw: Any) -> None:
-        f(*a, **kw)
-
-
-class SyncPool:
-    def callInThreadWithCallback(self, on_result: Callable[..., Any], f: Callable[..., Any], *a: Any, **kw: Any) -> None:
-        try:
-            r = f(*a, **kw)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, r)
 
 
 class Connector:
@@ -61,15 +46,6 @@ def setup(tmp_path: Path) -> tuple[task.Clock, SpoolStore, Connector, DeliverySc
         clock, hostname="mx.exmta.example",
     )
     return clock, store, connector, scheduler
-
-
-def fired(d: defer.Deferred[Any]) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
 
 
 def test_retry_then_delivery_on_the_spool(tmp_path: Path) -> None:

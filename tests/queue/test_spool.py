@@ -6,43 +6,17 @@ import os
 from typing import Any, Callable
 
 import pytest
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from exmta.interfaces import IMessageWriter, IQueueStore
 from exmta.model import Envelope, Recipient, RecipientStatus
 from exmta.queue.spool import SpoolStore
+from support.sync import SyncPool, SyncReactor, failure, result
 
 
 # ---------------------------------------------------------------- fakes
-
-
-class SyncReactor:
-    """Runs callFromThread at once (stand-in reactor for deferToThreadPool)."""
-
-    def callFromThread(self, f: Callable[..., Any], *a: Any, **kw: Any) -> None:
-        f(*a, **kw)
-
-
-class SyncPool:
-    """A thread pool stand-in that runs each job at once, on the calling thread."""
-
-    def __init__(self) -> None:
-        self.jobs = 0
-
-    def callInThreadWithCallback(
-        self, on_result: Callable[..., Any], f: Callable[..., Any], *a: Any, **kw: Any
-    ) -> None:
-        self.jobs += 1
-        try:
-            r = f(*a, **kw)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, r)
 
 
 class ManualPool(SyncPool):
@@ -78,22 +52,6 @@ class FsyncRecorder:
     def __call__(self, fd: int) -> None:
         self.events.append("fsync " + os.readlink(f"/proc/self/fd/{fd}"))
         os.fsync(fd)
-
-
-def result(d: Deferred[Any]) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
-
-
-def failure(d: Deferred[Any]) -> Failure:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out and isinstance(out[0], Failure), f"expected a failure, got {out}"
-    return out[0]
 
 
 def envelope(*rcpts: str) -> Envelope:

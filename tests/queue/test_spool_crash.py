@@ -17,41 +17,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from twisted.logger import Logger
 
 from exmta.model import Envelope
 from exmta.queue.spool import SpoolStore
-
-from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
-
-
-
-class SyncReactor:
-    def callFromThread(self, f: Any, *a: Any, **kw: Any) -> None:
-        f(*a, **kw)
-
-
-class SyncPool:
-    def callInThreadWithCallback(self, on_result: Any, f: Any, *a: Any, **kw: Any) -> None:
-        try:
-            r = f(*a, **kw)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, r)
-
-
-def result(d: Deferred[Any]) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
+from support.sync import SyncPool, SyncReactor, result
 
 
 HERE = Path(__file__).parent

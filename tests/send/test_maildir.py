@@ -5,48 +5,19 @@ import errno
 import io
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from exmta.interfaces import ISendConnector
 from exmta.model import DeliveryRequest, Envelope, Outcome, Recipient
 from exmta.send.maildir import MaildirConnector, UnsafeMailbox, mailbox_path
+from support.sync import SyncPool, SyncReactor, result
 
 CONTENT = b"Subject: hi\r\nFrom: a@example.com\r\n\r\nbody\r\n"
-
-
-class SyncReactor:
-    def callFromThread(self, f: Callable[..., Any], *a: Any, **kw: Any) -> None:
-        f(*a, **kw)
-
-
-class SyncPool:
-    def __init__(self) -> None:
-        self.jobs = 0
-
-    def callInThreadWithCallback(self, on_result: Any, f: Callable[..., Any], *a: Any, **kw: Any) -> None:
-        self.jobs += 1
-        try:
-            r = f(*a, **kw)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, r)
-
-
-def result(d: Deferred[Any]) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
 
 
 def request(*rcpts: str, sender: str = "alice@example.com") -> DeliveryRequest:
