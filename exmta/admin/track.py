@@ -203,7 +203,7 @@ def _row(rec: dict[str, Any]) -> dict[str, str]:
         extra.append(f"reason={rec['reason']}")
     if rec.get("filter"):  # AGENTINFO, and a REJECT/DROP decided by a filter
         extra.append(f"agent={rec['filter']}")
-    for key in ("phase", "verdict"):
+    for key in ("phase", "verdict", "header_edits"):
         if rec.get("event_id") == "AGENTINFO" and rec.get(key):
             extra.append(f"{key}={rec[key]}")
     if rec.get("tls_version"):

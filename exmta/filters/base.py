@@ -151,6 +151,7 @@ class FilterChain:
                 continue
             name = getattr(flt, "name", type(flt).__name__)
             timeout, on_error = self.settings_for(flt)
+            mark = _view_mark(args[2]) if phase == "data" else None
             d = call_hook(method, *args)
             d.addTimeout(timeout, self.clock)
             try:
@@ -160,6 +161,8 @@ class FilterChain:
                 if on_error == "continue":
                     continue
                 return dataclasses.replace(FILTER_ERROR, filter_name=name)
+            if mark is not None:
+                _note_agent(args[2], name, mark)
             if not isinstance(verdict, Verdict):
                 log.error(
                     "filter {filter_name} returned {result!r} in phase {phase}, not a Verdict",
@@ -182,6 +185,20 @@ class FilterChain:
             # the deciding filter's name travels with the verdict (the server tracks it as AGENTINFO)
             return verdict if verdict.filter_name else dataclasses.replace(verdict, filter_name=name)
         return Verdict.CONTINUE
+
+
+def _view_mark(view: Any) -> tuple[int, str | None]:
+    """What a filter may change on a message view: (number of header edits, quarantine reason)."""
+    edits = getattr(view, "edits", None)
+    return len(getattr(edits, "ops", ())), getattr(view, "quarantine_reason", None)
+
+
+def _note_agent(view: Any, name: str, before: tuple[int, str | None]) -> None:
+    """Record on the view that filter ``name`` edited headers or quarantined (tracking's AGENTINFO)."""
+    after = _view_mark(view)
+    notes = getattr(view, "agent_notes", None)
+    if after != before and notes is not None:
+        notes.append((name, after[0] - before[0], after[1] if after[1] != before[1] else None))
 
 
 # ---------------------------------------------------------------- headers
@@ -370,6 +387,9 @@ class MessageView:
         self._index: dict[bytes, list[str]] | bool | None = None  # see field_values
         self.edits = HeaderEdits()
         self.quarantine_reason: str | None = None
+        #: (filter name, header edits it made, quarantine reason it set) per filter that edited or
+        #: quarantined; the FilterChain fills it, the server tracks each as AGENTINFO after RECEIVE
+        self.agent_notes: list[tuple[str, int, str | None]] = []
 
     @property
     def headers(self) -> email.message.Message:

@@ -841,7 +841,7 @@ class ESMTPServer(Protocol):
             session_id=self._sid, queue_id=queue_id, sender=envelope.sender,
             rcpts=len(envelope.recipients), size=envelope.size, connector=self.config.name,
         )
-        self._track(queue_id, envelope)
+        self._track(queue_id, envelope, view.agent_notes)
         self._reply(replies.queued(queue_id))
 
     def _qualified(self, rcpt: Address) -> str:
@@ -912,7 +912,9 @@ class ESMTPServer(Protocol):
         except Exception:
             self.log.failure("tracker failed for a filter verdict")
 
-    def _track(self, queue_id: str, envelope: Envelope) -> None:
+    def _track(self, queue_id: str, envelope: Envelope,
+               agents: list[tuple[str, int, str | None]] | None = None) -> None:
+        """RECEIVE, then an AGENTINFO per filter that edited headers or quarantined (``view.agent_notes``)."""
         tracker = self.factory.tracker
         if tracker is None:
             return
@@ -927,12 +929,22 @@ class ESMTPServer(Protocol):
                 tls=f"{self.session.tls.version} {self.session.tls.cipher}" if self.session and self.session.tls else None,
                 details={"session_id": self._sid, "client_helo": envelope.client_helo or ""},
             ))
-            if envelope.held_reason:  # a filter's quarantine verdict: Exchange's AGENTINFO event
+            notes = list(agents or ())
+            if envelope.held_reason and not any(reason for _, _, reason in notes):
+                notes.append(("", 0, envelope.held_reason))  # quarantined outside the chain
+            for name, edits, reason in notes:  # Exchange's AGENTINFO: the filter acted but let the message in
+                details: dict[str, Any] = {"session_id": self._sid, "phase": "data",
+                                           "verdict": "quarantine" if reason else "continue"}
+                if name:
+                    details["filter"] = name
+                if edits:
+                    details["header_edits"] = edits
+                if reason:
+                    details["reason"] = reason
                 tracker.track(TrackingEvent(
                     TrackingEventId.AGENTINFO, queue_id, envelope.received_at, sender=envelope.sender,
                     recipients=tuple(r.address for r in envelope.recipients), message_id=envelope.message_id,
-                    size=envelope.size, connector=self.config.name, source="AGENT",
-                    details={"session_id": self._sid, "verdict": "quarantine", "reason": envelope.held_reason},
+                    size=envelope.size, connector=self.config.name, source="AGENT", details=details,
                 ))
         except Exception:
             self.log.failure("tracker failed for {queue_id}", queue_id=queue_id)

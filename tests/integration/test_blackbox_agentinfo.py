@@ -78,3 +78,16 @@ def test_dmarc_reject_and_relay_denied_are_in_the_tracking_log(server: exmta_pro
     # the message's history (by queue id) tells the whole story: the agent's verdict, then the refusal
     assert [e["event_id"] for e in track(server, "--queue-id", agent["queue_id"])] == ["AGENTINFO", "REJECT"]
 
+
+    # quar.test publishes p=quarantine: accepted and held; the agents that acted on it are in its history
+    with smtplib.SMTP(procs.LOOPBACK, server.port, timeout=30) as c:
+        c.sendmail("a@quar.test", ["bob@example.test"], message(from_="a@quar.test"))
+    procs.wait_until(lambda: any(e["event_id"] == "RECEIVE" for e in tracked(server)), 10, "RECEIVE")
+    [receive] = track(server, "--event", "RECEIVE")
+    history = track(server, "--queue-id", receive["queue_id"])
+    assert history[0]["event_id"] == "RECEIVE"
+    agents = {e["filter"]: e for e in history if e["event_id"] == "AGENTINFO"}
+    assert agents["dmarc"]["verdict"] == "quarantine"
+    assert agents["dmarc"]["reason"].startswith("DMARC policy of quar.test is quarantine")
+    assert agents["authres"]["verdict"] == "continue" and agents["authres"]["header_edits"] >= 1
+

@@ -209,3 +209,48 @@ def test_exmta_track_finds_agentinfo_events_in_a_real_log(tmp_path: Path) -> Non
     assert len(lines) == 4 and "agent=rcptblock phase=rcpt verdict=reject" in lines[1]
     assert "agent=dropper phase=data verdict=discard" in lines[2] and "DROP" in lines[3]
     assert "reason=filter" in lines[3] and "agent=dropper" in lines[3]
+
+
+class Tagger(FilterBase):
+    """Tags every message with a header (e.g. a spam score) and lets it in."""
+
+    name = "spamscore"
+
+    def on_data(self, session: Any, txn: Any, message: Any) -> Verdict:
+        message.edits.add_header("X-Spam-Score", "1.5")
+        message.edits.remove_header("X-Old-Score")
+        return Verdict.CONTINUE
+
+
+class Holder(FilterBase):
+    name = "dmarc"
+
+    def on_data(self, session: Any, txn: Any, message: Any) -> Verdict:
+        message.quarantine("DMARC policy of example.org is quarantine")
+        return Verdict.CONTINUE
+
+
+def test_header_edits_and_quarantine_are_agentinfo_events_naming_the_filter() -> None:
+    tracker, c = Events(), clock()
+    proto, t = session([Tagger(), RcptBlock(), Holder()], tracker, c)
+    got = talk(proto, t, b"EHLO c.test\r\n", b"MAIL FROM:<a@example.org>\r\n", b"RCPT TO:<b@local.test>\r\n",
+               b"DATA\r\n", b"Subject: s\r\nMessage-ID: <t1@example.org>\r\n\r\nbody\r\n.\r\n")
+    assert got[-1].startswith("250 2.0.0 Ok: queued as ")
+    receive, tagged, held = tracker.events
+    assert receive.event_id is TrackingEventId.RECEIVE and {tagged.event_id, held.event_id} == {A}
+    assert tagged.queue_id == held.queue_id == receive.queue_id and tagged.message_id == "<t1@example.org>"
+    assert tagged.details == {"session_id": proto._sid, "phase": "data", "verdict": "continue",
+                              "filter": "spamscore", "header_edits": 2}
+    assert (held.details["filter"], held.details["verdict"]) == ("dmarc", "quarantine")
+    assert held.details["reason"] == "DMARC policy of example.org is quarantine" and "header_edits" not in held.details
+    assert proto.factory.store.queue_of(receive.queue_id) == "hold"
+    from exmta.admin.track import format_table
+    from exmta.observe.tracking import record_of
+    row = format_table([record_of(tagged)]).splitlines()[1]
+    assert row.endswith("agent=spamscore phase=data verdict=continue header_edits=2")
+    # a message no filter touched has RECEIVE only
+    tracker.events.clear()
+    proto2, t2 = session([RcptBlock()], tracker, c)
+    talk(proto2, t2, b"EHLO c.test\r\n", b"MAIL FROM:<a@example.org>\r\n", b"RCPT TO:<b@local.test>\r\n",
+         b"DATA\r\n", b"Subject: s\r\n\r\nbody\r\n.\r\n")
+    assert [e.event_id for e in tracker.events] == [TrackingEventId.RECEIVE]
