@@ -11,8 +11,8 @@ boundaries that can end DATA early).  This client:
 * does opportunistic or mandatory STARTTLS and AUTH PLAIN/LOGIN after TLS;
 * reports one :class:`~exmta.model.RecipientResult` per recipient;
 * times every wait on the injected clock (RFC 5321 4.5.3.2 defaults);
-* dot-stuffs with :class:`DotStuffer`, a streaming transform that is correct
-  whatever the chunking.
+* dot-stuffs with :class:`exmta.smtp.wire.DotStuffer`, a streaming transform
+  that is correct whatever the chunking.
 
 The protocol is driven by coroutines: :meth:`SMTPClientProtocol.establish`
 once, then :meth:`SMTPClientProtocol.deliver` once per message, then
@@ -41,6 +41,7 @@ from exmta.model import (
     RecipientResult,
     Reply,
 )
+from exmta.smtp.wire import DotStuffer
 
 __all__ = [
     "ClientTimeouts", "ConnectionLostError", "DotStuffer", "ProtocolError", "ReplyParser",
@@ -212,57 +213,6 @@ def _tls_failure(reason: Failure | None, transport: Any) -> str | None:
     except Exception:
         handle = None
     return describe_tls_failure(reason, handle)
-
-
-# ---------------------------------------------------------------- dot-stuffing
-
-
-_LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
-
-
-class DotStuffer:
-    """Streaming DATA transform: CRLF line endings and RFC 5321 4.5.2 dot-stuffing.
-
-    Bare CR and bare LF become CRLF (a lone ``\\n.\\n`` can never reach the
-    wire, so no smuggling through us).  A CR at the end of a chunk is held
-    back until the next chunk shows whether an LF follows, and whether the
-    previous chunk ended a line is remembered, so the output does not depend
-    on how the input was chunked.  :meth:`finish` returns the terminator
-    (with a CRLF first when the content did not end with one).
-    """
-
-    def __init__(self) -> None:
-        self._at_line_start = True
-        self._pending_cr = False
-
-    def stuff(self, data: bytes) -> bytes:
-        if self._pending_cr:
-            data = b"\r" + data
-            self._pending_cr = False
-        if data.endswith(b"\r"):
-            data = data[:-1]
-            self._pending_cr = True
-        if not data:
-            return b""
-        crlf = data.count(CRLF)
-        if data.count(b"\r") != crlf or data.count(b"\n") != crlf:  # else every line end is CRLF already
-            data = _LINE_ENDINGS.sub(CRLF, data)
-        data = data.replace(b"\r\n.", b"\r\n..")
-        if self._at_line_start and data.startswith(b"."):
-            data = b"." + data
-        self._at_line_start = data.endswith(CRLF)
-        return data
-
-    def finish(self) -> bytes:
-        out = b""
-        if self._pending_cr:
-            out = CRLF
-            self._pending_cr = False
-            self._at_line_start = True
-        if not self._at_line_start:
-            out += CRLF
-        self._at_line_start = True
-        return out + b".\r\n"
 
 
 # ---------------------------------------------------------------- parameters
@@ -877,7 +827,7 @@ class SMTPClientProtocol(Protocol):
                 if not chunk:
                     break
                 size += len(chunk)
-                out = stuffer.stuff(chunk)
+                out = stuffer.feed(chunk)
                 if out:
                     self.transport.write(out)
             self.transport.write(stuffer.finish())

@@ -425,10 +425,14 @@ def _parse_command(line: bytes) -> Command | InvalidLine:
 class DotStuffer:
     """Streaming dot-stuffer (RFC 5321 4.5.2) that carries its state across chunks.
 
-    ``feed`` may be called with chunks cut anywhere, even between CR and LF;
-    ``finish`` returns the rest plus the end-of-data marker. With
-    ``normalize_newlines`` (the default) bare CR and bare LF become CRLF, so
-    the output is always valid on the wire.
+    The one DATA transform for both sides: the client streams spooled
+    content through it, tests build wire bodies with it. ``feed`` may be
+    called with chunks cut anywhere, even between CR and LF, and the output
+    does not depend on the cuts; ``finish`` returns the rest plus the
+    end-of-data marker. With ``normalize_newlines`` (the default) bare CR and
+    bare LF become CRLF (a lone ``\\n.\\n`` never reaches the wire: no
+    smuggling through us); a CR at a chunk end is held back until the next
+    chunk shows whether an LF follows.
     """
 
     def __init__(self, normalize_newlines: bool = True) -> None:
@@ -448,12 +452,19 @@ class DotStuffer:
             if data.endswith(b"\r"):
                 data = data[:-1]
                 self._pending_cr = True
-            data = _ANY_NEWLINE.sub(CRLF, data)
+            crlf = data.count(CRLF)
+            if data.count(b"\r") != crlf or data.count(b"\n") != crlf:  # else every line end is CRLF already
+                data = _ANY_NEWLINE.sub(CRLF, data)
         if not data:
             return b""
         tail = self._tail
-        stuffed = (tail + data).replace(b"\r\n.", b"\r\n..")[len(tail):]
-        self._tail = (tail + stuffed)[-2:]
+        stuffed = data.replace(b"\r\n.", b"\r\n..")
+        if tail == CRLF:
+            if stuffed[:1] == b".":
+                stuffed = b"." + stuffed
+        elif tail[-1:] == b"\r" and stuffed[:2] == b"\n.":  # only without normalizing: CR|LF. split
+            stuffed = b"\n." + stuffed[1:]
+        self._tail = stuffed[-2:] if len(stuffed) >= 2 else (tail + stuffed)[-2:]
         return stuffed
 
     def finish(self) -> bytes:

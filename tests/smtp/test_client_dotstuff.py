@@ -10,7 +10,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from exmta.model import DeliveryRequest, Envelope, Outcome, Recipient
-from exmta.smtp.client import READ_CHUNK, DotStuffer, SMTPClientProtocol
+from exmta.smtp import client as smtp_client, wire as smtp_wire
+from exmta.smtp.client import READ_CHUNK, SMTPClientProtocol
+from exmta.smtp.wire import DotStuffer
 
 # bytes rich in the characters that matter
 interesting = st.lists(st.sampled_from([b".", b"\r", b"\n", b"\r\n", b"a", b"..", b"\r\n.\r\n", b"x.y"]),
@@ -18,9 +20,14 @@ interesting = st.lists(st.sampled_from([b".", b"\r", b"\n", b"\r\n", b"a", b".."
 payloads = st.one_of(interesting, st.binary(max_size=300))
 
 
+def test_client_streams_through_the_wire_dot_stuffer() -> None:
+    """One implementation: these properties and tests/smtp/test_wire.py's test the same class."""
+    assert smtp_client.DotStuffer is smtp_wire.DotStuffer
+
+
 def stuff_chunks(chunks: list[bytes]) -> bytes:
     s = DotStuffer()
-    return b"".join(s.stuff(c) for c in chunks) + s.finish()
+    return b"".join(s.feed(c) for c in chunks) + s.finish()
 
 
 def normalise(data: bytes) -> bytes:
@@ -91,7 +98,7 @@ def test_lone_dot_at_16k_boundary_on_the_wire() -> None:
     assert body[boundary - 2:boundary + 1] == b"\r\n."
     for chunk in (boundary, READ_CHUNK, 1, 7):
         s = DotStuffer()
-        wire = b"".join(s.stuff(body[i:i + chunk]) for i in range(0, len(body), chunk)) + s.finish()
+        wire = b"".join(s.feed(body[i:i + chunk]) for i in range(0, len(body), chunk)) + s.finish()
         assert wire.count(b"\r\n.\r\n") == 1 and wire.endswith(b"\r\n.\r\n")
         assert b"\r\n..\r\nMAIL FROM" in wire
 

@@ -362,6 +362,21 @@ def test_crlf_content_round_trips_exactly(body):
     assert events[-1] == DataEnd(size=len(expected))
 
 
+
+@settings(max_examples=300, deadline=None)
+@given(body=_byte_soup, sizes=st.lists(st.integers(min_value=1, max_value=5), max_size=40),
+       normalize=st.booleans())
+def test_stuffer_output_does_not_depend_on_chunking(body, sizes, normalize):
+    stuffer = DotStuffer(normalize_newlines=normalize)
+    out, pos = bytearray(), 0
+    for size in sizes:
+        out += stuffer.feed(body[pos:pos + size])
+        pos += size
+    out += stuffer.feed(body[pos:]) + stuffer.finish()
+    assert bytes(out) == dot_stuff(body, normalize_newlines=normalize)
+    whole = b"\r\n" + bytes(out)
+    assert whole.count(b"\r\n.\r\n") == 1 and whole.endswith(b"\r\n.\r\n")
+
 _smuggle_soup = st.lists(
     st.sampled_from([b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\r", b"\r\n.\n", b"\r\n", b"\n", b"\r", b".",
                      b"x", b"QUIT\r\n", b"MAIL FROM:<e@evil.test>\r\n"]),
