@@ -16,6 +16,14 @@
   ``quarantine`` holds the message (IMessageView.quarantine: the operator
   lists and releases it from the hold queue), ``none`` only tags.
 * A DNS failure is ``temperror`` and a 451 4.7.1 by default, never a pass.
+* ``discovery = "treewalk"`` replaces the two RFC 7489 lookups and the
+  public suffix list with the DMARCbis DNS tree walk
+  (draft-ietf-dmarc-dmarcbis-41 4.10, :class:`TreeWalk`): the policy is the
+  nearest valid record walking up (at most 8 queries), organisational
+  domains (policy choice and relaxed alignment) come from ``psd=`` and the
+  records found, ``np=`` applies to a From: domain without A/AAAA/MX, and
+  ``t=y`` replaces ``pct`` (one level less). A failed query anywhere on the
+  walk is temperror. The default stays "psl" (RFC 7489).
 
 Config (``plugin = "dmarc"``): ``dns_servers``, ``dns_timeout``,
 ``enforce`` (true; false tags only), ``quarantine`` ("hold" | "tag"),
@@ -25,7 +33,7 @@ domain), ``malformed_from`` ("reject" | "tag"), ``on_temperror``,
 ``skip_authenticated``, ``report_log`` (true: append results to
 ``<data>/dmarc/results.jsonl``), ``reports`` (true: send daily aggregate
 reports built from that log, :mod:`exmta.filters.dmarc_reports`),
-``report_from``, ``report_org``.
+``report_from``, ``report_org``, ``discovery`` ("psl" | "treewalk").
 """
 from __future__ import annotations
 
@@ -49,7 +57,8 @@ from exmta.filters.spf import bool_option, check_spf, common_options
 from exmta.interfaces import IFilterFactory
 from exmta.model import Verdict
 
-__all__ = ["DMARCFilter", "DMARCRecord", "evaluate", "from_domain", "lookup_record", "parse_record"]
+__all__ = ["DMARCFilter", "DMARCRecord", "TreeWalk", "evaluate", "from_domain", "lookup_record", "parse_record",
+           "record_at", "walk_targets"]
 
 log = Logger()
 
@@ -82,6 +91,22 @@ class DMARCRecord(dict):  # type: ignore[type-arg]
     @property
     def aspf(self) -> str:
         return self.get("aspf", "r")
+
+    @property
+    def np(self) -> str:
+        """DMARCbis / RFC 9091 policy for non-existent subdomains; sp (then p) when absent."""
+        return self.get("np", self.sp)
+
+    @property
+    def psd(self) -> str:
+        """DMARCbis ``psd=``: "y" (a public suffix domain), "n" (an organisational domain), else "u"."""
+        value = self.get("psd", "u").lower()
+        return value if value in ("y", "n") else "u"
+
+    @property
+    def testing(self) -> bool:
+        """DMARCbis ``t=y`` (test mode: apply one level less); unknown values count as "n"."""
+        return self.get("t", "n").lower() == "y"
 
 
 def parse_record(text: str) -> DMARCRecord:
@@ -158,59 +183,195 @@ def lookup_record(dns: AuthDNS, domain: str) -> tuple[DMARCRecord | None, str, s
     if org != domain:
         candidates.append(org)
     for where in candidates:
-        try:
-            records = dns.txt(f"_dmarc.{where}")
-        except OversizeAnswer as e:
-            return None, where, str(e)
-        texts = [r.decode("utf-8", "replace") for r in records or ()]
-        dmarc = [t for t in texts if re.match(r"\s*v\s*=\s*DMARC1\s*(;|$)", t, re.IGNORECASE)]
-        if len(dmarc) > 1:
-            return None, where, f"_dmarc.{where} has {len(dmarc)} DMARC records"
-        if dmarc:
-            try:
-                return parse_record(dmarc[0]), where, ""
-            except DMARCRecordError as e:
-                return None, where, f"_dmarc.{where}: {e}"
+        record, problem = record_at(dns, where)
+        if record is not None or problem:
+            return record, where, problem
     return None, "", ""
 
 
-def aligned(identity: str, from_dom: str, mode: str) -> bool:
+def record_at(dns: AuthDNS, where: str) -> tuple[DMARCRecord | None, str]:
+    """(the one DMARC record at ``_dmarc.<where>``, "") or (None, why it is unusable) or (None, ""); blocking.
+
+    Raises TempDNSError. Shared by both discovery methods.
+    """
+    try:
+        records = dns.txt(f"_dmarc.{where}")
+    except OversizeAnswer as e:
+        return None, str(e)
+    texts = [r.decode("utf-8", "replace") for r in records or ()]
+    dmarc = [t for t in texts if re.match(r"\s*v\s*=\s*DMARC1\s*(;|$)", t, re.IGNORECASE)]
+    if len(dmarc) > 1:
+        return None, f"_dmarc.{where} has {len(dmarc)} DMARC records"
+    if dmarc:
+        try:
+            return parse_record(dmarc[0]), ""
+        except DMARCRecordError as e:
+            return None, f"_dmarc.{where}: {e}"
+    return None, ""
+
+
+#: the tree walk never queries more than the start and the last 7 labels (DMARCbis 4.10 step 5)
+WALK_LABELS = 7
+
+
+def walk_targets(domain: str) -> list[str]:
+    """The names the DMARCbis tree walk queries under ``_dmarc.``, nearest first.
+
+    draft-ietf-dmarc-dmarcbis-41 section 4.10: the domain itself; then, when
+    it has 8 labels or more, its last 7 labels, else one label fewer; then one
+    label fewer each step down to the top-level domain. At most 8 queries.
+    """
+    labels = domain.split(".")
+    names = [domain]
+    for n in range(min(len(labels) - 1, WALK_LABELS), 0, -1):
+        names.append(".".join(labels[-n:]))
+    return names
+
+
+class TreeWalk:
+    """DMARCbis policy discovery and organisational domains by the DNS tree walk (blocking).
+
+    One instance serves one message: ``_dmarc`` answers are cached, so the
+    walks for the From: domain and for the SPF/DKIM identities share queries.
+    Raises TempDNSError when a query on the way fails (the result is then
+    temperror: a walk that skipped a level could pick the wrong policy).
+    """
+
+    def __init__(self, dns: AuthDNS) -> None:
+        self.dns = dns
+        self.cache: dict[str, tuple[DMARCRecord | None, str]] = {}
+
+    def record(self, where: str) -> tuple[DMARCRecord | None, str]:
+        if where not in self.cache:
+            self.cache[where] = record_at(self.dns, where)
+        return self.cache[where]
+
+    def policy(self, domain: str) -> tuple[DMARCRecord | None, str, str]:
+        """(record, where, problem): the valid record nearest to ``domain`` (4.10.1).
+
+        Unusable records (several, malformed, oversize) are discarded and the
+        walk goes on (4.10 steps 2 and 7); only when no valid record is found
+        at all does the first problem make the result permerror.
+        """
+        problems = []
+        for where in walk_targets(domain):
+            record, problem = self.record(where)
+            if record is not None:
+                if problems:
+                    log.info("DMARC tree walk for {domain}: discarded {problems}; using _dmarc.{where}",
+                             domain=domain, problems="; ".join(problems), where=where)
+                return record, where, ""
+            if problem:
+                problems.append(problem)
+        return None, (domain if problems else ""), problems[0] if problems else ""
+
+    def org_domain(self, domain: str) -> str:
+        """The organisational domain of ``domain`` (DMARCbis 4.10.2).
+
+        Walking up: the first record with psd=n is the organisational domain;
+        a psd=y record (not at the start) makes the domain one label below it
+        the organisational domain; otherwise the record with the fewest labels;
+        with no record at all, the domain itself.
+        """
+        domain = domain.lower().rstrip(".")
+        labels = domain.split(".")
+        found: list[str] = []
+        for where in walk_targets(domain):
+            record, _ = self.record(where)
+            if record is None:
+                continue
+            if record.psd == "n":
+                return where
+            if record.psd == "y" and where != domain:
+                return ".".join(labels[-(where.count(".") + 2):])
+            found.append(where)
+        return found[-1] if found else domain  # targets are nearest first: the last found has the fewest labels
+
+    def nonexistent(self, domain: str) -> bool:
+        """DMARCbis 3.2.x / RFC 9091: no A, AAAA or MX records (NXDOMAIN or NODATA); TempDNSError passes up."""
+        return all(self.dns.lookup(domain, rdtype) is None for rdtype in ("A", "AAAA", "MX"))
+
+    def applicable_policy(self, domain: str, record: DMARCRecord, where: str, org: str) -> tuple[str, str]:
+        """(tag, value) of the policy that applies to ``domain`` under the record found at ``where``.
+
+        p at the From: domain itself; sp, or np for a non-existent domain,
+        when the record is the organisational domain's or a PSD's (psd=y);
+        p for a record on an intermediate subdomain (the draft's note that sp
+        and np are ignored for records published below an organisational domain).
+        """
+        if where == domain or (where != org and record.psd != "y"):
+            return "p", record.p
+        if "np" in record and record.np != record.sp and self.nonexistent(domain):
+            return "np", record.np
+        return ("sp", record.sp) if "sp" in record else ("p", record.p)
+
+
+def aligned(identity: str, from_dom: str, mode: str, org: Any = org_domain) -> bool:
+    """Strict: equal; relaxed: the same organisational domain by ``org`` (the PSL, or a TreeWalk's)."""
     identity = identity.lower().rstrip(".")
-    if mode == "s":
+    if mode == "s" or identity == from_dom:
         return identity == from_dom
-    return org_domain(identity) == org_domain(from_dom)
+    return bool(org(identity) == org(from_dom))
 
 
 def evaluate(dns: AuthDNS, from_dom: str, spf: SPFResult | None, dkim: list[DKIMResult],
-             rng: random.Random, overrides: dict[str, str]) -> DMARCResult:
-    """The DMARC result for an already known From domain (blocking: the record lookup)."""
-    org = org_domain(from_dom)
+             rng: random.Random, overrides: dict[str, str], discovery: str = "psl") -> DMARCResult:
+    """The DMARC result for an already known From domain (blocking: the record lookups).
+
+    ``discovery`` "psl": RFC 7489 (From: domain, then its organisational
+    domain from the public suffix list; pct sampling). "treewalk": DMARCbis
+    (:class:`TreeWalk` for the policy and every organisational domain; np,
+    psd and t honoured, pct ignored except that pct=0 counts as t=y).
+    """
+    walk = TreeWalk(dns) if discovery == "treewalk" else None
+    org_of: Any = walk.org_domain if walk is not None else org_domain
+    org = from_dom
     try:
-        record, where, problem = lookup_record(dns, from_dom)
+        org = org_of(from_dom)
+        record, where, problem = walk.policy(from_dom) if walk is not None else lookup_record(dns, from_dom)
     except TempDNSError as e:
         return DMARCResult("temperror", from_dom, reason=f"DMARC record lookup failed: {e}", org_domain=org)
     if record is None:
         if problem:
             return DMARCResult("permerror", from_dom, reason=problem, org_domain=org)
         return DMARCResult("none", from_dom, reason="no DMARC record", org_domain=org)
-    spf_ok = bool(spf and spf.result == "pass" and aligned(spf.domain, from_dom, record.aspf))
-    dkim_ok = any(d.result == "pass" and aligned(d.domain, from_dom, record.adkim) for d in dkim)
-    policy = record.sp if where != from_dom else record.p
+    walk_failed: list[str] = []
+
+    def is_aligned(identity: str, mode: str) -> bool:
+        try:
+            return aligned(identity, from_dom, mode, org_of)
+        except TempDNSError as e:  # only the tree walk queries here
+            walk_failed.append(f"organisational domain of {identity}: {e}")
+            return False
+
+    spf_ok = bool(spf and spf.result == "pass" and is_aligned(spf.domain, record.aspf))
+    dkim_ok = any(d.result == "pass" and is_aligned(d.domain, record.adkim) for d in dkim)
     tags = dict(record)
+    tag = "sp" if where != from_dom else "p"
+    policy = record.sp if where != from_dom else record.p
+    if walk is not None:
+        try:
+            tag, policy = walk.applicable_policy(from_dom, record, where, org)
+        except TempDNSError as e:
+            walk_failed.append(f"existence of {from_dom}: {e}")
     if spf_ok or dkim_ok:
         return DMARCResult("pass", from_dom, policy, "none", "", org, spf_ok, dkim_ok, tags, where)
-    temp = (spf is not None and spf.result == "temperror" and aligned(spf.domain, from_dom, record.aspf)) or any(
-        d.result == "temperror" and aligned(d.domain, from_dom, record.adkim) for d in dkim)
-    if temp:
-        return DMARCResult("temperror", from_dom, policy, "none", "an aligned check failed temporarily (DNS)",
-                           org, False, False, tags, where)
+    temp = (spf is not None and spf.result == "temperror" and is_aligned(spf.domain, record.aspf)) or any(
+        d.result == "temperror" and is_aligned(d.domain, record.adkim) for d in dkim)
+    if temp or walk_failed:
+        reason = "an aligned check failed temporarily (DNS)" if temp else "; ".join(walk_failed)
+        return DMARCResult("temperror", from_dom, policy, "none", reason, org, False, False, tags, where)
     disposition = policy
-    if record.pct < 100 and rng.random() * 100 >= record.pct:
-        disposition = {"reject": "quarantine", "quarantine": "none"}.get(policy, policy)  # 6.6.4
+    if walk is None:
+        downgrade = record.pct < 100 and rng.random() * 100 >= record.pct  # RFC 7489 6.6.4
+    else:
+        downgrade = record.testing or ("t" not in record and record.get("pct") == "0")  # DMARCbis t=y
+    if downgrade:
+        disposition = {"reject": "quarantine", "quarantine": "none"}.get(policy, policy)
     override = overrides.get(from_dom) or overrides.get(org)
     if override:
         disposition = override
-    reasons = []
+    reasons = [f"{from_dom} does not exist (np={policy})"] if tag == "np" else []
     reasons.append(f"SPF {spf.result} for {spf.domain}" if spf else "no SPF result")
     if spf and spf.result == "pass" and not spf_ok:
         reasons[-1] += " (not aligned)"
@@ -225,13 +386,15 @@ class DMARCFilter(FilterBase):
 
     KEYS = frozenset({"dns_servers", "dns_timeout", "enforce", "quarantine", "overrides", "malformed_from",
                       "on_temperror", "skip_authenticated", "report_log", "reports", "report_from",
-                      "report_org"})
+                      "report_org", "discovery"})
 
     def __init__(self, name: str, dns: AuthDNS, receiver: str, *, enforce: bool = True, quarantine: str = "hold",
                  overrides: dict[str, str] | None = None, malformed_from: str = "reject",
                  on_temperror: str = "tempfail", skip_authenticated: bool = True,
-                 report_path: str | None = None, rng: random.Random | None = None, clock: Any = None) -> None:
+                 report_path: str | None = None, rng: random.Random | None = None, clock: Any = None,
+                 discovery: str = "psl") -> None:
         self.name = name
+        self.discovery = discovery
         self.dns = dns
         self.receiver = receiver
         self.enforce = enforce
@@ -249,7 +412,8 @@ class DMARCFilter(FilterBase):
         options = common_options(config, cls.KEYS)
         if "enforce" in config:
             options["enforce"] = bool_option(config, "enforce")
-        for key, allowed in (("quarantine", ("hold", "tag")), ("malformed_from", ("reject", "tag"))):
+        for key, allowed in (("quarantine", ("hold", "tag")), ("malformed_from", ("reject", "tag")),
+                             ("discovery", ("psl", "treewalk"))):
             if key in config:
                 if config[key] not in allowed:
                     raise ValueError(f"{key} must be one of {', '.join(allowed)}, not {config[key]!r}")
@@ -293,7 +457,7 @@ class DMARCFilter(FilterBase):
                                      self.receiver, "mailfrom")
             state.mailfrom, state.mailfrom_sender = spf, sender
         dkim = await dkim_results(self.dns, state, message)
-        result = await self.dns.run(evaluate, self.dns, domain, spf, dkim, self.rng, self.overrides)
+        result = await self.dns.run(evaluate, self.dns, domain, spf, dkim, self.rng, self.overrides, self.discovery)
         if not self.enforce and result.result == "fail":
             result = _with(result, disposition="none")
         if result.disposition == "quarantine" and self.quarantine == "tag":

@@ -88,7 +88,7 @@ def test_unknown_keys_are_refused(tmp_path) -> None:
     with pytest.raises(ConfigError) as info:
         load_filters(parse_config(raw).filters, env(tmp_path))
     assert info.value.problems == [
-        "filters.dmarc: unknown key(s) polcy (known: dns_servers, dns_timeout, enforce, malformed_from, "
+        "filters.dmarc: unknown key(s) polcy (known: discovery, dns_servers, dns_timeout, enforce, malformed_from, "
         "on_temperror, overrides, quarantine, report_from, report_log, report_org, reports, skip_authenticated)"]
 
 
