@@ -22,7 +22,7 @@ import time
 import urllib.parse
 from typing import Any
 
-__all__ = ["AdminClient", "CommandError", "add_queue_parser", "load_config_for"]
+__all__ = ["AdminClient", "CommandError", "add_queue_parser", "age_text", "load_config_for"]
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -182,7 +182,8 @@ def _checked(status: int, body: Any) -> Any:
 # ---------------------------------------------------------------- output
 
 
-def _age(seconds: float | None) -> str:
+def age_text(seconds: float | None) -> str:
+    """A short age for tables and the status page: ``42s``, ``5m``, ``3h07m``, ``2d4h`` (``-`` if unknown)."""
     if seconds is None:
         return "-"
     s = int(seconds)
@@ -204,12 +205,12 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 def _when(ts: float | None, now: float) -> str:
     if ts is None:
         return "-"
-    return "now" if ts <= now else f"in {_age(ts - now)}"
+    return "now" if ts <= now else f"in {age_text(ts - now)}"
 
 
 def print_queues(body: dict[str, Any]) -> str:
     now = body.get("time") or time.time()
-    rows = [[q["queue"], q["status"], str(q["messages"]), _age(q["oldest_age"]), _when(q.get("next_retry"), now),
+    rows = [[q["queue"], q["status"], str(q["messages"]), age_text(q["oldest_age"]), _when(q.get("next_retry"), now),
              (q.get("last_error") or "")[:100]] for q in body["queues"]]
     if not rows:
         return "The queue is empty.\n"
@@ -217,7 +218,7 @@ def print_queues(body: dict[str, Any]) -> str:
 
 
 def print_messages(body: dict[str, Any]) -> str:
-    rows = [[m["queue_id"], m["state"], _age(m.get("age")), str(m["size"]), m["sender"] or "<>",
+    rows = [[m["queue_id"], m["state"], age_text(m.get("age")), str(m["size"]), m["sender"] or "<>",
              ",".join(m["pending"]) or "-", (m.get("last_error") or m.get("held_reason") or "")[:80]]
             for m in body["messages"]]
     if not rows:
@@ -234,7 +235,7 @@ def print_message(m: dict[str, Any]) -> str:
              f"Sender:       {m['sender'] or '<>'}",
              f"Size:         {m['size']} octets",
              f"Received:     {time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime(m['received_at']))} "
-             f"from {m.get('client_ip') or 'local'} on {m.get('connector') or '-'} ({_age(m.get('age'))} ago)"]
+             f"from {m.get('client_ip') or 'local'} on {m.get('connector') or '-'} ({age_text(m.get('age'))} ago)"]
     if m.get("held_reason"):
         lines.append(f"Held:         {m['held_reason']}")
     lines.append("Recipients:")

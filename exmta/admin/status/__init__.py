@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterable
 
 from twisted.web import resource
 
+from exmta.admin.client import age_text
+
 __all__ = ["StatusResource", "render_status", "search_tracking_log", "svg_lines"]
 
 SEARCH_FIELDS = ("queue_id", "message_id", "sender", "recipients", "event_id", "connector", "remote_host")
@@ -156,17 +158,6 @@ def svg_lines(title: str, series: dict[str, list[float]], width: int = 600, heig
     return "".join(parts)
 
 
-def _age(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    if seconds < 172800:
-        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
-    return f"{seconds // 86400}d{(seconds % 86400) // 3600}h"
-
-
 def render_status(obs: Any, query: str | None = None,
                   search: Callable[[str, int], tuple[list[dict[str, Any]], int]] | None = None) -> str:
     """The whole page as text; ``obs`` is an :class:`exmta.observe.runtime.Observability`."""
@@ -193,7 +184,7 @@ def render_status(obs: Any, query: str | None = None,
                    "<th>Detail</th></tr>")
         for a in active:
             out.append(f'<tr class="firing alert"><td>{e(a.rule.name)}</td><td>{e(a.rule.kind)}</td>'
-                       f"<td>{a.value:g}</td><td>{a.rule.threshold:g}</td><td>{_age(now - a.since)} ago</td>"
+                       f"<td>{a.value:g}</td><td>{a.rule.threshold:g}</td><td>{age_text(now - a.since)} ago</td>"
                        f"<td>{e(a.detail)}</td></tr>")
         out.append("</table>")
     out.append("</div>")
@@ -203,8 +194,8 @@ def render_status(obs: Any, query: str | None = None,
     if snap is None:
         out.append("<p>The queue has not been listed yet.</p>")
     else:
-        out.append(f"<p>Listed {_age(now - snap.taken_at)} ago: <b id=\"queued-total\">{snap.total}</b> "
-                   "message(s); oldest " + (_age(snap.oldest_age(now)) if snap.oldest else "none") + ".</p>")
+        out.append(f"<p>Listed {age_text(now - snap.taken_at)} ago: <b id=\"queued-total\">{snap.total}</b> "
+                   "message(s); oldest " + (age_text(snap.oldest_age(now)) if snap.oldest else "none") + ".</p>")
         out.append("<table><tr><th>Queue</th><th>Messages</th></tr>")
         for q in ("incoming", "active", "deferred", "hold"):
             out.append(f'<tr class="queue"><td>{q}</td><td>{snap.by_queue.get(q, 0)}</td></tr>')
@@ -214,7 +205,7 @@ def render_status(obs: Any, query: str | None = None,
         for hop, count in sorted(snap.by_nexthop.items(), key=lambda x: (-x[1], x[0])):
             oldest = snap.oldest_by_nexthop.get(hop)
             out.append(f'<tr class="nexthop"><td>{e(hop)}</td><td>{count}</td>'
-                       f"<td>{_age(now - oldest) if oldest else ''}</td>"
+                       f"<td>{age_text(now - oldest) if oldest else ''}</td>"
                        f'<td class="err">{e(snap.last_error.get(hop) or "")}</td></tr>')
         out.append("</table>")
     out.append("</div>")
