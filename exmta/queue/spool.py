@@ -784,6 +784,10 @@ class SpoolStore:
 
     def release(self, queue_id: str) -> Deferred[None]:
         """Bring a held message back to incoming/, due now, with its crash count reset."""
+        return self._release(queue_id, None)
+
+    def _release(self, queue_id: str, when: float | None) -> Deferred[None]:
+        """release(); with ``when``, every pending recipient's next attempt is set to it too."""
         _check_id(queue_id)
 
         async def run() -> None:
@@ -794,6 +798,9 @@ class SpoolStore:
                 env, _ = self._read_envelope(path, queue_id)
                 env.held_reason = None
                 env.crashes = 0
+                if when is not None:
+                    for r in env.pending():
+                        r.next_attempt = when
                 self._move_rewritten(queue_id, _encode(env, None), "hold", "incoming")
 
             await self._in_pool(work)
@@ -923,26 +930,7 @@ class SpoolStore:
 
     def release_now(self, queue_id: str, when: float) -> Deferred[None]:
         """release() for an operator: the pending recipients are also due at ``when`` (now), not at their retry time."""
-        _check_id(queue_id)
-
-        async def run() -> None:
-            def work() -> None:
-                path = self._env_path("hold", queue_id)
-                if not os.path.exists(path):
-                    raise self._missing(queue_id, "hold")
-                env, _ = self._read_envelope(path, queue_id)
-                env.held_reason = None
-                env.crashes = 0
-                for r in env.pending():
-                    r.next_attempt = when
-                self._move_rewritten(queue_id, _encode(env, None), "hold", "incoming")
-
-            await self._in_pool(work)
-            await self.syncer.sync({self._dirs["hold"], self._dirs["incoming"]})
-            self._due_now(queue_id)
-            self._notify(queue_id)
-
-        return self._serial([queue_id], lambda: Deferred.fromCoroutine(run()))
+        return self._release(queue_id, when)
 
     # ------------------------------------------------------------ recovery
 
