@@ -18,28 +18,13 @@ from exmta.auth.smtp import Authenticator, blocking_runner
 from exmta.auth.users import PasswordHasher, UserRecord, UsersChecker, UsersFile, UsersRealm
 from exmta.config.schema import ReceiveConnectorConfig
 from exmta.filters.base import FilterChain
-from exmta.model import Verdict
 from exmta.smtp.server import ESMTPServerFactory
 from exmta.testing.memstore import MemoryStore
+from support.smtp_stubs import StubPolicy
 
 pytestmark = pytest.mark.integration
 
 PASSWORD = "s3cret pass"
-
-
-class Policy:
-    """Authenticated clients may relay; everyone else may send to local.test only."""
-
-    def check_connect(self, session):
-        return Verdict.CONTINUE
-
-    def check_mail(self, session, sender, params):
-        return Verdict.CONTINUE
-
-    def authorize_rcpt(self, session, txn, rcpt, params):
-        if session.auth_identity or rcpt.domain_key == "local.test":
-            return Verdict.ACCEPT
-        return Verdict.reject(554, "5.7.1", "Relay access denied")
 
 
 @pytest.fixture
@@ -57,7 +42,8 @@ def submission(tmp_path):
     checker = UsersChecker(users, blocking_runner(reactor), hasher=hasher)
     store = MemoryStore(reactor)
     config = ReceiveConnectorConfig(name="submission", hostname="mx.loop.test")
-    factory = ESMTPServerFactory(config, Policy(), FilterChain([], reactor), store, reactor, tls_context_factory=ctx)
+    policy = StubPolicy(local_domains=("local.test",), relay_authenticated=True)  # authenticated clients may relay
+    factory = ESMTPServerFactory(config, policy, FilterChain([], reactor), store, reactor, tls_context_factory=ctx)
     factory.authenticator = Authenticator(Portal(UsersRealm(checker), [checker]), reactor,
                                           lockout=LockoutSettings(tarpit=0.2))
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")

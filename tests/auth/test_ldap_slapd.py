@@ -143,18 +143,7 @@ def ldap_submission(slapd):
     from exmta.filters.base import FilterChain
     from exmta.smtp.server import ESMTPServerFactory
     from exmta.testing.memstore import MemoryStore
-
-    class Policy:
-        def check_connect(self, session):
-            return Verdict.CONTINUE
-
-        def check_mail(self, session, sender, params):
-            return Verdict.CONTINUE
-
-        def authorize_rcpt(self, session, txn, rcpt, params):
-            return Verdict.ACCEPT if session.auth_identity else Verdict.reject(554, "5.7.1", "Relay access denied")
-
-    from exmta.model import Verdict
+    from support.smtp_stubs import StubPolicy
 
     rc = ReceiveConnectorConfig(name="submission", hostname="mx.loop.test", auth=("PLAIN", "LOGIN"),
                                 auth_backend="corp", auth_tarpit=0.1)
@@ -166,7 +155,8 @@ def ldap_submission(slapd):
     cert = ca.issue_cert("127.0.0.1")
     ctx = PrivateCertificate.loadPEM(cert.private_key_and_cert_chain_pem.bytes()).options()
     store = MemoryStore(reactor)
-    factory = ESMTPServerFactory(rc, Policy(), FilterChain([], reactor), store, reactor, tls_context_factory=ctx)
+    policy = StubPolicy(relay_authenticated=True)
+    factory = ESMTPServerFactory(rc, policy, FilterChain([], reactor), store, reactor, tls_context_factory=ctx)
     factory.authenticator = build_authenticator(config, rc, reactor)
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     yield port.getHost().port, store, ca

@@ -12,12 +12,9 @@ from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from exmta.auth.avatar import TemporaryAuthFailure
 from exmta.auth.lockout import LockoutSettings
@@ -25,9 +22,9 @@ from exmta.auth.smtp import Authenticator
 from exmta.auth.users import PasswordHasher, UserRecord, UsersChecker, UsersFile, UsersRealm
 from exmta.config.schema import ReceiveConnectorConfig
 from exmta.filters.base import FilterChain
-from exmta.model import Verdict
 from exmta.smtp.server import ESMTPServerFactory
 from exmta.testing.memstore import MemoryStore
+from support.smtp_stubs import StubPolicy, TLSStringTransport
 
 PASSWORD = "correct horse"
 
@@ -44,25 +41,6 @@ def auth_keyword(ehlo: bytes) -> bytes | None:
 
 def plain(user: str = "alice", password: str = PASSWORD, authzid: str = "") -> bytes:
     return b64(f"{authzid}\0{user}\0{password}")
-
-
-class Policy:
-    def check_connect(self, session):
-        return Verdict.CONTINUE
-
-    def check_mail(self, session, sender, params):
-        return Verdict.CONTINUE
-
-    def authorize_rcpt(self, session, txn, rcpt, params):
-        return Verdict.ACCEPT
-
-
-@implementer(ITLSTransport)
-class TLSStringTransport(StringTransport):
-    tls_started_with: Any = None
-
-    def startTLS(self, ctx, normal=True):
-        self.tls_started_with = ctx
 
 
 def fast_hasher() -> PasswordHasher:
@@ -120,7 +98,7 @@ def make(users_path: str, peer: str = "192.0.2.7", clock: Clock | None = None, a
         clock.advance(1_700_000_000)
     config = ReceiveConnectorConfig(name="submission", hostname="mx.test")
     store = MemoryStore(clock)
-    factory = ESMTPServerFactory(config, Policy(), FilterChain([], clock), store, clock, tls_context_factory=object())
+    factory = ESMTPServerFactory(config, StubPolicy(), FilterChain([], clock), store, clock, tls_context_factory=object())
     if authenticator is None:
         checker = UsersChecker(users_path, sync, hasher=fast_hasher())
         settings = dict(mechanisms=("PLAIN", "LOGIN"), lockout=LockoutSettings(tarpit=5.0))

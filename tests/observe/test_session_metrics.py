@@ -7,10 +7,8 @@ import argon2
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import maybeDeferred
-from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from zope.interface import implementer
 
 from exmta.auth.lockout import LockoutSettings
 from exmta.auth.smtp import Authenticator
@@ -21,23 +19,7 @@ from exmta.model import Verdict
 from exmta.observe.metrics import Metrics
 from exmta.smtp.server import ESMTPServerFactory
 from exmta.testing.memstore import MemoryStore
-
-
-class Policy:
-    def check_connect(self, session):
-        return Verdict.CONTINUE
-
-    def check_mail(self, session, sender, params):
-        return Verdict.CONTINUE
-
-    def authorize_rcpt(self, session, txn, rcpt, params):
-        return Verdict.ACCEPT
-
-
-@implementer(ITLSTransport)
-class TLSStringTransport(StringTransport):
-    def startTLS(self, ctx, normal=True):
-        pass
+from support.smtp_stubs import StubPolicy, TLSStringTransport
 
 
 def value(metrics: Metrics, metric, **labels: str) -> float:
@@ -61,7 +43,7 @@ def test_connections_timeouts_and_auth_failures_are_counted(tmp_path) -> None:
     UsersFile(users).write({"alice": UserRecord("alice", hasher.hash("right"), ["alice@example.test"])})
     checker = UsersChecker(users, maybeDeferred, hasher=hasher)
     config = ReceiveConnectorConfig(name="submission", hostname="mx.test", command_timeout=60.0)
-    factory = ESMTPServerFactory(config, Policy(), FilterChain([], clock), MemoryStore(clock), clock,
+    factory = ESMTPServerFactory(config, StubPolicy(), FilterChain([], clock), MemoryStore(clock), clock,
                                  tls_context_factory=object())
     factory.authenticator = Authenticator(Portal(UsersRealm(checker), [checker]), clock,
                                           mechanisms=("PLAIN",), lockout=LockoutSettings(tarpit=1.0))

@@ -5,10 +5,8 @@ import io
 from typing import Any
 
 import pytest
-from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from zope.interface import implementer
 
 from exmta.model import (
     Body, DeliveryRequest, Envelope, MailParams, Outcome, Recipient, RecipientResult,
@@ -17,6 +15,7 @@ from exmta.smtp.client import (
     ClientTimeouts, ConnectionLostError, ProtocolError, ReplyTimeout, SMTPClientProtocol,
     SessionFailure, StaleConnection,
 )
+from support.smtp_stubs import TLSStringTransport
 
 MESSAGE = b"Subject: hi\r\n\r\nHello\r\n.dot line\r\n"
 
@@ -28,18 +27,6 @@ def make_request(rcpts: tuple[str, ...] = ("a@example.net", "b@example.net"), co
     env = Envelope(sender=sender, recipients=list(recipients), params=params or MailParams(),
                    queue_id="Q1", size=len(content))
     return DeliveryRequest("Q1", env, recipients, lambda: io.BytesIO(content))
-
-
-@implementer(ITLSTransport)
-class TLSStringTransport(StringTransport):
-    """StringTransport that records startTLS calls."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tls_started: Any = None
-
-    def startTLS(self, contextFactory: Any, normal: bool = True) -> None:
-        self.tls_started = contextFactory
 
 
 class Peer:
@@ -168,7 +155,7 @@ def test_mandatory_tls_refused_never_falls_back() -> None:
     p.server("221 bye")
     f = failure_of(d)
     assert f.check(SessionFailure) and "refused" in f.value.reply.text
-    assert p.transport.tls_started is None
+    assert p.transport.tls_started_with is None
 
 
 def test_opportunistic_tls_refused_continues_plain() -> None:
@@ -187,7 +174,7 @@ def test_starttls_then_ehlo_again_and_auth() -> None:
     d = p.establish(("250-mx.test", "250-AUTH PLAIN LOGIN", "250 STARTTLS"))
     assert p.sent_lines() == ["STARTTLS"]
     p.server("220 2.0.0 go ahead")
-    assert p.transport.tls_started is ctx
+    assert p.transport.tls_started_with is ctx
     assert p.sent_lines() == ["EHLO client.test"]
     p.server("250-mx.test", "250 AUTH PLAIN LOGIN")
     assert p.sent_lines() == ["AUTH PLAIN AHVzZXIAcHc="]
@@ -234,7 +221,7 @@ def test_injected_reply_after_starttls_220_refused() -> None:
     p.server("221 bye")
     f = failure_of(d)
     assert f.check(SessionFailure) and "injection" in f.value.reply.text
-    assert p.transport.tls_started is None
+    assert p.transport.tls_started_with is None
 
 
 # ---------------------------------------------------------------- transactions

@@ -10,7 +10,6 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -21,6 +20,7 @@ from exmta.filters.base import FilterBase, FilterChain
 from exmta.interfaces import IMessageTracker, IMessageWriter, IQueueStore, IReceivePolicy
 from exmta.model import Body, TrackingEventId, Verdict
 from exmta.smtp.server import ESMTPServer, ESMTPServerFactory
+from support.smtp_stubs import TLSStringTransport
 
 EHLO_REPLY = (
     b"250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000000\r\n250-ENHANCEDSTATUSCODES\r\n"
@@ -129,14 +129,6 @@ class FakeTracker:
 
     def track(self, event) -> None:
         self.events.append(event)
-
-
-@implementer(ITLSTransport)
-class TLSStringTransport(StringTransport):
-    tls_started_with: Any = None
-
-    def startTLS(self, ctx, normal=True):
-        self.tls_started_with = ctx
 
 
 class Client:

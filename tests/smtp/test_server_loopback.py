@@ -18,8 +18,8 @@ from zope.interface import implementer
 from exmta.config.schema import ReceiveConnectorConfig
 from exmta.filters.base import FilterChain
 from exmta.interfaces import IMessageWriter, IQueueStore
-from exmta.model import Verdict
 from exmta.smtp.server import ESMTPServerFactory
+from support.smtp_stubs import StubPolicy
 
 pytestmark = pytest.mark.integration
 
@@ -61,24 +61,13 @@ class Store:
         return succeed(writer.queue_id)
 
 
-class Policy:
-    def check_connect(self, session):
-        return Verdict.CONTINUE
-
-    def check_mail(self, session, sender, params):
-        return Verdict.CONTINUE
-
-    def authorize_rcpt(self, session, txn, rcpt, params):
-        return Verdict.ACCEPT if rcpt.domain_key == "local.test" else Verdict.reject(554, "5.7.1", "Relay access denied")
-
-
 @pytest.fixture
 def server():
     from twisted.internet import reactor
 
     store = Store()
     config = ReceiveConnectorConfig(name="loop", hostname="mx.loop.test", max_message_size=200_000)
-    factory = ESMTPServerFactory(config, Policy(), FilterChain([], reactor), store, reactor)
+    factory = ESMTPServerFactory(config, StubPolicy(local_domains=("local.test",)), FilterChain([], reactor), store, reactor)
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     yield port.getHost().port, store, factory
     port.stopListening()
@@ -202,7 +191,7 @@ def tls_server():
     ctx = PrivateCertificate.loadPEM(pem).options()
     store = Store()
     config = ReceiveConnectorConfig(name="loop", hostname="mx.loop.test")
-    factory = ESMTPServerFactory(config, Policy(), FilterChain([], reactor), store, reactor,
+    factory = ESMTPServerFactory(config, StubPolicy(local_domains=("local.test",)), FilterChain([], reactor), store, reactor,
                                  tls_context_factory=ctx)
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     yield port.getHost().port, store, ca

@@ -28,10 +28,10 @@ from zope.interface import implementer
 from exmta.config.schema import ReceiveConnectorConfig, ReceiveTLSConfig, TLSCertificateConfig
 from exmta.filters.base import FilterChain
 from exmta.interfaces import IMessageWriter, IQueueStore
-from exmta.model import Verdict
 from exmta.smtp.server import ESMTPServerFactory
 from exmta.tls.context import listening_factory
 from exmta.tls.reload import configure_receive_tls
+from support.smtp_stubs import StubPolicy
 
 pytestmark = pytest.mark.integration
 
@@ -75,21 +75,6 @@ class Store:
     def commit(self, writer: Writer, envelope: Any):
         self.committed.append((bytes(writer.buf), envelope))
         return succeed(writer.queue_id)
-
-
-class Policy:
-    def __init__(self) -> None:
-        self.tls_at_mail: list[Any] = []  # session.tls as the policy sees it at MAIL
-
-    def check_connect(self, session):
-        return Verdict.CONTINUE
-
-    def check_mail(self, session, sender, params):
-        self.tls_at_mail.append(session.tls)
-        return Verdict.CONTINUE
-
-    def authorize_rcpt(self, session, txn, rcpt, params):
-        return Verdict.ACCEPT
 
 
 class Tracker:
@@ -137,7 +122,7 @@ def make_server(pki):
             tls_config = ReceiveTLSConfig(
                 certificate=TLSCertificateConfig(str(files.cert), str(files.key)), sni=tuple(sni), **tls)
         rc = ReceiveConnectorConfig(name="tls", hostname=HOST, tls=tls_config, require_tls=require_tls)
-        store, tracker, policy = Store(), Tracker(), Policy()
+        store, tracker, policy = Store(), Tracker(), StubPolicy()
         factory = ESMTPServerFactory(rc, policy, FilterChain([], reactor), store, reactor, tracker=tracker)
         server_tls = configure_receive_tls(factory, rc, reactor)
         port = reactor.listenTCP(0, listening_factory(factory, reactor), interface="127.0.0.1")
