@@ -98,6 +98,12 @@ def _printable(text: str, utf8: bool = False) -> str:
     return "".join(c if c.isprintable() and (utf8 or c.isascii()) else "?" for c in text)
 
 
+@functools.lru_cache(maxsize=4)  # a new string once a second, not once per message
+def _header_date(second: int) -> str:
+    """The RFC 5322 date of the Received header, local time (seconds resolution)."""
+    return email.utils.formatdate(second, localtime=True)
+
+
 @functools.lru_cache(maxsize=4096)  # once per message, with the same few peers
 def _address_literal(peer_ip: str) -> str:
     """The peer as an address literal for the Received header: ``[192.0.2.1]``, ``[IPv6:2001:db8::1]``."""
@@ -966,7 +972,7 @@ class ESMTPServer(Protocol):
         if s.tls is not None:
             lines.append(f"\t(using {_printable(s.tls.version)} with cipher {_printable(s.tls.cipher)})")
         lines.append(f"\tby {self.config.hostname} (exmta) with {proto} id {queue_id}")
-        date = email.utils.formatdate(self.clock.seconds(), localtime=True)
+        date = _header_date(int(self.clock.seconds()))
         if len(self.txn.recipients) == 1:
             rcpt = self.txn.recipients[0][0]
             lines.append(f"\tfor <{_printable(str(rcpt), utf8)}>; {date}")
