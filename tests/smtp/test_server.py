@@ -1,14 +1,13 @@
 """ESMTPServer on StringTransport + Clock: exact bytes on the wire."""
 from __future__ import annotations
 
-import io
 import re
 from dataclasses import replace
 from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -17,10 +16,10 @@ from zope.interface import implementer
 
 from exmta.config.schema import ReceiveConnectorConfig
 from exmta.filters.base import FilterBase, FilterChain
-from exmta.interfaces import IMessageTracker, IMessageWriter, IQueueStore, IReceivePolicy
+from exmta.interfaces import IMessageTracker, IReceivePolicy
 from exmta.model import Body, TrackingEventId, Verdict
 from exmta.smtp.server import ESMTPServer, ESMTPServerFactory
-from support.smtp_stubs import TLSStringTransport
+from support.smtp_stubs import RecordingStore, TLSStringTransport
 
 EHLO_REPLY = (
     b"250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000000\r\n250-ENHANCEDSTATUSCODES\r\n"
@@ -29,67 +28,6 @@ EHLO_REPLY = (
 
 
 # ------------------------------------------------------------ fakes
-
-
-@implementer(IMessageWriter)
-class FakeWriter:
-    def __init__(self, store: FakeStore, queue_id: str) -> None:
-        self.store = store
-        self.queue_id = queue_id
-        self.buf = bytearray()
-        self.aborted = False
-        self.committed = False
-
-    @property
-    def size(self) -> int:
-        return len(self.buf)
-
-    def write(self, data: bytes) -> None:
-        if self.store.fail_write:
-            raise OSError("disk full")
-        self.buf += data
-
-    def open_read(self) -> io.BytesIO:
-        return io.BytesIO(bytes(self.buf))
-
-    def replace_headers(self, old_length: int, new_header_block: bytes) -> None:
-        self.buf[:old_length] = new_header_block
-
-    def abort(self) -> None:
-        if not self.committed:
-            self.aborted = True
-
-
-@implementer(IQueueStore)
-class FakeStore:
-    """Only what the server uses: open_writer and commit. ``manual`` holds commits for the test to fire."""
-
-    def __init__(self) -> None:
-        self.writers: list[FakeWriter] = []
-        self.committed: list[tuple[bytes, Any]] = []
-        self.pending: list[tuple[FakeWriter, Any, Deferred]] = []
-        self.manual = False
-        self.fail_commit = False
-        self.fail_write = False
-
-    def open_writer(self) -> FakeWriter:
-        w = FakeWriter(self, f"Q{len(self.writers) + 1}")
-        self.writers.append(w)
-        return w
-
-    def commit(self, writer: FakeWriter, envelope: Any) -> Deferred:
-        if self.fail_commit:
-            return fail(OSError("fsync failed"))
-        if self.manual:
-            d: Deferred = Deferred()
-            self.pending.append((writer, envelope, d))
-            return d.addCallback(lambda _: self._done(writer, envelope))
-        return succeed(self._done(writer, envelope))
-
-    def _done(self, writer: FakeWriter, envelope: Any) -> str:
-        writer.committed = True
-        self.committed.append((bytes(writer.buf), envelope))
-        return writer.queue_id
 
 
 @implementer(IReceivePolicy)
@@ -135,7 +73,7 @@ class Client:
     """The test's view of one session."""
 
     def __init__(self, proto: ESMTPServer, transport: StringTransport, clock: Clock,
-                 store: FakeStore, policy: FakePolicy, factory: ESMTPServerFactory, tracker: FakeTracker):
+                 store: RecordingStore, policy: FakePolicy, factory: ESMTPServerFactory, tracker: FakeTracker):
         self.proto, self.transport, self.clock = proto, transport, clock
         self.store, self.policy, self.factory, self.tracker = store, policy, factory, tracker
 
@@ -170,7 +108,7 @@ def make(filters=(), tls=None, tracker=True, **cfg: Any) -> Client:
     clock.advance(1_700_000_000)
     config = ReceiveConnectorConfig(name="inbound", hostname="mx.test", max_message_size=1_000_000)
     config = replace(config, **cfg)
-    store, policy, trk = FakeStore(), FakePolicy(), FakeTracker()
+    store, policy, trk = RecordingStore(), FakePolicy(), FakeTracker()
     factory = ESMTPServerFactory(
         config, policy, FilterChain(list(filters), clock, timeout=10.0), store, clock,
         tracker=trk if tracker else None, postmaster="postmaster",
@@ -740,7 +678,7 @@ def test_connect_rejected_by_policy():
     config = ReceiveConnectorConfig(name="x", hostname="mx.test")
     policy = FakePolicy()
     policy.connect_verdict = Verdict.reject(550, "5.7.1", "Go away")
-    factory = ESMTPServerFactory(config, policy, FilterChain([], clock), FakeStore(), clock)
+    factory = ESMTPServerFactory(config, policy, FilterChain([], clock), RecordingStore(), clock)
     proto = factory.buildProtocol(None)
     t = StringTransport()
     proto.makeConnection(t)
@@ -965,7 +903,7 @@ def test_connect_check_failure_is_421_and_close():
     policy = FakePolicy()
     policy.check_connect = lambda session: 1 / 0  # type: ignore[method-assign]
     factory = ESMTPServerFactory(ReceiveConnectorConfig(name="x", hostname="mx.test"), policy,
-                                 FilterChain([], clock), FakeStore(), clock)
+                                 FilterChain([], clock), RecordingStore(), clock)
     proto = factory.buildProtocol(None)
     t = StringTransport()
     proto.makeConnection(t)

@@ -1,7 +1,6 @@
 """ESMTPServer on a real 127.0.0.1 port, driven by independent clients (smtplib, swaks, raw sockets)."""
 from __future__ import annotations
 
-import io
 import shutil
 import smtplib
 import socket
@@ -11,61 +10,21 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import succeed
 from twisted.internet.threads import deferToThread
-from zope.interface import implementer
 
 from exmta.config.schema import ReceiveConnectorConfig
 from exmta.filters.base import FilterChain
-from exmta.interfaces import IMessageWriter, IQueueStore
 from exmta.smtp.server import ESMTPServerFactory
-from support.smtp_stubs import StubPolicy
+from support.smtp_stubs import RecordingStore, StubPolicy
 
 pytestmark = pytest.mark.integration
-
-
-@implementer(IMessageWriter)
-class Writer:
-    def __init__(self, queue_id: str) -> None:
-        self.queue_id, self.buf, self.aborted = queue_id, bytearray(), False
-
-    @property
-    def size(self) -> int:
-        return len(self.buf)
-
-    def write(self, data: bytes) -> None:
-        self.buf += data
-
-    def open_read(self) -> io.BytesIO:
-        return io.BytesIO(bytes(self.buf))
-
-    def replace_headers(self, old_length: int, new: bytes) -> None:
-        self.buf[:old_length] = new
-
-    def abort(self) -> None:
-        self.aborted = True
-
-
-@implementer(IQueueStore)
-class Store:
-    def __init__(self) -> None:
-        self.writers: list[Writer] = []
-        self.committed: list[tuple[bytes, Any]] = []
-
-    def open_writer(self) -> Writer:
-        self.writers.append(Writer(f"LOOP{len(self.writers) + 1}"))
-        return self.writers[-1]
-
-    def commit(self, writer: Writer, envelope: Any):
-        self.committed.append((bytes(writer.buf), envelope))
-        return succeed(writer.queue_id)
 
 
 @pytest.fixture
 def server():
     from twisted.internet import reactor
 
-    store = Store()
+    store = RecordingStore("LOOP")
     config = ReceiveConnectorConfig(name="loop", hostname="mx.loop.test", max_message_size=200_000)
     factory = ESMTPServerFactory(config, StubPolicy(local_domains=("local.test",)), FilterChain([], reactor), store, reactor)
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
@@ -189,7 +148,7 @@ def tls_server():
     cert = ca.issue_cert("mx.loop.test", "127.0.0.1")
     pem = cert.private_key_and_cert_chain_pem.bytes()
     ctx = PrivateCertificate.loadPEM(pem).options()
-    store = Store()
+    store = RecordingStore("LOOP")
     config = ReceiveConnectorConfig(name="loop", hostname="mx.loop.test")
     factory = ESMTPServerFactory(config, StubPolicy(local_domains=("local.test",)), FilterChain([], reactor), store, reactor,
                                  tls_context_factory=ctx)

@@ -1,13 +1,16 @@
-"""Stand-ins for ESMTP server and client tests: a receive policy and a STARTTLS-capable StringTransport."""
+"""Stand-ins for ESMTP server and client tests: a receive policy, a STARTTLS-capable StringTransport,
+and a queue store that records what the server committed."""
 from __future__ import annotations
 
+import io
 from typing import Any, Iterable
 
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
-from exmta.interfaces import IReceivePolicy
+from exmta.interfaces import IMessageWriter, IQueueStore, IReceivePolicy
 from exmta.model import Verdict
 
 
@@ -51,3 +54,72 @@ class TLSStringTransport(StringTransport):
 
     def startTLS(self, contextFactory: Any, normal: bool = True) -> None:
         self.tls_started_with = contextFactory
+
+
+@implementer(IMessageWriter)
+class RecordingWriter:
+    """An in-memory message writer; ``aborted`` and ``committed`` say how it ended."""
+
+    def __init__(self, store: RecordingStore, queue_id: str) -> None:
+        self.store = store
+        self.queue_id = queue_id
+        self.buf = bytearray()
+        self.aborted = False
+        self.committed = False
+
+    @property
+    def size(self) -> int:
+        return len(self.buf)
+
+    def write(self, data: bytes) -> None:
+        if self.store.fail_write:
+            raise OSError("disk full")
+        self.buf += data
+
+    def open_read(self) -> io.BytesIO:
+        return io.BytesIO(bytes(self.buf))
+
+    def replace_headers(self, old_length: int, new_header_block: bytes) -> None:
+        self.buf[:old_length] = new_header_block
+
+    def abort(self) -> None:
+        if not self.committed:
+            self.aborted = True
+
+
+@implementer(IQueueStore)
+class RecordingStore:
+    """Only what the server uses: open_writer and commit; queue ids are ``prefix`` + a count.
+
+    ``committed`` lists (content, envelope) pairs; ``manual`` holds commits in
+    ``pending`` for the test to fire; ``fail_commit``/``fail_write`` make
+    commits or writes fail as a full or broken disk would.
+    """
+
+    def __init__(self, prefix: str = "Q") -> None:
+        self.prefix = prefix
+        self.writers: list[RecordingWriter] = []
+        self.committed: list[tuple[bytes, Any]] = []
+        self.pending: list[tuple[RecordingWriter, Any, Deferred[str]]] = []
+        self.manual = False
+        self.fail_commit = False
+        self.fail_write = False
+
+    def open_writer(self) -> RecordingWriter:
+        w = RecordingWriter(self, f"{self.prefix}{len(self.writers) + 1}")
+        self.writers.append(w)
+        return w
+
+    def commit(self, writer: RecordingWriter, envelope: Any) -> Deferred[str]:
+        if self.fail_commit:
+            return fail(OSError("fsync failed"))
+        if self.manual:
+            d: Deferred[Any] = Deferred()
+            self.pending.append((writer, envelope, d))
+            return d.addCallback(lambda _: self._done(writer, envelope))
+        return succeed(self._done(writer, envelope))
+
+    def _done(self, writer: RecordingWriter, envelope: Any) -> str:
+        writer.committed = True
+        self.committed.append((bytes(writer.buf), envelope))
+        return writer.queue_id

@@ -7,7 +7,6 @@ certificates made at test time by a trustme CA.
 """
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import smtplib
@@ -20,61 +19,21 @@ from typing import Any
 import pytest
 import pytest_twisted
 from support.tlscerts import TestPKI
-from twisted.internet.defer import succeed
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
-from zope.interface import implementer
 
 from exmta.config.schema import ReceiveConnectorConfig, ReceiveTLSConfig, TLSCertificateConfig
 from exmta.filters.base import FilterChain
-from exmta.interfaces import IMessageWriter, IQueueStore
 from exmta.smtp.server import ESMTPServerFactory
 from exmta.tls.context import listening_factory
 from exmta.tls.reload import configure_receive_tls
-from support.smtp_stubs import StubPolicy
+from support.smtp_stubs import RecordingStore, StubPolicy
 
 pytestmark = pytest.mark.integration
 
 HOST = "mx.loop.test"
 OPENSSL = shutil.which("openssl")
 SWAKS = shutil.which("swaks")
-
-
-@implementer(IMessageWriter)
-class Writer:
-    def __init__(self, queue_id: str) -> None:
-        self.queue_id, self.buf = queue_id, bytearray()
-
-    @property
-    def size(self) -> int:
-        return len(self.buf)
-
-    def write(self, data: bytes) -> None:
-        self.buf += data
-
-    def open_read(self) -> io.BytesIO:
-        return io.BytesIO(bytes(self.buf))
-
-    def replace_headers(self, old_length: int, new: bytes) -> None:
-        self.buf[:old_length] = new
-
-    def abort(self) -> None:
-        pass
-
-
-@implementer(IQueueStore)
-class Store:
-    def __init__(self) -> None:
-        self.committed: list[tuple[bytes, Any]] = []
-        self.count = 0
-
-    def open_writer(self) -> Writer:
-        self.count += 1
-        return Writer(f"TLS{self.count}")
-
-    def commit(self, writer: Writer, envelope: Any):
-        self.committed.append((bytes(writer.buf), envelope))
-        return succeed(writer.queue_id)
 
 
 class Tracker:
@@ -122,7 +81,7 @@ def make_server(pki):
             tls_config = ReceiveTLSConfig(
                 certificate=TLSCertificateConfig(str(files.cert), str(files.key)), sni=tuple(sni), **tls)
         rc = ReceiveConnectorConfig(name="tls", hostname=HOST, tls=tls_config, require_tls=require_tls)
-        store, tracker, policy = Store(), Tracker(), StubPolicy()
+        store, tracker, policy = RecordingStore("TLS"), Tracker(), StubPolicy()
         factory = ESMTPServerFactory(rc, policy, FilterChain([], reactor), store, reactor, tracker=tracker)
         server_tls = configure_receive_tls(factory, rc, reactor)
         port = reactor.listenTCP(0, listening_factory(factory, reactor), interface="127.0.0.1")
