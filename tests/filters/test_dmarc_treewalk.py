@@ -38,6 +38,8 @@ a.b.c.mail A 192.0.2.1
 sel1._domainkey.mail TXT {key}
 _dmarc.dept TXT "v=DMARC1; p=none"
 x.dept A 192.0.2.1
+_dmarc.bad TXT "v=DMARC1; p=bogus"
+bad A 192.0.2.1
 _dmarc.team TXT "v=DMARC1; p=reject; psd=n"
 a.team A 192.0.2.1
 _dmarc.l2.l3.l4.l5.l6.l7.deep TXT "v=DMARC1; p=none"
@@ -173,6 +175,15 @@ def test_intermediate_record_is_nearer_than_the_org_one(dns_cfg: dict[str, Any])
         "fail", "none", "dept.walk.test", "walk.test")
     _, _, psl = run(dns_cfg, message(from_="a@x.dept.walk.test"), "psl")
     assert (psl.policy, psl.policy_domain, psl.disposition) == ("quarantine", "walk.test", "quarantine")
+
+
+def test_unusable_record_is_discarded_and_the_walk_goes_on(dns_cfg: dict[str, Any]) -> None:
+    """DMARCbis 4.10 steps 2 and 7: a malformed record at the From: domain does not end the walk."""
+    verdict, _, dmarc = run(dns_cfg, message(from_="a@bad.walk.test"))
+    assert verdict.action is Action.CONTINUE
+    assert (dmarc.result, dmarc.policy, dmarc.policy_domain) == ("fail", "quarantine", "walk.test")
+    verdict, _, psl = run(dns_cfg, message(from_="a@bad.walk.test"), "psl")  # RFC 7489 6.6.3: permerror
+    assert psl.result == "permerror" and "bogus" in psl.reason and verdict.action is Action.CONTINUE
 
 
 def test_psd_y_at_a_public_suffix_like_level(knot_server: knot.KnotServer, dns_cfg: dict[str, Any],
