@@ -23,11 +23,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def keys() -> authzones.Keys:
-    return authzones.make_keys()
-
-
-@pytest.fixture(scope="module")
 def knot_server(tmp_path_factory: pytest.TempPathFactory, keys: authzones.Keys) -> Iterator[knot.KnotServer]:
     zones = authzones.zones(keys)
     zones["weak.test"] = (

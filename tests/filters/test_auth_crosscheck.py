@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -48,17 +47,6 @@ MATRIX = [
     ("alice@nospf.spf.test", "192.0.2.10"), ("alice@nxdomain.spf.test", "192.0.2.10"),
     ("alice@example.test", "192.0.2.77"), ("alice@other.test", "192.0.2.77"),
 ]
-
-
-@pytest.fixture(scope="module")
-def keys() -> authzones.Keys:
-    return authzones.make_keys()
-
-
-@pytest.fixture(scope="module")
-def knot_server(tmp_path_factory: pytest.TempPathFactory, keys: authzones.Keys) -> Iterator[knot.KnotServer]:
-    with knot.KnotServer(tmp_path_factory.mktemp("xdns"), authzones.zones(keys)) as server:
-        yield server
 
 
 def spfquery(knot_server: knot.KnotServer, cwd: Path, sender: str, ip: str, helo: str) -> str:

@@ -25,17 +25,6 @@ from support.authzones import message
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def keys() -> authzones.Keys:
-    return authzones.make_keys()
-
-
-@pytest.fixture(scope="module")
-def knot_server(tmp_path_factory: pytest.TempPathFactory, keys: authzones.Keys) -> Iterator[knot.KnotServer]:
-    with knot.KnotServer(tmp_path_factory.mktemp("authdns"), authzones.zones(keys)) as server:
-        yield server
-
-
 @pytest.fixture
 def dns_cfg(knot_server: knot.KnotServer) -> dict[str, Any]:
     return {"dns_servers": [f"{knot_server.host}:{knot_server.port}"], "dns_timeout": 3.0}

@@ -6,7 +6,7 @@ in-memory one and, for quarantine, the real spool.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address
@@ -30,17 +30,6 @@ from support.sync import SyncPool, SyncReactor, result
 pytestmark = pytest.mark.integration
 
 NAMES = ("spf", "dkim", "arc", "dmarc", "authres")
-
-
-@pytest.fixture(scope="module")
-def keys() -> authzones.Keys:
-    return authzones.make_keys()
-
-
-@pytest.fixture(scope="module")
-def knot_server(tmp_path_factory: pytest.TempPathFactory, keys: authzones.Keys) -> Iterator[knot.KnotServer]:
-    with knot.KnotServer(tmp_path_factory.mktemp("authdns"), authzones.zones(keys)) as server:
-        yield server
 
 
 class Server:

@@ -6,7 +6,7 @@ import gzip
 import xml.etree.ElementTree as ET
 from email.policy import default
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from twisted.internet.defer import maybeDeferred
@@ -25,17 +25,6 @@ from support.authzones import message
 pytestmark = pytest.mark.integration
 
 MIDNIGHT = 1_796_083_200.0  # 2026-11-30 00:00 UTC
-
-
-@pytest.fixture(scope="module")
-def keys() -> authzones.Keys:
-    return authzones.make_keys()
-
-
-@pytest.fixture(scope="module")
-def knot_server(tmp_path_factory: pytest.TempPathFactory, keys: authzones.Keys) -> Iterator[knot.KnotServer]:
-    with knot.KnotServer(tmp_path_factory.mktemp("rptdns"), authzones.zones(keys)) as server:
-        yield server
 
 
 def record_traffic(knot_server: knot.KnotServer, data: Path, clock: Clock, keys: authzones.Keys) -> None:

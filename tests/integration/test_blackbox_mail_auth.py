@@ -21,11 +21,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def keys() -> authzones.Keys:
-    return authzones.make_keys()
-
-
-@pytest.fixture(scope="module")
 def local_key() -> tuple[bytes, bytes]:
     return generate_key("rsa-sha256", 2048)
 

@@ -24,11 +24,6 @@ AR = b"Authentication-Results: mx.example.test;\r\n\tspf=pass smtp.mailfrom=a@ot
 
 
 @pytest.fixture(scope="module")
-def keys() -> authzones.Keys:
-    return authzones.make_keys()
-
-
-@pytest.fixture(scope="module")
 def dns(tmp_path_factory: pytest.TempPathFactory, keys: authzones.Keys) -> Iterator[AuthDNS]:
     with knot.KnotServer(tmp_path_factory.mktemp("arcdns"), authzones.zones(keys)) as server:
         yield AuthDNS(DNSResolver(None, None, server.nameservers, timeout=3.0))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 import re
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -23,17 +23,6 @@ from support import authzones, knot
 from support.authzones import message
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def keys() -> authzones.Keys:
-    return authzones.make_keys()
-
-
-@pytest.fixture(scope="module")
-def knot_server(tmp_path_factory: pytest.TempPathFactory, keys: authzones.Keys) -> Iterator[knot.KnotServer]:
-    with knot.KnotServer(tmp_path_factory.mktemp("dkimdns"), authzones.zones(keys)) as server:
-        yield server
 
 
 def verify(knot_server: knot.KnotServer, msg: bytes) -> list[Any]:

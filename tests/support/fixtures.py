@@ -22,6 +22,9 @@ fixture                yields
                        ``support.exmta_proc.exmta_toml()`` builds a config)
 ``exmta_relay``        exmta on a free port: example.test to Maildir under its
                        data dir, everything else relayed to ``smtp_sink``
+``keys``               :class:`support.authzones.Keys` (module scope)
+``knot_server``        Knot serving ``authzones.zones(keys)`` (module scope; a module
+                       that needs other zones defines its own ``knot_server``)
 =====================  ==========================================================
 
 Fixtures skip (with the reason) only when the external program is not
@@ -36,6 +39,7 @@ from typing import Any
 
 import pytest
 
+from . import authzones, knot
 from . import dovecot as dovecot_mod
 from . import exmta_proc
 from . import postfix as postfix_mod
@@ -144,3 +148,16 @@ def exmta_relay(
     """exmta: example.test delivered to Maildir, the rest relayed to ``smtp_sink``."""
     # (the sink is set up first so that it is torn down last)
     return exmta_factory(toml=exmta_proc.exmta_toml(smarthost=smtp_sink.next_hop))
+
+
+@pytest.fixture(scope="module")
+def keys() -> authzones.Keys:
+    """The DKIM keys published in the auth test zones, one set per test module."""
+    return authzones.make_keys()
+
+
+@pytest.fixture(scope="module")
+def knot_server(tmp_path_factory: pytest.TempPathFactory, keys: authzones.Keys) -> Iterator[knot.KnotServer]:
+    """Knot on loopback serving the SPF/DKIM/DMARC/ARC test zones of support.authzones."""
+    with knot.KnotServer(tmp_path_factory.mktemp("authdns"), authzones.zones(keys)) as server:
+        yield server
