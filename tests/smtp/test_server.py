@@ -718,10 +718,16 @@ class Rejecter(FilterBase):
 
 
 class Hanging(FilterBase):
+    """Answers end of data only when the test fires the Deferred it keeps in ``pending``."""
+
     name = "hanging"
 
+    def __init__(self) -> None:
+        self.pending: list[Deferred] = []
+
     def on_data(self, session, txn, message):
-        return Deferred()
+        self.pending.append(Deferred())
+        return self.pending[-1]
 
 
 def test_header_edits_are_applied_before_commit():
@@ -929,22 +935,14 @@ def test_ipv6_client_in_received():
 
 
 def test_disconnect_while_data_filter_runs_queues_nothing():
-    pending: list[Deferred] = []
-
-    class Slow(FilterBase):
-        name = "slow"
-
-        def on_data(self, session, txn, message):
-            pending.append(Deferred())
-            return pending[-1]
-
-    c = make(filters=[Slow()])
+    hanging = Hanging()
+    c = make(filters=[hanging])
     c.read()
     c.ehlo()
     c.envelope()
     c.send(b"DATA\r\nx\r\n.\r\n")
     c.lose()
-    pending[0].callback(Verdict.CONTINUE)
+    hanging.pending[0].callback(Verdict.CONTINUE)
     assert c.store.committed == [] and c.store.writers[0].aborted
 
 
@@ -1154,16 +1152,8 @@ def test_configured_banner_follows_the_hostname():
 
 
 def test_shutdown_while_data_filter_runs_queues_nothing():
-    pending: list[Deferred] = []
-
-    class Slow(FilterBase):
-        name = "slow"
-
-        def on_data(self, session, txn, message):
-            pending.append(Deferred())
-            return pending[-1]
-
-    c = make(filters=[Slow()])
+    hanging = Hanging()
+    c = make(filters=[hanging])
     c.read()
     c.ehlo()
     c.envelope()
@@ -1172,7 +1162,7 @@ def test_shutdown_while_data_filter_runs_queues_nothing():
     c.factory.shutdown(5)
     c.clock.advance(5)
     assert c.read() == b"421 4.3.2 mx.test Service shutting down\r\n"
-    pending[0].callback(Verdict.CONTINUE)
+    hanging.pending[0].callback(Verdict.CONTINUE)
     assert c.store.committed == [] and c.store.writers[0].aborted
 
 
