@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import io
 import re
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
@@ -49,6 +51,20 @@ def unstuff(wire: bytes) -> bytes:
     else:
         raise AssertionError("no terminator")
     return b"".join(line + b"\r\n" for line in out)
+
+
+def client_at_data(content: bytes) -> tuple[SMTPClientProtocol, StringTransport, Deferred[Any]]:
+    """A client that has been answered up to 354 and has written ``content`` as DATA into the transport."""
+    proto = SMTPClientProtocol(Clock(), "c.test", tls_mode="none")
+    t = StringTransport()
+    proto.makeConnection(t)
+    proto.establish()
+    proto.dataReceived(b"220 hi\r\n250-x\r\n250 PIPELINING\r\n")
+    rcpt = Recipient("a@example.net")
+    d = proto.deliver(DeliveryRequest("Q", Envelope("s@x.test", [rcpt]), (rcpt,), lambda: io.BytesIO(content)))
+    t.clear()
+    proto.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    return proto, t, d
 
 
 @st.composite
@@ -104,16 +120,7 @@ def test_lone_dot_at_16k_boundary_on_the_wire() -> None:
 
     # and through the protocol, which reads READ_CHUNK octets at a time
     big = head + b"y" * (READ_CHUNK - len(head) - 2) + b"\r\n" + b".\r\nQUIT\r\n"
-    proto = SMTPClientProtocol(Clock(), "c.test", tls_mode="none")
-    t = StringTransport()
-    proto.makeConnection(t)
-    proto.establish()
-    proto.dataReceived(b"220 hi\r\n250-x\r\n250 PIPELINING\r\n")
-    rcpt = Recipient("a@example.net")
-    req = DeliveryRequest("Q", Envelope("s@x.test", [rcpt]), (rcpt,), lambda: io.BytesIO(big))
-    d = proto.deliver(req)
-    t.clear()
-    proto.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    proto, t, d = client_at_data(big)
     wire = t.value()
     assert wire.count(b"\r\n.\r\n") == 1 and wire.endswith(b"\r\n.\r\n")
     assert b"\r\n..\r\nQUIT\r\n" in wire
@@ -159,16 +166,7 @@ def test_protocol_data_path_any_read_size(data: bytes, read_size: int) -> None:
     old = client.READ_CHUNK
     client.READ_CHUNK = read_size
     try:
-        proto = SMTPClientProtocol(Clock(), "c.test", tls_mode="none")
-        t = StringTransport()
-        proto.makeConnection(t)
-        proto.establish()
-        proto.dataReceived(b"220 hi\r\n250-x\r\n250 PIPELINING\r\n")
-        rcpt = Recipient("a@example.net")
-        req = DeliveryRequest("Q", Envelope("s@x.test", [rcpt]), (rcpt,), lambda: io.BytesIO(data))
-        proto.deliver(req)
-        t.clear()
-        proto.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        _, t, _ = client_at_data(data)
         assert unstuff(t.value()) == normalise(data)
     finally:
         client.READ_CHUNK = old
