@@ -47,6 +47,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from exmta.model import Envelope, TrackingEvent, TrackingEventId
+from exmta.receive.ranges import ip_in
 
 __all__ = ["AdminRoot", "ApiError", "QueueOperations", "make_admin_root", "queue_name"]
 
@@ -409,13 +410,7 @@ class AdminRoot(resource.Resource):
     def allowed_address(self, address: Any) -> bool:
         if isinstance(address, UNIXAddress):
             return True
-        try:
-            ip = ipaddress.ip_address(getattr(address, "host", ""))
-        except ValueError:
-            return False
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.allowed)
+        return ip_in(getattr(address, "host", ""), self.allowed)
 
     def getChildWithDefault(self, path: bytes, request: Any) -> resource.IResource:
         if not self.allowed_address(request.getClientAddress()):

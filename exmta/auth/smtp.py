@@ -40,6 +40,7 @@ from exmta.auth.lockout import LockoutSettings, LoginThrottle
 from exmta.auth.sasl import MECHANISMS, Credentials, SASLError
 from exmta.auth.sendas import SEND_AS_DENIED, from_addresses
 from exmta.model import Address, MailParams, Reply
+from exmta.receive.ranges import ip_in
 
 __all__ = ["Authenticator", "build_authenticator", "REPLIES"]
 
@@ -75,16 +76,6 @@ def _challenge(data: bytes) -> Reply:
 def _loggable(name: str) -> str:
     """A user name as it may appear in a log line: printable, bounded."""
     return "".join(c if c.isprintable() else "?" for c in name[:128])
-
-
-def _ip_in(ip: str, networks: Sequence[Any]) -> bool:
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return any(addr.version == n.version and addr in n for n in networks)
 
 
 class Authenticator:
@@ -125,7 +116,7 @@ class Authenticator:
     def allowed(self, proto: Any) -> bool:
         if self.secure(proto):
             return True
-        return proto.session is not None and _ip_in(proto.session.peer_ip, self.before_tls_networks)
+        return proto.session is not None and ip_in(proto.session.peer_ip, self.before_tls_networks)
 
     def ehlo_keywords(self, proto: Any) -> list[str]:
         if not self.mechanisms or not self.allowed(proto):

@@ -42,7 +42,7 @@ from exmta.model import Reply
 
 __all__ = [
     "ANY_RANGES", "ConnectionCounter", "ConnectorEntry", "DispatchingFactory", "ProxyHeaderFactory",
-    "group_listeners", "listen_service", "parse_ip", "parse_ranges", "range_overlaps", "select_connector",
+    "group_listeners", "ip_in", "listen_service", "parse_ip", "parse_ranges", "range_overlaps", "select_connector",
 ]
 
 log = Logger()
@@ -66,6 +66,12 @@ def parse_ip(text: str) -> IPAddress | None:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped  # ::ffff:192.0.2.1 on a dual-stack socket is 192.0.2.1
     return ip
+
+
+def ip_in(text: str | None, networks: Sequence[IPNetwork]) -> bool:
+    """Whether the address ``text`` (IPv4-mapped IPv6 counts as IPv4) is in one of ``networks``."""
+    ip = parse_ip(text) if text else None
+    return ip is not None and any(ip.version == n.version and ip in n for n in networks)
 
 
 def parse_ranges(ranges: Iterable[str]) -> tuple[IPNetwork, ...]:

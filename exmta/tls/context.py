@@ -36,6 +36,7 @@ from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from exmta.config.schema import ReceiveTLSConfig, TLSCertificateConfig
+from exmta.receive.ranges import ip_in
 from exmta.tls.certs import CertificateError, LoadedCertificate, load_certificate, mtimes
 
 __all__ = [
@@ -123,19 +124,6 @@ def match_name(pattern: str, name: str) -> bool:
 
 def _parse_networks(networks: Sequence[str]) -> tuple[IPNetwork, ...]:
     return tuple(ipaddress.ip_network(n, strict=False) for n in networks)
-
-
-def ip_in(text: str | None, networks: Sequence[IPNetwork]) -> bool:
-    """Whether the address ``text`` (IPv4-mapped IPv6 counts as IPv4) is in one of ``networks``."""
-    if not text or not networks:
-        return False
-    try:
-        ip = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip.version == n.version and ip in n for n in networks)
 
 
 @dataclass
