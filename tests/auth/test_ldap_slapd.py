@@ -8,7 +8,6 @@ import pytest_twisted
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet.defer import maybeDeferred
 from twisted.internet.threads import deferToThread
 
 from exmta.auth.avatar import ISubmitter, TemporaryAuthFailure
@@ -16,6 +15,7 @@ from exmta.auth.ldap import LDAPChecker, LDAPSettings
 from support import slapd as slapd_mod
 from support.procs import free_port
 from support.slapd import SlapdServer
+from support.sync import run_inline as sync
 
 pytestmark = pytest.mark.integration
 
@@ -25,10 +25,6 @@ def slapd(tmp_path_factory):
     assert slapd_mod.available(), "slapd is not installed: run scripts/install-test-deps.sh"
     with SlapdServer(tmp_path_factory.mktemp("ldap")) as server:
         yield server
-
-
-def sync(f, *args):
-    return maybeDeferred(f, *args)
 
 
 def settings(server: SlapdServer, **kw) -> LDAPSettings:

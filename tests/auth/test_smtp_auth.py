@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 
 from exmta.auth.avatar import TemporaryAuthFailure
@@ -25,6 +25,7 @@ from exmta.filters.base import FilterChain
 from exmta.smtp.server import ESMTPServerFactory
 from exmta.testing.memstore import MemoryStore
 from support.smtp_stubs import StubPolicy, TLSStringTransport
+from support.sync import run_inline as sync
 
 PASSWORD = "correct horse"
 
@@ -45,10 +46,6 @@ def plain(user: str = "alice", password: str = PASSWORD, authzid: str = "") -> b
 
 def fast_hasher() -> PasswordHasher:
     return PasswordHasher(argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))
-
-
-def sync(f, *args):
-    return maybeDeferred(f, *args)
 
 
 @pytest.fixture
@@ -117,14 +114,6 @@ def make(users_path: str, peer: str = "192.0.2.7", clock: Clock | None = None, a
 @pytest.fixture
 def s(users_path) -> Session:
     return make(users_path)
-
-
-@pytest.fixture
-def logged():
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def all_text(events: list[dict]) -> str:
@@ -298,22 +287,22 @@ def test_only_configured_mechanisms_are_advertised(users_path):
     assert auth_keyword(ehlo) == b"PLAIN"
 
 
-def test_oversize_auth_command_line(s, logged):
+def test_oversize_auth_command_line(s, log_events):
     s.starttls()
     secret = plain(password="p" * 600)
     assert s.send(b"AUTH PLAIN " + secret + b"\r\n") == b"500 5.5.6 Error: line too long\r\n"
     assert s.proto.session.auth_identity is None
-    assert secret[:40].decode() not in all_text(logged)
+    assert secret[:40].decode() not in all_text(log_events)
     s.login()
 
 
-def test_oversize_line_inside_an_exchange_ends_it(s, logged):
+def test_oversize_line_inside_an_exchange_ends_it(s, log_events):
     s.starttls()
     assert s.send(b"AUTH LOGIN\r\n") == b"334 VXNlcm5hbWU6\r\n"
     secret = b64("x" * 700)
     assert s.send(secret + b"\r\n") == b"500 5.5.6 Error: line too long\r\n"
     assert s.send(b"NOOP\r\n") == b"250 2.0.0 Ok\r\n"  # a command again, not a user name
-    assert secret[:40].decode() not in all_text(logged)
+    assert secret[:40].decode() not in all_text(log_events)
 
 
 def test_garbage_line_inside_an_exchange_ends_it(s):
@@ -333,7 +322,7 @@ def test_many_bad_auth_commands_close_the_session(s):
 # ------------------------------------------------------------ failures: tarpit, lockout, logs
 
 
-def test_failed_login_is_tarpitted_then_535(s, logged):
+def test_failed_login_is_tarpitted_then_535(s, log_events):
     s.starttls()
     assert s.send(b"AUTH PLAIN " + plain(password="Wr0ngGuess!") + b"\r\n") == b""
     s.clock.advance(4.9)
@@ -341,10 +330,11 @@ def test_failed_login_is_tarpitted_then_535(s, logged):
     assert s.send(b"NOOP\r\n") == b""  # input waits behind the tarpit
     s.clock.advance(0.1)
     assert s.transport.value() == b"535 5.7.8 Error: authentication failed\r\n250 2.0.0 Ok\r\n"
-    failures = [e for e in logged if "failed for" in (e.get("log_format") or "")]
+    failures = [e for e in log_events if "failed for" in (e.get("log_format") or "")]
     assert len(failures) == 1
     assert failures[0]["peer_ip"] == "192.0.2.7" and failures[0]["user"] == "alice"
-    assert "Wr0ngGuess!" not in all_text(logged) and plain(password="Wr0ngGuess!").decode() not in all_text(logged)
+    text = all_text(log_events)
+    assert "Wr0ngGuess!" not in text and plain(password="Wr0ngGuess!").decode() not in text
 
 
 def test_unknown_user_and_empty_password_fail_the_same_way(s):
@@ -356,14 +346,14 @@ def test_unknown_user_and_empty_password_fail_the_same_way(s):
         s.transport.clear()
 
 
-def test_secrets_are_never_logged(s, logged):
+def test_secrets_are_never_logged(s, log_events):
     s.starttls()
     s.login()
     s2 = make(s.factory.authenticator.portal.checkers[list(s.factory.authenticator.portal.checkers)[0]].file.path)
     s2.starttls()
     s2.send(b"AUTH LOGIN\r\n" + b64("alice") + b"\r\n" + b64("Tr0ub4dor&3") + b"\r\n")
     s2.clock.advance(5)
-    text = all_text(logged)
+    text = all_text(log_events)
     for secret in (PASSWORD, plain().decode(), "Tr0ub4dor&3", b64("Tr0ub4dor&3").decode()):
         assert secret not in text
     assert "AUTH PLAIN as alice from 192.0.2.7" in text
@@ -436,7 +426,7 @@ class BrokenChecker:
         return fail(self.error)
 
 
-def test_back_end_unavailable_is_454_and_not_a_failure(users_path, logged):
+def test_back_end_unavailable_is_454_and_not_a_failure(users_path, log_events):
     clock = Clock()
     checker = BrokenChecker(TemporaryAuthFailure("ldap://dc: connection refused"))
     auth = Authenticator(Portal(UsersRealm(None), [checker]), clock, lockout=LockoutSettings(user_threshold=1))
@@ -448,7 +438,7 @@ def test_back_end_unavailable_is_454_and_not_a_failure(users_path, logged):
     assert auth.throttle.user_locked("alice") == 0
     checker.error = RuntimeError("bug")
     assert s.send(b"AUTH PLAIN " + plain() + b"\r\n").startswith(b"454 4.7.0 ")
-    logged.clear()  # the logged RuntimeError is expected here
+    log_events.clear()  # the log_events RuntimeError is expected here
 
 
 def test_users_file_changes_are_seen_without_restart(s, users_path):

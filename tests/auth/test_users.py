@@ -9,14 +9,10 @@ import bcrypt
 import pytest
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import maybeDeferred
 
 from exmta.auth.avatar import TemporaryAuthFailure
 from exmta.auth.users import PasswordHasher, UserRecord, UsersChecker, UsersFile, UsersFileError
-
-
-def sync(f, *args):
-    return maybeDeferred(f, *args)
+from support.sync import run_inline as sync
 
 
 def result(d):

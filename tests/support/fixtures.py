@@ -22,6 +22,7 @@ fixture                yields
                        ``support.exmta_proc.exmta_toml()`` builds a config)
 ``exmta_relay``        exmta on a free port: example.test to Maildir under its
                        data dir, everything else relayed to ``smtp_sink``
+``log_events``         the list of every twisted.logger event emitted during the test
 ``keys``               :class:`support.authzones.Keys` (module scope)
 ``knot_server``        Knot serving ``authzones.zones(keys)`` (module scope; a module
                        that needs other zones defines its own ``knot_server``)
@@ -161,3 +162,14 @@ def knot_server(tmp_path_factory: pytest.TempPathFactory, keys: authzones.Keys) 
     """Knot on loopback serving the SPF/DKIM/DMARC/ARC test zones of support.authzones."""
     with knot.KnotServer(tmp_path_factory.mktemp("authdns"), authzones.zones(keys)) as server:
         yield server
+
+
+@pytest.fixture
+def log_events() -> Iterator[list[dict[str, Any]]]:
+    """Every event sent to the global log publisher while the test runs."""
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)

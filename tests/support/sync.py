@@ -1,4 +1,4 @@
-"""Synchronous stand-ins for unit tests: a reactor and a thread pool that run work at once.
+"""Synchronous stand-ins for unit tests: a reactor, a thread pool and a blocking-call runner that run work at once.
 
 ``deferToThreadPool(SyncReactor(), SyncPool(), f)`` then fires before it
 returns, so tests of thread-pool code (the spool, maildir, pickup) need no
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
 
 
@@ -54,3 +54,8 @@ def failure(d: Deferred[Any]) -> Failure:
     d.addBoth(out.append)
     assert out and isinstance(out[0], Failure), f"expected a failure, got {out}"
     return out[0]
+
+
+def run_inline(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    """A blocking-call runner (what ``exmta.auth.smtp.blocking_runner`` returns) that runs ``f`` at once."""
+    return maybeDeferred(f, *args)

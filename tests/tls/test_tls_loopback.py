@@ -20,7 +20,6 @@ import pytest
 import pytest_twisted
 from support.tlscerts import TestPKI
 from twisted.internet.threads import deferToThread
-from twisted.logger import globalLogPublisher
 
 from exmta.config.schema import ReceiveConnectorConfig, ReceiveTLSConfig, TLSCertificateConfig
 from exmta.filters.base import FilterChain
@@ -47,15 +46,6 @@ class Tracker:
 @pytest.fixture
 def pki(tmp_path):
     return TestPKI(tmp_path / "pki")
-
-
-@pytest.fixture
-def logs():
-    """Every log event emitted during the test (for the log lines the brief asks for)."""
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def log_text(events: list[dict]) -> str:
@@ -180,7 +170,7 @@ def _s_client(port: int, pki: TestPKI, *extra: str, stdin: bytes = b"QUIT\n") ->
 
 
 @pytest_twisted.inlineCallbacks
-def test_openssl_s_client_starttls_smtp_verifies_and_talks(make_server, pki, logs):
+def test_openssl_s_client_starttls_smtp_verifies_and_talks(make_server, pki, log_events):
     assert OPENSSL, "openssl is not installed (scripts/install-test-deps.sh)"
     server = make_server(tls={})
     r = yield deferToThread(_s_client, server.port, pki, "-verify_hostname", HOST, "-brief",
@@ -192,7 +182,7 @@ def test_openssl_s_client_starttls_smtp_verifies_and_talks(make_server, pki, log
     assert f"250-{HOST}" in out and "STARTTLS" not in out.split("250-" + HOST, 1)[1]
     assert "250 2.1.0 Ok" in out
     assert f"221 2.0.0 {HOST} closing connection" in out
-    assert no_failures(logs)
+    assert no_failures(log_events)
 
 
 # ---------------------------------------------------------------- CVE-2011-0411
@@ -221,7 +211,7 @@ def _pipelined_after_starttls(port: int, pki: TestPKI) -> dict[str, Any]:
 
 
 @pytest_twisted.inlineCallbacks
-def test_commands_pipelined_after_starttls_are_discarded_cve_2011_0411(make_server, pki, logs):
+def test_commands_pipelined_after_starttls_are_discarded_cve_2011_0411(make_server, pki, log_events):
     server = make_server(tls={})
     out = yield deferToThread(_pipelined_after_starttls, server.port, pki)
     assert out["go"] == (220, ["2.0.0 Ready to start TLS"])
@@ -234,7 +224,7 @@ def test_commands_pipelined_after_starttls_are_discarded_cve_2011_0411(make_serv
     assert envelope.sender == "a@sender.test"
     assert [r.address for r in envelope.recipients] == ["b@local.test"]
     assert b"injected" not in content and b"victim" not in content
-    assert "plaintext octets after STARTTLS dropped" in log_text(logs)
+    assert "plaintext octets after STARTTLS dropped" in log_text(log_events)
 
 
 # ---------------------------------------------------------------- implicit TLS (465)
@@ -277,12 +267,12 @@ def _plain_to_implicit(port: int) -> bytes:
 
 
 @pytest_twisted.inlineCallbacks
-def test_plaintext_client_on_an_implicit_tls_port_is_closed_not_served(make_server, pki, logs):
+def test_plaintext_client_on_an_implicit_tls_port_is_closed_not_served(make_server, pki, log_events):
     server = make_server(tls={"implicit": True})
     data = yield deferToThread(_plain_to_implicit, server.port)
     assert b"220" not in data and b"250" not in data  # at most a TLS alert, never SMTP in clear
     assert server.store.committed == []
-    assert no_failures(logs)
+    assert no_failures(log_events)
 
 
 # ---------------------------------------------------------------- SNI
@@ -338,7 +328,7 @@ def _tls10(port: int, pki: TestPKI) -> str:
 
 
 @pytest_twisted.inlineCallbacks
-def test_tls10_only_for_legacy_networks(make_server, pki, logs):
+def test_tls10_only_for_legacy_networks(make_server, pki, log_events):
     modern = make_server(tls={})
     other_range = make_server(tls={"legacy_networks": ("192.0.2.0/24",)})
     pinned = make_server(tls={"legacy_networks": ("127.0.0.0/8",)})
@@ -348,7 +338,7 @@ def test_tls10_only_for_legacy_networks(make_server, pki, logs):
     [(content, _)] = pinned.store.committed
     assert b"(using TLSv1 with cipher " in content
     assert modern.store.committed == []
-    assert "TLS with 127.0.0.1 on tls failed: TLS handshake failed" in log_text(logs)
+    assert "TLS with 127.0.0.1 on tls failed: TLS handshake failed" in log_text(log_events)
     # the pinned range still gets TLS 1.3 when the client can
     result = yield deferToThread(_smtplib_starttls, pinned.port, pki)
     assert result["version"] == "TLSv1.3"
@@ -364,13 +354,13 @@ def _mail_without_tls(port: int) -> tuple[int, bytes]:
 
 
 @pytest_twisted.inlineCallbacks
-def test_require_tls_refuses_mail_before_starttls(make_server, pki, logs):
+def test_require_tls_refuses_mail_before_starttls(make_server, pki, log_events):
     server = make_server(tls={}, require_tls=True)
     assert (yield deferToThread(_mail_without_tls, server.port)) == (
         530, b"5.7.0 Must issue a STARTTLS command first")
     result = yield deferToThread(_smtplib_starttls, server.port, pki)
     assert result["code"] == 220 and len(server.store.committed) == 1
-    assert "MAIL before STARTTLS refused for 127.0.0.1 on tls" in log_text(logs)
+    assert "MAIL before STARTTLS refused for 127.0.0.1 on tls" in log_text(log_events)
 
 
 @pytest_twisted.inlineCallbacks
@@ -402,14 +392,14 @@ PARTNER = {"client_certificate": "require", "client_names": ("mail.protection.ou
 
 
 @pytest_twisted.inlineCallbacks
-def test_partner_certificate_that_matches_is_accepted(make_server, pki, logs):
+def test_partner_certificate_that_matches_is_accepted(make_server, pki, log_events):
     server = make_server(tls={**PARTNER, "client_ca": str(pki.ca_file)})
     exo = pki.client("mail.protection.outlook.com", "*.mail.protection.outlook.com", file="exo")
     out = yield deferToThread(_with_client_cert, server.port, pki, exo)
     assert out["mail"] == (250, b"2.1.0 Ok")
     assert len(server.store.committed) == 1
     assert ("client certificate accepted for 127.0.0.1 on tls: mail.protection.outlook.com"
-            in log_text(logs))
+            in log_text(log_events))
     [tls] = server.policy.tls_at_mail  # what the relay policy's "partners" permission group reads
     assert tls.partner == "mail.protection.outlook.com" and tls.peer_certificate_verified
     assert tls.peer_certificate_names == ("mail.protection.outlook.com", "*.mail.protection.outlook.com")
@@ -429,7 +419,7 @@ def test_request_mode_marks_partners_and_lets_the_others_in_as_anonymous(make_se
 
 
 @pytest_twisted.inlineCallbacks
-def test_partner_certificate_with_another_name_is_refused(make_server, pki, logs):
+def test_partner_certificate_with_another_name_is_refused(make_server, pki, log_events):
     server = make_server(tls={**PARTNER, "client_ca": str(pki.ca_file)})
     other = pki.client("relay.fabrikam.test", file="fabrikam")
     out = yield deferToThread(_with_client_cert, server.port, pki, other)
@@ -437,22 +427,22 @@ def test_partner_certificate_with_another_name_is_refused(make_server, pki, logs
                                 b"match none of mail.protection.outlook.com")
     assert server.store.committed == []
     assert "client certificate refused for 127.0.0.1 on tls: certificate names relay.fabrikam.test" \
-        in log_text(logs)
+        in log_text(log_events)
 
 
 @pytest_twisted.inlineCallbacks
-def test_partner_without_a_certificate_is_refused(make_server, pki, logs):
+def test_partner_without_a_certificate_is_refused(make_server, pki, log_events):
     server = make_server(tls={**PARTNER, "client_ca": str(pki.ca_file)})
     out = yield deferToThread(_with_client_cert, server.port, pki, None)
     assert out["mail"] == (530, b"5.7.1 Client was not authenticated: this connector requires a client "
                                 b"certificate")
-    assert "client certificate refused for 127.0.0.1 on tls: no client certificate" in log_text(logs)
+    assert "client certificate refused for 127.0.0.1 on tls: no client certificate" in log_text(log_events)
     assert (yield deferToThread(_mail_without_tls, server.port)) == (
         530, b"5.7.0 Must issue a STARTTLS command first")
 
 
 @pytest_twisted.inlineCallbacks
-def test_partner_certificate_from_an_untrusted_ca_is_refused(make_server, pki, logs):
+def test_partner_certificate_from_an_untrusted_ca_is_refused(make_server, pki, log_events):
     server = make_server(tls={**PARTNER, "client_ca": str(pki.ca_file)})
     rogue = pki.other_ca().client("mail.protection.outlook.com", file="rogue")
     out = yield deferToThread(_with_client_cert, server.port, pki, rogue)
@@ -460,7 +450,7 @@ def test_partner_certificate_from_an_untrusted_ca_is_refused(make_server, pki, l
     assert out["mail"][1].startswith(b"5.7.1 Client was not authenticated: certificate not trusted: "
                                      b"unable to get local issuer certificate")
     assert server.store.committed == []
-    assert no_failures(logs)
+    assert no_failures(log_events)
 
 
 @pytest_twisted.inlineCallbacks
@@ -525,27 +515,27 @@ def _garbage_after_handshake(port: int, pki: TestPKI) -> dict[str, Any]:
 
 
 @pytest_twisted.inlineCallbacks
-def test_garbage_during_the_handshake_closes_cleanly_and_the_server_goes_on(make_server, pki, logs):
+def test_garbage_during_the_handshake_closes_cleanly_and_the_server_goes_on(make_server, pki, log_events):
     server = make_server(tls={})
     data = yield deferToThread(_garbage_during_handshake, server.port)
     assert b"250" not in data and b"Traceback" not in data
-    assert "TLS with 127.0.0.1 on tls failed: TLS handshake failed" in log_text(logs)
+    assert "TLS with 127.0.0.1 on tls failed: TLS handshake failed" in log_text(log_events)
     result = yield deferToThread(_smtplib_starttls, server.port, pki)  # still serving
     assert result["code"] == 220
-    assert no_failures(logs)
+    assert no_failures(log_events)
 
 
 @pytest_twisted.inlineCallbacks
-def test_garbage_after_the_handshake(make_server, pki, logs):
+def test_garbage_after_the_handshake(make_server, pki, log_events):
     server = make_server(tls={})
     out = yield deferToThread(_garbage_after_handshake, server.port, pki)
     assert out["junk_command"][0] == 500
     assert out["ehlo"][0] == 250
     assert out["after"] in (b"", "SSLError", "ConnectionResetError")
-    assert "TLS with 127.0.0.1 on tls failed: TLS error after the handshake: " in log_text(logs)
+    assert "TLS with 127.0.0.1 on tls failed: TLS error after the handshake: " in log_text(log_events)
     result = yield deferToThread(_smtplib_starttls, server.port, pki)
     assert result["code"] == 220
-    assert no_failures(logs)
+    assert no_failures(log_events)
 
 
 # ---------------------------------------------------------------- swaks
