@@ -9,13 +9,14 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from exmta.model import (
-    Body, DeliveryRequest, Envelope, MailParams, Outcome, Recipient, RecipientResult,
+    Body, DeliveryRequest, Envelope, MailParams, Outcome, Recipient,
 )
 from exmta.smtp.client import (
     ClientTimeouts, ConnectionLostError, ProtocolError, ReplyTimeout, SMTPClientProtocol,
     SessionFailure, StaleConnection,
 )
 from support.smtp_stubs import TLSStringTransport
+from support.sync import failure as failure_of, result as results_of
 
 MESSAGE = b"Subject: hi\r\n\r\nHello\r\n.dot line\r\n"
 
@@ -56,23 +57,6 @@ class Peer:
         assert self.sent_lines() == ["EHLO client.test"]
         self.server(*ehlo)
         return d
-
-
-def results_of(d: Any) -> list[RecipientResult]:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "deferred has not fired"
-    if not isinstance(out[0], list):
-        out[0].raiseException()
-    return out[0]
-
-
-def failure_of(d: Any) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "deferred has not fired"
-    assert not isinstance(out[0], list) and out[0] is not None
-    return out[0]
 
 
 # ---------------------------------------------------------------- session
