@@ -31,8 +31,10 @@ Rules, in one place:
   occupies its own slots. So that one destination cannot fill the whole
   active window with waiting messages, a destination keeps at most
   ``max_waiting_per_destination`` waiting deliveries (default
-  ``max(1, max_active // 4)``); more are put back to the deferred queue due
-  in ``requeue_delay`` seconds without counting an attempt.
+  ``max(1, max_active // 2)``); more are put back to the deferred queue due
+  in ``requeue_delay`` (10) seconds without counting an attempt. (With a
+  quarter of the window and 60 s, a burst to one smart host stalled for a
+  minute once receiving outpaced delivery: benchmarks/PERFORMANCE.rst.)
 * **Retries.** A DEFERRED recipient stays pending with
   ``next_attempt = now + backoff(attempts - 1, retry_schedule)``, capped at the
   expiry time, so the last try happens when the message expires. The
@@ -224,7 +226,7 @@ class DeliveryScheduler(Service):
         stop_timeout: float = 30.0,
         delivery_timeout: float = 3600.0,
         max_waiting_per_destination: int | None = None,
-        requeue_delay: float = 60.0,
+        requeue_delay: float = 10.0,
         destination_ttl: float = 300.0,
         suspend_after: int = 3,
         claim_retry: float = 5.0,
@@ -244,7 +246,7 @@ class DeliveryScheduler(Service):
         self._delivery_timeout = delivery_timeout
         self._max_waiting = (
             max_waiting_per_destination if max_waiting_per_destination is not None
-            else max(1, config.max_active // 4)
+            else max(1, config.max_active // 2)
         )
         self._requeue_delay = requeue_delay
         self._destination_ttl = destination_ttl
