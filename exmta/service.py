@@ -283,6 +283,8 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
         rescan.clock = reactor
         _add(top, "incoming-rescan", rescan)
     observe.attach(scheduler, factories, config.receive)
+    if observe.metrics is not None:
+        observe.metrics.back_pressure = resources.back_pressure
     _add(top, "reload", observe.reload_service(scheduler, factories, filters, env))  # SIGHUP
     _add(top, "observe", observe.service)  # last: started when all listen, stopped first
     from exmta.admin.service import add_operations

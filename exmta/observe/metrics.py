@@ -303,6 +303,7 @@ class Metrics:
         self.sampler = sampler
         self.factories = factories or (lambda: {})
         self.scheduler = scheduler
+        self.back_pressure: Any = None  # exmta.receive.backpressure.BackPressure, for its status()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.connections = Counter("exmta_smtp_connections", "SMTP connections accepted", ["connector"], registry=r)
@@ -455,6 +456,31 @@ class _LiveCollector:
                 for key, d in sorted(stats.get("destinations", {}).items()):
                     dest.add_metric([key], d.get("active", 0))
                 yield dest
+        yield from _back_pressure_gauges(m.back_pressure)
+
+
+def _back_pressure_gauges(pressure: Any) -> Iterable[Any]:
+    """New mail refused (452 4.3.1) and why: disk, memory or queue size against their limits."""
+    if pressure is None:
+        return
+    status = pressure.status()
+    on = GaugeMetricFamily("exmta_back_pressure", "1 while new mail is refused with 452 4.3.1, by reason",
+                           labels=["reason"])
+    for reason, marker in (("disk", "free disk space"), ("memory", "memory "), ("queue", "in the queue")):
+        on.add_metric([reason], 1 if any(marker in r for r in status["reasons"]) else 0)
+    yield on
+    refused = GaugeMetricFamily("exmta_back_pressure_refused_mail_commands",
+                                "MAIL commands refused for back pressure since start")
+    refused.add_metric([], status["refused_mail_commands"])
+    yield refused
+    for key, name, text in (("free_disk_bytes", "exmta_queue_free_disk_bytes", "Free space where the queue is"),
+                            ("memory_bytes", "exmta_process_memory_bytes", "Resident memory as back pressure sees it"),
+                            ("queued_messages", "exmta_back_pressure_queued_messages",
+                             "Messages in the queue as back pressure counts them")):
+        if status.get(key) is not None:
+            gauge = GaugeMetricFamily(name, text)
+            gauge.add_metric([], status[key])
+            yield gauge
 
 
 class MetricsResource(resource.Resource):

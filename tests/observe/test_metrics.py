@@ -13,6 +13,7 @@ from exmta.config.schema import RouteConfig, SendConnectorConfig
 from exmta.model import Envelope, Recipient, TrackingEvent, TrackingEventId, new_queue_id
 from exmta.observe import metrics as m
 from exmta.observe.health import HealthResource, ReadinessChecks, ReadyResource
+from exmta.receive.backpressure import BackPressure
 from exmta.routing.router import StaticRouter
 from exmta.testing.memstore import MemoryStore
 
@@ -238,3 +239,31 @@ def test_status_page_renders_escaped_content(tmp_path: Any) -> None:
     assert "451 4.4.1 refused" in page and 'class="firing alert"' in page
     assert "1 event(s) found" in page and "<td>Q1</td>" in page
     assert "Cannot search" in render_status(obs, "bogus:field")
+
+
+def test_back_pressure_gauges_follow_the_measurements(tmp_path) -> None:
+    free = {"bytes": 500 * 1024 * 1024}
+    pressure = BackPressure(str(tmp_path), min_free_disk=100 * 1024 * 1024, max_queued_messages=10,
+                            free_space=lambda path: free["bytes"], queued=lambda path: 3)
+    metrics = m.Metrics(task.Clock())
+    metrics.back_pressure = pressure
+
+    pressure.update(pressure.measure())
+    s = samples(metrics)
+    assert s[("exmta_back_pressure", (("reason", "disk"),))] == 0
+    assert s[("exmta_back_pressure", (("reason", "queue"),))] == 0
+    assert s[("exmta_queue_free_disk_bytes", ())] == 500 * 1024 * 1024
+    assert s[("exmta_back_pressure_queued_messages", ())] == 3
+
+    free["bytes"] = 10 * 1024 * 1024          # below the floor: new mail is refused
+    pressure.update(pressure.measure())
+    s = samples(metrics)
+    assert s[("exmta_back_pressure", (("reason", "disk"),))] == 1
+    assert s[("exmta_back_pressure", (("reason", "memory"),))] == 0
+    assert s[("exmta_back_pressure", (("reason", "queue"),))] == 0
+    assert s[("exmta_queue_free_disk_bytes", ())] == 10 * 1024 * 1024
+
+
+def test_no_back_pressure_object_means_no_gauges() -> None:
+    metrics = m.Metrics(task.Clock())
+    assert not any(name.startswith("exmta_back_pressure") for name, _ in samples(metrics))
