@@ -164,7 +164,7 @@ class Dovecot:
 @pytest.fixture
 def dovecot(tmp_path: Path) -> Iterator[Dovecot]:
     if shutil.which("dovecot") is None:
-        pytest.skip("dovecot not installed")
+        pytest.fail("dovecot is not installed (run scripts/install-test-deps.sh)")
     server = Dovecot(tmp_path / "dovecot").start()
     try:
         yield server

@@ -50,7 +50,8 @@ from .sinks import SmtpSink
 
 def _need(program: str, available: bool) -> None:
     if not available:
-        pytest.skip(f"{program} is not installed (run scripts/install-test-deps.sh)")
+        # a missing real peer is a failure, never a silent skip: CI installs every one of them
+        pytest.fail(f"{program} is not installed (run scripts/install-test-deps.sh)")
 
 
 @pytest.fixture
