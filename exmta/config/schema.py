@@ -166,7 +166,7 @@ class QueueConfig:
     retry_schedule: tuple[float, ...] = (300.0, 600.0, 1200.0, 2400.0, 4800.0, 9600.0, 14400.0)
     max_lifetime: float = 5 * 86400.0     # then the message expires and bounces
     delay_warning: float = 4 * 3600.0     # DSN action=delayed after this; 0 = never
-    max_active: int = 500                 # messages in delivery at once
+    max_active: int = 5000                # messages claimed into memory for delivery at once
     poison_threshold: int = 3             # crashed attempts before a message is held
     pickup_interval: float = 2.0          # seconds between scans of the pickup directory
 
