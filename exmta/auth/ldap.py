@@ -204,7 +204,7 @@ class LDAPChecker:
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, Any, Callable[[], None]]:
         if ISubmitter not in interfaces:
-            raise NotImplementedError("only ISubmitter avatars")
+            raise NotImplementedError("only ISubmitter avatars")  # twisted.cred IRealm: unsupported interface
         with self._lock:
             submitter = self._found.pop(avatarId, None)
         if submitter is None:

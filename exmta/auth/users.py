@@ -310,5 +310,5 @@ class UsersRealm:
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, Any, Callable[[], None]]:
         if ISubmitter not in interfaces:
-            raise NotImplementedError("only ISubmitter avatars")
+            raise NotImplementedError("only ISubmitter avatars")  # twisted.cred IRealm: unsupported interface
         return ISubmitter, self.checker.submitter(avatarId), lambda: None
