@@ -275,6 +275,7 @@ def _read_server(r: _Reader, base: Config) -> dict[str, Any]:
         "pickup_dir": r.get("pickup_dir", base.pickup_dir, _nonempty_str),
         "tracking_log": r.get("tracking_log", base.tracking_log, _nonempty_str),
         "receive_workers": r.get("receive_workers", base.receive_workers, _int(0)),
+        "spool_io": r.get("spool_io", base.spool_io, _choice("auto", "threads", "inline")),
         "recipient_list": r.get("recipient_list", base.recipient_list, _readable_file),
     }
     r.finish()
@@ -694,6 +695,7 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
         pickup_dir=server["pickup_dir"],
         tracking_log=server["tracking_log"],
         receive_workers=server["receive_workers"],
+        spool_io=server["spool_io"],
         back_pressure=back_pressure,
         recipient_list=server["recipient_list"],
         filters=filters,

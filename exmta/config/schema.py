@@ -252,6 +252,7 @@ class Config:
     pickup_dir: str | None = None         # default <data_dir>/pickup
     tracking_log: str | None = None       # default <data_dir>/log/tracking.jsonl
     receive_workers: int = 0              # extra processes accepting SMTP (0 = the main process only)
+    spool_io: str = "auto"                # "threads" | "inline" | "auto" (exmta.queue.spool; see main_spool_io)
     filters: dict[str, dict[str, Any]] = field(default_factory=dict)
     dkim_keys: tuple[DKIMKeyConfig, ...] = ()  # [[dkim.keys]]: outbound DKIM signing keys
     auth_backends: tuple[AuthBackendConfig, ...] = ()  # [auth.NAME] sections
@@ -262,6 +263,19 @@ class Config:
     back_pressure: BackPressureConfig = field(default_factory=BackPressureConfig)
     recipient_list: str | None = None     # addresses of authoritative domains (exmta.receive.recipients)
     source: str = "<embedded default>"    # the file this came from, for messages
+
+    @property
+    def main_spool_io(self) -> str:
+        """How the main process runs its spool's blocking steps.
+
+        ``auto``: inline (block on its own fsyncs, no thread hand-offs) when
+        receive workers take the SMTP load, else in the thread pool, so that
+        one process serving everything never stalls on a slow disk. Receive
+        workers always run inline.
+        """
+        if self.spool_io != "auto":
+            return self.spool_io
+        return "inline" if self.receive_workers else "threads"
 
     def auth_backend(self, name: str) -> AuthBackendConfig | None:
         return next((b for b in self.auth_backends if b.name == name), None)

@@ -36,7 +36,7 @@ __all__ = ["ConfigReloader", "ReloadService"]
 
 log = Logger()
 
-_RESTART_SERVER_KEYS = ("data_dir", "pickup_dir", "tracking_log", "receive_workers", "hostname")
+_RESTART_SERVER_KEYS = ("data_dir", "pickup_dir", "tracking_log", "receive_workers", "spool_io", "hostname")
 
 
 class ConfigReloader:

@@ -32,6 +32,15 @@ about 2/N directory fsyncs. Claims are plain renames without fsync (a lost
 claim leaves the message due, which recover() would do anyway); updates,
 holds, releases and removals fsync the directories they touched (grouped).
 
+Blocking steps run either in a thread pool (``io="threads"``, the default) or
+on the calling thread (``io="inline"``). Inline is what a receive worker
+process uses: like Postfix's cleanup it blocks on its own fsyncs, and saves
+the thread hand-offs (futex wake-ups, GIL switches and context switches were
+a quarter of a worker's CPU, benchmarks/PERFORMANCE.rst); other worker
+processes keep the cores busy meanwhile. Inline directory fsyncs are still
+grouped: a round starts at the end of the reactor iteration (``callLater(0)``
+on the injected clock) and serves every rename made in that iteration.
+
 Several processes may commit into one spool (receive workers) while a single
 process claims (the scheduler's). Workers construct their store with
 ``claims=False``; the main process learns of their messages through
@@ -110,9 +119,12 @@ class GroupSync:
     served together by the next round, which fsyncs each directory once.
     """
 
-    def __init__(self, run: Callable[..., Deferred[Any]], fsync: FsyncFn = os.fsync) -> None:
+    def __init__(self, run: Callable[..., Deferred[Any]], fsync: FsyncFn = os.fsync,
+                 clock: IReactorTime | None = None) -> None:
         self._run = run
         self._fsync = fsync
+        self._clock = clock  # given: a round starts at the end of this reactor iteration (inline I/O)
+        self._pending_start: Any = None
         self._paths: set[str] = set()
         self._waiters: list[Deferred[None]] = []
         self._busy = False
@@ -130,6 +142,17 @@ class GroupSync:
         return d
 
     def _start(self) -> None:
+        if self._clock is not None:
+            # inline: wait for the rest of this iteration's renames, then one round serves them all
+            if self._pending_start is None:
+                self._pending_start = self._clock.callLater(0, self._start_now)
+            return
+        self._start_now()
+
+    def _start_now(self) -> None:
+        self._pending_start = None
+        if self._busy or not self._waiters:
+            return
         paths, waiters = sorted(self._paths), self._waiters
         self._paths, self._waiters = set(), []
         self._busy = True
@@ -362,7 +385,10 @@ class SpoolStore:
         claims: bool = True,
         tmp_grace: float = 0.0,
         count_crashes: bool = False,
+        io: str = "threads",
     ) -> None:
+        if io not in ("threads", "inline"):
+            raise ValueError(f"io must be 'threads' or 'inline', not {io!r}")
         self.root = os.path.abspath(root)
         self._reactor = reactor
         self._pool = threadpool
@@ -371,6 +397,7 @@ class SpoolStore:
         self._claims = claims
         self._tmp_grace = tmp_grace
         self._count_crashes = count_crashes
+        self.io = io
         self._dirs = {name: os.path.join(self.root, name) for name in _DIRS}
         created = not os.path.isdir(self.root)
         for path in self._dirs.values():
@@ -380,7 +407,7 @@ class SpoolStore:
         if created:
             fsync_directory(self.root, fsync)
             fsync_directory(os.path.dirname(self.root), fsync)
-        self.syncer = GroupSync(self._in_pool, fsync)
+        self.syncer = GroupSync(self._in_pool, fsync, self._clock if io == "inline" else None)
         self._new: OrderedDict[str, None] = OrderedDict()   # due new mail, FIFO
         self._retry: dict[str, float] = {}                 # deferred id -> next attempt
         self._heap: list[tuple[float, str]] = []           # (next attempt, id), lazily cleaned
@@ -392,6 +419,12 @@ class SpoolStore:
     # ------------------------------------------------------------ helpers
 
     def _in_pool(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Run a blocking step: in the thread pool, or here and now with ``io="inline"``."""
+        if self.io == "inline":
+            try:
+                return succeed(f(*args))
+            except BaseException:
+                return fail()
         return deferToThreadPool(self._reactor, self._pool, f, *args)
 
     def _env_path(self, state: str, queue_id: str) -> str:

@@ -67,7 +67,8 @@ def run(argv: list[str]) -> None:
     from exmta.observe.relay import WorkerRelay
     relay = WorkerRelay(lambda line: os.write(1, line))  # metrics: events to the main process too
     tracker = relay.wrap(tracker)
-    store = SpoolStore(paths["queue"], reactor, pool, clock=reactor, claims=False)  # only the main process claims
+    # only the main process claims; a worker blocks on its own fsyncs (one of several processes)
+    store = SpoolStore(paths["queue"], reactor, pool, clock=reactor, claims=False, io="inline")
     store.add_listener(_announce)
     env = FilterEnv(reactor=reactor, clock=reactor, threadpool=pool, hostname=config.hostname,
                     data_dir=paths["data"])

@@ -119,3 +119,20 @@ def test_embedded_default_is_self_contained(tmp_path):
     assert config.accepted_domain("other.test") is None
     local = config.send_connector("local")
     assert local.kind == "maildir" and local.maildir_root == str(tmp_path / "mail")
+
+
+@pytest.mark.parametrize("workers, spool_io, main_io", [
+    (0, None, "threads"), (2, None, "inline"), (0, "inline", "inline"), (2, "threads", "threads"),
+])
+def test_spool_io_of_the_main_process(tmp_path, workers, spool_io, main_io):
+    server = f"[server]\nreceive_workers = {workers}\n"
+    if spool_io:
+        server += f'spool_io = "{spool_io}"\n'
+    config = load_config(write(tmp_path, server + MINIMAL))
+    assert config.main_spool_io == main_io
+
+
+def test_spool_io_must_be_a_known_mode(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, '[server]\nspool_io = "async"\n' + MINIMAL))
+    assert [p for p in info.value.problems if p.startswith("server.spool_io: must be one of")]

@@ -529,3 +529,81 @@ def test_recover_keeps_what_was_indexed_meanwhile(tmp_path: Any) -> None:
     b = commit(fresh)
     assert result(fresh.recover()) == 0
     assert [e.queue_id for e in result(fresh.claim(0, 10))] == [a, b]
+
+
+# ---------------------------------------------------------------- io="inline" (receive workers)
+
+
+class NoPool(SyncPool):
+    """A pool that must not be used: inline I/O never hands work to threads."""
+
+    def callInThreadWithCallback(self, *a: Any, **kw: Any) -> None:
+        raise AssertionError("io='inline' used the thread pool")
+
+
+def test_inline_commit_fires_after_the_iterations_directory_round(tmp_path: Any) -> None:
+    events: list[str] = []
+    clock = Clock()
+    store = make_store(tmp_path / "spool", NoPool(), clock, fsync=FsyncRecorder(events), io="inline")
+    events.clear()
+    w = store.open_writer()
+    assert files(store, "tmp") == [w.queue_id + ".msg"], "created at once, on this thread"
+    w.write(b"Subject: x\r\n\r\nbody\r\n")
+    d = store.commit(w, envelope())
+    d.addCallback(lambda qid: events.append("fired " + qid))
+    assert events[0] == f"fsync {store.root}/tmp/{w.queue_id}.msg"
+    assert events[1].startswith(f"fsync {store.root}/tmp/{w.queue_id}.") and events[1].endswith(".json")
+    assert len(events) == 2 and not d.called, "the renames are not durable before the directory fsyncs"
+    assert files(store, "incoming") == [w.queue_id + ".json"]
+    clock.advance(0)  # the end of the reactor iteration: the grouped directory round
+    assert events[2:] == [f"fsync {store.root}/incoming", f"fsync {store.root}/msg", f"fired {w.queue_id}"]
+    assert not clock.getDelayedCalls()
+
+
+def test_inline_commits_of_one_iteration_share_one_directory_round(tmp_path: Any) -> None:
+    events: list[str] = []
+    clock = Clock()
+    store = make_store(tmp_path, NoPool(), clock, fsync=FsyncRecorder(events), io="inline")
+    events.clear()
+    fired: list[str] = []
+    for i in range(6):
+        w = store.open_writer()
+        w.write(b"m%d\r\n" % i)
+        store.commit(w, envelope()).addCallback(fired.append)
+    assert fired == [] and len(clock.getDelayedCalls()) == 1
+    clock.advance(0)
+    assert len(fired) == 6 and store.syncer.rounds == 1
+    assert [e for e in events if e.endswith(("/incoming", "/msg"))] == [
+        f"fsync {store.root}/incoming", f"fsync {store.root}/msg"]
+    assert not clock.getDelayedCalls()
+
+
+def test_inline_claim_update_hold_release_remove(tmp_path: Any) -> None:
+    clock = Clock()
+    store = make_store(tmp_path, NoPool(), clock, io="inline")
+
+    def settle(d: Any) -> Any:
+        clock.advance(0)
+        return result(d)
+
+    ids = []
+    for i in range(3):
+        w = store.open_writer()
+        w.write(b"m%d\r\n" % i)
+        ids.append(settle(store.commit(w, envelope())))
+    a, b, c = ids
+    entries = settle(store.claim(10.0, 3))
+    assert [e.queue_id for e in entries] == [a, b, c]
+    settle(store.update(a, entries[0].envelope, None))          # delivered: removed
+    settle(store.update(b, entries[1].envelope, 100.0))         # deferred
+    settle(store.hold(c, entries[2].envelope, "poison"))
+    assert files(store, "msg") == sorted([b, c])
+    assert files(store, "deferred") == [b + ".json"] and files(store, "hold") == [c + ".json"]
+    settle(store.release(c))
+    assert [e.queue_id for e in settle(store.claim(10.0, 5))] == [c]
+    assert not clock.getDelayedCalls()
+
+
+def test_io_mode_is_checked(tmp_path: Any) -> None:
+    with pytest.raises(ValueError, match="io must be"):
+        make_store(tmp_path, io="async")
