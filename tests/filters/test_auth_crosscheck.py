@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,7 @@ echo "nameserver 127.0.0.1" > {d}/resolv.conf
 mount --bind {d}/resolv.conf /etc/resolv.conf
 {knotd} -c {conf} > {d}/knotd53.log 2>&1 &
 KNOT=$!
-python3 - <<'EOF'
+{python} - <<'EOF'
 import time, dns.message, dns.query
 deadline = time.monotonic() + 10
 while True:
@@ -118,7 +119,7 @@ def test_opendkim_testmsg_verifies_exmta_signatures(keys: authzones.Keys, tmp_pa
     }
     for name, data in messages.items():
         (d / f"msg-{name}.eml").write_bytes(data)
-    script = NETNS_SCRIPT.format(d=d, knotd=knot.KNOTD, conf=conf, testmsg=TESTMSG)
+    script = NETNS_SCRIPT.format(d=d, knotd=knot.KNOTD, conf=conf, testmsg=TESTMSG, python=sys.executable)
     out = subprocess.run(["unshare", "--net", "--mount", "sh", "-c", script], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr + out.stdout
