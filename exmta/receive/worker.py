@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 from twisted.internet import defer
-from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginner
 
 log = Logger()
 
@@ -49,7 +49,9 @@ def run(argv: list[str]) -> None:
     parser.add_argument("--fds", required=True)
     args = parser.parse_args(argv)
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    # no timestamp: the main process stamps each line it relays (exmta.receive.workers)
+    observer = FileLogObserver(sys.stderr, lambda event: eventAsText(event, includeTimestamp=False) + "\n")
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
     from twisted.internet import reactor
 

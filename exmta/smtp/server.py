@@ -28,10 +28,12 @@ import os
 import re
 from typing import Any, Callable
 
+from twisted.internet import tcp as _tcp
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -53,6 +55,8 @@ __all__ = ["ESMTPServer", "ESMTPServerFactory"]
 
 _BDAT_ARG = re.compile(r"([0-9]{1,20})(?: +(LAST))?\Z", re.IGNORECASE)
 #: verbs that betray an HTTP or other non-SMTP client talking to us: close at once
+_UNSET = object()
+_IDS_LOGGED = 10  # queue ids named in a session's end line
 _NON_SMTP = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS"})
 _KNOWN_VERBS = frozenset({
     "EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY", "HELP", "STARTTLS", "AUTH",
@@ -145,6 +149,7 @@ class ESMTPServer(Protocol):
         self.messages = 0
         self._junk_commands = 0
         self._verbs: dict[str, int] = {}  # per-verb counts for the end-of-session log line
+        self._queued_ids: list[str] = []  # the first _IDS_LOGGED queue ids, for the same line
         self._writer: Any = None
         self._txn_uses_bdat = False
         self._txn_discard = False
@@ -160,6 +165,7 @@ class ESMTPServer(Protocol):
         self._closing = False
         self._disconnected = False
         self._timer: IDelayedCall | None = None
+        self._deadline = 0.0  # when the client's current timeout runs out (exmta.smtp.server._arm_timer)
         self._sasl: Any = None  # the SASL mechanism of an AUTH exchange in progress (exmta.auth.smtp)
         self.auth_avatar: Any = None  # the ISubmitter of a successful AUTH (identity, send-as grants)
         self._plog: Any = None  # protocol log transcript (exmta.observe.protocol), None when off
@@ -232,12 +238,15 @@ class ESMTPServer(Protocol):
         self.txn = None
         self.parser.discard_buffer()
         if self.session is not None:
+            queued = " ".join(self._queued_ids)
+            if self.messages > len(self._queued_ids):
+                queued += f" +{self.messages - len(self._queued_ids)} more"
             self.log.info(
                 "session {session_id} end after {duration:.3f}s: {peer_ip}:{peer_port} on {connector},"
-                " {messages} message(s), {errors} error(s), {commands}",
+                " {messages} message(s){queued}, {errors} error(s), {commands}",
                 session_id=self._sid, duration=self.clock.seconds() - self.session.started,
-                messages=self.messages, errors=self.errors, peer_ip=self.session.peer_ip,
-                peer_port=self.session.peer_port, connector=self.config.name,
+                messages=self.messages, queued=f" queued ({queued})" if queued else "", errors=self.errors,
+                peer_ip=self.session.peer_ip, peer_port=self.session.peer_port, connector=self.config.name,
                 commands=" ".join(f"{verb.lower()}={n}" for verb, n in self._verbs.items()) or "no commands",
             )
         if self._plog is not None:
@@ -363,7 +372,42 @@ class ESMTPServer(Protocol):
         if self._out and not self._disconnected:
             data = b"".join(self._out)
             self._out.clear()
-            self.transport.write(data)
+            sent = self._send_now(data)
+            if sent < len(data):
+                self.transport.write(data[sent:] if sent else data)
+
+    def _send_now(self, data: bytes) -> int:
+        """Write straight to a plain TCP socket when nothing waits in the transport's buffer.
+
+        Twisted's write() buffers and sends from the next poll, switching the
+        socket's epoll interest on and off around it: two epoll_ctl calls and a
+        loop iteration per reply. Returns how much went out; the rest (and
+        anything on TLS, or with output already queued) goes through write().
+        """
+        tcp = self._raw_tcp
+        if tcp is None or tcp.dataBuffer or tcp._tempDataBuffer or tcp.disconnecting or tcp.TLS:
+            return 0
+        try:
+            return tcp.socket.send(data)
+        except OSError:
+            return 0  # EAGAIN, or an error that write() will meet and report as usual
+
+    @property
+    def _raw_tcp(self) -> Any:
+        """The twisted.internet.tcp connection under our wrappers, if the chain is plain TCP."""
+        raw = self.__dict__.get("_raw_tcp_cache", _UNSET)
+        if raw is _UNSET:
+            raw = None
+            t = self.transport
+            for _ in range(4):  # our connector dispatcher and the PROXY wrapper sit in between
+                if isinstance(t, _tcp.Connection):
+                    raw = t if hasattr(t, "TLS") and hasattr(t, "_tempDataBuffer") else None
+                    break
+                if not isinstance(t, ProtocolWrapper) or type(t).write is not ProtocolWrapper.write:
+                    break
+                t = t.transport
+            self.__dict__["_raw_tcp_cache"] = raw
+        return raw
 
     def _close(self, reply: Reply | None) -> None:
         """Send ``reply`` (after any buffered ones) and close. Input left over is dropped."""
@@ -399,18 +443,30 @@ class ESMTPServer(Protocol):
     # ------------------------------------------------------------ timers
 
     def _arm_timer(self) -> None:
+        """The client has ``delay`` seconds from now. The timer is not moved on each command
+        (that was a reactor reschedule per line): it fires at its old time, sees the later
+        deadline and sleeps again for the rest, unless the deadline came nearer."""
         if self._closing or self._busy:
             return
         delay = self.config.command_timeout if self.parser.mode is Mode.COMMAND else self.config.data_timeout
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(delay)
-        else:
-            self._timer = self.clock.callLater(delay, self._timed_out)
+        self._deadline = self.clock.seconds() + delay
+        timer = self._timer
+        if timer is None or not timer.active():
+            self._timer = self.clock.callLater(delay, self._timer_fired)
+        elif timer.getTime() > self._deadline:
+            timer.reset(delay)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+    def _timer_fired(self) -> None:
+        left = self._deadline - self.clock.seconds()
+        if left > 0:
+            self._timer = self.clock.callLater(left, self._timer_fired)
+            return
+        self._timed_out()
 
     def _observe(self, event: str, *args: Any) -> None:
         """Tell the factory's session observer (metrics) ``event``(connector, *args); never raises."""
@@ -842,11 +898,8 @@ class ESMTPServer(Protocol):
             self._reply(replies.INTERNAL_ERROR)
             return
         self.messages += 1
-        self.log.info(
-            "session {session_id}: queued {queue_id} from <{sender}> for {rcpts} recipient(s), {size} octets",
-            session_id=self._sid, queue_id=queue_id, sender=envelope.sender,
-            rcpts=len(envelope.recipients), size=envelope.size, connector=self.config.name,
-        )
+        if len(self._queued_ids) < _IDS_LOGGED:
+            self._queued_ids.append(queue_id)  # named in the session's end line; the tracking log has every one
         self._track(queue_id, envelope, view.agent_notes)
         self._reply(replies.queued(queue_id))
 

@@ -1118,6 +1118,32 @@ def test_session_end_is_logged_with_command_counts():
     assert (end["peer_ip"], end["peer_port"]) == (c.proto.session.peer_ip, c.proto.session.peer_port)
     assert end["commands"] == "ehlo=1 noop=2 unknown=1 quit=1"
     assert end["errors"] == 1 and end["connector"] == "inbound"
+    assert end["queued"] == "" and end["messages"] == 0
+
+
+def test_session_end_line_names_the_queued_messages():
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from exmta.smtp import server
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        c = make()
+        c.read()
+        c.ehlo()
+        for _ in range(server._IDS_LOGGED + 2):
+            c.envelope()
+            c.send(b"DATA\r\n")
+            c.send(b"x\r\n.\r\n")
+        c.send(b"QUIT\r\n")
+        c.lose()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert not [e for e in events if "queued {queue_id}" in e.get("log_format", "")], "no line per message"
+    [end] = [e for e in events if e.get("log_format", "").startswith("session {session_id} end")]
+    ids = " ".join(f"Q{i}" for i in range(1, server._IDS_LOGGED + 1))
+    assert f"12 message(s) queued ({ids} +2 more), 0 error(s)" in formatEvent(end)
 
 
 def test_refused_and_discarded_messages_are_tracked():

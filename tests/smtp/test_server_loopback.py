@@ -5,6 +5,7 @@ import shutil
 import smtplib
 import socket
 import subprocess
+import time
 from email.message import EmailMessage
 from typing import Any
 
@@ -252,10 +253,14 @@ def _flood(port: int, count: int) -> tuple[int, bytes]:
     """Pipeline `count` RCPTs while reading concurrently; the server may stop reading in between."""
     import threading
 
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)  # small window: replies pile up server-side
+        sock.settimeout(20)
+        sock.connect(("127.0.0.1", port))
         payload = b"EHLO c\r\nMAIL FROM:<a@sender.test>\r\n" + b"RCPT TO:<b@local.test>\r\n" * count + b"QUIT\r\n"
         sender = threading.Thread(target=sock.sendall, args=(payload,), daemon=True)
         sender.start()
+        time.sleep(0.5)  # not reading yet: the server's socket fills and its own buffer grows
         received = bytearray()
         while not received.endswith(b"221 2.0.0 mx.loop.test closing connection\r\n"):
             chunk = sock.recv(1 << 16)
@@ -278,6 +283,14 @@ def test_pipelined_flood_with_back_pressure_keeps_every_reply(server, monkeypatc
         original(self)
 
     monkeypatch.setattr(ESMTPServer, "pauseProducing", counting_pause)
+    made = ESMTPServer.connectionMade
+
+    def small_send_buffer(self):
+        # a fixed 8 KiB send buffer (no autotuning): direct sends hit EAGAIN and the rest is buffered
+        self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        made(self)
+
+    monkeypatch.setattr(ESMTPServer, "connectionMade", small_send_buffer)
     port, _, factory = server
     count = 60_000  # ~1.4 MB in, ~2.3 MB of replies out: more than the socket buffers hold
     replies_seen, tail = yield deferToThread(_flood, port, count)
