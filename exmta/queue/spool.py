@@ -69,6 +69,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from exmta.coroutines import run_coroutine
 from exmta.interfaces import IMessageWriter, IQueueStore
 from exmta.model import Envelope, QueueEntry, new_queue_id
 
@@ -533,7 +534,7 @@ class SpoolStore:
         data = _encode(envelope, None)
         writer._state = "committing"
         state = "hold" if envelope.held_reason else "incoming"
-        return Deferred.fromCoroutine(self._commit(writer, data, state))
+        return run_coroutine(self._commit(writer, data, state))
 
     async def _commit(self, writer: SpoolWriter, data: bytes, state: str = "incoming") -> str:
         queue_id = writer.queue_id
@@ -750,10 +751,10 @@ class SpoolStore:
         envelope.queue_id = queue_id
         self._forget(queue_id)
         if next_attempt is None:
-            return self._serial([queue_id], lambda: Deferred.fromCoroutine(self._remove(queue_id)))
+            return self._serial([queue_id], lambda: run_coroutine(self._remove(queue_id)))
         when = float(next_attempt)
         return self._serial(
-            [queue_id], lambda: Deferred.fromCoroutine(self._defer(queue_id, envelope, when))
+            [queue_id], lambda: run_coroutine(self._defer(queue_id, envelope, when))
         )
 
     async def _remove(self, queue_id: str) -> None:
@@ -813,7 +814,7 @@ class SpoolStore:
                 raise KeyError(queue_id)
             await self.syncer.sync({self._dirs[source], self._dirs["hold"]})
 
-        return self._serial([queue_id], lambda: Deferred.fromCoroutine(run()))
+        return self._serial([queue_id], lambda: run_coroutine(run()))
 
     def release(self, queue_id: str) -> Deferred[None]:
         """Bring a held message back to incoming/, due now, with its crash count reset."""
@@ -841,7 +842,7 @@ class SpoolStore:
             self._due_now(queue_id)
             self._notify(queue_id)
 
-        return self._serial([queue_id], lambda: Deferred.fromCoroutine(run()))
+        return self._serial([queue_id], lambda: run_coroutine(run()))
 
     # ------------------------------------------------------------ reading
 
@@ -922,7 +923,7 @@ class SpoolStore:
             await self.syncer.sync({self._dirs[state], self._dirs["msg"]})
             return env
 
-        return self._serial([queue_id], lambda: Deferred.fromCoroutine(run()))
+        return self._serial([queue_id], lambda: run_coroutine(run()))
 
     def reschedule(self, queue_id: str, when: float) -> Deferred[bool]:
         """Bring a deferred message's pending recipients forward to ``when`` (retry now).
@@ -959,7 +960,7 @@ class SpoolStore:
                 self._notify(queue_id)
             return moved
 
-        return self._serial([queue_id], lambda: Deferred.fromCoroutine(run()))
+        return self._serial([queue_id], lambda: run_coroutine(run()))
 
     def release_now(self, queue_id: str, when: float) -> Deferred[None]:
         """release() for an operator: the pending recipients are also due at ``when`` (now), not at their retry time."""
@@ -973,7 +974,7 @@ class SpoolStore:
         Fires with the number of messages returned from active/. Details of
         the last run are in ``last_recovery``.
         """
-        return Deferred.fromCoroutine(self._recover())
+        return run_coroutine(self._recover())
 
     async def _recover(self) -> int:
         report = await self._in_pool(self._recover_files)

@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from exmta.config.schema import AcceptedDomain
+from exmta.coroutines import run_coroutine
 from exmta.interfaces import IReceivePolicy
 from exmta.model import Address, Verdict
 from exmta.receive.backpressure import BackPressure
@@ -262,7 +263,7 @@ class DefaultReceivePolicy:
             return RELAY_DENIED
         if domain is not None and domain.kind == "authoritative" and self.recipients is not None \
                 and self.recipients.enabled:
-            return Deferred.fromCoroutine(self._validate(session, rcpt))
+            return run_coroutine(self._validate(session, rcpt))
         return self._count_recipient(session)
 
     async def _validate(self, session: Any, rcpt: Address) -> Verdict:

@@ -22,8 +22,36 @@ from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginn
 log = Logger()
 
 
-def _announce(queue_id: str) -> None:
-    os.write(1, queue_id.encode("ascii") + b"\n")
+class LineBatcher:
+    """Lines for the main process, written to ``fd`` once per reactor iteration.
+
+    Each committed message gave three pipe writes (its queue id, its tracking
+    event, the session's event); messages finishing in one iteration now
+    share one write, and the main process one read. Order is kept.
+    """
+
+    def __init__(self, clock: Any, fd: int = 1) -> None:
+        self.clock = clock
+        self.fd = fd
+        self.pending: list[bytes] = []
+        self.call: Any = None
+
+    def write(self, line: bytes) -> None:
+        self.pending.append(line)
+        if self.call is None:
+            self.call = self.clock.callLater(0, self.flush)
+
+    def announce(self, queue_id: str) -> None:
+        self.write(queue_id.encode("ascii") + b"\n")
+
+    def flush(self) -> None:
+        if self.call is not None and self.call.active():
+            self.call.cancel()
+        self.call = None
+        data, self.pending = b"".join(self.pending), []
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
 
 
 def _die_with_parent() -> None:
@@ -67,11 +95,12 @@ def run(argv: list[str]) -> None:
     pool.start()
     tracker = TrackingLog(paths["tracking"])
     from exmta.observe.relay import WorkerRelay
-    relay = WorkerRelay(lambda line: os.write(1, line))  # metrics: events to the main process too
+    lines = LineBatcher(reactor)
+    relay = WorkerRelay(lines.write)  # metrics: events to the main process too
     tracker = relay.wrap(tracker)
     # only the main process claims; a worker blocks on its own fsyncs (one of several processes)
     store = SpoolStore(paths["queue"], reactor, pool, clock=reactor, claims=False, io="inline")
-    store.add_listener(_announce)
+    store.add_listener(lines.announce)
     env = FilterEnv(reactor=reactor, clock=reactor, threadpool=pool, hostname=config.hostname,
                     data_dir=paths["data"])
     filters = load_filters(config.filters, env, source=config.source)
@@ -106,6 +135,7 @@ def run(argv: list[str]) -> None:
         tracker.close()
         protocol_logs.close()
         pool.stop()
+        lines.flush()
 
     stopping = []
 

@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from exmta.config.schema import SendConnectorConfig
+from exmta.coroutines import run_coroutine
 from exmta.interfaces import ISendConnector
 from exmta.model import DeliveryRequest, Outcome, Recipient, RecipientResult, Reply
 from exmta.routing.dns import DNSError, DNSPermanentError, DNSResolver
@@ -139,7 +140,7 @@ class SMTPSendConnector:
     # ------------------------------------------------------------ ISendConnector
 
     def deliver(self, request: DeliveryRequest) -> defer.Deferred[list[RecipientResult]]:
-        return defer.Deferred.fromCoroutine(self._deliver(request))
+        return run_coroutine(self._deliver(request))
 
     async def _deliver(self, request: DeliveryRequest) -> list[RecipientResult]:
         if self.signer is not None:  # DKIM signing: the last change to the bytes (exmta.send.dkim_sign)

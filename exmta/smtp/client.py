@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from exmta.coroutines import run_coroutine
 from exmta.model import (
     Body,
     DeliveryRequest,
@@ -421,7 +422,7 @@ class SMTPClientProtocol(Protocol):
 
     def establish(self) -> defer.Deferred[None]:
         """Greeting, EHLO/LHLO, STARTTLS and AUTH; fires when ready for MAIL."""
-        return defer.Deferred.fromCoroutine(self._establish())
+        return run_coroutine(self._establish())
 
     async def _establish(self) -> None:
         try:
@@ -555,7 +556,7 @@ class SMTPClientProtocol(Protocol):
 
     def quit(self) -> defer.Deferred[None]:
         """Say QUIT and close; fires once the connection is closed (bounded by the quit timeout)."""
-        return defer.Deferred.fromCoroutine(self._quit_and_wait())
+        return run_coroutine(self._quit_and_wait())
 
     async def _quit_and_wait(self) -> None:
         await self._quietly_quit()
@@ -584,7 +585,7 @@ class SMTPClientProtocol(Protocol):
     def deliver(self, request: DeliveryRequest,
                 recipients: Sequence[Recipient] | None = None) -> defer.Deferred[list[RecipientResult]]:
         """Send one message to ``recipients`` (default: all of the request's)."""
-        return defer.Deferred.fromCoroutine(self._deliver(request, tuple(recipients or request.recipients)))
+        return run_coroutine(self._deliver(request, tuple(recipients or request.recipients)))
 
     def _result(self, rcpt: Recipient | str, outcome: Outcome, reply: Reply) -> RecipientResult:
         address = rcpt if isinstance(rcpt, str) else rcpt.address
