@@ -49,6 +49,13 @@ class Reply:
         return self.code >= 500
 
     def to_bytes(self) -> bytes:
+        """The wire form, built once per reply object (the constant replies are sent for every message)."""
+        wire = self.__dict__.get("_wire")
+        if wire is None:
+            wire = self.__dict__["_wire"] = self._encode()  # not a field: equality and hashing ignore it
+        return wire
+
+    def _encode(self) -> bytes:
         out = []
         last = len(self.lines) - 1
         for i, line in enumerate(self.lines):

@@ -78,6 +78,7 @@ class _WorkerProtocol(protocol.ProcessProtocol):
         self.owner = owner
         self.index = index
         self.buffer = b""
+        self.err_buffer = b""
         self.ended: defer.Deferred = defer.Deferred()
 
     def outReceived(self, data: bytes) -> None:
@@ -92,9 +93,13 @@ class _WorkerProtocol(protocol.ProcessProtocol):
                 self.owner.on_committed(queue_id)
 
     def errReceived(self, data: bytes) -> None:
-        for line in data.decode("utf-8", "replace").splitlines():
+        *lines, self.err_buffer = (self.err_buffer + data).split(b"\n")  # a line may span two reads
+        for raw in lines:
+            line = raw.decode("utf-8", "replace").rstrip("\r")
             if line.strip():
-                log.info("worker[{index}] {line}", index=self.index, line=line)
+                # the format is the finished text (braces escaped): observers do not parse fields again
+                text = f"worker[{self.index}] {line}".replace("{", "{{").replace("}", "}}")
+                log.info(text, index=self.index, line=line)
 
     def processEnded(self, reason: Any) -> None:
         self.owner.ended(self, reason)

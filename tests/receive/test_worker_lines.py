@@ -36,3 +36,20 @@ def test_lines_of_one_iteration_share_one_write_in_order(monkeypatch):
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_worker_log_lines_are_relayed_whole_and_verbatim():
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from exmta.receive.workers import _WorkerProtocol
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        proto = _WorkerProtocol(owner=None, index=1)
+        proto.errReceived(b"[exmta.smtp#info] session a end {not a field}\n[exmta.sm")
+        proto.errReceived(b"tp#info] second\n")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    texts = [formatEvent(e) for e in events if e.get("index") == 1]
+    assert texts == ["worker[1] [exmta.smtp#info] session a end {not a field}", "worker[1] [exmta.smtp#info] second"]
