@@ -223,7 +223,8 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     tracking_log = tracker
     _add(top, "tracking", TrackerService(tracker))
 
-    store = SpoolStore(paths["queue"], reactor, pool, clock=reactor, io=config.main_spool_io)
+    store = SpoolStore(paths["queue"], reactor, pool, clock=reactor, io=config.main_spool_io,
+                       sync=config.spool_sync_for(worker=False))
     _add(top, "store", StoreService(store))
 
     from exmta.observe.runtime import build_observability

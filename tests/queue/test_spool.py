@@ -97,17 +97,16 @@ def test_commit_fires_only_after_every_fsync(tmp_path: Any) -> None:
     assert events == []
     pool.run_one()  # the writer's file is created
     assert files(store, "tmp") == [w.queue_id + ".msg"]
-    pool.run_one()  # content fsync, envelope fsync, renames
-    assert not d.called, "must not fire before the directories are fsynced"
-    assert len(events) == 2
+    assert not d.called and events == []
+    pool.run_one()  # one round: content fsync, envelope fsync, renames, then the directory fsyncs
+    assert len(events) == 5
     assert events[0] == f"fsync {store.root}/tmp/{w.queue_id}.msg"
     assert events[1].startswith(f"fsync {store.root}/tmp/{w.queue_id}.") and events[1].endswith(".json")
-    pool.run_one()  # the grouped directory fsync
     assert events[2:] == [
         f"fsync {store.root}/incoming",
         f"fsync {store.root}/msg",
         f"fired {w.queue_id}",
-    ]
+    ], "fires only after the directories are fsynced"
     assert files(store, "incoming") == [w.queue_id + ".json"]
     assert files(store, "tmp") == []
     with store.open_content(w.queue_id) as f:
@@ -127,10 +126,11 @@ def test_concurrent_commits_share_directory_fsyncs(tmp_path: Any) -> None:
         w = store.open_writer()
         w.write(b"m%d\r\n" % i)
         ds.append(store.commit(w, envelope()).addCallback(fired.append))
-    for _ in range(12):
-        pool.run_one()  # file creations, then commit jobs; the first commit starts a directory round
+    pool.run_one()  # the first file's creation
     assert fired == []
-    pool.run_all()
+    pool.run_one()  # round 1: the first commit, which started it
+    assert len(fired) == 1
+    pool.run_all()  # the other creations, then round 2: the five that came while round 1 was queued
     assert len(fired) == 6
     dir_fsyncs = [e for e in events if e.endswith(("/incoming", "/msg"))]
     # round 1 serves the first commit, round 2 the five that finished while it ran
@@ -551,12 +551,12 @@ def test_inline_commit_fires_after_the_iterations_directory_round(tmp_path: Any)
     w.write(b"Subject: x\r\n\r\nbody\r\n")
     d = store.commit(w, envelope())
     d.addCallback(lambda qid: events.append("fired " + qid))
+    assert events == [] and files(store, "incoming") == [], "committed in the round, at the end of the iteration"
+    clock.advance(0)  # the end of the reactor iteration: the round
     assert events[0] == f"fsync {store.root}/tmp/{w.queue_id}.msg"
     assert events[1].startswith(f"fsync {store.root}/tmp/{w.queue_id}.") and events[1].endswith(".json")
-    assert len(events) == 2 and not d.called, "the renames are not durable before the directory fsyncs"
-    assert files(store, "incoming") == [w.queue_id + ".json"]
-    clock.advance(0)  # the end of the reactor iteration: the grouped directory round
     assert events[2:] == [f"fsync {store.root}/incoming", f"fsync {store.root}/msg", f"fired {w.queue_id}"]
+    assert files(store, "incoming") == [w.queue_id + ".json"]
     assert not clock.getDelayedCalls()
 
 
@@ -607,3 +607,107 @@ def test_inline_claim_update_hold_release_remove(tmp_path: Any) -> None:
 def test_io_mode_is_checked(tmp_path: Any) -> None:
     with pytest.raises(ValueError, match="io must be"):
         make_store(tmp_path, io="async")
+
+
+# ---------------------------------------------------------------- sync="syncfs" (receive workers' default)
+
+
+class SyncfsRecorder:
+    """Records each syncfs call with what incoming/ and tmp/ hold at that moment."""
+
+    def __init__(self, root: Any, events: list[str], fail_at: int | None = None) -> None:
+        self.root, self.events, self.fail_at, self.calls = root, events, fail_at, 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        incoming = sorted(os.listdir(os.path.join(self.root, "incoming")))
+        tmp = len(os.listdir(os.path.join(self.root, "tmp")))
+        self.events.append(f"syncfs {self.calls}: incoming={incoming} tmp={tmp}")
+        if self.calls == self.fail_at:
+            raise OSError(5, "Input/output error")
+
+
+def syncfs_store(tmp_path: Any, events: list[str], clock: Clock, fail_at: int | None = None) -> SpoolStore:
+    root = tmp_path / "spool"
+    os.makedirs(root)
+    store = make_store(root, clock=clock, fsync=FsyncRecorder(events), sync="syncfs", io="inline",
+                       syncfs=SyncfsRecorder(str(root), events, fail_at))
+    events.clear()  # the directories' creation
+    return store
+
+
+def test_syncfs_round_writes_syncs_renames_syncs_then_fires(tmp_path: Any) -> None:
+    events: list[str] = []
+    clock = Clock()
+    store = syncfs_store(tmp_path, events, clock)
+    fired: list[str] = []
+    ids = []
+    for i in range(3):
+        w = store.open_writer()
+        w.write(b"m%d\r\n" % i)
+        ids.append(w.queue_id)
+        store.commit(w, envelope()).addCallback(fired.append)
+    assert events == [] and fired == []
+    clock.advance(0)  # one round for the three
+    assert events == [
+        "syncfs 1: incoming=[] tmp=6",  # contents and envelopes written, nothing published yet
+        f"syncfs 2: incoming={sorted(i + '.json' for i in ids)} tmp=0",  # renamed, then made durable
+    ], "no fsync per file: the two syncfs calls stand for them"
+    assert fired == ids and store.syncer.rounds == 1
+    assert files(store, "msg") == sorted(ids)
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_syncfs_failure_fails_the_round_and_leaves_nothing(tmp_path: Any, fail_at: int) -> None:
+    events: list[str] = []
+    clock = Clock()
+    store = syncfs_store(tmp_path, events, clock, fail_at)
+    outcomes = []
+    for i in range(2):
+        w = store.open_writer()
+        w.write(b"m%d\r\n" % i)
+        store.commit(w, envelope()).addBoth(outcomes.append)
+    clock.advance(0)
+    assert len(outcomes) == 2 and all(o.check(OSError) for o in outcomes)
+    assert files(store, "incoming") == [] and files(store, "msg") == [] and files(store, "tmp") == []
+    # the store keeps working after the failure
+    w = store.open_writer()
+    w.write(b"again\r\n")
+    d = store.commit(w, envelope())
+    clock.advance(0)
+    assert result(d) == w.queue_id and files(store, "incoming") == [w.queue_id + ".json"]
+
+
+def test_syncfs_serves_plain_directory_syncs_too(tmp_path: Any) -> None:
+    events: list[str] = []
+    clock = Clock()
+    store = syncfs_store(tmp_path, events, clock)
+    w = store.open_writer()
+    w.write(b"x\r\n")
+    d = store.commit(w, envelope())
+    clock.advance(0)
+    qid = result(d)
+    [entry] = result(store.claim(0, 1))
+    events.clear()
+    done = store.update(qid, entry.envelope, None)  # delivered: removed, the removal made durable
+    clock.advance(0)
+    result(done)
+    assert [e for e in events if e.startswith("syncfs")] == ["syncfs 3: incoming=[] tmp=0"]
+    assert files(store, "msg") == [] and files(store, "active") == []
+
+
+def test_libc_syncfs_on_this_filesystem(tmp_path: Any) -> None:
+    from exmta.queue.spool import libc_syncfs
+
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        libc_syncfs(fd)  # Linux: succeeds on a real filesystem
+        with pytest.raises(OSError):
+            libc_syncfs(-1)
+    finally:
+        os.close(fd)
+    store = SpoolStore(str(tmp_path / "real"), SyncReactor(), SyncPool(), Clock(), sync="syncfs")
+    assert store.sync == "syncfs"
+    w = store.open_writer()
+    w.write(b"real\r\n")
+    assert result(store.commit(w, envelope())) == w.queue_id
