@@ -135,6 +135,7 @@ class DefaultReceivePolicy:
         self.relay_networks: tuple[IPNetwork, ...] = tuple(
             ipaddress.ip_network(n.strip(), strict=False) for n in relay_networks
         )
+        self._relay_ip_cache: dict[str, bool] = {}
         self.relay_authenticated = relay_authenticated
         if permission_groups is not None:
             unknown = set(permission_groups) - set(GROUP_RIGHTS)
@@ -173,10 +174,15 @@ class DefaultReceivePolicy:
     # ------------------------------------------------------------ rights
 
     def _in_relay_networks(self, session: Any) -> bool:
-        ip = _parse_ip(getattr(session, "peer_ip", "") or "")
-        if ip is None:
-            return False
-        return any(ip.version == net.version and ip in net for net in self.relay_networks)
+        peer = getattr(session, "peer_ip", "") or ""
+        known = self._relay_ip_cache.get(peer)
+        if known is None:  # (asked several times per message: parse and scan once per address)
+            ip = _parse_ip(peer)
+            known = ip is not None and any(ip.version == net.version and ip in net for net in self.relay_networks)
+            if len(self._relay_ip_cache) >= 4096:
+                self._relay_ip_cache.clear()
+            self._relay_ip_cache[peer] = known
+        return known
 
     def groups(self, session: Any) -> tuple[str, ...]:
         """The permission groups of this connector that ``session`` belongs to."""

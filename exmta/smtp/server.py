@@ -241,14 +241,19 @@ class ESMTPServer(Protocol):
             queued = " ".join(self._queued_ids)
             if self.messages > len(self._queued_ids):
                 queued += f" +{self.messages - len(self._queued_ids)} more"
-            self.log.info(
-                "session {session_id} end after {duration:.3f}s: {peer_ip}:{peer_port} on {connector},"
-                " {messages} message(s){queued}, {errors} error(s), {commands}",
+            fields = dict(
                 session_id=self._sid, duration=self.clock.seconds() - self.session.started,
                 messages=self.messages, queued=f" queued ({queued})" if queued else "", errors=self.errors,
                 peer_ip=self.session.peer_ip, peer_port=self.session.peer_port, connector=self.config.name,
                 commands=" ".join(f"{verb.lower()}={n}" for verb, n in self._verbs.items()) or "no commands",
             )
+            # rendered here (an f-string) rather than by the log observer's str.Formatter, which cost
+            # more than the rest of the session's teardown; the fields stay in the event
+            text = (f"session {fields['session_id']} end after {fields['duration']:.3f}s: "
+                    f"{fields['peer_ip']}:{fields['peer_port']} on {fields['connector']}, "
+                    f"{fields['messages']} message(s){fields['queued']}, {fields['errors']} error(s), "
+                    f"{fields['commands']}")
+            self.log.info(text.replace("{", "{{").replace("}", "}}"), session_end=True, **fields)
         if self._plog is not None:
             self._plog.end()
         self.factory._session_closed(self)
@@ -264,8 +269,7 @@ class ESMTPServer(Protocol):
             return
         self.parser.feed(data)
         if not self._busy:
-            self._arm_timer()
-            self._process()
+            self._process()  # (which re-arms the timer when it is done)
 
     def _process(self) -> None:
         """Turn buffered input into events until a command must wait or input runs out."""
