@@ -205,6 +205,24 @@ def delivery_latency(event: TrackingEvent) -> float | None:
         return None
 
 
+_THROUGHPUT_KIND = {
+    TrackingEventId.RECEIVE: "received", TrackingEventId.SUBMIT: "received",
+    TrackingEventId.DELIVER: "delivered", TrackingEventId.SEND: "delivered",
+    TrackingEventId.DEFER: "deferred", TrackingEventId.FAIL: "bounced", TrackingEventId.EXPIRE: "bounced",
+    TrackingEventId.REJECT: "rejected",
+}
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, remembered: prometheus-client validates and locks on each call,
+    and these are counted several times per message."""
+    cache = metric.__dict__.setdefault("_exmta_children", {})
+    child = cache.get(labels)
+    if child is None:
+        child = cache[labels] = metric.labels(*labels)
+    return child
+
+
 @implementer(IMessageTracker)
 class Throughput:
     """Per-minute counts of the last ``keep`` seconds: received, delivered, deferred, bounced, latency.
@@ -230,12 +248,7 @@ class Throughput:
 
     def _count(self, event: TrackingEvent) -> None:
         eid = event.event_id
-        kind = {
-            TrackingEventId.RECEIVE: "received", TrackingEventId.SUBMIT: "received",
-            TrackingEventId.DELIVER: "delivered", TrackingEventId.SEND: "delivered",
-            TrackingEventId.DEFER: "deferred", TrackingEventId.FAIL: "bounced", TrackingEventId.EXPIRE: "bounced",
-            TrackingEventId.REJECT: "rejected",
-        }.get(eid)
+        kind = _THROUGHPUT_KIND.get(eid)
         if kind is None:
             return
         now = self.clock.seconds()
@@ -343,43 +356,43 @@ class Metrics:
         connector = event.connector or "none"
         n = max(1, len(event.recipients))
         if eid in (TrackingEventId.RECEIVE, TrackingEventId.SUBMIT):
-            self.received.labels(connector, event.source or eid.value).inc()  # inbound TLS: per session
+            _child(self.received, connector, event.source or eid.value).inc()  # inbound TLS: per session
         elif eid in (TrackingEventId.DELIVER, TrackingEventId.SEND):
-            self.delivered.labels(connector).inc(n)
+            _child(self.delivered, connector).inc(n)
             latency = delivery_latency(event)
             if latency is not None:
                 for _ in range(n):
-                    self.latency.labels(connector).observe(latency)
+                    _child(self.latency, connector).observe(latency)
             if eid is TrackingEventId.SEND:
-                self.tls.labels("outbound", connector, _tls_version(event.tls)).inc()
+                _child(self.tls, "outbound", connector, _tls_version(event.tls)).inc()
         elif eid is TrackingEventId.DEFER:
-            self.deferred.labels(connector, reply_reason(event.reply)).inc(n)
+            _child(self.deferred, connector, reply_reason(event.reply)).inc(n)
         elif eid in (TrackingEventId.FAIL, TrackingEventId.EXPIRE):
-            self.bounced.labels(connector, reply_reason(event.reply, eid.value.lower())).inc(n)
+            _child(self.bounced, connector, reply_reason(event.reply, eid.value.lower())).inc(n)
         elif eid in (TrackingEventId.REJECT, TrackingEventId.DROP):
             reason = reply_reason(event.reply, "dropped" if eid is TrackingEventId.DROP else "none")
-            self.rejected.labels(connector, reason).inc()
+            _child(self.rejected, connector, reason).inc()
         elif eid is TrackingEventId.DSN:
-            self.dsns.labels(str((event.details or {}).get("action", "unknown"))).inc()
+            _child(self.dsns, str((event.details or {}).get("action", "unknown"))).inc()
         elif eid is TrackingEventId.POISONMESSAGE:
             self.poison.inc()
 
     # ------------------------------------------------------------ session observer
 
     def session_opened(self, connector: str) -> None:
-        self.connections.labels(connector).inc()
+        _child(self.connections, connector).inc()
 
     def session_timed_out(self, connector: str) -> None:
-        self.timeouts.labels(connector).inc()
+        _child(self.timeouts, connector).inc()
 
     def tls_started(self, connector: str, version: str | None) -> None:
-        self.tls.labels("inbound", connector, _tls_version(version)).inc()
+        _child(self.tls, "inbound", connector, _tls_version(version)).inc()
 
     def auth_failed(self, connector: str) -> None:
-        self.auth_failures.labels(connector).inc()
+        _child(self.auth_failures, connector).inc()
 
     def filter_verdict(self, filter_name: str, phase: str, action: str) -> None:
-        self.filter_verdicts.labels(filter_name, phase, action).inc()
+        _child(self.filter_verdicts, filter_name, phase, action).inc()
 
     # ------------------------------------------------------------ reading
 
