@@ -107,6 +107,18 @@ def fsync_directory(path: str, fsync: FsyncFn = os.fsync) -> None:
         os.close(fd)
 
 
+def _read_file(path: str) -> bytes:
+    """A whole small file with plain reads (no fstat, isatty and lseek of a Python file object)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def _unlink_quiet(path: str) -> bool:
     try:
         os.unlink(path)
@@ -364,7 +376,7 @@ class SpoolWriter:
     def _create(self) -> None:
         """Thread pool: create the content file."""
         try:
-            self._opened = open(self._path, "xb")
+            self._opened = open(self._path, "xb", buffering=_COPY_CHUNK)  # (no isatty() ioctl)
         except BaseException as e:
             self._open_error = e
         finally:
@@ -609,8 +621,7 @@ class SpoolStore:
         return path
 
     def _read_envelope(self, path: str, queue_id: str) -> tuple[Envelope, float | None]:
-        with open(path, "rb") as f:
-            return _decode(f.read(), queue_id)
+        return _decode(_read_file(path), queue_id)
 
     def _serial(self, ids: Iterable[str], op: Callable[[], Deferred[T]]) -> Deferred[T]:
         """Run op() after every earlier operation on any of ids; later ones wait for it."""
@@ -1025,7 +1036,8 @@ class SpoolStore:
     # ------------------------------------------------------------ reading
 
     def open_content(self, queue_id: str) -> BinaryIO:
-        return open(self._content_path(_check_id(queue_id)), "rb")
+        # an explicit buffer size spares the isatty() ioctl of the default (one per delivery)
+        return open(self._content_path(_check_id(queue_id)), "rb", buffering=_COPY_CHUNK)
 
     def list_messages(self, queue: str) -> Deferred[list[Envelope]]:
         """Envelopes in queue (incoming, active, deferred, hold), oldest id first."""

@@ -42,6 +42,7 @@ from exmta.model import (
     RecipientResult,
     Reply,
 )
+from exmta.smtp.sendnow import plain_tcp, write_now
 from exmta.smtp.wire import DotStuffer
 
 __all__ = [
@@ -309,6 +310,7 @@ class SMTPClientProtocol(Protocol):
         #: the send connector's protocol log (exmta.observe.protocol.ProtocolLog), None when off
         self.protocol_log = protocol_log
         self._plog: Any = None
+        self._tcp: list[Any] | None = None  # [the plain TCP connection or None] (exmta.smtp.sendnow)
 
     # ------------------------------------------------------------ transport events
 
@@ -412,7 +414,12 @@ class SMTPClientProtocol(Protocol):
         if self._plog is not None:
             for line in lines:
                 self._plog.command(line)
-        self.transport.write(b"".join(line.encode("utf-8") + CRLF for line in lines))
+        self._write(b"".join(line.encode("utf-8") + CRLF for line in lines))
+
+    def _write(self, data: bytes) -> None:
+        if self._tcp is None:
+            self._tcp = [plain_tcp(self.transport)]
+        write_now(self.transport, self._tcp[0], data)
 
     async def _command(self, line: str, timeout: float, phase: str) -> Reply:
         self._send(line)
@@ -830,8 +837,8 @@ class SMTPClientProtocol(Protocol):
                 size += len(chunk)
                 out = stuffer.feed(chunk)
                 if out:
-                    self.transport.write(out)
-            self.transport.write(stuffer.finish())
+                    self._write(out)
+            self._write(stuffer.finish())
             if self._plog is not None:
                 self._plog.data(size)
         finally:

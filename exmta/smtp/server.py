@@ -28,12 +28,10 @@ import os
 import re
 from typing import Any, Callable
 
-from twisted.internet import tcp as _tcp
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -46,6 +44,7 @@ from exmta.model import (
 )
 from exmta.smtp import replies
 from exmta.smtp.params import ParamError, parse_mail, parse_rcpt
+from exmta.smtp.sendnow import plain_tcp, write_now
 from exmta.smtp.wire import (
     INVALID_BARE_NEWLINE, INVALID_TOO_LONG, ChunkEnd, Command, DataChunk, DataEnd,
     InvalidLine, Mode, ServerParser,
@@ -165,6 +164,7 @@ class ESMTPServer(Protocol):
         self._closing = False
         self._disconnected = False
         self._timer: IDelayedCall | None = None
+        self._tcp: Any = _UNSET  # the plain TCP connection for write_now (exmta.smtp.sendnow), found once
         self._deadline = 0.0  # when the client's current timeout runs out (exmta.smtp.server._arm_timer)
         self._sasl: Any = None  # the SASL mechanism of an AUTH exchange in progress (exmta.auth.smtp)
         self.auth_avatar: Any = None  # the ISubmitter of a successful AUTH (identity, send-as grants)
@@ -376,42 +376,9 @@ class ESMTPServer(Protocol):
         if self._out and not self._disconnected:
             data = b"".join(self._out)
             self._out.clear()
-            sent = self._send_now(data)
-            if sent < len(data):
-                self.transport.write(data[sent:] if sent else data)
-
-    def _send_now(self, data: bytes) -> int:
-        """Write straight to a plain TCP socket when nothing waits in the transport's buffer.
-
-        Twisted's write() buffers and sends from the next poll, switching the
-        socket's epoll interest on and off around it: two epoll_ctl calls and a
-        loop iteration per reply. Returns how much went out; the rest (and
-        anything on TLS, or with output already queued) goes through write().
-        """
-        tcp = self._raw_tcp
-        if tcp is None or tcp.dataBuffer or tcp._tempDataBuffer or tcp.disconnecting or tcp.TLS:
-            return 0
-        try:
-            return tcp.socket.send(data)
-        except OSError:
-            return 0  # EAGAIN, or an error that write() will meet and report as usual
-
-    @property
-    def _raw_tcp(self) -> Any:
-        """The twisted.internet.tcp connection under our wrappers, if the chain is plain TCP."""
-        raw = self.__dict__.get("_raw_tcp_cache", _UNSET)
-        if raw is _UNSET:
-            raw = None
-            t = self.transport
-            for _ in range(4):  # our connector dispatcher and the PROXY wrapper sit in between
-                if isinstance(t, _tcp.Connection):
-                    raw = t if hasattr(t, "TLS") and hasattr(t, "_tempDataBuffer") else None
-                    break
-                if not isinstance(t, ProtocolWrapper) or type(t).write is not ProtocolWrapper.write:
-                    break
-                t = t.transport
-            self.__dict__["_raw_tcp_cache"] = raw
-        return raw
+            if self._tcp is _UNSET:
+                self._tcp = plain_tcp(self.transport)
+            write_now(self.transport, self._tcp, data)
 
     def _close(self, reply: Reply | None) -> None:
         """Send ``reply`` (after any buffered ones) and close. Input left over is dropped."""
