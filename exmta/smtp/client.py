@@ -828,6 +828,7 @@ class SMTPClientProtocol(Protocol):
         stuffer = DotStuffer()
         self.transport.registerProducer(self, True)
         size = 0
+        pending = b""  # held back one read: the last piece goes out with the final dot, in one segment
         try:
             while True:
                 await self._wait_writable()
@@ -835,10 +836,11 @@ class SMTPClientProtocol(Protocol):
                 if not chunk:
                     break
                 size += len(chunk)
-                out = stuffer.feed(chunk)
-                if out:
-                    self._write(out)
-            self._write(stuffer.finish())
+                if pending:
+                    self._write(pending)
+                pending = stuffer.feed(chunk)
+            # one send: a separate small ".\r\n" would wait for the peer's delayed ACK (Nagle)
+            self._write(pending + stuffer.finish())
             if self._plog is not None:
                 self._plog.data(size)
         finally:
