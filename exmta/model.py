@@ -7,7 +7,7 @@ and be tested alone. Envelopes serialise to JSON (never pickle) for the spool.
 from __future__ import annotations
 
 import enum
-import os
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping
@@ -514,7 +514,8 @@ class TrackingEvent:
 def new_queue_id(now: float | None = None) -> str:
     """A time-ordered, unique, filename-safe queue id: 13 hex digits of microseconds + 8 random."""
     micros = int((time.time() if now is None else now) * 1_000_000)
-    return f"{micros:013X}{os.urandom(4).hex().upper()}"
+    # random, not os.urandom: unique, not secret, and no getrandom() system call per message
+    return f"{micros:013X}{random.getrandbits(32):08X}"
 
 
 __all__ = [

@@ -65,6 +65,7 @@ import heapq
 import io
 import json
 import os
+import random
 import re
 import shutil
 import threading
@@ -117,6 +118,8 @@ def _read_file(path: str) -> bytes:
         chunks = []
         while chunk := os.read(fd, 65536):
             chunks.append(chunk)
+            if len(chunk) < 65536:  # a short read of a regular file is its end: no read for EOF
+                break
         return b"".join(chunks)
     finally:
         os.close(fd)
@@ -608,7 +611,7 @@ class SpoolStore:
 
     def _write_temp(self, queue_id: str, data: bytes, sync: bool = True) -> str:
         """Write data to a new temp file and (unless ``sync`` is false) fsync it (thread pool)."""
-        path = os.path.join(self._dirs["tmp"], f"{queue_id}.{os.urandom(4).hex()}.json")
+        path = os.path.join(self._dirs["tmp"], f"{queue_id}.{random.getrandbits(32):08x}.json")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             view = memoryview(data)

@@ -24,7 +24,7 @@ import dataclasses
 import email.utils
 import functools
 import ipaddress
-import os
+import random
 import re
 from typing import Any, Callable
 
@@ -55,6 +55,7 @@ __all__ = ["ESMTPServer", "ESMTPServerFactory"]
 _BDAT_ARG = re.compile(r"([0-9]{1,20})(?: +(LAST))?\Z", re.IGNORECASE)
 #: verbs that betray an HTTP or other non-SMTP client talking to us: close at once
 _UNSET = object()
+_MAX_AHEAD = 64 * 1024  # octets read ahead of a pending command before the socket is paused
 _IDS_LOGGED = 10  # queue ids named in a session's end line
 _NON_SMTP = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS"})
 _KNOWN_VERBS = frozenset({
@@ -182,7 +183,7 @@ class ESMTPServer(Protocol):
             local_ip=getattr(host, "host", "") or "",
             local_port=getattr(host, "port", 0) or 0,
             connector=self.config.name,
-            session_id=os.urandom(6).hex(),
+            session_id=f"{random.getrandbits(48):012x}",  # a log key, not a secret: no getrandom() call
             started=now,
         )
         self.factory.sessions.add(self)
@@ -270,6 +271,8 @@ class ESMTPServer(Protocol):
         self.parser.feed(data)
         if not self._busy:
             self._process()  # (which re-arms the timer when it is done)
+        elif self.parser.buffered() > _MAX_AHEAD:
+            self._update_reading()
 
     def _process(self) -> None:
         """Turn buffered input into events until a command must wait or input runs out."""
@@ -325,8 +328,12 @@ class ESMTPServer(Protocol):
             self._process()
 
     def _update_reading(self) -> None:
-        """Stop reading while a command is pending or while the client does not read our replies."""
-        want_pause = (self._busy or self._write_blocked) and not self._closing
+        """Stop reading while the client does not read our replies, or when a command is pending and
+        more than _MAX_AHEAD octets wait behind it. (A pending command alone does not stop the
+        socket: input waits in the parser, and the common wait, a commit at end of data, costs no
+        pair of epoll_ctl calls.)"""
+        want_pause = ((self._busy and self.parser.buffered() > _MAX_AHEAD) or self._write_blocked) \
+            and not self._closing
         if want_pause and not self._paused:
             pause = getattr(self.transport, "pauseProducing", None)
             if pause is not None:

@@ -336,7 +336,7 @@ def test_slow_policy_holds_later_commands_and_keeps_order(c):
     c.ehlo()
     out = c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<slow@local.test>\r\nRCPT TO:<fast@local.test>\r\nDATA\r\n")
     assert out == b""  # MAIL's reply waits with the group
-    assert c.transport.producerState == "paused"
+    assert c.transport.producerState == "producing"  # a little input waits in the parser, unread by us
     assert len(c.policy.slow) == 1
     c.policy.slow[0].callback(Verdict.ACCEPT)
     assert c.transport.producerState == "producing"
@@ -344,6 +344,21 @@ def test_slow_policy_holds_later_commands_and_keeps_order(c):
     c.send(b"x\r\n.\r\n")
     env = c.store.committed[0][1]
     assert [r.address for r in env.recipients] == ["slow@local.test", "fast@local.test"]
+
+
+def test_a_pending_command_pauses_the_socket_once_much_input_waits(c):
+    from exmta.smtp.server import _MAX_AHEAD
+
+    c.ehlo()
+    assert c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<slow@local.test>\r\n") == b""
+    assert c.transport.producerState == "producing"
+    flood = b"NOOP\r\n" * (_MAX_AHEAD // 6 + 1)
+    assert c.send(flood) == b""
+    assert c.transport.producerState == "paused", "more than _MAX_AHEAD octets behind a pending command"
+    c.policy.slow[0].callback(Verdict.ACCEPT)
+    assert c.transport.producerState == "producing"
+    # in order after the pending reply (the NOOP flood then meets the junk-command limit)
+    assert c.read().startswith(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok\r\n")
 
 
 def test_input_arriving_while_paused_is_queued(c):
@@ -575,8 +590,7 @@ def test_250_is_written_only_after_commit_fires(c):
     c.ehlo()
     c.envelope()
     c.send(b"DATA\r\n")
-    assert c.send(b"x\r\n.\r\nNOOP\r\n") == b""
-    assert c.transport.producerState == "paused"
+    assert c.send(b"x\r\n.\r\nNOOP\r\n") == b""  # the NOOP waits for the commit
     writer, _, d = c.store.pending[0]
     assert not writer.committed
     d.callback(None)
