@@ -203,19 +203,13 @@ class GroupSync:
         d.addBoth(self._finished, [w for w, _ in waiters])
 
     def _round(self, paths: list[str], jobs: list[Any]) -> list[tuple[bool, Any]]:
-        results: list[tuple[bool, Any]] = []
-        for job in jobs:
-            try:
-                results.append((True, job() if job is not None else None))
-            except BaseException:
-                results.append((False, Failure()))
+        results = [_attempt(job) for job in jobs]
         if any(ok for ok, _ in results):
             try:
                 for path in paths:
                     fsync_directory(path, self._fsync)
             except OSError as e:
-                error = Failure(DirectorySyncError(e.errno, f"directory fsync failed: {e}"))
-                results = [(False, error) if ok else (ok, r) for ok, r in results]
+                results = _all_failed(results, DirectorySyncError(e.errno, f"directory fsync failed: {e}"))
         return results
 
     def _call_syncfs(self) -> Deferred[None]:
@@ -238,39 +232,26 @@ class GroupSync:
         in a thread, so the reactor serves other sessions meanwhile (one
         hand-off per syncfs, not one per file).
         """
-        staged: list[tuple[bool, Any]] = []
-        for job in jobs:
-            try:
-                staged.append((True, job.prepare() if isinstance(job, TwoPhaseJob) else None))
-            except BaseException:
-                staged.append((False, Failure()))
+        staged = [_attempt(job.prepare) if isinstance(job, TwoPhaseJob) else (True, None) for job in jobs]
         if any(ok and isinstance(job, TwoPhaseJob) for job, (ok, _) in zip(jobs, staged)):
             try:
                 await self._call_syncfs()  # the files' contents, before any rename
-            except OSError:
-                error = Failure()
+            except OSError as e:
                 for job, (ok, value) in zip(jobs, staged):
                     if ok and isinstance(job, TwoPhaseJob):
                         job.discard(value)
-                return [(False, error) if ok else (ok, v) for ok, v in staged]
-        results: list[tuple[bool, Any]] = []
-        for job, (ok, value) in zip(jobs, staged):
-            if not ok:
-                results.append((ok, value))
-                continue
-            try:
-                if isinstance(job, TwoPhaseJob):
-                    results.append((True, job.publish(value)))
-                else:
-                    results.append((True, job() if job is not None else None))
-            except BaseException:
-                results.append((False, Failure()))
+                return _all_failed(staged, e)
+        results = [
+            (ok, value) if not ok
+            else _attempt(job.publish, value) if isinstance(job, TwoPhaseJob)
+            else _attempt(job)
+            for job, (ok, value) in zip(jobs, staged)
+        ]
         if any(ok for ok, _ in results):
             try:
                 await self._call_syncfs()
             except OSError as e:
-                error = Failure(DirectorySyncError(e.errno, f"syncfs failed: {e}"))
-                results = [(False, error) if ok else (ok, r) for ok, r in results]
+                results = _all_failed(results, DirectorySyncError(e.errno, f"syncfs failed: {e}"))
         return results
 
     def _finished(self, outcome: object, waiters: list[Deferred[Any]]) -> None:
@@ -286,6 +267,22 @@ class GroupSync:
                 d.errback(value)
         if self._waiters and not self._busy:
             self._start()
+
+
+def _attempt(job: Callable[..., Any] | None, *args: Any) -> tuple[bool, Any]:
+    """One job's outcome in a round: (True, its result) or (False, its Failure); no job: (True, None)."""
+    if job is None:
+        return True, None
+    try:
+        return True, job(*args)
+    except BaseException:
+        return False, Failure()
+
+
+def _all_failed(results: list[tuple[bool, Any]], error: BaseException) -> list[tuple[bool, Any]]:
+    """The outcomes after a step every job depended on failed with ``error``."""
+    failure = Failure(error)
+    return [(False, failure) if ok else (ok, r) for ok, r in results]
 
 
 class DirectorySyncError(OSError):
