@@ -16,6 +16,11 @@ def _send(port: int, count: int, rcpt: str) -> None:
             client.sendmail("app@lan.test", [rcpt], f"Subject: worker {i}\r\n\r\nbody {i}\r\n".encode())
 
 
+def _nice(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])  # field 19, after the command name
+
+
 def test_worker_accepts_main_delivers(tmp_path, smtp_sink):
     toml = exmta_toml(smarthost=smtp_sink.next_hop, receive_workers=1)
     with ExmtaProcess(tmp_path, toml) as exmta:
@@ -27,6 +32,9 @@ def test_worker_accepts_main_delivers(tmp_path, smtp_sink):
         # the session log lines come from the worker process, relayed through the main log
         assert "worker[0]" in exmta.log_text()
         worker = children[0]
+        # the worker runs receive_worker_nice (10) nicer than the main process (field 19 of stat)
+        nice = [_nice(pid) for pid in (exmta.pid, worker)]
+        assert nice[1] - nice[0] == 10, nice
     assert not pid_alive(worker), "the worker outlived a graceful stop"
 
 
