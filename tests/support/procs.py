@@ -51,8 +51,10 @@ def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
 def port_in_use(port: int, host: str = LOOPBACK) -> bool:
     """True if something accepts TCP connections on host:port."""
     try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return True
+        with socket.create_connection((host, port), timeout=1.0) as s:
+            # a port in the ephemeral range with nobody listening can "accept" a TCP self-connect
+            # (the kernel picked that very port as our source): that is not a listener
+            return s.getsockname() != s.getpeername()
     except OSError:
         return False
 
