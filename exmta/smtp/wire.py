@@ -370,8 +370,8 @@ class ServerParser:
             longs: list[int] = st[3]  # starts of overlong lines found, ascending
             if st[2] < end:  # lines from max(i, st[2]) to end not checked yet
                 start = max(i, st[2])
-                lines = buf[start:end].split(CRLF)
-                if max(map(len, lines)) > limit - 2:
+                lines = [] if _lf_in_every_block(buf, start, end, limit // 2) else buf[start:end].split(CRLF)
+                if lines and max(map(len, lines)) > limit - 2:
                     pos = start
                     for line in lines:
                         if len(line) > limit - 2:
@@ -403,6 +403,23 @@ class ServerParser:
         if self._chunk_left == 0:
             self._mode = Mode.COMMAND
             self._pending.append(ChunkEnd(self._size, self._oversize))
+
+
+def _lf_in_every_block(buf: bytearray, start: int, end: int, step: int) -> bool:
+    """True when every ``step``-octet block of buf[start:end] (from start) holds an LF.
+
+    Then no stretch of 2 * ``step`` octets is free of LF, so no line there is
+    ``2 * step`` octets or longer: with ``step = max_text_line // 2`` it proves
+    that no line is too long, with a few memchr calls instead of splitting the
+    text into a list of lines (65 us per 64 KiB). False: look line by line.
+    """
+    if step < 1:
+        return False
+    find = buf.find
+    for s in range(start, end - step + 1, step):
+        if find(b"\n", s, s + step) < 0:
+            return False
+    return True
 
 
 def _parse_command(line: bytes) -> Command | InvalidLine:

@@ -50,3 +50,15 @@ def test_long_runs_of_ordinary_lines_with_the_exceptions_in_the_middle() -> None
     assert content == bare[:-3] and events == [DataEnd(len(content), bare_newline=True)]
     content, events = run(bare, len(bare), bare_newline="normalize")
     assert content == line * 400 + b"bare\r\nlf\r\n" + line * 400 and events == [DataEnd(len(content))]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 60), min_size=1, max_size=80), st.sampled_from([7, 20, 21, 40]))
+def test_line_length_check_around_the_limit_agrees(lengths: list[int], max_line: int) -> None:
+    """The block check (an LF in every max_text_line // 2 octets) against the per-line loop,
+    with lines just under, at and over the limit at every alignment."""
+    body = b"".join(b"q" * n + b"\r\n" for n in lengths) + b".\r\n"
+    kw = dict(max_text_line=max_line)
+    bulk, per_line = run(body, len(body), **kw), run(body, 1, **kw)
+    assert bulk == per_line
+    assert per_line[1][0].line_too_long == any(n + 2 > max_line for n in lengths)
