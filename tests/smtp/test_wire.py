@@ -398,3 +398,15 @@ def test_only_crlf_dot_crlf_ends_data(body, sizes, policy):
     events = parse(stream, sizes, bare_newline=policy, max_text_line=0)
     assert [type(e) for e in events if not isinstance(e, DataChunk)] == [Command, DataEnd]
     assert isinstance(events[-1], DataEnd)
+
+
+def test_only_crlf_newlines_agrees_with_counting_on_every_short_string():
+    import itertools
+
+    from exmta.smtp.wire import only_crlf_newlines
+
+    for n in range(8):
+        for octets in itertools.product(b"a\r\n", repeat=n):
+            data = bytes(octets)
+            expected = data.count(b"\r\n") == data.count(b"\r") == data.count(b"\n")
+            assert only_crlf_newlines(data) == expected, data
