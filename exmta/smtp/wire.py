@@ -351,10 +351,8 @@ class ServerParser:
         if dot + 2 < end:
             end = dot + 2
         b = st[1]
-        if b == -1 and st[4] < end:  # no bare CR/LF seen so far: counting is cheaper than searching
-            start = max(i, st[4])
-            crlf = buf.count(CRLF, start, end)
-            if buf.count(b"\r", start, end) != crlf or buf.count(b"\n", start, end) != crlf:
+        if b == -1 and st[4] < end:  # no bare CR/LF seen so far: checking is cheaper than searching
+            if not only_crlf_newlines(buf[max(i, st[4]):end]):
                 b = -2  # there is one: locate it
             st[4] = end
         if b == -2 or 0 <= b < i:
@@ -409,7 +407,7 @@ _CR_MARKS = bytes(1 if b == 0x0D else 0 for b in range(256))
 _LF_MARKS = bytes(1 if b == 0x0A else 0 for b in range(256))
 
 
-def only_crlf_newlines(data: bytes) -> bool:
+def only_crlf_newlines(data: bytes | bytearray) -> bool:
     """True when every CR in ``data`` is followed by LF and every LF follows a CR.
 
     Compares where the CRs are with where the LFs are, one octet later: two
