@@ -377,7 +377,7 @@ class SpoolWriter:
             self._created = store._in_pool(self._create)
 
     def _create(self) -> None:
-        """Thread pool: create the content file."""
+        """Create the content file (in the thread pool, or at once with inline_create)."""
         try:
             self._opened = open(self._path, "xb")
         except BaseException as e:
