@@ -261,8 +261,12 @@ class ServerParser:
             self._oversize = True
         self._size += n
         if not self._oversize:
-            for i in range(0, n, MAX_CHUNK):
-                self._pending.append(DataChunk(bytes(out[i:i + MAX_CHUNK])))
+            if n <= MAX_CHUNK:
+                self._pending.append(DataChunk(bytes(out)))  # one copy, not a slice and then a copy
+                return
+            with memoryview(out) as view:
+                for i in range(0, n, MAX_CHUNK):
+                    self._pending.append(DataChunk(bytes(view[i:i + MAX_CHUNK])))
 
     def _parse_data(self) -> None:
         buf = self._buf
