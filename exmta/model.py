@@ -440,6 +440,7 @@ class RecipientResult:
     reply: Reply
     remote_host: str | None = None   # "mx.example.net[192.0.2.1]:25"
     tls: str | None = None           # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"
+    peer_dsn: bool | None = None     # did the SMTP next hop offer DSN (None: not an SMTP hop)
 
 
 @dataclass

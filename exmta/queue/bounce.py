@@ -9,7 +9,7 @@ Choices worth knowing:
 
 * The third part is the whole original (``message/rfc822``) for a failed
   DSN with RET=FULL or no RET. It is only the header block
-  (``text/rfc822-headers``) for RET=HDRS, for ``delayed`` and ``delivered``
+  (``text/rfc822-headers``) for RET=HDRS, for ``delayed``, ``delivered`` and ``relayed``
   reports (as Postfix does), when the original is larger than
   ``max_full_size`` (1 MiB by default) and when the original was sent as
   BINARYMIME (which cannot be nested in an 8-bit message). At most
@@ -42,9 +42,10 @@ from exmta.model import Body, Envelope, MailParams, Recipient, RecipientStatus
 
 MAX_FULL_SIZE = 1024 * 1024
 HEADER_LIMIT = 256 * 1024  # a header block without an end is returned up to here (whole lines)
-KINDS = ("failed", "delayed", "delivered")
+KINDS = ("failed", "delayed", "delivered", "relayed")
 
-_SUBJECT_PREFIX = {"failed": "Undeliverable", "delayed": "Delivery delayed", "delivered": "Delivered"}
+_SUBJECT_PREFIX = {"failed": "Undeliverable", "delayed": "Delivery delayed", "delivered": "Delivered",
+                   "relayed": "Relayed"}
 
 # what an administrator-free reader is told, by enhanced status code (Exchange-like wording)
 _EXPLANATIONS = {
@@ -114,7 +115,7 @@ def _crlf(data: bytes) -> bytes:
 def _status(r: Recipient, kind: str) -> str:
     reply = r.last_reply
     code = reply.status if reply is not None and reply.status else None
-    if kind == "delivered":
+    if kind in ("delivered", "relayed"):
         return code if code and code.startswith("2.") else "2.0.0"
     if kind == "delayed":
         return code if code and code.startswith("4.") else "4.0.0"
@@ -146,6 +147,9 @@ def _address_field(address: str, utf8: bool) -> str:
 def _explain(r: Recipient, kind: str, status: str) -> str:
     if kind == "delivered":
         return "Your message was delivered to this recipient's mailbox."
+    if kind == "relayed":
+        return ("Your message was handed to the recipient's server, which doesn't send delivery "
+                "notifications: no further notification will be sent.")
     if kind == "delayed":
         return "Delivery hasn't succeeded yet. The server will keep trying to deliver this message."
     return _EXPLANATIONS.get(status, "The recipient's server refused the message permanently.")
@@ -166,6 +170,9 @@ def _human_text(
         lines.append("Delivery has failed to these recipients or groups:")
     elif kind == "delayed":
         lines.append("Delivery is delayed to these recipients or groups:")
+    elif kind == "relayed":
+        lines.append("Your message has been relayed to the following recipients, but the servers didn't "
+                     "send a delivery notification:")
     else:
         lines.append("Your message has been delivered to the following recipients:")
     lines.append("")
@@ -176,7 +183,7 @@ def _human_text(
     if kind == "delayed" and retry_until is not None:
         lines.append(f"The server will keep trying until {_date(retry_until)}. You don't need to resend the message.")
         lines.append("")
-    if kind != "delivered":
+    if kind not in ("delivered", "relayed"):
         lines.append(f"If the problem continues, contact your email administrator: {postmaster}.")
         lines.append("")
     lines.append("Diagnostic information for administrators:")
@@ -269,7 +276,7 @@ def make_dsn(
 ) -> tuple[bytes, Envelope]:
     """Build a DSN about ``recipients`` of ``envelope`` -> (message bytes, envelope to queue).
 
-    ``kind`` is ``"failed"``, ``"delayed"`` or ``"delivered"`` (the Action).
+    ``kind`` is ``"failed"``, ``"delayed"``, ``"delivered"`` or ``"relayed"`` (the Action).
     ``original`` is the queued message (bytes, or a binary file read from its
     start). ``postmaster`` is a local part (``@reporting_mta`` is added) or a
     whole address; it is named in the text as the contact. ``retry_until``

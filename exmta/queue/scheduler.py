@@ -52,8 +52,10 @@ Rules, in one place:
   or is absent. Recipients delivered by a *local* connector (Maildir or LMTP:
   ``send_configs[name].kind`` in ``{"lmtp", "maildir"}``, or a ``kind``
   attribute on the connector object) with NOTIFY=SUCCESS get an
-  ``action=delivered`` DSN; remote SMTP hops are expected to relay NOTIFY, so
-  no "relayed" DSN is made. No DSN ever goes to the null sender or is made
+  ``action=delivered`` DSN. A remote SMTP hop that offers DSN gets NOTIFY
+  and reports delivery itself; one that does not makes us send an
+  ``action=relayed`` DSN for NOTIFY=SUCCESS recipients (RFC 3461 5.2.2, as
+  Exchange does). No DSN ever goes to the null sender or is made
   for a message of kind ``"dsn"``. DSNs are queued with ``store.submit``
   before the original's state is updated (a crash in between may duplicate a
   DSN, never lose one).
@@ -160,6 +162,7 @@ class _Message:
     failed: list[Recipient] = field(default_factory=list)
     delayed: list[Recipient] = field(default_factory=list)
     delivered: list[Recipient] = field(default_factory=list)
+    relayed: list[Recipient] = field(default_factory=list)
     remote_hosts: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -769,8 +772,11 @@ class DeliveryScheduler(Service):
                 TrackingEventId.DELIVER if local else TrackingEventId.SEND, msg, (r.address,),
                 connector=connector, result=result, source="STOREDRIVER" if local else "SMTP",
             )
-            if local and wants_notify(r.notify, "SUCCESS"):
-                msg.delivered.append(r)
+            if wants_notify(r.notify, "SUCCESS"):
+                if local:
+                    msg.delivered.append(r)
+                elif result.peer_dsn is False:  # RFC 3461 5.2.2: the next hop cannot report delivery
+                    msg.relayed.append(r)
         elif result.outcome is Outcome.FAILED:
             r.status = RecipientStatus.FAILED
             r.next_attempt = None
@@ -890,7 +896,8 @@ class DeliveryScheduler(Service):
         if not self._bounceable(env):
             return d
         retry_until = env.received_at + self._config.max_lifetime
-        for kind, rcpts in (("failed", msg.failed), ("delayed", msg.delayed), ("delivered", msg.delivered)):
+        for kind, rcpts in (("failed", msg.failed), ("delayed", msg.delayed), ("delivered", msg.delivered),
+                            ("relayed", msg.relayed)):
             if rcpts:
                 d.addCallback(lambda _, k=kind, rs=list(rcpts): self._send_dsn(msg, k, rs, retry_until))
         return d

@@ -596,7 +596,8 @@ class SMTPClientProtocol(Protocol):
 
     def _result(self, rcpt: Recipient | str, outcome: Outcome, reply: Reply) -> RecipientResult:
         address = rcpt if isinstance(rcpt, str) else rcpt.address
-        return RecipientResult(address, outcome, reply, remote_host=self.remote_host, tls=self.tls)
+        return RecipientResult(address, outcome, reply, remote_host=self.remote_host, tls=self.tls,
+                               peer_dsn="DSN" in self.capabilities)
 
     def _all(self, rcpts: Iterable[Recipient], outcome: Outcome, reply: Reply) -> list[RecipientResult]:
         return [self._result(r, outcome, reply) for r in rcpts]

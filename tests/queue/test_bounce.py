@@ -327,3 +327,16 @@ def utf8_ok(part: bytes, smtputf8: bool) -> bool:
         part.decode("utf-8")
         return True
     return part.isascii()
+
+
+def test_relayed_report() -> None:
+    r = Recipient("r@remote.example", notify=("SUCCESS",), status=RecipientStatus.DELIVERED,
+                  last_reply=Reply.make(250, "2.0.0", "Ok: queued as X"))
+    data, dsn_env = make_dsn(envelope(r), [r], "relayed", "h", ORIGINAL, NOW,
+                             remote_hosts={"r@remote.example": "mx.remote.example[192.0.2.1]:25"})
+    msg = parse(data)
+    _, block = status_blocks(msg)
+    assert block["Action"] == "relayed" and block["Status"] == "2.0.0"
+    assert msg["Subject"].startswith("Relayed")
+    assert msg.get_payload()[2].get_content_type() == "text/rfc822-headers"  # never the whole message
+    assert "contact your email administrator" not in msg.get_payload()[0].get_content()

@@ -54,14 +54,15 @@ class FakeConnector:
         return [c for c in self.calls if not c[1].called]
 
     def answer(self, index: int = 0, outcome: Outcome = Outcome.DELIVERED, reply: Reply = OK,
-               per_recipient: dict[str, tuple[Outcome, Reply]] | None = None) -> None:
+               per_recipient: dict[str, tuple[Outcome, Reply]] | None = None,
+               peer_dsn: bool | None = None) -> None:
         """Fire the index-th still pending call."""
         request, d, _ = self.pending()[index]
         results = []
         for r in request.recipients:
             o, rep = (per_recipient or {}).get(r.address, (outcome, reply))
             results.append(RecipientResult(r.address, o, rep, remote_host="mx.remote.example[192.0.2.1]:25",
-                                           tls="TLSv1.3 TLS_AES_256_GCM_SHA384"))
+                                           tls="TLSv1.3 TLS_AES_256_GCM_SHA384", peer_dsn=peer_dsn))
         d.callback(results)
 
 
@@ -390,6 +391,31 @@ def test_success_dsn_only_for_local_delivery_with_notify_success() -> None:
     assert msg.get_payload()[2].get_content_type() == "text/rfc822-headers"
     h.turn()
     h.out.answer()
+    h.stop()
+
+
+@pytest.mark.parametrize("peer_dsn, relayed", [(False, True), (True, False), (None, False)])
+def test_relayed_dsn_when_the_next_hop_cannot_report_delivery(peer_dsn, relayed) -> None:
+    """RFC 3461 5.2.2: NOTIFY=SUCCESS and a next hop without DSN -> action=relayed from us; a hop
+    with DSN got the NOTIFY and reports itself; None (not an SMTP hop) says nothing either way."""
+    h = Harness()
+    h.submit("r@remote.example", notify=("SUCCESS",))
+    h.turn()
+    h.out.answer(peer_dsn=peer_dsn)
+    if not relayed:
+        assert h.dsns() == []
+        h.stop()
+        return
+    [(_, dsn_env, msg)] = h.dsns()
+    assert dsn_actions(msg) == ["relayed"]
+    block = msg.get_payload()[1].get_payload()[1]
+    assert block["Final-Recipient"] == "rfc822; r@remote.example" and block["Status"] == "2.0.0"
+    assert block["Remote-MTA"] == "dns; mx.remote.example"
+    assert msg["Subject"] == "Relayed: hello"
+    assert msg.get_payload()[2].get_content_type() == "text/rfc822-headers"
+    assert "didn't send a delivery notification" in msg.get_payload()[0].get_content()
+    h.turn()
+    h.out.answer()  # the DSN itself is delivered
     h.stop()
 
 

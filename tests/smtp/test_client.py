@@ -685,3 +685,19 @@ def test_the_last_piece_of_content_and_the_final_dot_are_one_write() -> None:
     assert writes == [b"Subject: hi\r\n\r\nHello\r\n..dot line\r\n.\r\n"]
     p.server("250 2.0.0 queued")
     assert results_of(d)[0].outcome is Outcome.DELIVERED
+
+
+@pytest.mark.parametrize("ehlo, peer_dsn", [
+    (("250-mx.test", "250 DSN"), True), (("250-mx.test", "250 PIPELINING"), False),
+])
+def test_results_say_whether_the_next_hop_offered_dsn(ehlo: tuple[str, ...], peer_dsn: bool) -> None:
+    """The scheduler sends an action=relayed DSN for NOTIFY=SUCCESS when the hop could not take NOTIFY."""
+    p = Peer()
+    p.establish(ehlo)
+    d = p.proto.deliver(make_request(rcpts=("a@example.net",)))
+    p.server("250 2.1.0 ok")
+    p.server("250 2.1.5 ok")
+    p.server("354 go")
+    p.server("250 2.0.0 queued")
+    [result] = results_of(d)
+    assert result.outcome is Outcome.DELIVERED and result.peer_dsn is peer_dsn
