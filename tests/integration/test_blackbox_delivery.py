@@ -51,3 +51,22 @@ def test_8bit_and_long_message_relayed_intact(
         c.sendmail("a@example.test", ["b@example.net"], body, mail_options=["BODY=8BITMIME"])
     (got,) = smtp_sink.wait_for(1, timeout=30)
     assert got.content.endswith(body), "body changed in transit (dot-stuffing or 8-bit damage)"
+
+
+def test_notify_success_through_a_hop_without_dsn_gets_a_relayed_report(
+    exmta_relay, smtp_sink: SmtpSink,  # noqa: ANN001
+) -> None:
+    """aiosmtpd offers no DSN: exmta cannot pass NOTIFY on, so it reports action=relayed itself
+    (RFC 3461 5.2.2); the report goes to the sender through the same next hop."""
+    import smtplib
+    with smtplib.SMTP(procs.LOOPBACK, exmta_relay.port, timeout=30) as c:
+        c.ehlo("client.example.test")
+        c.sendmail("alice@sender.example", ["bob@example.net"], b"Subject: track me\r\n\r\nhello\r\n",
+                   rcpt_options=["NOTIFY=SUCCESS"])
+    got = smtp_sink.wait_for(2, timeout=30)
+    [report] = [r for r in got if r.message().get_content_type() == "multipart/report"]
+    assert report.rcpt_tos == ["alice@sender.example"] and report.mail_from in ("", "<>")
+    status = report.message().get_payload()[1].get_payload()
+    assert status[1]["Action"] == "relayed" and status[1]["Final-Recipient"] == "rfc822; bob@example.net"
+    [original] = [r for r in got if r is not report]
+    assert original.rcpt_tos == ["bob@example.net"] and b"hello" in original.content
