@@ -54,8 +54,9 @@ Several processes may commit into one spool (receive workers) while a single
 process claims (the scheduler's). Workers construct their store with
 ``claims=False``; the main process learns of their messages through
 :meth:`SpoolStore.notice` and :meth:`SpoolStore.scan_incoming`. recover() deletes
-orphan files, so run it before workers start, or give ``tmp_grace`` so young
-files of a live worker are left alone.
+orphan files, but only those older than the store object (minus one second):
+twistd listens before recovery has run, and a session or a receive worker may
+be writing newer ones. ``tmp_grace`` can push the cutoff further back.
 """
 from __future__ import annotations
 
@@ -551,6 +552,7 @@ class SpoolStore:
         self._fsync = fsync
         self._claims = claims
         self._tmp_grace = tmp_grace
+        self._created_at = time.time()  # recover() removes only temp and content files older than this
         self._count_crashes = count_crashes
         self.io = io
         #: create a writer's file on the calling thread (a few µs) rather than in the pool
@@ -1206,7 +1208,9 @@ class SpoolStore:
 
     def _recover_files(self) -> _Recovery:
         report = _Recovery()
-        cutoff = time.time() - self._tmp_grace
+        # A file younger than this store is not an orphan: a session of this process (or a receive
+        # worker) may be writing it while recovery runs. (1 s of slack: file times are coarse.)
+        cutoff = min(time.time() - self._tmp_grace, self._created_at - 1.0)
         live: set[str] = set()
         for state in ("hold", "deferred", "incoming", "active"):
             for name in sorted(os.listdir(self._dirs[state])):

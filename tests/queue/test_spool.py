@@ -405,6 +405,7 @@ def test_recover_returns_active_drops_orphans_rebuilds_index(tmp_path: Any) -> N
     w.write(b"half a mess")
     (tmp_path / "tmp" / "0123ABCD.1234.json").write_bytes(b"{")
     (tmp_path / "msg" / "ORPHAN123").write_bytes(b"content whose envelope never landed")
+    _age(tmp_path)  # they predate the restart
 
     fresh = make_store(tmp_path, clock=clock)
     events = _capture(fresh)
@@ -420,6 +421,30 @@ def test_recover_returns_active_drops_orphans_rebuilds_index(tmp_path: Any) -> N
     assert [e.queue_id for e in result(fresh.claim(500.0, 10))] == [b]
     assert any("recovered" in _text(e) for e in events)
     w.abort()
+
+
+def _age(root: Any, seconds: float = 10.0) -> None:
+    """Make every file of tmp/ and msg/ ``seconds`` older: left by a process that ran before."""
+    for sub in ("tmp", "msg"):
+        for name in os.listdir(os.path.join(root, sub)):
+            path = os.path.join(root, sub, name)
+            t = os.stat(path).st_mtime - seconds
+            os.utime(path, (t, t))
+
+
+def test_recover_leaves_files_younger_than_the_store_alone(tmp_path: Any) -> None:
+    """twistd starts listening before recover() has run: a session's temp file, or content renamed
+    into msg/ just before its envelope, must survive it (it did not once: a 451 at end of data)."""
+    store = make_store(tmp_path)
+    w = store.open_writer()
+    w.write(b"a session in progress\r\n")
+    (tmp_path / "msg" / "ABOUTTOCOMMIT").write_bytes(b"content whose envelope is being renamed")
+    (tmp_path / "tmp" / "OLD.1.json").write_bytes(b"{")
+    os.utime(tmp_path / "tmp" / "OLD.1.json", (1_000_000_000, 1_000_000_000))
+    result(store.recover())
+    assert store.last_recovery["temp_files"] == 1 and store.last_recovery["orphan_content"] == 0
+    assert files(store, "tmp") == [w.queue_id + ".msg"] and files(store, "msg") == ["ABOUTTOCOMMIT"]
+    assert result(store.commit(w, envelope())) == w.queue_id
 
 
 def test_recover_can_count_crashes(tmp_path: Any) -> None:

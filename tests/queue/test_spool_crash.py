@@ -92,6 +92,10 @@ def test_kill_9_loses_no_acknowledged_message(tmp_path: Path) -> None:
         assert printed, f"round {round_no}: the child acknowledged nothing; see child.log"
         acknowledged += printed
 
+        for sub in ("tmp", "msg"):  # the killed process's files predate the restart
+            for name in os.listdir(root / sub):
+                t = os.stat(root / sub / name).st_mtime - 10
+                os.utime(root / sub / name, (t, t))
         store = SpoolStore(str(root), SyncReactor(), SyncPool())
         store.log = Logger(observer=lambda e: None)
         result(store.recover())
