@@ -43,10 +43,11 @@ shares its filesystem with a heavy writer should use fsync.
 
 Blocking steps run either in a thread pool (``io="threads"``, the default) or
 on the calling thread (``io="inline"``). Inline is what a receive worker
-process uses: like Postfix's cleanup it blocks on its own fsyncs, and saves
-the thread hand-offs (futex wake-ups, GIL switches and context switches were
-a quarter of a worker's CPU, benchmarks/PERFORMANCE.rst); other worker
-processes keep the cores busy meanwhile. Inline directory fsyncs are still
+process uses (and a main process that has workers): it saves the thread
+hand-offs (futex wake-ups, GIL switches and context switches were a quarter
+of a worker's CPU, benchmarks/PERFORMANCE.rst); with ``sync="fsync"`` it
+blocks on its own fsyncs, with ``sync="syncfs"`` only the two syncfs calls of
+a round go to a thread. Inline directory fsyncs are still
 grouped: a round starts at the end of the reactor iteration (``callLater(0)``
 on the injected clock) and serves every rename made in that iteration.
 

@@ -98,7 +98,7 @@ def run(argv: list[str]) -> None:
     lines = LineBatcher(reactor)
     relay = WorkerRelay(lines.write)  # metrics: events to the main process too
     tracker = relay.wrap(tracker)
-    # only the main process claims; a worker blocks on its own fsyncs (one of several processes)
+    # only the main process claims; no thread hand-offs but the syncfs calls (exmta.queue.spool)
     store = SpoolStore(paths["queue"], reactor, pool, clock=reactor, claims=False,
                        io="inline", sync=config.spool_sync_for(worker=True))
     store.add_listener(lines.announce)
