@@ -403,6 +403,7 @@ def _read_send(r: _Reader, name: str, data_dir: str) -> SendConnectorConfig:
         auth_password=r.get("auth_password", d.auth_password, _str),
         dns_servers=r.get("dns_servers", d.dns_servers, _list_of(_nameserver)),
         dkim_sign=r.get("dkim_sign", d.dkim_sign, _bool),
+        send_organization_headers=r.get("send_organization_headers", d.send_organization_headers, _bool),
         **_tls_config().read_send_tls(r),
     )
     mx = r.get("mx", None, _bool)

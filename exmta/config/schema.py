@@ -142,6 +142,7 @@ class SendConnectorConfig:
     tls_certificate: str | None = None    # PEM client certificate (+chain) to present (TlsCertificateName)
     tls_key: str | None = None            # its key; None = in tls_certificate
     protocol_log: str = "off"             # "off" | "verbose": SMTP transcript (exmta.observe.protocol)
+    send_organization_headers: bool = False  # keep X-MS-Exchange-Organization-* etc. (exmta.send.header_firewall)
 
 
 @dataclass(frozen=True)
