@@ -1,0 +1,53 @@
+"""``exmta exo check`` and ``exmta import exchange``: argument parsing only."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+__all__ = ["add_commands"]
+
+
+def _exo_check(args: argparse.Namespace) -> int:
+    from exmta.exchange.exo_check import main
+
+    return main(args)
+
+
+def _import_exchange(args: argparse.Namespace) -> int:
+    from exmta.exchange.importer import main
+
+    return main(args)
+
+
+def add_commands(sub: Any) -> None:
+    """Register ``exo check`` and ``import exchange`` on the ``exmta`` subparsers."""
+    exo = sub.add_parser("exo", help="Exchange Online checks").add_subparsers(dest="exo_command", metavar="COMMAND")
+    check = exo.add_parser(
+        "check", help="will Exchange Online attribute mail from each connector to the right tenant (MC1226222)?",
+        description="Check every send connector with a smart host under *.mail.protection.outlook.com: client "
+                    "certificate, validity, chain, subject/SAN against the accepted domains, mandatory TLS with "
+                    "domain validation, no certificate shared between tenants. Exit 0 ok, 1 warnings, "
+                    "2 errors, 3 unreadable file.")
+    check.add_argument("file", help="path to the TOML configuration")
+    check.add_argument("--ca-file", action="append", metavar="PEM",
+                       help="also trust this CA (a private CA in a lab); repeatable")
+    check.add_argument("--accepted-domain", action="append", metavar="DOMAIN",
+                       help="an accepted domain of the tenant not listed in [accepted_domains]; repeatable")
+    check.add_argument("--warn-days", type=int, default=30, metavar="N",
+                       help="warn when the certificate expires within N days (default 30)")
+    check.add_argument("--json", action="store_true", help="print the findings as JSON")
+    check.set_defaults(func=_exo_check)
+
+    imp = sub.add_parser("import", help="import configuration from another mail server").add_subparsers(
+        dest="import_command", metavar="SOURCE")
+    ex = imp.add_parser(
+        "exchange", help="write an exmta config from Get-ReceiveConnector/Get-SendConnector/Get-AcceptedDomain JSON",
+        description="Read the JSON that `Get-ReceiveConnector | ConvertTo-Json`, `Get-SendConnector | "
+                    "ConvertTo-Json` and `Get-AcceptedDomain | ConvertTo-Json` print (any order, one or more "
+                    "files) and write an exmta TOML configuration. Every property that cannot be mapped is "
+                    "listed with the reason, in the output as comments and on standard error.")
+    ex.add_argument("files", nargs="+", metavar="FILE", help="JSON files written by the cmdlets")
+    ex.add_argument("-o", "--output", metavar="TOML", help="write the configuration here (default: stdout)")
+    ex.add_argument("--hostname", help="[server] hostname (default: the first receive connector's Fqdn)")
+    ex.add_argument("--data-dir", default="/var/lib/exmta", help="[server] data_dir (default /var/lib/exmta)")
+    ex.set_defaults(func=_import_exchange)
