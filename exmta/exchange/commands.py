@@ -50,4 +50,15 @@ def add_commands(sub: Any) -> None:
     ex.add_argument("-o", "--output", metavar="TOML", help="write the configuration here (default: stdout)")
     ex.add_argument("--hostname", help="[server] hostname (default: the first receive connector's Fqdn)")
     ex.add_argument("--data-dir", default="/var/lib/exmta", help="[server] data_dir (default /var/lib/exmta)")
+    ex.add_argument("--tls-cert", metavar="PEM", help="the certificate TlsCertificateName names, exported to PEM "
+                    "(STARTTLS on receive connectors with AuthMechanism Tls; the client certificate of send "
+                    "connectors with TlsCertificateName)")
+    ex.add_argument("--tls-key", metavar="PEM", help="its private key (default: in --tls-cert)")
+    ex.add_argument("--auth-backend", metavar="USERS-FILE|NAME",
+                    help="where connectors with BasicAuth check passwords: a users file or an [auth.NAME]")
+    ex.add_argument("--relay-connector", action="append", metavar="NAME",
+                    help="a receive connector that has the anonymous relay permission (Add-ADPermission "
+                         "Ms-Exch-SMTP-Accept-Any-Recipient, not visible in Get-ReceiveConnector); repeatable")
+    ex.add_argument("--mailbox-host", metavar="HOST[:PORT]",
+                    help="the Exchange server that receives mail for the accepted domains")
     ex.set_defaults(func=_import_exchange)
