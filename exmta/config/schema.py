@@ -150,6 +150,9 @@ class RouteConfig:
     domains: tuple[str, ...]              # "example.com", "*.example.com" or "*"
     connector: str
     cost: int = 1
+    # split by recipient set (exmta.routing.split): the tenant's domains to one connector (HVE), the rest here
+    internal_connector: str | None = None
+    internal_domains: tuple[str, ...] = ()  # empty = every [accepted_domains] entry
 
 
 @dataclass(frozen=True)
