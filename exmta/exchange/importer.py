@@ -699,7 +699,7 @@ def import_exchange(objects: list[dict[str, Any]], opts: ImportOptions | None = 
         section = "mailbox"
         while section in send_names:
             section += "-2"
-        sections.append([f"# mail for the accepted domains goes to the Exchange server (--mailbox-host)",
+        sections.append(["# mail for the accepted domains goes to the Exchange server (--mailbox-host)",
                          f"[send.{section}]", f"smarthosts = {_q([opts.mailbox_host])}",
                          "send_organization_headers = true"])
         routes.append((local, section, 1))

@@ -46,7 +46,8 @@ def read_split(r: Any) -> dict[str, Any]:
     return out
 
 
-def resolve_split(routes: Sequence[Any], accepted: Iterable[Any], send_names: set[str]) -> tuple[tuple[Any, ...], list[str]]:
+def resolve_split(routes: Sequence[Any], accepted: Iterable[Any],
+                  send_names: set[str]) -> tuple[tuple[Any, ...], list[str]]:
     """Routes with ``internal_domains`` filled from the accepted domains where empty, and the problems."""
     names = tuple(a.name for a in accepted)
     out, problems = [], []
@@ -78,7 +79,8 @@ def domain_matches(domain: str, patterns: Iterable[str]) -> bool:
     return False
 
 
-def transfer_details(routes: Iterable[Any], first_time: Mapping[str, bool]) -> tuple[tuple[str, ...], dict[str, Any]] | None:
+def transfer_details(routes: Iterable[Any],
+                     first_time: Mapping[str, bool]) -> tuple[tuple[str, ...], dict[str, Any]] | None:
     """(recipients, details) for a TRANSFER event when a split route forked this message's
     recipients into sets for different connectors; None otherwise. Only recipients routed for the
     first time count (``first_time``), so a retry does not log the fork again."""

@@ -92,7 +92,8 @@ class Connector:
 
     def answer(self, outcome: Outcome, reply: Reply) -> None:
         request, d = next(c for c in self.calls if not c[1].called)
-        d.callback([RecipientResult(r.address, outcome, reply) for r in request.recipients])  # type: ignore[attr-defined]
+        rcpts = request.recipients  # type: ignore[attr-defined]
+        d.callback([RecipientResult(r.address, outcome, reply) for r in rcpts])
 
 
 def test_scheduler_delivers_each_set_separately_and_tracks_the_fork_once() -> None:
@@ -185,6 +186,7 @@ def test_one_message_leaves_as_two_and_the_tracking_log_shows_the_split(
     assert ids[0] == ("RECEIVE", "apps") and ids[1] == ("TRANSFER", None)
     assert sorted(ids[2:]) == [("SEND", "hve"), ("SEND", "hve"), ("SEND", "internet")]
     fork = events()[1]
-    assert fork["split"] == ["route[1]"] and fork["recipients"] == ["alice@contoso.example", "carol@contoso.example", "bob@partner.example"]
+    assert fork["split"] == ["route[1]"]
+    assert fork["recipients"] == ["alice@contoso.example", "carol@contoso.example", "bob@partner.example"]
     assert fork["recipient_sets"] == {"hve": ["alice@contoso.example", "carol@contoso.example"],
-                                                 "internet": ["bob@partner.example"]}
+                                      "internet": ["bob@partner.example"]}
