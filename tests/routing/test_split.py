@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import smtplib
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from twisted.internet import task
@@ -190,3 +191,18 @@ def test_one_message_leaves_as_two_and_the_tracking_log_shows_the_split(
     assert fork["recipients"] == ["alice@contoso.example", "carol@contoso.example", "bob@partner.example"]
     assert fork["recipient_sets"] == {"hve": ["alice@contoso.example", "carol@contoso.example"],
                                       "internet": ["bob@partner.example"]}
+
+
+def test_the_annotated_example_file_documents_the_split() -> None:
+    """etc/exmta.toml's commented split keys, uncommented (with an HVE connector), are a valid configuration."""
+    import tomllib
+
+    text = (Path(__file__).resolve().parents[2] / "etc" / "exmta.toml").read_text()
+    lines = [line[2:] if line.startswith(("# internal_connector", "# internal_domains")) else line
+             for line in text.splitlines()]
+    raw = tomllib.loads("\n".join(lines) + '\n[send.hve]\nsmarthosts = ["smtp-hve.office365.com:587"]\n')
+    config = parse_config(raw)
+    (split,) = [r for r in config.routes if r.internal_connector]
+    assert (split.connector, split.internal_connector, split.internal_domains) == \
+        ("internet", "hve", ("contoso.example",))
+    assert "send_organization_headers = true" in text and "send_organization_headers = false" in text
