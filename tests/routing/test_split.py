@@ -206,3 +206,28 @@ def test_the_annotated_example_file_documents_the_split() -> None:
     assert (split.connector, split.internal_connector, split.internal_domains) == \
         ("internet", "hve", ("contoso.example",))
     assert "send_organization_headers = true" in text and "send_organization_headers = false" in text
+
+
+def test_reload_applies_a_split_to_existing_connectors_and_defers_a_new_one(tmp_path: Path) -> None:
+    """SIGHUP: a split between running connectors applies at once; one to a new connector waits for a restart."""
+    from exmta.config.load import load_config
+    from exmta.observe.reload import ConfigReloader
+
+    base = TOML.replace("{data_dir}", str(tmp_path / "data")).replace("{port}", "2525") \
+        .replace("{hve}", "[127.0.0.1]:2601").replace("{internet}", "[127.0.0.1]:2602")
+    path = tmp_path / "exmta.toml"
+    path.write_text(base.replace('internal_connector = "hve"\n', ""))
+    config = load_config(str(path))
+    clock = task.Clock()
+    scheduler = DeliveryScheduler.from_config(config, MemoryStore(clock), {}, clock)
+    reloader = ConfigReloader(config, clock, scheduler=scheduler)
+    path.write_text(base)
+    ok, messages = reloader.reload()
+    assert ok and "routes: 1 route(s) applied" in "\n".join(messages)
+    assert [r.connector for r in scheduler._router.route(None, ["a@contoso.example", "b@x.example"])] == \
+        ["hve", "internet"]
+    path.write_text(base.replace('internal_connector = "hve"', 'internal_connector = "hve2"')
+                    + '\n[send.hve2]\nsmarthosts = ["[127.0.0.1]:2603"]\n')
+    ok, messages = reloader.reload()
+    assert ok and "routes to new send connector(s) hve2" in "\n".join(messages)
+    assert [r.connector for r in scheduler._router.route(None, ["a@contoso.example"])] == ["hve"]
