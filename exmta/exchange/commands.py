@@ -61,4 +61,7 @@ def add_commands(sub: Any) -> None:
                          "Ms-Exch-SMTP-Accept-Any-Recipient, not visible in Get-ReceiveConnector); repeatable")
     ex.add_argument("--mailbox-host", metavar="HOST[:PORT]",
                     help="the Exchange server that receives mail for the accepted domains")
+    ex.add_argument("--server", metavar="NAME",
+                    help="import the receive connectors of this Exchange server only (default: the first, "
+                         "when the export has several)")
     ex.set_defaults(func=_import_exchange)

@@ -30,6 +30,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from exmta.config.load import _domain
+
 __all__ = ["Import", "ImportOptions", "import_exchange", "load_objects", "main"]
 
 
@@ -42,6 +44,7 @@ class ImportOptions:
     auth_backend: str | None = None        # users file or [auth.NAME] for BasicAuth connectors
     relay_connectors: tuple[str, ...] = ()  # receive connectors with the anonymous relay ACE
     mailbox_host: str | None = None        # where mail for the accepted domains goes (an Exchange server)
+    server: str | None = None              # import the receive connectors of this server only
 
 
 @dataclass
@@ -370,7 +373,7 @@ def _receive(result: Import, obj: dict[str, Any], opts: ImportOptions, names: se
                                     f"on Linux an IPv6 [::] listener also takes IPv4, and conflicts with "
                                     f"0.0.0.0:{port_of}; add a tcp6 listener for a specific IPv6 "
                                     "address by hand if you need one"))
-    if role == "HubTransport" and ports and ports <= {2525, 465, 717}:
+    if ports and ((role == "HubTransport" and ports <= {2525, 465, 717}) or ports == {717}):
         result.notes.append(f"receive connector {name!r}: Exchange-internal hop between the Front End Transport "
                             "and Transport services (port 2525/465/717); exmta is one process, not imported")
         for p in obj:
@@ -571,15 +574,20 @@ def _send(result: Import, obj: dict[str, Any], opts: ImportOptions, names: set[s
         if kind != "SMTP":
             result.unmapped.append((c.label, "AddressSpaces", f"{_text(item)}: only SMTP address spaces are routed"))
             continue
-        by_cost.setdefault(cost, []).append(space.lower())
+        try:
+            domain = _domain(space)
+        except ValueError as e:
+            result.unmapped.append((c.label, "AddressSpaces", f"{_text(item)}: {e}"))
+            continue
+        by_cost.setdefault(cost, []).append(domain)
     for cost, spaces in sorted(by_cost.items()):
         routes.append((spaces, section, cost))
     port = int(c.get("Port") or 25)
     smarthosts = [_text(h).strip() for h in _list(c.get("SmartHosts")) if _text(h).strip()]
     dns = c.get("DNSRoutingEnabled")
     if smarthosts and dns is not True:
-        c.keys["smarthosts"] = [h if port == 25 else (f"{h}:{port}" if not h.startswith("[") else f"{h}:{port}")
-                                for h in smarthosts]
+        hosts = [f"[{h}]" if ":" in h and not h.startswith("[") else h for h in smarthosts]  # IPv6 literal
+        c.keys["smarthosts"] = hosts if port == 25 else [f"{h}:{port}" for h in hosts]
     elif port != 25:
         c.keys["port"] = port
     if obj.get("Fqdn"):
@@ -681,6 +689,18 @@ def import_exchange(objects: list[dict[str, Any]], opts: ImportOptions | None = 
         c.finish()
         if c.comments:
             body.append("# accepted domain " + dname + ": " + "; ".join(c.comments))
+    servers = sorted({str(o.get("Server") or "") for o in receive} - {""})
+    server = opts.server or (servers[0] if len(servers) > 1 else None)
+    if server is not None:
+        others = [n for n in servers if n.lower() != server.lower()]
+        if others:
+            result.notes.append(f"receive connectors of {', '.join(others)} not imported: exmta takes the place of "
+                                f"one server ({server}); run again with --server for another")
+        for o in receive:
+            if str(o.get("Server") or server).lower() != server.lower():
+                result.unmapped.append((f"receive connector {o.get('Name')!r}", "*",
+                                        f"on server {o.get('Server')}, not {server} (--server)"))
+        receive = [o for o in receive if str(o.get("Server") or server).lower() == server.lower()]
     sections: list[list[str]] = []
     for o in receive:
         out = _receive(result, o, opts, names)
@@ -742,7 +762,8 @@ def main(args: Any) -> int:
             return 2
     opts = ImportOptions(hostname=args.hostname, data_dir=args.data_dir, tls_cert=args.tls_cert,
                          tls_key=args.tls_key, auth_backend=args.auth_backend,
-                         relay_connectors=tuple(args.relay_connector or ()), mailbox_host=args.mailbox_host)
+                         relay_connectors=tuple(args.relay_connector or ()), mailbox_host=args.mailbox_host,
+                         server=args.server)
     result = import_exchange(objects, opts)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:

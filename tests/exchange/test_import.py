@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import tomllib
 import smtplib
 from collections.abc import Callable
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from exmta.cli import main
-from exmta.config.load import load_config
+from exmta.config.load import load_config, parse_config
 from exmta.exchange.importer import (
     ImportOptions, import_exchange, load_objects, parse_address_space, parse_binding, parse_ranges, parse_size,
     parse_timespan,
@@ -127,3 +128,28 @@ def test_the_hybrid_organisation_checks_and_starts(tmp_path: Path, smtp_sink_fac
         s.sendmail("printer@example.net", ["alice@contoso.com"], b"Subject: imported\r\n\r\nhello\r\n")
     (got,) = mailbox.wait_for_rcpts(["alice@contoso.com"])
     assert b"Subject: imported" in got.content
+
+
+def test_two_servers_proxy_connectors_and_odd_send_values() -> None:
+    relay = next(o for o in objects() if o.get("Name") == "Anonymous Relay")
+    second = dict(relay, Server="EX2", Identity="EX2\\Anonymous Relay")
+    proxy = {"Name": "Outbound Proxy Frontend EX1", "Server": "EX1", "TransportRole": "FrontendTransport",
+             "Bindings": ["[::]:717", "0.0.0.0:717"], "RemoteIPRanges": ["0.0.0.0-255.255.255.255"],
+             "AuthMechanism": "Tls, BasicAuth, BasicAuthRequireTLS, ExchangeServer",
+             "PermissionGroups": "ExchangeServers"}
+    send = {"Name": "Partner", "AddressSpaces": ["SMTP:partner.example;5", "SMTP:bad domain;1", "X400:c=US;a= ;p=P;1"],
+            "DNSRoutingEnabled": False, "SmartHosts": ["2001:db8::25", "[192.0.2.25]"], "Port": 587,
+            "RequireTLS": False, "Enabled": True}
+    result = import_exchange([relay, second, proxy, send])
+    config = parse_config(tomllib.loads(result.toml))
+    assert [r.name for r in config.receive] == ["anonymous-relay"]  # EX1's; EX2's is named, not merged
+    assert any("receive connectors of EX2 not imported" in n for n in result.notes)
+    assert any("Outbound Proxy Frontend EX1" in n and "not imported" in n for n in result.notes)
+    (partner,) = config.send
+    assert [(h.host, h.port) for h in partner.smarthosts] == [("2001:db8::25", 587), ("192.0.2.25", 587)]
+    assert [(r.domains, r.cost) for r in config.routes] == [(("partner.example",), 5)]
+    whys = sorted(w for o, p, w in result.unmapped if "Partner" in o and p == "AddressSpaces")
+    assert whys == ["SMTP:bad domain;1: 'bad domain' is not a domain name (use \"example.com\" or \"*.example.com\")",
+                    "X400:c=US;a= ;p=P;1: only SMTP address spaces are routed"]
+    only_ex2 = import_exchange([relay, second], ImportOptions(server="EX2"))
+    assert "EX1" in "\n".join(only_ex2.notes)
