@@ -59,9 +59,28 @@ def test_prepare_rewrites_only_the_header_section() -> None:
         assert b"".join(iter(lambda: f.read(7), b"")) == got  # small reads too
 
 
-def test_prepare_leaves_a_clean_message_alone() -> None:
-    req = request(b"From: a@contoso.example\r\nSubject: hi\r\n\r\nbody\r\n")
-    assert result_of(ensureDeferred(OutboundHeaderFirewall("internet").prepare(req))) is req
+@pytest.mark.parametrize("content", [
+    b"From: a@contoso.example\r\nSubject: hi\r\n\r\nbody\r\n",
+    b"\r\nno header section\r\n\r\nX-MS-Exchange-Organization-AuthAs: Internal\r\n",  # body text stays
+    b"X-MS-Exchange-Organization-AuthAs: Internal\r\nSubject: all header, no body\r\n",
+    b"",
+])
+def test_messages_without_organisation_headers_in_the_header_section_are_unchanged(content: bytes) -> None:
+    req = result_of(ensureDeferred(OutboundHeaderFirewall("internet").prepare(request(content))))
+    with req.open_content() as f:  # type: ignore[attr-defined]
+        got = f.read()
+    if content.startswith(b"X-MS"):
+        assert got == b"Subject: all header, no body\r\n"
+    else:
+        assert got == content
+
+
+def test_one_read_gives_the_whole_message_as_the_dkim_signer_reads_it() -> None:
+    req = result_of(ensureDeferred(OutboundHeaderFirewall("internet").prepare(request(MESSAGE))))
+    with req.open_content() as f:  # type: ignore[attr-defined]
+        whole = f.read(len(MESSAGE) + 1)
+        assert f.read(10) == b""
+    assert whole.endswith(b"x" * 200_000 + b"\r\n") and b"AuthAs: Internal" not in whole
 
 
 def test_only_untrusted_smtp_connectors_get_a_firewall() -> None:
