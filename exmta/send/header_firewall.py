@@ -31,7 +31,7 @@ log = Logger()
 FIREWALLED_PREFIXES = (b"x-ms-exchange-organization-", b"x-ms-exchange-forest-", b"x-ms-exchange-crosspremises-")
 #: a header section larger than this is passed unchanged (and logged): no MTA writes one
 MAX_HEAD = 1024 * 1024
-_READ = 64 * 1024
+_READ = 8 * 1024  # most header sections fit; the file's own buffer makes this one system call
 
 
 def strip_header_section(head: bytes, prefixes: Iterable[bytes] = FIREWALLED_PREFIXES) -> tuple[bytes, int]:
@@ -87,35 +87,34 @@ class _Spliced:
         self.close()
 
 
-def _read_head(f: BinaryIO) -> tuple[bytes, bool]:
-    """The header section including its empty line (or everything read), and whether it ended."""
-    data = b""
-    while len(data) <= MAX_HEAD:
+def _head_end(data: bytes, start: int) -> int:
+    """Where the header lines end (the empty line starts there), or -1 when not in ``data`` yet.
+
+    A queued message has CRLF line ends (the receive side refuses or normalises bare LF); an LF-only
+    message is looked at only when it has no CRLF empty line."""
+    i = data.find(b"\r\n\r\n", start)
+    if i >= 0:
+        return i + 2
+    i = data.find(b"\n\n", start)
+    return i + 1 if i >= 0 else -1
+
+
+def _read_head(f: BinaryIO) -> tuple[bytes, int]:
+    """(what was read, where the header lines end in it); -1 when the section passes MAX_HEAD."""
+    data = f.read(_READ)
+    if data.startswith((b"\r\n", b"\n")):
+        return data, 0  # no header section at all
+    end = _head_end(data, 0)
+    while end < 0:
+        if len(data) > MAX_HEAD:
+            return data, -1
         chunk = f.read(_READ)
         if not chunk:
-            return data, True  # a message that is all header
+            return data, len(data)  # a message that is all header
         start = max(0, len(data) - 3)
         data += chunk
-        if data.startswith(b"\r\n") or data.startswith(b"\n"):
-            return data, True  # no header at all; nothing to strip
-        end = data.find(b"\r\n\r\n", start)
-        if end >= 0:
-            return data, True
-        lf = data.find(b"\n\n", start)
-        if lf >= 0:
-            return data, True
-    return data, False
-
-
-def _split_head(data: bytes) -> tuple[bytes, bytes]:
-    """(header lines, the empty line and what follows); no header section when ``data`` starts empty."""
-    if data.startswith((b"\r\n", b"\n")):
-        return b"", data
-    ends = [(i, len(sep) // 2) for sep in (b"\r\n\r\n", b"\n\n") if (i := data.find(sep)) >= 0]
-    if not ends:
-        return data, b""
-    i, half = min(ends)
-    return data[:i + half], data[i + half:]
+        end = _head_end(data, start)
+    return data, end
 
 
 class OutboundHeaderFirewall:
@@ -133,22 +132,29 @@ class OutboundHeaderFirewall:
         """The message without organisation headers, as a file object."""
         f = request.open_content()
         try:
-            data, ended = _read_head(f)
+            data, end = _read_head(f)
         except BaseException:
             f.close()
             raise
-        if not ended:
+        if end < 0:
             log.warn("header firewall: {queue_id} has a header section over {limit} octets; sent unchanged",
                      queue_id=request.queue_id, limit=MAX_HEAD, connector=self.connector)
             return _Spliced(data, f)  # type: ignore[return-value]
-        head, rest = _split_head(data)
+        head = data[:end]
+        removed = 0
         if b"x-ms-exchange-" in head.lower():
             new_head, removed = strip_header_section(head)
-            if removed:
-                log.info("header firewall: {removed} organisation header(s) of {queue_id} removed toward "
-                         "{connector}", removed=removed, queue_id=request.queue_id, connector=self.connector)
-                head = new_head
-        return _Spliced(head + rest, f)  # type: ignore[return-value]
+        if not removed:  # the usual case: the file as it is, from the start
+            if f.seekable():
+                f.seek(0)
+                return f
+            return _Spliced(data, f)  # type: ignore[return-value]
+        log.info("header firewall: {removed} organisation header(s) of {queue_id} removed toward {connector}",
+                 removed=removed, queue_id=request.queue_id, connector=self.connector)
+        if f.seekable():
+            f.seek(len(head))
+            return _Spliced(new_head, f)  # type: ignore[return-value]
+        return _Spliced(new_head + data[end:], f)  # type: ignore[return-value]
 
     async def prepare(self, request: DeliveryRequest) -> DeliveryRequest:
         """The request to deliver: its content is read through :meth:`open_filtered`."""
