@@ -9,6 +9,7 @@ else is changed.
 """
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import smtplib
@@ -22,11 +23,14 @@ import pytest
 
 from exmta.cli import main
 from exmta.config.load import load_config, parse_config
+from support import procs
 from support.tlscerts import TestPKI
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "exchange-online.rst"
 FIXTURES = Path(__file__).parent / "fixtures"
 ORG = "X-MS-Exchange-Organization-AuthAs: Internal"
+DIRECT_SEND_REJECTED = ("550 5.7.68 TenantInboundAttribution; Direct Send not allowed for this organization "
+                        "from unauthorized sources")
 
 
 def blocks(kind: str) -> list[str]:
@@ -123,9 +127,12 @@ def tls_server_context(pki: TestPKI, *names: str) -> ssl.SSLContext:
 def test_the_worked_example_both_directions(example: tuple[str, TestPKI], smtp_sink_factory: Callable[..., object],
                                             exmta_factory: Callable[..., object]) -> None:
     text, pki = example
+    def exo_policy(rcpt: str) -> str | None:  # a tenant that rejects Direct Send, for one recipient
+        return DIRECT_SEND_REJECTED if rcpt.startswith("dave@") else None
+
     exo = smtp_sink_factory(tls_context=tls_server_context(pki, "mail.protection.outlook.com",
                                                            "*.mail.protection.outlook.com"),
-                            require_starttls=True)
+                            require_starttls=True, rcpt_policy=exo_policy)
     exchange = smtp_sink_factory()
     ca = str(pki.ca_file)
     text = (text.replace('"tcp:25"', '"tcp:{port}:interface=127.0.0.1"')
@@ -161,7 +168,20 @@ def test_the_worked_example_both_directions(example: tuple[str, TestPKI], smtp_s
     got = {m.rcpt_tos[0]: m for m in exchange.wait_for_rcpts(["bob@contoso.com", "carol@contoso.com"])}
     assert ORG.encode() in got["bob@contoso.com"].content
     assert b"X-MS-Exchange" not in got["carol@contoso.com"].content
-    # Exchange Online refuses a partner that shows no certificate
+    # a next hop that answers 5.7.68: the message fails with that reply, and the FAIL event carries it
+    send("127.0.0.1", "dave@contoso.mail.onmicrosoft.com", "direct send")
+    log = ex.data_dir / "log" / "tracking.jsonl"
+
+    def fail_events() -> list[dict]:
+        lines = log.read_text().splitlines() if log.exists() else []
+        return [e for e in map(json.loads, lines) if e["event_id"] == "FAIL"]
+
+    procs.wait_until(lambda: fail_events(), 15, "a FAIL event")
+    (fail,) = fail_events()
+    assert DIRECT_SEND_REJECTED in DOC.read_text().replace("\n    ", " ")  # the reply the page quotes
+    assert fail["recipients"] == ["dave@contoso.mail.onmicrosoft.com"]
+    assert fail["reply"].startswith("550 5.7.68 TenantInboundAttribution")
+    # exmta refuses a partner that shows no certificate
     with smtplib.SMTP(ex.host, ex.port, timeout=30, source_address=("127.0.0.3", 0)) as s:
         s.ehlo()
         code, _ = s.mail("x@exo.example")
