@@ -155,7 +155,7 @@ def test_the_worked_example_both_directions(example: tuple[str, TestPKI], smtp_s
                 ctx.load_cert_chain(str(client_cert.cert), str(client_cert.key))  # type: ignore[attr-defined]
                 s._host = "mail.contoso.com"  # type: ignore[attr-defined]
                 s.starttls(context=ctx)
-            s.sendmail(f"sender@{source}.example", [rcpt], f"{ORG}\r\nSubject: {body}\r\n\r\n{body}\r\n".encode())
+            s.sendmail("app@contoso.com", [rcpt], f"{ORG}\r\nSubject: {body}\r\n\r\n{body}\r\n".encode())
 
     # (1) + (2): an Exchange server -> exmta -> Exchange Online, headers kept, our certificate presented
     send("127.0.0.2", "alice@contoso.mail.onmicrosoft.com", "to the cloud")
@@ -169,17 +169,20 @@ def test_the_worked_example_both_directions(example: tuple[str, TestPKI], smtp_s
     assert ORG.encode() in got["bob@contoso.com"].content
     assert b"X-MS-Exchange" not in got["carol@contoso.com"].content
     # a next hop that answers 5.7.68: the message fails with that reply, and the FAIL event carries it
+    # (the bounce goes to app@contoso.com, on the Exchange servers: no DNS is asked)
     send("127.0.0.1", "dave@contoso.mail.onmicrosoft.com", "direct send")
     log = ex.data_dir / "log" / "tracking.jsonl"
 
     def fail_events() -> list[dict]:
         lines = log.read_text().splitlines() if log.exists() else []
-        return [e for e in map(json.loads, lines) if e["event_id"] == "FAIL"]
+        return [e for e in map(json.loads, lines)
+                if e["event_id"] == "FAIL" and e["recipients"] == ["dave@contoso.mail.onmicrosoft.com"]]
 
     procs.wait_until(lambda: fail_events(), 15, "a FAIL event")
+    (bounce,) = [m for m in exchange.wait_for_rcpts(["app@contoso.com"]) if m.rcpt_tos == ["app@contoso.com"]]
+    assert b"5.7.68" in bounce.content
     (fail,) = fail_events()
     assert DIRECT_SEND_REJECTED in DOC.read_text().replace("\n    ", " ")  # the reply the page quotes
-    assert fail["recipients"] == ["dave@contoso.mail.onmicrosoft.com"]
     assert fail["reply"].startswith("550 5.7.68 TenantInboundAttribution")
     # exmta refuses a partner that shows no certificate
     with smtplib.SMTP(ex.host, ex.port, timeout=30, source_address=("127.0.0.3", 0)) as s:
