@@ -166,7 +166,8 @@ retry_schedule = ["1s"]
 
 @pytest.mark.integration
 def test_one_message_leaves_as_two_and_the_tracking_log_shows_the_split(
-        smtp_sink_factory: Callable[..., object], exmta_factory: Callable[..., object]) -> None:
+        smtp_sink_factory: Callable[..., object], exmta_factory: Callable[..., object],
+        capsys: pytest.CaptureFixture[str]) -> None:
     hve, internet = smtp_sink_factory(), smtp_sink_factory()
     ex = exmta_factory(toml=TOML, subst={"hve": hve.next_hop, "internet": internet.next_hop})
     with smtplib.SMTP(ex.host, ex.port, timeout=30) as s:
@@ -191,6 +192,13 @@ def test_one_message_leaves_as_two_and_the_tracking_log_shows_the_split(
     assert fork["recipients"] == ["alice@contoso.example", "carol@contoso.example", "bob@partner.example"]
     assert fork["recipient_sets"] == {"hve": ["alice@contoso.example", "carol@contoso.example"],
                                       "internet": ["bob@partner.example"]}
+    # exmta track shows the sets
+    from exmta.cli import main
+
+    assert main(["track", "--log", str(log), "--event", "TRANSFER"]) == 0
+    table = capsys.readouterr().out
+    assert "TRANSFER" in table and \
+        "sets=hve: alice@contoso.example,carol@contoso.example; internet: bob@partner.example" in table
 
 
 def test_the_annotated_example_file_documents_the_split() -> None:
