@@ -3,7 +3,8 @@
 Input is what ``Get-ReceiveConnector | ConvertTo-Json``,
 ``Get-SendConnector | ConvertTo-Json`` and ``Get-AcceptedDomain |
 ConvertTo-Json`` print in the Exchange Management Shell (one object or an
-array; UTF-8 or the UTF-16 that Windows PowerShell 5.1 redirects to). The
+array; UTF-8 or the UTF-16 that Windows PowerShell 5.1 redirects to), or
+the same objects written by ``Export-Clixml`` (:mod:`exmta.exchange.clixml`). The
 shell is a remote session, so Exchange's own types arrive as strings:
 ``"0.0.0.0:25"``, ``"192.168.5.10-192.168.5.20"``, ``"SMTP:*;1"``,
 ``"36 MB (37,748,736 bytes)"``, ``"00:10:00"``, ``"Tls, BasicAuth"``. The
@@ -60,11 +61,15 @@ class Import:
 
 
 def load_objects(data: bytes) -> list[dict[str, Any]]:
-    """The objects in one ConvertTo-Json output (UTF-8, UTF-8 with BOM or UTF-16)."""
+    """The objects in one ConvertTo-Json or Export-Clixml output (UTF-8, UTF-8 with BOM or UTF-16)."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         text = data.decode("utf-16")
     else:
         text = data.decode("utf-8-sig")
+    if text.lstrip().startswith("<"):  # Export-Clixml
+        from exmta.exchange.clixml import load_clixml
+
+        return load_clixml(text)
     value = json.loads(text)
     items = value if isinstance(value, list) else [value]
     out = [v for v in items if isinstance(v, dict)]

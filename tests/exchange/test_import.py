@@ -153,3 +153,23 @@ def test_two_servers_proxy_connectors_and_odd_send_values() -> None:
                     "X400:c=US;a= ;p=P;1: only SMTP address spaces are routed"]
     only_ex2 = import_exchange([relay, second], ImportOptions(server="EX2"))
     assert "EX1" in "\n".join(only_ex2.notes)
+
+
+def test_export_clixml_gives_the_same_connector_as_the_json() -> None:
+    """Export-Clixml (UTF-16, as Windows PowerShell writes it) reads like ConvertTo-Json."""
+    from exmta.exchange.clixml import load_clixml
+
+    xml = (FIXTURES / "anonymous-relay.xml").read_text(encoding="utf-8")
+    from_xml = load_objects("\ufeff".encode("utf-16-le") + xml.encode("utf-16-le"))
+    (obj,) = from_xml
+    assert obj["Bindings"] == ["0.0.0.0:25"] and obj["MaxMessageSize"] == "25 MB (26,214,400 bytes)"
+    assert obj["TarpitInterval"] == "00:00:05" and obj["DefaultDomain"] is None and obj["ChunkingEnabled"] is True
+    json_obj = next(o for o in objects() if o.get("Name") == "Anonymous Relay")
+    opts = ImportOptions(relay_connectors=("Anonymous Relay",))
+    a = parse_config(tomllib.loads(import_exchange(from_xml, opts).toml)).receive
+    b = parse_config(tomllib.loads(import_exchange([json_obj], opts).toml)).receive
+    assert a == b
+    with pytest.raises(ValueError, match="DOCTYPE"):
+        load_clixml('<!DOCTYPE x [<!ENTITY a "b">]><Objs/>')
+    with pytest.raises(ValueError, match="root element is not <Objs>"):
+        load_clixml("<Other/>")
