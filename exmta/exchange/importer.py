@@ -335,7 +335,9 @@ class _Connector:
             self.comments.append(f"not mapped ({why}): {', '.join(meta)}")
         for p in sorted(set(self.obj) - self.used - set(meta)):
             v = self.obj[p]
-            if p in EXTENSIONS:
+            if v is None or v == "" or v == []:
+                why = "not set in Exchange: nothing to map"
+            elif p in EXTENSIONS:
                 why = ("exmta always offers this SMTP extension" if v in (True, "Enabled", "EnabledWithoutValue")
                        else "exmta cannot turn this SMTP extension off")
             elif REASONS.get(p):
