@@ -307,6 +307,13 @@ def _tls_config() -> Any:
     return config
 
 
+def _oauth2_config() -> Any:
+    """exmta.send.oauth2_config (auth = "xoauth2" on send connectors), imported late: it imports this module."""
+    from exmta.send import oauth2_config
+
+    return oauth2_config
+
+
 def _auth_config() -> Any:
     """exmta.auth.config (SMTP AUTH keys and [auth.NAME] back ends), imported late: it imports this module."""
     from exmta.auth import config
@@ -404,6 +411,7 @@ def _read_send(r: _Reader, name: str, data_dir: str) -> SendConnectorConfig:
         dns_servers=r.get("dns_servers", d.dns_servers, _list_of(_nameserver)),
         dkim_sign=r.get("dkim_sign", d.dkim_sign, _bool),
         **_tls_config().read_send_tls(r),
+        **_oauth2_config().read_send_auth(r),
     )
     mx = r.get("mx", None, _bool)
     if kind == "smtp" and mx and c.smarthosts:
@@ -419,6 +427,7 @@ def _read_send(r: _Reader, name: str, data_dir: str) -> SendConnectorConfig:
     if (c.auth_username is None) != (c.auth_password is None):
         r.error("auth_username", "auth_username and auth_password go together")
     _tls_config().check_send_tls(r, c)
+    _oauth2_config().check_send_auth(r, c)
     r.finish()
     return c
 
