@@ -57,8 +57,7 @@ __all__ = [
 log = Logger()
 
 FAILURE_HOLD = 10.0        # seconds a failed token request answers for the next callers
-EXPIRY_SKEW = 30.0         # a token this close to its expiry is not sent any more
-MIN_AGE_TO_DROP = 30.0     # a token younger than this is not dropped after a 535 (no request storm)
+EXPIRY_SKEW = 30.0         # a token this close to its expiry is not sent any more (at most 1/4 of its life)
 ASSERTION_LIFETIME = 600   # seconds a client assertion is valid
 MAX_RESPONSE = 64 * 1024   # a token response larger than this is hostile
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -191,8 +190,9 @@ def endpoint_problem(url: str) -> str | None:
 class _Token:
     value: str
     obtained: float
-    expires: float
+    usable_until: float
     refresh_at: float
+    replacement: bool = False  # fetched because the server refused the one before (535)
 
 
 HTTPPost = Callable[[str, bytes, float], "defer.Deferred[tuple[int, bytes]]"]
@@ -217,6 +217,7 @@ class TokenSource:
         self._waiters: list[defer.Deferred[str]] = []
         self._failure: TokenError | None = None
         self._failure_until = 0.0
+        self._replacing = False
         #: requests made, by result ("ok" or a TokenError reason); tokens served from the cache
         self.requests: dict[str, int] = {}
         self.cache_hits = 0
@@ -239,7 +240,7 @@ class TokenSource:
         """A valid access token: cached, or after one (shared) request; errbacks with TokenError."""
         now = self.clock.seconds()
         tok = self._token
-        if tok is not None and now < tok.expires - EXPIRY_SKEW:
+        if tok is not None and now < tok.usable_until:
             if now >= tok.refresh_at and self._fetching is None and now >= self._failure_until:
                 self._start()  # renew in the background; this one is still good
             self.cache_hits += 1
@@ -253,13 +254,18 @@ class TokenSource:
         return d
 
     def invalidate(self, value: str) -> bool:
-        """The server refused this token (535): drop it, unless it is brand new; True when dropped."""
+        """The server refused this token (535): drop it, once; True when a new one is worth asking for.
+
+        A token that replaced a refused one is not dropped again: when the new
+        token is refused too, the fault is the app's rights, not the token, and
+        every session asking for another would flood the endpoint.
+        """
         tok = self._token
         if tok is None or tok.value != value:
-            return tok is not None  # already replaced: the next token() gives the new one
-        if self.clock.seconds() - tok.obtained < MIN_AGE_TO_DROP:
+            return tok is not None or self._fetching is not None  # already being replaced
+        if tok.replacement:
             return False
-        self._token = None
+        self._token, self._replacing = None, True
         log.info("XOAUTH2: token of {client} refused by the server; fetching a new one", client=self.label)
         return True
 
@@ -284,10 +290,11 @@ class TokenSource:
             for d in waiters:
                 d.errback(error)
             return
+        result.replacement, self._replacing = self._replacing, False
         self._token, self._failure, self._failure_until = result, None, 0.0
         self.requests["ok"] = self.requests.get("ok", 0) + 1
         log.info("XOAUTH2: new token for {client}, valid {seconds:.0f}s",
-                 client=self.label, seconds=result.expires - result.obtained)
+                 client=self.label, seconds=result.usable_until - result.obtained)
         for d in waiters:
             d.callback(result.value)
 
@@ -330,8 +337,8 @@ class TokenSource:
                 or not value.isascii() or any(c in value for c in "\x00\x01\r\n "):
             raise TokenError(f"token endpoint {where} answered without a usable bearer token", "bad_response")
         expires = started + lifetime
-        margin = min(self.config.refresh_before, lifetime / 2)
-        return _Token(value, started, expires, expires - margin)
+        usable_until = expires - min(EXPIRY_SKEW, lifetime / 4)
+        return _Token(value, started, usable_until, expires - min(self.config.refresh_before, lifetime / 2))
 
     # ------------------------------------------------------------ HTTP
 

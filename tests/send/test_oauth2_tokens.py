@@ -138,16 +138,34 @@ def test_failures_are_classified(answer: object, reason: str, text: str) -> None
     assert "s3cret" not in str(f.value)
 
 
-def test_invalidate_drops_an_old_token_only() -> None:
+def test_invalidate_replaces_a_token_once() -> None:
     clock, ep = Clock(), Endpoint()
     src = source(clock, ep)
     d = src.token()
     ep.grant()
     result_of(d)
-    assert not src.invalidate("tok-1")                # seconds old: no storm of requests
-    clock.advance(60)
-    assert src.invalidate("tok-1")
+    assert src.invalidate("tok-1")                    # refused by the server: a new one
     d = src.token()
+    assert src.invalidate("tok-1")                    # a second session with the old one: being replaced
+    ep.grant()
+    assert result_of(d) == "tok-2"
+    assert not src.invalidate("tok-2")                # the replacement refused too: the app's rights, not the token
+    assert result_of(src.token()) == "tok-2" and len(ep.forms) == 2
+
+
+def test_short_lived_token_is_still_cached() -> None:
+    clock, ep = Clock(), Endpoint(lifetime=8)
+    src = source(clock, ep)
+    d = src.token()
+    ep.grant()
+    result_of(d)
+    clock.advance(3)
+    assert result_of(src.token()) == "tok-1" and len(ep.forms) == 1
+    clock.advance(1.5)                                # past half its life: renewed in the background
+    assert result_of(src.token()) == "tok-1" and len(ep.forms) == 2
+    clock.advance(2)                                  # within the last quarter: never sent
+    d = src.token()
+    assert not d.called
     ep.grant()
     assert result_of(d) == "tok-2"
 

@@ -125,11 +125,14 @@ def test_second_refusal_defers_with_the_reason_and_no_third_token() -> None:
     assert len(s.endpoint.bodies) == 2
 
 
-def test_fresh_token_refused_is_not_fetched_again() -> None:
-    """A 535 for a token fetched seconds ago (no rights, wrong mailbox) costs no new request."""
-    s = Session()
+def test_replacement_token_refused_is_not_replaced_again() -> None:
+    """A 535 for the token that replaced a refused one (no rights, wrong mailbox) costs no new request."""
+    clock = Clock()
+    s = Session(clock)
+    result_of(s.source.token())
+    assert s.source.invalidate("tok-1") and result_of(s.source.token()) == "tok-2"
     d = s.up_to_auth()
-    s.sent_lines()
+    assert "Bearer tok-2" in decode(s.sent_lines()[0])
     error = base64.b64encode(b'{"status":"401","schemes":"bearer"}').decode()
     s.server(f"334 {error}")
     assert s.sent_lines() == [""]
@@ -138,7 +141,7 @@ def test_fresh_token_refused_is_not_fetched_again() -> None:
     s.server("221 bye")
     f = failure_of(d)
     assert "schemes=bearer, status=401" in f.value.reply.text
-    assert len(s.endpoint.bodies) == 1
+    assert len(s.endpoint.bodies) == 2
 
 
 def test_403_insufficient_scope_is_not_a_token_problem() -> None:
@@ -215,6 +218,7 @@ def test_protocol_log_redacts_the_exchange() -> None:
     s.sent_lines()
     s.server("334 " + base64.b64encode(b'{"status":"401"}').decode())
     s.server("535 5.7.8 no")
+    s.server("535 5.7.8 no again")
     s.server("221 bye")
     failure_of(d)
     records = [json.loads(line) for line in file.lines]
