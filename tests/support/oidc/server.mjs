@@ -2,9 +2,10 @@
 // Clients come from CLIENTS_JSON (a file): client_credentials with client_secret_post or
 // private_key_jwt (RS256). Tokens are opaque, for the Exchange Online resource, with an
 // "email" claim that Dovecot's introspection matches against the XOAUTH2 user.
-// Environment: PORT, CLIENTS_JSON, TOKEN_TTL (seconds), TOKEN_EMAIL.
+// Environment: PORT, CLIENTS_JSON, TOKEN_TTL (seconds), TOKEN_EMAIL, TOKEN_LOG (issued tokens, one a line,
+// so that the tests can look for them in exmta's logs and on the wire; also grant errors as "! error").
 import Provider from 'oidc-provider';
-import { readFileSync } from 'node:fs';
+import { appendFileSync, readFileSync } from 'node:fs';
 
 const port = Number(process.env.PORT);
 const issuer = `http://127.0.0.1:${port}`;
@@ -30,4 +31,8 @@ const provider = new Provider(issuer, {
   },
   extraTokenClaims: async (ctx, token) => (token.kind === 'ClientCredentials' ? { email } : undefined),
 });
+if (process.env.TOKEN_LOG) {
+  provider.on('client_credentials.saved', (token) => appendFileSync(process.env.TOKEN_LOG, `${token.jti}\n`));
+  provider.on('grant.error', (ctx, error) => appendFileSync(process.env.TOKEN_LOG, `! ${error.error}\n`));
+}
 provider.listen(port, '127.0.0.1', () => console.log(`oidc-provider listening on ${issuer}`));
