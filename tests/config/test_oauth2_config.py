@@ -119,3 +119,26 @@ def test_xoauth2_without_table(tmp_path) -> None:
 def test_loopback_http_endpoint_is_allowed(tmp_path) -> None:
     send = GOOD_SEND.replace('tenant = "contoso.onmicrosoft.com"', 'token_endpoint = "http://127.0.0.1:8080/token"')
     assert load_config(write(tmp_path, send)).send[0].oauth2.token_endpoint == "http://127.0.0.1:8080/token"
+
+
+def test_the_annotated_example_xoauth2_connector_loads(tmp_path) -> None:
+    """etc/exmta.toml's commented [send.exo] XOAUTH2 connector, uncommented (one credential), is valid."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "etc" / "exmta.toml").read_text()
+    start, end = text.index("# [send.exo]\n"), text.index("[send.local]")
+    block = text[start:end]
+    uncommented = re.sub(r"^# ([\[a-z_]+.*)$", r"\1", block, flags=re.M)
+    secret = tmp_path / "exo-client-secret"
+    secret.write_text("s3cret\n")
+    uncommented = re.sub(r"^(certificate|private_key) = .*$", "", uncommented, flags=re.M)
+    uncommented = uncommented.replace("/etc/exmta/exo-client-secret", str(secret))
+    path = tmp_path / "example.toml"
+    path.write_text(text.replace(block, uncommented))
+    config = load_config(str(path))
+    (sc,) = [s for s in config.send if s.name == "exo"]
+    assert sc.auth == "xoauth2" and sc.tls == "mandatory" and sc.tls_auth_level == "domain"
+    assert sc.oauth2.tenant == "contoso.onmicrosoft.com" and sc.oauth2.mailbox == "relay@contoso.example"
+    assert sc.oauth2.token_endpoint.endswith("/contoso.onmicrosoft.com/oauth2/v2.0/token")
+    assert (sc.oauth2.timeout, sc.oauth2.refresh_before) == (30.0, 300.0)
