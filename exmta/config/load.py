@@ -389,7 +389,7 @@ def _read_receive(r: _Reader, name: str, hostname: str) -> ReceiveConnectorConfi
     return c
 
 
-def _read_send(r: _Reader, name: str, data_dir: str) -> SendConnectorConfig:
+def _read_send(r: _Reader, name: str, data_dir: str, source: str = "<string>") -> SendConnectorConfig:
     d = SendConnectorConfig(name=name)
     kind = r.get("type", "smtp", _choice("smtp", "lmtp", "maildir"))
     c = SendConnectorConfig(
@@ -411,7 +411,7 @@ def _read_send(r: _Reader, name: str, data_dir: str) -> SendConnectorConfig:
         dns_servers=r.get("dns_servers", d.dns_servers, _list_of(_nameserver)),
         dkim_sign=r.get("dkim_sign", d.dkim_sign, _bool),
         **_tls_config().read_send_tls(r),
-        **_oauth2_config().read_send_auth(r),
+        **_oauth2_config().read_send_auth(r, source),
     )
     mx = r.get("mx", None, _bool)
     if kind == "smtp" and mx and c.smarthosts:
@@ -648,7 +648,7 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
     ss = top.sub("send")
     for name in list(ss.table):
         ss.used.add(name)
-        send.append(_read_send(ss.sub(name), name, server["data_dir"]))
+        send.append(_read_send(ss.sub(name), name, server["data_dir"], source))
 
     top.used.add("route")
     routes = _read_routes(problems, raw.get("route", []))

@@ -9,6 +9,7 @@ not match, ``send_as`` without the mailbox it needs.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from exmta.config.load import _choice, _nonempty_str, _Reader, parse_duration
@@ -25,7 +26,15 @@ def _mailbox(v: Any) -> str:
     return s
 
 
-def _read_oauth2(r: _Reader) -> OAuth2Config:
+def _path(value: str | None, source: str) -> str | None:
+    """A file name relative to the configuration file's directory (as auth_backend)."""
+    if value is None or os.path.isabs(value):
+        return value
+    base = os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else os.getcwd()
+    return os.path.normpath(os.path.join(base, value))
+
+
+def _read_oauth2(r: _Reader, source: str) -> OAuth2Config:
     from exmta.send.oauth2 import entra_token_endpoint
 
     d = OAuth2Config(token_endpoint="", client_id="")
@@ -43,9 +52,9 @@ def _read_oauth2(r: _Reader) -> OAuth2Config:
         tenant=tenant,
         scope=r.get("scope", d.scope, _nonempty_str),
         client_secret=r.get("client_secret", None, _nonempty_str),
-        client_secret_file=r.get("client_secret_file", None, _nonempty_str),
-        certificate=r.get("certificate", None, _nonempty_str),
-        private_key=r.get("private_key", None, _nonempty_str),
+        client_secret_file=_path(r.get("client_secret_file", None, _nonempty_str), source),
+        certificate=_path(r.get("certificate", None, _nonempty_str), source),
+        private_key=_path(r.get("private_key", None, _nonempty_str), source),
         send_as=r.get("send_as", d.send_as, _choice("mailbox", "sender")),
         mailbox=r.get("mailbox", None, _mailbox),
         timeout=r.get("timeout", d.timeout, parse_duration),
@@ -55,10 +64,10 @@ def _read_oauth2(r: _Reader) -> OAuth2Config:
     return o
 
 
-def read_send_auth(r: _Reader) -> dict[str, Any]:
-    """``auth`` and ``oauth2`` of a SendConnectorConfig."""
+def read_send_auth(r: _Reader, source: str = "<string>") -> dict[str, Any]:
+    """``auth`` and ``oauth2`` of a SendConnectorConfig; files are relative to the config file ``source``."""
     auth = r.get("auth", None, _choice("xoauth2"))
-    oauth2 = _read_oauth2(r.sub("oauth2")) if "oauth2" in r.table else None
+    oauth2 = _read_oauth2(r.sub("oauth2"), source) if "oauth2" in r.table else None
     return {"auth": auth, "oauth2": oauth2}
 
 
