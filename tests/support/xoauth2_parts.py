@@ -57,6 +57,7 @@ tls_domain = "submission.example.test"
 tls_ca_file = "{ca_file}"
 auth = "xoauth2"
 max_messages_per_connection = 1
+max_per_destination = 8                 # Dovecot allows 10 sessions per user and IP address
 connect_timeout = "5s"
 command_timeout = "20s"
 protocol_log = "verbose"
