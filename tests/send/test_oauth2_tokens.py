@@ -111,7 +111,8 @@ def test_refused_client_is_a_clear_transient_error_held_briefly() -> None:
     src = source(clock, ep)
     f = failure_of(src.token())
     assert f.check(TokenError) and f.value.reason == "refused"
-    assert str(f.value) == f"token endpoint {URL} refused client app: HTTP 401 invalid_client: client authentication failed"
+    assert str(f.value) == (f"token endpoint {URL} refused client app: HTTP 401 invalid_client: "
+                            "client authentication failed")
     assert f.value.reply.code == 451 and f.value.reply.status == "4.7.0"
     failure_of(src.token())
     assert len(ep.forms) == 1                         # held: a queue run costs one request
@@ -220,3 +221,31 @@ def test_certificate_with_the_wrong_key_is_refused(tmp_path) -> None:
     cfg = OAuth2Config(token_endpoint=URL, client_id="app", certificate=cert_path, private_key=other_key)
     with pytest.raises(ValueError, match="does not belong to the certificate"):
         load_credential(cfg)
+
+
+def test_relay_user_and_ready() -> None:
+    import io
+
+    from exmta.model import DeliveryRequest, Envelope, MailParams, Recipient
+    from exmta.send.oauth2 import XOAuth2Relay
+
+    def request(sender: str) -> DeliveryRequest:
+        rcpt = Recipient("bob@fabrikam.test")
+        env = Envelope(sender=sender, recipients=[rcpt], params=MailParams(), queue_id="Q1", size=3)
+        return DeliveryRequest("Q1", env, (rcpt,), lambda: io.BytesIO(b"x\r\n"))
+
+    ep = Endpoint()
+    src = source(Clock(), ep)
+    fixed = XOAuth2Relay(CFG, src)
+    assert fixed.user_for(request("scanner@contoso.test")) == "relay@contoso.test"
+    as_sender = XOAuth2Relay(OAuth2Config(token_endpoint=URL, client_id="app", client_secret="s", send_as="sender",
+                                          mailbox="relay@contoso.test"), src)
+    assert as_sender.user_for(request("scanner@contoso.test")) == "scanner@contoso.test"
+    assert as_sender.user_for(request("")) == "relay@contoso.test"  # a DSN's null sender
+    d = fixed.ready()
+    ep.grant()
+    assert result_of(d) is None
+    ep.answer = (401, b'{"error": "invalid_client"}')
+    down = XOAuth2Relay(CFG, source(Clock(), ep))
+    reply = result_of(down.ready())
+    assert reply.code == 451 and "refused client app: HTTP 401 invalid_client" in reply.text
