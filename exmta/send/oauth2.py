@@ -22,7 +22,8 @@ renewed in the background while the old one still serves; one request is in
 flight at a time, whatever the number of waiting sessions.  A failure is
 remembered for :data:`FAILURE_HOLD` seconds so that a queue run against a
 dead endpoint costs one request, not one per message.  Tokens and secrets are
-never logged and never written to disk.
+never logged and never written to disk.  A rotated secret or certificate file
+is read again before the next request.
 
 No token means no session: :class:`XOAuth2Relay` answers DEFERRED with the
 reason (``451 4.7.0 ... token endpoint ... refused client ...``) so the
@@ -35,6 +36,7 @@ import base64
 import hashlib
 import ipaddress
 import json
+import os
 import uuid
 from dataclasses import dataclass
 from io import BytesIO
@@ -211,6 +213,7 @@ class TokenSource:
         self.clock = clock
         self.reactor = reactor
         self.credential = credential if credential is not None else load_credential(config)
+        self._files = _stamp(config) if credential is None else None
         self._post = post or self._agent_post
         self._token: _Token | None = None
         self._fetching: defer.Deferred[_Token] | None = None
@@ -302,6 +305,7 @@ class TokenSource:
         cfg = self.config
         started = self.clock.seconds()
         form = {"grant_type": "client_credentials", "client_id": cfg.client_id, "scope": cfg.scope}
+        self._reload_credential()
         form.update(self.credential.form(cfg.client_id, cfg.token_endpoint, started))
         where = cfg.token_endpoint
         try:
@@ -340,6 +344,21 @@ class TokenSource:
         usable_until = expires - min(EXPIRY_SKEW, lifetime / 4)
         return _Token(value, started, usable_until, expires - min(self.config.refresh_before, lifetime / 2))
 
+    def _reload_credential(self) -> None:
+        """A rotated secret or certificate file is used from the next request on (no restart)."""
+        if self._files is None:
+            return
+        stamp = _stamp(self.config)
+        if stamp == self._files:
+            return
+        try:
+            self.credential = load_credential(self.config)
+        except ValueError as e:
+            log.warn("XOAUTH2: {client}: keeping the old credential: {error}", client=self.label, error=str(e))
+            return
+        self._files = stamp
+        log.info("XOAUTH2: {client}: credential files changed, reloaded", client=self.label)
+
     # ------------------------------------------------------------ HTTP
 
     def _agent_post(self, url: str, body: bytes, timeout: float) -> defer.Deferred[tuple[int, bytes]]:
@@ -376,6 +395,19 @@ class _Discard:
 
     def connectionLost(self, reason: Any) -> None:
         pass
+
+
+def _stamp(config: OAuth2Config) -> tuple[tuple[str, float, int], ...]:
+    """(path, mtime, size) of the credential files, to notice a rotation."""
+    out = []
+    for path in (config.client_secret_file, config.certificate, config.private_key):
+        if path is not None:
+            try:
+                st = os.stat(path)
+                out.append((path, st.st_mtime, st.st_size))
+            except OSError:
+                out.append((path, -1.0, -1))
+    return tuple(out)
 
 
 def _describe(exc: BaseException) -> str:

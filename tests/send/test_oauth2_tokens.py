@@ -249,3 +249,23 @@ def test_relay_user_and_ready() -> None:
     down = XOAuth2Relay(CFG, source(Clock(), ep))
     reply = result_of(down.ready())
     assert reply.code == 451 and "refused client app: HTTP 401 invalid_client" in reply.text
+
+
+def test_rotated_secret_file_is_used_from_the_next_request(tmp_path) -> None:
+    import os
+
+    secret = tmp_path / "secret"
+    secret.write_text("old-secret\n")
+    cfg = OAuth2Config(token_endpoint=URL, client_id="app", client_secret_file=str(secret), mailbox="r@c.test")
+    clock, ep = Clock(), Endpoint()
+    src = TokenSource(cfg, clock, post=ep.post)
+    d = src.token()
+    ep.grant()
+    result_of(d)
+    secret.write_text("the-new-secret\n")
+    os.utime(secret, (1, 1))
+    clock.advance(3600)
+    d = src.token()
+    ep.grant()
+    result_of(d)
+    assert [f["client_secret"] for f in ep.forms] == [["old-secret"], ["the-new-secret"]]
