@@ -159,12 +159,12 @@ def make_send_connectors(config: Config, reactor: Any, pool: ThreadPool) -> dict
             from exmta.tls.client import send_tls_context
             connectors[sc.name] = build_wire_connector(sc, reactor, reactor, resolver, config.hostname,
                                                        send_tls_context(sc))
-    if any(sc.auth == "xoauth2" for sc in config.send):  # OAuth2 tokens for XOAUTH2 (exmta.send.oauth2)
-        from exmta.send.oauth2 import attach_token_sources
-        attach_token_sources(config.send, connectors, reactor, reactor)
     if config.dkim_keys:  # DKIM signing on connectors with dkim_sign = true (exmta.send.dkim_sign)
         from exmta.send.dkim_sign import attach_signers
         attach_signers(config, connectors, reactor, pool)
+    if any(sc.auth == "xoauth2" for sc in config.send):  # OAuth2 tokens for XOAUTH2 (exmta.send.oauth2)
+        from exmta.send.oauth2 import attach_token_sources
+        attach_token_sources(config.send, connectors, reactor, reactor)
     return connectors
 
 

@@ -411,7 +411,6 @@ def _read_send(r: _Reader, name: str, data_dir: str, source: str = "<string>") -
         dns_servers=r.get("dns_servers", d.dns_servers, _list_of(_nameserver)),
         dkim_sign=r.get("dkim_sign", d.dkim_sign, _bool),
         **_tls_config().read_send_tls(r),
-        **_oauth2_config().read_send_auth(r, source),
     )
     mx = r.get("mx", None, _bool)
     if kind == "smtp" and mx and c.smarthosts:
@@ -424,6 +423,7 @@ def _read_send(r: _Reader, name: str, data_dir: str, source: str = "<string>") -
         root = c.maildir_root or "mail"
         c = replace(c, maildir_root=root if os.path.isabs(root) else os.path.join(data_dir, root))
     c = replace(c, **_ops_config().connector_kwargs(r, d))
+    c = replace(c, **_oauth2_config().read_send_auth(r, source))  # auth = "xoauth2" (exmta.send.oauth2_config)
     if (c.auth_username is None) != (c.auth_password is None):
         r.error("auth_username", "auth_username and auth_password go together")
     _tls_config().check_send_tls(r, c)

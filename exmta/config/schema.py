@@ -152,6 +152,8 @@ class SendConnectorConfig:
     max_messages_per_connection: int = 100
     auth_username: str | None = None
     auth_password: str | None = None
+    auth: str | None = None               # "xoauth2": log in with OAuth2 tokens from [send.NAME.oauth2]
+    oauth2: OAuth2Config | None = None
     dns_servers: tuple[str, ...] = ()     # "ip" or "ip:port"; empty = system resolver
     dkim_sign: bool = False               # DKIM-sign with the [[dkim.keys]] of the author domain
     tls_auth_level: str = "encryption_only"  # | "certificate" | "domain" (Exchange TlsAuthLevel)
@@ -160,8 +162,6 @@ class SendConnectorConfig:
     tls_certificate: str | None = None    # PEM client certificate (+chain) to present (TlsCertificateName)
     tls_key: str | None = None            # its key; None = in tls_certificate
     protocol_log: str = "off"             # "off" | "verbose": SMTP transcript (exmta.observe.protocol)
-    auth: str | None = None               # "xoauth2": log in with OAuth2 tokens from [send.NAME.oauth2]
-    oauth2: OAuth2Config | None = None
 
 
 @dataclass(frozen=True)

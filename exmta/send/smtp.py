@@ -131,11 +131,11 @@ class SMTPSendConnector:
         self.timeouts = timeouts or _timeouts_for(config)
         #: exmta.observe.protocol.ProtocolLog for this connector, None when off
         self.protocol_log: Any = None
+        #: exmta.send.oauth2.XOAuth2Relay when the connector has auth = "xoauth2"
+        self.xoauth2: Any = None
         self.idle_timeout = idle_timeout
         #: exmta.send.dkim_sign.DKIMSigner when the connector has dkim_sign = true
         self.signer: Any = None
-        #: exmta.send.oauth2.XOAuth2Relay when the connector has auth = "xoauth2"
-        self.xoauth2: Any = None
         self._idle: dict[tuple[str, ...], OrderedDict[SMTPClientProtocol, IDelayedCall]] = {}
         self._closing: set[defer.Deferred[None]] = set()
 
