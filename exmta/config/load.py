@@ -307,18 +307,18 @@ def _tls_config() -> Any:
     return config
 
 
-def _oauth2_config() -> Any:
-    """exmta.send.oauth2_config (auth = "xoauth2" on send connectors), imported late: it imports this module."""
-    from exmta.send import oauth2_config
-
-    return oauth2_config
-
-
 def _auth_config() -> Any:
     """exmta.auth.config (SMTP AUTH keys and [auth.NAME] back ends), imported late: it imports this module."""
     from exmta.auth import config
 
     return config
+
+
+def _oauth2_config() -> Any:
+    """exmta.send.oauth2_config (auth = "xoauth2" on send connectors), imported late: it imports this module."""
+    from exmta.send import oauth2_config
+
+    return oauth2_config
 
 
 def _read_connector_security(r: _Reader, d: ReceiveConnectorConfig) -> dict[str, Any]:
