@@ -233,10 +233,6 @@ class TokenSource:
     def label(self) -> str:
         return f"{self.config.tenant or urlsplit(self.config.token_endpoint).hostname}/{self.config.client_id}"
 
-    @property
-    def requests_made(self) -> int:
-        return sum(self.requests.values())
-
     # ------------------------------------------------------------ public
 
     def token(self) -> defer.Deferred[str]:
