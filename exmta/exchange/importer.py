@@ -641,6 +641,13 @@ def _send(result: Import, obj: dict[str, Any], opts: ImportOptions, names: set[s
     elif "BasicAuth" in sh_auth or "BasicAuthRequireTLS" in sh_auth:
         result.unmapped.append((c.label, "SmartHostAuthMechanism",
                                 "the password is not exported; set auth_username/auth_password by hand"))
+        if any(h.lower().rstrip(".") == "smtp.office365.com" for h in smarthosts):
+            result.notes.append(f"send connector {name!r} logs in to smtp.office365.com with Basic SMTP AUTH, which "
+                                "Exchange Online turns off (MC786329): use auth = \"xoauth2\" "
+                                "(docs/exchange-online-oauth2.rst)")
+    if any(h.lower().rstrip(".").endswith(".mail.protection.outlook.com") for h in smarthosts):
+        result.notes.append(f"send connector {name!r} goes to Exchange Online: run `exmta exo check` on the result "
+                            "(certificate, accepted domains, TLS: MC1226222)")
     if trusted:
         c.keys["send_organization_headers"] = True
     if obj.get("ConnectionInactivityTimeOut") is not None:

@@ -78,6 +78,11 @@ def test_every_property_is_mapped_or_listed_with_a_reason() -> None:
     assert "'Default EX1': Exchange-internal hop" in text
     assert "--relay-connector \"Anonymous Relay\"" in text  # the relay right is not in the JSON: it says so
     assert "relay_networks" not in text
+    assert "run `exmta exo check` on the result" in text  # the hybrid connector
+    basic = {"Name": "To EXO", "AddressSpaces": ["SMTP:*;1"], "DNSRoutingEnabled": False, "Port": 587,
+             "SmartHosts": ["smtp.office365.com"], "SmartHostAuthMechanism": "BasicAuthRequireTLS",
+             "RequireTLS": True}
+    assert any("MC786329" in n and "xoauth2" in n for n in import_exchange([basic]).notes)
 
 
 def test_the_hybrid_organisation_checks_and_starts(tmp_path: Path, smtp_sink_factory: Callable[..., object],
