@@ -159,6 +159,8 @@ def make_send_connectors(config: Config, reactor: Any, pool: ThreadPool) -> dict
             from exmta.tls.client import send_tls_context
             connectors[sc.name] = build_wire_connector(sc, reactor, reactor, resolver, config.hostname,
                                                        send_tls_context(sc))
+    from exmta.send.header_firewall import attach_header_firewalls
+    attach_header_firewalls(config, connectors)  # before DKIM: strip, then sign
     if config.dkim_keys:  # DKIM signing on connectors with dkim_sign = true (exmta.send.dkim_sign)
         from exmta.send.dkim_sign import attach_signers
         attach_signers(config, connectors, reactor, pool)

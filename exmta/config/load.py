@@ -307,6 +307,13 @@ def _tls_config() -> Any:
     return config
 
 
+def _split_config() -> Any:
+    """exmta.routing.split (routes that split recipients by set), imported late: it imports this module."""
+    from exmta.routing import split
+
+    return split
+
+
 def _auth_config() -> Any:
     """exmta.auth.config (SMTP AUTH keys and [auth.NAME] back ends), imported late: it imports this module."""
     from exmta.auth import config
@@ -410,6 +417,7 @@ def _read_send(r: _Reader, name: str, data_dir: str, source: str = "<string>") -
         auth_password=r.get("auth_password", d.auth_password, _str),
         dns_servers=r.get("dns_servers", d.dns_servers, _list_of(_nameserver)),
         dkim_sign=r.get("dkim_sign", d.dkim_sign, _bool),
+        send_organization_headers=r.get("send_organization_headers", d.send_organization_headers, _bool),
         **_tls_config().read_send_tls(r),
     )
     mx = r.get("mx", None, _bool)
@@ -545,12 +553,13 @@ def _read_routes(problems: list[str], routes: Any) -> tuple[RouteConfig, ...]:
         domains = r.get("domains", (), _list_of(_domain))
         connector = r.get("connector", "", _nonempty_str)
         cost = r.get("cost", 1, _int(0))
+        split = _split_config().read_split(r)
         if not domains:
             r.error("domains", "needs at least one domain pattern (\"*\" matches everything)")
         if not connector:
             r.error("connector", "is required: the name of a [send.NAME] connector")
         r.finish()
-        out.append(RouteConfig(domains, connector, cost))
+        out.append(RouteConfig(domains, connector, cost, **split))
     return tuple(out)
 
 
@@ -682,6 +691,8 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
                 f"route[{i + 1}].connector: no [send.{route.connector}] connector "
                 f"(defined: {', '.join(sorted(send_names)) or 'none'})"
             )
+    routes, split_problems = _split_config().resolve_split(routes, accepted, send_names)
+    problems += split_problems
     for rc in receive:
         for f in rc.filters:
             if f not in filters:

@@ -162,6 +162,7 @@ class SendConnectorConfig:
     tls_certificate: str | None = None    # PEM client certificate (+chain) to present (TlsCertificateName)
     tls_key: str | None = None            # its key; None = in tls_certificate
     protocol_log: str = "off"             # "off" | "verbose": SMTP transcript (exmta.observe.protocol)
+    send_organization_headers: bool = False  # keep X-MS-Exchange-Organization-* etc. (exmta.send.header_firewall)
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,9 @@ class RouteConfig:
     domains: tuple[str, ...]              # "example.com", "*.example.com" or "*"
     connector: str
     cost: int = 1
+    # split by recipient set (exmta.routing.split): the tenant's domains to one connector (HVE), the rest here
+    internal_connector: str | None = None
+    internal_domains: tuple[str, ...] = ()  # empty = every [accepted_domains] entry
 
 
 @dataclass(frozen=True)

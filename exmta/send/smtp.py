@@ -136,6 +136,8 @@ class SMTPSendConnector:
         self.idle_timeout = idle_timeout
         #: exmta.send.dkim_sign.DKIMSigner when the connector has dkim_sign = true
         self.signer: Any = None
+        #: exmta.send.header_firewall.OutboundHeaderFirewall unless send_organization_headers = true
+        self.header_firewall: Any = None
         self._idle: dict[tuple[str, ...], OrderedDict[SMTPClientProtocol, IDelayedCall]] = {}
         self._closing: set[defer.Deferred[None]] = set()
 
@@ -145,6 +147,8 @@ class SMTPSendConnector:
         return run_coroutine(self._deliver(request))
 
     async def _deliver(self, request: DeliveryRequest) -> list[RecipientResult]:
+        if self.header_firewall is not None:  # organisation headers only toward trusted hops
+            request = await self.header_firewall.prepare(request)
         if self.signer is not None:  # DKIM signing: the last change to the bytes (exmta.send.dkim_sign)
             request = await self.signer.prepare(request)
         if self.lmtp or self.config.smarthosts or request.nexthop:
