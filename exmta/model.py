@@ -272,11 +272,25 @@ class Session:
 
 @dataclass
 class Transaction:
-    """The envelope being built between MAIL and end of data."""
+    """The envelope being built between MAIL and end of data (the server's own; filters get a view)."""
 
     sender: Address
     params: MailParams = field(default_factory=MailParams)
     recipients: list[tuple[Address, RcptParams]] = field(default_factory=list)
+
+    def view(self) -> TransactionView:
+        """A frozen snapshot for policies and filters: they read the envelope, they cannot change it."""
+        return TransactionView(self.sender, self.params, tuple(self.recipients))
+
+
+@dataclass(frozen=True)
+class TransactionView:
+    """What policies and filters see of a transaction: immutable, so the queued envelope is
+    always the recipients the server acknowledged (filters never accept, exmta.interfaces)."""
+
+    sender: Address
+    params: MailParams
+    recipients: tuple[tuple[Address, RcptParams], ...]
 
 
 # ---------------------------------------------------------------- queued messages

@@ -690,14 +690,14 @@ class ESMTPServer(Protocol):
             self._reply(replies.TOO_MANY_RECIPIENTS)
             return
         if not self._is_postmaster(rcpt):
-            verdict = await self._policy("authorize_rcpt", self.session, txn, rcpt, params)
+            verdict = await self._policy("authorize_rcpt", self.session, txn.view(), rcpt, params)
             if verdict.action is Action.CONTINUE:
                 verdict = Verdict(Action.REJECT, replies.RELAY_DENIED)  # default deny
             if self._refused(verdict):  # relay denied, unknown user, ...
                 self._track_refusal(TrackingEventId.REJECT, txn, None, _default_reply(verdict), "policy", rcpt=rcpt)
                 return
             discard = verdict.action is Action.DISCARD
-            verdict = await self.factory.filters.on_rcpt(self.session, txn, rcpt, params)
+            verdict = await self.factory.filters.on_rcpt(self.session, txn.view(), rcpt, params)
             self._track_agent("rcpt", verdict, sender=str(txn.sender), rcpt=rcpt)
             if self._refused(verdict):
                 self._track_refusal(TrackingEventId.REJECT, txn, None, _default_reply(verdict), "filter", rcpt=rcpt,
@@ -833,7 +833,7 @@ class ESMTPServer(Protocol):
                 if refusal is not None:
                     self._refuse_message(writer, txn, refusal, "send-as: From: not granted")
                     return
-            verdict = await self.factory.filters.on_data(self.session, txn, view)
+            verdict = await self.factory.filters.on_data(self.session, txn.view(), view)
             self._track_agent("data", verdict, sender=str(txn.sender), txn=txn, writer=writer, view=view)
             if self._closing:  # the client left, or we closed (timeout, shutdown): it cannot get a 250
                 writer.abort()
