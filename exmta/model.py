@@ -317,6 +317,9 @@ class Recipient:
     next_attempt: float | None = None
     delay_notified: bool = False
     route: str | None = None  # connector name used last
+    # a DSN owed for this recipient ("failed", "delayed", "delivered", "relayed") and not yet
+    # committed: the message is kept, and the DSN retried, until it is (issue 10 item 2)
+    dsn_due: str | None = None
 
     @property
     def is_final(self) -> bool:
@@ -334,6 +337,7 @@ class Recipient:
             "next_attempt": self.next_attempt,
             "delay_notified": self.delay_notified,
             "route": self.route,
+            **({"dsn_due": self.dsn_due} if self.dsn_due else {}),
         }
 
     @classmethod
@@ -350,6 +354,7 @@ class Recipient:
             next_attempt=d.get("next_attempt"),
             delay_notified=bool(d.get("delay_notified", False)),
             route=d.get("route"),
+            dsn_due=d.get("dsn_due"),
         )
 
 

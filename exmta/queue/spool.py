@@ -960,7 +960,8 @@ class SpoolStore:
 
     async def _defer(self, queue_id: str, envelope: Envelope, next_attempt: float) -> None:
         def work() -> str | None:
-            source = self._locate(queue_id, ("active", "hold"))
+            # deferred/ too: an earlier try that renamed but failed its directory sync (full disk) is retried
+            source = self._locate(queue_id, ("active", "hold", "deferred"))
             if source is None:
                 return None
             if source == "hold" and not envelope.held_reason:
