@@ -135,6 +135,17 @@ def _unlink_quiet(path: str) -> bool:
     return True
 
 
+def _close_quiet(f: BinaryIO) -> None:
+    """Close a file whose unwritten buffer is being thrown away; a failed flush (ENOSPC) is moot."""
+    try:
+        f.close()
+    except OSError:
+        try:
+            f.close()  # the first close stopped at the flush; this one releases the descriptor
+        except OSError:
+            pass
+
+
 def _check_id(queue_id: str) -> str:
     if not isinstance(queue_id, str) or not _QUEUE_ID.match(queue_id):
         raise ValueError(f"not a queue id: {queue_id!r}")
@@ -460,7 +471,7 @@ class SpoolWriter:
                 src.seek(old_length)
                 shutil.copyfileobj(src, new, _COPY_CHUNK)
         except BaseException:
-            new.close()
+            _close_quiet(new)
             _unlink_quiet(new_path)
             raise
         f.close()
@@ -486,12 +497,16 @@ class SpoolWriter:
             self._created.addCallback(lambda _: self._discard())
 
     def _discard(self) -> None:
-        for f in (self._file, self._opened):
-            if f is not None:
-                f.close()
-        self._file = self._opened = None
-        if self._open_error is None:
-            _unlink_quiet(self._path)
+        """Close and unlink the content file. close() raises when its buffer cannot be flushed
+        (ENOSPC): the file is unlinked all the same, else a full disk keeps it (issue 10 item 8)."""
+        files, self._file, self._opened = (self._file, self._opened), None, None
+        try:
+            for f in files:
+                if f is not None:
+                    _close_quiet(f)
+        finally:
+            if self._open_error is None:
+                _unlink_quiet(self._path)
 
 
 @dataclass
