@@ -413,7 +413,7 @@ class SpoolWriter:
                 if not self._ready.wait(_CREATE_TIMEOUT):
                     raise OSError(f"spool file {self._path} was not created within {_CREATE_TIMEOUT} s")
             if self._open_error is not None:
-                raise OSError(f"cannot create spool file {self._path}: {self._open_error}")
+                raise OSError(f"cannot create spool file {self._path}: {self._open_error}") from self._open_error
             assert self._opened is not None
             self._file, self._opened = self._opened, None
             if self._pending:

@@ -42,6 +42,7 @@ from exmta.model import (
     Action, Address, Body, Envelope, Recipient, Reply, Session, TLSInfo, TrackingEvent,
     TrackingEventId, Transaction, Verdict,
 )
+from exmta.queue.nospace import out_of_space
 from exmta.smtp import replies
 from exmta.smtp.params import ParamError, parse_mail, parse_rcpt
 from exmta.smtp.sendnow import plain_tcp, write_now
@@ -153,7 +154,7 @@ class ESMTPServer(Protocol):
         self._writer: Any = None
         self._txn_uses_bdat = False
         self._txn_discard = False
-        self._write_failed = False
+        self._write_failed: bool | Reply = False  # or the reply for a full spool
         self._bdat_last = False
         self._bdat_refusal: Reply | None = None  # the reply for a BDAT chunk being swallowed
         self._out: list[bytes] = []
@@ -513,9 +514,17 @@ class ESMTPServer(Protocol):
             return
         try:
             self._writer.write(data)
-        except Exception:
-            self._write_failed = True
-            self.log.failure("session {session_id}: writing the message failed", session_id=self._sid)
+        except Exception as e:
+            self._write_failed = self._storage_error(e, "writing the message failed")  # the reply at the end
+
+    def _storage_error(self, error: BaseException, what: str) -> Reply:
+        """A full spool (ENOSPC, EDQUOT) is 452 4.3.1 and a warning; anything else 451 and a traceback."""
+        if out_of_space(error):
+            self.log.warn("session {session_id}: {what}: the spool is out of space ({error})",
+                          session_id=self._sid, what=what, error=error)
+            return replies.INSUFFICIENT_STORAGE
+        self.log.failure("session {session_id}: {what}", failure=Failure(error), session_id=self._sid, what=what)
+        return replies.INTERNAL_ERROR
 
     def _invalid_line(self, event: InvalidLine) -> None:
         if self._sasl is not None or event.raw[:5].upper() == b"AUTH ":
@@ -745,10 +754,10 @@ class ESMTPServer(Protocol):
             return
         try:
             self._open_message()
-        except Exception:
-            self.log.failure("session {session_id}: cannot open a message writer", session_id=self._sid)
+        except Exception as e:
+            refusal = self._storage_error(e, "cannot open a message writer")
             self._abort_writer()
-            self._reply(replies.INTERNAL_ERROR)
+            self._reply(refusal)
             return
         self.parser.start_data()
         self._reply(replies.START_DATA)
@@ -771,10 +780,9 @@ class ESMTPServer(Protocol):
             try:
                 self._open_message()
                 self._txn_uses_bdat = True
-            except Exception:
-                self.log.failure("session {session_id}: cannot open a message writer", session_id=self._sid)
+            except Exception as e:
+                refusal = self._storage_error(e, "cannot open a message writer")
                 self._abort_writer()
-                refusal = replies.INTERNAL_ERROR
         self._bdat_refusal = refusal  # answered once the chunk has been swallowed
         self._bdat_last = last
         self.parser.start_bdat(size)
@@ -818,7 +826,8 @@ class ESMTPServer(Protocol):
                 self._refuse_message(writer, txn, replies.TEXT_LINE_TOO_LONG, "line too long")
                 return
             if write_failed:
-                self._refuse_message(writer, txn, replies.INTERNAL_ERROR, "write failed")
+                self._refuse_message(writer, txn, write_failed if isinstance(write_failed, Reply) else
+                                     replies.INTERNAL_ERROR, "write failed")
                 return
             view = MessageView(writer.open_read, size=writer.size, head=getattr(writer, "head", None))
             hops = len(view.field_values("Received"))
@@ -870,10 +879,10 @@ class ESMTPServer(Protocol):
                 held_reason=getattr(view, "quarantine_reason", None),
             )
             queue_id = await self.factory.store.commit(writer, envelope)
-        except Exception:
-            self.log.failure("session {session_id}: end of data failed", session_id=self._sid)
+        except Exception as e:
+            refusal = self._storage_error(e, "end of data failed")
             writer.abort()
-            self._reply(replies.INTERNAL_ERROR)
+            self._reply(refusal)
             return
         self.messages += 1
         if len(self._queued_ids) < _IDS_LOGGED:
