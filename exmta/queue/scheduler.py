@@ -392,7 +392,17 @@ class DeliveryScheduler(Service):
         self.wake()
 
     def wake(self) -> None:
-        """New mail (or free room): claim on the next reactor turn. Coalesced."""
+        """New mail, free room or an operator's retry: claim on the next reactor turn. Coalesced.
+
+        A commit or a stored state just succeeded, or an operator asks: state writes waiting to be
+        retried (a full disk) are tried at once too, not after their backoff.
+        """
+        for call in self._store_retries.values():
+            if call.active():
+                call.reset(0)
+        self._wake()
+
+    def _wake(self) -> None:
         if not self.running:
             return
         if self._claiming:
@@ -440,7 +450,7 @@ class DeliveryScheduler(Service):
         self._claiming = False
         if self._claim_again:
             self._claim_again = False
-            self.wake()
+            self._wake()
         else:
             self._reschedule_timer()
 
@@ -480,7 +490,7 @@ class DeliveryScheduler(Service):
 
     def _on_timer(self) -> None:
         self._timer = None
-        self.wake()
+        self._wake()
 
     # ------------------------------------------------------------ one message
 

@@ -103,3 +103,31 @@ def test_state_that_cannot_be_stored_for_minutes_is_retried_until_stored() -> No
     h.out.answer()
     assert h.store.queue_of(qid) is None
     h.stop()
+
+
+def test_waiting_state_write_is_tried_at_once_when_a_commit_shows_space() -> None:
+    h = Harness(claim_retry=5.0)
+    real_update = h.store.update
+    full = {"disk": True}
+    tried: list[float] = []
+
+    def update(queue_id: str, env: Envelope, next_attempt: float | None) -> defer.Deferred[Any]:
+        tried.append(h.clock.seconds() - START)
+        if full["disk"]:
+            return defer.fail(OSError(28, "No space left on device"))
+        return real_update(queue_id, env, next_attempt)
+
+    h.store.update = update  # type: ignore[method-assign]
+    qid = h.submit("a@remote.example")
+    h.turn()
+    h.out.answer()
+    h.at(5)
+    h.at(7)
+    assert tried == [0.0, 5.0]  # the next try would be at 15 s
+    full["disk"] = False
+    h.submit("b@remote.example")  # a commit succeeded: there is space again
+    h.at(7)
+    assert tried == [0.0, 5.0, 7.0]
+    assert h.store.queue_of(qid) is None
+    h.out.answer()
+    h.stop()
