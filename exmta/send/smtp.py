@@ -194,6 +194,10 @@ class SMTPSendConnector:
         if not rcpts:
             return []
         key = self._key(nexthop, rcpts)
+        # a host that deferred every recipient: RFC 5321 5.1 has the next address tried, as after a
+        # connection failure (issue 10 item 5); its answer is the result if no other host takes the mail
+        tempfailed: list[RecipientResult] | None = None
+        tempfailed_host: str | None = None
         # 1. an idle connection to the same destination
         while (proto := self._take_idle(key)) is not None:
             try:
@@ -201,6 +205,10 @@ class SMTPSendConnector:
             except StaleConnection:
                 proto.transport.loseConnection()
                 continue
+            if _all_deferred(results):
+                tempfailed, tempfailed_host = results, proto.remote_host
+                self._quit(proto)
+                break
             self._release(key, proto)
             return results
         # 2. new connections, in order, until one session comes up
@@ -209,6 +217,8 @@ class SMTPSendConnector:
         attempts = 0
         try:
             async for target in self._targets(nexthop, rcpts):
+                if target.label == tempfailed_host:
+                    continue  # its cached connection just deferred everything
                 attempts += 1
                 if attempts > MAX_ADDRESS_ATTEMPTS:
                     break
@@ -217,12 +227,20 @@ class SMTPSendConnector:
                     last, last_host = outcome, target.label
                     continue
                 results, proto = outcome
+                if _all_deferred(results):
+                    self.log.info("{remote} deferred every recipient of {queue_id} ({reply}); trying the next "
+                                  "address", remote=target.label, queue_id=request.queue_id, reply=str(results[0].reply))
+                    tempfailed, tempfailed_host = results, target.label
+                    self._quit(proto)
+                    continue
                 self._release(key, proto)
                 return results
         except DNSError as exc:
             outcome_kind = Outcome.FAILED if isinstance(exc, DNSPermanentError) else Outcome.DEFERRED
             self.log.info("DNS for {queue_id}: {reply}", queue_id=request.queue_id, reply=str(exc.reply))
             return [RecipientResult(r.address, outcome_kind, exc.reply) for r in rcpts]
+        if tempfailed is not None:
+            return tempfailed
         if last is None:
             last = Reply.make(451, "4.4.4", "No route to any next hop")
         elif not last.is_transient:
@@ -411,6 +429,11 @@ class SMTPSendConnector:
     @property
     def idle_connections(self) -> int:
         return sum(len(pool) for pool in self._idle.values())
+
+
+def _all_deferred(results: list[RecipientResult]) -> bool:
+    """Did the host defer every recipient (a 4xx to MAIL, to every RCPT, or at the end of data)?"""
+    return bool(results) and all(r.outcome is Outcome.DEFERRED for r in results)
 
 
 def _timeouts_for(config: SendConnectorConfig) -> ClientTimeouts:
