@@ -237,6 +237,7 @@ class DKIMKeyConfig:
     key_file: str                         # PEM RSA key or base64 Ed25519 seed (exmta dkim keygen)
     algorithm: str = "rsa-sha256"         # | "ed25519-sha256"
     arc_seal: bool = False                # also ARC-seal (RFC 8617) forwarded mail with this key (RSA; one key)
+    on_failure: str = "defer"             # signing fails: "defer" the message (logged) | "send_unsigned"
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from exmta.config.schema import SendConnectorConfig
 from exmta.coroutines import run_coroutine
 from exmta.interfaces import ISendConnector
 from exmta.model import DeliveryRequest, Outcome, Recipient, RecipientResult, Reply
+from exmta.send.dkim_sign import SigningDeferred
 from exmta.routing.dns import DNSError, DNSPermanentError, DNSResolver
 from exmta.smtp.client import (
     ClientError, ClientTimeouts, SessionFailure, SMTPClientProtocol, StaleConnection,
@@ -144,7 +145,10 @@ class SMTPSendConnector:
 
     async def _deliver(self, request: DeliveryRequest) -> list[RecipientResult]:
         if self.signer is not None:  # DKIM signing: the last change to the bytes (exmta.send.dkim_sign)
-            request = await self.signer.prepare(request)
+            try:
+                request = await self.signer.prepare(request)
+            except SigningDeferred as e:  # a key's on_failure = "defer": not sent unsigned
+                return [RecipientResult(r.address, Outcome.DEFERRED, e.reply) for r in request.recipients]
         if self.lmtp or self.config.smarthosts or request.nexthop:
             groups = [(request.nexthop, request.recipients)]
         else:
