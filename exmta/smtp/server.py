@@ -168,6 +168,8 @@ class ESMTPServer(Protocol):
         self._timer: IDelayedCall | None = None
         self._tcp: Any = _UNSET  # the plain TCP connection for write_now (exmta.smtp.sendnow), found once
         self._deadline = 0.0  # when the client's current timeout runs out (exmta.smtp.server._arm_timer)
+        self._line_started: float | None = None  # first octet of the command line still incomplete
+        self._data_deadline: float | None = None  # DATA/BDAT must be in by then (grows with min_data_rate)
         self._sasl: Any = None  # the SASL mechanism of an AUTH exchange in progress (exmta.auth.smtp)
         self.auth_avatar: Any = None  # the ISubmitter of a successful AUTH (identity, send-as grants)
         self._plog: Any = None  # protocol log transcript (exmta.observe.protocol), None when off
@@ -269,6 +271,8 @@ class ESMTPServer(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
+        if self._data_deadline is not None and self.config.min_data_rate:  # each octet buys 1/rate s
+            self._data_deadline += len(data) / self.config.min_data_rate
         self.parser.feed(data)
         if not self._busy:
             self._process()  # (which re-arms the timer when it is done)
@@ -297,7 +301,9 @@ class ESMTPServer(Protocol):
             self._log_event(event)
         if isinstance(event, DataChunk):
             self._write_content(event.data)
-        elif isinstance(event, Command):
+            return
+        self._line_started = None  # a line is complete: the next one has its own deadline
+        if isinstance(event, Command):
             self._run(self._command, event)
         elif isinstance(event, DataEnd):
             self._run(self._data_end, event)
@@ -422,13 +428,32 @@ class ESMTPServer(Protocol):
     # ------------------------------------------------------------ timers
 
     def _arm_timer(self) -> None:
-        """The client has ``delay`` seconds from now. The timer is not moved on each command
+        """The client has until ``self._deadline``. The timer is not moved on each command
         (that was a reactor reschedule per line): it fires at its old time, sees the later
-        deadline and sleeps again for the rest, unless the deadline came nearer."""
+        deadline and sleeps again for the rest, unless the deadline came nearer.
+
+        A command line must be complete ``command_timeout`` after its first octet, however
+        slowly it drips in (Postfix's smtpd_per_request_deadline); DATA (or one BDAT chunk)
+        must be complete ``data_timeout`` + octets / ``min_data_rate`` after it began."""
         if self._closing or self._busy:
             return
-        delay = self.config.command_timeout if self.parser.mode is Mode.COMMAND else self.config.data_timeout
-        self._deadline = self.clock.seconds() + delay
+        now = self.clock.seconds()
+        if self.parser.mode is Mode.COMMAND:
+            self._data_deadline = None
+            if self.parser.buffered():
+                if self._line_started is None:
+                    self._line_started = now
+                self._deadline = self._line_started + self.config.command_timeout
+            else:
+                self._line_started = None
+                self._deadline = now + self.config.command_timeout
+        else:
+            if self._data_deadline is None:
+                self._data_deadline = now + self.config.data_timeout
+            self._deadline = now + self.config.data_timeout
+            if self.config.min_data_rate:
+                self._deadline = min(self._deadline, self._data_deadline)
+        delay = max(0.0, self._deadline - now)
         timer = self._timer
         if timer is None or not timer.active():
             self._timer = self.clock.callLater(delay, self._timer_fired)
