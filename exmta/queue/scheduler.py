@@ -282,6 +282,7 @@ class DeliveryScheduler(Service):
         # operator actions (exmta.admin): suspended destinations and a redirect (drain) target
         self._operator_suspended: dict[tuple[str, str | None], str] = {}
         self._redirect: tuple[str, str | None] | None = None
+        self.operator_state: Any = None  # exmta.queue.operator_state.OperatorStateFile: survives restarts
 
     @classmethod
     def from_config(
@@ -1070,11 +1071,14 @@ class DeliveryScheduler(Service):
         self._operator_suspended[(connector, nexthop)] = reason
         self._log.info("destination {connector}/{nexthop} suspended: {reason}", connector=connector,
                        nexthop=nexthop, reason=reason)
+        self._save_operator_state()
 
     def resume_destination(self, connector: str, nexthop: str | None) -> bool:
         """Undo :meth:`suspend_destination`; True when it was suspended. Call retry_destination after it."""
         found = self._operator_suspended.pop((connector, nexthop), None) is not None
         self._log.info("destination {connector}/{nexthop} resumed", connector=connector, nexthop=nexthop)
+        if found:
+            self._save_operator_state()
         return found
 
     def suspended_destinations(self) -> dict[tuple[str, str | None], str]:
@@ -1091,10 +1095,44 @@ class DeliveryScheduler(Service):
         """Send every message from now on through ``connector`` to ``nexthop`` (drain); None stops it."""
         if name is None:
             self._redirect = None
+            self._save_operator_state()
             return
         if connector is not None:
             self._connectors[name] = connector
         self._redirect = (name, nexthop)
+        self._save_operator_state()
+
+    def restore_operator_state(self, state: Any, make_connector: Callable[[str, int], Any] | None = None) -> None:
+        """Adopt ``state`` (an OperatorStateFile) and what it holds: suspensions, and the redirect when
+        ``make_connector(host, port)`` can rebuild its connector. Call before startService."""
+        from exmta.config.load import _smarthost
+
+        self.operator_state = state
+        suspended, redirect = state.load()
+        self._operator_suspended.update(suspended)
+        for (connector, nexthop), reason in suspended.items():
+            self._log.info("destination {connector}/{nexthop} still suspended: {reason}", connector=connector,
+                           nexthop=nexthop, reason=reason)
+        if redirect is not None and make_connector is not None:
+            name, target = redirect
+            try:
+                smarthost = _smarthost(target)
+                built = make_connector(smarthost.host, smarthost.port)
+            except Exception:
+                self._log.failure("cannot restore the redirect to {target}", target=target)
+                return
+            name = getattr(built, "name", None) or name
+            self._connectors[name] = built
+            self._redirect = (name, target)
+            self._log.info("queued mail still redirected to {target}", target=target)
+
+    def _save_operator_state(self) -> None:
+        if self.operator_state is None:
+            return
+        try:
+            self.operator_state.save(self._operator_suspended, self._redirect)
+        except Exception:
+            self._log.failure("saving the operator state failed: this change holds only until a restart")
 
     @property
     def redirect(self) -> tuple[str, str | None] | None:
