@@ -241,6 +241,9 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     connectors = make_send_connectors(config, reactor, pool)
     _add(top, "send", ConnectorsService(connectors))
     scheduler = DeliveryScheduler.from_config(config, store, connectors, reactor, tracker=tracker)
+    from exmta.queue.operator_state import OperatorStateFile, redirect_connector_factory
+    scheduler.restore_operator_state(OperatorStateFile(paths["queue"]),  # suspensions, redirect: kept across restarts
+                                     redirect_connector_factory(config, reactor, connectors))
     _add(top, "scheduler", scheduler)
     store.add_listener(lambda queue_id: scheduler.wake())
 

@@ -379,6 +379,7 @@ def _read_receive(r: _Reader, name: str, hostname: str) -> ReceiveConnectorConfi
         max_text_line=r.get("max_text_line", d.max_text_line, _int(0)),
         command_timeout=r.get("command_timeout", d.command_timeout, parse_duration),
         data_timeout=r.get("data_timeout", d.data_timeout, parse_duration),
+        min_data_rate=r.get("min_data_rate", d.min_data_rate, _int(0)),
         bare_lf=r.get("bare_lf", d.bare_lf, _choice("reject", "normalize")),
         relay_networks=r.get("relay_networks", d.relay_networks, _list_of(_cidr)),
         filters=r.get("filters", d.filters, _list_of(_nonempty_str)),

@@ -83,6 +83,7 @@ class ReceiveConnectorConfig:
     max_text_line: int = 1000             # RFC 5321 4.5.3.1.6, including CRLF; 0 = no limit
     command_timeout: float = 300.0        # RFC 5321 4.5.3.2.7 server timeout
     data_timeout: float = 180.0           # between two reads inside DATA/BDAT
+    min_data_rate: int = 500              # octets/s: DATA/BDAT may last data_timeout + size / rate; 0 = no limit
     bare_lf: str = "reject"               # "reject" or "normalize" (SMTP smuggling defence)
     relay_networks: tuple[str, ...] = ()  # CIDRs whose clients may relay to any domain
     filters: tuple[str, ...] = ()         # filter instance names, in order
@@ -261,6 +262,7 @@ class DKIMKeyConfig:
     key_file: str                         # PEM RSA key or base64 Ed25519 seed (exmta dkim keygen)
     algorithm: str = "rsa-sha256"         # | "ed25519-sha256"
     arc_seal: bool = False                # also ARC-seal (RFC 8617) forwarded mail with this key (RSA; one key)
+    on_failure: str = "defer"             # signing fails: "defer" the message (logged) | "send_unsigned"
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,12 @@ log = Logger()
 
 
 def verify_arc(dns: AuthDNS, message: bytes, min_key_bits: int = 1024) -> ARCResult:
-    """Validate the ARC chain (blocking)."""
+    """Validate the ARC chain (blocking).
+
+    A chain dkimpy finds broken (DKIMException) fails; a DNS timeout is temperror. Anything else
+    is a bug (ours or dkimpy's), not a statement about the sender: it is raised, and the filter
+    logs it with its traceback and records temperror.
+    """
     import dkim
 
     instances = sum(1 for line in message.split(b"\r\n\r\n", 1)[0].split(b"\n")
@@ -37,11 +42,11 @@ def verify_arc(dns: AuthDNS, message: bytes, min_key_bits: int = 1024) -> ARCRes
         return ARCResult("none")
     try:
         cv, _results, reason = dkim.arc_verify(message, dnsfunc=dns.dkim_txt, minkey=min_key_bits)
-    except TempDNSError as e:
+    except (TempDNSError, dkim.DnsTimeoutError) as e:
         return ARCResult("temperror", f"key lookup failed: {e}", instances)
     except OversizeAnswer as e:
         return ARCResult("fail", str(e), instances)
-    except Exception as e:  # dkimpy raises assorted errors on garbage; a broken chain is a failing chain
+    except dkim.DKIMException as e:  # a broken chain is a failing chain
         return ARCResult("fail", f"{type(e).__name__}: {e}", instances)
     result = cv.decode("ascii", "replace") if isinstance(cv, bytes) else str(cv)
     return ARCResult(result.lower(), str(reason or ""), instances)
@@ -78,7 +83,11 @@ class ARCVerifyFilter(FilterBase):
         if data is None:
             state.arc = ARCResult("none", "message too large to verify")
             return Verdict.CONTINUE
-        state.arc = await self.dns.run(verify_arc, self.dns, data, self.min_key_bits)
+        try:
+            state.arc = await self.dns.run(verify_arc, self.dns, data, self.min_key_bits)
+        except Exception as e:
+            log.failure("{filter_name}: ARC validation raised; recorded as temperror", filter_name=self.name)
+            state.arc = ARCResult("temperror", f"internal error: {type(e).__name__}")
         log.info("{filter_name}: ARC {result} ({instances} instance(s)) {reason}", filter_name=self.name,
                  result=state.arc.result, instances=state.arc.instances, reason=state.arc.reason)
         return Verdict.CONTINUE

@@ -85,6 +85,9 @@ class Observability:
         self.readiness.add("not stopping", lambda: (not self.stopping, "stopping" if self.stopping else "running"))
         self.readiness.add("queue disk", ReadinessChecks.disk_floor(paths["queue"], config.metrics.min_free_disk))
         self.alerts = self._build_alerts(config)
+        # queue rules follow each queue sample, not only their own timer: the status page then never
+        # shows a queue sample together with an alert state evaluated on an older one
+        self.sampler.listeners.append(lambda _snap: self.alerts.evaluate() if self.alerts is not None else None)
         self.service = _StateService(self)
         self.http: Service | None = None
         if config.metrics.listen:

@@ -224,10 +224,11 @@ class DefaultReceivePolicy:
 
     def check_mail(self, session: Any, sender: Address, params: Any) -> Verdict:
         if self.back_pressure is not None:
-            reply = self.back_pressure.refusal()
+            reply = self.back_pressure.refusal(getattr(params, "size", None))  # SIZE= must fit too
             if reply is not None:
                 log.info("session {session_id}: MAIL from {peer_ip} refused: back pressure ({why})",
-                         session_id=session.session_id, peer_ip=session.peer_ip, why=self.back_pressure.reasons[0])
+                         session_id=session.session_id, peer_ip=session.peer_ip,
+                         why=(self.back_pressure.reasons or (reply.text,))[0])
                 return Verdict.tempfail(reply.code, reply.status, reply.text)
         if SUBMIT not in self.rights(session):
             log.info("session {session_id}: MAIL from {peer_ip} refused: not authenticated on {connector}",

@@ -28,7 +28,6 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import Service
 from twisted.internet import endpoints
 from twisted.internet.address import UNIXAddress
@@ -39,6 +38,7 @@ from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWr
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 from exmta.model import Reply
+from exmta.receive.gated import GatedListenService
 
 __all__ = [
     "ANY_RANGES", "ConnectionCounter", "ConnectorEntry", "DispatchingFactory", "ProxyHeaderFactory",
@@ -355,6 +355,6 @@ def listen_service(endpoint: str, factory: Any, reactor: Any) -> Service:
     haproxy = endpoint.startswith("haproxy:")
     inner = endpoint[len("haproxy:"):] if haproxy else endpoint
     ep = endpoints.serverFromString(reactor, inner)
-    service = StreamServerEndpointService(ep, wrap_proxy(factory, haproxy))
+    service = GatedListenService(ep, wrap_proxy(factory, haproxy))  # accepts after recovery (exmta.receive.gated)
     service._raiseSynchronously = True  # a port in use stops twistd at start, as strports did
     return service

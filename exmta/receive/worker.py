@@ -100,7 +100,8 @@ def run(argv: list[str]) -> None:
     tracker = relay.wrap(tracker)
     # only the main process claims; no thread hand-offs but the syncfs calls (exmta.queue.spool)
     store = SpoolStore(paths["queue"], reactor, pool, clock=reactor, claims=False,
-                       io="inline", sync=config.spool_sync_for(worker=True))
+                       io="inline", sync=config.spool_sync_for(worker=True),
+                       writer_lock=True)  # a restarted main's recovery waits for this process to exit
     store.add_listener(lines.announce)
     env = FilterEnv(reactor=reactor, clock=reactor, threadpool=pool, hostname=config.hostname,
                     data_dir=paths["data"])

@@ -139,13 +139,16 @@ def test_metrics_alert_and_status_page_after_real_traffic(
     assert metric(s, "exmta_queue_oldest_message_age_seconds") >= 0
 
     # the page shows the last queue sample (every 0.5 s), and the message moves between deferred/ and
-    # active/ every second: a sample can miss it, so load the page until one shows it (bounded)
+    # active/ every second: a sample can miss it, so load the page until one shows it (bounded). The
+    # alert is evaluated on each sample, so a page with the next hop also has the alert firing.
+    def page_shows_both(html: str) -> bool:
+        return re.search(r"relay/\S+</td><td>1<", html) is not None and 'class="firing alert"' in html
     for _ in range(5):
-        procs.wait_until(lambda: re.search(r"relay/\S+</td><td>1<", http_get(f"http://127.0.0.1:{mport}/status")[1])
-                         is not None, timeout=10, what="the next hop on the status page", interval=0.1)
+        procs.wait_until(lambda: page_shows_both(http_get(f"http://127.0.0.1:{mport}/status")[1]), timeout=10,
+                         what="the next hop and the firing alert on the status page", interval=0.1)
         dom = chromium_dom(f"http://127.0.0.1:{mport}/status", tmp_path)
         text = text_of(dom)
-        if re.search(r"relay/\S+ 1 ", text):
+        if re.search(r"relay/\S+ 1 ", text) and 'class="firing alert"' in dom:
             break
     assert "exmta on mx.example.test" in text
     assert re.search(r"relay/\S+ 1 ", text), text[:3000]      # next hop with its count
