@@ -271,15 +271,14 @@ class Authenticator:
         return None, params
 
     def check_message(self, proto: Any, view: Any) -> Reply | None:
-        """Send-as at end of data: every From: address must be granted."""
+        """Send-as at end of data: a From: is needed, and every From: address must be granted."""
         grants = self._grants(proto)
         if grants is None:
             return None
         values = view.headers.get_all("From") or []
-        if not values:
-            return None
-        addresses = from_addresses(values)
-        denied = None if addresses is not None else "(unparsable From:)"
+        # no From: at all would bypass the check (and the receiver may add one): refused (issue 11 item 12)
+        addresses = from_addresses(values) if values else None
+        denied = None if addresses is not None else "(unparsable From:)" if values else "(no From:)"
         for a in addresses or ():
             if not grants.allows(a):
                 denied = a

@@ -314,6 +314,13 @@ def _auth_config() -> Any:
     return config
 
 
+def _abuse_config() -> Any:
+    """exmta.config.abuse (header, refused-recipient and connection limits), imported late."""
+    from exmta.config import abuse
+
+    return abuse
+
+
 def _read_connector_security(r: _Reader, d: ReceiveConnectorConfig) -> dict[str, Any]:
     """Remote ranges, permission groups and per-client limits of one receive connector."""
     from exmta.receive.policy import PERMISSION_GROUPS
@@ -374,6 +381,7 @@ def _read_receive(r: _Reader, name: str, hostname: str) -> ReceiveConnectorConfi
     c = replace(c, **_read_connector_security(r, d))
     c = replace(c, **_auth_config().receive_auth_kwargs(r, d))
     c = replace(c, **_ops_config().connector_kwargs(r, d))
+    c = replace(c, **_abuse_config().receive_abuse_kwargs(r, d))
     if not c.listen:
         r.error("listen", "needs at least one endpoint, e.g. \"tcp:25\"")
     if 0 < c.max_text_line < 1000:

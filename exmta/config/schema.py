@@ -110,6 +110,12 @@ class ReceiveConnectorConfig:
     auth_lockout_duration: float = 900.0
     accept_any_sender: bool = False       # true: no send-as check (Ms-Exch-SMTP-Accept-Any-Sender)
     protocol_log: str = "off"             # "off" | "verbose": SMTP transcript (exmta.observe.protocol)
+    # abuse limits (exmta.smtp.limits, read by exmta.config.abuse)
+    max_header_size: int = 256 * 1024     # the header block; more gets 552 5.3.4 (Exchange MaxHeaderSize)
+    max_header_field: int = 100 * 1024    # one field with its continuation lines (Postfix header_size_limit)
+    max_refused_recipients: int = 20      # 5xx RCPT replies per session before 421 4.7.0 and close; 0 = none
+    refused_recipients_tarpit_after: int = 10  # refused RCPTs after which each refusal waits the tarpit
+    refused_recipients_tarpit: float = 1.0  # seconds (Postfix smtpd_soft_error_limit, smtpd_error_sleep_time)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,41 @@
+"""Reading the abuse limits of a ``[receive.NAME]`` table; called from :mod:`exmta.config.load`.
+
+Header size limits (552 5.3.4 over them) and the refused-recipient limit
+with its tarpit (421 4.7.0 past it). Defaults and meaning: docs/security-limits.rst.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from exmta.config.schema import ReceiveConnectorConfig
+from exmta.filters.base import MAX_HEADER_BLOCK
+
+__all__ = ["receive_abuse_kwargs"]
+
+
+def _load() -> Any:
+    from exmta.config import load
+
+    return load
+
+
+def receive_abuse_kwargs(r: Any, d: ReceiveConnectorConfig) -> dict[str, Any]:
+    """The abuse-limit fields of one ``[receive.NAME]`` table."""
+    load = _load()
+    out = {
+        "max_header_size": r.get("max_header_size", d.max_header_size, load.parse_size),
+        "max_header_field": r.get("max_header_field", d.max_header_field, load.parse_size),
+        "max_refused_recipients": r.get("max_refused_recipients", d.max_refused_recipients, load._int(0)),
+        "refused_recipients_tarpit_after": r.get(
+            "refused_recipients_tarpit_after", d.refused_recipients_tarpit_after, load._int(0)),
+        "refused_recipients_tarpit": r.get(
+            "refused_recipients_tarpit", d.refused_recipients_tarpit, load.parse_duration),
+    }
+    if not 1024 <= out["max_header_size"] <= MAX_HEADER_BLOCK:
+        r.error("max_header_size", f"must be between 1KiB and {MAX_HEADER_BLOCK // 1024}KiB "
+                "(the part of a message filters see)")
+    if not 998 <= out["max_header_field"] <= out["max_header_size"]:
+        r.error("max_header_field", "must be at least 998 octets and at most max_header_size")
+    if out["refused_recipients_tarpit"] < 0:
+        r.error("refused_recipients_tarpit", "must not be negative")
+    return out
