@@ -10,7 +10,10 @@ from typing import Any
 from exmta.config.schema import ReceiveConnectorConfig
 from exmta.filters.base import MAX_HEADER_BLOCK
 
-__all__ = ["receive_abuse_kwargs"]
+__all__ = ["SERVER_KEYS", "receive_abuse_kwargs", "server_abuse_kwargs"]
+
+#: the [server] keys read here
+SERVER_KEYS = ("filter_threads", "filter_checks_in_flight", "filter_checks_per_client")
 
 
 def _load() -> Any:
@@ -39,3 +42,13 @@ def receive_abuse_kwargs(r: Any, d: ReceiveConnectorConfig) -> dict[str, Any]:
     if out["refused_recipients_tarpit"] < 0:
         r.error("refused_recipients_tarpit", "must not be negative")
     return out
+
+
+def server_abuse_kwargs(r: Any, base: Any) -> dict[str, Any]:
+    """The filter pool and in-flight bounds of ``[server]``."""
+    load = _load()
+    return {
+        "filter_threads": r.get("filter_threads", base.filter_threads, load._int(1, 256)),
+        "filter_checks_in_flight": r.get("filter_checks_in_flight", base.filter_checks_in_flight, load._int(0)),
+        "filter_checks_per_client": r.get("filter_checks_per_client", base.filter_checks_per_client, load._int(0)),
+    }

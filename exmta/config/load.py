@@ -281,6 +281,7 @@ def _read_server(r: _Reader, base: Config) -> dict[str, Any]:
         "spool_sync": r.get("spool_sync", base.spool_sync, _choice("auto", "fsync", "syncfs")),
         "receive_worker_nice": r.get("receive_worker_nice", base.receive_worker_nice, _int(0, 19)),
         "recipient_list": r.get("recipient_list", base.recipient_list, _readable_file),
+        **_abuse_config().server_abuse_kwargs(r, base),
     }
     r.finish()
     return out
@@ -712,6 +713,7 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
         receive_worker_nice=server["receive_worker_nice"],
         back_pressure=back_pressure,
         recipient_list=server["recipient_list"],
+        **{key: server[key] for key in _abuse_config().SERVER_KEYS},
         filters=filters,
         dkim_keys=dkim_keys,
         metrics=metrics,

@@ -270,6 +270,10 @@ class Config:
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     back_pressure: BackPressureConfig = field(default_factory=BackPressureConfig)
     recipient_list: str | None = None     # addresses of authoritative domains (exmta.receive.recipients)
+    # filters' own thread pool and checks in flight (exmta.filters.admission); 451 4.3.2 past a bound
+    filter_threads: int = 16
+    filter_checks_in_flight: int = 200    # filter runs pending in the process; 0 = no bound
+    filter_checks_per_client: int = 10    # per source address (IPv6: /64); 0 = no bound
     source: str = "<embedded default>"    # the file this came from, for messages
 
     @property

@@ -107,6 +107,8 @@ class FilterChain:
         self._settings: dict[str, tuple[float, str]] = {}
         #: called (filter name, phase, action) for each verdict other than CONTINUE (metrics)
         self.verdict_observer: Callable[[str, str, str], None] | None = None
+        #: exmta.filters.admission.CheckAdmission shared by the process's chains, or None (no bound)
+        self.admission: Any = None
         for name, table in (per_filter or {}).items():
             t = float(table.get("timeout", timeout))
             e = str(table.get("on_error", on_error))
@@ -128,7 +130,24 @@ class FilterChain:
             raise ValueError(f"unknown phase {phase!r}")
         if not self.filters:
             return succeed(Verdict.CONTINUE)
-        return Deferred.fromCoroutine(self._run(phase, args))
+        admission = self.admission
+        if admission is None:
+            return Deferred.fromCoroutine(self._run(phase, args))
+        # bounded in flight, in total and per client (exmta.filters.admission)
+        key = admission.enter(getattr(args[0], "peer_ip", "") or "")
+        if key is None:
+            log.warn("filter checks saturated: {phase} from {peer_ip} gets 451", phase=phase,
+                     peer_ip=getattr(args[0], "peer_ip", ""))
+            from exmta.filters.admission import BUSY
+
+            return succeed(BUSY)
+        d = Deferred.fromCoroutine(self._run(phase, args))
+
+        def leave(result: Any) -> Any:
+            admission.leave(key)
+            return result
+
+        return d.addBoth(leave)
 
     def on_connect(self, session: Any) -> Deferred[Verdict]:
         return self.run("connect", session)

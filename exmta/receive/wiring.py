@@ -27,6 +27,7 @@ class ReceiveResources:
     back_pressure: BackPressure | None = None
     recipients: RecipientValidator | None = None
     service: BackPressureService | None = None   # measures back pressure while running
+    admission: Any = None  # exmta.filters.admission.CheckAdmission: filter runs in flight
 
 
 def make_resources(config: Config, queue_dir: str, clock: Any, reactor: Any = None,
@@ -47,7 +48,10 @@ def make_resources(config: Config, queue_dir: str, clock: Any, reactor: Any = No
         )
     else:
         recipients = RecipientValidator(postmaster=config.postmaster)  # directory lookups may be added
-    return ReceiveResources(pressure if pressure.enabled else None, recipients, service)
+    from exmta.filters.admission import CheckAdmission
+
+    admission = CheckAdmission(config.filter_checks_in_flight, config.filter_checks_per_client)
+    return ReceiveResources(pressure if pressure.enabled else None, recipients, service, admission)
 
 
 def make_policy(config: Config, rc: ReceiveConnectorConfig, clock: Any,
