@@ -199,7 +199,8 @@ def make_receive_factory(config: Config, rc: ReceiveConnectorConfig, store: Any,
     from exmta.tls.reload import configure_receive_tls
     configure_receive_tls(factory, rc, clock)  # STARTTLS / implicit TLS, require_tls, client certificates
     from exmta.auth.smtp import build_authenticator
-    factory.authenticator = build_authenticator(config, rc, clock)  # SMTP AUTH and send-as, or None
+    factory.authenticator = build_authenticator(  # SMTP AUTH and send-as, or None; lockouts shared by the node
+        config, rc, clock, lockouts=getattr(resources, "lockouts", None))
     return factory
 
 

@@ -40,7 +40,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from exmta.auth.avatar import ISubmitter, Submitter, TemporaryAuthFailure
+from exmta.auth.avatar import BadPassword, ISubmitter, Submitter, TemporaryAuthFailure
 from exmta.auth.sendas import SendAsGrants, check_grant_pattern, proxy_addresses
 
 __all__ = ["LDAPChecker", "LDAPRealm", "LDAPSettings"]
@@ -180,7 +180,7 @@ class LDAPChecker:
         dn, attributes = found
         conn = self._open(dn, password)
         if conn is False:
-            raise UnauthorizedLogin("wrong password")
+            raise BadPassword("wrong password", _first(attributes, self.settings.identity_attributes) or login)
         _close(conn)
         mail = [str(v) for v in attributes.get("mail") or ()]
         grants = SendAsGrants.from_patterns(

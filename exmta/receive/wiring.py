@@ -28,6 +28,7 @@ class ReceiveResources:
     recipients: RecipientValidator | None = None
     service: BackPressureService | None = None   # measures back pressure while running
     admission: Any = None  # exmta.filters.admission.CheckAdmission: filter runs in flight
+    lockouts: Any = None   # exmta.auth.lockstore.LockoutStore: AUTH failures of the node (all processes)
 
 
 def make_resources(config: Config, queue_dir: str, clock: Any, reactor: Any = None,
@@ -51,7 +52,12 @@ def make_resources(config: Config, queue_dir: str, clock: Any, reactor: Any = No
     from exmta.filters.admission import CheckAdmission
 
     admission = CheckAdmission(config.filter_checks_in_flight, config.filter_checks_per_client)
-    return ReceiveResources(pressure if pressure.enabled else None, recipients, service, admission)
+    lockouts = None
+    if any(rc.auth and rc.auth_backend for rc in config.receive):
+        from exmta.auth.lockstore import FILE_NAME, LockoutStore
+
+        lockouts = LockoutStore(os.path.join(os.path.abspath(config.data_dir), FILE_NAME), clock)
+    return ReceiveResources(pressure if pressure.enabled else None, recipients, service, admission, lockouts)
 
 
 def make_policy(config: Config, rc: ReceiveConnectorConfig, clock: Any,
