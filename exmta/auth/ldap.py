@@ -61,6 +61,14 @@ class LDAPSettings:
     identity_attributes: tuple[str, ...] = ("userPrincipalName", "mail")
     timeout: float = 10.0
 
+    @classmethod
+    def from_backend(cls, backend: Any) -> LDAPSettings:
+        """The settings of an ``[auth.NAME]`` back end of kind ldap (exmta.config.schema.AuthBackendConfig)."""
+        return cls(uri=backend.uri, base_dn=backend.base_dn, tls=backend.tls, ca_file=backend.ca_file,
+                   bind_dn=backend.bind_dn, bind_password=backend.bind_password,
+                   login_attributes=backend.login_attributes, user_filter=backend.user_filter,
+                   identity_attributes=backend.identity_attributes, timeout=backend.timeout)
+
 
 class _VerifyingTls(ldap3.Tls):
     """ldap3's Tls with a standard-library context that checks the host name itself.
@@ -189,6 +197,29 @@ class LDAPChecker:
         with self._lock:
             self._found[identity] = Submitter(identity, grants)
         return identity
+
+    def has_address(self, address: str) -> bool:
+        """Whether an entry has ``address`` as ``mail`` or an ``smtp:`` proxyAddresses value (blocking).
+
+        Recipient validation (exmta.receive.directory): the lookup account searches; no user bind.
+        """
+        s = self.settings
+        conn = self._open(s.bind_dn, s.bind_password)
+        if conn is False:
+            raise TemporaryAuthFailure(f"{s.uri}: the lookup account {s.bind_dn!r} was refused (invalidCredentials)")
+        try:
+            value = escape_filter_chars(address)
+            flt = f"(|(mail={value})(proxyAddresses=smtp:{value}))"
+            if not conn.search(s.base_dn, flt, attributes=["1.1"], size_limit=1):
+                outcome = (conn.result or {}).get("description")
+                if outcome == "sizeLimitExceeded":
+                    return True  # more than one entry has it: it exists
+                if outcome in ("success", "noSuchObject"):
+                    return False
+                raise TemporaryAuthFailure(f"{s.uri}: search failed: {conn.result}")
+            return any(e.get("type") == "searchResEntry" for e in conn.response or ())
+        finally:
+            _close(conn)
 
     # -- reactor side
 

@@ -10,10 +10,11 @@ from typing import Any
 from exmta.config.schema import ReceiveConnectorConfig
 from exmta.filters.base import MAX_HEADER_BLOCK
 
-__all__ = ["SERVER_KEYS", "receive_abuse_kwargs", "server_abuse_kwargs"]
+__all__ = ["SERVER_KEYS", "directory_problems", "receive_abuse_kwargs", "server_abuse_kwargs"]
 
 #: the [server] keys read here
-SERVER_KEYS = ("filter_threads", "filter_checks_in_flight", "filter_checks_per_client")
+SERVER_KEYS = ("filter_threads", "filter_checks_in_flight", "filter_checks_per_client",
+               "recipient_directory", "recipient_cache_ttl")
 
 
 def _load() -> Any:
@@ -51,4 +52,16 @@ def server_abuse_kwargs(r: Any, base: Any) -> dict[str, Any]:
         "filter_threads": r.get("filter_threads", base.filter_threads, load._int(1, 256)),
         "filter_checks_in_flight": r.get("filter_checks_in_flight", base.filter_checks_in_flight, load._int(0)),
         "filter_checks_per_client": r.get("filter_checks_per_client", base.filter_checks_per_client, load._int(0)),
+        "recipient_directory": r.get("recipient_directory", base.recipient_directory, load._nonempty_str),
+        "recipient_cache_ttl": r.get("recipient_cache_ttl", base.recipient_cache_ttl, load.parse_duration),
     }
+
+
+def directory_problems(name: str | None, backends: Any) -> list[str]:
+    """``[server] recipient_directory`` must name an ``[auth.NAME]`` section of kind ldap."""
+    if not name:
+        return []
+    backend = next((b for b in backends if b.name == name), None)
+    if backend is None or backend.kind != "ldap":
+        return [f"server.recipient_directory: {name!r} is not an [auth.NAME] section of kind \"ldap\""]
+    return []

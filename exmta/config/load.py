@@ -691,6 +691,7 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
     problems += _shared_listener_problems(receive)
     receive, auth_problems = _auth_config().resolve_references(receive, auth_backends, source)
     problems += auth_problems
+    problems += _abuse_config().directory_problems(server["recipient_directory"], auth_backends)
 
     if problems:
         raise ConfigError(source, problems)

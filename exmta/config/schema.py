@@ -274,6 +274,9 @@ class Config:
     filter_threads: int = 16
     filter_checks_in_flight: int = 200    # filter runs pending in the process; 0 = no bound
     filter_checks_per_client: int = 10    # per source address (IPv6: /64); 0 = no bound
+    # recipient validation against LDAP / AD (exmta.receive.directory): an [auth.NAME] of kind ldap
+    recipient_directory: str | None = None
+    recipient_cache_ttl: float = 60.0     # seconds an answer (known or unknown) is reused
     source: str = "<embedded default>"    # the file this came from, for messages
 
     @property

@@ -49,6 +49,8 @@ def make_resources(config: Config, queue_dir: str, clock: Any, reactor: Any = No
         )
     else:
         recipients = RecipientValidator(postmaster=config.postmaster)  # directory lookups may be added
+    if config.recipient_directory:  # LDAP / AD: mail and proxyAddresses (exmta.receive.directory)
+        recipients.lookups.append(_directory_lookup(config, clock, reactor))
     from exmta.filters.admission import CheckAdmission
 
     admission = CheckAdmission(config.filter_checks_in_flight, config.filter_checks_per_client)
@@ -58,6 +60,19 @@ def make_resources(config: Config, queue_dir: str, clock: Any, reactor: Any = No
 
         lockouts = LockoutStore(os.path.join(os.path.abspath(config.data_dir), FILE_NAME), clock)
     return ReceiveResources(pressure if pressure.enabled else None, recipients, service, admission, lockouts)
+
+
+def _directory_lookup(config: Config, clock: Any, reactor: Any) -> Any:
+    """The cached LDAP recipient lookup of ``[server] recipient_directory`` (on the reactor's pool, as AUTH)."""
+    from exmta.auth.ldap import LDAPChecker, LDAPSettings
+    from exmta.auth.smtp import blocking_runner
+    from exmta.receive.directory import DirectoryRecipients
+
+    backend = config.auth_backend(config.recipient_directory or "")
+    assert backend is not None and backend.kind == "ldap"  # exmta.config.abuse checked it
+    run = blocking_runner(reactor if reactor is not None else clock)
+    checker = LDAPChecker(LDAPSettings.from_backend(backend), run)
+    return DirectoryRecipients(checker.has_address, run, clock, ttl=config.recipient_cache_ttl)
 
 
 def make_policy(config: Config, rc: ReceiveConnectorConfig, clock: Any,

@@ -43,6 +43,7 @@ from exmta.model import (
     TrackingEventId, Transaction, Verdict,
 )
 from exmta.smtp import replies
+from exmta.smtp.backscatter import anonymous, forged_sender, narrow_mail, narrow_rcpt
 from exmta.smtp.limits import HEADER_TOO_BIG, RefusedRecipients, header_refusal, too_many_refused
 from exmta.smtp.params import ParamError, parse_mail, parse_rcpt
 from exmta.smtp.sendnow import plain_tcp, write_now
@@ -670,6 +671,8 @@ class ESMTPServer(Protocol):
         if self._refused(verdict):
             return
         self._reset_transaction()
+        if anonymous(self.session, self.factory.trusted(self.session)):
+            params = narrow_mail(params)  # RET=HDRS for unverified senders (exmta.smtp.backscatter)
         self.txn = Transaction(sender, params)
         self._txn_discard = discard or verdict.action is Action.DISCARD
         self._reply(replies.SENDER_OK)
@@ -714,6 +717,8 @@ class ESMTPServer(Protocol):
         if self.txn is not txn:  # the session was reset while we waited (cannot happen today)
             self._reply(replies.INTERNAL_ERROR)
             return
+        if anonymous(self.session, self.factory.trusted(self.session)):
+            params = narrow_rcpt(params)  # no NOTIFY=SUCCESS for unverified senders
         key = (rcpt.local, rcpt.domain_key)
         if all((a.local, a.domain_key) != key for a, _ in txn.recipients):
             txn.recipients.append((rcpt, params))  # a repeated recipient is accepted once
@@ -885,9 +890,14 @@ class ESMTPServer(Protocol):
                 return
             view.apply_edits(writer)
             message_id = next(iter(view.field_values("Message-ID")), None)
+            forged = forged_sender(self.session, txn) if txn.sender and \
+                anonymous(self.session, self.factory.trusted(self.session)) else None
+            if forged:  # no DSN to a sender known to be forged
+                self.log.info("session {session_id}: {why}: no DSN for this message", session_id=self._sid, why=forged)
             envelope = Envelope(
                 sender=str(txn.sender),
-                recipients=[Recipient(self._qualified(a), p.notify, p.orcpt) for a, p in txn.recipients],
+                recipients=[Recipient(self._qualified(a), ("NEVER",) if forged else p.notify, p.orcpt)
+                            for a, p in txn.recipients],
                 params=txn.params,
                 queue_id=writer.queue_id,
                 received_at=self.clock.seconds(),
