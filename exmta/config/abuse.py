@@ -34,12 +34,16 @@ def receive_abuse_kwargs(r: Any, d: ReceiveConnectorConfig) -> dict[str, Any]:
             "refused_recipients_tarpit_after", d.refused_recipients_tarpit_after, load._int(0)),
         "refused_recipients_tarpit": r.get(
             "refused_recipients_tarpit", d.refused_recipients_tarpit, load.parse_duration),
+        "proxy_header_timeout": r.get("proxy_header_timeout", d.proxy_header_timeout, load.parse_duration),
+        "trusted_proxies": r.get("trusted_proxies", d.trusted_proxies, load._list_of(load._cidr)),
     }
     if not 1024 <= out["max_header_size"] <= MAX_HEADER_BLOCK:
         r.error("max_header_size", f"must be between 1KiB and {MAX_HEADER_BLOCK // 1024}KiB "
                 "(the part of a message filters see)")
     if not 998 <= out["max_header_field"] <= out["max_header_size"]:
         r.error("max_header_field", "must be at least 998 octets and at most max_header_size")
+    if out["proxy_header_timeout"] <= 0:
+        r.error("proxy_header_timeout", "must be more than 0")
     if out["refused_recipients_tarpit"] < 0:
         r.error("refused_recipients_tarpit", "must not be negative")
     return out

@@ -116,6 +116,8 @@ class ReceiveConnectorConfig:
     max_refused_recipients: int = 20      # 5xx RCPT replies per session before 421 4.7.0 and close; 0 = none
     refused_recipients_tarpit_after: int = 10  # refused RCPTs after which each refusal waits the tarpit
     refused_recipients_tarpit: float = 1.0  # seconds (Postfix smtpd_soft_error_limit, smtpd_error_sleep_time)
+    proxy_header_timeout: float = 10.0    # haproxy: listeners: the PROXY header must arrive within this
+    trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # peers that may send a PROXY header
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,17 @@ def make_dispatchers(connectors: Sequence[ReceiveConnectorConfig], factories: Se
     entries = {
         rc.name: ConnectorEntry.from_config(rc, _listening(f, clock), f) for rc, f in zip(connectors, factories)
     }
-    return [
+    dispatchers = [
         (endpoint, DispatchingFactory([entries[rc.name] for rc in rcs], endpoint))
         for endpoint, rcs in group_listeners(connectors)
     ]
+    # sessions stay below the open files limit, raised first (exmta.receive.fdlimit)
+    from exmta.receive.fdlimit import raise_nofile, session_budget
+    from exmta.receive.ranges import ConnectionCounter
+
+    cap = session_budget(connectors, raise_nofile()[0])
+    budget = ConnectionCounter(max_total=cap) if cap else None
+    for _, dispatcher in dispatchers:
+        dispatcher.budget = budget
+        dispatcher.clock = clock
+    return dispatchers
