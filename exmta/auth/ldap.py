@@ -18,6 +18,7 @@ is a temporary failure (454 4.7.0), not a failed login.
 from __future__ import annotations
 
 import math
+import secrets
 import ssl
 import threading
 import warnings
@@ -116,6 +117,8 @@ class LDAPChecker:
         self._context.minimum_version = ssl.TLSVersion.TLSv1_2
         self._found: dict[str, Submitter] = {}
         self._lock = threading.Lock()
+        #: bound for unknown names (see _check); random, so that it never names a real entry
+        self._absent_dn = ",".join(filter(None, (f"cn=exmta-absent-{secrets.token_hex(8)}", settings.base_dn)))
 
     # -- blocking part, on the pool
 
@@ -184,6 +187,13 @@ class LDAPChecker:
     def _check(self, login: str, password: str) -> str:
         found = self._lookup(login)
         if found is None:
+            # the same second connection and bind as for a real user, to a DN that does not exist (the
+            # directory answers invalidCredentials): timing does not tell which names exist (issue 11 item 10)
+            conn = self._open(self._absent_dn, password)
+            if conn is not False:
+                _close(conn)
+                log.error("ldap {uri}: a bind as the absent DN {dn!r} succeeded; check the directory's ACLs",
+                          uri=self.settings.uri, dn=self._absent_dn)
             raise UnauthorizedLogin("unknown user")
         dn, attributes = found
         conn = self._open(dn, password)
