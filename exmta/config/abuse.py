@@ -1,7 +1,7 @@
 """Reading the abuse limits of a ``[receive.NAME]`` table; called from :mod:`exmta.config.load`.
 
 Header size limits (552 5.3.4 over them) and the refused-recipient limit
-with its tarpit (421 4.7.0 past it). Defaults and meaning: docs/security-limits.rst.
+with its tarpit (421 4.7.0 past it). Defaults and meaning: docs/limits.rst.
 """
 from __future__ import annotations
 
