@@ -66,6 +66,15 @@ class FilterBase:
         return Verdict.CONTINUE
 
 
+def _seconds(value: Any) -> float:
+    """A filter's ``timeout``: seconds, or a duration string ("5s", as docs/filters.rst shows)."""
+    if isinstance(value, str):
+        from exmta.config.load import parse_duration
+
+        return parse_duration(value)
+    return float(value)
+
+
 def _check_on_error(value: str) -> None:
     if value not in ("tempfail", "continue"):
         raise ValueError(f"on_error must be 'tempfail' or 'continue', not {value!r}")
@@ -110,7 +119,7 @@ class FilterChain:
         #: exmta.filters.admission.CheckAdmission shared by the process's chains, or None (no bound)
         self.admission: Any = None
         for name, table in (per_filter or {}).items():
-            t = float(table.get("timeout", timeout))
+            t = _seconds(table.get("timeout", timeout))
             e = str(table.get("on_error", on_error))
             _check_on_error(e)
             if t <= 0:
