@@ -33,6 +33,8 @@ def header_refusal(view: Any, max_block: int, max_field: int) -> str | None:
     if not view.header_complete or view.header_length > max_block:
         size = view.header_length if view.header_complete else f"more than {view.header_length}"
         return f"header block of {size} octets (limit {max_block})"
+    if view.header_length <= max_field:
+        return None  # no field can be longer than the block (the usual case: no scan)
     longest = longest_field(view.raw_headers)
     if longest > max_field:
         return f"a header field of {longest} octets (limit {max_field})"
