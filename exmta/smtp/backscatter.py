@@ -24,9 +24,12 @@ from exmta.model import MailParams, RcptParams
 __all__ = ["anonymous", "forged_sender", "narrow_mail", "narrow_rcpt"]
 
 
-def anonymous(session: Any, trusted: bool) -> bool:
-    """No AUTH and no relay or partner rights: the envelope sender is unverified."""
-    return getattr(session, "auth_identity", None) is None and not trusted
+def anonymous(session: Any, factory: Any) -> bool:
+    """No AUTH, no relay right and no partner trust (``factory``: the ESMTPServerFactory): an unverified sender."""
+    if getattr(session, "auth_identity", None) is not None:
+        return False
+    may_relay = getattr(factory.policy, "may_relay", None)
+    return not (may_relay is not None and may_relay(session)) and not factory.trusted(session)
 
 
 def narrow_mail(params: MailParams) -> MailParams:

@@ -671,7 +671,7 @@ class ESMTPServer(Protocol):
         if self._refused(verdict):
             return
         self._reset_transaction()
-        if anonymous(self.session, self.factory.trusted(self.session)):
+        if anonymous(self.session, self.factory):
             params = narrow_mail(params)  # RET=HDRS for unverified senders (exmta.smtp.backscatter)
         self.txn = Transaction(sender, params)
         self._txn_discard = discard or verdict.action is Action.DISCARD
@@ -717,7 +717,7 @@ class ESMTPServer(Protocol):
         if self.txn is not txn:  # the session was reset while we waited (cannot happen today)
             self._reply(replies.INTERNAL_ERROR)
             return
-        if anonymous(self.session, self.factory.trusted(self.session)):
+        if anonymous(self.session, self.factory):
             params = narrow_rcpt(params)  # no NOTIFY=SUCCESS for unverified senders
         key = (rcpt.local, rcpt.domain_key)
         if all((a.local, a.domain_key) != key for a, _ in txn.recipients):
@@ -891,7 +891,7 @@ class ESMTPServer(Protocol):
             view.apply_edits(writer)
             message_id = next(iter(view.field_values("Message-ID")), None)
             forged = forged_sender(self.session, txn) if txn.sender and \
-                anonymous(self.session, self.factory.trusted(self.session)) else None
+                anonymous(self.session, self.factory) else None
             if forged:  # no DSN to a sender known to be forged
                 self.log.info("session {session_id}: {why}: no DSN for this message", session_id=self._sid, why=forged)
             envelope = Envelope(
