@@ -93,7 +93,7 @@ def test_a_30_mib_message_verifies_in_little_memory(signed: tuple[Path, InlineDN
     tracemalloc.start()
     try:
         results: list = []
-        Deferred.fromCoroutine(dkim_results(dns, state, view)).addCallback(results.append)  # type: ignore[arg-type]
+        Deferred.fromCoroutine(dkim_results(dns, state, view)).addCallback(results.append)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -109,5 +109,5 @@ def test_a_changed_body_fails(signed: tuple[Path, InlineDNS], tmp_path: Path) ->
     changed = tmp_path / "changed.eml"
     changed.write_bytes(data[:-10] + b"X" + data[-9:])
     results: list = []
-    Deferred.fromCoroutine(dkim_results(dns, AuthState(), _view(changed))).addCallback(results.append)  # type: ignore[arg-type]
+    Deferred.fromCoroutine(dkim_results(dns, AuthState(), _view(changed))).addCallback(results.append)
     assert [(r.result, r.reason) for r in results[0]] == [("fail", "body hash mismatch")] * 2
