@@ -35,6 +35,8 @@ def make_parser() -> argparse.ArgumentParser:
     add_lockouts_parser(sub)  # exmta lockouts list|clear
     from exmta.dns.commands import add_commands as add_mail_auth_commands
     add_mail_auth_commands(sub)  # exmta dkim keygen, exmta dns check, exmta psl refresh
+    from exmta.exchange.commands import add_commands as add_exchange_commands
+    add_exchange_commands(sub)  # exmta exo check, exmta import exchange
     return parser
 
 

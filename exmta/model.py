@@ -423,6 +423,7 @@ class Route:
     connector: str
     recipients: tuple[str, ...]
     nexthop: str | None = None  # e.g. a domain for MX, or None to let the connector decide
+    split: str | None = None    # set by a route that splits recipients by set (exmta.routing.split)
 
 
 class Outcome(enum.Enum):
@@ -475,6 +476,7 @@ class TrackingEventId(enum.Enum):
     EXPAND = "EXPAND"            # a distribution group was expanded
     REDIRECT = "REDIRECT"        # an operator redirected (drained) the queue to another host
     AGENTINFO = "AGENTINFO"      # a filter (transport agent) or rule verdict
+    TRANSFER = "TRANSFER"        # recipients forked: one message per recipient set (exmta.routing.split)
 
 
 @dataclass(frozen=True)

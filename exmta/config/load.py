@@ -308,6 +308,13 @@ def _tls_config() -> Any:
     return config
 
 
+def _split_config() -> Any:
+    """exmta.routing.split (routes that split recipients by set), imported late: it imports this module."""
+    from exmta.routing import split
+
+    return split
+
+
 def _auth_config() -> Any:
     """exmta.auth.config (SMTP AUTH keys and [auth.NAME] back ends), imported late: it imports this module."""
     from exmta.auth import config
@@ -320,6 +327,13 @@ def _abuse_config() -> Any:
     from exmta.config import abuse
 
     return abuse
+
+
+def _oauth2_config() -> Any:
+    """exmta.send.oauth2_config (auth = "xoauth2" on send connectors), imported late: it imports this module."""
+    from exmta.send import oauth2_config
+
+    return oauth2_config
 
 
 def _read_connector_security(r: _Reader, d: ReceiveConnectorConfig) -> dict[str, Any]:
@@ -391,7 +405,7 @@ def _read_receive(r: _Reader, name: str, hostname: str) -> ReceiveConnectorConfi
     return c
 
 
-def _read_send(r: _Reader, name: str, data_dir: str) -> SendConnectorConfig:
+def _read_send(r: _Reader, name: str, data_dir: str, source: str = "<string>") -> SendConnectorConfig:
     d = SendConnectorConfig(name=name)
     kind = r.get("type", "smtp", _choice("smtp", "lmtp", "maildir"))
     c = SendConnectorConfig(
@@ -412,6 +426,7 @@ def _read_send(r: _Reader, name: str, data_dir: str) -> SendConnectorConfig:
         auth_password=r.get("auth_password", d.auth_password, _str),
         dns_servers=r.get("dns_servers", d.dns_servers, _list_of(_nameserver)),
         dkim_sign=r.get("dkim_sign", d.dkim_sign, _bool),
+        send_organization_headers=r.get("send_organization_headers", d.send_organization_headers, _bool),
         **_tls_config().read_send_tls(r),
     )
     mx = r.get("mx", None, _bool)
@@ -425,9 +440,11 @@ def _read_send(r: _Reader, name: str, data_dir: str) -> SendConnectorConfig:
         root = c.maildir_root or "mail"
         c = replace(c, maildir_root=root if os.path.isabs(root) else os.path.join(data_dir, root))
     c = replace(c, **_ops_config().connector_kwargs(r, d))
+    c = replace(c, **_oauth2_config().read_send_auth(r, source))  # auth = "xoauth2" (exmta.send.oauth2_config)
     if (c.auth_username is None) != (c.auth_password is None):
         r.error("auth_username", "auth_username and auth_password go together")
     _tls_config().check_send_tls(r, c)
+    _oauth2_config().check_send_auth(r, c)
     r.finish()
     return c
 
@@ -545,12 +562,13 @@ def _read_routes(problems: list[str], routes: Any) -> tuple[RouteConfig, ...]:
         domains = r.get("domains", (), _list_of(_domain))
         connector = r.get("connector", "", _nonempty_str)
         cost = r.get("cost", 1, _int(0))
+        split = _split_config().read_split(r)
         if not domains:
             r.error("domains", "needs at least one domain pattern (\"*\" matches everything)")
         if not connector:
             r.error("connector", "is required: the name of a [send.NAME] connector")
         r.finish()
-        out.append(RouteConfig(domains, connector, cost))
+        out.append(RouteConfig(domains, connector, cost, **split))
     return tuple(out)
 
 
@@ -648,7 +666,7 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
     ss = top.sub("send")
     for name in list(ss.table):
         ss.used.add(name)
-        send.append(_read_send(ss.sub(name), name, server["data_dir"]))
+        send.append(_read_send(ss.sub(name), name, server["data_dir"], source))
 
     top.used.add("route")
     routes = _read_routes(problems, raw.get("route", []))
@@ -682,6 +700,8 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
                 f"route[{i + 1}].connector: no [send.{route.connector}] connector "
                 f"(defined: {', '.join(sorted(send_names)) or 'none'})"
             )
+    routes, split_problems = _split_config().resolve_split(routes, accepted, send_names)
+    problems += split_problems
     for rc in receive:
         for f in rc.filters:
             if f not in filters:

@@ -109,7 +109,7 @@ class ConfigReloader:
 
         if self.scheduler is not None:
             if new.routes != old.routes or new.accepted_domains != old.accepted_domains:
-                missing = {r.connector for r in new.routes} - usable
+                missing = {c for r in new.routes for c in (r.connector, r.internal_connector) if c} - usable
                 if missing:
                     needs_restart.append(f"routes to new send connector(s) {', '.join(sorted(missing))}")
                 else:

@@ -115,6 +115,7 @@ from exmta.model import (
 from exmta.observe.tracking import event_details
 from exmta.queue.bounce import make_dsn
 from exmta.routing.router import UNREACHABLE, StaticRouter
+from exmta.routing.split import transfer_details
 
 LOCAL_KINDS = frozenset({"lmtp", "maildir"})
 DEFAULT_DESTINATION_LIMIT = 20
@@ -506,6 +507,9 @@ class DeliveryScheduler(Service):
                             source="ADMIN", details={"target": self._redirect[1]})
             else:
                 routes = list(self._router.route(msg.envelope, list(by_address)))
+                fork = transfer_details(routes, {a: rs[0].attempts == 0 for a, rs in by_address.items()})
+                if fork is not None:  # a split route forked the recipients (exmta.routing.split)
+                    self._track(TrackingEventId.TRANSFER, msg, fork[0], source="ROUTING", details=fork[1])
         except Exception:
             self._log.failure("router failed for {queue_id}", queue_id=msg.queue_id)
             routes = []
