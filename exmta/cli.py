@@ -31,6 +31,8 @@ def make_parser() -> argparse.ArgumentParser:
     add_queue_parser(sub)  # exmta queue list|messages|show|retry|suspend|resume|remove|export|redirect
     from exmta.auth.users_cli import add_users_parser
     add_users_parser(sub)  # exmta users add|remove|passwd|grant|revoke|rehash|list
+    from exmta.auth.lockout_cli import add_lockouts_parser
+    add_lockouts_parser(sub)  # exmta lockouts list|clear
     from exmta.dns.commands import add_commands as add_mail_auth_commands
     add_mail_auth_commands(sub)  # exmta dkim keygen, exmta dns check, exmta psl refresh
     from exmta.exchange.commands import add_commands as add_exchange_commands

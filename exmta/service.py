@@ -194,6 +194,7 @@ def make_receive_factory(config: Config, rc: ReceiveConnectorConfig, store: Any,
 
     policy = make_policy(config, rc, clock, resources)
     chain = FilterChain(ordered(filters, rc.filters), clock, per_filter=config.filters)
+    chain.admission = getattr(resources, "admission", None)  # checks in flight (exmta.filters.admission)
     primary = next((d.name for d in config.accepted_domains if not d.name.startswith("*")), None)
     factory = ESMTPServerFactory(
         rc, policy, chain, store, clock, tracker=tracker, postmaster=config.postmaster,
@@ -203,7 +204,8 @@ def make_receive_factory(config: Config, rc: ReceiveConnectorConfig, store: Any,
     from exmta.tls.reload import configure_receive_tls
     configure_receive_tls(factory, rc, clock)  # STARTTLS / implicit TLS, require_tls, client certificates
     from exmta.auth.smtp import build_authenticator
-    factory.authenticator = build_authenticator(config, rc, clock)  # SMTP AUTH and send-as, or None
+    factory.authenticator = build_authenticator(  # SMTP AUTH and send-as, or None; lockouts shared by the node
+        config, rc, clock, lockouts=getattr(resources, "lockouts", None))
     return factory
 
 
@@ -251,7 +253,10 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
                              hostname=config.hostname)
     _add(top, "pickup", pickup)
 
-    env = FilterEnv(reactor=reactor, clock=reactor, threadpool=pool, hostname=config.hostname,
+    from exmta.filters.admission import make_filter_pool
+    filter_pool = make_filter_pool(config.filter_threads)  # never the spool's pool (issue 11 item 2)
+    _add(top, "filter-threads", ThreadPoolService(filter_pool))
+    env = FilterEnv(reactor=reactor, clock=reactor, threadpool=filter_pool, hostname=config.hostname,
                     data_dir=paths["data"])
     filters = load_filters(config.filters, env, source=config.source)
     from exmta.filters.dmarc_reports import add_report_service

@@ -281,6 +281,7 @@ def _read_server(r: _Reader, base: Config) -> dict[str, Any]:
         "spool_sync": r.get("spool_sync", base.spool_sync, _choice("auto", "fsync", "syncfs")),
         "receive_worker_nice": r.get("receive_worker_nice", base.receive_worker_nice, _int(0, 19)),
         "recipient_list": r.get("recipient_list", base.recipient_list, _readable_file),
+        **_abuse_config().server_abuse_kwargs(r, base),
     }
     r.finish()
     return out
@@ -319,6 +320,13 @@ def _auth_config() -> Any:
     from exmta.auth import config
 
     return config
+
+
+def _abuse_config() -> Any:
+    """exmta.config.abuse (header, refused-recipient and connection limits), imported late."""
+    from exmta.config import abuse
+
+    return abuse
 
 
 def _oauth2_config() -> Any:
@@ -389,6 +397,7 @@ def _read_receive(r: _Reader, name: str, hostname: str) -> ReceiveConnectorConfi
     c = replace(c, **_read_connector_security(r, d))
     c = replace(c, **_auth_config().receive_auth_kwargs(r, d))
     c = replace(c, **_ops_config().connector_kwargs(r, d))
+    c = replace(c, **_abuse_config().receive_abuse_kwargs(r, d))
     if not c.listen:
         r.error("listen", "needs at least one endpoint, e.g. \"tcp:25\"")
     if 0 < c.max_text_line < 1000:
@@ -703,6 +712,7 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
     problems += _shared_listener_problems(receive)
     receive, auth_problems = _auth_config().resolve_references(receive, auth_backends, source)
     problems += auth_problems
+    problems += _abuse_config().directory_problems(server["recipient_directory"], auth_backends)
 
     if problems:
         raise ConfigError(source, problems)
@@ -725,6 +735,7 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
         receive_worker_nice=server["receive_worker_nice"],
         back_pressure=back_pressure,
         recipient_list=server["recipient_list"],
+        **{key: server[key] for key in _abuse_config().SERVER_KEYS},
         filters=filters,
         dkim_keys=dkim_keys,
         metrics=metrics,

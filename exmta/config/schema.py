@@ -111,6 +111,14 @@ class ReceiveConnectorConfig:
     auth_lockout_duration: float = 900.0
     accept_any_sender: bool = False       # true: no send-as check (Ms-Exch-SMTP-Accept-Any-Sender)
     protocol_log: str = "off"             # "off" | "verbose": SMTP transcript (exmta.observe.protocol)
+    # abuse limits (exmta.smtp.limits, read by exmta.config.abuse)
+    max_header_size: int = 256 * 1024     # the header block; more gets 552 5.3.4 (Exchange MaxHeaderSize)
+    max_header_field: int = 100 * 1024    # one field with its continuation lines (Postfix header_size_limit)
+    max_refused_recipients: int = 20      # 5xx RCPT replies per session before 421 4.7.0 and close; 0 = none
+    refused_recipients_tarpit_after: int = 10  # refused RCPTs after which each refusal waits the tarpit
+    refused_recipients_tarpit: float = 1.0  # seconds (Postfix smtpd_soft_error_limit, smtpd_error_sleep_time)
+    proxy_header_timeout: float = 10.0    # haproxy: listeners: the PROXY header must arrive within this
+    trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # peers that may send a PROXY header
 
 
 @dataclass(frozen=True)
@@ -290,6 +298,13 @@ class Config:
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     back_pressure: BackPressureConfig = field(default_factory=BackPressureConfig)
     recipient_list: str | None = None     # addresses of authoritative domains (exmta.receive.recipients)
+    # filters' own thread pool and checks in flight (exmta.filters.admission); 451 4.3.2 past a bound
+    filter_threads: int = 16
+    filter_checks_in_flight: int = 200    # filter runs pending in the process; 0 = no bound
+    filter_checks_per_client: int = 10    # per source address (IPv6: /64); 0 = no bound
+    # recipient validation against LDAP / AD (exmta.receive.directory): an [auth.NAME] of kind ldap
+    recipient_directory: str | None = None
+    recipient_cache_ttl: float = 60.0     # seconds an answer (known or unknown) is reused
     source: str = "<embedded default>"    # the file this came from, for messages
 
     @property

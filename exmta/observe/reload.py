@@ -174,6 +174,7 @@ class ConfigReloader:
             filters = new_filters if new_filters is not None else self.filters
             chain = FilterChain(ordered(filters, rc.filters), factory.clock, per_filter=config.filters)
             chain.verdict_observer = getattr(factory.filters, "verdict_observer", None)
+            chain.admission = getattr(factory.filters, "admission", None)  # checks in flight stay bounded
             factory.filters = chain
         factory.policy = policy
         factory.local_domain = lambda domain: config.accepted_domain(domain) is not None

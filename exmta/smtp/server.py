@@ -44,6 +44,8 @@ from exmta.model import (
 )
 from exmta.queue.nospace import out_of_space
 from exmta.smtp import replies
+from exmta.smtp.backscatter import anonymous, forged_sender, narrow_mail, narrow_rcpt
+from exmta.smtp.limits import HEADER_TOO_BIG, RefusedRecipients, header_refusal, too_many_refused
 from exmta.smtp.params import ParamError, parse_mail, parse_rcpt
 from exmta.smtp.sendnow import plain_tcp, write_now
 from exmta.smtp.wire import (
@@ -149,6 +151,9 @@ class ESMTPServer(Protocol):
         self.errors = 0
         self.messages = 0
         self._junk_commands = 0
+        #: 5xx RCPT replies: tarpit, then 421 past the limit (exmta.smtp.limits)
+        self._refused_rcpts = RefusedRecipients(cfg.max_refused_recipients, cfg.refused_recipients_tarpit_after,
+                                                cfg.refused_recipients_tarpit)
         self._verbs: dict[str, int] = {}  # per-verb counts for the end-of-session log line
         self._queued_ids: list[str] = []  # the first _IDS_LOGGED queue ids, for the same line
         self._writer: Any = None
@@ -257,6 +262,9 @@ class ESMTPServer(Protocol):
                     f"{fields['peer_ip']}:{fields['peer_port']} on {fields['connector']}, "
                     f"{fields['messages']} message(s){fields['queued']}, {fields['errors']} error(s), "
                     f"{fields['commands']}")
+            if self._refused_rcpts.count:  # one summary instead of a line per refusal (issue 11 item 7)
+                fields["refused_recipients"] = self._refused_rcpts.count
+                text += f", {self._refused_rcpts.count} refused recipient(s)"
             self.log.info(text.replace("{", "{{").replace("}", "}}"), session_end=True, **fields)
         if self._plog is not None:
             self._plog.end()
@@ -697,6 +705,8 @@ class ESMTPServer(Protocol):
         if self._refused(verdict):
             return
         self._reset_transaction()
+        if anonymous(self.session, self.factory):
+            params = narrow_mail(params)  # RET=HDRS for unverified senders (exmta.smtp.backscatter)
         self.txn = Transaction(sender, params)
         self._txn_discard = discard or verdict.action is Action.DISCARD
         self._reply(replies.SENDER_OK)
@@ -728,24 +738,45 @@ class ESMTPServer(Protocol):
             if verdict.action is Action.CONTINUE:
                 verdict = Verdict(Action.REJECT, replies.RELAY_DENIED)  # default deny
             if self._refused(verdict):  # relay denied, unknown user, ...
-                self._track_refusal(TrackingEventId.REJECT, txn, None, _default_reply(verdict), "policy", rcpt=rcpt)
+                await self._rcpt_refused(verdict, txn, rcpt, "policy")
                 return
             discard = verdict.action is Action.DISCARD
             verdict = await self.factory.filters.on_rcpt(self.session, txn.view(), rcpt, params)
             self._track_agent("rcpt", verdict, sender=str(txn.sender), rcpt=rcpt)
             if self._refused(verdict):
-                self._track_refusal(TrackingEventId.REJECT, txn, None, _default_reply(verdict), "filter", rcpt=rcpt,
-                                    filter_name=verdict.filter_name)
+                await self._rcpt_refused(verdict, txn, rcpt, "filter", verdict.filter_name)
                 return
             if discard or verdict.action is Action.DISCARD:
                 self._txn_discard = True
         if self.txn is not txn:  # the session was reset while we waited (cannot happen today)
             self._reply(replies.INTERNAL_ERROR)
             return
+        if anonymous(self.session, self.factory):
+            params = narrow_rcpt(params)  # no NOTIFY=SUCCESS for unverified senders
         key = (rcpt.local, rcpt.domain_key)
         if all((a.local, a.domain_key) != key for a, _ in txn.recipients):
             txn.recipients.append((rcpt, params))  # a repeated recipient is accepted once
         self._reply(replies.RCPT_OK)
+
+    async def _rcpt_refused(self, verdict: Verdict, txn: Transaction, rcpt: Address, why: str,
+                            filter_name: str | None = None) -> None:
+        """After a refused RCPT: track it (the first few), count a 5xx, tarpit or close past the limits."""
+        reply = _default_reply(verdict)
+        counter = self._refused_rcpts
+        if not reply.is_permanent:
+            self._track_refusal(TrackingEventId.REJECT, txn, None, reply, why, rcpt=rcpt, filter_name=filter_name)
+            return
+        delay, close = counter.refused()
+        if counter.tracked:
+            self._track_refusal(TrackingEventId.REJECT, txn, None, reply, why, rcpt=rcpt, filter_name=filter_name)
+        if close:
+            self.log.info("session {session_id}: {count} refused recipients, closing",
+                          session_id=self._sid, count=counter.count)
+            self._close(too_many_refused(self.config.hostname))
+        elif delay > 0:
+            from twisted.internet.task import deferLater
+
+            await deferLater(self.clock, delay)
 
     def _data_precheck(self) -> Reply | None:
         if self.txn is None:
@@ -855,6 +886,10 @@ class ESMTPServer(Protocol):
                                      replies.INTERNAL_ERROR, "write failed")
                 return
             view = MessageView(writer.open_read, size=writer.size, head=getattr(writer, "head", None))
+            too_big = header_refusal(view, self.config.max_header_size, self.config.max_header_field)
+            if too_big is not None:  # before anything parses the block (issue 11 items 1 and 12)
+                self._refuse_message(writer, txn, HEADER_TOO_BIG, too_big)
+                return
             hops = len(view.field_values("Received"))
             if self.factory.max_hops and hops > self.factory.max_hops:
                 self._refuse_message(writer, txn, replies.TOO_MANY_HOPS, f"{hops} Received headers (mail loop)")
@@ -889,9 +924,14 @@ class ESMTPServer(Protocol):
                 return
             view.apply_edits(writer)
             message_id = next(iter(view.field_values("Message-ID")), None)
+            forged = forged_sender(self.session, txn) if txn.sender and \
+                anonymous(self.session, self.factory) else None
+            if forged:  # no DSN to a sender known to be forged
+                self.log.info("session {session_id}: {why}: no DSN for this message", session_id=self._sid, why=forged)
             envelope = Envelope(
                 sender=str(txn.sender),
-                recipients=[Recipient(self._qualified(a), p.notify, p.orcpt) for a, p in txn.recipients],
+                recipients=[Recipient(self._qualified(a), ("NEVER",) if forged else p.notify, p.orcpt)
+                            for a, p in txn.recipients],
                 params=txn.params,
                 queue_id=writer.queue_id,
                 received_at=self.clock.seconds(),

@@ -516,7 +516,7 @@ def test_esmtpa_on_a_pinned_plaintext_network(users_path):
     s.send(b"EHLO c.test\r\n")
     s.login()
     s.send(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<x@dest.test>\r\nDATA\r\n")
-    out = s.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
+    out = s.send(b"From: alice@example.test\r\nSubject: x\r\n\r\nx\r\n.\r\n")
     queue_id = out.split()[-1].decode()
     assert b" with ESMTPA id " in s.store.open_content(queue_id).read()
 
