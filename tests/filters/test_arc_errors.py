@@ -8,6 +8,7 @@ import pytest
 from twisted.internet.defer import maybeDeferred
 from twisted.logger import LogLevel, globalLogPublisher
 
+from exmta.filters import bodyhash
 from exmta.filters.arc import ARCVerifyFilter
 from exmta.filters.authres import auth_state
 from exmta.testing import FilterHarness, MessageView
@@ -39,7 +40,12 @@ def arc_result(monkeypatch: pytest.MonkeyPatch, error: Exception) -> Any:
     def raising(*args: Any, **kw: Any) -> Any:
         raise error
 
-    monkeypatch.setattr(dkim, "arc_verify", raising)
+    class Raising:
+        def verify(self, **kw: Any) -> Any:
+            raise error
+
+    monkeypatch.setattr(dkim, "arc_verify", raising)  # a message read whole
+    monkeypatch.setattr(bodyhash, "streamed_arc", lambda *a, **kw: Raising())  # the streamed body hashes
     h = FilterHarness(ARCVerifyFilter("arc", NoDNS()))
     session = h.session()
     h.run("data", session, h.transaction("a@example.test", "b@dest.test"), MessageView(SEALED))
