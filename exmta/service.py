@@ -15,6 +15,7 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from exmta.config.schema import Config, ReceiveConnectorConfig
@@ -240,7 +241,8 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     store.add_listener(lambda queue_id: scheduler.wake())
 
     pickup = PickupDirectory(paths["pickup"], store, reactor, config.queue.pickup_interval, tracker=tracker,
-                             hostname=config.hostname)
+                             hostname=config.hostname,
+                             run_blocking=lambda f, *a: deferToThreadPool(reactor, pool, f, *a))  # off the reactor
     _add(top, "pickup", pickup)
 
     env = FilterEnv(reactor=reactor, clock=reactor, threadpool=pool, hostname=config.hostname,

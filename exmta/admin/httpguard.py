@@ -6,7 +6,10 @@ before any resource sees the request, so an authentication check in a
 resource comes too late for a 600 MB POST. :class:`GuardedSite` checks
 
 * the client's address against ``allowed_networks`` when the connection
-  opens (a refused client is closed at once; Unix socket clients pass);
+  opens: a refused client gets a :class:`_Forbidden` protocol, which
+  discards at most its request headers (so that closing does not reset the
+  connection before the client reads why) and answers 403 (Unix socket
+  clients pass);
 * the method against ``methods`` (405) and the announced ``Content-Length``
   against ``max_body`` (413) once the headers are in, before the body;
 * a chunked body as it arrives: 413 and close when it passes ``max_body``.
@@ -23,6 +26,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from twisted.internet.address import UNIXAddress
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web import http, server
 
@@ -95,6 +99,36 @@ class GuardedChannel(http.HTTPChannel):
             super().allContentReceived()
 
 
+class _Forbidden(Protocol):
+    """For a client outside ``allowed_networks``: read nothing but up to the end of the request
+    headers (at most :attr:`limit` octets, for at most :attr:`timeout` seconds), answer 403, close."""
+
+    limit = 16384
+    timeout = 10.0
+    def __init__(self, clock: Any, body: bytes, content_type: bytes) -> None:
+        self.clock = clock
+        self.answer = (b"HTTP/1.1 403 Forbidden\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                       b"Connection: close\r\n\r\n%s" % (content_type, len(body), body))
+        self.seen = b""
+        self.timer: Any = None
+
+    def connectionMade(self) -> None:
+        self.timer = self.clock.callLater(self.timeout, self.transport.abortConnection)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.seen is None:
+            return
+        self.seen += data
+        if b"\r\n\r\n" in self.seen or b"\n\n" in self.seen or len(self.seen) >= self.limit:
+            self.seen = None
+            self.transport.write(self.answer)
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+
+
 class GuardedRequest(server.Request):
     """Counts a body as it arrives and stops storing it once the channel refused it."""
 
@@ -115,8 +149,11 @@ class GuardedSite(server.Site):
     requestFactory = GuardedRequest
 
     def __init__(self, resource: Any, allowed_networks: Iterable[str] | None = None, *,
-                 max_body: int = ADMIN_MAX_BODY, methods: Iterable[bytes] | None = None, **kw: Any) -> None:
+                 max_body: int = ADMIN_MAX_BODY, methods: Iterable[bytes] | None = None,
+                 forbidden: tuple[bytes, bytes] = (b"your address may not use this HTTP listener\n",
+                                                   b"text/plain; charset=utf-8"), **kw: Any) -> None:
         super().__init__(resource, **kw)
+        self.forbidden = forbidden  # (body, content type) of the 403 for a client outside allowed_networks
         self.allowed = ([ipaddress.ip_network(n, strict=False) for n in allowed_networks]
                         if allowed_networks is not None else None)
         self.max_body = max_body
@@ -132,9 +169,9 @@ class GuardedSite(server.Site):
     def buildProtocol(self, addr: Any) -> Any:
         if not self.allowed_address(addr):
             self.refused_connections += 1
-            log.info("http: closed a connection from {host}, outside allowed_networks",
+            log.info("http: refused a connection from {host}, outside allowed_networks",
                      host=getattr(addr, "host", str(addr)))
-            return None  # Twisted closes the connection
+            return _Forbidden(self.reactor, *self.forbidden)
         channel = super().buildProtocol(addr)
         channel.max_body = self.max_body
         channel.methods = self.methods

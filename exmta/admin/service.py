@@ -8,6 +8,7 @@ the admin API, and `exmta queue` then says it cannot reach the server.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -161,7 +162,10 @@ def add_operations(top: MultiService, config: Any, reactor: Any, paths: dict[str
     if observe is not None and hasattr(observe, "admin_children"):
         for name, child in observe.admin_children().items():
             root.putChild(name, TokenGuard(child, root.token, basic=name == b"status"))  # read-only page
-    site = GuardedSite(root, config.admin.allowed_networks, max_body=ADMIN_MAX_BODY)
+    refusal = json.dumps({"error": "your address may not use the admin API",
+                          "hint": "connect from an address in [admin] allowed_networks (loopback by default)"})
+    site = GuardedSite(root, config.admin.allowed_networks, max_body=ADMIN_MAX_BODY,
+                       forbidden=(refusal.encode() + b"\n", b"application/json; charset=utf-8"))
     service = AdminService(reactor, config.admin.listen, site, path)
     service.setName("admin")
     service.setServiceParent(top)

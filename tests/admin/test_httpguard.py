@@ -5,6 +5,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web import resource
 from twisted.web.test.requesthelper import DummyRequest
@@ -31,12 +32,24 @@ def connect(site: GuardedSite, host: str = "127.0.0.1") -> tuple[Any, StringTran
     return channel, transport
 
 
-def test_connection_closed_at_once_outside_allowed_networks() -> None:
-    site = GuardedSite(Counter(), ["127.0.0.0/8"])
-    assert site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 1)) is None
+def test_refused_at_connect_outside_allowed_networks() -> None:
+    clock = Clock()
+    leaf = Counter()
+    site = GuardedSite(leaf, ["127.0.0.0/8"], reactor=clock)
+    proto = site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 1))
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(b"POST / HTTP/1.1\r\nContent-Length: 99999999\r\n")
+    assert transport.value() == b""
+    proto.dataReceived(b"\r\n" + b"x" * 100000)
+    assert transport.value().startswith(b"HTTP/1.1 403 ") and transport.disconnecting and leaf.bodies == []
+    silent = site.buildProtocol(IPv4Address("TCP", "192.0.2.8", 1))
+    silent.makeConnection(StringTransport())
+    clock.advance(10)
+    assert silent.transport.disconnected  # a client that sends nothing is aborted after the timeout
     assert site.buildProtocol(IPv4Address("TCP", "127.0.0.2", 1)) is not None
     assert site.buildProtocol(UNIXAddress(b"/run/x.sock")) is not None
-    assert site.refused_connections == 1
+    assert site.refused_connections == 2
 
 
 def test_announced_body_over_limit_refused_from_headers() -> None:
