@@ -214,6 +214,8 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     for key in ("data", "queue", "pickup"):
         os.makedirs(paths[key], exist_ok=True)
     os.makedirs(os.path.dirname(paths["tracking"]), exist_ok=True)
+    from exmta.filemodes import close_directories
+    close_directories([paths["data"], paths["pickup"], os.path.dirname(paths["tracking"])])  # no "other" access
 
     top = OrderedService(reactor)
     pool = make_threadpool()

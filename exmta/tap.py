@@ -41,6 +41,9 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    from exmta.filemodes import tighten_umask
     from exmta.service import build_service
+
+    tighten_umask()  # at least 027: nothing the server creates is readable by other users
 
     return build_service(options.config, reactor)
