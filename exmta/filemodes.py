@@ -8,6 +8,10 @@ then never readable by other users), and the data, log and pickup
 directories lose any access by others they had from an older install
 (:func:`close_directories`). Group access is left to the operator: a
 pickup writer group or a log reader group is a deliberate choice.
+
+``twistd --uid/--gid`` builds the service as root (so that it can bind port
+25) and only then becomes the unprivileged user; :func:`hand_over` gives
+that user what was created as root in between (the queue's directories).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from collections.abc import Iterable
 
 from twisted.logger import Logger
 
-__all__ = ["SERVER_UMASK", "close_directories", "private_opener", "tighten_umask"]
+__all__ = ["SERVER_UMASK", "close_directories", "hand_over", "private_opener", "tighten_umask"]
 
 log = Logger()
 
@@ -57,4 +61,23 @@ def close_directories(paths: Iterable[str]) -> list[str]:
         log.info("restricted {path} from mode {mode:o} to {new:o}: other users may not read mail data",
                  path=path, mode=mode, new=mode & ~0o007)
         changed.append(path)
+    return changed
+
+
+def hand_over(tops: Iterable[str], trees: Iterable[str], uid: int, gid: int) -> int:
+    """Chown to ``uid:gid`` what root owns: each of ``tops`` itself, and everything under ``trees``
+    (run as root, before twistd drops privileges; links are not followed). Returns how many changed."""
+    paths: list[str] = list(tops)
+    for root in trees:
+        for top, _dirs, files in os.walk(root):
+            paths.append(top)
+            paths.extend(os.path.join(top, n) for n in files)
+    changed = 0
+    for path in paths:
+        try:
+            if os.lstat(path).st_uid == 0:
+                os.lchown(path, uid, gid)
+                changed += 1
+        except OSError as e:
+            log.warn("cannot give {path} to uid {uid}: {error}", path=path, uid=uid, error=str(e))
     return changed
