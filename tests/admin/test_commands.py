@@ -82,6 +82,7 @@ def server(tmp_path: Path) -> Iterator[tuple[ExmtaProcess, SmtpSink, Switch]]:
         ex.start()
         try:
             procs.wait_until(lambda: (ex.data_dir / "admin.token").exists(), 10, "admin token")
+            procs.wait_for_port(int(ex.subst["admin_port"]), timeout=10)  # the token is written before listening
             yield ex, sink, switch
         finally:
             ex.stop()
