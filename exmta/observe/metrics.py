@@ -43,7 +43,8 @@ except ImportError:  # pragma: no cover - exercised by the endpoint's message on
     prometheus_client = None  # type: ignore[assignment]
     AVAILABLE = False
 
-__all__ = ["AVAILABLE", "Metrics", "MetricsResource", "PublicRegistry", "QueueSampler", "QueueSnapshot", "Throughput", "reply_reason"]
+__all__ = ["AVAILABLE", "Metrics", "MetricsResource", "PublicRegistry", "QueueSampler", "QueueSnapshot", "Throughput",
+           "reply_reason"]
 
 log = Logger()
 
