@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["escape_controls"]
+__all__ = ["escape_controls", "escape_controls_json"]
 
 # C0 controls, DEL, C1 controls, and the Unicode bidi embedding/override/isolate controls
 _CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
@@ -27,3 +27,9 @@ def escape_controls(text: str, keep: str = "") -> str:
     if not keep:
         return _CONTROLS.sub(_escape, text)
     return _CONTROLS.sub(lambda m: m.group(0) if m.group(0) in keep else _escape(m), text)
+
+
+def escape_controls_json(text: str) -> str:
+    """JSON text (as ``json.dumps(..., ensure_ascii=False)`` writes it) with the control characters
+    JSON leaves raw (DEL, C1, bidi) as ``\\uNNNN``; still valid JSON, the same values. Newlines stay."""
+    return _CONTROLS.sub(lambda m: m.group(0) if m.group(0) == "\n" else f"\\u{ord(m.group(0)):04x}", text)

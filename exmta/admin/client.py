@@ -23,7 +23,7 @@ import time
 import urllib.parse
 from typing import Any
 
-from exmta.textsafe import escape_controls
+from exmta.textsafe import escape_controls, escape_controls_json
 
 __all__ = ["AdminClient", "CommandError", "add_queue_parser", "age_text", "load_config_for"]
 
@@ -270,7 +270,7 @@ def _queue_cmd(args: argparse.Namespace) -> int:
             sys.stdout.buffer.write(out)
             sys.stdout.flush()
     elif getattr(args, "json", False) and not isinstance(out, str):
-        print(escape_controls(json.dumps(out, indent=1, ensure_ascii=False), keep="\n"))
+        print(escape_controls_json(json.dumps(out, indent=1, ensure_ascii=False)))
     elif isinstance(out, str):
         sys.stdout.write(escape_controls(out, keep="\n"))  # replies and subjects come from other hosts
     return EXIT_OK

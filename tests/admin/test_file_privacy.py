@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from exmta.textsafe import escape_controls
+from exmta.textsafe import escape_controls, escape_controls_json
 from support import procs
 from support.exmta_proc import REPO_ROOT, ExmtaProcess, exmta_toml
 from support.sinks import SmtpSink
@@ -102,12 +102,17 @@ def test_track_escapes_old_records(tmp_path: Path) -> None:
         assert shown.returncode == 0, shown.stderr
         assert b"\x1b" not in shown.stdout and b"\x07" not in shown.stdout and "\x9b".encode() not in shown.stdout
         assert shown.stdout.endswith(b"\n")
+        if fmt == "json":
+            assert json.loads(shown.stdout)["reply"] == "451 " + EVIL  # still JSON, the same value
 
 
 def test_escape_controls() -> None:
     assert escape_controls("plain text, caf\u00e9 \u00fc") == "plain text, caf\u00e9 \u00fc"
     assert escape_controls("a\x1b[2Jb\x07\x9b\x7f\u202e") == "a\\x1b[2Jb\\x07\\x9b\\x7f\\u202e"
     assert escape_controls("line\nnext\r\n", keep="\n") == "line\nnext\\x0d\n"
+    text = json.dumps({"r": "a\x1b\x9b\u202e"}, ensure_ascii=False) + "\n"
+    assert escape_controls_json(text) == '{"r": "a\\u001b\\u009b\\u202e"}\n'
+    assert json.loads(escape_controls_json(text)) == json.loads(text)
 
 
 def test_dkim_keygen_force_writes_a_new_private_file(tmp_path: Path) -> None:
