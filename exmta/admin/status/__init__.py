@@ -97,7 +97,11 @@ def search_tracking_log(path: str, query: str, limit: int = 100,
     terms = parse_query(query)
     if not terms:
         return [], 0
-    records, bad, _ = search_newest(path, lambda r: _matches(r, terms), limit, max_bytes)
+    words = [value.encode() for _, value in terms]
+    maybe = None
+    if all(w.isascii() and b'"' not in w and b"\\" not in w for w in words):
+        maybe = lambda raw: all(w in raw.lower() for w in words)  # noqa: E731  JSON keeps these as they are
+    records, bad, _ = search_newest(path, lambda r: _matches(r, terms), limit, max_bytes, maybe)
     return records, bad
 
 

@@ -65,15 +65,22 @@ def reversed_lines(path: str, budget: list[int], block: int = BLOCK) -> Iterator
 
 
 def search_newest(path: str, matches: Callable[[dict[str, Any]], bool], limit: int = 100,
-                  max_bytes: int = MAX_BYTES) -> SearchResult:
-    """Matching records of the log at ``path`` and its rotated files, newest first (blocking)."""
+                  max_bytes: int = MAX_BYTES, maybe: Callable[[bytes], bool] | None = None) -> SearchResult:
+    """Matching records of the log at ``path`` and its rotated files, newest first (blocking).
+
+    ``maybe(line)``, when given, is a cheap test on a raw ``{...}`` line:
+    False means the record cannot match, and it is not parsed.
+    """
     out: list[dict[str, Any]] = []
     bad = 0
     budget = [max_bytes]
     for name in reversed(log_files(path)):
         for raw in reversed_lines(name, budget):
-            if not raw.strip():
+            line = raw.strip()
+            if not line:
                 continue
+            if maybe is not None and line[:1] == b"{" and line[-1:] == b"}" and not maybe(line):
+                continue  # a whole record that cannot match (a cut or corrupt line is still counted)
             try:
                 record = json.loads(raw)
                 if not isinstance(record, dict):
