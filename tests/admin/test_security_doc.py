@@ -11,6 +11,7 @@ from exmta.admin.status.newest import MAX_BYTES
 from exmta.config.load import parse_config
 from exmta.config.schema import AdminConfig, BackPressureConfig, MetricsConfig, ReceiveConnectorConfig
 from exmta.filemodes import SERVER_UMASK
+from exmta.queue.pickup import PickupDirectory
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "security.rst"
 
@@ -60,3 +61,4 @@ def test_documented_defaults_are_the_code_defaults() -> None:
     assert MAX_BYTES == 64 * 2**20 and status.MAX_SEARCHES == 2
     assert "100 newest matches," in text and "64 MiB read, 2 at once" in text
     assert SERVER_UMASK == 0o027 and "umask to at least 027" in text
+    assert PickupDirectory.__init__.__kwdefaults__["max_size"] == 36 * 2**20 and "read up to 36 MiB + 1" in text
