@@ -21,6 +21,7 @@ host, no ``Sec-Fetch-Site`` other than ``same-origin`` or ``none``.
 """
 from __future__ import annotations
 
+import io
 import ipaddress
 from collections.abc import Iterable
 from typing import Any
@@ -78,8 +79,10 @@ class GuardedChannel(http.HTTPChannel):
         peer = self.transport.getPeer() if self.transport is not None else None
         log.info("http: refused a request from {peer}: {status} {why}", peer=str(peer), status=status, why=why)
         for req in self.requests:
-            if getattr(req, "content", None) is None:
-                req.gotLength(0)
+            content = getattr(req, "content", None)
+            if content is not None:
+                content.close()  # a chunked body's temporary file
+            req.content = io.BytesIO()
         body = why.encode("utf-8", "replace") + b"\n"
         self.transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"

@@ -71,6 +71,8 @@ def test_chunked_body_cut_off_at_limit() -> None:
     assert transport.value().startswith(b"HTTP/1.1 413 ")
     channel.dataReceived(b"0\r\n\r\n")
     assert leaf.bodies == []
+    assert all(r.content.closed is False and r.content.getvalue() == b"" for r in channel.requests)
+    channel.connectionLost(None)
 
 
 def test_small_body_and_methods() -> None:
