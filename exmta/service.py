@@ -163,6 +163,9 @@ def make_send_connectors(config: Config, reactor: Any, pool: ThreadPool) -> dict
     if config.dkim_keys:  # DKIM signing on connectors with dkim_sign = true (exmta.send.dkim_sign)
         from exmta.send.dkim_sign import attach_signers
         attach_signers(config, connectors, reactor, pool)
+    if any(sc.auth == "xoauth2" for sc in config.send):  # OAuth2 tokens for XOAUTH2 (exmta.send.oauth2)
+        from exmta.send.oauth2 import attach_token_sources
+        attach_token_sources(config.send, connectors, reactor, reactor)
     return connectors
 
 
@@ -290,6 +293,8 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     observe.attach(scheduler, factories, config.receive)
     if observe.metrics is not None:
         observe.metrics.back_pressure = resources.back_pressure
+        from exmta.send.oauth2 import register_metrics
+        register_metrics(observe.metrics, connectors)  # token requests and cache hits (XOAUTH2)
     _add(top, "reload", observe.reload_service(scheduler, factories, filters, env))  # SIGHUP
     _add(top, "observe", observe.service)  # last: started when all listen, stopped first
     from exmta.admin.service import add_operations

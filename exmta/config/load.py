@@ -314,6 +314,13 @@ def _auth_config() -> Any:
     return config
 
 
+def _oauth2_config() -> Any:
+    """exmta.send.oauth2_config (auth = "xoauth2" on send connectors), imported late: it imports this module."""
+    from exmta.send import oauth2_config
+
+    return oauth2_config
+
+
 def _read_connector_security(r: _Reader, d: ReceiveConnectorConfig) -> dict[str, Any]:
     """Remote ranges, permission groups and per-client limits of one receive connector."""
     from exmta.receive.policy import PERMISSION_GROUPS
@@ -382,7 +389,7 @@ def _read_receive(r: _Reader, name: str, hostname: str) -> ReceiveConnectorConfi
     return c
 
 
-def _read_send(r: _Reader, name: str, data_dir: str) -> SendConnectorConfig:
+def _read_send(r: _Reader, name: str, data_dir: str, source: str = "<string>") -> SendConnectorConfig:
     d = SendConnectorConfig(name=name)
     kind = r.get("type", "smtp", _choice("smtp", "lmtp", "maildir"))
     c = SendConnectorConfig(
@@ -416,9 +423,11 @@ def _read_send(r: _Reader, name: str, data_dir: str) -> SendConnectorConfig:
         root = c.maildir_root or "mail"
         c = replace(c, maildir_root=root if os.path.isabs(root) else os.path.join(data_dir, root))
     c = replace(c, **_ops_config().connector_kwargs(r, d))
+    c = replace(c, **_oauth2_config().read_send_auth(r, source))  # auth = "xoauth2" (exmta.send.oauth2_config)
     if (c.auth_username is None) != (c.auth_password is None):
         r.error("auth_username", "auth_username and auth_password go together")
     _tls_config().check_send_tls(r, c)
+    _oauth2_config().check_send_auth(r, c)
     r.finish()
     return c
 
@@ -640,7 +649,7 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
     ss = top.sub("send")
     for name in list(ss.table):
         ss.used.add(name)
-        send.append(_read_send(ss.sub(name), name, server["data_dir"]))
+        send.append(_read_send(ss.sub(name), name, server["data_dir"], source))
 
     top.used.add("route")
     routes = _read_routes(problems, raw.get("route", []))

@@ -119,6 +119,24 @@ class SmartHost:
 
 
 @dataclass(frozen=True)
+class OAuth2Config:
+    """[send.NAME.oauth2]: the app registration whose tokens log in with XOAUTH2 (exmta.send.oauth2)."""
+
+    token_endpoint: str                   # Entra: https://login.microsoftonline.com/<tenant>/oauth2/v2.0/token
+    client_id: str
+    tenant: str | None = None             # for the cache key and the default token_endpoint
+    scope: str = "https://outlook.office365.com/.default"
+    client_secret: str | None = None      # one of: client_secret, client_secret_file, certificate
+    client_secret_file: str | None = None
+    certificate: str | None = None        # PEM certificate: a private_key_jwt assertion (RS256, x5t)
+    private_key: str | None = None        # its PEM key; None = in certificate
+    send_as: str = "mailbox"              # XOAUTH2 user=: "mailbox" (fixed) | "sender" (SMTP.SendAsApp)
+    mailbox: str | None = None            # the fixed mailbox; with "sender", used for the null sender
+    timeout: float = 30.0                 # one token request
+    refresh_before: float = 300.0         # fetch a new token this long before the old one expires
+
+
+@dataclass(frozen=True)
 class SendConnectorConfig:
     name: str
     kind: str = "smtp"                    # "smtp" | "lmtp" | "maildir"
@@ -134,6 +152,8 @@ class SendConnectorConfig:
     max_messages_per_connection: int = 100
     auth_username: str | None = None
     auth_password: str | None = None
+    auth: str | None = None               # "xoauth2": log in with OAuth2 tokens from [send.NAME.oauth2]
+    oauth2: OAuth2Config | None = None
     dns_servers: tuple[str, ...] = ()     # "ip" or "ip:port"; empty = system resolver
     dkim_sign: bool = False               # DKIM-sign with the [[dkim.keys]] of the author domain
     tls_auth_level: str = "encryption_only"  # | "certificate" | "domain" (Exchange TlsAuthLevel)

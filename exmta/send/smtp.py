@@ -131,6 +131,8 @@ class SMTPSendConnector:
         self.timeouts = timeouts or _timeouts_for(config)
         #: exmta.observe.protocol.ProtocolLog for this connector, None when off
         self.protocol_log: Any = None
+        #: exmta.send.oauth2.XOAuth2Relay when the connector has auth = "xoauth2"
+        self.xoauth2: Any = None
         self.idle_timeout = idle_timeout
         #: exmta.send.dkim_sign.DKIMSigner when the connector has dkim_sign = true
         self.signer: Any = None
@@ -194,6 +196,8 @@ class SMTPSendConnector:
         if not rcpts:
             return []
         key = self._key(nexthop, rcpts)
+        if self.xoauth2 is not None:  # a session is logged in as one mailbox: reuse it only for that one
+            key += ("xoauth2", self.xoauth2.user_for(request).lower())
         # 1. an idle connection to the same destination
         while (proto := self._take_idle(key)) is not None:
             try:
@@ -203,6 +207,10 @@ class SMTPSendConnector:
                 continue
             self._release(key, proto)
             return results
+        if self.xoauth2 is not None:  # no token, no session: defer with the reason (exmta.send.oauth2)
+            refusal = await self.xoauth2.ready()
+            if refusal is not None:
+                return [RecipientResult(r.address, Outcome.DEFERRED, refusal) for r in rcpts]
         # 2. new connections, in order, until one session comes up
         last: Reply | None = None
         last_host: str | None = None
@@ -249,6 +257,7 @@ class SMTPSendConnector:
             tls_context=self._context_for(target), username=self.config.auth_username,
             password=self.config.auth_password, timeouts=self.timeouts, remote_host=target.label,
             protocol_log=self.protocol_log,
+            sasl=self.xoauth2.login(request) if self.xoauth2 is not None else None,
         )
         try:
             await connectProtocol(self._endpoint(target), proto)

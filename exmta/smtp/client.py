@@ -279,6 +279,7 @@ class SMTPClientProtocol(Protocol):
         timeouts: ClientTimeouts | None = None,
         remote_host: str | None = None,
         protocol_log: Any = None,
+        sasl: Any = None,
     ) -> None:
         if tls_mode not in ("none", "opportunistic", "mandatory"):
             raise ValueError(f"unknown tls mode {tls_mode!r}")
@@ -289,6 +290,8 @@ class SMTPClientProtocol(Protocol):
         self.tls_context = tls_context
         self.username = username
         self.password = password
+        #: another login instead of PLAIN/LOGIN: ``await sasl.authenticate(self)`` (exmta.smtp.xoauth2)
+        self.sasl = sasl
         self.timeouts = timeouts or ClientTimeouts()
         self.remote_host = remote_host
         self.capabilities: dict[str, str] = {}
@@ -440,7 +443,10 @@ class SMTPClientProtocol(Protocol):
             await self._hello()
             if self.tls_mode != "none":
                 await self._starttls()
-            if self.username is not None and self.password is not None:
+            if self.sasl is not None:
+                await self.sasl.authenticate(self)
+                self.authenticated = True
+            elif self.username is not None and self.password is not None:
                 await self._auth()
         except SessionFailure:
             await self._quietly_quit()
