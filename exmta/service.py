@@ -14,6 +14,7 @@ from typing import Any
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
@@ -220,6 +221,8 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     for key in ("data", "queue", "pickup"):
         os.makedirs(paths[key], exist_ok=True)
     os.makedirs(os.path.dirname(paths["tracking"]), exist_ok=True)
+    from exmta.filemodes import close_directories
+    close_directories([paths["data"], paths["pickup"], os.path.dirname(paths["tracking"])])  # no "other" access
 
     top = OrderedService(reactor)
     pool = make_threadpool()
@@ -250,7 +253,8 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     store.add_listener(lambda queue_id: scheduler.wake())
 
     pickup = PickupDirectory(paths["pickup"], store, reactor, config.queue.pickup_interval, tracker=tracker,
-                             hostname=config.hostname)
+                             hostname=config.hostname,
+                             run_blocking=lambda f, *a: deferToThreadPool(reactor, pool, f, *a))  # off the reactor
     _add(top, "pickup", pickup)
 
     from exmta.filters.admission import make_filter_pool

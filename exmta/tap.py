@@ -1,6 +1,7 @@
 """``twistd exmta``: command-line options and the service it runs."""
 from __future__ import annotations
 
+import os
 import sys
 
 from twisted.application.service import IService
@@ -38,9 +39,37 @@ class Options(usage.Options):
             sys.exit(0)
 
 
+def _dropping_to(options: Options) -> tuple[int, int] | None:
+    """(uid, gid) twistd will switch to after binding (``--uid``/``--gid`` run as root), else None."""
+    import pwd
+
+    parent = getattr(options, "parent", None)
+    uid = parent.get("uid") if parent is not None else None
+    if uid is None or uid == 0 or os.geteuid() != 0:
+        return None
+    gid = parent.get("gid")
+    if gid is None:
+        try:
+            gid = pwd.getpwuid(uid).pw_gid
+        except KeyError:
+            gid = uid
+    return uid, gid
+
+
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    from exmta.filemodes import tighten_umask
     from exmta.service import build_service
 
-    return build_service(options.config, reactor)
+    tighten_umask()  # at least 027: nothing the server creates is readable by other users
+
+    service = build_service(options.config, reactor)
+    drop = _dropping_to(options)
+    if drop is not None:  # what was created as root now belongs to the user the server will run as
+        from exmta.filemodes import hand_over
+        from exmta.service import data_paths
+
+        paths = data_paths(options.config)
+        hand_over([paths["data"], paths["pickup"]], [paths["queue"], os.path.dirname(paths["tracking"])], *drop)
+    return service

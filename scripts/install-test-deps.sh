@@ -51,6 +51,7 @@ if [ -n "$missing" ]; then
     timeout 1200 apt-get install -y -qq --no-install-recommends $missing
 fi
 
+bash "$here/scripts/deps-systemd.sh"  # systemd-analyze verify of etc/exmta.service
 # the tools the tests and benchmarks call directly
 for tool in postfix postconf postqueue smtp-source smtp-sink swaks dovecot knotd kdig openssl slapd slapadd ldapwhoami chromium; do
     command -v "$tool" >/dev/null 2>&1 || { log "missing after install: $tool"; exit 1; }

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 from exmta.model import TrackingEventId
 from exmta.observe.rotation import log_files
+from exmta.textsafe import escape_controls, escape_controls_json
 
 __all__ = ["Filter", "FilterError", "add_track_parser", "read_events", "search"]
 
@@ -284,7 +285,8 @@ def _run(args: argparse.Namespace) -> int:
         print("exmta track: no matching events", file=sys.stderr)
         return 1
     out = {"table": format_table, "csv": format_csv, "json": format_json}[args.format](records)
-    sys.stdout.write(out)
+    # remote replies may hold terminal escapes: shown escaped (JSON stays valid JSON)
+    sys.stdout.write(escape_controls_json(out) if args.format == "json" else escape_controls(out, keep="\n"))
     return 0
 
 

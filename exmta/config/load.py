@@ -476,6 +476,7 @@ def _read_metrics(r: _Reader) -> MetricsConfig:
         sample_interval=r.get("sample_interval", d.sample_interval, parse_duration),
         min_free_disk=r.get("min_free_disk", d.min_free_disk, parse_size),
         status_page=r.get("status_page", d.status_page, _bool),
+        allowed_networks=r.get("allowed_networks", d.allowed_networks, _list_of(_cidr)),
     )
     if m.sample_interval <= 0:
         r.error("sample_interval", "must be positive")

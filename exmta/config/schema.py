@@ -234,6 +234,9 @@ class MetricsConfig:
     sample_interval: float = 15.0         # seconds between queue listings for the gauges and alerts
     min_free_disk: int = 100 * 1024 * 1024  # /readyz fails below this many free octets on the queue's disk
     status_page: bool = False             # also serve /status (with tracking search) on ``listen``: no login!
+    # clients of ``listen`` outside these are closed when they connect (loopback and private ranges)
+    allowed_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12",
+                                         "192.168.0.0/16", "fc00::/7")
 
 
 @dataclass(frozen=True)

@@ -68,15 +68,45 @@ def _keygen(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"exmta dkim keygen: {e}", file=sys.stderr)
         return 2
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(private)
-    os.chmod(out, 0o600)
+    try:
+        write_private_file(out, private)
+    except OSError as e:
+        print(f"exmta dkim keygen: cannot write {out}: {e.strerror}", file=sys.stderr)
+        return 1
     print(f"; private key written to {out} (keep it secret; mode 0600)")
     print(f'; config: {{ domain = "{domain}", selector = "{args.selector}", '
           f'algorithm = "{args.algorithm}", key_file = "{os.path.abspath(out)}" }}')
     print(txt_record(args.selector, domain, args.algorithm, public))
     return 0
+
+
+def write_private_file(path: str, data: bytes) -> None:
+    """Write ``data`` to a new 0600 file beside ``path``, fsync it and rename it over ``path``.
+
+    Never rewrites an existing file in place: whoever held the old file open
+    (it may have been readable by others) keeps the old bytes, and a crash
+    leaves the old key or the new one, never half of one.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 # ---------------------------------------------------------------- dns check

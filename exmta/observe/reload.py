@@ -157,6 +157,8 @@ class ConfigReloader:
                 needs_restart.append(key)
         if new.metrics.listen != old.metrics.listen:
             needs_restart.append("metrics.listen")
+        if new.metrics.allowed_networks != old.metrics.allowed_networks:
+            needs_restart.append("metrics.allowed_networks")
         if self.observability is not None and (new.alerts != old.alerts or new.metrics != old.metrics):
             out += self.observability.reload(new)
         if needs_restart:

@@ -89,6 +89,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from exmta.coroutines import run_coroutine
+from exmta.filemodes import private_opener
 from exmta.interfaces import IMessageWriter, IQueueStore
 from exmta.model import Envelope, QueueEntry, new_queue_id
 from exmta.queue.writerlock import WriterLock
@@ -398,7 +399,7 @@ class SpoolWriter:
     def _create(self) -> None:
         """Create the content file (in the thread pool, or at once with inline_create)."""
         try:
-            self._opened = open(self._path, "xb")
+            self._opened = open(self._path, "xb", opener=private_opener)  # 0600: mail content
         except BaseException as e:
             self._open_error = e
         finally:
@@ -470,7 +471,7 @@ class SpoolWriter:
         f.flush()
         self._generation += 1
         new_path = os.path.join(self._store._dirs["tmp"], f"{self.queue_id}.{self._generation}.msg")
-        new = open(new_path, "xb")
+        new = open(new_path, "xb", opener=private_opener)
         try:
             new.write(new_header_block)
             with open(self._path, "rb") as src:

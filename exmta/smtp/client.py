@@ -44,6 +44,7 @@ from exmta.model import (
 )
 from exmta.smtp.sendnow import plain_tcp, write_now
 from exmta.smtp.wire import DotStuffer
+from exmta.textsafe import escape_controls
 
 __all__ = [
     "ClientTimeouts", "ConnectionLostError", "DotStuffer", "ProtocolError", "ReplyParser",
@@ -186,7 +187,7 @@ class ReplyParser:
         if self._code is not None and code != self._code:
             raise ProtocolError(_local_reply(
                 451, "4.5.0", f"Inconsistent multi-line reply from remote server ({self._code} then {code})"))
-        text = m.group(3).decode("utf-8", "replace")
+        text = escape_controls(m.group(3).decode("utf-8", "replace"))  # stored, logged and printed later
         status, text = _split_status(code, text)
         if self._code is None:
             self._code, self._status = code, status

@@ -109,7 +109,8 @@ def test_routes_queue_policy_and_alerts_are_swapped_listeners_need_a_restart(tmp
             .replace('relay_networks = []', 'relay_networks = []\nmax_recipients = 7')
             .replace('listen = ["tcp:2525:interface=127.0.0.1"]', 'listen = ["tcp:2526:interface=127.0.0.1"]')
             .replace('smarthosts = ["[127.0.0.1]:2600"]', 'smarthosts = ["[127.0.0.1]:2601"]')
-            + '\n[alerts.rule.q]\nkind = "queue_length"\nthreshold = 10\n')
+            + '\n[alerts.rule.q]\nkind = "queue_length"\nthreshold = 10\n'
+            + '\n[metrics]\nallowed_networks = ["127.0.0.0/8"]\n')
     path.write_text(text)
     ok, messages = reloader.reload()
     assert ok, messages
@@ -117,6 +118,7 @@ def test_routes_queue_policy_and_alerts_are_swapped_listeners_need_a_restart(tmp
     assert "routes: 2 route(s) applied" in joined and "queue settings applied" in joined
     assert "receive.default: policy" in joined and "alerts: 1 rule(s)" in joined
     assert "needs a restart" in joined and "receive.default.listen" in joined and "send connectors" in joined
+    assert "metrics.allowed_networks" in joined  # the listener's check is set when it starts
     # the scheduler routes example.org locally now, with the new retry schedule
     routes = scheduler._router.route(None, ["bob@example.org", "eve@example.net"])
     assert {r.connector: r.recipients for r in routes} == {"local": ("bob@example.org",),
