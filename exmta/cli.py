@@ -4,18 +4,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-from exmta.config.load import ConfigError, load_config
+from exmta.config.load import ConfigError
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from exmta.config.check import check_file  # the schema, then the filter plugins, as twistd loads them
+
     try:
-        config = load_config(args.file)
+        config, warnings = check_file(args.file)
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
+    for w in warnings:
+        print(f"{args.file}: warning: {w}", file=sys.stderr)
     print(f"{args.file}: configuration OK "
           f"({len(config.receive)} receive connector(s), {len(config.send)} send connector(s), "
-          f"{len(config.routes)} route(s))")
+          f"{len(config.routes)} route(s), {len(warnings)} warning(s))")
     return 0
 
 

@@ -95,7 +95,7 @@ def _read_backend(r: Any, name: str, source: str) -> AuthBackendConfig:
         path=_path(path, source) if path else None,
         uri=r.get("uri", None, load._nonempty_str),
         tls=r.get("tls", d.tls, load._choice("starttls", "ldaps", "none")),
-        ca_file=r.get("ca_file", None, load._nonempty_str),
+        ca_file=r.get("ca_file", None, load.config_path),
         base_dn=r.get("base_dn", d.base_dn, load._str),
         bind_dn=r.get("bind_dn", None, load._nonempty_str),
         bind_password=r.get("bind_password", None, load._str),

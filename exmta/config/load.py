@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import tomllib
+from contextvars import ContextVar
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -194,13 +195,45 @@ def _domain(v: Any) -> str:
     return ascii_form
 
 
+# the directory of the file being read: relative paths in it are relative to this (None: the current directory)
+_CONFIG_DIR: ContextVar[str | None] = ContextVar("exmta_config_dir", default=None)
+
+
+def config_base(source: str) -> str | None:
+    """The directory relative paths of ``source`` are resolved against (None when it is not a file)."""
+    return os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else None
+
+
+def resolve_path(value: str) -> str:
+    """``value`` made absolute against the configuration file's directory (as auth_backend always was)."""
+    if os.path.isabs(value):
+        return value
+    base = _CONFIG_DIR.get()
+    return os.path.normpath(os.path.join(base, value)) if base else os.path.abspath(value)
+
+
+def relative_note(value: str) -> str:
+    """Says what a relative path was resolved against, for error texts."""
+    if os.path.isabs(value):
+        return ""
+    base = _CONFIG_DIR.get()
+    where = f"the configuration file's directory {base}" if base else f"the current directory {os.getcwd()}"
+    return f" ({value!r} is relative to {where})"
+
+
+def config_path(v: Any) -> str:
+    """A path setting: relative paths are relative to the configuration file's directory."""
+    return resolve_path(_nonempty_str(v))
+
+
 def _readable_file(v: Any) -> str:
     s = _nonempty_str(v)
-    if not os.path.isfile(s):
-        raise ValueError(f"{s!r}: the file does not exist")
-    if not os.access(s, os.R_OK):
-        raise ValueError(f"{s!r}: the file cannot be read")
-    return os.path.abspath(s)
+    path = resolve_path(s)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: the file does not exist{relative_note(s)}")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{path}: the file cannot be read{relative_note(s)}")
+    return path
 
 
 def _cidr(v: Any) -> str:
@@ -272,10 +305,10 @@ def _nameserver(v: Any) -> str:
 def _read_server(r: _Reader, base: Config) -> dict[str, Any]:
     out = {
         "hostname": r.get("hostname", base.hostname, _domain),
-        "data_dir": r.get("data_dir", base.data_dir, _nonempty_str),
+        "data_dir": r.get("data_dir", base.data_dir, config_path),
         "postmaster": r.get("postmaster", base.postmaster, _nonempty_str),
-        "pickup_dir": r.get("pickup_dir", base.pickup_dir, _nonempty_str),
-        "tracking_log": r.get("tracking_log", base.tracking_log, _nonempty_str),
+        "pickup_dir": r.get("pickup_dir", base.pickup_dir, config_path),
+        "tracking_log": r.get("tracking_log", base.tracking_log, config_path),
         "receive_workers": r.get("receive_workers", base.receive_workers, _int(0)),
         "spool_io": r.get("spool_io", base.spool_io, _choice("auto", "threads", "inline")),
         "spool_sync": r.get("spool_sync", base.spool_sync, _choice("auto", "fsync", "syncfs")),
@@ -476,7 +509,7 @@ def _read_alerts(r: _Reader) -> AlertsConfig:
             window=t.get("window", 900.0, parse_duration),
             min_events=t.get("min_events", 20, _int(0)),
             clear_ratio=t.get("clear_ratio", 0.8, _ratio),
-            certificates=t.get("certificates", (), _list_of(_nonempty_str)),
+            certificates=t.get("certificates", (), _list_of(config_path)),
         )
         if rule.window <= 0:
             t.error("window", "must be positive")
@@ -524,6 +557,26 @@ def _http_url(v: Any) -> str:
     if not re.match(r"^https?://[^/\s]+(/\S*)?$", s):
         raise ValueError(f"expected an http:// or https:// URL, not {s!r}")
     return s
+
+
+def _filter_common_keys(r: _Reader) -> dict[str, Any]:
+    """A [filters.NAME] table with the core's keys checked: ``timeout`` (a duration) and ``on_error``.
+
+    The other keys belong to the plugin, which checks them (exmta.config.check loads it).
+    """
+    out = dict(r.table)
+    if "timeout" in out:
+        timeout = r.get("timeout", None, parse_duration)
+        if timeout is None:
+            del out["timeout"]
+        elif timeout <= 0:
+            r.error("timeout", "must be more than 0")
+            del out["timeout"]
+        else:
+            out["timeout"] = timeout
+    if "on_error" in out:
+        out["on_error"] = r.get("on_error", "tempfail", _choice("tempfail", "continue"))
+    return out
 
 
 def _read_routes(problems: list[str], routes: Any) -> tuple[RouteConfig, ...]:
@@ -612,6 +665,15 @@ def load_config(path: str, data_dir: str | None = None) -> Config:
 
 
 def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | None = None) -> Config:
+    """Validate ``raw`` (read from ``source``); relative paths are relative to ``source``'s directory."""
+    token = _CONFIG_DIR.set(config_base(source))
+    try:
+        return _parse_config(raw, source, data_dir)
+    finally:
+        _CONFIG_DIR.reset(token)
+
+
+def _parse_config(raw: dict[str, Any], source: str, data_dir: str | None) -> Config:
     problems: list[str] = []
     top = _Reader(problems, "", raw)
     base = Config(hostname=socket.gethostname().lower() or "localhost")
@@ -662,7 +724,7 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
         elif not isinstance(table.get("plugin"), str):
             fs.error(f"{name}.plugin", "is required: the entry-point name of the filter (group exmta.filters)")
         else:
-            filters[name] = dict(table)
+            filters[name] = _filter_common_keys(_Reader(problems, f"filters.{name}", table))
     top.finish()
 
     # cross-references
