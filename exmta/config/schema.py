@@ -80,7 +80,7 @@ class ReceiveConnectorConfig:
     max_recipients: int = 200             # per message (Exchange's default)
     max_errors: int = 10                  # bad commands before 421 and close
     max_command_line: int = 512           # RFC 5321 4.5.3.1.4, including CRLF
-    max_text_line: int = 1000             # RFC 5321 4.5.3.1.6, including CRLF; 0 = no limit
+    max_text_line: int = 0                # 0 = no limit (Postfix, Exchange); 1000 = RFC 5321 4.5.3.1.6, incl. CRLF
     command_timeout: float = 300.0        # RFC 5321 4.5.3.2.7 server timeout
     data_timeout: float = 180.0           # between two reads inside DATA/BDAT
     bare_lf: str = "reject"               # "reject" or "normalize" (SMTP smuggling defence)
