@@ -1,0 +1,45 @@
+"""``pip install`` of a built wheel gives a working ``twistd exmta`` (issue 12, item 8).
+
+The wheel is built from this tree and installed into a fresh virtualenv that
+does not see the checkout, the way a user installs a package; the plugin must
+come from the wheel (``twisted/plugins/exmta_plugin.py``), not the tree.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+
+
+def run(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{args}: {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def test_wheel_installs_the_twistd_plugin(tmp_path):
+    wheels = tmp_path / "wheels"
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(REPO_ROOT)], tmp_path)
+    (wheel,) = wheels.glob("exmta-*.whl")
+    venv.EnvBuilder(with_pip=True).create(tmp_path / "venv")
+    bin_dir = tmp_path / "venv" / "bin"
+    run([str(bin_dir / "python"), "-m", "pip", "install", "-q", str(wheel)], tmp_path)
+
+    out = run([str(bin_dir / "python"), "-c", "import exmta, twisted.plugins.exmta_plugin as p; print(p.__file__)"],
+              tmp_path).stdout
+    assert str(tmp_path / "venv") in out and str(REPO_ROOT) not in out
+    helped = run([str(bin_dir / "twistd"), "--help"], tmp_path).stdout
+    assert any(line.split()[:1] == ["exmta"] for line in helped.splitlines()), helped
+    # twistd wrote Twisted's plugin cache beside the plugin (the venv is writable)
+    assert (Path(out.strip()).parent / "dropin.cache").exists()
+    assert "configuration OK" in run([str(bin_dir / "twistd"), "exmta", "--check"], tmp_path).stdout
+    checked = run([str(bin_dir / "exmta"), "check-config", str(REPO_ROOT / "etc" / "exmta.toml")], tmp_path)
+    assert "configuration OK" in checked.stdout
