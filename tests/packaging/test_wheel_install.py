@@ -7,8 +7,10 @@ come from the wheel (``twisted/plugins/exmta_plugin.py``), not the tree.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import textwrap
 import venv
 from pathlib import Path
 
@@ -18,11 +20,20 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
 
-def run(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+def run(args: list[str], cwd: Path, timeout: float = 600, code: int = 0) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{args}: {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert proc.returncode == code, f"{args}: {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc
+
+
+def doc_block(after: str) -> str:
+    """The literal block after ``after`` in docs/filters.rst."""
+    text = (REPO_ROOT / "docs" / "filters.rst").read_text()
+    start = text.index(after) + len(after)
+    m = re.match(r"\n\n((?:    .*\n|\n)+)", text[start:])
+    assert m, after
+    return textwrap.dedent(m.group(1))
 
 
 def test_wheel_installs_the_twistd_plugin(tmp_path):
@@ -43,3 +54,18 @@ def test_wheel_installs_the_twistd_plugin(tmp_path):
     assert "configuration OK" in run([str(bin_dir / "twistd"), "exmta", "--check"], tmp_path).stdout
     checked = run([str(bin_dir / "exmta"), "check-config", str(REPO_ROOT / "etc" / "exmta.toml")], tmp_path)
     assert "configuration OK" in checked.stdout
+
+    # docs/filters.rst's plugin, built from its pyproject.toml as written, is found by the checks
+    plugin = tmp_path / "extag"
+    (plugin / "exmta_extag").mkdir(parents=True)
+    (plugin / "exmta_extag" / "__init__.py").write_text(doc_block("``exmta_extag/__init__.py``::"))
+    (plugin / "pyproject.toml").write_text(doc_block("builds and installs the plugin::"))
+    run([str(bin_dir / "python"), "-m", "pip", "install", "-q", "."], plugin)
+    conf = tmp_path / "exmta.toml"
+    conf.write_text(doc_block("``exmta.toml``::") + '\n[accepted_domains]\n"contoso.example" = "authoritative"\n'
+                    '[send.out]\nsmarthosts = ["[192.0.2.1]:25"]\n[[route]]\ndomains = ["*"]\nconnector = "out"\n')
+    assert "configuration OK" in run([str(bin_dir / "exmta"), "check-config", str(conf)], tmp_path).stdout
+    assert "configuration OK" in run([str(bin_dir / "twistd"), "exmta", "-c", str(conf), "--check"], tmp_path).stdout
+    conf.write_text(conf.read_text().replace('tag = "[EXT]"', 'tag = "[EXT]"\ncolour = "red"'))
+    refused = run([str(bin_dir / "exmta"), "check-config", str(conf)], tmp_path, code=2)
+    assert "filters.extag: unknown key(s) colour" in refused.stderr
