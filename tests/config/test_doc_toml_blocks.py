@@ -148,3 +148,55 @@ def test_toml_block_is_valid_as_written(workdir: Path, path: Path, text: str):
         assert name in routed, f"[send.{name}] has no [[route]] in the example"
     used = {f for rc in config.receive for f in rc.filters}
     assert used <= set(config.filters)
+
+
+def commented_sections(text: str) -> str:
+    """etc/exmta.toml's commented-out sections (``# [table]`` and the ``# key = value`` lines under it), uncommented."""
+    out, inside = [], False
+    for line in text.splitlines():
+        if re.match(r"^# \[", line):
+            inside = True
+        elif inside and re.match(r"^\s+#", line):
+            continue  # the annotation of the key above
+        elif not (inside and re.match(r"^# ([A-Za-z_][\w.-]* = |\s+\S|\])", line)):
+            inside = False
+        if inside:
+            out.append(line[2:])
+    return "\n".join(out)
+
+
+def test_etc_example_commented_sections_are_valid(tmp_path: Path):
+    """Every commented-out section of etc/exmta.toml, uncommented at once with its files in place, is valid."""
+    import trustme
+
+    from exmta.auth.users import UserRecord, UsersFile
+    from exmta.send.dkim_sign import generate_key
+
+    etc, var = tmp_path / "etc" / "exmta", tmp_path / "var" / "lib" / "exmta"
+    (etc / "tls").mkdir(parents=True)
+    (var / "dkim").mkdir(parents=True)
+    root = trustme.CA()
+    ca = root.create_child_ca()
+    for name, host in (("mx", "mx1.contoso.example"), ("fabrikam", "mx.fabrikam.example")):
+        cert = ca.issue_cert(host)
+        cert.private_key_pem.write_to_path(str(etc / "tls" / f"{name}.key"))
+        cert.cert_chain_pems[0].write_to_path(str(etc / "tls" / f"{name}.pem"))
+    ca.cert_pem.write_to_path(str(etc / "tls" / "chain.pem"))
+    for name in ("partner-ca.pem", "corp-ca.pem"):
+        root.cert_pem.write_to_path(str(etc / "tls" / name))
+    UsersFile(str(etc / "users.jsonl")).write({"a": UserRecord("a", "$argon2id$x", [])})
+    (var / "dkim" / "s2026r.pem").write_bytes(generate_key("rsa-sha256", 2048)[0])
+    (var / "dkim" / "s2026e.key").write_bytes(generate_key("ed25519-sha256", 0)[0])
+
+    text = (REPO_ROOT / "etc" / "exmta.toml").read_text()
+    sections = commented_sections(text)
+    for table in ("[receive.default.tls]", "[[receive.default.tls.sni]]", "[auth.local]", "[auth.corp]",
+                  "[send.dovecot]", "[alerts.rule.disk]", "[filters.tagger]", "[dkim]", "[filters.dmarc]",
+                  "[filters.authres]"):
+        assert table in sections, table
+    both = (text + "\n" + sections).replace("/etc/exmta/", f"{etc}/").replace("/var/lib/exmta", str(var))
+    try:
+        config = parse_config(tomllib.loads(both))
+    except ConfigError as e:
+        pytest.fail(str(e))
+    assert config.receive[0].tls is not None and len(config.dkim_keys) == 2 and "dmarc" in config.filters
