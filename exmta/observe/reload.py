@@ -19,8 +19,8 @@ What needs a restart, and is logged as such (the old value stays in use):
 listen endpoints, added or removed receive connectors, send connectors,
 receive workers, data and log paths, TLS settings other than the
 certificate files (those are reloaded by exmta.tls on the same signal),
-AUTH settings (turning AUTH on or off included), remote ranges and
-connection limits, protocol logs and the pickup interval: every one that
+AUTH settings (turning AUTH on or off included), protocol logs and the
+pickup interval: every one that
 changed is named in the log line. Receive worker processes keep the
 configuration they started with (named in the log too).
 
@@ -42,10 +42,10 @@ log = Logger()
 _RESTART_SERVER_KEYS = ("data_dir", "pickup_dir", "tracking_log", "receive_workers", "spool_io", "spool_sync",
                         "receive_worker_nice", "hostname", "postmaster", "recipient_list", "back_pressure",
                         "dkim_keys", "auth_backends", "logs", "admin")
-# receive connector settings built into objects at start (listeners, the dispatcher's ranges and
-# connection counters, TLS, the authenticator, protocol logs): a reload names each one that changed
-RESTART_RECEIVE_KEYS = ("listen", "tls", "require_tls", "remote_ranges", "max_connections", "max_connections_per_ip",
-                        "auth", "auth_backend", "auth_before_tls_networks", "auth_tarpit",
+# receive connector settings built into objects at start (listeners, TLS, the authenticator, protocol
+# logs): a reload names each one that changed. (remote_ranges and connection limits do apply: the
+# dispatcher reads them from the factory's config at the next connection.)
+RESTART_RECEIVE_KEYS = ("listen", "tls", "require_tls", "auth", "auth_backend", "auth_before_tls_networks", "auth_tarpit",
                         "auth_lockout_source_failures", "auth_lockout_user_failures", "auth_lockout_window",
                         "auth_lockout_duration", "accept_any_sender", "protocol_log")
 
