@@ -37,6 +37,8 @@ def make_parser() -> argparse.ArgumentParser:
     add_users_parser(sub)  # exmta users add|remove|passwd|grant|revoke|rehash|list
     from exmta.dns.commands import add_commands as add_mail_auth_commands
     add_mail_auth_commands(sub)  # exmta dkim keygen, exmta dns check, exmta psl refresh
+    from exmta.receive.which import add_connector_parser
+    add_connector_parser(sub)  # exmta connector which ADDRESS: the receive connector and its rights
     return parser
 
 
