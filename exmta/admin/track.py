@@ -208,6 +208,8 @@ def _row(rec: dict[str, Any]) -> dict[str, str]:
             extra.append(f"{key}={rec[key]}")
     if rec.get("tls_version"):
         extra.append(f"tls={rec['tls_version']}")
+    if rec.get("auth_user"):  # the SMTP AUTH identity of a RECEIVE or REJECT
+        extra.append(f"user={rec['auth_user']}")
     return {
         "time": _time(rec["timestamp"]), "event": str(rec.get("event_id", "")),
         "queue_id": str(rec.get("queue_id", "")), "source": str(rec.get("source") or ""),
