@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from exmta.config.load import (
-    _bool, _choice, _cidr, _endpoint, _list_of, _nonempty_str, _Reader, config_path, parse_duration, parse_size,
+    _bool, _choice, _cidr, _list_of, _nonempty_str, _Reader, config_path, endpoints, parse_duration,
+    parse_size,
 )
 from exmta.config.schema import AdminConfig, LogsConfig
 
@@ -42,7 +43,7 @@ def read_admin(r: _Reader) -> AdminConfig:
     d = AdminConfig()
     admin = AdminConfig(
         enabled=r.get("enabled", d.enabled, _bool),
-        listen=r.get("listen", d.listen, _list_of(_endpoint)),
+        listen=r.get("listen", d.listen, endpoints),
         token_file=r.get("token_file", d.token_file, config_path),
         allowed_networks=r.get("allowed_networks", d.allowed_networks, _list_of(_cidr)),
     )

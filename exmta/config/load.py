@@ -259,6 +259,19 @@ def _endpoint(v: Any) -> str:
     return s
 
 
+def endpoints(v: Any) -> tuple[str, ...]:
+    """A ``listen`` setting: one endpoint string or a list of them, the same form everywhere."""
+    return (_endpoint(v),) if isinstance(v, str) else _list_of(_endpoint)(v)
+
+
+def _metrics_listen(v: Any) -> str | tuple[str, ...]:
+    """[metrics] listen: a string or a list; one endpoint is kept as a string (as it always was)."""
+    eps = endpoints(v)
+    if not eps:
+        raise ValueError("needs at least one endpoint, e.g. \"tcp:9125:interface=127.0.0.1\" (or leave it out)")
+    return eps[0] if len(eps) == 1 else eps
+
+
 class _NoReactor:
     """Stands in for a reactor so endpoint strings can be parsed without one."""
 
@@ -388,7 +401,7 @@ def _read_receive(r: _Reader, name: str, hostname: str) -> ReceiveConnectorConfi
     d = ReceiveConnectorConfig(name=name, hostname=hostname)
     c = ReceiveConnectorConfig(
         name=name,
-        listen=r.get("listen", d.listen, _list_of(_endpoint)),
+        listen=r.get("listen", d.listen, endpoints),
         hostname=r.get("hostname", d.hostname, _domain),
         banner=r.get("banner", d.banner, _str),
         max_message_size=r.get("max_message_size", d.max_message_size, parse_size),
@@ -478,7 +491,7 @@ def _read_metrics(r: _Reader) -> MetricsConfig:
     d = MetricsConfig()
     m = MetricsConfig(
         enabled=r.get("enabled", d.enabled, _bool),
-        listen=r.get("listen", d.listen, _endpoint),
+        listen=r.get("listen", d.listen, _metrics_listen),
         sample_interval=r.get("sample_interval", d.sample_interval, parse_duration),
         min_free_disk=r.get("min_free_disk", d.min_free_disk, parse_size),
         status_page=r.get("status_page", d.status_page, _bool),

@@ -197,7 +197,7 @@ class MetricsConfig:
     """[metrics]: Prometheus /metrics, /healthz and /readyz (exmta.observe)."""
 
     enabled: bool = True                  # counters and gauges (needs prometheus-client, the "metrics" extra)
-    listen: str | None = None             # extra unauthenticated listener for /metrics /healthz /readyz only
+    listen: str | tuple[str, ...] | None = None  # extra unauthenticated listener(s) for /metrics /healthz /readyz
     sample_interval: float = 15.0         # seconds between queue listings for the gauges and alerts
     min_free_disk: int = 100 * 1024 * 1024  # /readyz fails below this many free octets on the queue's disk
     status_page: bool = False             # also serve /status (with tracking search) on ``listen``: no login!

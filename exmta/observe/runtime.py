@@ -88,7 +88,16 @@ class Observability:
         self.service = _StateService(self)
         self.http: Service | None = None
         if config.metrics.listen:
-            self.http = strports.service(config.metrics.listen, server.Site(self.public_root()), reactor=reactor)
+            listen = config.metrics.listen
+            site = server.Site(self.public_root())
+            if isinstance(listen, str):
+                self.http = strports.service(listen, site, reactor=reactor)
+            else:  # several endpoints: one service over them all
+                from twisted.application.service import MultiService
+
+                self.http = MultiService()
+                for ep in listen:
+                    strports.service(ep, site, reactor=reactor).setServiceParent(self.http)
 
     # ------------------------------------------------------------ wiring
 

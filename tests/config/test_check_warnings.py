@@ -59,3 +59,33 @@ def test_the_example_file_is_safe_to_copy(capsys):
     edge, lan = (next(rc for rc in config.receive if rc.name == n) for n in ("default", "lan-relay"))
     assert edge.relay_networks == () and edge.max_text_line == 0
     assert lan.remote_ranges == lan.relay_networks == ("10.0.0.0/8",)
+
+
+def test_listen_takes_a_string_or_a_list_everywhere():
+    """[admin] listen was a list and [metrics] listen a string; each now takes both (issue 12, item 14)."""
+    one, two = "tcp:9125:interface=127.0.0.1", "tcp:9126:interface=127.0.0.1"
+    for form in (one, [one]):
+        c = parse_config({"receive": {"in": {"listen": form}}, "admin": {"listen": form}, "metrics": {"listen": form}})
+        assert c.receive[0].listen == c.admin.listen == (one,) and c.metrics.listen == one
+    c = parse_config({"receive": {"in": {}}, "metrics": {"listen": [one, two]}})
+    assert c.metrics.listen == (one, two)
+    from exmta.config.load import ConfigError
+    import pytest
+
+    with pytest.raises(ConfigError) as info:
+        parse_config({"receive": {"in": {}}, "metrics": {"listen": []}})
+    assert info.value.problems == ["metrics.listen: needs at least one endpoint, e.g. \"tcp:9125:interface=127.0.0.1\" "
+                                   "(or leave it out)"]
+
+
+def test_several_metrics_endpoints_get_one_listener_each(tmp_path):
+    from twisted.internet.task import Clock
+
+    from exmta.observe.runtime import build_observability
+    from exmta.testing.memstore import MemoryStore
+
+    eps = ["tcp:9125:interface=127.0.0.1", "unix:" + str(tmp_path / "m.sock")]
+    c = parse_config({"receive": {"in": {}}, "metrics": {"listen": eps}})
+    clock = Clock()
+    obs = build_observability(c, clock, MemoryStore(clock), {"queue": str(tmp_path), "data": str(tmp_path)})
+    assert len(list(obs.http)) == 2
