@@ -9,7 +9,7 @@
 # (accept scenario without a next hop).
 # PORT / SINK_PORT default to $BENCH_PORT / $BENCH_SINK_PORT (set by the harness).
 # Environment: EXMTA_TWISTD (default: the repo's .venv/bin/twistd, else twistd),
-# EXMTA_RECEIVE_WORKERS (default: the config default), EXMTA_KEEP_QUEUE=1 keeps
+# EXMTA_RECEIVE_WORKERS (a number or auto; default: the config default), EXMTA_KEEP_QUEUE=1 keeps
 # the previous spool (default: emptied at each start, like peers/postfix_run.sh),
 # EXMTA_PROFILE=FILE writes a cProfile of the reactor thread at exit (pstats).
 set -euo pipefail
@@ -32,7 +32,11 @@ mkdir -p "$DIR/data"
     echo "[server]"
     echo 'hostname = "exmta-bench.bench.test"'
     echo "data_dir = \"$DIR/data\""
-    if [ -n "${EXMTA_RECEIVE_WORKERS:-}" ]; then echo "receive_workers = $EXMTA_RECEIVE_WORKERS"; fi
+    case "${EXMTA_RECEIVE_WORKERS:-}" in
+        "") ;;
+        auto) echo 'receive_workers = "auto"' ;;
+        *) echo "receive_workers = $EXMTA_RECEIVE_WORKERS" ;;
+    esac
     echo
     echo "[accepted_domains]"
     echo

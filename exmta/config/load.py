@@ -312,6 +312,23 @@ def _nameserver(v: Any) -> str:
     return s
 
 
+def auto_receive_workers() -> int:
+    """``receive_workers = "auto"``: one per CPU this process may run on; none on a single CPU."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return cpus if cpus > 1 else 0
+
+
+def _receive_workers(v: Any) -> int:
+    if v == "auto":
+        return auto_receive_workers()
+    if isinstance(v, str):
+        raise ValueError(f"expected a whole number or \"auto\" (one per CPU), not {v!r}")
+    return _int(0)(v)
+
+
 # ---------------------------------------------------------------- sections
 
 
@@ -322,7 +339,7 @@ def _read_server(r: _Reader, base: Config) -> dict[str, Any]:
         "postmaster": r.get("postmaster", base.postmaster, _nonempty_str),
         "pickup_dir": r.get("pickup_dir", base.pickup_dir, config_path),
         "tracking_log": r.get("tracking_log", base.tracking_log, config_path),
-        "receive_workers": r.get("receive_workers", base.receive_workers, _int(0)),
+        "receive_workers": r.get("receive_workers", base.receive_workers, _receive_workers),
         "spool_io": r.get("spool_io", base.spool_io, _choice("auto", "threads", "inline")),
         "spool_sync": r.get("spool_sync", base.spool_sync, _choice("auto", "fsync", "syncfs")),
         "receive_worker_nice": r.get("receive_worker_nice", base.receive_worker_nice, _int(0, 19)),
