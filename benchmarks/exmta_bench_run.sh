@@ -11,6 +11,7 @@
 # Environment: EXMTA_TWISTD (default: the repo's .venv/bin/twistd, else twistd),
 # EXMTA_RECEIVE_WORKERS (a number or auto; default: the config default), EXMTA_KEEP_QUEUE=1 keeps
 # the previous spool (default: emptied at each start, like peers/postfix_run.sh),
+# EXMTA_METRICS=0 switches [metrics] off (default: the config default, on),
 # EXMTA_PROFILE=FILE writes a cProfile of the reactor thread at exit (pstats).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -61,6 +62,7 @@ mkdir -p "$DIR/data"
     echo "[[route]]"
     echo 'domains = ["*"]'
     echo 'connector = "sink"'
+    if [ "${EXMTA_METRICS:-}" = 0 ]; then printf '\n[metrics]\nenabled = false\n'; fi
 } > "$DIR/exmta.toml"
 cd "$DIR"
 profile=()
