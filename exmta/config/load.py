@@ -221,6 +221,13 @@ def relative_note(value: str) -> str:
     return f" ({value!r} is relative to {where})"
 
 
+def relative_paths_note() -> str:
+    """For a missing file's error text: what relative paths in this file are relative to."""
+    base = _CONFIG_DIR.get()
+    where = f"the configuration file's directory {base}" if base else f"the current directory {os.getcwd()}"
+    return f" (relative paths are relative to {where})"
+
+
 def config_path(v: Any) -> str:
     """A path setting: relative paths are relative to the configuration file's directory."""
     return resolve_path(_nonempty_str(v))

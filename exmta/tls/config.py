@@ -14,6 +14,7 @@ from typing import Any
 
 from exmta.config.load import (
     _bool, _choice, _cidr, _domain, _list_of, _nonempty_str, _Reader, config_path, parse_duration,
+    relative_paths_note,
 )
 from exmta.config.schema import ReceiveTLSConfig, SendConnectorConfig, TLSCertificateConfig
 from exmta.tls.certs import CertificateError, load_certificate
@@ -45,7 +46,7 @@ def _check_ca_file(r: _Reader, name: str, path: str | None) -> None:
         if not x509.load_pem_x509_certificates(data):
             raise ValueError("no certificate in the file")
     except FileNotFoundError:
-        r.error(name, f"{path}: the CA file does not exist")
+        r.error(name, f"{path}: the CA file does not exist{relative_paths_note()}")
     except OSError as e:
         r.error(name, f"{path}: the CA file cannot be read: {e.strerror}")
     except ValueError as e:
@@ -57,7 +58,8 @@ def _check_certificate(r: _Reader, name: str, cert: TLSCertificateConfig,
     try:
         load_certificate(cert.cert, cert.key, cert.chain, now=now)
     except CertificateError as e:
-        r.error(name, str(e))
+        missing = "file does not exist" in str(e) or "file cannot be read" in str(e)
+        r.error(name, str(e) + (relative_paths_note() if missing else ""))
 
 
 def _read_certificate(r: _Reader, now: datetime.datetime | None, sni: bool) -> TLSCertificateConfig | None:

@@ -49,7 +49,8 @@ BROKEN = [
     ("filter-option-bad-value", 'filters = ["dmarc"]', '[filters.dmarc]\nplugin = "dmarc"\nquarantine = "bin"',
      "filters.dmarc: quarantine must be one of"),
     ("recipient-list-missing", "", '', "relative to the configuration file's directory"),
-    ("tls-cert-missing", "", '[receive.in.tls]\ncert = "tls/nope.pem"', "receive.in.tls.cert:"),
+    ("tls-cert-missing", "", '[receive.in.tls]\ncert = "tls/nope.pem"',
+     "certificate file does not exist (relative paths are relative to the configuration file's directory"),
     ("unknown-setting", "max_recipents = 10", "", "receive.in.max_recipents: unknown setting"),
 ]
 
