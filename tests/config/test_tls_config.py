@@ -1,7 +1,6 @@
 """TLS settings of receive and send connectors: parsed, validated, certificates checked at load time."""
 from __future__ import annotations
 
-
 import pytest
 from support.tlscerts import TestPKI
 
