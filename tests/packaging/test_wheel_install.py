@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -37,8 +38,11 @@ def doc_block(after: str) -> str:
 
 
 def test_wheel_installs_the_twistd_plugin(tmp_path):
+    source = tmp_path / "src"  # a copy: pip builds in the source tree (build/, egg-info), not in the checkout
+    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".hypothesis", "dropin.cache"))
     wheels = tmp_path / "wheels"
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(REPO_ROOT)], tmp_path)
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(source)], tmp_path)
     (wheel,) = wheels.glob("exmta-*.whl")
     venv.EnvBuilder(with_pip=True).create(tmp_path / "venv")
     bin_dir = tmp_path / "venv" / "bin"
