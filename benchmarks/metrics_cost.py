@@ -40,8 +40,8 @@ def events(clock: Clock, i: int) -> tuple[TrackingEvent, TrackingEvent]:
                             source="SMTP", remote_host="127.0.0.1")
     send = TrackingEvent(TrackingEventId.SEND, qid, clock.seconds() + 0.05, sender="a@x.test",
                          recipients=("b@y.test",), size=4096, connector="sink", source="SMTP",
-                         remote_host="127.0.0.1[127.0.0.1]:25", reply="250 2.0.0 Ok", tls="TLSv1.3 TLS_AES_256_GCM_SHA384",
-                         details={"latency": 0.05})
+                         remote_host="127.0.0.1[127.0.0.1]:25", reply="250 2.0.0 Ok",
+                         tls="TLSv1.3 TLS_AES_256_GCM_SHA384", details={"latency": 0.05})
     return receive, send
 
 

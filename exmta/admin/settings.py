@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from exmta.config.load import (
-    _bool, _choice, _cidr, _list_of, _nonempty_str, _Reader, config_path, endpoints, parse_duration,
+    _bool, _choice, _cidr, _list_of, _Reader, config_path, endpoints, parse_duration,
     parse_size,
 )
 from exmta.config.schema import AdminConfig, LogsConfig

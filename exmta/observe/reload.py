@@ -45,9 +45,9 @@ _RESTART_SERVER_KEYS = ("data_dir", "pickup_dir", "tracking_log", "receive_worke
 # receive connector settings built into objects at start (listeners, TLS, the authenticator, protocol
 # logs): a reload names each one that changed. (remote_ranges and connection limits do apply: the
 # dispatcher reads them from the factory's config at the next connection.)
-RESTART_RECEIVE_KEYS = ("listen", "tls", "require_tls", "auth", "auth_backend", "auth_before_tls_networks", "auth_tarpit",
-                        "auth_lockout_source_failures", "auth_lockout_user_failures", "auth_lockout_window",
-                        "auth_lockout_duration", "accept_any_sender", "protocol_log")
+RESTART_RECEIVE_KEYS = ("listen", "tls", "require_tls", "auth", "auth_backend", "auth_before_tls_networks",
+                        "auth_tarpit", "auth_lockout_source_failures", "auth_lockout_user_failures",
+                        "auth_lockout_window", "auth_lockout_duration", "accept_any_sender", "protocol_log")
 
 
 class ConfigReloader:

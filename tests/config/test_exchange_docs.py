@@ -1,4 +1,4 @@
-"""docs/exchange.rst as written: the devices connector, `exmta connector which`, the cmdlet table (issue 12, item 13)."""
+"""docs/exchange.rst as written: the devices connector, `exmta connector which`, the cmdlet table (issue 12)."""
 from __future__ import annotations
 
 import re

@@ -209,8 +209,8 @@ tls_key = "{expired.key}"
     problems = problems_of(write(tmp_path, send_extra=extra))
     assert any(p.startswith("send.out.tls_auth_level: 'certificate' needs tls = \"mandatory\"") for p in problems)
     assert any(p.startswith("send.out.tls_domain: is only used with tls_auth_level = \"domain\"") for p in problems)
-    assert any(p.startswith(f"send.out.tls_ca_file: {tmp_path / 'nope.pem'}: the CA file does not exist (relative paths")
-               for p in problems)
+    assert any(p.startswith(f"send.out.tls_ca_file: {tmp_path / 'nope.pem'}: the CA file does not exist "
+                            "(relative paths") for p in problems)
     assert any(p.startswith(f"send.out.tls_certificate: {expired.cert}: certificate") and "expired" in p
                for p in problems)
     assert len(problems) == 4

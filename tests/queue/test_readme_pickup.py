@@ -11,7 +11,8 @@ README = (Path(__file__).resolve().parents[2] / "README.rst").read_text()
 
 
 def test_readme_pickup_commands_make_a_valid_pickup_file(tmp_path):
-    lines = [line.strip() for line in README.splitlines() if re.match(r"\s+(printf .*> message\.tmp|mv message\.tmp)", line)]
+    lines = [line.strip() for line in README.splitlines()
+             if re.match(r"\s+(printf .*> message\.tmp|mv message\.tmp)", line)]
     assert len(lines) == 2
     (tmp_path / "exmta-data" / "pickup").mkdir(parents=True)
     script = "\n".join(re.sub(r"\s+#.*$", "", line) for line in lines)
