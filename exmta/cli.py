@@ -4,18 +4,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-from exmta.config.load import ConfigError, load_config
+from exmta.config.load import ConfigError
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from exmta.config.check import check_file  # the schema, then the filter plugins, as twistd loads them
+
     try:
-        config = load_config(args.file)
+        config, warnings = check_file(args.file)
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
+    for w in warnings:
+        print(f"{args.file}: warning: {w}", file=sys.stderr)
     print(f"{args.file}: configuration OK "
           f"({len(config.receive)} receive connector(s), {len(config.send)} send connector(s), "
-          f"{len(config.routes)} route(s))")
+          f"{len(config.routes)} route(s), {len(warnings)} warning(s))")
     return 0
 
 
@@ -37,6 +41,8 @@ def make_parser() -> argparse.ArgumentParser:
     add_mail_auth_commands(sub)  # exmta dkim keygen, exmta dns check, exmta psl refresh
     from exmta.exchange.commands import add_commands as add_exchange_commands
     add_exchange_commands(sub)  # exmta exo check, exmta import exchange
+    from exmta.receive.which import add_connector_parser
+    add_connector_parser(sub)  # exmta connector which ADDRESS: the receive connector and its rights
     return parser
 
 

@@ -7,7 +7,7 @@ import sys
 from twisted.application.service import IService
 from twisted.python import usage
 
-from exmta.config.load import ConfigError, embedded_default, load_config
+from exmta.config.load import ConfigError
 from exmta.config.schema import Config
 
 
@@ -25,17 +25,19 @@ class Options(usage.Options):
     optFlags = [["check", None, "Validate the configuration, print the result and exit."]]
 
     config: Config
+    warnings: list[str]
 
     def postOptions(self) -> None:
+        from exmta.config.check import check_file  # the same checks as `exmta check-config`
+
         try:
-            if self["config"]:
-                self.config = load_config(self["config"], data_dir=self["data"])
-            else:
-                self.config = embedded_default(self["data"] or "./exmta-data")
+            self.config, self.warnings = check_file(self["config"], data_dir=self["data"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         if self["check"]:
-            print(f"{self.config.source}: configuration OK")
+            for w in self.warnings:
+                print(f"{self.config.source}: warning: {w}", file=sys.stderr)
+            print(f"{self.config.source}: configuration OK ({len(self.warnings)} warning(s))")
             sys.exit(0)
 
 
@@ -59,11 +61,15 @@ def _dropping_to(options: Options) -> tuple[int, int] | None:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    from twisted.logger import Logger
+
     from exmta.filemodes import tighten_umask
     from exmta.service import build_service
 
     tighten_umask()  # at least 027: nothing the server creates is readable by other users
-
+    for w in getattr(options, "warnings", ()):
+        Logger(namespace="exmta.config").warn("{source}: warning: {warning}", source=options.config.source,
+                                              warning=w)
     service = build_service(options.config, reactor)
     drop = _dropping_to(options)
     if drop is not None:  # what was created as root now belongs to the user the server will run as

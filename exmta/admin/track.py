@@ -211,6 +211,8 @@ def _row(rec: dict[str, Any]) -> dict[str, str]:
         extra.append(f"tls={rec['tls_version']}")
     if isinstance(rec.get("recipient_sets"), dict):  # TRANSFER: one message per recipient set (routing/split.py)
         extra.append("sets=" + "; ".join(f"{c}: {','.join(r)}" for c, r in rec["recipient_sets"].items()))
+    if rec.get("auth_user"):  # the SMTP AUTH identity of a RECEIVE or REJECT
+        extra.append(f"user={rec['auth_user']}")
     return {
         "time": _time(rec["timestamp"]), "event": str(rec.get("event_id", "")),
         "queue_id": str(rec.get("queue_id", "")), "source": str(rec.get("source") or ""),

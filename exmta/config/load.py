@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import tomllib
+from contextvars import ContextVar
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -194,13 +195,52 @@ def _domain(v: Any) -> str:
     return ascii_form
 
 
+# the directory of the file being read: relative paths in it are relative to this (None: the current directory)
+_CONFIG_DIR: ContextVar[str | None] = ContextVar("exmta_config_dir", default=None)
+
+
+def config_base(source: str) -> str | None:
+    """The directory relative paths of ``source`` are resolved against (None when it is not a file)."""
+    return os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else None
+
+
+def resolve_path(value: str) -> str:
+    """``value`` made absolute against the configuration file's directory (as auth_backend always was)."""
+    if os.path.isabs(value):
+        return value
+    base = _CONFIG_DIR.get()
+    return os.path.normpath(os.path.join(base, value)) if base else os.path.abspath(value)
+
+
+def relative_note(value: str) -> str:
+    """Says what a relative path was resolved against, for error texts."""
+    if os.path.isabs(value):
+        return ""
+    base = _CONFIG_DIR.get()
+    where = f"the configuration file's directory {base}" if base else f"the current directory {os.getcwd()}"
+    return f" ({value!r} is relative to {where})"
+
+
+def relative_paths_note() -> str:
+    """For a missing file's error text: what relative paths in this file are relative to."""
+    base = _CONFIG_DIR.get()
+    where = f"the configuration file's directory {base}" if base else f"the current directory {os.getcwd()}"
+    return f" (relative paths are relative to {where})"
+
+
+def config_path(v: Any) -> str:
+    """A path setting: relative paths are relative to the configuration file's directory."""
+    return resolve_path(_nonempty_str(v))
+
+
 def _readable_file(v: Any) -> str:
     s = _nonempty_str(v)
-    if not os.path.isfile(s):
-        raise ValueError(f"{s!r}: the file does not exist")
-    if not os.access(s, os.R_OK):
-        raise ValueError(f"{s!r}: the file cannot be read")
-    return os.path.abspath(s)
+    path = resolve_path(s)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: the file does not exist{relative_note(s)}")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{path}: the file cannot be read{relative_note(s)}")
+    return path
 
 
 def _cidr(v: Any) -> str:
@@ -224,6 +264,19 @@ def _endpoint(v: Any) -> str:
     except Exception as e:  # the parser raises many types; all mean the same here
         raise ValueError(f"{s!r} is not a valid endpoint: {e}") from None
     return s
+
+
+def endpoints(v: Any) -> tuple[str, ...]:
+    """A ``listen`` setting: one endpoint string or a list of them, the same form everywhere."""
+    return (_endpoint(v),) if isinstance(v, str) else _list_of(_endpoint)(v)
+
+
+def _metrics_listen(v: Any) -> str | tuple[str, ...]:
+    """[metrics] listen: a string or a list; one endpoint is kept as a string (as it always was)."""
+    eps = endpoints(v)
+    if not eps:
+        raise ValueError("needs at least one endpoint, e.g. \"tcp:9125:interface=127.0.0.1\" (or leave it out)")
+    return eps[0] if len(eps) == 1 else eps
 
 
 class _NoReactor:
@@ -266,17 +319,34 @@ def _nameserver(v: Any) -> str:
     return s
 
 
+def auto_receive_workers() -> int:
+    """``receive_workers = "auto"``: one per CPU this process may run on; none on a single CPU."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return cpus if cpus > 1 else 0
+
+
+def _receive_workers(v: Any) -> int:
+    if v == "auto":
+        return auto_receive_workers()
+    if isinstance(v, str):
+        raise ValueError(f"expected a whole number or \"auto\" (one per CPU), not {v!r}")
+    return _int(0)(v)
+
+
 # ---------------------------------------------------------------- sections
 
 
 def _read_server(r: _Reader, base: Config) -> dict[str, Any]:
     out = {
         "hostname": r.get("hostname", base.hostname, _domain),
-        "data_dir": r.get("data_dir", base.data_dir, _nonempty_str),
+        "data_dir": r.get("data_dir", base.data_dir, config_path),
         "postmaster": r.get("postmaster", base.postmaster, _nonempty_str),
-        "pickup_dir": r.get("pickup_dir", base.pickup_dir, _nonempty_str),
-        "tracking_log": r.get("tracking_log", base.tracking_log, _nonempty_str),
-        "receive_workers": r.get("receive_workers", base.receive_workers, _int(0)),
+        "pickup_dir": r.get("pickup_dir", base.pickup_dir, config_path),
+        "tracking_log": r.get("tracking_log", base.tracking_log, config_path),
+        "receive_workers": r.get("receive_workers", base.receive_workers, _receive_workers),
         "spool_io": r.get("spool_io", base.spool_io, _choice("auto", "threads", "inline")),
         "spool_sync": r.get("spool_sync", base.spool_sync, _choice("auto", "fsync", "syncfs")),
         "receive_worker_nice": r.get("receive_worker_nice", base.receive_worker_nice, _int(0, 19)),
@@ -377,7 +447,7 @@ def _read_receive(r: _Reader, name: str, hostname: str) -> ReceiveConnectorConfi
     d = ReceiveConnectorConfig(name=name, hostname=hostname)
     c = ReceiveConnectorConfig(
         name=name,
-        listen=r.get("listen", d.listen, _list_of(_endpoint)),
+        listen=r.get("listen", d.listen, endpoints),
         hostname=r.get("hostname", d.hostname, _domain),
         banner=r.get("banner", d.banner, _str),
         max_message_size=r.get("max_message_size", d.max_message_size, parse_size),
@@ -472,7 +542,7 @@ def _read_metrics(r: _Reader) -> MetricsConfig:
     d = MetricsConfig()
     m = MetricsConfig(
         enabled=r.get("enabled", d.enabled, _bool),
-        listen=r.get("listen", d.listen, _endpoint),
+        listen=r.get("listen", d.listen, _metrics_listen),
         sample_interval=r.get("sample_interval", d.sample_interval, parse_duration),
         min_free_disk=r.get("min_free_disk", d.min_free_disk, parse_size),
         status_page=r.get("status_page", d.status_page, _bool),
@@ -504,7 +574,7 @@ def _read_alerts(r: _Reader) -> AlertsConfig:
             window=t.get("window", 900.0, parse_duration),
             min_events=t.get("min_events", 20, _int(0)),
             clear_ratio=t.get("clear_ratio", 0.8, _ratio),
-            certificates=t.get("certificates", (), _list_of(_nonempty_str)),
+            certificates=t.get("certificates", (), _list_of(config_path)),
         )
         if rule.window <= 0:
             t.error("window", "must be positive")
@@ -552,6 +622,26 @@ def _http_url(v: Any) -> str:
     if not re.match(r"^https?://[^/\s]+(/\S*)?$", s):
         raise ValueError(f"expected an http:// or https:// URL, not {s!r}")
     return s
+
+
+def _filter_common_keys(r: _Reader) -> dict[str, Any]:
+    """A [filters.NAME] table with the core's keys checked: ``timeout`` (a duration) and ``on_error``.
+
+    The other keys belong to the plugin, which checks them (exmta.config.check loads it).
+    """
+    out = dict(r.table)
+    if "timeout" in out:
+        timeout = r.get("timeout", None, parse_duration)
+        if timeout is None:
+            del out["timeout"]
+        elif timeout <= 0:
+            r.error("timeout", "must be more than 0")
+            del out["timeout"]
+        else:
+            out["timeout"] = timeout
+    if "on_error" in out:
+        out["on_error"] = r.get("on_error", "tempfail", _choice("tempfail", "continue"))
+    return out
 
 
 def _read_routes(problems: list[str], routes: Any) -> tuple[RouteConfig, ...]:
@@ -641,6 +731,15 @@ def load_config(path: str, data_dir: str | None = None) -> Config:
 
 
 def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | None = None) -> Config:
+    """Validate ``raw`` (read from ``source``); relative paths are relative to ``source``'s directory."""
+    token = _CONFIG_DIR.set(config_base(source))
+    try:
+        return _parse_config(raw, source, data_dir)
+    finally:
+        _CONFIG_DIR.reset(token)
+
+
+def _parse_config(raw: dict[str, Any], source: str, data_dir: str | None) -> Config:
     problems: list[str] = []
     top = _Reader(problems, "", raw)
     base = Config(hostname=socket.gethostname().lower() or "localhost")
@@ -691,7 +790,7 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
         elif not isinstance(table.get("plugin"), str):
             fs.error(f"{name}.plugin", "is required: the entry-point name of the filter (group exmta.filters)")
         else:
-            filters[name] = dict(table)
+            filters[name] = _filter_common_keys(_Reader(problems, f"filters.{name}", table))
     top.finish()
 
     # cross-references

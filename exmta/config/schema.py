@@ -80,7 +80,7 @@ class ReceiveConnectorConfig:
     max_recipients: int = 200             # per message (Exchange's default)
     max_errors: int = 10                  # bad commands before 421 and close
     max_command_line: int = 512           # RFC 5321 4.5.3.1.4, including CRLF
-    max_text_line: int = 1000             # RFC 5321 4.5.3.1.6, including CRLF; 0 = no limit
+    max_text_line: int = 0                # 0 = no limit (Postfix, Exchange); 1000 = RFC 5321 4.5.3.1.6, incl. CRLF
     command_timeout: float = 300.0        # RFC 5321 4.5.3.2.7 server timeout
     data_timeout: float = 180.0           # between two reads inside DATA/BDAT
     min_data_rate: int = 500              # octets/s: DATA/BDAT may last data_timeout + size / rate; 0 = no limit
@@ -230,7 +230,7 @@ class MetricsConfig:
     """[metrics]: Prometheus /metrics, /healthz and /readyz (exmta.observe)."""
 
     enabled: bool = True                  # counters and gauges (needs prometheus-client, the "metrics" extra)
-    listen: str | None = None             # extra unauthenticated listener for /metrics /healthz /readyz only
+    listen: str | tuple[str, ...] | None = None  # extra unauthenticated listener(s) for /metrics /healthz /readyz
     sample_interval: float = 15.0         # seconds between queue listings for the gauges and alerts
     min_free_disk: int = 100 * 1024 * 1024  # /readyz fails below this many free octets on the queue's disk
     status_page: bool = False             # also serve /status (with tracking search) on ``listen``: no login!

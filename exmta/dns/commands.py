@@ -27,6 +27,8 @@ def add_commands(sub: Any) -> None:
     keygen.add_argument("--algorithm", default="rsa-sha256", choices=("rsa-sha256", "ed25519-sha256"))
     keygen.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
     keygen.add_argument("--out", help="private key file (default ./DOMAIN.SELECTOR.pem or .key); mode 0600")
+    keygen.add_argument("--data", help="the server's data_dir: write DATA/dkim/SELECTOR.pem (or .key), where "
+                        "key_file = \"dkim/SELECTOR.pem\" finds it")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing key file")
     keygen.set_defaults(func=_keygen)
 
@@ -59,7 +61,15 @@ def _keygen(args: argparse.Namespace) -> int:
     if not re.fullmatch(r"[a-z0-9-]+(\.[a-z0-9-]+)+", domain) or not re.fullmatch(r"[A-Za-z0-9-]+", args.selector):
         print("exmta dkim keygen: --domain must be a domain name and --selector a DNS label", file=sys.stderr)
         return 2
-    out = args.out or f"{domain}.{args.selector}.{'pem' if args.algorithm.startswith('rsa') else 'key'}"
+    suffix = "pem" if args.algorithm.startswith("rsa") else "key"
+    key_file = None  # what [dkim] keys should say, when not the absolute path
+    if args.out:
+        out = args.out
+    elif args.data:
+        key_file = f"dkim/{args.selector}.{suffix}"  # relative to data_dir
+        out = os.path.join(args.data, key_file)
+    else:
+        out = f"{domain}.{args.selector}.{suffix}"
     if os.path.exists(out) and not args.force:
         print(f"exmta dkim keygen: {out} exists (use --force to replace it)", file=sys.stderr)
         return 1
@@ -68,6 +78,8 @@ def _keygen(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"exmta dkim keygen: {e}", file=sys.stderr)
         return 2
+    if os.path.dirname(out):
+        os.makedirs(os.path.dirname(out), mode=0o700, exist_ok=True)
     try:
         write_private_file(out, private)
     except OSError as e:
@@ -75,7 +87,7 @@ def _keygen(args: argparse.Namespace) -> int:
         return 1
     print(f"; private key written to {out} (keep it secret; mode 0600)")
     print(f'; config: {{ domain = "{domain}", selector = "{args.selector}", '
-          f'algorithm = "{args.algorithm}", key_file = "{os.path.abspath(out)}" }}')
+          f'algorithm = "{args.algorithm}", key_file = "{key_file or os.path.abspath(out)}" }}')
     print(txt_record(args.selector, domain, args.algorithm, public))
     return 0
 

@@ -96,9 +96,18 @@ class Observability:
         if config.metrics.listen:
             from exmta.admin.httpguard import METRICS_METHODS, GuardedSite
 
+            listen = config.metrics.listen
+            # refused before any body is read
             site = GuardedSite(self.public_root(), config.metrics.allowed_networks, max_body=0,
-                               methods=METRICS_METHODS)  # refused before any body is read
-            self.http = strports.service(config.metrics.listen, site, reactor=reactor)
+                               methods=METRICS_METHODS)
+            if isinstance(listen, str):
+                self.http = strports.service(listen, site, reactor=reactor)
+            else:  # several endpoints: one service over them all
+                from twisted.application.service import MultiService
+
+                self.http = MultiService()
+                for ep in listen:
+                    strports.service(ep, site, reactor=reactor).setServiceParent(self.http)
 
     # ------------------------------------------------------------ wiring
 

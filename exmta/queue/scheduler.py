@@ -624,7 +624,10 @@ class DeliveryScheduler(Service):
         """Defer without trying: the destination is suspended (not counted as an attempt)."""
         assert dest.suspended_until is not None
         where = delivery.nexthop or delivery.connector
-        last = f": {dest.last_reply}" if dest.last_reply is not None else ""
+        last = ""
+        if dest.last_reply is not None:  # its codes only when they differ from ours (no "451 4.4.1 ...: 451 4.4.1")
+            same = (dest.last_reply.code, dest.last_reply.status) == (451, "4.4.1")
+            last = f": {dest.last_reply.text if same else dest.last_reply}"
         reply = Reply.make(451, "4.4.1", _line_cut(f"Delivery to {where} temporarily suspended{last}"))
         for address, rcpts in delivery.same_address.items():
             self._apply_all(

@@ -279,6 +279,7 @@ class DispatchingFactory(WrappingFactory):
             self.refused += 1
             log.warn("connection from {peer_ip} on {endpoint} refused: no receive connector admits this address",
                      peer_ip=ip, endpoint=self.endpoint)
+            self._track_refusal(ip, None, NO_CONNECTOR, "no receive connector admits this address")
             return _Refuse(NO_CONNECTOR)
         why = entry.counter.refusal(ip)
         if why is None and self.budget is not None:
@@ -286,13 +287,34 @@ class DispatchingFactory(WrappingFactory):
         if why is not None:
             log.warn("connection from {peer_ip} to connector {connector} refused: {why}",
                      peer_ip=ip, connector=entry.name, why=why)
-            return _Refuse(Reply.make(421, "4.7.0", f"{entry.hostname} {why[0].upper()}{why[1:]}, try again later"))
+            reply = Reply.make(421, "4.7.0", f"{entry.hostname} {why[0].upper()}{why[1:]}, try again later")
+            self._track_refusal(ip, entry.name, reply, why)
+            return _Refuse(reply)
         entry.counter.opened(ip)
         if self.budget is not None:
             self.budget.opened(ip)
             conn.budget = self.budget
         conn.entry = entry
         return entry.factory.buildProtocol(conn.addr)
+
+    def _track_refusal(self, ip: str, connector: str | None, reply: Reply, why: str) -> None:
+        """A REJECT tracking event for a refused connection (Exchange's protocol log shows them too).
+
+        The tracker and clock are the sessions' own (each entry's ESMTPServerFactory), so a
+        receive worker's refusals reach the main process's log like its messages do.
+        """
+        source = next((e.config_source for e in self.entries if getattr(e.config_source, "tracker", None)), None)
+        if source is None:
+            return
+        from exmta.model import TrackingEvent, TrackingEventId
+
+        try:
+            source.tracker.track(TrackingEvent(
+                TrackingEventId.REJECT, "", source.clock.seconds(), connector=connector, source="SMTP",
+                remote_host=ip, reply=str(reply), details={"reason": f"connection refused: {why}",
+                                                           "endpoint": self.endpoint}))
+        except Exception:
+            log.failure("tracker failed for a refused connection")
 
     def doStart(self) -> None:  # the wrapped factories are started by the service tree, not per port
         pass

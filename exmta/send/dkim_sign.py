@@ -280,7 +280,8 @@ def read_dkim(r: Any, data_dir: str) -> tuple[Any, ...]:
         try:
             load_key(domain, selector, algorithm, path)
         except OSError as e:
-            r.error(f"{where}.key_file", f"cannot read {path}: {e.strerror}")
+            r.error(f"{where}.key_file", f"cannot read {path}: {e.strerror}"
+                    + ("" if os.path.isabs(entry["key_file"]) else f" (key_file is relative to data_dir {data_dir})"))
             continue
         except ValueError as e:
             r.error(f"{where}.key_file", str(e))

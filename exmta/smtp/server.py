@@ -690,6 +690,9 @@ class ESMTPServer(Protocol):
         if self.factory.authenticator is not None:  # send-as: 550 5.7.60 (exmta.auth.smtp)
             refusal, params = self.factory.authenticator.check_mail(self, sender, params)
             if refusal is not None:
+                # send-as at MAIL: a REJECT event, as at end of data
+                self._track_refusal(TrackingEventId.REJECT, Transaction(sender, params), None, refusal,
+                                    "send-as: sender not granted")
                 self._reply(refusal)
                 return
         limit = self.config.max_message_size
@@ -983,6 +986,8 @@ class ESMTPServer(Protocol):
         if tracker is None:
             return
         details = {"session_id": self._sid, "reason": why}
+        if self.session is not None and self.session.auth_identity:
+            details["auth_user"] = self.session.auth_identity
         if filter_name:
             details["filter"] = filter_name
         try:
@@ -1038,7 +1043,8 @@ class ESMTPServer(Protocol):
                 connector=self.config.name, source="SMTP",
                 remote_host=envelope.client_ip,
                 tls=f"{self.session.tls.version} {self.session.tls.cipher}" if self.session and self.session.tls else None,
-                details={"session_id": self._sid, "client_helo": envelope.client_helo or ""},
+                details={"session_id": self._sid, "client_helo": envelope.client_helo or "",
+                         **({"auth_user": envelope.auth_identity} if envelope.auth_identity else {})},
             ))
             notes = list(agents or ())
             if envelope.held_reason and not any(reason for _, _, reason in notes):

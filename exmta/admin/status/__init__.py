@@ -105,13 +105,17 @@ def search_tracking_log(path: str, query: str, limit: int = 100,
     return records, bad
 
 
-def svg_lines(title: str, series: dict[str, list[float]], width: int = 600, height: int = 140,
+def svg_lines(title: str, series: dict[str, list[float]], width: int = 600, height: int = 154,
               unit: str = "") -> str:
-    """An inline SVG line chart; each series is one value per minute, oldest first."""
+    """An inline SVG line chart; each series is one value per minute, oldest first.
+
+    The title has the first line and the legend a line of its own below it, so
+    that a long title never runs into the legend.
+    """
     n = max((len(v) for v in series.values()), default=0)
     top = max((max(v) for v in series.values() if v), default=0.0)
     top = top if top > 0 else 1.0
-    pad_l, pad_b, pad_t = 40, 18, 16
+    pad_l, pad_b, pad_t = 40, 18, 30
     w, h = width - pad_l - 4, height - pad_b - pad_t
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" role="img" class="chart" width="{width}" '
              f'height="{height}" viewBox="0 0 {width} {height}"><title>{html.escape(title)}</title>',
@@ -121,7 +125,7 @@ def svg_lines(title: str, series: dict[str, list[float]], width: int = 600, heig
              f'<text x="2" y="{pad_t + h}" font-size="10">0</text>',
              f'<text x="{pad_l}" y="{height - 4}" font-size="10">-60 min</text>',
              f'<text x="{width - 34}" y="{height - 4}" font-size="10">now</text>']
-    legend_x = pad_l + 140
+    legend_x = pad_l
     for name, values in series.items():
         colour = _COLOURS.get(name, "#333")
         if n > 1 and values:
@@ -130,7 +134,7 @@ def svg_lines(title: str, series: dict[str, list[float]], width: int = 600, heig
             )
             parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{pts}" '
                          f'data-series="{html.escape(name)}" data-total="{sum(values):g}"/>')
-        parts.append(f'<text x="{legend_x}" y="11" font-size="11" fill="{colour}">{html.escape(name)} '
+        parts.append(f'<text x="{legend_x}" y="25" font-size="11" fill="{colour}">{html.escape(name)} '
                      f'({sum(values):g})</text>')
         legend_x += 110
     parts.append("</svg>")
