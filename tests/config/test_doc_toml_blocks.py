@@ -106,6 +106,12 @@ def workdir(tmp_path: Path, monkeypatch) -> Path:
     (tmp_path / "data" / "dkim").mkdir(parents=True)
     (tmp_path / "data" / "dkim" / "s2026r.pem").write_bytes(generate_key("rsa-sha256", 2048)[0])
     (tmp_path / "data" / "dkim" / "s2026e.key").write_bytes(generate_key("ed25519-sha256", 0)[0])
+    # docs/exchange-online-oauth2.rst's app certificate: RSA, as Entra's RS256 assertions need
+    app = trustme.CA(key_type=trustme.KeyType.RSA).issue_cert("exo-app.contoso.example",
+                                                              key_type=trustme.KeyType.RSA)
+    app.cert_chain_pems[0].write_to_path(str(tmp_path / "exo-app.pem"))
+    app.private_key_pem.write_to_path(str(tmp_path / "exo-app.key"))
+    (tmp_path / "exo-client-secret").write_text("the app's client secret\n")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -185,6 +191,7 @@ def test_etc_example_commented_sections_are_valid(tmp_path: Path):
     for name in ("partner-ca.pem", "corp-ca.pem"):
         root.cert_pem.write_to_path(str(etc / "tls" / name))
     UsersFile(str(etc / "users.jsonl")).write({"a": UserRecord("a", "$argon2id$x", [])})
+    (etc / "exo-client-secret").write_text("the app's client secret\n")
     (var / "dkim" / "s2026r.pem").write_bytes(generate_key("rsa-sha256", 2048)[0])
     (var / "dkim" / "s2026e.key").write_bytes(generate_key("ed25519-sha256", 0)[0])
 
