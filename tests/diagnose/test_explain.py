@@ -96,3 +96,16 @@ def test_scheduler_fail_event_carries_the_explanation() -> None:
     h.out.answer()  # the DSN to the sender
     h.turn()
     h.stop()
+
+
+def test_docs_example_output(capsys: pytest.CaptureFixture[str]) -> None:
+    """The example in docs/diagnose.rst prints what the doc shows."""
+    import shlex
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "diagnose.rst").read_text()
+    block = doc.split("and where that is written::\n\n", 1)[1].split("\n\n", 1)[0]
+    lines = [ln[4:] for ln in block.splitlines()]
+    assert lines[0].startswith("$ exmta explain ")
+    assert main(shlex.split(lines[0][2:])[1:]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:len(lines) - 1] == lines[1:]
