@@ -162,6 +162,8 @@ def make_send_connectors(config: Config, reactor: Any, pool: ThreadPool) -> dict
     if config.dkim_keys:  # DKIM signing on connectors with dkim_sign = true (exmta.send.dkim_sign)
         from exmta.send.dkim_sign import attach_signers
         attach_signers(config, connectors, reactor, pool)
+    from exmta.tlspolicy.wiring import attach_tls_policy
+    attach_tls_policy(config, connectors, reactor, pool)  # MTA-STS and DANE for MX delivery (exmta.tlspolicy)
     return connectors
 
 

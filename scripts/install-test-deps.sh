@@ -60,6 +60,8 @@ for tool in opendkim-testmsg spfquery unshare; do  # mail authentication cross-c
     command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || { log "missing after install: $tool"; exit 1; }
 done
 
+bash "$here/scripts/deps-dane.sh"  # unbound for the DANE tests (tests/tlspolicy/)
+
 # exmta itself, editable (compat mode) with the [test] extras, in ./.venv
 # (scripts/install.sh; Debian's python3 is "externally managed", PEP 668)
 PYTHON="$PYTHON" timeout 900 bash "$here/scripts/install.sh" test

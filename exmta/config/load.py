@@ -652,6 +652,8 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
     auth_backends = _auth_config().read_auth_backends(top.sub("auth"), source)
 
     dkim_keys = _dkim_config().read_dkim(top.sub("dkim"), server["data_dir"])
+    from exmta.tlspolicy.config import read_tls_policy
+    tls_policy = read_tls_policy(top.sub("tls_policy"), server["data_dir"])  # MTA-STS, DANE, TLS-RPT
 
     filters: dict[str, dict[str, Any]] = {}
     fs = top.sub("filters")
@@ -706,6 +708,7 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
         recipient_list=server["recipient_list"],
         filters=filters,
         dkim_keys=dkim_keys,
+        tls_policy=tls_policy,
         metrics=metrics,
         alerts=alerts,
         auth_backends=auth_backends,

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from exmta.tlspolicy.config import TLSPolicyConfig
+
 
 @dataclass(frozen=True)
 class AcceptedDomain:
@@ -264,6 +266,7 @@ class Config:
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     back_pressure: BackPressureConfig = field(default_factory=BackPressureConfig)
     recipient_list: str | None = None     # addresses of authoritative domains (exmta.receive.recipients)
+    tls_policy: TLSPolicyConfig = field(default_factory=TLSPolicyConfig)  # [tls_policy] (exmta.tlspolicy)
     source: str = "<embedded default>"    # the file this came from, for messages
 
     @property

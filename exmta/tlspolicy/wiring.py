@@ -1,0 +1,29 @@
+"""Give each MX-delivering SMTP send connector its TLS policy engine (MTA-STS, DANE, TLS-RPT)."""
+from __future__ import annotations
+
+from typing import Any
+
+from exmta.tlspolicy.engine import TLSPolicyEngine
+
+__all__ = ["attach_tls_policy"]
+
+
+def attach_tls_policy(config: Any, connectors: dict[str, Any], reactor: Any, threadpool: Any,
+                      reporter: Any = None) -> list[TLSPolicyEngine]:
+    """One engine per SMTP connector that looks up MX (no smart hosts); returns them.
+
+    Connectors with smart hosts, LMTP or Maildir deliver to places the
+    administrator chose, where the connector's own TLS settings apply.
+    """
+    tp = config.tls_policy
+    engines = []
+    if not (tp.mta_sts or tp.dane):
+        return engines
+    for sc in config.send:
+        connector = connectors.get(sc.name)
+        if sc.kind != "smtp" or sc.smarthosts or connector is None or not hasattr(connector, "tls_policy"):
+            continue
+        engine = TLSPolicyEngine(tp, reactor, reactor, threadpool, connector.resolver, reporter=reporter)
+        connector.tls_policy = engine
+        engines.append(engine)
+    return engines
