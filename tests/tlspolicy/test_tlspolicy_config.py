@@ -1,0 +1,58 @@
+"""The [tls_policy] section: defaults, the example file, errors that name the key."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from exmta.config.load import ConfigError, load_config, parse_config
+from exmta.tlspolicy.config import TLSPolicyConfig
+
+ETC = Path(__file__).resolve().parents[2] / "etc" / "exmta.toml"
+RECEIVE = {"receive": {"in": {"listen": ["tcp:2525"]}}}
+
+
+def test_example_file_documents_every_key_and_uncommented_loads(tmp_path: Path) -> None:
+    text = ETC.read_text()
+    section = text[text.index("[tls_policy]"):text.index("[[route]]")]
+    for f in dataclasses.fields(TLSPolicyConfig):
+        assert re.search(rf"^#? ?{f.name}\b|^\[tls_policy\.{f.name}\]", section, re.M), f.name
+    assert load_config(str(ETC)).tls_policy.mta_sts is True
+    roots = tmp_path / "roots.pem"
+    roots.write_text("")
+    uncommented = re.sub(r"^# (dane_resolvers|cache_dir|tls_rpt_\w+|https_port|\"broken)", r"\1", text, flags=re.M)
+    uncommented = uncommented.replace('# ca_file = "/etc/exmta/tls/roots.pem"', f'ca_file = "{roots}"')
+    path = tmp_path / "exmta.toml"
+    path.write_text(uncommented.replace("dane = false", "dane = true"))
+    cfg = load_config(str(path)).tls_policy
+    assert cfg.dane and cfg.dane_resolvers == ("127.0.0.1:53",) and cfg.overrides == {"broken-policy.example": "testing"}
+    assert cfg.cache_dir == "/var/lib/exmta/tls-policy" and cfg.max_policy_size == 65536 and cfg.txt_recheck == 300
+
+
+def test_defaults_and_cache_under_data_dir() -> None:
+    cfg = parse_config(dict(RECEIVE, server={"data_dir": "/srv/x"})).tls_policy
+    assert cfg.mta_sts and not cfg.dane and cfg.cache_dir == "/srv/x/tls-policy" and cfg.https_port == 443
+
+
+def test_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(dict(RECEIVE, tls_policy={"dane": True, "overrides": {"a.example": "sometimes"},
+                                               "typo": 1, "dane_resolvers": []}))
+    text = str(e.value)
+    assert "tls_policy.overrides.a.example: must be one of none, testing, enforce" in text
+    assert "tls_policy.typo: unknown setting" in text
+    assert "tls_policy.dane_resolvers: dane = true needs" in text
+
+
+def test_docs_toml_block_loads() -> None:
+    import tomllib
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "tls-policy.rst").read_text()
+    block = doc.split(".. code-block:: toml\n\n", 1)[1].split("\n\n\n", 1)[0]
+    block = "\n".join(line[4:] for line in block.split("\n") if not line or line.startswith("    "))
+    block = block.split("\n\n" + "Why", 1)[0]
+    cfg = parse_config(dict(RECEIVE, **tomllib.loads(block))).tls_policy
+    assert cfg.dane and cfg.fetch_timeout == 20.0
+    assert cfg.overrides == {"legacy.example": "testing", "*.lab.example": "none"}
