@@ -17,7 +17,7 @@ from cryptography import x509
 from OpenSSL import crypto
 
 from exmta.diagnose.findings import Findings
-from exmta.tlspolicy.verify import check_names, make_store
+from exmta.tlspolicy.verify import check_names, is_ca, make_store
 
 __all__ = ["diagnose_config"]
 
@@ -72,7 +72,7 @@ def _certificate(f: Findings, where: str, cert: Any, names: list[str], ca_file: 
         last = certs[-1]
         if "expired" in text.lower() and leaf.not_valid_after_utc < now:
             pass
-        elif "local issuer" in text and last.issuer != last.subject:
+        elif "local issuer" in text and not is_ca(last):
             f.error(check, f"{cert.cert}: chain incomplete: the issuer of {last.subject.rfc4514_string()} "
                     f"({last.issuer.rfc4514_string()}) is missing", "append the intermediate certificate(s) to "
                     "the file, or name them in chain =", code="missing-intermediate")

@@ -21,7 +21,7 @@ from typing import Any
 from OpenSSL import SSL, crypto
 
 from exmta.diagnose.findings import Findings
-from exmta.tlspolicy.verify import TLSARecord, check_dane, check_names, make_store
+from exmta.tlspolicy.verify import TLSARecord, check_dane, check_names, is_ca, make_store
 
 __all__ = ["ProbeOptions", "ProbeResult", "probe_host"]
 
@@ -142,12 +142,20 @@ def _tls_context(opts: ProbeOptions, version: int | None = None) -> SSL.Context:
 def _starttls(opts: ProbeOptions, version: int | None = None) -> tuple[SSL.Connection, socket.socket, _Lines]:
     """A new connection up to a finished handshake (greeting, EHLO, STARTTLS)."""
     raw = _connect(opts)
+    try:
+        return _starttls_on(opts, raw, version)
+    except BaseException:
+        raw.close()
+        raise
+
+
+def _starttls_on(opts: ProbeOptions, raw: socket.socket,
+                 version: int | None) -> tuple[SSL.Connection, socket.socket, _Lines]:
     lines = _Lines(raw, raw, opts.timeout)
     lines.reply()
     lines.command(f"EHLO {opts.helo}")
     code, text = lines.command("STARTTLS")
     if code != 220:
-        raw.close()
         raise ConnectionError(f"STARTTLS refused: {code} {' '.join(text)}")
     raw.setblocking(False)
     conn = SSL.Connection(_tls_context(opts, version), raw)
@@ -164,7 +172,6 @@ def _starttls(opts: ProbeOptions, version: int | None = None) -> tuple[SSL.Conne
         except SSL.WantWriteError:
             select.select([], [raw], [], max(0.0, deadline - time.monotonic()))
         if time.monotonic() > deadline:
-            raw.close()
             raise TimeoutError("TLS handshake timed out")
     return conn, raw, _Lines(conn, raw, opts.timeout)
 
@@ -307,7 +314,7 @@ def _check_chain(opts: ProbeOptions, chain: list[crypto.X509], f: Findings) -> N
         last = certs[-1]
         if "expired" in text.lower() and leaf.not_valid_after_utc < now:
             pass  # reported above
-        elif "local issuer" in text and last.issuer != last.subject:
+        elif "local issuer" in text and not is_ca(last):
             f.error(f"{p}chain", f"incomplete: the server sends {len(chain)} certificate(s) and not the issuer "
                     f"of {last.subject.rfc4514_string()} ({last.issuer.rfc4514_string()})",
                     "configure the certificate file with the intermediate certificate(s) after the leaf",

@@ -17,6 +17,7 @@ whose ``kind`` is a TLS-RPT result type.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -24,7 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
 
-__all__ = ["Problem", "TLSARecord", "association", "check_dane", "check_names", "check_webpki",
+__all__ = ["Problem", "TLSARecord", "association", "check_dane", "check_names", "check_webpki", "is_ca",
            "make_store", "peer_chain"]
 
 
@@ -79,7 +80,13 @@ def make_store(ca_file: str | None, anchors: Sequence[crypto.X509] = (), partial
     elif ca_file:
         store.load_locations(ca_file)
     else:
-        store.set_default_paths()
+        import ssl
+
+        paths = ssl.get_default_verify_paths()
+        cafile = paths.cafile if paths.cafile and os.path.exists(paths.cafile) else None
+        capath = paths.capath if paths.capath and os.path.isdir(paths.capath) else None
+        if cafile or capath:
+            store.load_locations(cafile, capath)
     if partial:  # a DANE-TA anchor may be an intermediate, not a self-signed root
         store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
     return store
@@ -95,6 +102,14 @@ def _pkix(chain: list[crypto.X509], store: crypto.X509Store) -> Problem | None:
         kind = "certificate-expired" if "expired" in low or "not yet valid" in low else "certificate-not-trusted"
         return Problem(kind, f"certificate not trusted: {text}")
     return None
+
+
+def is_ca(cert: x509.Certificate) -> bool:
+    """A CA certificate (basicConstraints CA:TRUE): a chain that ends in one lacks only a trusted root."""
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
 
 
 def check_names(leaf: crypto.X509, names: Sequence[str]) -> Problem | None:
