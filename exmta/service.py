@@ -250,6 +250,8 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     filters = load_filters(config.filters, env, source=config.source)
     from exmta.filters.dmarc_reports import add_report_service
     add_report_service(top, config, store, reactor, pool, paths["data"])  # [filters.X] dmarc with reports = true
+    from exmta.tlspolicy.report import add_tls_report_service
+    add_tls_report_service(top, config, store, reactor, pool, connectors)  # [tls_policy] tls_rpt = true
     resources = make_resources(config, paths["queue"], reactor, reactor, pool)
     if resources.service is not None:
         _add(top, "back-pressure", resources.service)

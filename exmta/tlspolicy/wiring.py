@@ -16,9 +16,15 @@ def attach_tls_policy(config: Any, connectors: dict[str, Any], reactor: Any, thr
     administrator chose, where the connector's own TLS settings apply.
     """
     tp = config.tls_policy
-    engines = []
+    engines: list[TLSPolicyEngine] = []
     if not (tp.mta_sts or tp.dane):
         return engines
+    if reporter is None and tp.tls_rpt:
+        import os
+
+        from exmta.tlspolicy.report import TLSResultLog
+
+        reporter = TLSResultLog(os.path.join(tp.cache_dir or config.data_dir, "tlsrpt", "results.jsonl"), reactor)
     for sc in config.send:
         connector = connectors.get(sc.name)
         if sc.kind != "smtp" or sc.smarthosts or connector is None or not hasattr(connector, "tls_policy"):

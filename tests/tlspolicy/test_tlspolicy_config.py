@@ -56,3 +56,28 @@ def test_docs_toml_block_loads() -> None:
     cfg = parse_config(dict(RECEIVE, **tomllib.loads(block))).tls_policy
     assert cfg.dane and cfg.fetch_timeout == 20.0
     assert cfg.overrides == {"legacy.example": "testing", "*.lab.example": "none"}
+
+
+def test_wiring_gives_mx_connectors_an_engine_and_the_report_service(tmp_path: Path) -> None:
+    from twisted.application.service import MultiService
+    from twisted.internet import reactor
+
+    from exmta.service import make_send_connectors
+    from exmta.testing.memstore import MemoryStore
+    from exmta.tlspolicy.engine import TLSPolicyEngine
+    from exmta.tlspolicy.report import TLSResultLog, add_tls_report_service
+
+    raw = dict(RECEIVE, server={"data_dir": str(tmp_path)}, tls_policy={"tls_rpt": True},
+               send={"internet": {"type": "smtp", "dns_servers": ["127.0.0.1:5353"]},
+                     "hub": {"type": "smtp", "smarthosts": ["192.0.2.1"]}})
+    config = parse_config(raw)
+    connectors = make_send_connectors(config, reactor, None)
+    engine = connectors["internet"].tls_policy
+    assert isinstance(engine, TLSPolicyEngine) and isinstance(engine.reporter, TLSResultLog)
+    assert engine.reporter.path == str(tmp_path / "tls-policy" / "tlsrpt" / "results.jsonl")
+    assert connectors["hub"].tls_policy is None  # smart hosts: the connector's own TLS settings
+    parent = MultiService()
+    service = add_tls_report_service(parent, config, MemoryStore(reactor), reactor, None, connectors)
+    assert service is not None and service.parent is parent and service.name == "tls-reports"
+    off = parse_config(dict(raw, tls_policy={"mta_sts": False}))
+    assert make_send_connectors(off, reactor, None)["internet"].tls_policy is None
