@@ -272,3 +272,24 @@ def test_table_output(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
     assert out.rstrip().endswith("warning(s)") and "ERROR: " in out
 
 
+
+
+def test_docs_examples(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/diagnose.rst: the monitoring command line, and the missing-intermediate output."""
+    import re
+    import shlex
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "diagnose.rst").read_text()
+    command = doc.split("A check for Icinga or Nagios is just::\n\n", 1)[1].split("\n\n", 1)[0].strip()
+    argv = shlex.split(command)[1:]
+    argv[1] = f"127.0.0.2:{lab.port}"  # the documented host, here: the lab's correct one
+    assert main([*argv, "--ca-file", str(lab.ca_file), "--name", "mx.good.diag.test"]) == 0
+    capsys.readouterr()
+    block = doc.split("test servers)::\n\n", 1)[1].split("\n\n", 1)[0]
+    expected = [line[4:] for line in block.splitlines()]
+    assert main(["diagnose", f"127.0.0.3:{lab.port}", "--ca-file", str(lab.ca_file), "--name",
+                 "mx.good.diag.test", "--no-versions"]) == 2
+    out = [" ".join(got.split()) for got in capsys.readouterr().out.replace(str(lab.port), "PORT").splitlines()]
+    for line in expected:
+        pattern = re.escape(" ".join(line.split())).replace(r"\.\.\.", ".*")
+        assert any(re.fullmatch(pattern, got) for got in out), (line, out)
