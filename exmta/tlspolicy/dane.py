@@ -37,6 +37,7 @@ class Answer:
     records: tuple[Any, ...] = ()    # rdata objects of the asked type (CNAMEs followed by the resolver)
     nxdomain: bool = False
     text: str = ""
+    ttl: float | None = None         # of the records; None for a denial
 
     @property
     def tlsa(self) -> tuple[TLSARecord, ...]:
@@ -51,18 +52,40 @@ class ValidatingResolver:
     """Asks ``nameservers`` [(ip, port)] with DO and AD set; see the module docstring."""
 
     def __init__(self, reactor: Any, threadpool: Any, nameservers: list[tuple[str, int]],
-                 timeout: float = 5.0) -> None:
+                 timeout: float = 5.0, *, clock: Any = None, max_cache: float = 300.0) -> None:
         if not nameservers:
             raise ValueError("a validating resolver needs at least one name server")
         self.reactor = reactor
         self.threadpool = threadpool
         self.nameservers = list(nameservers)
         self.timeout = timeout
+        #: answers kept for their TTL (at most ``max_cache`` s; bogus ones never): a warm
+        #: delivery path asks no question twice (measured in benchmarks/tls_policy.py)
+        self.clock = clock
+        self.max_cache = max_cache if clock is not None else 0.0
+        self._cache: dict[tuple[str, str], tuple[float, Answer]] = {}
 
     def query(self, name: str, rdtype: str) -> defer.Deferred[Answer]:
+        key = (name.lower().rstrip("."), rdtype)
+        if self.max_cache > 0:
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] > self.clock.seconds():
+                return defer.succeed(hit[1])
         if self.threadpool is None:
-            return defer.maybeDeferred(self.query_blocking, name, rdtype)
-        return deferToThreadPool(self.reactor, self.threadpool, self.query_blocking, name, rdtype)
+            d = defer.maybeDeferred(self.query_blocking, name, rdtype)
+        else:
+            d = deferToThreadPool(self.reactor, self.threadpool, self.query_blocking, name, rdtype)
+        return d.addCallback(self._remember, key)
+
+    def _remember(self, answer: Answer, key: tuple[str, str]) -> Answer:
+        if self.max_cache > 0 and answer.status != "bogus":
+            ttl = min([self.max_cache, answer.ttl] if answer.ttl is not None else [self.max_cache, 60.0])
+            if ttl > 0:
+                self._cache[key] = (self.clock.seconds() + ttl, answer)
+                if len(self._cache) > 10000:  # bounded: drop the oldest half
+                    for old in sorted(self._cache, key=lambda k: self._cache[k][0])[:5000]:
+                        del self._cache[old]
+        return answer
 
     def query_blocking(self, name: str, rdtype: str) -> Answer:
         qname = name.rstrip(".") + "."
@@ -86,9 +109,12 @@ class ValidatingResolver:
                 continue
             secure = bool(r.flags & dns.flags.AD)
             records: list[Any] = []
+            ttls = []
             for rrset in r.answer:
                 if rrset.rdtype == rtype:
                     records.extend(rrset)
+                    ttls.append(rrset.ttl)
             return Answer("secure" if secure else "insecure", tuple(records), rcode == dns.rcode.NXDOMAIN,
-                          text=f"{rdtype} {name}: {'secure' if secure else 'insecure'}")
+                          text=f"{rdtype} {name}: {'secure' if secure else 'insecure'}",
+                          ttl=float(min(ttls)) if ttls else None)
         return Answer("bogus", text=f"no validating resolver answered for {rdtype} {name}: {last}")

@@ -175,7 +175,7 @@ class TLSPolicyEngine:
                               fetcher, self._txt, txt_recheck=config.txt_recheck, report=self._sts_failed)
         self.dane: ValidatingResolver | None = None
         if config.dane and config.dane_resolvers:
-            self.dane = ValidatingResolver(reactor, threadpool, parse_nameservers(config.dane_resolvers))
+            self.dane = ValidatingResolver(reactor, threadpool, parse_nameservers(config.dane_resolvers), clock=clock)
         ctx = SSL.Context(SSL.TLS_METHOD)
         ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
         ctx.set_min_proto_version(SSL.TLS1_2_VERSION)  # RFC 8461 4.2: TLS 1.2 or later

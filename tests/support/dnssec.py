@@ -70,9 +70,7 @@ server:
     do-not-query-localhost: no
     outgoing-interface: 127.0.0.1
     do-ip6: no
-    cache-max-ttl: 0
-    cache-max-negative-ttl: 0
-    trust-anchor: "{ds}"
+{cache}    trust-anchor: "{ds}"
 remote-control:
     control-enable: no
 stub-zone:
@@ -167,7 +165,8 @@ class SignedZone:
 class Unbound:
     """A validating unbound on 127.0.0.1:<free port> that trusts only ``zone``'s DS."""
 
-    def __init__(self, directory: Path, zone: SignedZone) -> None:
+    def __init__(self, directory: Path, zone: SignedZone, cache: bool = False) -> None:
+        self.cache = cache  # False: every answer fresh from Knot (tests); True: caching, as in production
         self.dir = Path(directory).resolve() / "unbound"
         self.zone = zone
         self.host = LOOPBACK
@@ -182,7 +181,8 @@ class Unbound:
         self.dir.mkdir(parents=True, exist_ok=True)
         conf = self.dir / "unbound.conf"
         conf.write_text(_UNBOUND.format(host=self.host, port=self.port, d=self.dir, ds=self.zone.ds,
-                                        origin=self.zone.origin, knot_port=self.zone.port))
+                                        origin=self.zone.origin, knot_port=self.zone.port,
+                                        cache="" if self.cache else "    cache-max-ttl: 0\n    cache-max-negative-ttl: 0\n"))
         self.process = ManagedProcess([UNBOUND, "-d", "-c", str(conf)], log_path=self.dir / "unbound.log",
                                       name="unbound", stop_timeout=5.0).start()
         wait_until(lambda: _dns_up(self.host, self.port, self.zone.origin + "."), timeout, "unbound",

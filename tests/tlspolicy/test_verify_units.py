@@ -107,3 +107,35 @@ def test_overrides_exact_wildcard_and_default() -> None:
     assert engine.override_for("lab.example") == "enforce" and engine.override_for("b.example") == "enforce"
     everything = TLSPolicyEngine(TLSPolicyConfig(mta_sts=False, overrides={"*": "testing"}), None, None, None, None)
     assert everything.override_for("any.example") == "testing"
+
+
+def test_validating_resolver_keeps_answers_for_their_ttl_but_never_bogus() -> None:
+    from twisted.internet import task
+
+    from exmta.tlspolicy.dane import Answer, ValidatingResolver
+    from support.sync import result
+
+    class Counting(ValidatingResolver):
+        asked: list[tuple[str, str]] = []
+        answers: dict[str, Answer] = {}
+
+        def query_blocking(self, name: str, rdtype: str) -> Answer:
+            self.asked.append((name, rdtype))
+            return self.answers[name]
+
+    clock = task.Clock()
+    v = Counting(None, None, [("127.0.0.1", 53)], clock=clock, max_cache=300)
+    v.answers = {"a.test": Answer("secure", ("r",), ttl=30.0), "b.test": Answer("bogus"),
+                 "c.test": Answer("secure", ("r",), ttl=3600.0)}
+    for _ in range(2):
+        assert result(v.query("a.test", "TLSA")).status == "secure"
+        assert result(v.query("b.test", "TLSA")).status == "bogus"
+        assert result(v.query("c.test", "TLSA")).status == "secure"
+    assert v.asked.count(("a.test", "TLSA")) == 1 and v.asked.count(("b.test", "TLSA")) == 2
+    clock.advance(31)
+    result(v.query("a.test", "TLSA"))
+    result(v.query("c.test", "TLSA"))
+    assert v.asked.count(("a.test", "TLSA")) == 2 and v.asked.count(("c.test", "TLSA")) == 1
+    clock.advance(300)  # capped at max_cache
+    result(v.query("c.test", "TLSA"))
+    assert v.asked.count(("c.test", "TLSA")) == 2
