@@ -46,7 +46,7 @@ class Skip:
     reason: str
 
 
-@dataclass
+@dataclass(eq=False)
 class HostPolicy:
     """TLS with one MX host under DANE or MTA-STS."""
 

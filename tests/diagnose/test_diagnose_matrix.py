@@ -86,6 +86,8 @@ class Lab:
             f"sel1._domainkey.good TXT {_txt('v=DKIM1; k=rsa; p=' + ours_public.decode())}",
             '_mta-sts.good TXT "v=STSv1; id=1"', "mta-sts.good A 127.0.0.1",
             '_smtp._tls.good TXT "v=TLSRPTv1; rua=mailto:tlsrpt@good.diag.test"',
+            # a null MX (RFC 7505): no mail, and that is not a fault
+            "nullmx MX 0 .", 'nullmx TXT "v=spf1 -all"',
             # wrong MX: a host that does not exist
             "wrongmx MX 10 mail.nowhere", 'wrongmx TXT "v=spf1 -all"',
             # SPF over 10 lookups
@@ -194,7 +196,7 @@ def test_domain_matrix(lab: Lab) -> None:
                                                               "--ip", "127.0.0.1"))
         faults = {}
         for domain, extra in (("wrongmx", ()), ("spf", ()), ("dkim", ("--config", cfg)), ("stsmx", ()),
-                              ("tlsa", ())):
+                              ("tlsa", ()), ("nullmx", ())):
             faults[domain] = yield threads.deferToThread(run, *domain_args(lab, f"{domain}.diag.test", *extra))
     finally:
         yield lab.host.stop()
@@ -211,6 +213,8 @@ def test_domain_matrix(lab: Lab) -> None:
     for domain, code in expected.items():
         rc, report = faults[domain]
         assert rc == 2 and code in codes(report), (domain, json.dumps(report, indent=1))
+    _rc, report = faults["nullmx"]
+    assert "null-mx" in codes(report, "ok") and not {"no-mx", "mx-no-address"} & codes(report)
 
 
 def test_host_matrix(lab: Lab) -> None:
@@ -229,6 +233,9 @@ def test_host_matrix(lab: Lab) -> None:
     for code, (target, extra) in planted.items():
         rc, report = run(target, *extra)
         assert rc == 2 and code in codes(report), (code, json.dumps(report, indent=1))
+    # expiry within --warn-days is a warning (exit 1), not an error
+    rc, report = run(f"127.0.0.2:{lab.port}", *ca, "--no-versions", "--warn-days", "400000")
+    assert rc == 1 and "cert-expiring" in codes(report, "warning")
     # a trusted chain from a CA the system does not know: not trusted without --ca-file
     rc, report = run(f"127.0.0.2:{lab.port}", "--name", "mx.good.diag.test", "--no-versions")
     assert "untrusted" in codes(report)

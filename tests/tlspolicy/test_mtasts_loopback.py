@@ -306,3 +306,28 @@ def test_a_policy_that_changes_is_refreshed_in_the_background(world: World, tmp_
     finally:
         own.stop()
         yield world.host.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_policy_host_that_never_answers_is_given_up_after_the_time_limit(world: World) -> None:
+    """TCP accepted, no TLS handshake, no HTTP: the fetch stops at fetch_timeout, and there is no policy."""
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory, Protocol
+
+    from exmta.tlspolicy.mtasts import MTASTS, PolicyCache, PolicyFetcher
+
+    silent = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+    try:
+        resolver = DNSResolver(reactor, world.pool, world.knot.nameservers, timeout=3.0)
+        fetcher = PolicyFetcher(reactor, resolver.resolve_addresses, port=silent.getHost().port,
+                                ca_file=str(world.pki.ca_file), timeout=0.5)
+        reports: list[tuple[str, str, str]] = []
+        sts = MTASTS(reactor, world.pool, reactor, PolicyCache(None), fetcher,
+                     engine_and_connector(world)[0]._txt, txt_recheck=0.0,
+                     report=lambda *a: reports.append(a))
+        got = yield defer.Deferred.fromCoroutine(sts.policy_for("enforce.sts.test"))
+    finally:
+        yield silent.stopListening()
+    assert got is None
+    [(domain, kind, text)] = reports
+    assert domain == "enforce.sts.test" and kind == "sts-policy-fetch-error" and "timed out" in text
