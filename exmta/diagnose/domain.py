@@ -288,7 +288,7 @@ def fetch_policy(opts: DomainOptions, domain: str) -> str:
     if not (resp.getheader("content-type") or "").lower().startswith("text/plain"):
         raise PolicyError(f"{host} serves the policy as {resp.getheader('content-type')}, not text/plain")
     if len(body) > 64 * 1024:
-        raise PolicyError(f"the policy is larger than 64 KiB")
+        raise PolicyError("the policy is larger than 64 KiB")
     return body.decode("utf-8", "replace")
 
 

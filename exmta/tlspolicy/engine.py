@@ -171,8 +171,9 @@ class TLSPolicyEngine:
             fetcher = PolicyFetcher(reactor, resolver.resolve_addresses, port=config.https_port,
                                     ca_file=config.ca_file, timeout=config.fetch_timeout,
                                     max_size=config.max_policy_size)
-            self.sts = MTASTS(clock, threadpool, reactor, PolicyCache(os.path.join(config.cache_dir, "mta-sts") if config.cache_dir else None),
-                              fetcher, self._txt, txt_recheck=config.txt_recheck, report=self._sts_failed)
+            cache = PolicyCache(os.path.join(config.cache_dir, "mta-sts") if config.cache_dir else None)
+            self.sts = MTASTS(clock, threadpool, reactor, cache, fetcher, self._txt, txt_recheck=config.txt_recheck,
+                              report=self._sts_failed)
         self.dane: ValidatingResolver | None = None
         if config.dane and config.dane_resolvers:
             self.dane = ValidatingResolver(reactor, threadpool, parse_nameservers(config.dane_resolvers), clock=clock)

@@ -320,9 +320,10 @@ def add_tls_report_service(parent: Any, config: Any, store: Any, reactor: Any, p
 
     tp = config.tls_policy
     sender = f"postmaster@{config.hostname}"
-    service = TLSReportService(results, store, reactor, reactor, lambda fn, *a: deferToThreadPool(reactor, pool, fn, *a),
-                               txt, tp.tls_rpt_organization or config.hostname, sender,
-                               tp.tls_rpt_contact or sender, tp.ca_file)
+    service = TLSReportService(results, store, reactor, reactor,
+                               lambda fn, *a: deferToThreadPool(reactor, pool, fn, *a), txt,
+                               tp.tls_rpt_organization or config.hostname, sender, tp.tls_rpt_contact or sender,
+                               tp.ca_file)
     service.setName("tls-reports")
     service.setServiceParent(parent)
     return service

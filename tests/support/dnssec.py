@@ -51,6 +51,7 @@ zone:
     zonefile-load: whole
 {zone_opts}
 """
+_NO_CACHE = "    cache-max-ttl: 0\n    cache-max-negative-ttl: 0\n"
 _SIGN = "    dnssec-signing: on\n    dnssec-policy: fast\n    zonefile-sync: 0\n"
 _SERVE = "    dnssec-signing: off\n    zonefile-sync: -1\n    journal-content: none\n"
 
@@ -182,7 +183,7 @@ class Unbound:
         conf = self.dir / "unbound.conf"
         conf.write_text(_UNBOUND.format(host=self.host, port=self.port, d=self.dir, ds=self.zone.ds,
                                         origin=self.zone.origin, knot_port=self.zone.port,
-                                        cache="" if self.cache else "    cache-max-ttl: 0\n    cache-max-negative-ttl: 0\n"))
+                                        cache="" if self.cache else _NO_CACHE))
         self.process = ManagedProcess([UNBOUND, "-d", "-c", str(conf)], log_path=self.dir / "unbound.log",
                                       name="unbound", stop_timeout=5.0).start()
         wait_until(lambda: _dns_up(self.host, self.port, self.zone.origin + "."), timeout, "unbound",

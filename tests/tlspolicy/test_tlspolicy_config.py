@@ -27,7 +27,8 @@ def test_example_file_documents_every_key_and_uncommented_loads(tmp_path: Path) 
     path = tmp_path / "exmta.toml"
     path.write_text(uncommented.replace("dane = false", "dane = true"))
     cfg = load_config(str(path)).tls_policy
-    assert cfg.dane and cfg.dane_resolvers == ("127.0.0.1:53",) and cfg.overrides == {"broken-policy.example": "testing"}
+    assert cfg.dane and cfg.dane_resolvers == ("127.0.0.1:53",)
+    assert cfg.overrides == {"broken-policy.example": "testing"}
     assert cfg.cache_dir == "/var/lib/exmta/tls-policy" and cfg.max_policy_size == 65536 and cfg.txt_recheck == 300
 
 
@@ -50,9 +51,12 @@ def test_docs_toml_block_loads() -> None:
     import tomllib
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "tls-policy.rst").read_text()
-    block = doc.split(".. code-block:: toml\n\n", 1)[1].split("\n\n\n", 1)[0]
-    block = "\n".join(line[4:] for line in block.split("\n") if not line or line.startswith("    "))
-    block = block.split("\n\n" + "Why", 1)[0]
+    lines = []
+    for line in doc.split(".. code-block:: toml\n\n", 1)[1].split("\n"):
+        if line and not line.startswith("    "):
+            break  # the end of the indented block
+        lines.append(line[4:])
+    block = "\n".join(lines)
     cfg = parse_config(dict(RECEIVE, **tomllib.loads(block))).tls_policy
     assert cfg.dane and cfg.fetch_timeout == 20.0
     assert cfg.overrides == {"legacy.example": "testing", "*.lab.example": "none"}
