@@ -384,10 +384,10 @@ class MTASTS:
         now = self.clock.seconds()
         if domain not in self._memory:
             self._memory[domain] = await self._blocking(lambda: self.cache.load(domain))
-        cached = self._memory[domain]
-        if cached is not None and not cached.valid_at(now):
-            cached = None
-        if now - self._checked.get(domain, -1e18) < self.txt_recheck and domain not in self._fetching:
+        stored = self._memory[domain]
+        cached = stored if stored is not None and stored.valid_at(now) else None
+        recent = now - self._checked.get(domain, -1e18) < self.txt_recheck
+        if recent and (cached is not None or stored is None) and domain not in self._fetching:
             return cached  # also None: no TXT record was found a moment ago (negative caching)
         try:
             policy_id = await self._txt_id(domain)

@@ -39,3 +39,48 @@ def test_mx_patterns() -> None:
 def test_policy_round_trips_as_json() -> None:
     p = STSPolicy("d.test", "testing", ("mx.d.test",), 60, "x1", 5.0, "text")
     assert STSPolicy.from_json(p.to_json()) == p and p.valid_at(64.9) and not p.valid_at(65.0)
+
+
+def test_policy_source_follows_rfc8461_section_5() -> None:
+    """Cache, negative caching, refresh on a new id, expiry, failures: MTASTS with a fake fetch and clock."""
+    from twisted.internet import defer, task
+
+    from exmta.tlspolicy.mtasts import MTASTS, PolicyCache
+    from support.sync import result
+
+    clock = task.Clock()
+    clock.advance(1000)
+    txt: dict[str, list[str] | None] = {"_mta-sts.a.test": ["v=STSv1; id=1"]}
+    served = {"a.test": "version: STSv1\nmode: enforce\nmx: mx.a.test\nmax_age: 600\n"}
+    fetches: list[str] = []
+    reports: list[tuple[str, str, str]] = []
+
+    class Fetcher:
+        def fetch(self, domain: str) -> defer.Deferred[str]:
+            fetches.append(domain)
+            if domain not in served:
+                return defer.fail(PolicyError("host down", "sts-policy-fetch-error"))
+            return defer.succeed(served[domain])
+
+    sts = MTASTS(clock, None, None, PolicyCache(None), Fetcher(), lambda name: defer.succeed(txt.get(name)),
+                 txt_recheck=60, report=lambda *a: reports.append(a))
+
+    def policy_for(domain: str) -> STSPolicy | None:
+        return result(defer.Deferred.fromCoroutine(sts.policy_for(domain)))
+
+    first = policy_for("a.test")
+    assert first.policy_id == "1" and fetches == ["a.test"]
+    assert policy_for("a.test") is first and fetches == ["a.test"]  # cached, TXT not even asked
+    assert policy_for("b.test") is None and policy_for("b.test") is None  # no TXT: none, and remembered
+    # a new id: the cached policy is used now, the new one fetched in the background
+    txt["_mta-sts.a.test"] = ["v=STSv1; id=2"]
+    served["a.test"] = served["a.test"].replace("mx.a.test", "mx2.a.test")
+    clock.advance(61)
+    assert policy_for("a.test").policy_id in ("1", "2")
+    clock.advance(61)
+    assert policy_for("a.test").mx == ("mx2.a.test",)
+    # expired and the host down: no policy (RFC 8461 5), reported
+    del served["a.test"]
+    clock.advance(601)
+    assert policy_for("a.test") is None
+    assert reports[-1][:2] == ("a.test", "sts-policy-fetch-error")
