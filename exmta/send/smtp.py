@@ -266,17 +266,17 @@ class SMTPSendConnector:
                           remote=target.label, phase=phase, reply=str(exc.reply))
             if proto.transport is not None:
                 proto.transport.loseConnection()
-            if target.policy is not None:
-                target.policy.after_session(proto, False)
             reply = exc.reply
             if target.label not in reply.text:
                 reply = Reply(reply.code, reply.status, reply.lines[:-1] + (f"{reply.lines[-1]} ({target.label})",))
+            if target.policy is not None:  # TLS-RPT, and the policy named in the reply
+                reply = target.policy.after_session(proto, False, reply)
             if phase == "STARTTLS" and tls_mode == "opportunistic":
                 return _TLSFailed(reply)
             return reply
         self.log.info("Connected to {remote} (tls={tls})", remote=target.label, tls=proto.tls)
         if target.policy is not None:
-            target.policy.after_session(proto, True)
+            target.policy.after_session(proto, True, None)
         try:
             results = await proto.deliver(request, rcpts)
         except StaleConnection as exc:  # lost between the greeting exchange and MAIL

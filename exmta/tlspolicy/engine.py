@@ -89,14 +89,17 @@ class HostPolicy:
         self.engine.log.info("{policy} (testing, delivering anyway): {problem}", policy=self.label(), problem=text)
         return None
 
-    def after_session(self, proto: Any, established: bool) -> None:
-        """Record what the certificate check did not see: no STARTTLS, or a failed handshake."""
-        if proto.tls is not None:
-            return  # verify() has recorded it
-        if established or "STARTTLS" not in getattr(proto, "capabilities", {}):
-            self.engine.record(self, "starttls-not-supported", f"{self.host} did not offer STARTTLS")
-        else:
-            self.engine.record(self, "validation-failure", f"TLS handshake with {self.host} failed")
+    def after_session(self, proto: Any, established: bool, reply: Reply | None) -> Reply | None:
+        """Record what the certificate check did not see (no STARTTLS, a failed handshake), and name
+        the policy in the refusal ``reply`` of a session that did not come up."""
+        if proto.tls is None:
+            if established or "STARTTLS" not in getattr(proto, "capabilities", {}):
+                self.engine.record(self, "starttls-not-supported", f"{self.host} did not offer STARTTLS")
+            else:
+                self.engine.record(self, "validation-failure", f"TLS handshake with {self.host} failed")
+        if reply is None or not self.enforce or self.label() in reply.text:
+            return reply
+        return Reply(reply.code, reply.status, (f"{self.label()}: {reply.lines[0]}",) + reply.lines[1:])
 
 
 @dataclass

@@ -296,14 +296,14 @@ class PolicyFetcher:
             kind = "sts-webpki-invalid" if _is_tls_error(exc) else "sts-policy-fetch-error"
             raise PolicyError(f"policy fetch from {host} failed: {_describe(exc)}", kind) from None
         if response.code != 200:  # RFC 8461 3.3: no redirects, 200 only
-            response.deliverBody(_LimitedBody(0, defer.Deferred()))
+            _discard(response)
             raise PolicyError(f"policy host {host} answered HTTP {response.code}", "sts-policy-fetch-error")
         ctype = (response.headers.getRawHeaders(b"content-type") or [b""])[0].decode("latin-1").lower()
         if not ctype.startswith("text/plain"):
-            response.deliverBody(_LimitedBody(0, defer.Deferred()))
+            _discard(response)
             raise PolicyError(f"policy from {host} is {ctype or 'untyped'}, not text/plain")
         if response.length is not None and isinstance(response.length, int) and response.length > self.max_size:
-            response.deliverBody(_LimitedBody(0, defer.Deferred()))
+            _discard(response)
             raise PolicyError(f"policy from {host} is {response.length} octets, over {self.max_size}")
         body: defer.Deferred[bytes] = defer.Deferred()
         response.deliverBody(_LimitedBody(self.max_size, body))
@@ -312,6 +312,13 @@ class PolicyFetcher:
             return data.decode("utf-8")
         except UnicodeDecodeError:
             raise PolicyError(f"policy from {host} is not UTF-8") from None
+
+
+def _discard(response: Any) -> None:
+    """Read and drop a body we refuse (so the connection is released)."""
+    done: defer.Deferred[bytes] = defer.Deferred()
+    done.addErrback(lambda _: None)
+    response.deliverBody(_LimitedBody(0, done))
 
 
 def _trust_root(ca_file: str | None) -> Any:
