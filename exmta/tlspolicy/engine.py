@@ -112,6 +112,17 @@ class DomainPolicy:
     skipped: list[str] = field(default_factory=list)
 
     async def host(self, host: str) -> HostPolicy | Skip | None:
+        """The policy for one MX host. An internal error skips the host (fail closed: never clear text)."""
+        try:
+            return await self._host(host)
+        except Exception:
+            self.engine.log.failure("TLS policy of {host} ({domain}) could not be determined", host=host,
+                                    domain=self.domain)
+            reason = f"TLS policy of {host} could not be determined (internal error; see the log)"
+            self.skipped.append(reason)
+            return Skip(reason)
+
+    async def _host(self, host: str) -> HostPolicy | Skip | None:
         if self.override == "none":
             return None
         enforce = self.override != "testing"
@@ -200,6 +211,18 @@ class TLSPolicyEngine:
         return overrides.get("*", "enforce")
 
     async def for_domain(self, domain: str) -> DomainPolicy:
+        """The domain's policy; PolicyDeferral when it cannot be had (an internal error included:
+        mail waits rather than going out with less protection than the domain asked for)."""
+        try:
+            return await self._for_domain(domain)
+        except DNSError:
+            raise
+        except Exception:
+            self.log.failure("TLS policy of {domain} could not be determined", domain=domain)
+            raise PolicyDeferral(Reply.make(451, "4.3.0", f"TLS policy of {domain} could not be determined "
+                                            "(internal error; see the log)")) from None
+
+    async def _for_domain(self, domain: str) -> DomainPolicy:
         domain = domain.lower().rstrip(".")
         policy = DomainPolicy(domain, self, override=self.override_for(domain))
         if policy.override == "none":

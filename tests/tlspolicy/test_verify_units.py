@@ -139,3 +139,24 @@ def test_validating_resolver_keeps_answers_for_their_ttl_but_never_bogus() -> No
     clock.advance(300)  # capped at max_cache
     result(v.query("c.test", "TLSA"))
     assert v.asked.count(("c.test", "TLSA")) == 2
+
+
+def test_an_internal_error_defers_never_falls_back_to_clear_text() -> None:
+    from twisted.internet import defer
+
+    from exmta.tlspolicy.engine import DomainPolicy, PolicyDeferral, Skip, TLSPolicyEngine
+    from support.sync import result
+
+    engine = TLSPolicyEngine(TLSPolicyConfig(mta_sts=False), None, None, None, None)
+
+    class Broken:
+        async def policy_for(self, domain: str) -> None:
+            raise RuntimeError("bug")
+
+    engine.sts = Broken()  # type: ignore[assignment]
+    [failure] = result(defer.Deferred.fromCoroutine(engine.for_domain("x.example")).addErrback(lambda f: [f]))
+    assert isinstance(failure.value, PolicyDeferral) and failure.value.reply.code == 451
+    policy = DomainPolicy("x.example", engine, sts=object())  # type: ignore[arg-type]
+    skipped = result(defer.Deferred.fromCoroutine(policy.host("mx.x.example")))
+    assert isinstance(skipped, Skip) and "internal error" in skipped.reason
+    assert policy.deferral().reply.status == "4.7.5"
