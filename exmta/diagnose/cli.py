@@ -15,10 +15,8 @@ def add_commands(sub: Any) -> None:
     ex.add_argument("reply", help='the reply, e.g. "550 5.7.68 TenantInboundAttribution; Rejecting"')
     ex.add_argument("--json", action="store_true", help="print JSON")
     ex.set_defaults(func=_explain)
-    try:
-        from exmta.diagnose.command import add_diagnose_parser
-    except ImportError:  # pragma: no cover - diagnose lands after explain
-        return
+    from exmta.diagnose.command import add_diagnose_parser
+
     add_diagnose_parser(sub)
 
 

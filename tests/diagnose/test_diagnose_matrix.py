@@ -68,6 +68,11 @@ class Lab:
             key = tmp / f"{label}.key"
             leaf.private_key_pem.write_to_path(str(key))
             files[label] = (cert, key)
+        # a chain out of order: leaf, an unrelated CA, then the real intermediate
+        disordered = tmp / "disordered.pem"
+        disordered.write_bytes(good.cert_chain_pems[0].bytes() + trustme.CA().cert_pem.bytes()
+                               + good.cert_chain_pems[1].bytes())
+        files["disordered"] = (disordered, files["good"][1])
         self.files = files
         good_pem = good.cert_chain_pems[0].bytes()
         other_pem = wrong.cert_chain_pems[0].bytes()
@@ -106,7 +111,7 @@ class Lab:
         self.port = free_port("127.0.0.2")
         self.sinks = [
             SmtpSink(host=f"127.0.0.{i}", port=self.port, tls_context=self._ctx(label)).start()
-            for i, label in ((2, "good"), (3, "leafonly"), (4, "expired"), (5, "wrong"))
+            for i, label in ((2, "good"), (3, "leafonly"), (4, "expired"), (5, "wrong"), (6, "disordered"))
         ]
         pki = TestPKI(tmp / "https")  # the policy host's certificate, from the root as well
         self.https_ca = pki.ca_file
@@ -233,6 +238,9 @@ def test_host_matrix(lab: Lab) -> None:
     for code, (target, extra) in planted.items():
         rc, report = run(target, *extra)
         assert rc == 2 and code in codes(report), (code, json.dumps(report, indent=1))
+    # a chain in the wrong order still verifies here, but is worth a warning
+    rc, report = run(f"127.0.0.6:{lab.port}", *ca, "--no-versions")
+    assert rc == 1 and codes(report, "warning") == {"chain-order"}, json.dumps(report, indent=1)
     # expiry within --warn-days is a warning (exit 1), not an error
     rc, report = run(f"127.0.0.2:{lab.port}", *ca, "--no-versions", "--warn-days", "400000")
     assert rc == 1 and "cert-expiring" in codes(report, "warning")
