@@ -169,7 +169,8 @@ class TLSPolicyEngine:
     log = Logger()
 
     def __init__(self, config: TLSPolicyConfig, reactor: Any, clock: Any, threadpool: Any,
-                 resolver: DNSResolver | None, *, reporter: Any = None) -> None:
+                 resolver: DNSResolver | None, *, reporter: Any = None,
+                 client_certificate: tuple[str, str | None] | None = None) -> None:
         self.config = config
         self.reactor = reactor
         self.clock = clock
@@ -195,6 +196,18 @@ class TLSPolicyEngine:
         ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
         ctx.set_min_proto_version(SSL.TLS1_2_VERSION)  # RFC 8461 4.2: TLS 1.2 or later
         ctx.set_verify(SSL.VERIFY_NONE, lambda *a: True)  # checked after the handshake (verify.py)
+        if client_certificate is not None:
+            # the send connector's tls_certificate, still presented under a policy (Exchange Online
+            # attributes a tenant's mail by it, and publishes MTA-STS for its MX hosts)
+            from OpenSSL import crypto
+
+            from exmta.tls.certs import load_certificate
+
+            loaded = load_certificate(*client_certificate)
+            ctx.use_certificate(crypto.load_certificate(crypto.FILETYPE_PEM, loaded.leaf_pem))
+            for pem in loaded.chain_pem:
+                ctx.add_extra_chain_cert(crypto.load_certificate(crypto.FILETYPE_PEM, pem))
+            ctx.use_privatekey(crypto.load_privatekey(crypto.FILETYPE_PEM, loaded.key_pem))
         self._ctx = ctx
 
     # ------------------------------------------------------------ lookups

@@ -29,7 +29,9 @@ def attach_tls_policy(config: Any, connectors: dict[str, Any], reactor: Any, thr
         connector = connectors.get(sc.name)
         if sc.kind != "smtp" or sc.smarthosts or connector is None or not hasattr(connector, "tls_policy"):
             continue
-        engine = TLSPolicyEngine(tp, reactor, reactor, threadpool, connector.resolver, reporter=reporter)
+        client = (sc.tls_certificate, sc.tls_key) if sc.tls_certificate else None
+        engine = TLSPolicyEngine(tp, reactor, reactor, threadpool, connector.resolver, reporter=reporter,
+                                 client_certificate=client)
         connector.tls_policy = engine
         engines.append(engine)
     return engines

@@ -39,14 +39,16 @@ pytestmark = [pytest.mark.integration,
 
 DOMAINS = ["enforce", "badcert", "notls", "mismatch", "wild", "testing", "none", "down", "big", "malformed",
            "expired", "cached"]
-MX_OF = {"enforce": 2, "badcert": 3, "notls": 4, "mismatch": 2, "wild": 2, "testing": 3, "none": 4, "down": 4,
+#: zone and certificates only: client.sts.test's MX (127.0.0.5) requires a client certificate
+EXTRA = ["client"]
+MX_OF = {"client": 5, "enforce": 2, "badcert": 3, "notls": 4, "mismatch": 2, "wild": 2, "testing": 3, "none": 4, "down": 4,
          "big": 4, "malformed": 4, "expired": 2, "cached": 3}
-TXT_ID = {d: "20261207a" for d in DOMAINS} | {"cached": "new2"}
+TXT_ID = {d: "20261207a" for d in DOMAINS + EXTRA} | {"cached": "new2"}
 
 
 def zone() -> str:
     lines = []
-    for d in DOMAINS:
+    for d in DOMAINS + EXTRA:
         lines.append(f"{d} MX 10 mx.{d}")
         lines.append(f"mx.{d} A 127.0.0.{MX_OF[d]}")
         lines.append(f'_mta-sts.{d} TXT "v=STSv1; id={TXT_ID[d]}"')
@@ -68,14 +70,18 @@ class World:
         self.pki = TestPKI(tmp / "pki")
         self.knot = knot.KnotServer(tmp, {"sts.test": zone()}).start()
         self.port = free_port("127.0.0.2")
-        good = self.pki.server(*[f"mx.{d}.sts.test" for d in DOMAINS], file="mx-good")
+        good = self.pki.server(*[f"mx.{d}.sts.test" for d in DOMAINS + EXTRA], file="mx-good")
+        needs_client = server_context(good)
+        needs_client.verify_mode = ssl.CERT_REQUIRED
+        needs_client.load_verify_locations(str(self.pki.ca_file))
         wrong = self.pki.server("wrong.example", file="mx-wrong")
         self.sinks = {
             2: SmtpSink(host="127.0.0.2", port=self.port, tls_context=server_context(good)).start(),
             3: SmtpSink(host="127.0.0.3", port=self.port, tls_context=server_context(wrong)).start(),
             4: SmtpSink(host="127.0.0.4", port=self.port).start(),
+            5: SmtpSink(host="127.0.0.5", port=self.port, tls_context=needs_client).start(),
         }
-        self.host = PolicyHost(self.pki, [f"mta-sts.{d}.sts.test" for d in DOMAINS + ["change"]])
+        self.host = PolicyHost(self.pki, [f"mta-sts.{d}.sts.test" for d in DOMAINS + EXTRA + ["change"]])
         self.pool = ThreadPool(minthreads=0, maxthreads=4, name="sts-test")
         self.pool.start()
         self.reports: list[tuple[str, str, str | None, str]] = []
@@ -125,6 +131,7 @@ def serve_policies(world: World) -> None:
     p = world.host.policies
     for d in DOMAINS:
         p[f"mta-sts.{d}.sts.test"] = (200, "text/plain", policy("enforce", f"mx.{d}.sts.test"))
+    p["mta-sts.client.sts.test"] = (200, "text/plain", policy("enforce", "mx.client.sts.test"))
     p["mta-sts.mismatch.sts.test"] = (200, "text/plain", policy("enforce", "other.mismatch.sts.test"))
     p["mta-sts.wild.sts.test"] = (200, "text/plain", policy("enforce", "*.wild.sts.test"))
     p["mta-sts.testing.sts.test"] = (200, "text/plain", policy("testing", "mx.testing.sts.test"))
@@ -202,6 +209,15 @@ def test_overrides_ship_mail_anyway_and_cache_survives_restart(world: World) -> 
         serve_policies(world)
         engine, conn = engine_and_connector(world, overrides={"badcert.sts.test": "testing",
                                                               "notls.sts.test": "none"})
+        # the connector's client certificate is still presented under a policy
+        client = world.pki.client("relay.exmta.test", file="relay-client")
+        with_cert = TLSPolicyEngine(engine.config, reactor, reactor, world.pool, engine.resolver,
+                                    client_certificate=(str(client.cert), str(client.key)))
+        conn.tls_policy = with_cert
+        [good] = yield conn.deliver(request("client.sts.test"))
+        yield conn.close()  # no reuse of that session below
+        conn.tls_policy = engine
+        [refused] = yield conn.deliver(request("client.sts.test"))  # the same without the certificate
         [bad] = yield conn.deliver(request("badcert.sts.test"))
         [plain] = yield conn.deliver(request("notls.sts.test"))
         yield conn.close()
@@ -213,6 +229,8 @@ def test_overrides_ship_mail_anyway_and_cache_survives_restart(world: World) -> 
         got = yield defer.Deferred.fromCoroutine(fresh.sts.policy_for("enforce.sts.test"))
     finally:
         yield world.host.stop()
+    assert good.outcome is Outcome.DELIVERED and good.tls and count(world, 5, "client.sts.test") == 1
+    assert refused.outcome is Outcome.DEFERRED and refused.reply.status == "4.7.5"
     assert bad.outcome is Outcome.DELIVERED and bad.tls
     assert plain.outcome is Outcome.DELIVERED and plain.tls is None
     assert got is not None and got.mode == "enforce" and got.mx == ("mx.enforce.sts.test",)
