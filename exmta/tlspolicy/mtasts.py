@@ -403,9 +403,13 @@ class MTASTS:
             policy_id = None
         self._checked[domain] = now
         if cached is not None:
-            if policy_id is not None and policy_id != cached.policy_id and domain not in self.refreshing:
-                self.log.info("MTA-STS id of {domain} changed ({old} -> {new}); refreshing in the background",
-                              domain=domain, old=cached.policy_id, new=policy_id)
+            changed = policy_id is not None and policy_id != cached.policy_id
+            # RFC 8461 10.2: refresh before expiry too (the last quarter of max_age), so a policy in
+            # use does not lapse and a domain that has published it is never delivered to unprotected
+            ageing = policy_id is not None and cached.expires_at - now < cached.max_age / 4
+            if (changed or ageing) and domain not in self.refreshing:
+                self.log.info("MTA-STS policy of {domain}: {why}; refreshing in the background", domain=domain,
+                              why=f"id {cached.policy_id} -> {policy_id}" if changed else "close to expiry")
                 d = self._fetch_and_store(domain, policy_id)
                 self.refreshing[domain] = d
                 d.addBoth(lambda r: (self.refreshing.pop(domain, None), r)[1])

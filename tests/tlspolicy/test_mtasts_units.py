@@ -79,6 +79,11 @@ def test_policy_source_follows_rfc8461_section_5() -> None:
     assert policy_for("a.test").policy_id in ("1", "2")
     clock.advance(61)
     assert policy_for("a.test").mx == ("mx2.a.test",)
+    # close to expiry with the same id: fetched again in the background, the clock starts anew
+    before = len(fetches)
+    clock.advance(600 - 120)
+    assert policy_for("a.test").mx == ("mx2.a.test",) and len(fetches) == before + 1
+    assert policy_for("a.test").fetched_at == clock.seconds() - 0  # the refreshed copy
     # expired and the host down: no policy (RFC 8461 5), reported
     del served["a.test"]
     clock.advance(601)
