@@ -52,7 +52,7 @@ def test_docs_toml_block_loads() -> None:
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "tls-policy.rst").read_text()
     lines = []
-    for line in doc.split(".. code-block:: toml\n\n", 1)[1].split("\n"):
+    for line in doc.split("as the tests load it::\n\n", 1)[1].split("\n"):
         if line and not line.startswith("    "):
             break  # the end of the indented block
         lines.append(line[4:])
