@@ -305,8 +305,15 @@ class PolicyFetcher:
         if response.length is not None and isinstance(response.length, int) and response.length > self.max_size:
             _discard(response)
             raise PolicyError(f"policy from {host} is {response.length} octets, over {self.max_size}")
-        body: defer.Deferred[bytes] = defer.Deferred()
-        response.deliverBody(_LimitedBody(self.max_size, body))
+        reader: list[_LimitedBody] = []
+
+        def stop_reading(_: object) -> None:  # the time limit ran out while the body trickled in
+            if reader and reader[0].transport is not None:
+                reader[0].transport.stopProducing()
+
+        body: defer.Deferred[bytes] = defer.Deferred(stop_reading)
+        reader.append(_LimitedBody(self.max_size, body))
+        response.deliverBody(reader[0])
         data = await body
         try:
             return data.decode("utf-8")

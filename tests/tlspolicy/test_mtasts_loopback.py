@@ -349,3 +349,43 @@ def test_a_policy_host_that_never_answers_is_given_up_after_the_time_limit(world
     assert got is None
     [(domain, kind, text)] = reports
     assert domain == "enforce.sts.test" and kind == "sts-policy-fetch-error" and "timed out" in text
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_policy_that_trickles_in_is_cut_at_the_time_limit(world: World) -> None:
+    """Headers at once, then the body one byte at a time: the fetch stops at fetch_timeout."""
+    from twisted.internet import reactor
+    from twisted.web import resource, server
+
+    from exmta.tlspolicy.mtasts import PolicyError, PolicyFetcher
+
+    lost: list[Any] = []
+
+    class Trickle(resource.Resource):
+        isLeaf = True
+
+        def render_GET(self, request: Any) -> Any:
+            request.setHeader(b"content-type", b"text/plain")
+            request.write(b"v")
+            call = reactor.callLater(30, request.finish)  # never within the limit
+            request.notifyFinish().addErrback(lost.append)  # the client hung up
+            request.notifyFinish().addBoth(lambda _: call.cancel() if call.active() else None)
+            return server.NOT_DONE_YET
+
+    from twisted.internet import ssl as tssl
+
+    files = world.pki.server("mta-sts.enforce.sts.test", file="trickle")
+    cert = tssl.PrivateCertificate.loadPEM(files.cert.read_bytes() + files.key.read_bytes())
+    port = reactor.listenSSL(0, server.Site(Trickle()), cert.options(), interface="127.0.0.1")
+    try:
+        resolver = DNSResolver(reactor, world.pool, world.knot.nameservers, timeout=3.0)
+        fetcher = PolicyFetcher(reactor, resolver.resolve_addresses, port=port.getHost().port,
+                                ca_file=str(world.pki.ca_file), timeout=0.5)
+        [failure] = yield fetcher.fetch("enforce.sts.test").addCallbacks(lambda r: [r], lambda f: [f])
+        deadline = time.monotonic() + 10
+        while not lost and time.monotonic() < deadline:  # the fetcher closed the connection
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        assert lost, "the connection stayed open after the time limit"
+    finally:
+        yield port.stopListening()
+    assert isinstance(failure.value, PolicyError) and "timed out" in str(failure.value)
