@@ -72,6 +72,14 @@ class HostPolicy:
 
     def verify(self, connection: Any) -> str | None:
         """Run after the handshake: None to go on, or why not (enforced policies only)."""
+        try:
+            return self._verify(connection)
+        except Exception:  # a certificate the checks choke on: refused under an enforced policy
+            self.engine.log.failure("TLS policy check of {host} failed", host=self.host)
+            self.engine.record(self, "validation-failure", "the certificate could not be checked")
+            return f"{self.label()}: {self.host}: the certificate could not be checked" if self.enforce else None
+
+    def _verify(self, connection: Any) -> str | None:
         if self.kind == "dane":
             problem = check_dane(connection, self.tlsa, [self.host])
         else:

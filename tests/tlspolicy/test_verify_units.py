@@ -160,3 +160,20 @@ def test_an_internal_error_defers_never_falls_back_to_clear_text() -> None:
     skipped = result(defer.Deferred.fromCoroutine(policy.host("mx.x.example")))
     assert isinstance(skipped, Skip) and "internal error" in skipped.reason
     assert policy.deferral().reply.status == "4.7.5"
+
+
+def test_a_check_that_raises_refuses_under_enforce_and_passes_under_testing() -> None:
+    from exmta.tlspolicy.engine import HostPolicy, TLSPolicyEngine
+
+    engine = TLSPolicyEngine(TLSPolicyConfig(mta_sts=False), None, None, None, None)
+
+    class Weird:
+        def get_peer_cert_chain(self) -> list[object]:
+            return [object()]  # not a certificate
+
+    enforced = HostPolicy("dane", "mx.example.test", "example.test", True, engine,
+                          tlsa=(TLSARecord(3, 1, 1, b"\1" * 32),))
+    assert "could not be checked" in (enforced.verify(Weird()) or "")
+    testing = HostPolicy("dane", "mx.example.test", "example.test", False, engine,
+                         tlsa=(TLSARecord(3, 1, 1, b"\1" * 32),))
+    assert testing.verify(Weird()) is None
