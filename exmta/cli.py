@@ -43,6 +43,8 @@ def make_parser() -> argparse.ArgumentParser:
     add_exchange_commands(sub)  # exmta exo check, exmta import exchange
     from exmta.receive.which import add_connector_parser
     add_connector_parser(sub)  # exmta connector which ADDRESS: the receive connector and its rights
+    from exmta.diagnose.cli import add_commands as add_diagnose_commands
+    add_diagnose_commands(sub)  # exmta explain, exmta diagnose
     return parser
 
 

@@ -168,6 +168,8 @@ def make_send_connectors(config: Config, reactor: Any, pool: ThreadPool) -> dict
     if any(sc.auth == "xoauth2" for sc in config.send):  # OAuth2 tokens for XOAUTH2 (exmta.send.oauth2)
         from exmta.send.oauth2 import attach_token_sources
         attach_token_sources(config.send, connectors, reactor, reactor)
+    from exmta.tlspolicy.wiring import attach_tls_policy
+    attach_tls_policy(config, connectors, reactor, pool)  # MTA-STS and DANE for MX delivery (exmta.tlspolicy)
     return connectors
 
 
@@ -265,6 +267,8 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     filters = load_filters(config.filters, env, source=config.source)
     from exmta.filters.dmarc_reports import add_report_service
     add_report_service(top, config, store, reactor, pool, paths["data"])  # [filters.X] dmarc with reports = true
+    from exmta.tlspolicy.report import add_tls_report_service
+    add_tls_report_service(top, config, store, reactor, pool, connectors)  # [tls_policy] tls_rpt = true
     resources = make_resources(config, paths["queue"], reactor, reactor, pool)
     if resources.service is not None:
         _add(top, "back-pressure", resources.service)

@@ -62,6 +62,7 @@ for tool in opendkim-testmsg spfquery unshare; do  # mail authentication cross-c
 done
 
 bash "$here/scripts/deps-oauth2.sh"  # XOAUTH2 relay tests: dovecot-submissiond, npm oidc-provider
+bash "$here/scripts/deps-dane.sh"  # unbound for the DANE tests (tests/tlspolicy/)
 
 # exmta itself, editable (compat mode) with the [test] extras, in ./.venv
 # (scripts/install.sh; Debian's python3 is "externally managed", PEP 668)

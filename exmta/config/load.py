@@ -780,6 +780,8 @@ def _parse_config(raw: dict[str, Any], source: str, data_dir: str | None) -> Con
     auth_backends = _auth_config().read_auth_backends(top.sub("auth"), source)
 
     dkim_keys = _dkim_config().read_dkim(top.sub("dkim"), server["data_dir"])
+    from exmta.tlspolicy.config import read_tls_policy
+    tls_policy = read_tls_policy(top.sub("tls_policy"), server["data_dir"])  # MTA-STS, DANE, TLS-RPT
 
     filters: dict[str, dict[str, Any]] = {}
     fs = top.sub("filters")
@@ -838,6 +840,7 @@ def _parse_config(raw: dict[str, Any], source: str, data_dir: str | None) -> Con
         **{key: server[key] for key in _abuse_config().SERVER_KEYS},
         filters=filters,
         dkim_keys=dkim_keys,
+        tls_policy=tls_policy,
         metrics=metrics,
         alerts=alerts,
         auth_backends=auth_backends,

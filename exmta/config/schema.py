@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from exmta.tlspolicy.config import TLSPolicyConfig
+
 
 @dataclass(frozen=True)
 class AcceptedDomain:
@@ -308,6 +310,7 @@ class Config:
     # recipient validation against LDAP / AD (exmta.receive.directory): an [auth.NAME] of kind ldap
     recipient_directory: str | None = None
     recipient_cache_ttl: float = 60.0     # seconds an answer (known or unknown) is reused
+    tls_policy: TLSPolicyConfig = field(default_factory=TLSPolicyConfig)  # [tls_policy] (exmta.tlspolicy)
     source: str = "<embedded default>"    # the file this came from, for messages
 
     @property

@@ -28,13 +28,26 @@ LATENCY_EVENTS = frozenset({
     TrackingEventId.EXPIRE, TrackingEventId.POISONMESSAGE, TrackingEventId.DROP,
 })
 
+#: events whose reply gets ``explanation`` (exmta.diagnose.explain: what it means, what to do)
+EXPLAINED_EVENTS = frozenset({TrackingEventId.DEFER, TrackingEventId.FAIL})
+
 
 def event_details(event_id: TrackingEventId, received_at: float, now: float, result: Any,
                   details: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The ``details`` of a queue event, with ``latency`` added for delivery outcomes."""
+    """The ``details`` of a queue event, with ``latency`` added for delivery outcomes and
+    ``explanation`` for DEFER and FAIL replies that `exmta explain` knows."""
     out = dict(details or {})
     if received_at and event_id in LATENCY_EVENTS:
         out.setdefault("latency", round(max(0.0, now - received_at), 3))
+    if event_id in EXPLAINED_EVENTS and result is not None and getattr(result, "reply", None) is not None:
+        from exmta.diagnose.explain import short
+
+        try:
+            explanation = short(str(result.reply))
+        except Exception:  # a catalogue problem must never cost a tracking line
+            explanation = None
+        if explanation:
+            out.setdefault("explanation", explanation)
     return out
 
 

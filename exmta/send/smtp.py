@@ -53,6 +53,7 @@ class Target:
     address: str | None      # IP address, or None to let HostnameEndpoint resolve ``name``
     port: int = 25
     unix_path: str | None = None
+    policy: Any = None       # exmta.tlspolicy.engine.HostPolicy: MTA-STS/DANE TLS for this MX host
 
     @property
     def label(self) -> str:
@@ -139,6 +140,8 @@ class SMTPSendConnector:
         self.signer: Any = None
         #: exmta.send.header_firewall.OutboundHeaderFirewall unless send_organization_headers = true
         self.header_firewall: Any = None
+        #: exmta.tlspolicy.engine.TLSPolicyEngine (MTA-STS, DANE) for MX delivery, None when off
+        self.tls_policy: Any = None
         self._idle: dict[tuple[str, ...], OrderedDict[SMTPClientProtocol, IDelayedCall]] = {}
         self._closing: set[defer.Deferred[None]] = set()
 
@@ -282,7 +285,7 @@ class SMTPSendConnector:
             self.clock, self.helo_name, lmtp=self.lmtp, tls_mode=tls_mode,
             tls_context=self._context_for(target), username=self.config.auth_username,
             password=self.config.auth_password, timeouts=self.timeouts, remote_host=target.label,
-            protocol_log=self.protocol_log,
+            protocol_log=self.protocol_log, tls_verifier=target.policy.verify if target.policy else None,
             sasl=self.xoauth2.login(request) if self.xoauth2 is not None else None,
         )
         try:
@@ -301,10 +304,14 @@ class SMTPSendConnector:
             reply = exc.reply
             if target.label not in reply.text:
                 reply = Reply(reply.code, reply.status, reply.lines[:-1] + (f"{reply.lines[-1]} ({target.label})",))
+            if target.policy is not None:  # TLS-RPT, and the policy named in the reply
+                reply = target.policy.after_session(proto, False, reply)
             if phase == "STARTTLS" and tls_mode == "opportunistic":
                 return _TLSFailed(reply)
             return reply
         self.log.info("Connected to {remote} (tls={tls})", remote=target.label, tls=proto.tls)
+        if target.policy is not None:
+            target.policy.after_session(proto, True, None)
         try:
             results = await proto.deliver(request, rcpts)
         except StaleConnection as exc:  # lost between the greeting exchange and MAIL
@@ -312,11 +319,15 @@ class SMTPSendConnector:
         return results, proto
 
     def _tls_mode(self, target: Target) -> str:
+        if target.policy is not None:
+            return str(target.policy.tls_mode(self.config.tls))
         if target.unix_path is not None:
             return "none" if self.config.tls != "mandatory" else "mandatory"
         return self.config.tls
 
     def _context_for(self, target: Target) -> Any:
+        if target.policy is not None:
+            return target.policy.context()
         if self.config.tls == "none":
             return None
         if self.tls_context is None:
@@ -362,9 +373,16 @@ class SMTPSendConnector:
             yield Target(domain, None, self.config.port)
             return
         mxs = await self.resolver.resolve_mx(domain)
+        # MTA-STS / DANE (exmta.tlspolicy): which MX hosts, and which TLS with each
+        policy = await self.tls_policy.for_domain(domain) if self.tls_policy is not None else None
         last_error: DNSError | None = None
         yielded = False
         for _pref, host in mxs:
+            host_policy = await policy.host(host) if policy is not None else None
+            if host_policy is not None and not hasattr(host_policy, "verify"):  # Skip: policy forbids it
+                self.log.info("MX {host} of {domain} skipped: {reason}", host=host, domain=domain,
+                              reason=host_policy.reason)
+                continue
             try:
                 addresses = await self.resolver.resolve_addresses(host)
             except DNSError as exc:
@@ -373,7 +391,9 @@ class SMTPSendConnector:
                 continue
             for addr in addresses:
                 yielded = True
-                yield Target(host, addr, self.config.port)
+                yield Target(host, addr, self.config.port, policy=host_policy)
+        if not yielded and policy is not None and policy.skipped:
+            raise policy.deferral()
         if not yielded and last_error is not None:
             raise last_error
 

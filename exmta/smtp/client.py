@@ -280,6 +280,7 @@ class SMTPClientProtocol(Protocol):
         remote_host: str | None = None,
         protocol_log: Any = None,
         sasl: Any = None,
+        tls_verifier: Any = None,
     ) -> None:
         if tls_mode not in ("none", "opportunistic", "mandatory"):
             raise ValueError(f"unknown tls mode {tls_mode!r}")
@@ -315,6 +316,8 @@ class SMTPClientProtocol(Protocol):
         self.protocol_log = protocol_log
         self._plog: Any = None
         self._tcp: list[Any] | None = None  # [the plain TCP connection or None] (exmta.smtp.sendnow)
+        #: ``(OpenSSL connection) -> problem or None``, run once TLS is up (MTA-STS/DANE, exmta.tlspolicy)
+        self.tls_verifier = tls_verifier
 
     # ------------------------------------------------------------ transport events
 
@@ -509,6 +512,10 @@ class SMTPClientProtocol(Protocol):
         if self._plog is not None:
             version, _, cipher = self.tls.partition(" ")
             self._plog.tls(version, cipher or None)
+        if self.tls_verifier is not None:  # the certificate check of a TLS policy: before any MAIL
+            problem = self.tls_verifier(self.transport.getHandle())
+            if problem:
+                raise SessionFailure(_local_reply(451, "4.7.5", problem), "STARTTLS")
 
     def _describe_tls(self) -> str:
         try:

@@ -1,0 +1,1 @@
+"""Troubleshooting from the outside: ``exmta explain`` and ``exmta diagnose`` (issue 18)."""
