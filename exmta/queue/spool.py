@@ -84,7 +84,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from exmta.coroutines import run_coroutine
-from exmta.interfaces import IMessageWriter, IQueueStore
+from exmta.interfaces import IMessageWriter, IQueueAdmin, IQueueStore
 from exmta.model import Envelope, QueueEntry, new_queue_id
 
 __all__ = ["GroupSync", "SpoolStore", "SpoolWriter", "STATES", "fsync_directory"]
@@ -508,7 +508,7 @@ class _Recovery:
     unknown: list[str] = field(default_factory=list)
 
 
-@implementer(IQueueStore)
+@implementer(IQueueStore, IQueueAdmin)
 class SpoolStore:
     """IQueueStore on a local directory tree (layout in the module docstring).
 
