@@ -237,6 +237,16 @@ class PostgresStore:
         (with an empty id) so that mail committed by other nodes, or left by a dead one, is seen."""
         self._listeners.append(callback)
 
+    # ------------------------------------------------------------ several processes (as the spool offers)
+
+    def notice(self, queue_id: str) -> None:
+        """A receive worker of this node committed queue_id: wake the scheduler."""
+        self._notify(queue_id)
+
+    def scan_incoming(self) -> Deferred[int]:
+        """Nothing to index: the database is the index, and the poll sees every node's mail."""
+        return succeed(0)
+
     # ------------------------------------------------------------ writing
 
     def open_writer(self) -> PostgresWriter:

@@ -86,7 +86,6 @@ def run(argv: list[str]) -> None:
     from exmta.config.load import embedded_default, load_config
     from exmta.observe.tracking import TrackingLog
     from exmta.plugins import FilterEnv, load_filters
-    from exmta.queue.spool import SpoolStore
     from exmta.service import data_paths, make_receive_factory, make_threadpool
 
     config = load_config(args.config, data_dir=args.data) if args.config else embedded_default(args.data)
@@ -98,9 +97,12 @@ def run(argv: list[str]) -> None:
     lines = LineBatcher(reactor)
     relay = WorkerRelay(lines.write)  # metrics: events to the main process too
     tracker = relay.wrap(tracker)
-    # only the main process claims; no thread hand-offs but the syncfs calls (exmta.queue.spool)
-    store = SpoolStore(paths["queue"], reactor, pool, clock=reactor, claims=False,
-                       io="inline", sync=config.spool_sync_for(worker=True))
+    # only the main process claims (exmta.queue.stores)
+    from exmta.queue.stores import make_store
+    chosen = make_store(config, paths, reactor, pool, worker=True)
+    store = chosen.store
+    if chosen.service is not None:
+        store.open()  # connections only: leases, heartbeats and polling belong to the main process
     store.add_listener(lines.announce)
     env = FilterEnv(reactor=reactor, clock=reactor, threadpool=pool, hostname=config.hostname,
                     data_dir=paths["data"])
@@ -135,6 +137,8 @@ def run(argv: list[str]) -> None:
             resources.service.stopService()
         tracker.close()
         protocol_logs.close()
+        if chosen.service is not None:
+            store.close()
         pool.stop()
         lines.flush()
 
