@@ -231,6 +231,8 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
 
     from exmta.observe.runtime import build_observability
     observe = top.observability = build_observability(config, reactor, store, paths)
+    if chosen.service is not None:
+        observe.readiness.add("cluster", chosen.service.readiness)  # draining, or PostgreSQL unreachable
     if observe.http is not None:
         _add(top, "observe-http", observe.http)  # stops late: /readyz answers "stopping" while draining
     tracker = observe.fan_out(tracker)

@@ -650,6 +650,25 @@ class PostgresStore:
                       "{removed} local temp/cache file(s)", node=self.node, returned=returned, removed=removed)
         return returned
 
+    def release_leases(self) -> Deferred[int]:
+        """Return every message this node still holds to incoming, due now, for any node (at stop)."""
+        leases = {q: lease.token for q, lease in self._leases.items()}
+        if not leases:
+            return succeed(0)
+
+        def work(cur: Any) -> int:
+            cur.execute("UPDATE exmta_message SET state = 'incoming', lease_owner = NULL, lease_token = NULL,"
+                        " lease_expires = NULL WHERE state = 'active' AND queue_id = ANY(%s)"
+                        " AND lease_token = ANY(%s)", (list(leases), list(leases.values())))
+            return cur.rowcount
+
+        def done(count: int) -> int:
+            for queue_id in leases:
+                self._drop_lease(queue_id)
+            self.log.info("handed {count} claimed message(s) back to the cluster", count=count)
+            return count
+        return self._in_pool(self._tx, work).addCallback(done)
+
     def claimed(self) -> list[str]:
         return sorted(self._leases)
 
@@ -666,15 +685,24 @@ class PostgresStore:
             return cur.rowcount
         return self._in_pool(self._tx, work)
 
-    def heartbeat(self, draining: bool = False) -> Deferred[None]:
+    def heartbeat(self) -> Deferred[bool]:
+        """Store this node's heartbeat; fires with its draining flag (set by `exmta cluster drain`)."""
         received = self.received
 
-        def work(cur: Any) -> None:
+        def work(cur: Any) -> bool:
             cur.execute(
-                "INSERT INTO exmta_node (name, started_at, heartbeat, pid, draining, received)"
-                " VALUES (%s, now(), now(), %s, %s, %s) ON CONFLICT (name) DO UPDATE SET heartbeat = now(),"
-                " pid = excluded.pid, draining = excluded.draining, received = excluded.received",
-                (self.node, os.getpid(), draining, received))
+                "INSERT INTO exmta_node (name, started_at, heartbeat, pid, received)"
+                " VALUES (%s, now(), now(), %s, %s) ON CONFLICT (name) DO UPDATE SET heartbeat = now(),"
+                " pid = excluded.pid, received = excluded.received RETURNING draining",
+                (self.node, os.getpid(), received))
+            return bool(cur.fetchone()[0])
+        return self._in_pool(self._tx, work)
+
+    def set_draining(self, node: str, draining: bool) -> Deferred[bool]:
+        """Mark a node draining (or not); fires False when there is no such node."""
+        def work(cur: Any) -> bool:
+            cur.execute("UPDATE exmta_node SET draining = %s WHERE name = %s", (draining, node))
+            return cur.rowcount == 1
         return self._in_pool(self._tx, work)
 
     def nodes(self) -> Deferred[list[NodeStatus]]:
@@ -771,6 +799,7 @@ class _PostgresService(MultiService):
         super().__init__()
         self.store = store
         self.draining = False
+        self.last_beat: float | None = None
         for name, interval, call in (
             ("leases", max(1.0, store.lease / 3), self._renew),
             ("heartbeat", 5.0, self._beat),
@@ -786,20 +815,45 @@ class _PostgresService(MultiService):
             lambda f: self.store.log.warn("lease renewal failed: {error}", error=f.getErrorMessage()))
 
     def _beat(self) -> Deferred[Any]:
-        return self.store.heartbeat(self.draining).addErrback(
-            lambda f: self.store.log.warn("heartbeat failed: {error}", error=f.getErrorMessage()))
+        def done(draining: bool) -> None:
+            self.last_beat = self.store._clock.seconds()
+            if draining != self.draining:
+                self.store.log.info("node {node} {what} (exmta cluster {verb})", node=self.store.node,
+                                    what="draining: /readyz fails" if draining else "back in service",
+                                    verb="drain" if draining else "undrain")
+            self.draining = draining
+
+        def failed(f: Any) -> None:
+            self.store.log.warn("heartbeat failed: {error}", error=f.getErrorMessage())
+        return self.store.heartbeat().addCallbacks(done, failed)
+
+    def readiness(self) -> tuple[bool, str]:
+        """/readyz: not ready while draining or while the database has not answered a heartbeat lately."""
+        if self.draining:
+            return False, f"node {self.store.node} is draining (exmta cluster undrain {self.store.node})"
+        if self.last_beat is None:
+            return False, "no heartbeat stored in PostgreSQL yet"
+        age = self.store._clock.seconds() - self.last_beat
+        if age > max(15.0, self.store.lease / 2):
+            return False, f"PostgreSQL has not stored a heartbeat for {age:.0f}s"
+        return True, f"PostgreSQL heartbeat {age:.0f}s ago"
 
     def startService(self) -> None:
         self.store.open()
         super().startService()
 
     def stopService(self) -> Deferred[Any]:
-        d = super().stopService()
+        """Stopped after the scheduler: hand back whatever it left claimed, then close."""
+        super().stopService()
 
         def close(result: Any) -> Any:
             self.store.close()
             return result
-        return d.addBoth(close) if isinstance(d, Deferred) else succeed(close(None))
+
+        def failed(f: Any) -> None:
+            self.store.log.warn("could not hand back leases at stop ({error}); they expire in {lease}s",
+                                error=f.getErrorMessage(), lease=self.store.lease)
+        return self.store.release_leases().addErrback(failed).addBoth(close)
 
 
 def _unlink_quiet(path: str) -> bool:
