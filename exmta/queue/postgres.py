@@ -48,16 +48,13 @@ from exmta.coroutines import run_coroutine
 from exmta.interfaces import IMessageWriter, IQueueAdmin, IQueueStore
 from exmta.model import Envelope, QueueEntry, new_queue_id
 from exmta.queue import pgschema
+from exmta.queue.errors import ContentCorrupt, StoreUnavailable
 
 T = TypeVar("T")
 
 STATES = ("incoming", "active", "deferred", "hold")
 CHUNK = 1024 * 1024          # content is stored in chunks of this many octets
 _READ_BUFFER = 64 * 1024
-
-
-class StoreUnavailable(Exception):
-    """PostgreSQL could not be reached or refused the work: a temporary failure (4xx)."""
 
 
 def _encode(envelope: Envelope) -> str:
@@ -374,11 +371,18 @@ class PostgresStore:
                     self.log.warn("took over {queue_id} from node {owner} (lease expired)",
                                   queue_id=queue_id, owner=old_owner)
                 lease.cache = self._fetch_to_cache(queue_id, bytes(sha256), chunks)
-            except Exception as e:
+            except (ContentCorrupt, ValueError, KeyError, TypeError) as e:
                 self.log.error("{queue_id} cannot be delivered ({error}); moving it to hold",
                                queue_id=queue_id, error=str(e))
                 self._leases.pop(queue_id, None)
                 self._hold_now(queue_id, int(token), f"corrupt: {e}")
+                continue
+            except Exception as e:
+                # the database went away while we read the content: hand the lease back (or let it expire)
+                self.log.warn("{queue_id}: could not read its content ({error}); left for a later claim",
+                              queue_id=queue_id, error=str(e))
+                self._leases.pop(queue_id, None)
+                self._unclaim(queue_id, int(token))
                 continue
             entries.append(QueueEntry(queue_id, envelope))
         return entries
@@ -402,12 +406,22 @@ class PostgresStore:
                             count += 1
                     conn.rollback()
             if count != chunks or digest.digest() != sha256:
-                raise ValueError(f"content checksum mismatch ({count} of {chunks} chunks)")
+                raise ContentCorrupt(f"content checksum mismatch ({count} of {chunks} chunks)")
             os.replace(tmp, path)
         except BaseException:
             _unlink_quiet(tmp)
             raise
         return path
+
+    def _unclaim(self, queue_id: str, token: int) -> None:
+        def work(cur: Any) -> None:
+            cur.execute("UPDATE exmta_message SET state = 'incoming', lease_owner = NULL, lease_token = NULL,"
+                        " lease_expires = NULL WHERE queue_id = %s AND lease_token = %s", (queue_id, token))
+        try:
+            self._tx(work)
+        except Exception as e:
+            self.log.warn("{queue_id}: could not hand back its lease ({error}); it expires in {lease}s",
+                          queue_id=queue_id, error=str(e), lease=self.lease)
 
     def _hold_now(self, queue_id: str, token: int, reason: str) -> None:
         def work(cur: Any) -> None:
@@ -427,8 +441,9 @@ class PostgresStore:
                         (text, queue_id, token))
         try:
             self._tx(work)
-        except Exception:
-            self.log.failure("could not hold {queue_id}", queue_id=queue_id)
+        except Exception as e:
+            self.log.error("could not hold {queue_id} ({error}); its lease expires and it is checked again",
+                           queue_id=queue_id, error=str(e))
 
     # ------------------------------------------------------------ results
 

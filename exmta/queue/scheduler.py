@@ -114,6 +114,7 @@ from exmta.model import (
 )
 from exmta.observe.tracking import event_details
 from exmta.queue.bounce import make_dsn
+from exmta.queue.errors import StoreUnavailable
 from exmta.routing.router import UNREACHABLE, StaticRouter
 
 LOCAL_KINDS = frozenset({"lmtp", "maildir"})
@@ -422,7 +423,12 @@ class DeliveryScheduler(Service):
     def _eb_claim(self, failure: Failure) -> None:
         self._claiming = False
         self._claim_again = False
-        self._log.failure("claiming from the queue failed; retrying in {delay}s", failure, delay=self._claim_retry)
+        if failure.check(StoreUnavailable):  # the queue's database is away: expected, no traceback
+            self._log.warn("claiming from the queue failed: {error}; retrying in {delay}s",
+                           error=failure.getErrorMessage(), delay=self._claim_retry)
+        else:
+            self._log.failure("claiming from the queue failed; retrying in {delay}s", failure,
+                              delay=self._claim_retry)
         if self.running:
             self._set_timer(self._clock.seconds() + self._claim_retry)
 

@@ -42,6 +42,7 @@ from exmta.model import (
     Action, Address, Body, Envelope, Recipient, Reply, Session, TLSInfo, TrackingEvent,
     TrackingEventId, Transaction, Verdict,
 )
+from exmta.queue.errors import StoreUnavailable
 from exmta.smtp import replies
 from exmta.smtp.params import ParamError, parse_mail, parse_rcpt
 from exmta.smtp.sendnow import plain_tcp, write_now
@@ -870,6 +871,11 @@ class ESMTPServer(Protocol):
                 held_reason=getattr(view, "quarantine_reason", None),
             )
             queue_id = await self.factory.store.commit(writer, envelope)
+        except StoreUnavailable as e:  # the queue's database is away: expected, temporary, no traceback
+            self.log.warn("session {session_id}: message not queued: {error}", session_id=self._sid, error=str(e))
+            writer.abort()
+            self._reply(replies.QUEUE_UNAVAILABLE)
+            return
         except Exception:
             self.log.failure("session {session_id}: end of data failed", session_id=self._sid)
             writer.abort()
