@@ -180,3 +180,55 @@ def test_postgresql_restarted_under_load(tmp_path: Path, pg_cluster: Any, smtp_s
     finally:
         for n in nodes:
             n.stop()
+
+
+def test_a_node_cut_off_from_postgresql_stops_acknowledging_and_cannot_overwrite(
+        tmp_path: Path, pg_cluster: Any, smtp_sink_factory: Any) -> None:
+    """node-a reaches PostgreSQL through a proxy that the test cuts while node-a holds leases (its next
+    hop stalls); node-b takes the mail over and delivers it; node-a, back, is fenced off."""
+    from exmta.queue.postgres import migrate_dsn
+    from support.tcpproxy import CuttableProxy, StallingServer
+
+    dsn = pg_cluster.create_database()
+    migrate_dsn(dsn)
+    sink = smtp_sink_factory()
+    proxy = CuttableProxy(f"{pg_cluster.socket_dir}/.s.PGSQL.{pg_cluster.port}")
+    dsn_via_proxy = dsn.replace(f"host={pg_cluster.socket_dir} port={pg_cluster.port}",
+                                f"host=127.0.0.1 port={proxy.port}")
+    with StallingServer() as stall:
+        a = node(tmp_path, "node-a", dsn_via_proxy, stall)  # type: ignore[arg-type]
+        b: ExmtaProcess | None = None
+        try:
+            load = Load([a.port], clients=3, per_client=5)
+            load.start()
+            load.join()
+            acked = set(load.acked)
+            assert len(acked) == 15
+            wait_until(lambda: queue_rows(dsn).get("active", 0) >= 1, timeout=30, what="node-a to claim mail")
+            proxy.cut()
+            # cut off: node-a stops acknowledging
+            refused = Load([a.port], clients=1, per_client=2, prefix="cut")
+            refused.start()
+            refused.join()
+            assert refused.acked == [] and refused.tempfailed == 2
+            b = node(tmp_path, "node-b", dsn, sink)
+            counts = settle(sink, acked)
+            lost = acked - set(counts)
+            assert not lost, f"acknowledged but never delivered: {sorted(lost)[:10]}"
+            assert "took over" in b.log_text()
+            wait_until(lambda: queue_rows(dsn) == {}, timeout=60, what="an empty queue")
+            # node-a comes back; its stalled deliveries end; its late results are fenced off
+            proxy.restore()
+            stall.release()
+            wait_until(lambda: "lease lost to another node" in a.log_text(), timeout=60,
+                       what="node-a to report its results fenced off")
+            assert queue_rows(dsn) == {}
+            dup = sum(n - 1 for n in Counter(r.message()["Subject"] for r in list(sink.messages)).values() if n > 1)
+            print(f"\nnode-a cut off holding leases: acknowledged {len(acked)}, refused while cut off "
+                  f"{refused.tempfailed}, delivered by node-b {len(counts)} distinct, duplicates {dup}, "
+                  f"lost {len(lost)}")
+        finally:
+            if b is not None:
+                b.stop()
+            a.stop()
+            proxy.close()
