@@ -44,7 +44,8 @@ def make_store(config: Config, paths: dict[str, str], reactor: Any, pool: Any, *
 
         if worker:  # only the main process claims; no thread hand-offs but the syncfs calls
             store = SpoolStore(paths["queue"], reactor, pool, clock=reactor, claims=False,
-                               io="inline", sync=config.spool_sync_for(worker=True))
+                               io="inline", sync=config.spool_sync_for(worker=True),
+                               writer_lock=True)  # a restarted main's recovery waits for this process to exit
         else:
             store = SpoolStore(paths["queue"], reactor, pool, clock=reactor, io=config.main_spool_io,
                                sync=config.spool_sync_for(worker=False))

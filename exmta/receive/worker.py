@@ -104,7 +104,10 @@ def run(argv: list[str]) -> None:
     if chosen.service is not None:
         store.open()  # connections only: leases, heartbeats and polling belong to the main process
     store.add_listener(lines.announce)
-    env = FilterEnv(reactor=reactor, clock=reactor, threadpool=pool, hostname=config.hostname,
+    from exmta.filters.admission import make_filter_pool
+    filter_pool = make_filter_pool(config.filter_threads)  # never the spool's pool
+    filter_pool.start()
+    env = FilterEnv(reactor=reactor, clock=reactor, threadpool=filter_pool, hostname=config.hostname,
                     data_dir=paths["data"])
     filters = load_filters(config.filters, env, source=config.source)
     from exmta.receive.ranges import wrap_proxy
@@ -140,6 +143,7 @@ def run(argv: list[str]) -> None:
         if chosen.service is not None:
             store.close()
         pool.stop()
+        filter_pool.stop()
         lines.flush()
 
     stopping = []
