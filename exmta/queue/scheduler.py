@@ -917,9 +917,12 @@ class DeliveryScheduler(Service):
                 self._message_done(msg)
                 return
             delay = min(self._claim_retry * 2 ** min(tries, 16), STORE_RETRY_CAP)
-            self._log.failure(
-                "storing the state of {queue_id} failed; retrying in {delay}s", f, queue_id=msg.queue_id, delay=delay,
-            )
+            if f.check(StoreUnavailable):  # the queue's database is away: expected, no traceback
+                self._log.warn("storing the state of {queue_id} failed: {error}; retrying in {delay}s",
+                               queue_id=msg.queue_id, error=f.getErrorMessage(), delay=delay)
+            else:
+                self._log.failure("storing the state of {queue_id} failed; retrying in {delay}s", f,
+                                  queue_id=msg.queue_id, delay=delay)
             self._store_retries[msg.queue_id] = self._clock.callLater(
                 delay, self._store_state, msg, store_state, tries + 1,
             )
