@@ -314,3 +314,64 @@ def test_a_node_cut_off_from_postgresql_stops_acknowledging_and_cannot_overwrite
                 b.stop()
             a.stop()
             proxy.close()
+
+
+def test_postgresql_out_of_disk_is_452_not_250_then_lose(tmp_path: Path, pg_cluster: Any,
+                                                          smtp_sink_factory: Any) -> None:
+    """The database's tables live on a small tmpfs (a tablespace); the next hop tempfails so mail piles up.
+    When the tablespace is full, end of data gets 452 4.3.1; every 250 was stored; after the file
+    system grows again, everything acknowledged is delivered."""
+    import pwd
+    import subprocess
+
+    import psycopg
+
+    from exmta.queue.postgres import migrate_dsn
+
+    mnt = Path(pg_cluster.dir) / ("small-tablespace-" + os.urandom(4).hex())  # reachable by the postgres user
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs", str(mnt)], check=True, timeout=10)
+    try:
+        pw = pwd.getpwnam("postgres")
+        os.chown(mnt, pw.pw_uid, pw.pw_gid)
+        name = "t_small_" + os.urandom(4).hex()
+        with psycopg.connect(pg_cluster.dsn(), autocommit=True) as conn:
+            conn.execute(f"CREATE TABLESPACE {name} LOCATION '{mnt}'")
+            conn.execute(f"CREATE DATABASE {name} TABLESPACE {name}")
+        dsn = pg_cluster.dsn(name)
+        migrate_dsn(dsn)
+        gate = Gate()
+        sink = smtp_sink_factory(rcpt_policy=gate)
+        n = node(tmp_path, "node-a", dsn, sink)
+        try:
+            import base64
+            acked: list[str] = []
+            refused: list[tuple[int, bytes]] = []
+            for i in range(120):  # 100 KiB each: the 6 MiB tablespace fills well before the end
+                tag = f"full-{i}"
+                try:
+                    with smtplib.SMTP("127.0.0.1", n.port, timeout=30) as client:
+                        client.sendmail("app@lan.test", ["x@dest.test"],
+                                        f"Subject: {tag}\r\n\r\n".encode()  # random: PostgreSQL cannot compress it
+                                        + base64.encodebytes(os.urandom(75_000)).replace(b"\n", b"\r\n"))
+                    acked.append(tag)
+                except smtplib.SMTPResponseException as e:
+                    refused.append((e.smtp_code, e.smtp_error))
+                    if len(refused) >= 3:
+                        break
+            assert refused, "the tablespace never filled"
+            assert all(code == 452 and b"4.3.1" in text for code, text in refused), refused
+            subprocess.run(["mount", "-o", "remount,size=256m", str(mnt)], check=True, timeout=10)
+            gate.closed = False
+            counts = settle(sink, set(acked))
+            lost = set(acked) - set(counts)
+            print(f"\nPostgreSQL out of disk: acknowledged {len(acked)}, refused {len(refused)} "
+                  f"({refused[0][0]} {refused[0][1][:40]!r}), delivered {len(counts)} distinct, lost {len(lost)}")
+            assert not lost, f"acknowledged but never delivered: {sorted(lost)[:10]}"
+        finally:
+            n.stop()
+            with psycopg.connect(pg_cluster.dsn(), autocommit=True) as conn:
+                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+                conn.execute(f"DROP TABLESPACE IF EXISTS {name}")
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True, timeout=10)
