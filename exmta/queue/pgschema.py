@@ -52,6 +52,25 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     )),
 )
 
+MIGRATIONS += (
+    (2, (
+        # AUTH failures and locks shared by every node (exmta.auth.pglockstore)
+        """CREATE TABLE exmta_auth_failure (
+            kind text NOT NULL,
+            key  text NOT NULL,
+            at   double precision NOT NULL
+        )""",
+        "CREATE INDEX exmta_auth_failure_key ON exmta_auth_failure (kind, key, at)",
+        "CREATE INDEX exmta_auth_failure_at ON exmta_auth_failure (at)",
+        """CREATE TABLE exmta_auth_lock (
+            kind  text NOT NULL,
+            key   text NOT NULL,
+            until double precision NOT NULL,
+            PRIMARY KEY (kind, key)
+        )""",
+    )),
+)
+
 LATEST = MIGRATIONS[-1][0]
 
 
