@@ -237,6 +237,10 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     if chosen.service is not None:
         _add(top, "store-db", chosen.service)  # PostgreSQL: connections, lease renewal, heartbeats
     top.store_service = chosen.service
+    from exmta.observe.pgtracking import wrap_tracker
+    tracker, cluster_tracking = wrap_tracker(config, store, tracker, reactor)  # every node's events in one table
+    if cluster_tracking is not None:
+        _add(top, "tracking-db", cluster_tracking.service)
     _add(top, "store", StoreService(store))
 
     from exmta.observe.runtime import build_observability

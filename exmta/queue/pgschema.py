@@ -71,6 +71,24 @@ MIGRATIONS += (
     )),
 )
 
+MIGRATIONS += (
+    (3, (
+        # the message tracking events of every node, one partition per UTC day (exmta.observe.pgtracking)
+        """CREATE TABLE exmta_tracking (
+            at         double precision NOT NULL,
+            node       text NOT NULL,
+            event_id   text NOT NULL,
+            queue_id   text,
+            message_id text,
+            record     jsonb NOT NULL
+        ) PARTITION BY RANGE (at)""",
+        "CREATE TABLE exmta_tracking_default PARTITION OF exmta_tracking DEFAULT",
+        "CREATE INDEX exmta_tracking_at ON exmta_tracking (at)",
+        "CREATE INDEX exmta_tracking_queue_id ON exmta_tracking (queue_id)",
+        "CREATE INDEX exmta_tracking_message_id ON exmta_tracking (message_id)",
+    )),
+)
+
 LATEST = MIGRATIONS[-1][0]
 
 

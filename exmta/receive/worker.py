@@ -103,6 +103,11 @@ def run(argv: list[str]) -> None:
     store = chosen.store
     if chosen.service is not None:
         store.open()  # connections only: leases, heartbeats and polling belong to the main process
+    from exmta.observe.pgtracking import wrap_tracker
+    file_tracker = tracker
+    tracker, cluster_tracking = wrap_tracker(config, store, tracker, reactor)
+    if cluster_tracking is not None:
+        cluster_tracking.service.startService()
     store.add_listener(lines.announce)
     from exmta.filters.admission import make_filter_pool
     filter_pool = make_filter_pool(config.filter_threads)  # never the spool's pool
@@ -138,8 +143,10 @@ def run(argv: list[str]) -> None:
         await defer.DeferredList([defer.maybeDeferred(f.shutdown, 10.0) for f in factories.values()])
         if resources.service is not None:
             resources.service.stopService()
-        tracker.close()
+        file_tracker.close()
         protocol_logs.close()
+        if cluster_tracking is not None:
+            await defer.maybeDeferred(cluster_tracking.service.stopService)
         if chosen.service is not None:
             store.close()
         pool.stop()

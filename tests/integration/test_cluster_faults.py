@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -113,6 +114,14 @@ def settle(sink: SmtpSink, acked: set[str], timeout: float = 120.0) -> Counter[s
     return Counter(r.message()["Subject"] for r in list(sink.messages))
 
 
+def tracked_receives(dsn: str, node_name: str) -> int:
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT count(*) FROM exmta_tracking WHERE node = %s AND event_id = 'RECEIVE'",
+                            (node_name,)).fetchone()[0]
+
+
 def queue_rows(dsn: str) -> dict[str, int]:
     import psycopg
 
@@ -186,7 +195,7 @@ class HAProxy:
         lines += [f"    server {n.workdir.name} 127.0.0.1:{n.port} check port {n.metrics_port}" for n in nodes]
         cfg = tmp_path / "haproxy.cfg"
         cfg.write_text("\n".join(lines) + "\n")
-        check = __import__("subprocess").run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True)
+        check = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
         self.process = ManagedProcess(["haproxy", "-db", "-f", str(cfg)], log_path=tmp_path / "haproxy.log",
                                       name="haproxy").start()
@@ -208,6 +217,8 @@ def test_a_node_killed_for_good_behind_haproxy_loses_nothing(tmp_path: Path, pg_
         # every node holds acknowledged, undelivered mail (the next hop tempfails)
         wait_until(lambda: len(load.acked) >= 60 and all(n.log_text().count("queued") for n in nodes),
                    timeout=120, what="60 acknowledged messages spread over the nodes")
+        # (a node's tracking events reach the shared table within a second: wait for some of mx1's)
+        wait_until(lambda: tracked_receives(pg_dsn, "mx1") > 0, timeout=30, what="mx1's events in the table")
         kill_tree(nodes[0].pid)
         killed_at = len(load.acked)
         load.join()
@@ -222,6 +233,29 @@ def test_a_node_killed_for_good_behind_haproxy_loses_nothing(tmp_path: Path, pg_
         assert not lost, f"acknowledged but never delivered: {sorted(lost)[:10]}"
         wait_until(lambda: queue_rows(pg_dsn) == {}, timeout=60, what="an empty queue")
         assert all(n.running() for n in nodes[1:])
+        # `exmta track` on a survivor finds a message that mx1 received and another node delivered
+        import json as json_mod
+        import psycopg
+
+        def taken_over() -> list[str]:
+            with psycopg.connect(pg_dsn) as conn:
+                return [r[0] for r in conn.execute(
+                    "SELECT r.queue_id FROM exmta_tracking r JOIN exmta_tracking d ON d.queue_id = r.queue_id"
+                    " WHERE r.event_id = 'RECEIVE' AND r.node = 'mx1' AND d.event_id = 'SEND'"
+                    " AND d.node <> 'mx1'").fetchall()]
+        try:
+            wait_until(lambda: taken_over(), timeout=30, what="tracking events of a taken-over message")
+        except TimeoutError:
+            with psycopg.connect(pg_dsn) as conn:
+                summary = conn.execute("SELECT node, event_id, count(*) FROM exmta_tracking GROUP BY 1, 2"
+                                       " ORDER BY 1, 2").fetchall()
+            raise AssertionError(f"tracking table: {summary}") from None
+        qid = taken_over()[0]
+        out = subprocess.run([str(REPO / ".venv" / "bin" / "exmta"), "track", "-c", str(nodes[1].config_path),
+                              "--queue-id", qid, "--format", "json"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        events = [(e["event_id"], e["node"]) for e in map(json_mod.loads, out.stdout.splitlines())]  # JSON lines
+        assert ("RECEIVE", "mx1") in events and any(ev == "SEND" and nd != "mx1" for ev, nd in events), events
     finally:
         lb.stop()
         for n in nodes[1:]:
@@ -322,7 +356,6 @@ def test_postgresql_out_of_disk_is_452_not_250_then_lose(tmp_path: Path, pg_clus
     When the tablespace is full, end of data gets 452 4.3.1; every 250 was stored; after the file
     system grows again, everything acknowledged is delivered."""
     import pwd
-    import subprocess
 
     import psycopg
 
