@@ -156,6 +156,31 @@ class IQueueStore(Interface):
         """-> Deferred[list[Envelope]] for queue in {"incoming", "active", "deferred", "hold"}."""
 
 
+class IQueueAdmin(Interface):
+    """Operator actions on a queue store (exmta.admin and the scheduler's DSN paths).
+
+    The spool and the PostgreSQL store both provide it, beside IQueueStore.
+    """
+
+    def read(queue_id):
+        """-> Deferred[(state, Envelope)] of one message wherever it is; KeyError when there is none."""
+
+    def remove(queue_id):
+        """-> Deferred[Envelope]: delete a message that is not being delivered.
+
+        KeyError when there is none; ValueError while it is active (being delivered).
+        """
+
+    def reschedule(queue_id, when):
+        """-> Deferred[bool]: bring a deferred message's pending recipients forward to ``when``.
+
+        False when the message is not deferred.
+        """
+
+    def release_now(queue_id, when):
+        """-> Deferred[None]: release() for an operator, the pending recipients due at ``when``."""
+
+
 class IRouter(Interface):
     """Maps recipients to send connectors."""
 

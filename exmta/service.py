@@ -217,8 +217,6 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     from exmta.observe.tracking import TrackingLog
     from exmta.queue.pickup import PickupDirectory
     from exmta.queue.scheduler import DeliveryScheduler
-    from exmta.queue.spool import SpoolStore
-
     paths = data_paths(config)
     for key in ("data", "queue", "pickup"):
         os.makedirs(paths[key], exist_ok=True)
@@ -235,12 +233,22 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     tracking_log = tracker
     _add(top, "tracking", TrackerService(tracker))
 
-    store = SpoolStore(paths["queue"], reactor, pool, clock=reactor, io=config.main_spool_io,
-                       sync=config.spool_sync_for(worker=False))
+    from exmta.queue.stores import make_store
+    chosen = make_store(config, paths, reactor, pool, worker=False)
+    store = chosen.store
+    if chosen.service is not None:
+        _add(top, "store-db", chosen.service)  # PostgreSQL: connections, lease renewal, heartbeats
+    top.store_service = chosen.service
+    from exmta.observe.pgtracking import wrap_tracker
+    tracker, cluster_tracking = wrap_tracker(config, store, tracker, reactor)  # every node's events in one table
+    if cluster_tracking is not None:
+        _add(top, "tracking-db", cluster_tracking.service)
     _add(top, "store", StoreService(store))
 
     from exmta.observe.runtime import build_observability
     observe = top.observability = build_observability(config, reactor, store, paths)
+    if chosen.service is not None:
+        observe.readiness.add("cluster", chosen.service.readiness)  # draining, or PostgreSQL unreachable
     if observe.http is not None:
         _add(top, "observe-http", observe.http)  # stops late: /readyz answers "stopping" while draining
     tracker = observe.fan_out(tracker)

@@ -204,6 +204,19 @@ class QueueConfig:
     max_active: int = 5000                # messages claimed into memory for delivery at once
     poison_threshold: int = 3             # crashed attempts before a message is held
     pickup_interval: float = 2.0          # seconds between scans of the pickup directory
+    store: str = "spool"                  # "spool" (embedded, one node) | "postgres" (shared by nodes: [postgres])
+
+
+@dataclass(frozen=True)
+class PostgresConfig:
+    """[postgres]: the shared PostgreSQL queue (exmta.queue.postgres), used when [queue] store = "postgres"."""
+
+    dsn: str = ""                         # libpq conninfo or URI; keep the password in ~/.pgpass, not here
+    node: str = ""                        # this node's name in the cluster; default: [server] hostname
+    lease: float = 60.0                   # a claimed message returns to the others this long after a node dies
+    pool_size: int = 8                    # connections and threads for queue work
+    connect_timeout: float = 10.0         # seconds to connect before the work fails as temporary (4xx)
+    poll_interval: float = 1.0            # seconds between looks for mail left by other nodes
 
 
 @dataclass(frozen=True)
@@ -288,6 +301,7 @@ class Config:
     send: tuple[SendConnectorConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
     queue: QueueConfig = field(default_factory=QueueConfig)
+    postgres: PostgresConfig = field(default_factory=PostgresConfig)
     pickup_dir: str | None = None         # default <data_dir>/pickup
     tracking_log: str | None = None       # default <data_dir>/log/tracking.jsonl
     receive_workers: int = 0              # extra processes accepting SMTP (0 = the main process only)

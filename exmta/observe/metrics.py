@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from exmta.interfaces import IMessageTracker
 from exmta.model import TrackingEvent, TrackingEventId
+from exmta.queue.errors import StoreUnavailable
 
 try:  # optional: the "metrics" extra
     import prometheus_client
@@ -141,8 +142,15 @@ class QueueSampler:
 
         self._running = d
         d.addBoth(done)
-        d.addErrback(lambda f: log.failure("listing the queue for metrics failed", f))
+        d.addErrback(self._eb_sample)
         return d
+
+    @staticmethod
+    def _eb_sample(f: Any) -> None:
+        if f.check(StoreUnavailable):  # the queue's database is away: the next sample tries again
+            log.warn("listing the queue for metrics failed: {error}", error=f.getErrorMessage())
+        else:
+            log.failure("listing the queue for metrics failed", f)
 
     async def _sample(self) -> QueueSnapshot:
         snap = QueueSnapshot(self.clock.seconds())

@@ -56,9 +56,9 @@ def make_resources(config: Config, queue_dir: str, clock: Any, reactor: Any = No
     admission = CheckAdmission(config.filter_checks_in_flight, config.filter_checks_per_client)
     lockouts = None
     if any(rc.auth and rc.auth_backend for rc in config.receive):
-        from exmta.auth.lockstore import FILE_NAME, LockoutStore
+        from exmta.auth.lockstore import lockout_store_for
 
-        lockouts = LockoutStore(os.path.join(os.path.abspath(config.data_dir), FILE_NAME), clock)
+        lockouts = lockout_store_for(config, clock)
     return ReceiveResources(pressure if pressure.enabled else None, recipients, service, admission, lockouts)
 
 

@@ -42,6 +42,7 @@ from exmta.model import (
     Action, Address, Body, Envelope, Recipient, Reply, Session, TLSInfo, TrackingEvent,
     TrackingEventId, Transaction, Verdict,
 )
+from exmta.queue.errors import StoreUnavailable
 from exmta.queue.nospace import out_of_space
 from exmta.smtp import replies
 from exmta.smtp.backscatter import anonymous, forged_sender, narrow_mail, narrow_rcpt
@@ -551,7 +552,11 @@ class ESMTPServer(Protocol):
             self._write_failed = self._storage_error(e, "writing the message failed")  # the reply at the end
 
     def _storage_error(self, error: BaseException, what: str) -> Reply:
-        """A full spool (ENOSPC, EDQUOT) is 452 4.3.1 and a warning; anything else 451 and a traceback."""
+        """A full spool (ENOSPC, EDQUOT) is 452 4.3.1 and a warning; the queue's database away is 451 and a
+        warning; anything else 451 and a traceback."""
+        if isinstance(error, StoreUnavailable):
+            self.log.warn("session {session_id}: {what}: {error}", session_id=self._sid, what=what, error=error)
+            return replies.QUEUE_UNAVAILABLE
         if out_of_space(error):
             self.log.warn("session {session_id}: {what}: the spool is out of space ({error})",
                           session_id=self._sid, what=what, error=error)
