@@ -89,6 +89,21 @@ MIGRATIONS += (
     )),
 )
 
+MIGRATIONS += (
+    (4, (
+        # per-minute counts of the receive rate limits, per counting process (exmta.receive.sharedrates)
+        """CREATE UNLOGGED TABLE exmta_rate (
+            name   text NOT NULL,
+            key    text NOT NULL,
+            bucket bigint NOT NULL,
+            source text NOT NULL,
+            count  bigint NOT NULL,
+            PRIMARY KEY (name, key, bucket, source)
+        )""",
+        "CREATE INDEX exmta_rate_bucket ON exmta_rate (bucket)",
+    )),
+)
+
 LATEST = MIGRATIONS[-1][0]
 
 

@@ -145,6 +145,7 @@ class ProxiedNode(ExmtaProcess):
         text = (REPO / "etc" / "cluster" / "node.toml").read_text()
         for old, new in (('hostname = "mx1.example.com"', f'hostname = "{name}.example.com"'),
                          ("haproxy:tcp:2525:interface=10.0.0.11", f"haproxy:tcp:{port}:interface=127.0.0.1"),
+                         ('trusted_proxies = ["10.0.0.5/32"]', 'trusted_proxies = ["127.0.0.1/32"]'),
                          ('smarthosts = ["[exchange.example.com]:25"]', f'smarthosts = ["{next_hop}"]'),
                          ('dsn = "host=db.example.com dbname=exmta user=exmta sslmode=verify-full"', f'dsn = "{dsn}"'),
                          ('node = "mx1"', f'node = "{name}"'),
