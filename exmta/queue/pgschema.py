@@ -104,6 +104,12 @@ MIGRATIONS += (
     )),
 )
 
+MIGRATIONS += (
+    (5, (
+        "ALTER TABLE exmta_node ADD COLUMN receive_rate double precision NOT NULL DEFAULT 0",
+    )),
+)
+
 LATEST = MIGRATIONS[-1][0]
 
 
