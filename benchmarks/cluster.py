@@ -140,6 +140,7 @@ data_dir = "{workdir / 'data'}"
 [receive.default]
 listen = ["tcp:{port}:interface=127.0.0.1"]
 relay_networks = ["127.0.0.0/8"]
+max_connections_per_ip = 1000         # the load generator is one address
 
 [send.out]
 type = "smtp"

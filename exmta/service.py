@@ -278,6 +278,10 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     from exmta.tlspolicy.report import add_tls_report_service
     add_tls_report_service(top, config, store, reactor, pool, connectors)  # [tls_policy] tls_rpt = true
     resources = make_resources(config, paths["queue"], reactor, reactor, pool)
+    if chosen.shared:  # the rate limits count every process of every node (exmta.receive.sharedrates)
+        from exmta.receive.sharedrates import RateExchange
+        resources.rates = RateExchange(store, reactor)
+        _add(top, "rates-db", resources.rates.service)
     if resources.service is not None:
         _add(top, "back-pressure", resources.service)
     top.back_pressure = resources.back_pressure  # .status() for an operator's metrics

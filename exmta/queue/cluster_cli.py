@@ -103,7 +103,7 @@ def _cluster(args: argparse.Namespace) -> int:
             if not ok:
                 print(f"no node {args.node!r} has registered (exmta cluster status lists them)", file=sys.stderr)
                 return 1
-            print(f"node {args.node} {'draining: its /readyz fails within one heartbeat (5s)' if args.action == 'drain' else 'back in service'}")
+            print(f"node {args.node} {'draining: within one heartbeat (5s) its /readyz fails and it claims no more mail' if args.action == 'drain' else 'back in service'}")
             return 0
         nodes = _run_store(config, lambda s: s.nodes())
         counts = _run_store(config, lambda s: s.counts())
@@ -115,11 +115,12 @@ def _cluster(args: argparse.Namespace) -> int:
         print(json.dumps({"nodes": [dict(n.__dict__, alive=n.heartbeat_age <= stale) for n in nodes],
                           "queue": counts}, indent=2))
     else:
-        print(f"{'NODE':<20} {'STATE':<9} {'HEARTBEAT':>10} {'CLAIMED':>8} {'RECEIVED':>9} {'LOST LEASES':>11}")
-        for n in nodes:
+        print(f"{'NODE':<20} {'STATE':<9} {'HEARTBEAT':>10} {'CLAIMED':>8} {'RECEIVED':>9} {'MSGS/S':>7} "
+              f"{'LOST LEASES':>11}")
+        for n in nodes:  # every node has the same role: it receives, and delivers whatever is due
             state = "draining" if n.draining else ("up" if n.heartbeat_age <= stale else "down")
             print(f"{n.name:<20} {state:<9} {n.heartbeat_age:>9.0f}s {n.claimed:>8} {n.received:>9} "
-                  f"{n.lost_leases:>11}")
+                  f"{n.receive_rate:>7.1f} {n.lost_leases:>11}")
         print("queue: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 

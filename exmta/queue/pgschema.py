@@ -89,6 +89,27 @@ MIGRATIONS += (
     )),
 )
 
+MIGRATIONS += (
+    (4, (
+        # per-minute counts of the receive rate limits, per counting process (exmta.receive.sharedrates)
+        """CREATE UNLOGGED TABLE exmta_rate (
+            name   text NOT NULL,
+            key    text NOT NULL,
+            bucket bigint NOT NULL,
+            source text NOT NULL,
+            count  bigint NOT NULL,
+            PRIMARY KEY (name, key, bucket, source)
+        )""",
+        "CREATE INDEX exmta_rate_bucket ON exmta_rate (bucket)",
+    )),
+)
+
+MIGRATIONS += (
+    (5, (
+        "ALTER TABLE exmta_node ADD COLUMN receive_rate double precision NOT NULL DEFAULT 0",
+    )),
+)
+
 LATEST = MIGRATIONS[-1][0]
 
 

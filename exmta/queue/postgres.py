@@ -159,6 +159,7 @@ class NodeStatus:
     received: int
     lost_leases: int
     claimed: int = 0
+    receive_rate: float = 0.0   # messages per second received over the last heartbeat interval
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -191,6 +192,8 @@ class PostgresStore:
         self.received = 0        # messages committed by this node since start
         self.lost_leases = 0     # results dropped because another node owned the message by then
         self.takeovers = 0       # messages claimed from a node whose lease had expired
+        self.draining = False    # set from the database by the heartbeat (exmta cluster drain)
+        self._rate_mark: tuple[float, int] | None = None  # (time, received) at the last heartbeat
         self.service = _PostgresService(self)
 
     # ------------------------------------------------------------ plumbing
@@ -335,8 +338,9 @@ class PostgresStore:
 
     def claim(self, now: float, limit: int) -> Deferred[list[QueueEntry]]:
         """Lease up to ``limit`` due messages: new, deferred whose time has come, or orphaned by a
-        node whose lease expired (a takeover, counted as a crash of that attempt)."""
-        if limit <= 0:
+        node whose lease expired (a takeover, counted as a crash of that attempt). A draining node
+        claims nothing: it finishes what it holds and the other nodes deliver the rest."""
+        if limit <= 0 or self.draining:
             return succeed([])
         return self._in_pool(self._claim, float(now), int(limit))
 
@@ -701,17 +705,23 @@ class PostgresStore:
         return self._in_pool(self._tx, work)
 
     def heartbeat(self) -> Deferred[bool]:
-        """Store this node's heartbeat; fires with its draining flag (set by `exmta cluster drain`)."""
-        received = self.received
+        """Store this node's heartbeat and receive rate; fires with its draining flag (`exmta cluster drain`)."""
+        received, now = self.received, self._clock.seconds()
+        mark, self._rate_mark = self._rate_mark, (now, received)
+        rate = (received - mark[1]) / (now - mark[0]) if mark is not None and now > mark[0] else 0.0
 
         def work(cur: Any) -> bool:
             cur.execute(
-                "INSERT INTO exmta_node (name, started_at, heartbeat, pid, received)"
-                " VALUES (%s, now(), now(), %s, %s) ON CONFLICT (name) DO UPDATE SET heartbeat = now(),"
-                " pid = excluded.pid, received = excluded.received RETURNING draining",
-                (self.node, os.getpid(), received))
+                "INSERT INTO exmta_node (name, started_at, heartbeat, pid, received, receive_rate)"
+                " VALUES (%s, now(), now(), %s, %s, %s) ON CONFLICT (name) DO UPDATE SET heartbeat = now(),"
+                " pid = excluded.pid, received = excluded.received, receive_rate = excluded.receive_rate"
+                " RETURNING draining", (self.node, os.getpid(), received, rate))
             return bool(cur.fetchone()[0])
-        return self._in_pool(self._tx, work)
+
+        def done(draining: bool) -> bool:
+            self.draining = draining
+            return draining
+        return self._in_pool(self._tx, work).addCallback(done)
 
     def set_draining(self, node: str, draining: bool) -> Deferred[bool]:
         """Mark a node draining (or not); fires False when there is no such node."""
@@ -727,8 +737,10 @@ class PostgresStore:
                 "SELECT n.name, n.started_at::text, n.heartbeat::text,"
                 " extract(epoch FROM now() - n.heartbeat)::float8, n.pid, n.draining, n.received,"
                 " n.lost_leases, (SELECT count(*) FROM exmta_message m WHERE m.state = 'active'"
-                " AND m.lease_owner = n.name AND m.lease_expires > now()) FROM exmta_node n ORDER BY n.name")
-            return [NodeStatus(*row[:8], claimed=int(row[8])) for row in cur.fetchall()]
+                " AND m.lease_owner = n.name AND m.lease_expires > now()), n.receive_rate"
+                " FROM exmta_node n ORDER BY n.name")
+            return [NodeStatus(*row[:8], claimed=int(row[8]), receive_rate=float(row[9]))
+                    for row in cur.fetchall()]
         return self._in_pool(self._tx, work)
 
     def counts(self) -> Deferred[dict[str, int]]:

@@ -29,6 +29,7 @@ class ReceiveResources:
     service: BackPressureService | None = None   # measures back pressure while running
     admission: Any = None  # exmta.filters.admission.CheckAdmission: filter runs in flight
     lockouts: Any = None   # exmta.auth.lockstore.LockoutStore: AUTH failures of the node (all processes)
+    rates: Any = None      # exmta.receive.sharedrates.RateExchange: rate limits of the cluster (PostgreSQL queue)
 
 
 def make_resources(config: Config, queue_dir: str, clock: Any, reactor: Any = None,
@@ -79,7 +80,7 @@ def make_policy(config: Config, rc: ReceiveConnectorConfig, clock: Any,
                 resources: ReceiveResources | None = None) -> DefaultReceivePolicy:
     resources = resources or ReceiveResources()
     return DefaultReceivePolicy.for_connector(config, rc, clock, recipients=resources.recipients,
-                                              back_pressure=resources.back_pressure)
+                                              back_pressure=resources.back_pressure, rates=resources.rates)
 
 
 def _listening(factory: Any, clock: Any) -> Any:

@@ -119,6 +119,10 @@ def run(argv: list[str]) -> None:
     from exmta.receive.wiring import make_dispatchers, make_resources
 
     resources = make_resources(config, paths["queue"], reactor, reactor, pool)
+    if chosen.shared:  # rate limits shared with the main process and the other nodes
+        from exmta.receive.sharedrates import RateExchange
+        resources.rates = RateExchange(store, reactor)
+        resources.rates.service.startService()
     if resources.service is not None:
         resources.service.startService()
     factories: dict[str, Any] = {
@@ -145,6 +149,8 @@ def run(argv: list[str]) -> None:
             resources.service.stopService()
         file_tracker.close()
         protocol_logs.close()
+        if resources.rates is not None:
+            await defer.maybeDeferred(resources.rates.service.stopService)
         if cluster_tracking is not None:
             await defer.maybeDeferred(cluster_tracking.service.stopService)
         if chosen.service is not None:

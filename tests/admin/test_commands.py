@@ -71,12 +71,21 @@ def send(ex: ExmtaProcess, rcpt: str, message_id: str, sender: str = "alice@exam
     return next(e["queue_id"] for e in tracking(ex) if e.get("message_id") == f"<{message_id}>")
 
 
+@pytest.fixture(params=["spool", "postgres"])
+def queue_extra(request: pytest.FixtureRequest) -> str:
+    """The operator commands run against each store: the spool and the PostgreSQL queue."""
+    if request.param == "spool":
+        return ""
+    dsn = request.getfixturevalue("pg_dsn")
+    return f'store = "postgres"\n\n[postgres]\ndsn = "{dsn}"\n\n'
+
+
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[ExmtaProcess, SmtpSink, Switch]]:
+def server(tmp_path: Path, queue_extra: str) -> Iterator[tuple[ExmtaProcess, SmtpSink, Switch]]:
     switch = Switch("451 4.3.0 try again later")
     with SmtpSink(data_policy=switch) as sink:
         toml = exmta_toml(smarthost=sink.next_hop, retry="1h", receive_extra='protocol_log = "verbose"',
-                          extra=ADMIN)
+                          extra=queue_extra + ADMIN)
         toml = toml.replace('tls = "none"', 'tls = "none"\nprotocol_log = "verbose"')
         ex = ExmtaProcess(tmp_path / "ex", toml=toml, subst={"admin_port": procs.free_port()})
         ex.start()
@@ -270,11 +279,12 @@ def test_bad_input_changes_nothing(server: tuple[ExmtaProcess, SmtpSink, Switch]
     rotated = log.with_name("tracking.jsonl.20260101T000000")
     rotated.write_text('{"event_id": "RECEIVE", "timestamp": 1, "queue_id": "OLD"}\nnot json at all\n'
                        '{"event_id": "SEND", "timest')
-    r = run(ex, "track", "--queue-id", qid)
+    # (--log: this node's file, also with the PostgreSQL queue, where `exmta track -c` reads the cluster's table)
+    r = run(ex, "track", "--queue-id", qid, "--log", str(log))
     assert r.returncode == 0 and qid in r.stdout
     assert "tracking.jsonl.20260101T000000:2: skipped a corrupt or truncated line" in r.stderr
     assert "tracking.jsonl.20260101T000000:3: skipped" in r.stderr
-    r = run(ex, "track", "--queue-id", "OLD", "--format", "json")
+    r = run(ex, "track", "--queue-id", "OLD", "--format", "json", "--log", str(log))
     assert r.returncode == 0 and json.loads(r.stdout)["queue_id"] == "OLD"  # rotated files are searched
     rotated.unlink()
     assert log.read_text().startswith(good)

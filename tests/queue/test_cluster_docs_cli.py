@@ -88,7 +88,7 @@ def test_db_and_cluster_commands_against_postgresql(tmp_path: Path, pg_cluster, 
     assert main(["db", "status", "-c", str(conf)]) == 1
     assert "no exmta schema" in capsys.readouterr().out
     assert main(["db", "init", "-c", str(conf)]) == 0
-    assert "schema migrated to version 2 (applied: 1, 2)" in capsys.readouterr().out
+    assert "schema migrated to version 5 (applied: 1, 2, 3, 4, 5)" in capsys.readouterr().out
     assert main(["db", "migrate", "-c", str(conf)]) == 0
     assert "nothing to do" in capsys.readouterr().out
     assert main(["db", "status", "-c", str(conf)]) == 0

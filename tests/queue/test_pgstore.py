@@ -222,13 +222,15 @@ def test_heartbeat_and_cluster_view(pg_dsn: str, tmp_path: Path) -> None:
         assert fired(a.set_draining("node-b", True)) is True
         assert fired(a.set_draining("nosuch", True)) is False
         assert fired(b.heartbeat()) is True
+        assert b.draining and fired(b.submit(CONTENT, envelope()))
+        assert fired(b.claim(START, 10)) == []      # a draining node claims nothing; the others deliver
         nodes = {n.name: n for n in fired(a.nodes())}
         assert set(nodes) == {"node-a", "node-b"}
         assert nodes["node-a"].claimed == 1 and nodes["node-a"].received == 1
         assert nodes["node-b"].draining and nodes["node-b"].claimed == 0
         assert fired(a.counts())["active"] == 1
         assert fired(a.release_leases()) == 1
-        assert fired(a.counts()) == {"incoming": 1, "active": 0, "deferred": 0, "hold": 0}
+        assert fired(a.counts()) == {"incoming": 2, "active": 0, "deferred": 0, "hold": 0}
     finally:
         a.close()
         b.close()
