@@ -162,3 +162,49 @@ def inspect_archive(part: Part, limits: Limits, budget: InspectionBudget) -> Arc
         info.encrypted = True
         info.problem = f"unreadable archive: {e}"
     return info
+
+
+_OOXML_TEXT = {"word/document.xml", "xl/sharedStrings.xml"}
+
+
+def extract_text(part: Part, limit: int = 1024 * 1024) -> str:
+    """Text of an Office (OOXML) or PDF attachment where a library reads it; "" otherwise.
+
+    OOXML is a ZIP of XML (read with zipfile and ElementTree, bounded by
+    ``limit`` octets per member); PDF needs the optional ``pypdf`` package.
+    """
+    data = part.payload()
+    if part.true_type in ZIP_TYPES or part.true_type.startswith("application/vnd.openxmlformats"):
+        import xml.etree.ElementTree as ET
+        texts: list[str] = []
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                names = [n for n in zf.namelist() if n in _OOXML_TEXT or
+                         (n.startswith("ppt/slides/slide") and n.endswith(".xml"))]
+                for name in names:
+                    with zf.open(name) as member:
+                        xml = member.read(limit)
+                    try:
+                        root = ET.fromstring(xml)
+                    except ET.ParseError:
+                        continue
+                    texts.extend(t for t in root.itertext() if t.strip())
+        except (zipfile.BadZipFile, OSError, RuntimeError, ValueError, NotImplementedError):
+            return ""
+        return " ".join(texts)
+    if part.true_type == "application/pdf":
+        try:
+            import pypdf  # optional
+        except ImportError:
+            return ""
+        try:
+            reader = pypdf.PdfReader(io.BytesIO(data))
+            out = []
+            for page in reader.pages[:50]:
+                out.append(page.extract_text() or "")
+                if sum(map(len, out)) > limit:
+                    break
+            return "\n".join(out)[:limit]
+        except Exception:
+            return ""
+    return ""
