@@ -126,10 +126,11 @@ class StaticRouter:
         """-> (routes, unroutable recipients), preserving recipient order within each route."""
         groups: dict[tuple[str, str | None], list[str]] = {}
         unroutable: list[str] = []
+        forced = getattr(envelope, "route_connector", None)  # a transport rule's RouteMessageOutboundConnector
         for item in recipients:
             rcpt = item if isinstance(item, str) else item.address  # str or model.Recipient
             domain = Address.parse_simple(rcpt).domain_key
-            connector = self.choose(domain)
+            connector = forced or self.choose(domain)
             if connector is None:
                 unroutable.append(rcpt)
                 continue

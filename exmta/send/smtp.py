@@ -233,7 +233,10 @@ class SMTPSendConnector:
 
     async def _try_target(self, target: Target, request: DeliveryRequest,
                           rcpts: tuple[Recipient, ...]) -> Reply | tuple[list[RecipientResult], SMTPClientProtocol]:
-        outcome = await self._try_target_once(target, request, rcpts, self._tls_mode(target))
+        tls_mode = self._tls_mode(target)
+        if getattr(request.envelope, "require_tls", False):  # a transport rule's RouteMessageOutboundRequireTls
+            tls_mode = "mandatory"
+        outcome = await self._try_target_once(target, request, rcpts, tls_mode)
         if isinstance(outcome, _TLSFailed):
             # RFC 7435: opportunistic TLS that fails falls back to plaintext (a new connection)
             self.log.info("TLS with {remote} failed; retrying without TLS", remote=target.label)
@@ -246,7 +249,7 @@ class SMTPSendConnector:
                                tls_mode: str) -> Any:
         proto = SMTPClientProtocol(
             self.clock, self.helo_name, lmtp=self.lmtp, tls_mode=tls_mode,
-            tls_context=self._context_for(target), username=self.config.auth_username,
+            tls_context=self._context_for(target, tls_mode), username=self.config.auth_username,
             password=self.config.auth_password, timeouts=self.timeouts, remote_host=target.label,
             protocol_log=self.protocol_log,
         )
@@ -281,11 +284,12 @@ class SMTPSendConnector:
             return "none" if self.config.tls != "mandatory" else "mandatory"
         return self.config.tls
 
-    def _context_for(self, target: Target) -> Any:
-        if self.config.tls == "none":
+    def _context_for(self, target: Target, tls_mode: str | None = None) -> Any:
+        mode = "mandatory" if tls_mode == "mandatory" else self.config.tls
+        if mode == "none":
             return None
         if self.tls_context is None:
-            return default_tls_context(self.config.tls, target.name)
+            return default_tls_context(mode, target.name)
         if callable(self.tls_context) and not hasattr(self.tls_context, "getContext") \
                 and not hasattr(self.tls_context, "clientConnectionForTLS"):
             return self.tls_context(target.name)
