@@ -199,6 +199,8 @@ def make_receive_factory(config: Config, rc: ReceiveConnectorConfig, store: Any,
     configure_receive_tls(factory, rc, clock)  # STARTTLS / implicit TLS, require_tls, client certificates
     from exmta.auth.smtp import build_authenticator
     factory.authenticator = build_authenticator(config, rc, clock)  # SMTP AUTH and send-as, or None
+    from exmta.rules.wiring import attach_to_factory
+    attach_to_factory(factory, config, store, tracker, clock)  # transport rules at end of data, or none
     return factory
 
 
@@ -241,6 +243,8 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
 
     pickup = PickupDirectory(paths["pickup"], store, reactor, config.queue.pickup_interval, tracker=tracker,
                              hostname=config.hostname)
+    from exmta.rules.wiring import transport_rules_for
+    pickup.transport_rules = transport_rules_for(config, store, tracker, reactor)  # rules on picked-up mail
     _add(top, "pickup", pickup)
 
     env = FilterEnv(reactor=reactor, clock=reactor, threadpool=pool, hostname=config.hostname,

@@ -652,6 +652,8 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
     auth_backends = _auth_config().read_auth_backends(top.sub("auth"), source)
 
     dkim_keys = _dkim_config().read_dkim(top.sub("dkim"), server["data_dir"])
+    from exmta.rules.config import read_transport_rules  # [transport_rules]: reads and checks the rules file
+    transport_rules = read_transport_rules(top.sub("transport_rules"), source, {s.name for s in send})
 
     filters: dict[str, dict[str, Any]] = {}
     fs = top.sub("filters")
@@ -709,5 +711,6 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
         metrics=metrics,
         alerts=alerts,
         auth_backends=auth_backends,
+        transport_rules=transport_rules,
         source=source,
     )

@@ -152,6 +152,16 @@ class RouteConfig:
 
 
 @dataclass(frozen=True)
+class TransportRulesConfig:
+    """[transport_rules]: Exchange-style mail flow rules (exmta.rules); off while ``file`` is None."""
+
+    file: str | None = None               # the rules file (absolute, or relative to this config file)
+    reload_interval: float = 2.0          # seconds between checks of the file's mtime (live reload)
+    threads: int = 2                      # the bounded pool that parses messages and runs the rules
+    limits: tuple[tuple[str, Any], ...] = ()  # MIME inspection limits (exmta.message.Limits) as key/value pairs
+
+
+@dataclass(frozen=True)
 class BackPressureConfig:
     """[back_pressure]: new mail gets 452 4.3.1 while a limit is passed (exmta.receive.backpressure)."""
 
@@ -264,6 +274,7 @@ class Config:
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     back_pressure: BackPressureConfig = field(default_factory=BackPressureConfig)
     recipient_list: str | None = None     # addresses of authoritative domains (exmta.receive.recipients)
+    transport_rules: TransportRulesConfig = field(default_factory=TransportRulesConfig)
     source: str = "<embedded default>"    # the file this came from, for messages
 
     @property

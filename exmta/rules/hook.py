@@ -191,15 +191,18 @@ class TransportRules:
             return self._evaluate(ruleset, raw, ctx_kw)
         return await deferToThreadPool(self.reactor, self.threadpool, self._evaluate, ruleset, raw, ctx_kw)
 
-    async def at_end_of_data(self, session: Any, txn: Any, view: Any, writer: Any) -> EndOfData:
+    async def at_end_of_data(self, session: Any, txn: Any, view: Any, writer: Any,
+                             trusted: bool | None = None) -> EndOfData:
         """The one call of the SMTP server at end of data (see the module docstring). Never raises."""
         try:
+            if trusted is None:
+                trusted = bool(self.trusted(session))
             sender = str(txn.sender)
             recipients = tuple(str(a) for a, _ in txn.recipients)
             decision = await self.evaluate(
                 writer.open_read, sender=sender, recipients=recipients, connector=getattr(session, "connector", ""),
                 client_ip=getattr(session, "peer_ip", None), authenticated=bool(getattr(session, "auth_identity", None)),
-                trusted=bool(self.trusted(session)), source="SMTP")
+                trusted=trusted, source="SMTP")
             if decision is None:
                 return EndOfData()
             outcome = EndOfData(decision, rules=self)

@@ -1,0 +1,70 @@
+"""Building the process's TransportRules from the configuration and attaching it where mail enters.
+
+One :class:`~exmta.rules.hook.TransportRules` per process and store (the
+main process and each receive worker have their own), with its own bounded
+thread pool started and stopped with the reactor. Each receive connector
+gets a view that knows whether its sessions count as internal (the
+connector's ``trusted``: permission groups, relay right, authentication).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from exmta.config.schema import Config
+from exmta.message import Limits
+from exmta.rules.hook import EndOfData, TransportRules
+
+__all__ = ["ConnectorRules", "attach_to_factory", "transport_rules_for"]
+
+_BUILT: weakref.WeakKeyDictionary[Any, TransportRules] = weakref.WeakKeyDictionary()
+
+
+class ConnectorRules:
+    """The rules as one receive connector calls them (its own idea of an internal session)."""
+
+    def __init__(self, rules: TransportRules, factory: Any) -> None:
+        self.rules = rules
+        self.factory = factory
+
+    async def at_end_of_data(self, session: Any, txn: Any, view: Any, writer: Any) -> EndOfData:
+        trusted = self.factory.trusted(session) or bool(getattr(session, "auth_identity", None))
+        return await self.rules.at_end_of_data(session, txn, view, writer, trusted=trusted)
+
+
+def _pool(reactor: Any, threads: int) -> Any:
+    from twisted.python.threadpool import ThreadPool
+    pool = ThreadPool(minthreads=0, maxthreads=threads, name="exmta-rules")
+    if hasattr(reactor, "callWhenRunning"):
+        reactor.callWhenRunning(pool.start)
+        reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+    else:  # a test clock: evaluate inline
+        return None
+    return pool
+
+
+def transport_rules_for(config: Config, store: Any, tracker: Any, reactor: Any) -> TransportRules | None:
+    """The process's TransportRules for ``store`` (built on first call), or None without a rules file."""
+    tr = config.transport_rules
+    if not tr.file:
+        return None
+    rules = _BUILT.get(store)
+    if rules is None:
+        from exmta.rules.plugins import discover
+        plugins, _ = discover()  # problems were reported by check-config / config loading
+        send_names = {s.name for s in config.send}
+        rules = TransportRules(
+            tr.file, reactor, reactor, _pool(reactor, tr.threads),
+            internal_domain=lambda d: (a := config.accepted_domain(d)) is not None and a.kind != "external_relay",
+            send_connector_known=lambda name: name in send_names, plugins=plugins,
+            limits=Limits.from_mapping(dict(tr.limits)), reload_interval=tr.reload_interval,
+            tracker=tracker, store=store, hostname=config.hostname, postmaster=config.postmaster)
+        _BUILT[store] = rules
+    return rules
+
+
+def attach_to_factory(factory: Any, config: Config, store: Any, tracker: Any, reactor: Any) -> None:
+    """Give a receive connector's factory the transport rules (nothing when there is no rules file)."""
+    rules = transport_rules_for(config, store, tracker, reactor)
+    if rules is not None:
+        factory.transport_rules = ConnectorRules(rules, factory)
