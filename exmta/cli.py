@@ -33,6 +33,8 @@ def make_parser() -> argparse.ArgumentParser:
     add_users_parser(sub)  # exmta users add|remove|passwd|grant|revoke|rehash|list
     from exmta.dns.commands import add_commands as add_mail_auth_commands
     add_mail_auth_commands(sub)  # exmta dkim keygen, exmta dns check, exmta psl refresh
+    from exmta.rules.cli import add_rules_parser
+    add_rules_parser(sub)  # exmta rules check|test|import
     return parser
 
 

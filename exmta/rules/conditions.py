@@ -376,7 +376,7 @@ def build_condition(name: str, value: Any, table: dict[str, Any],
     if name in _TABLE:
         convert, make, scoped = _TABLE[name]
         converted = convert(value)
-        return Condition(name, converted, make(converted), scoped)
+        return Condition(name, value, make(converted), scoped)
     if plugins and name in plugins:
         from exmta.rules.plugins import plugin_condition
         return plugin_condition(name, plugins[name], value)
