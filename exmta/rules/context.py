@@ -46,10 +46,16 @@ class RuleContext:
     internal_domain: Callable[[str], bool] = lambda domain: False
     member_of: Callable[[str, str], bool] | None = None
     #: per-evaluation cache for conditions (e.g. extracted body text)
-    cache: dict[str, object] = field(default_factory=dict)
+    cache: dict[object, object] = field(default_factory=dict)
 
     def header_senders(self) -> list[str]:
-        return [addr.lower() for _, addr in email.utils.getaddresses(self.message.header_values("From")) if addr]
+        """The From: addresses, lower case (parsed once per message version)."""
+        key = ("from", id(self.message))
+        found = self.cache.get(key)  # type: ignore[call-overload]
+        if found is None:
+            found = [addr.lower() for _, addr in email.utils.getaddresses(self.message.header_values("From")) if addr]
+            self.cache[key] = found  # type: ignore[index]
+        return list(found)
 
     def senders(self, location: str) -> list[str]:
         """The sender addresses a rule tests, per its sender_address_location."""
