@@ -653,7 +653,8 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
 
     dkim_keys = _dkim_config().read_dkim(top.sub("dkim"), server["data_dir"])
     from exmta.rules.config import read_transport_rules  # [transport_rules]: reads and checks the rules file
-    transport_rules = read_transport_rules(top.sub("transport_rules"), source, {s.name for s in send})
+    transport_rules = read_transport_rules(top.sub("transport_rules"), source, {s.name for s in send},
+                                           {b.name: b.kind for b in auth_backends})
 
     filters: dict[str, dict[str, Any]] = {}
     fs = top.sub("filters")

@@ -159,6 +159,7 @@ class TransportRulesConfig:
     reload_interval: float = 2.0          # seconds between checks of the file's mtime (live reload)
     threads: int = 2                      # the bounded pool that parses messages and runs the rules
     limits: tuple[tuple[str, Any], ...] = ()  # MIME inspection limits (exmta.message.Limits) as key/value pairs
+    directory: str | None = None          # an [auth.NAME] LDAP back end for FromMemberOf / SentToMemberOf
 
 
 @dataclass(frozen=True)

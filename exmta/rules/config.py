@@ -24,8 +24,13 @@ def rules_path(file: str, source: str) -> str:
     return os.path.join(base, file)
 
 
-def read_transport_rules(r: Any, source: str, send_names: set[str]) -> TransportRulesConfig:
+def read_transport_rules(r: Any, source: str, send_names: set[str],
+                         auth_backends: dict[str, str] | None = None) -> TransportRulesConfig:
     d = TransportRulesConfig()
+    directory = r.get("directory", None, lambda v: v if isinstance(v, str) and v else _bad("must be a name"))
+    if directory is not None and (auth_backends or {}).get(directory) != "ldap":
+        r.error("directory", f"no [auth.{directory}] section with kind = \"ldap\" (the directory for "
+                             "FromMemberOf / SentToMemberOf)")
     file = r.get("file", None, lambda v: v if isinstance(v, str) and v.strip() else _bad("must be a file name"))
     reload_interval = r.get("reload_interval", d.reload_interval, parse_duration)
     threads = r.get("threads", d.threads,
@@ -52,7 +57,7 @@ def read_transport_rules(r: Any, source: str, send_names: set[str]) -> Transport
             for problem in e.problems:
                 r.error("file", f"{path}: {problem}")
     return TransportRulesConfig(file=path, reload_interval=reload_interval, threads=threads,
-                                limits=tuple(sorted(limits_table.items())))
+                                limits=tuple(sorted(limits_table.items())), directory=directory)
 
 
 def _bad(message: str) -> Any:

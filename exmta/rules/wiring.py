@@ -58,9 +58,25 @@ def transport_rules_for(config: Config, store: Any, tracker: Any, reactor: Any) 
             internal_domain=lambda d: (a := config.accepted_domain(d)) is not None and a.kind != "external_relay",
             send_connector_known=lambda name: name in send_names, plugins=plugins,
             limits=Limits.from_mapping(dict(tr.limits)), reload_interval=tr.reload_interval,
-            tracker=tracker, store=store, hostname=config.hostname, postmaster=config.postmaster)
+            tracker=tracker, store=store, hostname=config.hostname, postmaster=config.postmaster,
+            member_of=directory_groups(config))
         _BUILT[store] = rules
     return rules
+
+
+def directory_groups(config: Config) -> Any:
+    """``member_of`` from the [auth.NAME] LDAP back end that [transport_rules] directory names, or None."""
+    name = config.transport_rules.directory
+    backend = config.auth_backend(name) if name else None
+    if backend is None:
+        return None
+    from exmta.auth.ldap import LDAPChecker, LDAPSettings
+    from exmta.rules.directory import DirectoryGroups
+    checker = LDAPChecker(LDAPSettings(
+        uri=backend.uri, base_dn=backend.base_dn, tls=backend.tls, ca_file=backend.ca_file,
+        bind_dn=backend.bind_dn, bind_password=backend.bind_password, timeout=backend.timeout,
+    ), run_blocking=None)  # only its blocking helpers are used, on the rules' pool
+    return DirectoryGroups(checker).member_of
 
 
 def attach_to_factory(factory: Any, config: Config, store: Any, tracker: Any, reactor: Any) -> None:
