@@ -319,3 +319,50 @@ def test_route_to_an_unknown_connector_is_a_problem():
     with pytest.raises(ConfigError, match="no send connector 'nowhere'"):
         rules('[[rule]]\nname="r"\n[rule.actions]\nRouteMessageOutboundConnector = "nowhere"\n',
               send_connector_known=lambda n: n == "outbound")
+
+
+def docx(text: str) -> bytes:
+    import io
+    import zipfile
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("[Content_Types].xml", "<Types/>")
+        z.writestr("word/document.xml", '<w:document xmlns:w="http://schemas.openxmlformats.org/wordprocessingml/'
+                   f'2006/main"><w:body><w:p><w:r><w:t>{text}</w:t></w:r></w:p></w:body></w:document>')
+    return buf.getvalue()
+
+
+def encrypted_zip() -> bytes:
+    """A ZIP whose member says it is encrypted (general purpose flag bit 0), as `zip -e` writes."""
+    import io
+    import zipfile
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("secret.txt", "x" * 100)
+    data = bytearray(buf.getvalue())
+    data[6] |= 1                                # local file header flags
+    central = data.find(b"PK\x01\x02")
+    data[central + 8] |= 1                      # central directory flags
+    return bytes(data)
+
+
+@pytest.mark.parametrize("cond, payload, name, hit", [
+    ('AttachmentContainsWords = ["merger"]', docx("The merger closes Friday"), "plan.docx", True),
+    ('AttachmentContainsWords = ["merger"]', docx("Lunch menu"), "menu.docx", False),
+    ('AttachmentMatchesPatterns = ["\\\\d{4}-\\\\d{4}-\\\\d{4}-\\\\d{4}"]', b"card 4111-1111-1111-1111", "a.txt", True),
+    ("AttachmentIsPasswordProtected = true", encrypted_zip(), "secret.zip", True),
+    ("AttachmentIsPasswordProtected = true", docx("open"), "open.docx", False),
+    ('AttachmentSizeOver = "1 KB"', bytes(2000), "big.bin", True),
+    ('AttachmentNameMatchesPatterns = ["^invoice.*\\\\.zip$"]', encrypted_zip(), "invoice-7.zip", True),
+])
+def test_attachment_content_predicates(cond, payload, name, hit):
+    text = f"""
+[[rule]]
+name = "a"
+[rule.conditions]
+{cond}
+[rule.actions]
+LogEventText = "hit"
+"""
+    ctype = "text/plain" if name.endswith(".txt") else "application/octet-stream"
+    assert bool(run(text, S.with_attachment(payload, name, ctype)).hits) is hit
