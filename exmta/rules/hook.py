@@ -155,6 +155,15 @@ class TransportRules:
                 self.reload()
         return self.ruleset
 
+    def watch(self) -> Any:
+        """Check the file every ``reload_interval`` seconds even when no mail flows (a LoopingCall)."""
+        from twisted.internet.task import LoopingCall
+        loop = LoopingCall(self.current)
+        loop.clock = self.clock
+        d = loop.start(self.reload_interval, now=False)
+        d.addErrback(lambda f: log.failure("transport rules: watching {path} failed", f, path=self.path))
+        return loop
+
     def reload(self) -> bool:
         """Re-read the file now; on any problem keep the old rules, log every problem and return False."""
         try:

@@ -61,6 +61,11 @@ def transport_rules_for(config: Config, store: Any, tracker: Any, reactor: Any) 
             tracker=tracker, store=store, hostname=config.hostname, postmaster=config.postmaster,
             member_of=directory_groups(config))
         _BUILT[store] = rules
+        if hasattr(reactor, "callWhenRunning"):  # a real reactor: re-read the file even when no mail flows
+            def watch() -> None:
+                loop = rules.watch()
+                reactor.addSystemEventTrigger("before", "shutdown", lambda: loop.running and loop.stop())
+            reactor.callWhenRunning(watch)
     return rules
 
 

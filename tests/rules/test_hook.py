@@ -250,3 +250,13 @@ def test_pickup_submission_runs_the_rules_and_ndrs_a_reject(rig):
     Deferred.fromCoroutine(rig.rules.submit(S.PLAIN, env)).addBoth(result.append)
     qid = result[0]
     assert b"Subject: [EXTERNAL] hello" in rig.store.content(qid)
+
+
+def test_the_file_is_watched_without_mail(rig):
+    loop = rig.rules.watch()
+    try:
+        rig.path.write_text('[[rule]]\nname = "watched"\n[rule.actions]\nLogEventText = "x"\n')
+        rig.clock.advance(rig.rules.reload_interval)
+        assert [r.name for r in rig.rules.ruleset.rules] == ["watched"]
+    finally:
+        loop.stop()
