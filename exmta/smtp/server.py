@@ -882,8 +882,6 @@ class ESMTPServer(Protocol):
             if rules is not None:
                 envelope = rules.envelope(envelope)
             queue_id = await self.factory.store.commit(writer, envelope)
-            if rules is not None:
-                rules.committed(queue_id, envelope)
         except Exception:
             self.log.failure("session {session_id}: end of data failed", session_id=self._sid)
             writer.abort()
@@ -893,6 +891,8 @@ class ESMTPServer(Protocol):
         if len(self._queued_ids) < _IDS_LOGGED:
             self._queued_ids.append(queue_id)  # named in the session's end line; the tracking log has every one
         self._track(queue_id, envelope, view.agent_notes)
+        if rules is not None:
+            rules.committed(queue_id, envelope)  # rule hits tracked, NDR for refused recipients (never raises)
         self._reply(replies.queued(queue_id))
 
     def _qualified(self, rcpt: Address) -> str:
