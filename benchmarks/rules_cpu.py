@@ -61,7 +61,8 @@ TYPICAL = [
     ('SubjectContainsWords = ["lottery", "winner", "bitcoin"]', 'SetSCL = 9'),
     ('SubjectMatchesPatterns = ["^URGENT.*wire transfer"]', 'Quarantine = true'),
     ('HeaderContainsMessageHeader = "X-Mailer"\nHeaderContainsWords = ["BulkMailer"]', 'DeleteMessage = true'),
-    ('HeaderMatchesMessageHeader = "X-Campaign"\nHeaderMatchesPatterns = ["^promo-"]', 'SetHeaderName = "X-B"\nSetHeaderValue = "1"'),
+    ('HeaderMatchesMessageHeader = "X-Campaign"\nHeaderMatchesPatterns = ["^promo-"]',
+     'SetHeaderName = "X-B"\nSetHeaderValue = "1"'),
     ('MessageSizeOver = "20 MB"', 'Quarantine = true'),
     ('SenderIpRanges = ["203.0.113.0/24"]', 'RejectMessageReasonText = "Blocked network"'),
     ('SCLOver = 7', 'Quarantine = true'),
@@ -73,10 +74,12 @@ TYPICAL = [
     ('MessageTypeMatches = "OOF"\nSentToScope = "NotInOrganization"', 'DeleteMessage = true'),
     ('WithImportance = "Low"', 'SetHeaderName = "X-Low"\nSetHeaderValue = "1"'),
     ('SenderIsAuthenticated = true\nSentToScope = "NotInOrganization"', 'LogEventText = "outbound"'),
-    ('SentToScope = "InOrganization"\nFromScope = "InOrganization"', 'SetHeaderName = "X-Internal"\nSetHeaderValue = "1"'),
+    ('SentToScope = "InOrganization"\nFromScope = "InOrganization"',
+     'SetHeaderName = "X-Internal"\nSetHeaderValue = "1"'),
     ('RecipientDomainIs = ["gov.example"]', 'RouteMessageOutboundRequireTls = true'),
     ('FromAddressContainsWords = ["marketing"]', 'SetHeaderName = "X-Marketing"\nSetHeaderValue = "1"'),
-    ('HasNoRecipientInOrganization = true\nSubjectContainsWords = ["confidential"]', 'GenerateIncidentReport = "dlp@bench.test"'),
+    ('HasNoRecipientInOrganization = true\nSubjectContainsWords = ["confidential"]',
+     'GenerateIncidentReport = "dlp@bench.test"'),
     ('AttachmentExtensionMatchesWords = ["exe", "scr", "js", "vbs"]', 'RemoveAttachments = true'),
     ('FromScope = "InOrganization"\nSentToScope = "NotInOrganization"',
      'ApplyHtmlDisclaimerText = "<p>Bench Corp: this message is confidential.</p>"'),
@@ -121,7 +124,8 @@ def make_factory(rules_path: str | None) -> tuple[ESMTPServerFactory, MemoryStor
     return factory, store
 
 
-def receive_loop(factory: ESMTPServerFactory, store: MemoryStore, size: int, n: int, limit: float) -> tuple[int, float, float]:
+def receive_loop(factory: ESMTPServerFactory, store: MemoryStore, size: int, n: int,
+                 limit: float) -> tuple[int, float, float]:
     addr = IPv4Address("TCP", "127.0.0.1", 40000)
     msgs = [message(size, i) + b".\r\n" for i in range(16)]
     wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -130,7 +134,8 @@ def receive_loop(factory: ESMTPServerFactory, store: MemoryStore, size: int, n: 
         proto = factory.buildProtocol(addr)
         t = StringTransport(peerAddress=addr)
         proto.makeConnection(t)
-        proto.dataReceived(b"EHLO c.bench.test\r\nMAIL FROM:<alice@bench.test>\r\nRCPT TO:<bob@dest.example>\r\nDATA\r\n")
+        proto.dataReceived(b"EHLO c.bench.test\r\nMAIL FROM:<alice@bench.test>\r\n"
+                           b"RCPT TO:<bob@dest.example>\r\nDATA\r\n")
         proto.dataReceived(msgs[done % 16])
         if b"250 2.0.0 Ok: queued" not in t.value():
             raise SystemExit(f"not queued: {t.value()[-200:]!r}")
@@ -149,9 +154,9 @@ def rules_only_loop(path: str, size: int, n: int, limit: float) -> tuple[int, fl
     done = 0
     while done < n and time.perf_counter() - wall0 < limit:
         ruleset = rules.current()
-        d = rules._evaluate(ruleset, msgs[done % 16], {"sender": "alice@bench.test", "recipients": ("bob@dest.example",),
-                                                       "trusted": True, "connector": "default",
-                                                       "client_ip": "127.0.0.1"})
+        d = rules._evaluate(ruleset, msgs[done % 16], {
+            "sender": "alice@bench.test", "recipients": ("bob@dest.example",), "trusted": True,
+            "connector": "default", "client_ip": "127.0.0.1"})
         if d.content_changed:
             d.apply_to(msgs[done % 16])
         done += 1

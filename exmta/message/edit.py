@@ -107,10 +107,8 @@ def _insert(text: str, addition: str, location: str, is_html: bool) -> str:
             m = re.search(r"<body[^>]*>", text, re.IGNORECASE)
             at = m.end() if m else 0
             return text[:at] + addition + "\r\n" + text[at:]
-        m = None
-        for m in re.finditer(r"</body\s*>", text, re.IGNORECASE):
-            pass
-        at = m.start() if m else len(text)
+        ends = list(re.finditer(r"</body\s*>", text, re.IGNORECASE))
+        at = ends[-1].start() if ends else len(text)
         return text[:at] + "\r\n" + addition + "\r\n" + text[at:]
     if location == "prepend":
         return addition + "\r\n\r\n" + text

@@ -24,7 +24,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
         config = load_config(args.config)
     path = args.rules or (config.transport_rules.file if config else None)
     if not path:
-        raise ConfigError(args.config or "<command line>", ["give --rules FILE, or -c CONFIG with [transport_rules] file"])
+        raise ConfigError(args.config or "<command line>",
+                          ["give --rules FILE, or -c CONFIG with [transport_rules] file"])
     plugins, problems = discover()
     if problems:
         raise ConfigError(path, problems)

@@ -251,6 +251,12 @@ def _build_table() -> dict[str, tuple[Callable[[Any], Any], Callable[..., Callab
     def type_matches(t: str, wanted: tuple[str, ...]) -> bool:
         return any(t == w or (w.endswith("/*") and t.startswith(w[:-1])) for w in wanted)
 
+    def rcpt_rx(rx: re.Pattern[str]) -> Callable[[RuleContext, str], frozenset[str]]:
+        return lambda ctx, loc: _rcpts(ctx, lambda r: bool(rx.search(r)))
+
+    def subject_rx(rx: re.Pattern[str]) -> Callable[[RuleContext, str], bool]:
+        return lambda ctx, loc: bool(rx.search(ctx.message.subject))
+
     def flag(test: Callable[[RuleContext, str], bool]) -> Callable[[bool], Callable[[RuleContext, str], bool]]:
         return lambda want: (lambda ctx, loc: test(ctx, loc) == want)
 
@@ -269,10 +275,8 @@ def _build_table() -> dict[str, tuple[Callable[[Any], Any], Callable[..., Callab
         # -- recipients (per recipient)
         "SentTo": (lower_set, lambda s: (lambda ctx, loc: _rcpts(ctx, lambda r: r in s)), True),
         "RecipientDomainIs": (domains, lambda ds: (lambda ctx, loc: _rcpts(ctx, lambda r: in_domains(r, ds))), True),
-        "RecipientAddressContainsWords": (_words, lambda rx: (lambda ctx, loc: _rcpts(ctx, lambda r: bool(rx.search(r)))),
-                                          True),
-        "RecipientAddressMatchesPatterns": (_patterns,
-                                            lambda rx: (lambda ctx, loc: _rcpts(ctx, lambda r: bool(rx.search(r)))), True),
+        "RecipientAddressContainsWords": (_words, rcpt_rx, True),
+        "RecipientAddressMatchesPatterns": (_patterns, rcpt_rx, True),
         "SentToScope": (_scope, sent_to_scope, True),
         "SentToMemberOf": (lower_set, lambda gs: (lambda ctx, loc: _rcpts(ctx, lambda r: member(ctx, r, gs))), True),
         "HasNoRecipientInOrganization": (_bool, flag(lambda ctx, loc: not any(ctx.is_internal(r)
@@ -282,8 +286,8 @@ def _build_table() -> dict[str, tuple[Callable[[Any], Any], Callable[..., Callab
         "AnyOfToCcHeader": (lower_set, lambda s: (lambda ctx, loc: _any(_addresses(ctx, "To") + _addresses(ctx, "Cc"),
                                                                         lambda a: a in s)), False),
         # -- subject, body, headers
-        "SubjectContainsWords": (_words, lambda rx: (lambda ctx, loc: bool(rx.search(ctx.message.subject))), False),
-        "SubjectMatchesPatterns": (_patterns, lambda rx: (lambda ctx, loc: bool(rx.search(ctx.message.subject))), False),
+        "SubjectContainsWords": (_words, subject_rx, False),
+        "SubjectMatchesPatterns": (_patterns, subject_rx, False),
         "SubjectOrBodyContainsWords": (_words, lambda rx: (lambda ctx, loc: bool(
             rx.search(ctx.message.subject) or rx.search(_body_text(ctx)))), False),
         "SubjectOrBodyMatchesPatterns": (_patterns, lambda rx: (lambda ctx, loc: bool(

@@ -210,8 +210,8 @@ class TransportRules:
             recipients = tuple(str(a) for a, _ in txn.recipients)
             decision = await self.evaluate(
                 writer.open_read, sender=sender, recipients=recipients, connector=getattr(session, "connector", ""),
-                client_ip=getattr(session, "peer_ip", None), authenticated=bool(getattr(session, "auth_identity", None)),
-                trusted=trusted, source="SMTP")
+                client_ip=getattr(session, "peer_ip", None),
+                authenticated=bool(getattr(session, "auth_identity", None)), trusted=trusted, source="SMTP")
             if decision is None:
                 return EndOfData()
             outcome = EndOfData(decision, rules=self)
