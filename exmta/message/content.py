@@ -74,7 +74,7 @@ def is_executable(part: Part) -> bool:
     """Whether a part (or a member of it, for archives) has executable content."""
     if part.true_type in EXECUTABLE_TYPES:
         return True
-    info = getattr(part, "archive", None)
+    info = part.archive
     return bool(info and any(t in EXECUTABLE_TYPES or n.rpartition(".")[2].lower() in EXECUTABLE_EXTENSIONS
                              for n, t in info.members))
 
@@ -128,7 +128,7 @@ def inspect_archive(part: Part, limits: Limits, budget: InspectionBudget) -> Arc
         return None
     data = part.payload()
     info = ArchiveInfo()
-    part.archive = info  # type: ignore[attr-defined]
+    part.archive = info
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             entries = zf.infolist()

@@ -25,7 +25,7 @@ import email.header
 from email.parser import HeaderParser, Parser
 from email.policy import compat32
 from email.policy import default as default_policy
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from exmta.message.limits import InspectionBudget, LimitExceeded, Limits
 
@@ -127,6 +127,8 @@ class Part:
         self.defects: list[str] = []
         self._payload: bytes | None = None
         self._true_type: str | None = None
+        #: what an archive attachment holds (exmta.message.content.ArchiveInfo), set by MimeMessage.inspect()
+        self.archive: Any = None
 
     # ---------------------------------------------------------- structure
 

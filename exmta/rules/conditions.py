@@ -315,7 +315,7 @@ def _build_table() -> dict[str, tuple[Callable[[Any], Any], Callable[..., Callab
         "AttachmentHasExecutableContent": (_bool, flag(lambda ctx, loc: any(is_executable(p) for p in _inspected(ctx))),
                                            False),
         "AttachmentIsPasswordProtected": (_bool, flag(lambda ctx, loc: any(
-            getattr(getattr(p, "archive", None), "encrypted", False) for p in _inspected(ctx))), False),
+            p.archive is not None and p.archive.encrypted for p in _inspected(ctx))), False),
         "AttachmentIsUnsupported": (_bool, flag(lambda ctx, loc: ctx.message.could_not_be_inspected), False),
         "AttachmentProcessingLimitExceeded": (_bool, flag(lambda ctx, loc: ctx.message.could_not_be_inspected), False),
     }

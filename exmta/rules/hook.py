@@ -201,7 +201,7 @@ class TransportRules:
         return await deferToThreadPool(self.reactor, self.threadpool, self._evaluate, ruleset, raw, ctx_kw)
 
     async def at_end_of_data(self, session: Any, txn: Any, view: Any, writer: Any,
-                             trusted: bool | None = None) -> EndOfData:
+                             trusted: bool | None = None, scl: int | None = None) -> EndOfData:
         """The one call of the SMTP server at end of data (see the module docstring). Never raises."""
         try:
             if trusted is None:
@@ -211,7 +211,8 @@ class TransportRules:
             decision = await self.evaluate(
                 writer.open_read, sender=sender, recipients=recipients, connector=getattr(session, "connector", ""),
                 client_ip=getattr(session, "peer_ip", None),
-                authenticated=bool(getattr(session, "auth_identity", None)), trusted=trusted, source="SMTP")
+                authenticated=bool(getattr(session, "auth_identity", None)), trusted=trusted, source="SMTP",
+                scl=scl)
             if decision is None:
                 return EndOfData()
             outcome = EndOfData(decision, rules=self)

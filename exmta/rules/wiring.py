@@ -15,7 +15,9 @@ from exmta.config.schema import Config
 from exmta.message import Limits
 from exmta.rules.hook import EndOfData, TransportRules
 
-__all__ = ["ConnectorRules", "attach_to_factory", "transport_rules_for"]
+__all__ = ["ConnectorRules", "SCL_HEADER", "attach_to_factory", "scl_of", "transport_rules_for"]
+
+SCL_HEADER = "X-MS-Exchange-Organization-SCL"
 
 _BUILT: weakref.WeakKeyDictionary[Any, TransportRules] = weakref.WeakKeyDictionary()
 
@@ -28,8 +30,27 @@ class ConnectorRules:
         self.factory = factory
 
     async def at_end_of_data(self, session: Any, txn: Any, view: Any, writer: Any) -> EndOfData:
-        trusted = self.factory.trusted(session) or bool(getattr(session, "auth_identity", None))
-        return await self.rules.at_end_of_data(session, txn, view, writer, trusted=trusted)
+        internal = bool(self.factory.trusted(session))
+        trusted = internal or bool(getattr(session, "auth_identity", None))
+        return await self.rules.at_end_of_data(session, txn, view, writer, trusted=trusted,
+                                               scl=scl_of(view, internal))
+
+
+def scl_of(view: Any, trusted_headers: bool) -> int | None:
+    """The message's SCL for SCLOver: set by a filter at this end of data (the header journal), else the
+    ``X-MS-Exchange-Organization-SCL`` field when the session may bring organization headers (the header
+    firewall removes it otherwise), else None."""
+    value = None
+    for op in getattr(getattr(view, "edits", None), "ops", ()):
+        if op[0] in ("add", "insert", "replace") and op[1].lower() == SCL_HEADER.lower():
+            value = op[2]
+    if value is None and trusted_headers:
+        value = next(iter(view.field_values(SCL_HEADER)), None)
+    try:
+        scl = int(str(value).strip()) if value is not None else None
+    except ValueError:
+        return None
+    return scl if scl is not None and -1 <= scl <= 9 else None
 
 
 def _pool(reactor: Any, threads: int) -> Any:

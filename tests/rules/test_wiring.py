@@ -132,3 +132,15 @@ def test_rule_hits_are_counted_per_rule():
     text = metrics.render().decode()
     assert 'exmta_transport_rule_hits_total{mode="enforce",rule="a"} 2.0' in text
     assert 'exmta_transport_rule_hits_total{mode="enforce",rule="b"} 1.0' in text
+
+
+def test_scl_comes_from_a_filter_or_a_trusted_header():
+    from exmta.filters.base import MessageView
+    from exmta.rules.wiring import scl_of
+    view = MessageView(b"X-MS-Exchange-Organization-SCL: 7\r\nSubject: s\r\n\r\nbody\r\n")
+    assert scl_of(view, trusted_headers=True) == 7
+    assert scl_of(view, trusted_headers=False) is None  # the header firewall removes it from such sessions
+    view.edits.replace_header("X-MS-Exchange-Organization-SCL", "9")  # a spam filter's verdict
+    assert scl_of(view, trusted_headers=False) == 9
+    view.edits.replace_header("X-MS-Exchange-Organization-SCL", "junk")
+    assert scl_of(view, trusted_headers=True) is None
