@@ -124,3 +124,61 @@ def test_an_extension_that_is_not_one_is_refused_by_name():
     found, problems = discover(lambda group: {"Broken": NotAnExtension})
     assert found == {"condition": {}, "action": {}}
     assert problems and problems[0].startswith("rule extension 'Broken' does not provide IRuleExtension")
+
+
+def test_the_model_snippets_run(capsys):
+    from twisted.internet.defer import Deferred
+
+    from exmta.filters.base import MessageView
+    namespace = {"raw": S.FORWARDED}
+    exec(compile(literal_block("``AttachmentProcessingLimitExceeded``\ntests::"), str(DOC), "exec"), namespace)
+    assert "invoice.zip application/zip application/zip 22" in capsys.readouterr().out
+    namespace = {}
+    exec(compile(literal_block("encrypted``)::"), str(DOC), "exec"), namespace)
+    env = types.SimpleNamespace(reactor=None, threadpool=None)  # no pool: the loader runs inline
+    done: list = []
+    Deferred.fromCoroutine(namespace["on_data"](types.SimpleNamespace(env=env), None, None,
+                                                MessageView(S.FORWARDED))).addBoth(done.append)
+    assert done == [None]
+
+
+def command_lines(path: Path) -> list[list[str]]:
+    """Every ``exmta rules ...`` command of the file's literal blocks (continuation lines joined)."""
+    import shlex
+    text = path.read_text().replace("\\\n", " ")
+    return [shlex.split(m.group(1)) for m in re.finditer(r"^ {4}exmta (rules .*)$", text, re.M)]
+
+
+@pytest.mark.parametrize("path", [DOC, README], ids=["docs", "readme"])
+def test_the_documented_commands_run(path, tmp_path, monkeypatch, capsys):
+    from exmta.cli import main
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rules.toml").write_text(five_rules())
+    (tmp_path / "exmta.toml").write_text(f'[receive.in]\nlisten = ["tcp:0"]\n[send.partner-tls]\n'
+                                         f'smarthosts = ["[127.0.0.1]:2601"]\n[[route]]\ndomains = ["*"]\n'
+                                         f'connector = "partner-tls"\n[accepted_domains]\n"example.com" = '
+                                         f'"authoritative"\n[transport_rules]\nfile = "{tmp_path}/rules.toml"\n')
+    (tmp_path / "message.eml").write_bytes(S.PLAIN)
+    export = (Path(__file__).parent / "fixtures" / "transport-rules-export.xml").read_bytes()
+    (tmp_path / "rules.xml").write_bytes(export)
+    (tmp_path / "exported-rules.xml").write_bytes(export)
+    commands = command_lines(path)
+    assert len(commands) >= 2
+    for argv in commands:
+        argv = [a.replace("/etc/exmta/", str(tmp_path) + "/") for a in argv]
+        if argv[1] == "import":
+            out = Path(argv[argv.index("-o") + 1])
+            out.unlink(missing_ok=True)  # the import never overwrites
+        assert main(argv) in (0, 1), (argv, capsys.readouterr())
+    assert "MATCH: 'Payroll takes internal mail only'" in capsys.readouterr().out
+
+
+def test_the_documented_entry_points_resolve_to_the_example():
+    import configparser
+    cfg = configparser.ConfigParser()
+    cfg.read_string(literal_block("Its ``setup.cfg`` declares the entry points::"))
+    entries = [line.split("=") for line in cfg["options.entry_points"]["exmta.rules"].strip().splitlines()]
+    vip = vip_module()
+    for name, target in entries:
+        module, _, attr = target.strip().partition(":")
+        assert module == "exmta_vip" and getattr(vip, attr).kind in ("condition", "action") and name.strip() == attr
