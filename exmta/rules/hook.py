@@ -52,10 +52,13 @@ class EndOfData:
     reply: Reply | None = None
     discard: bool = False
     rules: TransportRules | None = field(default=None, repr=False)
+    #: the envelope before the rules' edits (refused recipients keep their NOTIFY and ORCPT for the NDR)
+    original: Envelope | None = field(default=None, repr=False)
 
     def envelope(self, env: Envelope) -> Envelope:
         """The envelope to commit: recipients refused or dropped taken out, added ones in, route, TLS, hold."""
         d = self.decision
+        self.original = env
         if d is None or not (d.envelope_changed or d.quarantine):
             return env
         return _edit_envelope(env, d)
@@ -64,7 +67,7 @@ class EndOfData:
         """After the commit: tracking, per-rule counters, DSN for refused recipients, incident reports."""
         if self.decision is not None and self.rules is not None:
             try:
-                self.rules.after_commit(queue_id, env, self.decision, source)
+                self.rules.after_commit(queue_id, env, self.decision, source, original=self.original)
             except Exception:  # the message is queued: nothing here may turn its 250 into an error
                 log.failure("transport rules: after-commit work for {queue_id} failed", queue_id=queue_id)
 
@@ -296,7 +299,8 @@ class TransportRules:
                 return
         base = original or env
         if decision.rejected_recipients:
-            refused = [Recipient(a) for a in decision.rejected_recipients]
+            known = {r.address: r for r in base.recipients}
+            refused = [known.get(a) or Recipient(a) for a in decision.rejected_recipients]
             self._send_ndr(dataclasses.replace(base, queue_id=queue_id, recipients=refused), content or b"",
                            decision)
         self._send_incident_reports(content or b"", decision)
@@ -326,9 +330,10 @@ class TransportRules:
         from exmta.queue.bounce import make_dsn
         now = self.clock.seconds()
         rcpts = []
+        from exmta.queue.scheduler import wants_notify
         for r in envelope.recipients:
             reply = decision.rejected_recipients.get(r.address)
-            if reply is not None:
+            if reply is not None and wants_notify(r.notify, "FAILURE"):
                 rcpts.append(dataclasses.replace(r, status=RecipientStatus.FAILED, last_reply=reply, last_attempt=now))
         if not rcpts:
             return

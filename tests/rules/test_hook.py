@@ -113,12 +113,13 @@ class Rig:
             local_domain=lambda d: config.accepted_domain(d) is not None)
         self.factory.transport_rules = self.rules
 
-    def send(self, sender: str, rcpts: list[str], message: bytes, peer: str = "198.51.100.9") -> bytes:
+    def send(self, sender: str, rcpts: list[str], message: bytes, peer: str = "198.51.100.9",
+             rcpt_params: str = "") -> bytes:
         addr = IPv4Address("TCP", peer, 5000)
         proto = self.factory.buildProtocol(addr)
         t = StringTransport(peerAddress=addr)
         proto.makeConnection(t)
-        cmds = f"EHLO c.test\r\nMAIL FROM:<{sender}>\r\n" + "".join(f"RCPT TO:<{r}>\r\n" for r in rcpts) + "DATA\r\n"
+        cmds = f"EHLO c.test\r\nMAIL FROM:<{sender}>\r\n" + "".join(f"RCPT TO:<{r}>{rcpt_params}\r\n" for r in rcpts) + "DATA\r\n"
         proto.dataReceived(cmds.encode())
         t.clear()
         proto.dataReceived(message.replace(b"\r\n.", b"\r\n..") + b".\r\n")
@@ -260,3 +261,10 @@ def test_the_file_is_watched_without_mail(rig):
         assert [r.name for r in rig.rules.ruleset.rules] == ["watched"]
     finally:
         loop.stop()
+
+
+def test_a_refused_recipient_with_notify_never_gets_no_ndr(rig):
+    qid = rig.queued(rig.send("x@outside.test", ["payroll@local.test", "bob@local.test"], S.PLAIN,
+                              rcpt_params=" NOTIFY=NEVER"))
+    assert [r.address for r in rig.store.envelope(qid).recipients] == ["bob@local.test"]
+    assert rig.store.queue_ids() == [qid]  # no DSN queued
