@@ -349,6 +349,8 @@ def encrypted_zip() -> bytes:
 @pytest.mark.parametrize("cond, payload, name, hit", [
     ('AttachmentContainsWords = ["merger"]', docx("The merger closes Friday"), "plan.docx", True),
     ('AttachmentContainsWords = ["merger"]', docx("Lunch menu"), "menu.docx", False),
+    ('AttachmentContainsWords = ["merger"]', S.minimal_pdf("The merger closes Friday"), "plan.pdf", True),
+    ('AttachmentContainsWords = ["merger"]', S.minimal_pdf("Lunch menu"), "menu.pdf", False),
     ('AttachmentMatchesPatterns = ["\\\\d{4}-\\\\d{4}-\\\\d{4}-\\\\d{4}"]', b"card 4111-1111-1111-1111", "a.txt", True),
     ("AttachmentIsPasswordProtected = true", encrypted_zip(), "secret.zip", True),
     ("AttachmentIsPasswordProtected = true", docx("open"), "open.docx", False),

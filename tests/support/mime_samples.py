@@ -222,6 +222,29 @@ def zip_bomb(expanded: int = 1 << 30, name: str = "zeros.bin") -> bytes:
     return local + data + central + end
 
 
+def minimal_pdf(text: str) -> bytes:
+    """A one-page PDF showing ``text`` in Helvetica (xref offsets computed)."""
+    stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+        b"/Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Length " + str(len(stream)).encode() + b" >>\nstream\n" + stream + b"\nendstream",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for i, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += f"{i} 0 obj\n".encode() + body + b"\nendobj\n"
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{o:010d} 00000 n \n".encode() for o in offsets)
+    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return bytes(out)
+
+
 def with_attachment(payload: bytes, filename: str, ctype: str = "application/octet-stream") -> bytes:
     b64 = base64.encodebytes(payload).replace(b"\n", b"\r\n")
     return (b"From: a@x.test\r\nTo: b@y.test\r\nSubject: file\r\nMIME-Version: 1.0\r\n"
