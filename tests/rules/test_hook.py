@@ -119,7 +119,8 @@ class Rig:
         proto = self.factory.buildProtocol(addr)
         t = StringTransport(peerAddress=addr)
         proto.makeConnection(t)
-        cmds = f"EHLO c.test\r\nMAIL FROM:<{sender}>\r\n" + "".join(f"RCPT TO:<{r}>{rcpt_params}\r\n" for r in rcpts) + "DATA\r\n"
+        rcpt_lines = "".join(f"RCPT TO:<{r}>{rcpt_params}\r\n" for r in rcpts)
+        cmds = f"EHLO c.test\r\nMAIL FROM:<{sender}>\r\n{rcpt_lines}DATA\r\n"
         proto.dataReceived(cmds.encode())
         t.clear()
         proto.dataReceived(message.replace(b"\r\n.", b"\r\n..") + b".\r\n")
