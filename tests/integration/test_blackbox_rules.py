@@ -102,3 +102,20 @@ def test_rules_in_the_data_path(server: exmta_proc.ExmtaProcess, smtp_sink: Smtp
         c.sendmail("alice@example.test", ["z@remote.test"], mail("alice@example.test", "z@remote.test", "four"))
     last = smtp_sink.wait_for(4, timeout=30)[-1].message()
     assert last["X-Reloaded"] == "yes"
+
+
+def test_rules_run_in_receive_workers(tmp_path: Path, smtp_sink: SmtpSink,
+                                      exmta_factory: Callable[..., exmta_proc.ExmtaProcess]) -> None:
+    """With receive workers the rules run in the worker that took the session; hits reach the tracking log."""
+    rules = tmp_path / "rules.toml"
+    rules.write_text(RULES)
+    server = exmta_factory(toml=exmta_proc.exmta_toml(
+        smarthost=smtp_sink.next_hop, receive_workers=1, extra=f'[transport_rules]\nfile = "{rules}"\n'))
+    with smtplib.SMTP(procs.LOOPBACK, server.port, timeout=30) as c:
+        c.sendmail("eve@outside.test", ["payroll@example.test", "y@remote.test"],
+                   mail("eve@outside.test", "y@remote.test", "five"))
+    got = {tuple(m.rcpt_tos): m for m in smtp_sink.wait_for(2, timeout=30)}
+    assert got[("y@remote.test",)].message()["Subject"] == "[EXTERNAL] five"
+    assert b"5.7.901" in got[("eve@outside.test",)].content  # the NDR, queued by the worker
+    procs.wait_until(lambda: {e.get("rule") for e in tracked(server)} >= {"Payroll internal only", "Tag external"},
+                     10, "rule hits from the worker")
