@@ -9,8 +9,9 @@
 # (accept scenario without a next hop).
 # PORT / SINK_PORT default to $BENCH_PORT / $BENCH_SINK_PORT (set by the harness).
 # Environment: EXMTA_TWISTD (default: the repo's .venv/bin/twistd, else twistd),
-# EXMTA_RECEIVE_WORKERS (default: the config default), EXMTA_KEEP_QUEUE=1 keeps
+# EXMTA_RECEIVE_WORKERS (a number or auto; default: the config default), EXMTA_KEEP_QUEUE=1 keeps
 # the previous spool (default: emptied at each start, like peers/postfix_run.sh),
+# EXMTA_METRICS=0 switches [metrics] off (default: the config default, on),
 # EXMTA_PROFILE=FILE writes a cProfile of the reactor thread at exit (pstats).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,7 +33,11 @@ mkdir -p "$DIR/data"
     echo "[server]"
     echo 'hostname = "exmta-bench.bench.test"'
     echo "data_dir = \"$DIR/data\""
-    if [ -n "${EXMTA_RECEIVE_WORKERS:-}" ]; then echo "receive_workers = $EXMTA_RECEIVE_WORKERS"; fi
+    case "${EXMTA_RECEIVE_WORKERS:-}" in
+        "") ;;
+        auto) echo 'receive_workers = "auto"' ;;
+        *) echo "receive_workers = $EXMTA_RECEIVE_WORKERS" ;;
+    esac
     echo
     echo "[accepted_domains]"
     echo
@@ -57,6 +62,7 @@ mkdir -p "$DIR/data"
     echo "[[route]]"
     echo 'domains = ["*"]'
     echo 'connector = "sink"'
+    if [ "${EXMTA_METRICS:-}" = 0 ]; then printf '\n[metrics]\nenabled = false\n'; fi
 } > "$DIR/exmta.toml"
 cd "$DIR"
 profile=()

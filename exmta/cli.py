@@ -4,18 +4,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-from exmta.config.load import ConfigError, load_config
+from exmta.config.load import ConfigError
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from exmta.config.check import check_file  # the schema, then the filter plugins, as twistd loads them
+
     try:
-        config = load_config(args.file)
+        config, warnings = check_file(args.file)
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
+    for w in warnings:
+        print(f"{args.file}: warning: {w}", file=sys.stderr)
     print(f"{args.file}: configuration OK "
           f"({len(config.receive)} receive connector(s), {len(config.send)} send connector(s), "
-          f"{len(config.routes)} route(s))")
+          f"{len(config.routes)} route(s), {len(warnings)} warning(s))")
     return 0
 
 
@@ -31,8 +35,14 @@ def make_parser() -> argparse.ArgumentParser:
     add_queue_parser(sub)  # exmta queue list|messages|show|retry|suspend|resume|remove|export|redirect
     from exmta.auth.users_cli import add_users_parser
     add_users_parser(sub)  # exmta users add|remove|passwd|grant|revoke|rehash|list
+    from exmta.auth.lockout_cli import add_lockouts_parser
+    add_lockouts_parser(sub)  # exmta lockouts list|clear
     from exmta.dns.commands import add_commands as add_mail_auth_commands
     add_mail_auth_commands(sub)  # exmta dkim keygen, exmta dns check, exmta psl refresh
+    from exmta.exchange.commands import add_commands as add_exchange_commands
+    add_exchange_commands(sub)  # exmta exo check, exmta import exchange
+    from exmta.receive.which import add_connector_parser
+    add_connector_parser(sub)  # exmta connector which ADDRESS: the receive connector and its rights
     from exmta.rules.cli import add_rules_parser
     add_rules_parser(sub)  # exmta rules check|test|import
     return parser

@@ -64,10 +64,17 @@ class IMessageFilter(Interface):
         """-> Verdict"""
 
     def on_rcpt(session, txn, rcpt, params):
-        """-> Verdict; runs after the policy ACCEPTed the recipient."""
+        """-> Verdict; runs after the policy ACCEPTed the recipient.
+
+        txn is a frozen model.TransactionView of the recipients acknowledged so far.
+        """
 
     def on_data(session, txn, message):
-        """-> Verdict for the whole message (every recipient); message provides IMessageView."""
+        """-> Verdict for the whole message (every recipient); message provides IMessageView.
+
+        txn is a frozen model.TransactionView: the queued envelope is exactly the
+        recipients the server acknowledged, whatever a filter does.
+        """
 
 
 class IFilterFactory(Interface):

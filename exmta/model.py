@@ -272,11 +272,25 @@ class Session:
 
 @dataclass
 class Transaction:
-    """The envelope being built between MAIL and end of data."""
+    """The envelope being built between MAIL and end of data (the server's own; filters get a view)."""
 
     sender: Address
     params: MailParams = field(default_factory=MailParams)
     recipients: list[tuple[Address, RcptParams]] = field(default_factory=list)
+
+    def view(self) -> TransactionView:
+        """A frozen snapshot for policies and filters: they read the envelope, they cannot change it."""
+        return TransactionView(self.sender, self.params, tuple(self.recipients))
+
+
+@dataclass(frozen=True)
+class TransactionView:
+    """What policies and filters see of a transaction: immutable, so the queued envelope is
+    always the recipients the server acknowledged (filters never accept, exmta.interfaces)."""
+
+    sender: Address
+    params: MailParams
+    recipients: tuple[tuple[Address, RcptParams], ...]
 
 
 # ---------------------------------------------------------------- queued messages
@@ -303,6 +317,9 @@ class Recipient:
     next_attempt: float | None = None
     delay_notified: bool = False
     route: str | None = None  # connector name used last
+    # a DSN owed for this recipient ("failed", "delayed", "delivered", "relayed") and not yet
+    # committed: the message is kept, and the DSN retried, until it is (issue 10 item 2)
+    dsn_due: str | None = None
 
     @property
     def is_final(self) -> bool:
@@ -320,6 +337,7 @@ class Recipient:
             "next_attempt": self.next_attempt,
             "delay_notified": self.delay_notified,
             "route": self.route,
+            **({"dsn_due": self.dsn_due} if self.dsn_due else {}),
         }
 
     @classmethod
@@ -336,6 +354,7 @@ class Recipient:
             next_attempt=d.get("next_attempt"),
             delay_notified=bool(d.get("delay_notified", False)),
             route=d.get("route"),
+            dsn_due=d.get("dsn_due"),
         )
 
 
@@ -430,6 +449,7 @@ class Route:
     connector: str
     recipients: tuple[str, ...]
     nexthop: str | None = None  # e.g. a domain for MX, or None to let the connector decide
+    split: str | None = None    # set by a route that splits recipients by set (exmta.routing.split)
 
 
 class Outcome(enum.Enum):
@@ -482,6 +502,7 @@ class TrackingEventId(enum.Enum):
     EXPAND = "EXPAND"            # a distribution group was expanded
     REDIRECT = "REDIRECT"        # an operator redirected (drained) the queue to another host
     AGENTINFO = "AGENTINFO"      # a filter (transport agent) or rule verdict
+    TRANSFER = "TRANSFER"        # recipients forked: one message per recipient set (exmta.routing.split)
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,51 @@ def load_filters(
     return built
 
 
+def check_filters(
+    specs: dict[str, dict[str, Any]],
+    hostname: str,
+    data_dir: str,
+    find: Callable[[str], dict[str, Any]] | None = None,
+) -> list[str]:
+    """Problems of the configured filters, as ``exmta check-config`` and ``twistd exmta --check`` see them.
+
+    Each plugin is found and imported. A factory with a ``check_config(name, config)``
+    hook (raising ValueError, TypeError or KeyError for a bad key) is asked
+    that; any other is built once with an environment whose reactor never
+    runs and whose thread pool is never started, and the result verified,
+    exactly as at start.
+    """
+    from twisted.internet import reactor
+    from twisted.python.threadpool import ThreadPool
+
+    env = FilterEnv(reactor=reactor, clock=reactor, threadpool=ThreadPool(0, 1, name="exmta-check"),
+                    hostname=hostname, data_dir=data_dir)
+    hooked: dict[str, dict[str, Any]] = {}
+    built: dict[str, dict[str, Any]] = {}
+    problems: list[str] = []
+    available = (find or _entry_points)(FILTER_GROUP)
+    for name, table in specs.items():
+        target = available.get(table["plugin"])
+        try:
+            factory = target.load() if isinstance(target, EntryPoint) else target
+        except Exception:
+            factory = None  # load_filters below reports it
+        check = getattr(factory, "check_config", None) if IFilterFactory.providedBy(factory) else None
+        (hooked if callable(check) else built)[name] = table
+    for name, table in hooked.items():
+        factory = available[table["plugin"]]
+        factory = factory.load() if isinstance(factory, EntryPoint) else factory
+        try:
+            factory.check_config(name, {k: v for k, v in table.items() if k not in CORE_FILTER_KEYS})
+        except (ValueError, TypeError, KeyError) as e:
+            problems.append(f"filters.{name}: {e}")
+    try:
+        load_filters(built, env, find=lambda group: available)
+    except ConfigError as e:
+        problems += e.problems
+    return problems
+
+
 def ordered(filters: dict[str, Any], names: Iterable[str]) -> list[Any]:
     """The filter instances a connector names, in its order."""
     return [filters[n] for n in names]

@@ -14,6 +14,7 @@ from typing import Any
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
@@ -159,9 +160,14 @@ def make_send_connectors(config: Config, reactor: Any, pool: ThreadPool) -> dict
             from exmta.tls.client import send_tls_context
             connectors[sc.name] = build_wire_connector(sc, reactor, reactor, resolver, config.hostname,
                                                        send_tls_context(sc))
+    from exmta.send.header_firewall import attach_header_firewalls
+    attach_header_firewalls(config, connectors)  # before DKIM: strip, then sign
     if config.dkim_keys:  # DKIM signing on connectors with dkim_sign = true (exmta.send.dkim_sign)
         from exmta.send.dkim_sign import attach_signers
         attach_signers(config, connectors, reactor, pool)
+    if any(sc.auth == "xoauth2" for sc in config.send):  # OAuth2 tokens for XOAUTH2 (exmta.send.oauth2)
+        from exmta.send.oauth2 import attach_token_sources
+        attach_token_sources(config.send, connectors, reactor, reactor)
     return connectors
 
 
@@ -189,6 +195,7 @@ def make_receive_factory(config: Config, rc: ReceiveConnectorConfig, store: Any,
 
     policy = make_policy(config, rc, clock, resources)
     chain = FilterChain(ordered(filters, rc.filters), clock, per_filter=config.filters)
+    chain.admission = getattr(resources, "admission", None)  # checks in flight (exmta.filters.admission)
     primary = next((d.name for d in config.accepted_domains if not d.name.startswith("*")), None)
     factory = ESMTPServerFactory(
         rc, policy, chain, store, clock, tracker=tracker, postmaster=config.postmaster,
@@ -198,7 +205,8 @@ def make_receive_factory(config: Config, rc: ReceiveConnectorConfig, store: Any,
     from exmta.tls.reload import configure_receive_tls
     configure_receive_tls(factory, rc, clock)  # STARTTLS / implicit TLS, require_tls, client certificates
     from exmta.auth.smtp import build_authenticator
-    factory.authenticator = build_authenticator(config, rc, clock)  # SMTP AUTH and send-as, or None
+    factory.authenticator = build_authenticator(  # SMTP AUTH and send-as, or None; lockouts shared by the node
+        config, rc, clock, lockouts=getattr(resources, "lockouts", None))
     from exmta.rules.wiring import attach_to_factory
     attach_to_factory(factory, config, store, tracker, clock)  # transport rules at end of data, or none
     return factory
@@ -215,6 +223,8 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     for key in ("data", "queue", "pickup"):
         os.makedirs(paths[key], exist_ok=True)
     os.makedirs(os.path.dirname(paths["tracking"]), exist_ok=True)
+    from exmta.filemodes import close_directories
+    close_directories([paths["data"], paths["pickup"], os.path.dirname(paths["tracking"])])  # no "other" access
 
     top = OrderedService(reactor)
     pool = make_threadpool()
@@ -238,16 +248,23 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     connectors = make_send_connectors(config, reactor, pool)
     _add(top, "send", ConnectorsService(connectors))
     scheduler = DeliveryScheduler.from_config(config, store, connectors, reactor, tracker=tracker)
+    from exmta.queue.operator_state import OperatorStateFile, redirect_connector_factory
+    scheduler.restore_operator_state(OperatorStateFile(paths["queue"]),  # suspensions, redirect: kept across restarts
+                                     redirect_connector_factory(config, reactor, connectors))
     _add(top, "scheduler", scheduler)
     store.add_listener(lambda queue_id: scheduler.wake())
 
     pickup = PickupDirectory(paths["pickup"], store, reactor, config.queue.pickup_interval, tracker=tracker,
-                             hostname=config.hostname)
+                             hostname=config.hostname,
+                             run_blocking=lambda f, *a: deferToThreadPool(reactor, pool, f, *a))  # off the reactor
     from exmta.rules.wiring import transport_rules_for
     pickup.transport_rules = transport_rules_for(config, store, tracker, reactor)  # rules on picked-up mail
     _add(top, "pickup", pickup)
 
-    env = FilterEnv(reactor=reactor, clock=reactor, threadpool=pool, hostname=config.hostname,
+    from exmta.filters.admission import make_filter_pool
+    filter_pool = make_filter_pool(config.filter_threads)  # never the spool's pool (issue 11 item 2)
+    _add(top, "filter-threads", ThreadPoolService(filter_pool))
+    env = FilterEnv(reactor=reactor, clock=reactor, threadpool=filter_pool, hostname=config.hostname,
                     data_dir=paths["data"])
     filters = load_filters(config.filters, env, source=config.source)
     from exmta.filters.dmarc_reports import add_report_service
@@ -290,6 +307,8 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     observe.attach(scheduler, factories, config.receive)
     if observe.metrics is not None:
         observe.metrics.back_pressure = resources.back_pressure
+        from exmta.send.oauth2 import register_metrics
+        register_metrics(observe.metrics, connectors)  # token requests and cache hits (XOAUTH2)
     _add(top, "reload", observe.reload_service(scheduler, factories, filters, env))  # SIGHUP
     _add(top, "observe", observe.service)  # last: started when all listen, stopped first
     from exmta.admin.service import add_operations

@@ -51,6 +51,7 @@ if [ -n "$missing" ]; then
     timeout 1200 apt-get install -y -qq --no-install-recommends $missing
 fi
 
+bash "$here/scripts/deps-systemd.sh"  # systemd-analyze verify of etc/exmta.service
 # the tools the tests and benchmarks call directly
 for tool in postfix postconf postqueue smtp-source smtp-sink swaks dovecot knotd kdig openssl slapd slapadd ldapwhoami chromium; do
     command -v "$tool" >/dev/null 2>&1 || { log "missing after install: $tool"; exit 1; }
@@ -59,6 +60,8 @@ done
 for tool in opendkim-testmsg spfquery unshare; do  # mail authentication cross-checks
     command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || { log "missing after install: $tool"; exit 1; }
 done
+
+bash "$here/scripts/deps-oauth2.sh"  # XOAUTH2 relay tests: dovecot-submissiond, npm oidc-provider
 
 # exmta itself, editable (compat mode) with the [test] extras, in ./.venv
 # (scripts/install.sh; Debian's python3 is "externally managed", PEP 668)

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs exmta into ./.venv (a virtualenv beside the checkout), idempotently.
 # Usage: bash scripts/install.sh [EXTRAS]     e.g. bash scripts/install.sh test
+# EXTRAS defaults to "metrics": [metrics] enabled = true is the default and needs prometheus-client
+# ("test" includes it).
 # Debian's python3 is "externally managed" (PEP 668), so exmta gets its own venv.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
-extras="${1:-}"
+extras="${1:-metrics}"
 py="${PYTHON:-python3}"
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

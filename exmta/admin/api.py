@@ -7,10 +7,15 @@ Tree (``make_admin_root``)::
     /<name>           extra children given by other components (status page, metrics, ...),
                       behind the same token check unless mounted with ``public=True``
 
-Authentication: ``Authorization: Bearer <token>``; for browsers also HTTP
-Basic with the token as password (any user name). The token lives in a file
-with mode 0600 (see :mod:`exmta.admin.token`). A Unix socket client is
-allowed by address (the socket file is 0600) but still needs the token.
+Authentication: ``Authorization: Bearer <token>``. HTTP Basic with the
+token as password (any user name) is accepted only for ``GET``/``HEAD`` of
+children mounted with ``basic=True`` (the read-only status page), so that a
+browser's remembered Basic credentials can never reach ``/api`` (CSRF).
+State-changing requests with a form content type or a cross-site ``Origin``
+/ ``Sec-Fetch-Site`` are refused (:func:`exmta.admin.httpguard.cross_site_refusal`).
+The token lives in a file with mode 0600 (see :mod:`exmta.admin.token`). A
+Unix socket client is allowed by address (the socket file is 0600) but
+still needs the token.
 
 Endpoints (all JSON; errors are ``{"error": "...", "hint": "..."}`` with
 400 bad request, 401, 403, 404 unknown queue or message, 409 busy)::
@@ -46,6 +51,7 @@ from twisted.internet.address import UNIXAddress
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from exmta.admin.httpguard import cross_site_refusal
 from exmta.model import Envelope, TrackingEvent, TrackingEventId
 from exmta.receive.ranges import ip_in
 
@@ -416,6 +422,10 @@ class AdminRoot(resource.Resource):
         if not self.allowed_address(request.getClientAddress()):
             return _Refusal(403, "your address may not use the admin API",
                             "connect from an address in [admin] allowed_networks (loopback by default)")
+        refused = cross_site_refusal(request)
+        if refused is not None:
+            return _Refusal(refused[0], refused[1], "the admin API takes no forms and no requests from web "
+                            "pages; use `exmta queue` or send 'Authorization: Bearer <token>' without a body")
         return super().getChildWithDefault(path, request)
 
     def render_GET(self, request: Any) -> bytes:
@@ -428,24 +438,27 @@ class AdminRoot(resource.Resource):
 class _Refusal(resource.Resource):
     isLeaf = True
 
-    def __init__(self, status: int, message: str, hint: str | None, challenge: bool = False) -> None:
+    def __init__(self, status: int, message: str, hint: str | None, challenge: bool | str = False) -> None:
         super().__init__()
         self.status, self.message, self.hint, self.challenge = status, message, hint, challenge
 
     def render(self, request: Any) -> bytes:
         if self.challenge:
             request.responseHeaders.addRawHeader(b"www-authenticate", b'Bearer realm="exmta"')
-            request.responseHeaders.addRawHeader(b"www-authenticate", b'Basic realm="exmta"')
+            if self.challenge == "basic":
+                request.responseHeaders.addRawHeader(b"www-authenticate", b'Basic realm="exmta"')
         return _error(request, self.status, self.message, self.hint)
 
 
 class TokenGuard(resource.Resource):
-    """Passes to ``wrapped`` only with the admin token (Bearer, or Basic with it as the password)."""
+    """Passes to ``wrapped`` only with the admin token: Bearer; Basic (token as the password) only
+    with ``basic=True`` and for GET/HEAD, so remembered browser credentials never change anything."""
 
-    def __init__(self, wrapped: resource.IResource, token: Callable[[], str]) -> None:
+    def __init__(self, wrapped: resource.IResource, token: Callable[[], str], basic: bool = False) -> None:
         super().__init__()
         self.wrapped = wrapped
         self.token = token
+        self.basic = basic
 
     def authorized(self, request: Any) -> bool:
         raw = request.getHeader(b"authorization")
@@ -456,7 +469,7 @@ class TokenGuard(resource.Resource):
         given = ""
         if scheme.lower() == "bearer":
             given = value.strip()
-        elif scheme.lower() == "basic":
+        elif scheme.lower() == "basic" and self.basic and request.method.upper() in (b"GET", b"HEAD"):
             try:
                 given = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
             except (ValueError, UnicodeDecodeError):
@@ -467,7 +480,8 @@ class TokenGuard(resource.Resource):
     def _refusal(self, request: Any) -> resource.IResource:
         return _Refusal(401, "the admin API needs the admin token",
                         "send 'Authorization: Bearer <token>'; the token is in the [admin] token_file "
-                        "(default <data_dir>/admin.token); `exmta queue` reads it for you", challenge=True)
+                        "(default <data_dir>/admin.token); `exmta queue` reads it for you",
+                        challenge="basic" if self.basic else True)
 
     def getChildWithDefault(self, path: bytes, request: Any) -> resource.IResource:
         if not self.authorized(request):
@@ -576,7 +590,8 @@ def make_admin_root(ops: QueueOperations, token: Callable[[], str], allowed_netw
     """The admin web tree: ``/api`` and ``children`` behind the token, ``public`` without it.
 
     Every path, public or not, answers 403 outside ``allowed_networks``.
-    Other components add children with ``root.putChild(name, TokenGuard(r, root.token))``.
+    Other components add children with ``root.putChild(name, TokenGuard(r, root.token))``
+    (``basic=True`` only for a read-only page a browser opens).
     """
     root = AdminRoot(allowed_networks)
     root.token = token  # type: ignore[attr-defined]

@@ -17,10 +17,13 @@ import http.client
 import json
 import os
 import socket
+import stat
 import sys
 import time
 import urllib.parse
 from typing import Any
+
+from exmta.textsafe import escape_controls, escape_controls_json
 
 __all__ = ["AdminClient", "CommandError", "add_queue_parser", "age_text", "load_config_for"]
 
@@ -257,15 +260,19 @@ def _queue_cmd(args: argparse.Namespace) -> int:
         return e.code
     if isinstance(out, bytes):
         if args.output and args.output != "-":
-            with open(args.output, "wb") as f:
+            from exmta.filemodes import private_opener
+
+            with open(args.output, "wb", opener=private_opener) as f:  # a new file is 0600: it is mail
+                if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    os.fchmod(f.fileno(), 0o600)  # and so is a file that was there
                 f.write(out)
         else:
             sys.stdout.buffer.write(out)
             sys.stdout.flush()
     elif getattr(args, "json", False) and not isinstance(out, str):
-        print(json.dumps(out, indent=1, ensure_ascii=False))
+        print(escape_controls_json(json.dumps(out, indent=1, ensure_ascii=False)))
     elif isinstance(out, str):
-        sys.stdout.write(out)
+        sys.stdout.write(escape_controls(out, keep="\n"))  # replies and subjects come from other hosts
     return EXIT_OK
 
 

@@ -8,6 +8,7 @@ the admin API, and `exmta queue` then says it cannot reach the server.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -16,9 +17,9 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer, endpoints
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.web import server
 
 from exmta.admin.api import QueueOperations, TokenGuard, make_admin_root
+from exmta.admin.httpguard import ADMIN_MAX_BODY, GuardedSite
 from exmta.admin.settings import rotation_kwargs
 from exmta.admin.token import ensure_token, token_path
 from exmta.observe.protocol import ProtocolLogs
@@ -40,7 +41,7 @@ def _unix_private(endpoint: str) -> str:
 class AdminService(Service):
     """Listens with the admin web tree on every [admin] listen endpoint."""
 
-    def __init__(self, reactor: Any, listen: tuple[str, ...], site: server.Site, token_file: str) -> None:
+    def __init__(self, reactor: Any, listen: tuple[str, ...], site: Any, token_file: str) -> None:
         self.reactor = reactor
         self.listen = listen
         self.site = site
@@ -160,9 +161,11 @@ def add_operations(top: MultiService, config: Any, reactor: Any, paths: dict[str
     observe = getattr(top, "observability", None)
     if observe is not None and hasattr(observe, "admin_children"):
         for name, child in observe.admin_children().items():
-            root.putChild(name, TokenGuard(child, root.token))
-    site = server.Site(root)
-    site.displayTracebacks = False
+            root.putChild(name, TokenGuard(child, root.token, basic=name == b"status"))  # read-only page
+    refusal = json.dumps({"error": "your address may not use the admin API",
+                          "hint": "connect from an address in [admin] allowed_networks (loopback by default)"})
+    site = GuardedSite(root, config.admin.allowed_networks, max_body=ADMIN_MAX_BODY,
+                       forbidden=(refusal.encode() + b"\n", b"application/json; charset=utf-8"))
     service = AdminService(reactor, config.admin.listen, site, path)
     service.setName("admin")
     service.setServiceParent(top)

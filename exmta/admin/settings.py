@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from exmta.config.load import (
-    _bool, _choice, _cidr, _endpoint, _list_of, _nonempty_str, _Reader, parse_duration, parse_size,
+    _bool, _choice, _cidr, _list_of, _Reader, config_path, endpoints, parse_duration,
+    parse_size,
 )
 from exmta.config.schema import AdminConfig, LogsConfig
 
@@ -22,7 +23,7 @@ def connector_kwargs(r: _Reader, default: Any) -> dict[str, Any]:
 def read_logs(r: _Reader) -> LogsConfig:
     d = LogsConfig()
     logs = LogsConfig(
-        protocol_dir=r.get("protocol_dir", d.protocol_dir, _nonempty_str),
+        protocol_dir=r.get("protocol_dir", d.protocol_dir, config_path),
         rotate_size=r.get("rotate_size", d.rotate_size, parse_size),
         rotate_age=r.get("rotate_age", d.rotate_age, parse_duration),
         keep_age=r.get("keep_age", d.keep_age, parse_duration),
@@ -42,8 +43,8 @@ def read_admin(r: _Reader) -> AdminConfig:
     d = AdminConfig()
     admin = AdminConfig(
         enabled=r.get("enabled", d.enabled, _bool),
-        listen=r.get("listen", d.listen, _list_of(_endpoint)),
-        token_file=r.get("token_file", d.token_file, _nonempty_str),
+        listen=r.get("listen", d.listen, endpoints),
+        token_file=r.get("token_file", d.token_file, config_path),
         allowed_networks=r.get("allowed_networks", d.allowed_networks, _list_of(_cidr)),
     )
     if admin.enabled and not admin.listen:

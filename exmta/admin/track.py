@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 from exmta.model import TrackingEventId
 from exmta.observe.rotation import log_files
+from exmta.textsafe import escape_controls, escape_controls_json
 
 __all__ = ["Filter", "FilterError", "add_track_parser", "read_events", "search"]
 
@@ -208,6 +209,10 @@ def _row(rec: dict[str, Any]) -> dict[str, str]:
             extra.append(f"{key}={rec[key]}")
     if rec.get("tls_version"):
         extra.append(f"tls={rec['tls_version']}")
+    if isinstance(rec.get("recipient_sets"), dict):  # TRANSFER: one message per recipient set (routing/split.py)
+        extra.append("sets=" + "; ".join(f"{c}: {','.join(r)}" for c, r in rec["recipient_sets"].items()))
+    if rec.get("auth_user"):  # the SMTP AUTH identity of a RECEIVE or REJECT
+        extra.append(f"user={rec['auth_user']}")
     return {
         "time": _time(rec["timestamp"]), "event": str(rec.get("event_id", "")),
         "queue_id": str(rec.get("queue_id", "")), "source": str(rec.get("source") or ""),
@@ -282,7 +287,8 @@ def _run(args: argparse.Namespace) -> int:
         print("exmta track: no matching events", file=sys.stderr)
         return 1
     out = {"table": format_table, "csv": format_csv, "json": format_json}[args.format](records)
-    sys.stdout.write(out)
+    # remote replies may hold terminal escapes: shown escaped (JSON stays valid JSON)
+    sys.stdout.write(escape_controls_json(out) if args.format == "json" else escape_controls(out, keep="\n"))
     return 0
 
 

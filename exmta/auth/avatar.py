@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from twisted.cred.error import UnauthorizedLogin
 from zope.interface import Attribute, Interface, implementer
 
 from exmta.auth.sendas import SendAsGrants
 
-__all__ = ["ISubmitter", "Submitter", "TemporaryAuthFailure"]
+__all__ = ["BadPassword", "ISubmitter", "Submitter", "TemporaryAuthFailure"]
 
 
 class ISubmitter(Interface):
@@ -26,3 +27,15 @@ class Submitter:
 
 class TemporaryAuthFailure(Exception):
     """The back end could not decide (directory down, file unreadable): 454 4.7.0, not a failed login."""
+
+
+class BadPassword(UnauthorizedLogin):
+    """A known user with a wrong password; ``identity`` is what a success would have given.
+
+    The lockout counts it for that identity too, so name variants that resolve
+    to one user (``alice``, ``alice@example.test``) share one lock.
+    """
+
+    def __init__(self, message: str, identity: str) -> None:
+        super().__init__(message)
+        self.identity = identity

@@ -95,7 +95,7 @@ def _read_backend(r: Any, name: str, source: str) -> AuthBackendConfig:
         path=_path(path, source) if path else None,
         uri=r.get("uri", None, load._nonempty_str),
         tls=r.get("tls", d.tls, load._choice("starttls", "ldaps", "none")),
-        ca_file=r.get("ca_file", None, load._nonempty_str),
+        ca_file=r.get("ca_file", None, load.config_path),
         base_dn=r.get("base_dn", d.base_dn, load._str),
         bind_dn=r.get("bind_dn", None, load._nonempty_str),
         bind_password=r.get("bind_password", None, load._str),
@@ -122,7 +122,8 @@ def _check_users_file(r: Any, path: str) -> None:
     from exmta.auth.users import UsersFile, UsersFileError
 
     if not os.path.exists(path):
-        r.error("path", f"{path!r} does not exist (create it with `exmta users add {path} USER`)")
+        r.error("path", f"{path!r} does not exist (create it with `exmta users add {path} USER`; relative "
+                f"paths are relative to the configuration file's directory)")
         return
     try:
         UsersFile(path).read()
@@ -158,7 +159,7 @@ def _check_ldap(r: Any, b: AuthBackendConfig) -> None:
     if (b.bind_dn is None) != (b.bind_password is None):
         r.error("bind_dn", "bind_dn and bind_password go together (neither: anonymous lookup)")
     if b.ca_file and not os.path.isfile(b.ca_file):
-        r.error("ca_file", f"{b.ca_file!r} does not exist")
+        r.error("ca_file", f"{b.ca_file!r} does not exist{_load().relative_paths_note()}")
     if not b.login_attributes:
         r.error("login_attributes", "needs at least one attribute")
     if b.user_filter and not (b.user_filter.startswith("(") and b.user_filter.endswith(")")):
@@ -199,7 +200,8 @@ def resolve_references(receive: list[ReceiveConnectorConfig], backends: tuple[Au
         out.append(replace(rc, auth_backend=path))
         where = f"receive.{rc.name}.auth_backend"
         if not os.path.exists(path):
-            problems.append(f"{where}: no [auth.{ref}] section and no users file {path!r} "
+            problems.append(f"{where}: no [auth.{ref}] section and no users file {path!r} (relative to the "
+                            "configuration file's directory) "
                             f"(sections: {', '.join(sorted(names)) or 'none'}; create a file with "
                             f"`exmta users add {path} USER`)")
             continue

@@ -18,6 +18,7 @@ is a temporary failure (454 4.7.0), not a failed login.
 from __future__ import annotations
 
 import math
+import secrets
 import ssl
 import threading
 import warnings
@@ -40,7 +41,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from exmta.auth.avatar import ISubmitter, Submitter, TemporaryAuthFailure
+from exmta.auth.avatar import BadPassword, ISubmitter, Submitter, TemporaryAuthFailure
 from exmta.auth.sendas import SendAsGrants, check_grant_pattern, proxy_addresses
 
 __all__ = ["LDAPChecker", "LDAPRealm", "LDAPSettings"]
@@ -60,6 +61,14 @@ class LDAPSettings:
     user_filter: str = ""                      # e.g. "(&(objectCategory=person)(objectClass=user))"
     identity_attributes: tuple[str, ...] = ("userPrincipalName", "mail")
     timeout: float = 10.0
+
+    @classmethod
+    def from_backend(cls, backend: Any) -> LDAPSettings:
+        """The settings of an ``[auth.NAME]`` back end of kind ldap (exmta.config.schema.AuthBackendConfig)."""
+        return cls(uri=backend.uri, base_dn=backend.base_dn, tls=backend.tls, ca_file=backend.ca_file,
+                   bind_dn=backend.bind_dn, bind_password=backend.bind_password,
+                   login_attributes=backend.login_attributes, user_filter=backend.user_filter,
+                   identity_attributes=backend.identity_attributes, timeout=backend.timeout)
 
 
 class _VerifyingTls(ldap3.Tls):
@@ -108,6 +117,8 @@ class LDAPChecker:
         self._context.minimum_version = ssl.TLSVersion.TLSv1_2
         self._found: dict[str, Submitter] = {}
         self._lock = threading.Lock()
+        #: bound for unknown names (see _check); random, so that it never names a real entry
+        self._absent_dn = ",".join(filter(None, (f"cn=exmta-absent-{secrets.token_hex(8)}", settings.base_dn)))
 
     # -- blocking part, on the pool
 
@@ -176,11 +187,18 @@ class LDAPChecker:
     def _check(self, login: str, password: str) -> str:
         found = self._lookup(login)
         if found is None:
+            # the same second connection and bind as for a real user, to a DN that does not exist (the
+            # directory answers invalidCredentials): timing does not tell which names exist (issue 11 item 10)
+            conn = self._open(self._absent_dn, password)
+            if conn is not False:
+                _close(conn)
+                log.error("ldap {uri}: a bind as the absent DN {dn!r} succeeded; check the directory's ACLs",
+                          uri=self.settings.uri, dn=self._absent_dn)
             raise UnauthorizedLogin("unknown user")
         dn, attributes = found
         conn = self._open(dn, password)
         if conn is False:
-            raise UnauthorizedLogin("wrong password")
+            raise BadPassword("wrong password", _first(attributes, self.settings.identity_attributes) or login)
         _close(conn)
         mail = [str(v) for v in attributes.get("mail") or ()]
         grants = SendAsGrants.from_patterns(
@@ -189,6 +207,29 @@ class LDAPChecker:
         with self._lock:
             self._found[identity] = Submitter(identity, grants)
         return identity
+
+    def has_address(self, address: str) -> bool:
+        """Whether an entry has ``address`` as ``mail`` or an ``smtp:`` proxyAddresses value (blocking).
+
+        Recipient validation (exmta.receive.directory): the lookup account searches; no user bind.
+        """
+        s = self.settings
+        conn = self._open(s.bind_dn, s.bind_password)
+        if conn is False:
+            raise TemporaryAuthFailure(f"{s.uri}: the lookup account {s.bind_dn!r} was refused (invalidCredentials)")
+        try:
+            value = escape_filter_chars(address)
+            flt = f"(|(mail={value})(proxyAddresses=smtp:{value}))"
+            if not conn.search(s.base_dn, flt, attributes=["1.1"], size_limit=1):
+                outcome = (conn.result or {}).get("description")
+                if outcome == "sizeLimitExceeded":
+                    return True  # more than one entry has it: it exists
+                if outcome in ("success", "noSuchObject"):
+                    return False
+                raise TemporaryAuthFailure(f"{s.uri}: search failed: {conn.result}")
+            return any(e.get("type") == "searchResEntry" for e in conn.response or ())
+        finally:
+            _close(conn)
 
     # -- reactor side
 

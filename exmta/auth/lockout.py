@@ -2,12 +2,14 @@
 
 Failures are counted in a sliding window per source (an IPv4 address, or the
 /64 an IPv6 address is in, since one host owns a whole /64) and per user
-name (case-folded). Past ``ip_threshold`` failures from one source, or
+name (case-folded, stripped) and per resolved identity (the back end's name for
+the user, so variants of one name share a lock). Past ``ip_threshold`` failures from one source, or
 ``user_threshold`` failures for one user, further attempts are refused for
 ``duration`` seconds without the password being checked (Exchange's
 ``MaxLogonFailures``; AD's account lockout). A success clears the user's
 count but not the source's, so one valid account cannot launder a source.
-State is in memory, per process, and bounded.
+State is in memory, per process, and bounded; :mod:`exmta.auth.lockstore`
+shares it between connectors and processes.
 """
 from __future__ import annotations
 
@@ -88,7 +90,11 @@ class LoginThrottle:
         return self._remaining(self._sources, source_key(ip))
 
     def user_locked(self, user: str) -> float:
-        return self._remaining(self._users, user.casefold())
+        return self._remaining(self._users, user.strip().casefold())
+
+    def identity_locked(self, identity: str) -> float:
+        """Seconds the resolved identity stays locked (it shares the user table: "id:" keys)."""
+        return self._remaining(self._users, "id:" + identity.strip().casefold())
 
     def _fail(self, table: OrderedDict[str, _Counter], key: str, threshold: int) -> bool:
         if threshold <= 0:
@@ -105,11 +111,15 @@ class LoginThrottle:
             return True
         return False
 
-    def record_failure(self, ip: str, user: str | None) -> tuple[bool, bool]:
-        """Count one failure; returns (source now locked, user now locked)."""
+    def record_failure(self, ip: str, user: str | None, identity: str | None = None) -> tuple[bool, bool]:
+        """Count one failure; returns (source now locked, user or identity now locked)."""
         src = self._fail(self._sources, source_key(ip), self.settings.ip_threshold)
-        usr = self._fail(self._users, user.casefold(), self.settings.user_threshold) if user else False
+        usr = self._fail(self._users, user.strip().casefold(), self.settings.user_threshold) if user else False
+        if identity:
+            usr = self._fail(self._users, "id:" + identity.strip().casefold(), self.settings.user_threshold) or usr
         return src, usr
 
-    def record_success(self, user: str) -> None:
-        self._users.pop(user.casefold(), None)
+    def record_success(self, user: str, identity: str | None = None) -> None:
+        self._users.pop(user.strip().casefold(), None)
+        if identity:
+            self._users.pop("id:" + identity.strip().casefold(), None)

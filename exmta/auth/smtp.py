@@ -89,9 +89,12 @@ class Authenticator:
         lockout: LockoutSettings | None = None,
         before_tls_networks: Sequence[str] = (),
         accept_any_sender: bool = False,
-        throttle: LoginThrottle | None = None,
+        throttle: Any = None,
         max_concurrent_checks: int = 4,
+        run_blocking: Callable[..., Deferred] | None = None,
     ) -> None:
+        """``throttle``: a LoginThrottle (memory, this connector) or a lockstore.SharedThrottle (the node),
+        whose blocking methods run through ``run_blocking``."""
         unknown = [m for m in mechanisms if m.upper() not in MECHANISMS]
         if unknown:
             raise ValueError(f"unsupported SASL mechanism(s): {', '.join(unknown)}")
@@ -105,6 +108,14 @@ class Authenticator:
         #: password checks running at once (argon2 takes 64 MiB and tens of ms each; a flood of AUTH
         #: attempts from many connections queues here instead of exhausting memory and the thread pool)
         self.checks = DeferredSemaphore(max_concurrent_checks)
+        self.run_blocking = run_blocking
+
+    async def _throttle(self, method: str, *args: Any) -> Any:
+        """Call a throttle method; a shared (file-backed) throttle runs on the pool."""
+        fn = getattr(self.throttle, method)
+        if getattr(self.throttle, "blocking", False) and self.run_blocking is not None:
+            return await self.run_blocking(fn, *args)
+        return fn(*args)
 
     # ------------------------------------------------------------ when AUTH is possible
 
@@ -150,7 +161,7 @@ class Authenticator:
         if name not in self.mechanisms:
             proto._error(REPLIES["mechanism"])
             return
-        if self.throttle.source_locked(session.peer_ip):
+        if await self._throttle("source_locked", session.peer_ip):
             log.warn("session {session_id}: AUTH from locked-out source {peer_ip} refused",
                      session_id=session.session_id, peer_ip=session.peer_ip)
             proto._close(REPLIES["source_locked"])
@@ -188,14 +199,18 @@ class Authenticator:
         user = creds.username
         fields = dict(session_id=session.session_id, peer_ip=session.peer_ip, mechanism=mechanism,
                       user=_loggable(user), connector=session.connector)
-        if self.throttle.user_locked(user):
-            self.throttle.record_failure(session.peer_ip, None)
-            log.warn("session {session_id}: AUTH {mechanism} for locked-out user {user!r} from {peer_ip} refused",
-                     **fields)
-            proto._error(REPLIES["user_locked"])
+        if user != user.strip() or not user.isprintable():
+            # " alice" or "alice " would be a name with its own lockout count (issue 11 item 11): refused
+            # without a check, counted for the source and for the name without the white space
+            await self._failed(proto, fields, "user name with surrounding white space or control characters",
+                               user.strip() or None, None)
+            return
+        if await self._throttle("user_locked", user):
+            await self._locked(proto, fields)
             return
         avatar: Submitter | None = None
         why = ""
+        identity: str | None = None
         try:
             if creds.authzid and creds.authzid.casefold() != user.casefold():
                 raise UnauthorizedLogin("authorization identity differs (proxy authorization is not supported)")
@@ -206,6 +221,7 @@ class Authenticator:
                 UsernamePassword(user.encode("utf-8"), creds.password.encode("utf-8")), None, ISubmitter)
         except UnauthorizedLogin as e:
             why = str(e) or "unauthorized"
+            identity = getattr(e, "identity", None)  # a known user: the lock is shared by its name variants
         except TemporaryAuthFailure as e:
             log.error("session {session_id}: AUTH {mechanism} for {user!r} from {peer_ip}: back end "
                       "unavailable: {error}", error=str(e), **fields)
@@ -218,8 +234,12 @@ class Authenticator:
             if not proto._closing:
                 proto._reply(REPLIES["temporary"])
             return
+        resolved = avatar.identity if avatar is not None else identity
+        if resolved and await self._throttle("identity_locked", resolved):
+            await self._locked(proto, fields)  # the same answer whether the password was right or not
+            return
         if avatar is not None:
-            self.throttle.record_success(user)
+            await self._throttle("record_success", user, avatar.identity)
             if proto._closing:
                 return
             session.auth_identity = avatar.identity
@@ -228,7 +248,21 @@ class Authenticator:
                      identity=_loggable(avatar.identity), **fields)
             proto._reply(REPLIES["success"])
             return
-        source_locked, user_locked = self.throttle.record_failure(session.peer_ip, user)
+        await self._failed(proto, fields, why, user, identity)
+
+    async def _locked(self, proto: Any, fields: dict[str, Any]) -> None:
+        """A locked-out user (by name or resolved identity): 454, counted for the source."""
+        await self._throttle("record_failure", proto.session.peer_ip, None)
+        log.warn("session {session_id}: AUTH {mechanism} for locked-out user {user!r} from {peer_ip} refused",
+                 **fields)
+        if not proto._closing:
+            proto._error(REPLIES["user_locked"])
+
+    async def _failed(self, proto: Any, fields: dict[str, Any], why: str, user: str | None,
+                      identity: str | None) -> None:
+        """A failed login: count it, tarpit, 535 (and 421 when the source is now locked)."""
+        session = proto.session
+        source_locked, user_locked = await self._throttle("record_failure", session.peer_ip, user, identity)
         log.warn("session {session_id}: AUTH {mechanism} failed for {user!r} from {peer_ip}: {reason}",
                  reason=why, **fields)
         if source_locked or user_locked:
@@ -271,15 +305,14 @@ class Authenticator:
         return None, params
 
     def check_message(self, proto: Any, view: Any) -> Reply | None:
-        """Send-as at end of data: every From: address must be granted."""
+        """Send-as at end of data: a From: is needed, and every From: address must be granted."""
         grants = self._grants(proto)
         if grants is None:
             return None
         values = view.headers.get_all("From") or []
-        if not values:
-            return None
-        addresses = from_addresses(values)
-        denied = None if addresses is not None else "(unparsable From:)"
+        # no From: at all would bypass the check (and the receiver may add one): refused (issue 11 item 12)
+        addresses = from_addresses(values) if values else None
+        denied = None if addresses is not None else "(unparsable From:)" if values else "(no From:)"
         for a in addresses or ():
             if not grants.allows(a):
                 denied = a
@@ -329,21 +362,30 @@ def build_portal(backend: Any, run_blocking: Callable[..., Deferred]) -> Portal:
     return Portal(ldap_checker, [ldap_checker])
 
 
-def build_authenticator(config: Any, rc: Any, reactor: Any, pool: Any = None) -> Authenticator | None:
-    """The Authenticator for receive connector ``rc``, or None when it offers no AUTH."""
+def build_authenticator(config: Any, rc: Any, reactor: Any, pool: Any = None,
+                        lockouts: Any = None) -> Authenticator | None:
+    """The Authenticator for receive connector ``rc``, or None when it offers no AUTH.
+
+    ``lockouts``: the node's exmta.auth.lockstore.LockoutStore (shared by connectors and processes);
+    None counts in memory for this connector only.
+    """
     if not rc.auth or not rc.auth_backend:
         return None
     backend: Any = config.auth_backend(rc.auth_backend)
     if backend is None:
         backend = rc.auth_backend if os.path.isabs(rc.auth_backend) else os.path.abspath(rc.auth_backend)
-    portal = build_portal(backend, blocking_runner(reactor, pool))
+    run = blocking_runner(reactor, pool)
+    portal = build_portal(backend, run)
+    settings = LockoutSettings(
+        tarpit=rc.auth_tarpit, ip_threshold=rc.auth_lockout_source_failures,
+        user_threshold=rc.auth_lockout_user_failures, window=rc.auth_lockout_window,
+        duration=rc.auth_lockout_duration,
+    )
     return Authenticator(
         portal, reactor, rc.auth,
-        lockout=LockoutSettings(
-            tarpit=rc.auth_tarpit, ip_threshold=rc.auth_lockout_source_failures,
-            user_threshold=rc.auth_lockout_user_failures, window=rc.auth_lockout_window,
-            duration=rc.auth_lockout_duration,
-        ),
+        lockout=settings,
         before_tls_networks=rc.auth_before_tls_networks,
         accept_any_sender=rc.accept_any_sender,
+        throttle=lockouts.view(settings) if lockouts is not None else None,
+        run_blocking=run,
     )

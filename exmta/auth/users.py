@@ -37,7 +37,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from exmta.auth.avatar import ISubmitter, Submitter, TemporaryAuthFailure
+from exmta.auth.avatar import BadPassword, ISubmitter, Submitter, TemporaryAuthFailure
 from exmta.auth.sendas import SendAsGrants, check_grant_pattern
 
 __all__ = ["PasswordHasher", "UserRecord", "UsersChecker", "UsersFile", "UsersFileError", "UsersRealm"]
@@ -263,7 +263,7 @@ class UsersChecker:
             self.hasher.verify(self._dummy, password)
             raise UnauthorizedLogin("unknown user")
         if not password or not self.hasher.verify(record.hash, password):
-            raise UnauthorizedLogin("wrong password")
+            raise BadPassword("wrong password", record.user)
         if self.hasher.needs_rehash(record.hash):
             self._rehash(record.user, record.hash, password)
         return record.user

@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import tomllib
+from contextvars import ContextVar
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -194,13 +195,52 @@ def _domain(v: Any) -> str:
     return ascii_form
 
 
+# the directory of the file being read: relative paths in it are relative to this (None: the current directory)
+_CONFIG_DIR: ContextVar[str | None] = ContextVar("exmta_config_dir", default=None)
+
+
+def config_base(source: str) -> str | None:
+    """The directory relative paths of ``source`` are resolved against (None when it is not a file)."""
+    return os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else None
+
+
+def resolve_path(value: str) -> str:
+    """``value`` made absolute against the configuration file's directory (as auth_backend always was)."""
+    if os.path.isabs(value):
+        return value
+    base = _CONFIG_DIR.get()
+    return os.path.normpath(os.path.join(base, value)) if base else os.path.abspath(value)
+
+
+def relative_note(value: str) -> str:
+    """Says what a relative path was resolved against, for error texts."""
+    if os.path.isabs(value):
+        return ""
+    base = _CONFIG_DIR.get()
+    where = f"the configuration file's directory {base}" if base else f"the current directory {os.getcwd()}"
+    return f" ({value!r} is relative to {where})"
+
+
+def relative_paths_note() -> str:
+    """For a missing file's error text: what relative paths in this file are relative to."""
+    base = _CONFIG_DIR.get()
+    where = f"the configuration file's directory {base}" if base else f"the current directory {os.getcwd()}"
+    return f" (relative paths are relative to {where})"
+
+
+def config_path(v: Any) -> str:
+    """A path setting: relative paths are relative to the configuration file's directory."""
+    return resolve_path(_nonempty_str(v))
+
+
 def _readable_file(v: Any) -> str:
     s = _nonempty_str(v)
-    if not os.path.isfile(s):
-        raise ValueError(f"{s!r}: the file does not exist")
-    if not os.access(s, os.R_OK):
-        raise ValueError(f"{s!r}: the file cannot be read")
-    return os.path.abspath(s)
+    path = resolve_path(s)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: the file does not exist{relative_note(s)}")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{path}: the file cannot be read{relative_note(s)}")
+    return path
 
 
 def _cidr(v: Any) -> str:
@@ -224,6 +264,19 @@ def _endpoint(v: Any) -> str:
     except Exception as e:  # the parser raises many types; all mean the same here
         raise ValueError(f"{s!r} is not a valid endpoint: {e}") from None
     return s
+
+
+def endpoints(v: Any) -> tuple[str, ...]:
+    """A ``listen`` setting: one endpoint string or a list of them, the same form everywhere."""
+    return (_endpoint(v),) if isinstance(v, str) else _list_of(_endpoint)(v)
+
+
+def _metrics_listen(v: Any) -> str | tuple[str, ...]:
+    """[metrics] listen: a string or a list; one endpoint is kept as a string (as it always was)."""
+    eps = endpoints(v)
+    if not eps:
+        raise ValueError("needs at least one endpoint, e.g. \"tcp:9125:interface=127.0.0.1\" (or leave it out)")
+    return eps[0] if len(eps) == 1 else eps
 
 
 class _NoReactor:
@@ -266,21 +319,39 @@ def _nameserver(v: Any) -> str:
     return s
 
 
+def auto_receive_workers() -> int:
+    """``receive_workers = "auto"``: one per CPU this process may run on; none on a single CPU."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return cpus if cpus > 1 else 0
+
+
+def _receive_workers(v: Any) -> int:
+    if v == "auto":
+        return auto_receive_workers()
+    if isinstance(v, str):
+        raise ValueError(f"expected a whole number or \"auto\" (one per CPU), not {v!r}")
+    return _int(0)(v)
+
+
 # ---------------------------------------------------------------- sections
 
 
 def _read_server(r: _Reader, base: Config) -> dict[str, Any]:
     out = {
         "hostname": r.get("hostname", base.hostname, _domain),
-        "data_dir": r.get("data_dir", base.data_dir, _nonempty_str),
+        "data_dir": r.get("data_dir", base.data_dir, config_path),
         "postmaster": r.get("postmaster", base.postmaster, _nonempty_str),
-        "pickup_dir": r.get("pickup_dir", base.pickup_dir, _nonempty_str),
-        "tracking_log": r.get("tracking_log", base.tracking_log, _nonempty_str),
-        "receive_workers": r.get("receive_workers", base.receive_workers, _int(0)),
+        "pickup_dir": r.get("pickup_dir", base.pickup_dir, config_path),
+        "tracking_log": r.get("tracking_log", base.tracking_log, config_path),
+        "receive_workers": r.get("receive_workers", base.receive_workers, _receive_workers),
         "spool_io": r.get("spool_io", base.spool_io, _choice("auto", "threads", "inline")),
         "spool_sync": r.get("spool_sync", base.spool_sync, _choice("auto", "fsync", "syncfs")),
         "receive_worker_nice": r.get("receive_worker_nice", base.receive_worker_nice, _int(0, 19)),
         "recipient_list": r.get("recipient_list", base.recipient_list, _readable_file),
+        **_abuse_config().server_abuse_kwargs(r, base),
     }
     r.finish()
     return out
@@ -307,11 +378,32 @@ def _tls_config() -> Any:
     return config
 
 
+def _split_config() -> Any:
+    """exmta.routing.split (routes that split recipients by set), imported late: it imports this module."""
+    from exmta.routing import split
+
+    return split
+
+
 def _auth_config() -> Any:
     """exmta.auth.config (SMTP AUTH keys and [auth.NAME] back ends), imported late: it imports this module."""
     from exmta.auth import config
 
     return config
+
+
+def _abuse_config() -> Any:
+    """exmta.config.abuse (header, refused-recipient and connection limits), imported late."""
+    from exmta.config import abuse
+
+    return abuse
+
+
+def _oauth2_config() -> Any:
+    """exmta.send.oauth2_config (auth = "xoauth2" on send connectors), imported late: it imports this module."""
+    from exmta.send import oauth2_config
+
+    return oauth2_config
 
 
 def _read_connector_security(r: _Reader, d: ReceiveConnectorConfig) -> dict[str, Any]:
@@ -355,7 +447,7 @@ def _read_receive(r: _Reader, name: str, hostname: str) -> ReceiveConnectorConfi
     d = ReceiveConnectorConfig(name=name, hostname=hostname)
     c = ReceiveConnectorConfig(
         name=name,
-        listen=r.get("listen", d.listen, _list_of(_endpoint)),
+        listen=r.get("listen", d.listen, endpoints),
         hostname=r.get("hostname", d.hostname, _domain),
         banner=r.get("banner", d.banner, _str),
         max_message_size=r.get("max_message_size", d.max_message_size, parse_size),
@@ -365,6 +457,7 @@ def _read_receive(r: _Reader, name: str, hostname: str) -> ReceiveConnectorConfi
         max_text_line=r.get("max_text_line", d.max_text_line, _int(0)),
         command_timeout=r.get("command_timeout", d.command_timeout, parse_duration),
         data_timeout=r.get("data_timeout", d.data_timeout, parse_duration),
+        min_data_rate=r.get("min_data_rate", d.min_data_rate, _int(0)),
         bare_lf=r.get("bare_lf", d.bare_lf, _choice("reject", "normalize")),
         relay_networks=r.get("relay_networks", d.relay_networks, _list_of(_cidr)),
         filters=r.get("filters", d.filters, _list_of(_nonempty_str)),
@@ -374,6 +467,7 @@ def _read_receive(r: _Reader, name: str, hostname: str) -> ReceiveConnectorConfi
     c = replace(c, **_read_connector_security(r, d))
     c = replace(c, **_auth_config().receive_auth_kwargs(r, d))
     c = replace(c, **_ops_config().connector_kwargs(r, d))
+    c = replace(c, **_abuse_config().receive_abuse_kwargs(r, d))
     if not c.listen:
         r.error("listen", "needs at least one endpoint, e.g. \"tcp:25\"")
     if 0 < c.max_text_line < 1000:
@@ -382,7 +476,7 @@ def _read_receive(r: _Reader, name: str, hostname: str) -> ReceiveConnectorConfi
     return c
 
 
-def _read_send(r: _Reader, name: str, data_dir: str) -> SendConnectorConfig:
+def _read_send(r: _Reader, name: str, data_dir: str, source: str = "<string>") -> SendConnectorConfig:
     d = SendConnectorConfig(name=name)
     kind = r.get("type", "smtp", _choice("smtp", "lmtp", "maildir"))
     c = SendConnectorConfig(
@@ -403,6 +497,7 @@ def _read_send(r: _Reader, name: str, data_dir: str) -> SendConnectorConfig:
         auth_password=r.get("auth_password", d.auth_password, _str),
         dns_servers=r.get("dns_servers", d.dns_servers, _list_of(_nameserver)),
         dkim_sign=r.get("dkim_sign", d.dkim_sign, _bool),
+        send_organization_headers=r.get("send_organization_headers", d.send_organization_headers, _bool),
         **_tls_config().read_send_tls(r),
     )
     mx = r.get("mx", None, _bool)
@@ -416,9 +511,11 @@ def _read_send(r: _Reader, name: str, data_dir: str) -> SendConnectorConfig:
         root = c.maildir_root or "mail"
         c = replace(c, maildir_root=root if os.path.isabs(root) else os.path.join(data_dir, root))
     c = replace(c, **_ops_config().connector_kwargs(r, d))
+    c = replace(c, **_oauth2_config().read_send_auth(r, source))  # auth = "xoauth2" (exmta.send.oauth2_config)
     if (c.auth_username is None) != (c.auth_password is None):
         r.error("auth_username", "auth_username and auth_password go together")
     _tls_config().check_send_tls(r, c)
+    _oauth2_config().check_send_auth(r, c)
     r.finish()
     return c
 
@@ -445,10 +542,11 @@ def _read_metrics(r: _Reader) -> MetricsConfig:
     d = MetricsConfig()
     m = MetricsConfig(
         enabled=r.get("enabled", d.enabled, _bool),
-        listen=r.get("listen", d.listen, _endpoint),
+        listen=r.get("listen", d.listen, _metrics_listen),
         sample_interval=r.get("sample_interval", d.sample_interval, parse_duration),
         min_free_disk=r.get("min_free_disk", d.min_free_disk, parse_size),
         status_page=r.get("status_page", d.status_page, _bool),
+        allowed_networks=r.get("allowed_networks", d.allowed_networks, _list_of(_cidr)),
     )
     if m.sample_interval <= 0:
         r.error("sample_interval", "must be positive")
@@ -476,7 +574,7 @@ def _read_alerts(r: _Reader) -> AlertsConfig:
             window=t.get("window", 900.0, parse_duration),
             min_events=t.get("min_events", 20, _int(0)),
             clear_ratio=t.get("clear_ratio", 0.8, _ratio),
-            certificates=t.get("certificates", (), _list_of(_nonempty_str)),
+            certificates=t.get("certificates", (), _list_of(config_path)),
         )
         if rule.window <= 0:
             t.error("window", "must be positive")
@@ -526,6 +624,26 @@ def _http_url(v: Any) -> str:
     return s
 
 
+def _filter_common_keys(r: _Reader) -> dict[str, Any]:
+    """A [filters.NAME] table with the core's keys checked: ``timeout`` (a duration) and ``on_error``.
+
+    The other keys belong to the plugin, which checks them (exmta.config.check loads it).
+    """
+    out = dict(r.table)
+    if "timeout" in out:
+        timeout = r.get("timeout", None, parse_duration)
+        if timeout is None:
+            del out["timeout"]
+        elif timeout <= 0:
+            r.error("timeout", "must be more than 0")
+            del out["timeout"]
+        else:
+            out["timeout"] = timeout
+    if "on_error" in out:
+        out["on_error"] = r.get("on_error", "tempfail", _choice("tempfail", "continue"))
+    return out
+
+
 def _read_routes(problems: list[str], routes: Any) -> tuple[RouteConfig, ...]:
     if not isinstance(routes, list):
         problems.append("route: must be an array of tables ([[route]])")
@@ -536,12 +654,13 @@ def _read_routes(problems: list[str], routes: Any) -> tuple[RouteConfig, ...]:
         domains = r.get("domains", (), _list_of(_domain))
         connector = r.get("connector", "", _nonempty_str)
         cost = r.get("cost", 1, _int(0))
+        split = _split_config().read_split(r)
         if not domains:
             r.error("domains", "needs at least one domain pattern (\"*\" matches everything)")
         if not connector:
             r.error("connector", "is required: the name of a [send.NAME] connector")
         r.finish()
-        out.append(RouteConfig(domains, connector, cost))
+        out.append(RouteConfig(domains, connector, cost, **split))
     return tuple(out)
 
 
@@ -612,6 +731,15 @@ def load_config(path: str, data_dir: str | None = None) -> Config:
 
 
 def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | None = None) -> Config:
+    """Validate ``raw`` (read from ``source``); relative paths are relative to ``source``'s directory."""
+    token = _CONFIG_DIR.set(config_base(source))
+    try:
+        return _parse_config(raw, source, data_dir)
+    finally:
+        _CONFIG_DIR.reset(token)
+
+
+def _parse_config(raw: dict[str, Any], source: str, data_dir: str | None) -> Config:
     problems: list[str] = []
     top = _Reader(problems, "", raw)
     base = Config(hostname=socket.gethostname().lower() or "localhost")
@@ -639,7 +767,7 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
     ss = top.sub("send")
     for name in list(ss.table):
         ss.used.add(name)
-        send.append(_read_send(ss.sub(name), name, server["data_dir"]))
+        send.append(_read_send(ss.sub(name), name, server["data_dir"], source))
 
     top.used.add("route")
     routes = _read_routes(problems, raw.get("route", []))
@@ -665,7 +793,7 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
         elif not isinstance(table.get("plugin"), str):
             fs.error(f"{name}.plugin", "is required: the entry-point name of the filter (group exmta.filters)")
         else:
-            filters[name] = dict(table)
+            filters[name] = _filter_common_keys(_Reader(problems, f"filters.{name}", table))
     top.finish()
 
     # cross-references
@@ -676,6 +804,8 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
                 f"route[{i + 1}].connector: no [send.{route.connector}] connector "
                 f"(defined: {', '.join(sorted(send_names)) or 'none'})"
             )
+    routes, split_problems = _split_config().resolve_split(routes, accepted, send_names)
+    problems += split_problems
     for rc in receive:
         for f in rc.filters:
             if f not in filters:
@@ -685,6 +815,7 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
     problems += _shared_listener_problems(receive)
     receive, auth_problems = _auth_config().resolve_references(receive, auth_backends, source)
     problems += auth_problems
+    problems += _abuse_config().directory_problems(server["recipient_directory"], auth_backends)
 
     if problems:
         raise ConfigError(source, problems)
@@ -707,6 +838,7 @@ def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | 
         receive_worker_nice=server["receive_worker_nice"],
         back_pressure=back_pressure,
         recipient_list=server["recipient_list"],
+        **{key: server[key] for key in _abuse_config().SERVER_KEYS},
         filters=filters,
         dkim_keys=dkim_keys,
         metrics=metrics,

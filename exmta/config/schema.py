@@ -80,9 +80,10 @@ class ReceiveConnectorConfig:
     max_recipients: int = 200             # per message (Exchange's default)
     max_errors: int = 10                  # bad commands before 421 and close
     max_command_line: int = 512           # RFC 5321 4.5.3.1.4, including CRLF
-    max_text_line: int = 1000             # RFC 5321 4.5.3.1.6, including CRLF; 0 = no limit
+    max_text_line: int = 0                # 0 = no limit (Postfix, Exchange); 1000 = RFC 5321 4.5.3.1.6, incl. CRLF
     command_timeout: float = 300.0        # RFC 5321 4.5.3.2.7 server timeout
     data_timeout: float = 180.0           # between two reads inside DATA/BDAT
+    min_data_rate: int = 500              # octets/s: DATA/BDAT may last data_timeout + size / rate; 0 = no limit
     bare_lf: str = "reject"               # "reject" or "normalize" (SMTP smuggling defence)
     relay_networks: tuple[str, ...] = ()  # CIDRs whose clients may relay to any domain
     filters: tuple[str, ...] = ()         # filter instance names, in order
@@ -110,12 +111,38 @@ class ReceiveConnectorConfig:
     auth_lockout_duration: float = 900.0
     accept_any_sender: bool = False       # true: no send-as check (Ms-Exch-SMTP-Accept-Any-Sender)
     protocol_log: str = "off"             # "off" | "verbose": SMTP transcript (exmta.observe.protocol)
+    # abuse limits (exmta.smtp.limits, read by exmta.config.abuse)
+    max_header_size: int = 256 * 1024     # the header block; more gets 552 5.3.4 (Exchange MaxHeaderSize)
+    max_header_field: int = 100 * 1024    # one field with its continuation lines (Postfix header_size_limit)
+    max_refused_recipients: int = 20      # 5xx RCPT replies per session before 421 4.7.0 and close; 0 = none
+    refused_recipients_tarpit_after: int = 10  # refused RCPTs after which each refusal waits the tarpit
+    refused_recipients_tarpit: float = 1.0  # seconds (Postfix smtpd_soft_error_limit, smtpd_error_sleep_time)
+    proxy_header_timeout: float = 10.0    # haproxy: listeners: the PROXY header must arrive within this
+    trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # peers that may send a PROXY header
 
 
 @dataclass(frozen=True)
 class SmartHost:
     host: str
     port: int = 25
+
+
+@dataclass(frozen=True)
+class OAuth2Config:
+    """[send.NAME.oauth2]: the app registration whose tokens log in with XOAUTH2 (exmta.send.oauth2)."""
+
+    token_endpoint: str                   # Entra: https://login.microsoftonline.com/<tenant>/oauth2/v2.0/token
+    client_id: str
+    tenant: str | None = None             # for the cache key and the default token_endpoint
+    scope: str = "https://outlook.office365.com/.default"
+    client_secret: str | None = None      # one of: client_secret, client_secret_file, certificate
+    client_secret_file: str | None = None
+    certificate: str | None = None        # PEM certificate: a private_key_jwt assertion (RS256, x5t)
+    private_key: str | None = None        # its PEM key; None = in certificate
+    send_as: str = "mailbox"              # XOAUTH2 user=: "mailbox" (fixed) | "sender" (SMTP.SendAsApp)
+    mailbox: str | None = None            # the fixed mailbox; with "sender", used for the null sender
+    timeout: float = 30.0                 # one token request
+    refresh_before: float = 300.0         # fetch a new token this long before the old one expires
 
 
 @dataclass(frozen=True)
@@ -134,6 +161,8 @@ class SendConnectorConfig:
     max_messages_per_connection: int = 100
     auth_username: str | None = None
     auth_password: str | None = None
+    auth: str | None = None               # "xoauth2": log in with OAuth2 tokens from [send.NAME.oauth2]
+    oauth2: OAuth2Config | None = None
     dns_servers: tuple[str, ...] = ()     # "ip" or "ip:port"; empty = system resolver
     dkim_sign: bool = False               # DKIM-sign with the [[dkim.keys]] of the author domain
     tls_auth_level: str = "encryption_only"  # | "certificate" | "domain" (Exchange TlsAuthLevel)
@@ -142,6 +171,7 @@ class SendConnectorConfig:
     tls_certificate: str | None = None    # PEM client certificate (+chain) to present (TlsCertificateName)
     tls_key: str | None = None            # its key; None = in tls_certificate
     protocol_log: str = "off"             # "off" | "verbose": SMTP transcript (exmta.observe.protocol)
+    send_organization_headers: bool = False  # keep X-MS-Exchange-Organization-* etc. (exmta.send.header_firewall)
 
 
 @dataclass(frozen=True)
@@ -149,6 +179,9 @@ class RouteConfig:
     domains: tuple[str, ...]              # "example.com", "*.example.com" or "*"
     connector: str
     cost: int = 1
+    # split by recipient set (exmta.routing.split): the tenant's domains to one connector (HVE), the rest here
+    internal_connector: str | None = None
+    internal_domains: tuple[str, ...] = ()  # empty = every [accepted_domains] entry
 
 
 @dataclass(frozen=True)
@@ -208,10 +241,13 @@ class MetricsConfig:
     """[metrics]: Prometheus /metrics, /healthz and /readyz (exmta.observe)."""
 
     enabled: bool = True                  # counters and gauges (needs prometheus-client, the "metrics" extra)
-    listen: str | None = None             # extra unauthenticated listener for /metrics /healthz /readyz only
+    listen: str | tuple[str, ...] | None = None  # extra unauthenticated listener(s) for /metrics /healthz /readyz
     sample_interval: float = 15.0         # seconds between queue listings for the gauges and alerts
     min_free_disk: int = 100 * 1024 * 1024  # /readyz fails below this many free octets on the queue's disk
     status_page: bool = False             # also serve /status (with tracking search) on ``listen``: no login!
+    # clients of ``listen`` outside these are closed when they connect (loopback and private ranges)
+    allowed_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12",
+                                         "192.168.0.0/16", "fc00::/7")
 
 
 @dataclass(frozen=True)
@@ -248,6 +284,7 @@ class DKIMKeyConfig:
     key_file: str                         # PEM RSA key or base64 Ed25519 seed (exmta dkim keygen)
     algorithm: str = "rsa-sha256"         # | "ed25519-sha256"
     arc_seal: bool = False                # also ARC-seal (RFC 8617) forwarded mail with this key (RSA; one key)
+    on_failure: str = "defer"             # signing fails: "defer" the message (logged) | "send_unsigned"
 
 
 @dataclass(frozen=True)
@@ -275,6 +312,13 @@ class Config:
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     back_pressure: BackPressureConfig = field(default_factory=BackPressureConfig)
     recipient_list: str | None = None     # addresses of authoritative domains (exmta.receive.recipients)
+    # filters' own thread pool and checks in flight (exmta.filters.admission); 451 4.3.2 past a bound
+    filter_threads: int = 16
+    filter_checks_in_flight: int = 200    # filter runs pending in the process; 0 = no bound
+    filter_checks_per_client: int = 10    # per source address (IPv6: /64); 0 = no bound
+    # recipient validation against LDAP / AD (exmta.receive.directory): an [auth.NAME] of kind ldap
+    recipient_directory: str | None = None
+    recipient_cache_ttl: float = 60.0     # seconds an answer (known or unknown) is reused
     transport_rules: TransportRulesConfig = field(default_factory=TransportRulesConfig)
     source: str = "<embedded default>"    # the file this came from, for messages
 

@@ -27,6 +27,8 @@ def add_commands(sub: Any) -> None:
     keygen.add_argument("--algorithm", default="rsa-sha256", choices=("rsa-sha256", "ed25519-sha256"))
     keygen.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
     keygen.add_argument("--out", help="private key file (default ./DOMAIN.SELECTOR.pem or .key); mode 0600")
+    keygen.add_argument("--data", help="the server's data_dir: write DATA/dkim/SELECTOR.pem (or .key), where "
+                        "key_file = \"dkim/SELECTOR.pem\" finds it")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing key file")
     keygen.set_defaults(func=_keygen)
 
@@ -59,7 +61,15 @@ def _keygen(args: argparse.Namespace) -> int:
     if not re.fullmatch(r"[a-z0-9-]+(\.[a-z0-9-]+)+", domain) or not re.fullmatch(r"[A-Za-z0-9-]+", args.selector):
         print("exmta dkim keygen: --domain must be a domain name and --selector a DNS label", file=sys.stderr)
         return 2
-    out = args.out or f"{domain}.{args.selector}.{'pem' if args.algorithm.startswith('rsa') else 'key'}"
+    suffix = "pem" if args.algorithm.startswith("rsa") else "key"
+    key_file = None  # what [dkim] keys should say, when not the absolute path
+    if args.out:
+        out = args.out
+    elif args.data:
+        key_file = f"dkim/{args.selector}.{suffix}"  # relative to data_dir
+        out = os.path.join(args.data, key_file)
+    else:
+        out = f"{domain}.{args.selector}.{suffix}"
     if os.path.exists(out) and not args.force:
         print(f"exmta dkim keygen: {out} exists (use --force to replace it)", file=sys.stderr)
         return 1
@@ -68,15 +78,47 @@ def _keygen(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"exmta dkim keygen: {e}", file=sys.stderr)
         return 2
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(private)
-    os.chmod(out, 0o600)
+    if os.path.dirname(out):
+        os.makedirs(os.path.dirname(out), mode=0o700, exist_ok=True)
+    try:
+        write_private_file(out, private)
+    except OSError as e:
+        print(f"exmta dkim keygen: cannot write {out}: {e.strerror}", file=sys.stderr)
+        return 1
     print(f"; private key written to {out} (keep it secret; mode 0600)")
     print(f'; config: {{ domain = "{domain}", selector = "{args.selector}", '
-          f'algorithm = "{args.algorithm}", key_file = "{os.path.abspath(out)}" }}')
+          f'algorithm = "{args.algorithm}", key_file = "{key_file or os.path.abspath(out)}" }}')
     print(txt_record(args.selector, domain, args.algorithm, public))
     return 0
+
+
+def write_private_file(path: str, data: bytes) -> None:
+    """Write ``data`` to a new 0600 file beside ``path``, fsync it and rename it over ``path``.
+
+    Never rewrites an existing file in place: whoever held the old file open
+    (it may have been readable by others) keeps the old bytes, and a crash
+    leaves the old key or the new one, never half of one.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 # ---------------------------------------------------------------- dns check

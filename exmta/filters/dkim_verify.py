@@ -45,11 +45,11 @@ def _text(value: Any) -> str:
     return str(value or "")
 
 
-def verify_one(dns: AuthDNS, message: bytes, idx: int, min_key_bits: int = 1024) -> DKIMResult:
-    """Verify the idx-th DKIM-Signature (blocking)."""
+def verify_one(dns: AuthDNS, message: bytes, idx: int, min_key_bits: int = 1024, make: Any = None) -> DKIMResult:
+    """Verify the idx-th DKIM-Signature (blocking). ``make``: builds the dkim.DKIM (exmta.filters.bodyhash)."""
     import dkim
 
-    d = dkim.DKIM(message, minkey=min_key_bits, timeout=int(max(1, dns.timeout)))
+    d = (make or dkim.DKIM)(message, minkey=min_key_bits, timeout=int(max(1, dns.timeout)))
     domain = selector = algorithm = b_prefix = identity = ""
     try:
         prep = d.verify_headerprep(idx)
@@ -103,10 +103,11 @@ def count_signatures(message: bytes) -> int:
     return sum(1 for name, _ in d.headers if name.lower() == b"dkim-signature")
 
 
-def verify_all(dns: AuthDNS, message: bytes, min_key_bits: int = 1024, max_signatures: int = 10) -> list[DKIMResult]:
+def verify_all(dns: AuthDNS, message: bytes, min_key_bits: int = 1024, max_signatures: int = 10,
+               make: Any = None) -> list[DKIMResult]:
     """One DKIMResult per DKIM-Signature (top first, at most ``max_signatures``); blocking."""
     n = count_signatures(message)
-    results = [verify_one(dns, message, i, min_key_bits) for i in range(min(n, max_signatures))]
+    results = [verify_one(dns, message, i, min_key_bits, make) for i in range(min(n, max_signatures))]
     if n > max_signatures:
         results.append(DKIMResult("policy", reason=f"{n - max_signatures} more signatures not checked"))
     return results
@@ -166,10 +167,50 @@ async def dkim_results(dns: AuthDNS, state: Any, message: Any, min_key_bits: int
     """The DKIM results of this message: computed once, shared through the AuthState."""
     if state.dkim is not None:
         return list(state.dkim)
-    data = read_message(message)
-    if data is None:
-        results = [DKIMResult("policy", reason="message too large to verify")]
-    else:
-        results = await dns.run(verify_all, dns, data, min_key_bits, max_signatures)
+    results = await dns.run(_verify_view, dns, message, body_hashes(state, message), min_key_bits, max_signatures)
     state.dkim = results
     return results
+
+
+def body_hashes(state: Any, view: Any) -> Any:
+    """The BodyHashes of this message, shared by the DKIM and ARC filters through the AuthState."""
+    from exmta.filters.bodyhash import BodyHashes
+
+    held = getattr(state, "_body_hashes", None)
+    if held is None or held[0] is not view:
+        held = state._body_hashes = (view, BodyHashes(lambda: open_body_part(view)))
+    return held[1]
+
+
+def open_body_part(view: Any) -> Any:
+    """The message file positioned at its body (blocking); ValueError when no empty line separates it."""
+    f = view.open_body()
+    f.seek(view.header_length)
+    if f.read(2) not in (b"\r\n", b""):
+        f.close()
+        raise ValueError("no empty line between the header and the body")
+    return f
+
+
+def streamable(view: Any) -> bool:
+    """Whether the body can be streamed: a view with its header block and a separator (blocking)."""
+    if not hasattr(view, "raw_headers") or not getattr(view, "header_complete", True):
+        return False
+    try:
+        open_body_part(view).close()
+    except ValueError:
+        return False
+    return True
+
+
+def _verify_view(dns: AuthDNS, view: Any, hashes: Any, min_key_bits: int, max_signatures: int) -> list[DKIMResult]:
+    """On the filter pool: the header block to dkimpy, the body streamed (exmta.filters.bodyhash)."""
+    from exmta.filters.bodyhash import streamed_dkim
+
+    if streamable(view):
+        return verify_all(dns, view.raw_headers + b"\r\n", min_key_bits, max_signatures,
+                          lambda m, **kw: streamed_dkim(m, hashes, **kw))
+    data = read_message(view)  # an odd message (no separator): whole, as before, still off the reactor
+    if data is None:
+        return [DKIMResult("policy", reason="message too large to verify")]
+    return verify_all(dns, data, min_key_bits, max_signatures)

@@ -9,7 +9,9 @@ XML report through ``store.submit`` (null sender, ``kind="dsn"``: a report
 is never bounced). A report address outside the policy domain's
 organisational domain is used only when it agrees to receive them (RFC
 7489 7.1: ``<domain>._report._dmarc.<rua domain>`` TXT ``v=DMARC1``). A
-file whose reports could not be queued is kept and retried the next day.
+file whose reports could not be queued is kept and retried the next day; so
+are the rows of a domain whose agreement record could not be looked up (a
+temporary DNS error is not a "no", and it is logged).
 
 Enabled by ``reports = true`` in the ``[filters.NAME]`` table of a
 ``plugin = "dmarc"`` filter (with ``report_log = true``); ``report_from``
@@ -35,6 +37,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from exmta.dns import OversizeAnswer, TempDNSError
 from exmta.model import Envelope, Recipient
 
 __all__ = ["DMARCReportService", "add_report_service", "build_report", "group_rows", "report_message", "rua_addresses"]
@@ -54,6 +57,17 @@ def _rows(path: str) -> list[dict[str, Any]]:
             if isinstance(row, dict) and row.get("policy_domain") and isinstance(row.get("policy"), dict):
                 rows.append(row)
     return rows
+
+
+def _write_rows(path: str, rows: list[dict[str, Any]]) -> None:
+    """Replace the file at ``path`` with ``rows`` (a temp file renamed over it)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def group_rows(rows: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -204,26 +218,44 @@ class DMARCReportService(Service):
         queued = 0
         for path in files:
             rows = await self.run(_rows, path)
+            kept: list[dict[str, Any]] = []
             try:
-                queued += await self._send_file(rows, now)
+                queued += await self._send_file(rows, now, kept)
+                if kept:  # domains whose report address could not be checked now: the next run tries again
+                    await self.run(_write_rows, path, kept)
+                    continue
             except Exception:
                 log.failure("DMARC reports from {path} not queued; kept for the next run", path=path)
                 continue
             await self.run(os.remove, path)
         return queued
 
-    async def _send_file(self, rows: list[dict[str, Any]], now: float) -> int:
+    async def _send_file(self, rows: list[dict[str, Any]], now: float, kept: list[dict[str, Any]]) -> int:
+        """Queue the report of each domain in ``rows``; the rows of a domain whose report address
+        could not be checked (a temporary DNS error) go to ``kept``."""
         queued = 0
         for domain, drows in sorted(group_rows(rows).items()):
             begin = int(min(r.get("time", now) for r in drows))
             end = int(now)
             targets = []
+            check_later = False
             for addr in rua_addresses(drows[-1]["policy"]):
-                if await self.run(self._authorised, domain, addr):
+                check = f"{domain}._report._dmarc.{addr.rpartition('@')[2]}"
+                try:
+                    authorised = await self.run(self._authorised, domain, addr)
+                except TempDNSError as e:
+                    log.warn("DMARC report for {domain}: cannot check {check} now ({error}); kept for the next run",
+                             domain=domain, check=check, error=str(e))
+                    check_later = True
+                    break
+                if authorised:
                     targets.append(addr)
                 else:
                     log.warn("DMARC report for {domain} not sent to {rua}: no {check} record",
-                             domain=domain, rua=addr, check=f"{domain}._report._dmarc.{addr.rpartition('@')[2]}")
+                             domain=domain, rua=addr, check=check)
+            if check_later:
+                kept.extend(drows)
+                continue
             if not targets:
                 continue
             report_id = hashlib.sha256(f"{self.org}|{domain}|{begin}|{end}".encode()).hexdigest()[:24]
@@ -247,8 +279,8 @@ class DMARCReportService(Service):
             return True
         try:
             records = self.dns.txt(f"{domain}._report._dmarc.{rua_domain}") or []
-        except Exception:
-            return False
+        except OversizeAnswer:
+            return False  # not a v=DMARC1 agreement; TempDNSError (and a bug) go to the caller: not "no"
         return any(r.decode("ascii", "replace").replace(" ", "").lower().startswith("v=dmarc1") for r in records)
 
 

@@ -43,7 +43,8 @@ except ImportError:  # pragma: no cover - exercised by the endpoint's message on
     prometheus_client = None  # type: ignore[assignment]
     AVAILABLE = False
 
-__all__ = ["AVAILABLE", "Metrics", "MetricsResource", "QueueSampler", "QueueSnapshot", "Throughput", "reply_reason"]
+__all__ = ["AVAILABLE", "Metrics", "MetricsResource", "PublicRegistry", "QueueSampler", "QueueSnapshot", "Throughput",
+           "reply_reason"]
 
 log = Logger()
 
@@ -500,14 +501,60 @@ def _back_pressure_gauges(pressure: Any) -> Iterable[Any]:
             yield gauge
 
 
+#: families whose label values are next hops or destinations (recipient domains), and what the
+#: unauthenticated listener publishes instead: (per-connector name, how to combine)
+_PRIVATE_FAMILIES = {
+    "exmta_queue_nexthop_messages": ("exmta_queue_connector_messages", "sum"),
+    "exmta_queue_nexthop_oldest_age_seconds": ("exmta_queue_connector_oldest_age_seconds", "max"),
+    "exmta_destination_active_connections": ("exmta_connector_active_connections", "sum"),
+}
+
+
+class PublicRegistry:
+    """``registry`` as the unauthenticated listener shows it: no recipient domains in labels.
+
+    The next-hop and destination families become per-connector totals (the
+    label ``connector``: the part before the ``/``); everything else passes.
+    """
+
+    def __init__(self, registry: Any) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterable[Any]:
+        for family in self.registry.collect():
+            private = _PRIVATE_FAMILIES.get(family.name)
+            if private is None:
+                yield family
+                continue
+            name, how = private
+            totals: dict[str, float] = {}
+            for sample in family.samples:
+                label = next(iter(sample.labels.values()), "")
+                connector = label.split("/", 1)[0] or "none"
+                if how == "sum":
+                    totals[connector] = totals.get(connector, 0.0) + sample.value
+                else:
+                    totals[connector] = max(totals.get(connector, 0.0), sample.value)
+            out = GaugeMetricFamily(name, family.documentation.replace("next hop", "send connector")
+                                    .replace("destination", "send connector"), labels=["connector"])
+            for connector, value in sorted(totals.items()):
+                out.add_metric([connector], value)
+            yield out
+
+
 class MetricsResource(resource.Resource):
-    """``GET /metrics`` in the Prometheus text format (503 with advice when unavailable)."""
+    """``GET /metrics`` in the Prometheus text format (503 with advice when unavailable).
+
+    ``public=True`` (the unauthenticated listener): per-connector totals
+    instead of families labelled with recipient domains (:class:`PublicRegistry`).
+    """
 
     isLeaf = True
 
-    def __init__(self, metrics: Metrics | None) -> None:
+    def __init__(self, metrics: Metrics | None, public: bool = False) -> None:
         super().__init__()
         self.metrics = metrics
+        self.public = public
 
     def render_GET(self, request: Any) -> bytes:
         if self.metrics is None or not AVAILABLE:
@@ -516,4 +563,6 @@ class MetricsResource(resource.Resource):
             return (b"metrics are not available: prometheus-client is not installed "
                     b"(pip install 'exmta[metrics]') or metrics are disabled\n")
         request.setHeader(b"content-type", prometheus_client.CONTENT_TYPE_LATEST.encode("ascii"))
+        if self.public:
+            return prometheus_client.generate_latest(PublicRegistry(self.metrics.registry))
         return self.metrics.render()

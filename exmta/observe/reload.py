@@ -19,7 +19,10 @@ What needs a restart, and is logged as such (the old value stays in use):
 listen endpoints, added or removed receive connectors, send connectors,
 receive workers, data and log paths, TLS settings other than the
 certificate files (those are reloaded by exmta.tls on the same signal),
-AUTH settings and the pickup interval.
+AUTH settings (turning AUTH on or off included), protocol logs and the
+pickup interval: every one that
+changed is named in the log line. Receive worker processes keep the
+configuration they started with (named in the log too).
 
 The previous SIGHUP handler (e.g. the TLS certificate reloader) still runs.
 """
@@ -37,7 +40,14 @@ __all__ = ["ConfigReloader", "ReloadService"]
 log = Logger()
 
 _RESTART_SERVER_KEYS = ("data_dir", "pickup_dir", "tracking_log", "receive_workers", "spool_io", "spool_sync",
-                        "receive_worker_nice", "hostname")
+                        "receive_worker_nice", "hostname", "postmaster", "recipient_list", "back_pressure",
+                        "dkim_keys", "auth_backends", "logs", "admin")
+# receive connector settings built into objects at start (listeners, TLS, the authenticator, protocol
+# logs): a reload names each one that changed. (remote_ranges and connection limits do apply: the
+# dispatcher reads them from the factory's config at the next connection.)
+RESTART_RECEIVE_KEYS = ("listen", "tls", "require_tls", "auth", "auth_backend", "auth_before_tls_networks",
+                        "auth_tarpit", "auth_lockout_source_failures", "auth_lockout_user_failures",
+                        "auth_lockout_window", "auth_lockout_duration", "accept_any_sender", "protocol_log")
 
 
 class ConfigReloader:
@@ -109,7 +119,7 @@ class ConfigReloader:
 
         if self.scheduler is not None:
             if new.routes != old.routes or new.accepted_domains != old.accepted_domains:
-                missing = {r.connector for r in new.routes} - usable
+                missing = {c for r in new.routes for c in (r.connector, r.internal_connector) if c} - usable
                 if missing:
                     needs_restart.append(f"routes to new send connector(s) {', '.join(sorted(missing))}")
                 else:
@@ -144,7 +154,7 @@ class ConfigReloader:
                 continue
             if rc.listen != before.listen:
                 needs_restart.append(f"receive.{name}.listen")
-            for key in ("tls", "require_tls"):
+            for key in RESTART_RECEIVE_KEYS[1:]:
                 if getattr(rc, key, None) != getattr(before, key, None):
                     needs_restart.append(f"receive.{name}.{key}")
             if rc == before and new.accepted_domains == old.accepted_domains and new_filters is None:
@@ -153,15 +163,20 @@ class ConfigReloader:
             out.append(f"receive.{name}: policy, filters and limits applied to sessions from their next command")
 
         for key in _RESTART_SERVER_KEYS:
-            if getattr(new, key) != getattr(old, key):
+            if getattr(new, key, None) != getattr(old, key, None):
                 needs_restart.append(key)
         if new.metrics.listen != old.metrics.listen:
             needs_restart.append("metrics.listen")
+        if new.metrics.allowed_networks != old.metrics.allowed_networks:
+            needs_restart.append("metrics.allowed_networks")
         if self.observability is not None and (new.alerts != old.alerts or new.metrics != old.metrics):
             out += self.observability.reload(new)
         if needs_restart:
             out.append("needs a restart to take effect (the old values stay in use): "
                        + ", ".join(dict.fromkeys(needs_restart)))
+        if old.receive_workers and out:
+            out.append(f"the {old.receive_workers} receive worker process(es) keep the configuration they started "
+                       "with until a restart")
         return out
 
     def _swap_receive(self, factory: Any, config: Any, rc: Any, new_filters: dict[str, Any] | None) -> None:
@@ -174,13 +189,14 @@ class ConfigReloader:
             filters = new_filters if new_filters is not None else self.filters
             chain = FilterChain(ordered(filters, rc.filters), factory.clock, per_filter=config.filters)
             chain.verdict_observer = getattr(factory.filters, "verdict_observer", None)
+            chain.admission = getattr(factory.filters, "admission", None)  # checks in flight stay bounded
             factory.filters = chain
         factory.policy = policy
         factory.local_domain = lambda domain: config.accepted_domain(domain) is not None
         factory.postmaster_domain = next(
             (d.name for d in config.accepted_domains if not d.name.startswith("*")), factory.postmaster_domain)
         # limits, banner, timeouts for new sessions; what needs a restart keeps its running value
-        keep = {k: getattr(factory.config, k) for k in ("listen", "tls", "require_tls")
+        keep = {k: getattr(factory.config, k) for k in RESTART_RECEIVE_KEYS
                 if hasattr(factory.config, k) and hasattr(rc, k)}
         factory.config = dataclasses.replace(rc, **keep)
 
@@ -210,12 +226,13 @@ class ReloadService(Service):
         super().startService()
         if not self.install_signal or not hasattr(signal, "SIGHUP"):
             return
-        if self.reloader.config.source.startswith("<"):
-            log.info("SIGHUP reload: not available with the embedded default configuration")
         try:
             self._previous = signal.signal(signal.SIGHUP, self._on_sighup)
             self._installed = True
-            log.info("SIGHUP reloads {source}", source=self.reloader.config.source)
+            if self.reloader.config.source.startswith("<"):
+                log.info("SIGHUP: the embedded default configuration has no file, so SIGHUP reloads nothing")
+            else:
+                log.info("SIGHUP reloads {source}", source=self.reloader.config.source)
         except ValueError:
             log.warn("SIGHUP handler for configuration reload not installed (not in the main thread)")
 

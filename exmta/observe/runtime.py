@@ -7,7 +7,10 @@ services to add to the ordered tree:
 
 * ``http`` (added early, so it stops late): the optional dedicated listener
   ``[metrics] listen`` serving ``/metrics``, ``/healthz`` and ``/readyz``
-  (unauthenticated, for Prometheus and load balancers; no message data);
+  (unauthenticated, for Prometheus and load balancers; no message data, and
+  queue gauges per connector, not per next hop: no recipient domains). It
+  closes clients outside ``[metrics] allowed_networks`` when they connect and
+  answers GET/HEAD only, refused before any request body is read;
 * ``service`` (added last, so it starts when everything listens and stops
   first): marks the server ready, runs the sampler and the alerts; while the
   rest of the tree drains, ``/readyz`` already says "stopping".
@@ -23,7 +26,7 @@ from typing import Any, Callable
 from twisted.application import strports
 from twisted.application.service import Service
 from twisted.logger import Logger
-from twisted.web import resource, server
+from twisted.web import resource
 
 from exmta.observe import metrics as metrics_mod
 from exmta.observe.alerts import AlertManager, LogNotifier, MailNotifier, Sources, WebhookNotifier, build_rules
@@ -85,10 +88,26 @@ class Observability:
         self.readiness.add("not stopping", lambda: (not self.stopping, "stopping" if self.stopping else "running"))
         self.readiness.add("queue disk", ReadinessChecks.disk_floor(paths["queue"], config.metrics.min_free_disk))
         self.alerts = self._build_alerts(config)
+        # queue rules follow each queue sample, not only their own timer: the status page then never
+        # shows a queue sample together with an alert state evaluated on an older one
+        self.sampler.listeners.append(lambda _snap: self.alerts.evaluate() if self.alerts is not None else None)
         self.service = _StateService(self)
         self.http: Service | None = None
         if config.metrics.listen:
-            self.http = strports.service(config.metrics.listen, server.Site(self.public_root()), reactor=reactor)
+            from exmta.admin.httpguard import METRICS_METHODS, GuardedSite
+
+            listen = config.metrics.listen
+            # refused before any body is read
+            site = GuardedSite(self.public_root(), config.metrics.allowed_networks, max_body=0,
+                               methods=METRICS_METHODS)
+            if isinstance(listen, str):
+                self.http = strports.service(listen, site, reactor=reactor)
+            else:  # several endpoints: one service over them all
+                from twisted.application.service import MultiService
+
+                self.http = MultiService()
+                for ep in listen:
+                    strports.service(ep, site, reactor=reactor).setServiceParent(self.http)
 
     # ------------------------------------------------------------ wiring
 
@@ -205,6 +224,7 @@ class Observability:
         """/metrics, /healthz, /readyz (and /status with ``status_page``): the unauthenticated listener's tree."""
         root = resource.Resource()
         children = self.admin_children() if self.config.metrics.status_page else self.public_children()
+        children[b"metrics"] = metrics_mod.MetricsResource(self.metrics, public=True)  # no recipient domains
         for name, child in children.items():
             root.putChild(name, child)
         return root

@@ -19,24 +19,36 @@ Envelope rules (as Exchange's Pickup directory):
 
 A file that cannot be parsed, has no sender or no recipients, or is larger
 than ``max_size`` is renamed to ``<name>.bad`` with a log line saying why.
+
+Whoever can write the directory is fully trusted: they submit mail as any
+sender to any recipient, as a local ``sendmail`` would. What the directory
+must not do is let them (or a mistake) stall or read through the server, so
+each file is opened with ``O_NOFOLLOW | O_NONBLOCK`` (a symbolic link, say to
+``admin.token`` or ``/dev/zero``, is refused; a FIFO cannot block the open),
+must be a regular file with one link by ``fstat``, and is read up to
+``max_size + 1`` octets; listing, reading, parsing and deleting run through
+``run_blocking`` (the server's thread pool), never on the reactor thread.
+File names are logged with ``repr``: a name can hold terminal escapes.
 """
 from __future__ import annotations
 
 import email.utils
+import errno
 import os
 import re
+import stat
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from exmta.model import Body, Envelope, MailParams, Recipient, TrackingEvent, TrackingEventId
 
-__all__ = ["PickupDirectory", "PickupError", "parse_pickup"]
+__all__ = ["PickupDirectory", "PickupError", "parse_pickup", "read_pickup_file"]
 
 _FIELD_NAME = re.compile(rb"^[!-9;-~]+$")
 _STRIPPED_PREFIXES = (b"x-ms-exchange-organization-", b"x-ms-exchange-forest-", b"x-ms-exchange-crosspremises-")
@@ -146,6 +158,37 @@ def parse_pickup(data: bytes, hostname: str, now: float) -> tuple[bytes, Envelop
     return content, envelope
 
 
+def read_pickup_file(path: str, max_size: int) -> bytes:
+    """The bytes of ``path``, blocking; PickupError for a link, a special file or more than ``max_size``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise PickupError("a symbolic link (pickup files must be regular files)") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise PickupError("not a regular file (FIFO, device, socket or directory)")
+        if st.st_nlink != 1:
+            raise PickupError(f"has {st.st_nlink} hard links (pickup files must have one)")
+        if st.st_size > max_size:
+            raise PickupError(f"larger than {max_size} octets")
+        chunks: list[bytes] = []
+        total = 0
+        while total <= max_size:
+            chunk = os.read(fd, min(1 << 20, max_size + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > max_size:
+            raise PickupError(f"larger than {max_size} octets")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 class PickupDirectory(Service):
     """Polls ``path`` every ``interval`` seconds on ``clock`` and submits ``*.eml`` files to ``store``."""
 
@@ -162,6 +205,7 @@ class PickupDirectory(Service):
         *,
         max_per_scan: int = 100,
         max_size: int = 36 * 1024 * 1024,
+        run_blocking: Callable[..., Deferred[Any]] | None = None,
     ) -> None:
         self.path = path
         self.store = store
@@ -171,6 +215,8 @@ class PickupDirectory(Service):
         self.hostname = hostname
         self.max_per_scan = max_per_scan
         self.max_size = max_size
+        #: runs a blocking call (file I/O, parsing) off the reactor: the server passes its thread pool
+        self.run_blocking = run_blocking or (lambda f, *a: maybeDeferred(f, *a))
         self._loop: LoopingCall | None = None
         self._scanning: Deferred[int] | None = None
         self.submitted = 0
@@ -218,7 +264,7 @@ class PickupDirectory(Service):
 
     async def _scan(self) -> int:
         try:
-            names = sorted(n for n in os.listdir(self.path) if n.lower().endswith(".eml"))
+            names = sorted(n for n in await self.run_blocking(os.listdir, self.path) if n.lower().endswith(".eml"))
         except OSError as e:
             self.log.error("Cannot list the pickup directory {path}: {error}", path=self.path, error=str(e))
             return 0
@@ -230,21 +276,20 @@ class PickupDirectory(Service):
             count += outcome
         return count
 
+    def _read(self, full: str, now: float) -> tuple[bytes, Envelope]:
+        return parse_pickup(read_pickup_file(full, self.max_size), self.hostname, now)
+
     async def _one(self, name: str) -> int | None:
         full = os.path.join(self.path, name)
         try:
-            if os.path.getsize(full) > self.max_size:
-                raise PickupError(f"larger than {self.max_size} octets")
-            with open(full, "rb") as f:
-                data = f.read()
-            content, envelope = parse_pickup(data, self.hostname, self.clock.seconds())
+            content, envelope = await self.run_blocking(self._read, full, self.clock.seconds())
         except FileNotFoundError:
             return 0
         except PickupError as e:
-            self._set_aside(full, name, str(e))
+            await self._set_aside(full, name, str(e))
             return 0
         except OSError as e:
-            self.log.error("Cannot read pickup file {file}: {error}", file=full, error=str(e))
+            self.log.error("Cannot read pickup file {file!r}: {error}", file=full, error=str(e))
             return 0
         try:
             if self.transport_rules is not None:  # exmta.rules.hook: None when a rule deleted or refused it
@@ -252,10 +297,10 @@ class PickupDirectory(Service):
             else:
                 queue_id = await self.store.submit(content, envelope)
         except Exception:
-            self.log.failure("Cannot queue pickup file {file}; will retry", file=full)
+            self.log.failure("Cannot queue pickup file {file!r}; will retry", file=full)
             return None
         try:
-            os.unlink(full)
+            await self.run_blocking(os.unlink, full)
         except FileNotFoundError:
             pass
         if queue_id is None:
@@ -263,7 +308,7 @@ class PickupDirectory(Service):
             return 0
         self.submitted += 1
         self.log.info(
-            "Picked up {file} as {queue_id} from {sender} to {count} recipients",
+            "Picked up {file!r} as {queue_id} from {sender} to {count} recipients",
             file=name, queue_id=queue_id, sender=envelope.sender, count=len(envelope.recipients),
             connector="pickup",
         )
@@ -277,19 +322,25 @@ class PickupDirectory(Service):
             ))
         return 1
 
-    def _set_aside(self, full: str, name: str, reason: str) -> None:
+    @staticmethod
+    def _rename_aside(full: str, name: str) -> str:
+        """Rename ``full`` to a free ``<stem>.bad`` name (blocking); returns it."""
         stem = name[: -len(".eml")]
-        target = os.path.join(self.path, stem + ".bad")
+        target = os.path.join(os.path.dirname(full), stem + ".bad")
         n = 1
-        while os.path.exists(target):
-            target = os.path.join(self.path, f"{stem}.{n}.bad")
+        while os.path.lexists(target):
+            target = os.path.join(os.path.dirname(full), f"{stem}.{n}.bad")
             n += 1
+        os.rename(full, target)
+        return target
+
+    async def _set_aside(self, full: str, name: str, reason: str) -> None:
         try:
-            os.rename(full, target)
+            target = await self.run_blocking(self._rename_aside, full, name)
         except OSError as e:
-            self.log.error("Cannot rename bad pickup file {file}: {error}", file=full, error=str(e))
+            self.log.error("Cannot rename bad pickup file {file!r}: {error}", file=full, error=str(e))
             return
         self.bad += 1
         self.log.warn(
-            "Bad pickup file {file} renamed to {target}: {reason}", file=full, target=target, reason=reason
+            "Bad pickup file {file!r} renamed to {target!r}: {reason}", file=full, target=target, reason=reason
         )

@@ -58,7 +58,12 @@ Rules, in one place:
   Exchange does). No DSN ever goes to the null sender or is made
   for a message of kind ``"dsn"``. DSNs are queued with ``store.submit``
   before the original's state is updated (a crash in between may duplicate a
-  DSN, never lose one).
+  DSN, never lose one). A DSN that cannot be built or queued (disk full, a
+  bug) is never dropped: its recipients keep ``dsn_due`` in the stored
+  envelope, the message stays queued (due again within ``dsn_retry``
+  seconds) and the DSN is retried on every claim until it is committed. A
+  DSN that fails to *build* counts as a crash, so a bug ends in the hold
+  queue (poison threshold) rather than in an endless loop.
 * **Crashes.** A connector that raises or errbacks counts as DEFERRED
   ``451 4.3.0`` for its recipients and the message's ``crashes`` goes up by
   one for that attempt; at ``poison_threshold`` the message is moved to the
@@ -75,8 +80,11 @@ Rules, in one place:
   generated report; POISONMESSAGE when held.
 * **Store errors.** A failed claim is retried after ``claim_retry`` seconds.
   A failed ``update``/``hold`` is retried with doubling delays
-  (``claim_retry`` * 2^n), ``STORE_RETRIES`` times, while the message keeps
-  its slot in the active window; then it is left leased for ``recover()``.
+  (``claim_retry`` * 2^n, at most ``STORE_RETRY_CAP``) for as long as it
+  fails, while the message keeps its slot in the active window: a message is
+  never stranded in the store's active state while the process runs (a disk
+  full for minutes, issue 10 item 7). Only a store that says the message is
+  gone or elsewhere (KeyError, ValueError) ends the retries.
 * **Stopping.** ``stopService`` stops claiming, cancels timers, returns
   deliveries that have not started to the queue unchanged, and waits up to
   ``stop_timeout`` seconds for running ones. After the deadline the rest are
@@ -115,10 +123,11 @@ from exmta.model import (
 from exmta.observe.tracking import event_details
 from exmta.queue.bounce import make_dsn
 from exmta.routing.router import UNREACHABLE, StaticRouter
+from exmta.routing.split import transfer_details
 
 LOCAL_KINDS = frozenset({"lmtp", "maildir"})
 DEFAULT_DESTINATION_LIMIT = 20
-STORE_RETRIES = 5  # attempts to write a message's state before leaving it to recover()
+STORE_RETRY_CAP = 60.0  # seconds: the longest wait between two tries to write a message's state
 
 REPLY_UNROUTABLE = Reply.make(550, "5.4.4", "Unable to route")
 REPLY_EXPIRED = Reply.make(550, "5.4.7", "QUEUE.Expired; message expired")
@@ -233,6 +242,7 @@ class DeliveryScheduler(Service):
         destination_ttl: float = 300.0,
         suspend_after: int = 3,
         claim_retry: float = 5.0,
+        dsn_retry: float = 60.0,
     ) -> None:
         if not config.retry_schedule:
             raise ValueError("QueueConfig.retry_schedule must not be empty")
@@ -255,6 +265,7 @@ class DeliveryScheduler(Service):
         self._destination_ttl = destination_ttl
         self._suspend_after = max(1, suspend_after)
         self._claim_retry = claim_retry
+        self._dsn_retry = dsn_retry
 
         self._messages: dict[str, _Message] = {}
         self._in_flight: set[_Delivery] = set()
@@ -272,6 +283,7 @@ class DeliveryScheduler(Service):
         # operator actions (exmta.admin): suspended destinations and a redirect (drain) target
         self._operator_suspended: dict[tuple[str, str | None], str] = {}
         self._redirect: tuple[str, str | None] | None = None
+        self.operator_state: Any = None  # exmta.queue.operator_state.OperatorStateFile: survives restarts
 
     @classmethod
     def from_config(
@@ -382,7 +394,17 @@ class DeliveryScheduler(Service):
         self.wake()
 
     def wake(self) -> None:
-        """New mail (or free room): claim on the next reactor turn. Coalesced."""
+        """New mail, free room or an operator's retry: claim on the next reactor turn. Coalesced.
+
+        A commit or a stored state just succeeded, or an operator asks: state writes waiting to be
+        retried (a full disk) are tried at once too, not after their backoff.
+        """
+        for call in self._store_retries.values():
+            if call.active():
+                call.reset(0)
+        self._wake()
+
+    def _wake(self) -> None:
         if not self.running:
             return
         if self._claiming:
@@ -430,7 +452,7 @@ class DeliveryScheduler(Service):
         self._claiming = False
         if self._claim_again:
             self._claim_again = False
-            self.wake()
+            self._wake()
         else:
             self._reschedule_timer()
 
@@ -470,7 +492,7 @@ class DeliveryScheduler(Service):
 
     def _on_timer(self) -> None:
         self._timer = None
-        self.wake()
+        self._wake()
 
     # ------------------------------------------------------------ one message
 
@@ -481,6 +503,9 @@ class DeliveryScheduler(Service):
             env.received_at = now
         msg = _Message(entry)
         self._messages[entry.queue_id] = msg
+        for r in env.recipients:  # DSNs that an earlier attempt could not queue
+            if r.dsn_due in ("failed", "delayed", "delivered", "relayed"):
+                getattr(msg, r.dsn_due).append(r)
         if env.crashes >= self._config.poison_threshold:
             # counted by the store's recover() after process crashes: do not try again
             self._finalize(msg)
@@ -506,6 +531,9 @@ class DeliveryScheduler(Service):
                             source="ADMIN", details={"target": self._redirect[1]})
             else:
                 routes = list(self._router.route(msg.envelope, list(by_address)))
+                fork = transfer_details(routes, {a: rs[0].attempts == 0 for a, rs in by_address.items()})
+                if fork is not None:  # a split route forked the recipients (exmta.routing.split)
+                    self._track(TrackingEventId.TRANSFER, msg, fork[0], source="ROUTING", details=fork[1])
         except Exception:
             self._log.failure("router failed for {queue_id}", queue_id=msg.queue_id)
             routes = []
@@ -596,7 +624,10 @@ class DeliveryScheduler(Service):
         """Defer without trying: the destination is suspended (not counted as an attempt)."""
         assert dest.suspended_until is not None
         where = delivery.nexthop or delivery.connector
-        last = f": {dest.last_reply}" if dest.last_reply is not None else ""
+        last = ""
+        if dest.last_reply is not None:  # its codes only when they differ from ours (no "451 4.4.1 ...: 451 4.4.1")
+            same = (dest.last_reply.code, dest.last_reply.status) == (451, "4.4.1")
+            last = f": {dest.last_reply.text if same else dest.last_reply}"
         reply = Reply.make(451, "4.4.1", _line_cut(f"Delivery to {where} temporarily suspended{last}"))
         for address, rcpts in delivery.same_address.items():
             self._apply_all(
@@ -762,6 +793,9 @@ class DeliveryScheduler(Service):
         now = self._clock.seconds()
         env = msg.envelope
         r.last_reply = result.reply
+        if result.outcome is not Outcome.DEFERRED and r.dsn_due == "delayed":  # final: no warning now
+            r.dsn_due = None
+            msg.delayed = [d for d in msg.delayed if d is not r]
         if result.remote_host:
             msg.remote_hosts[r.address] = result.remote_host
         if result.outcome is Outcome.DELIVERED:
@@ -823,10 +857,15 @@ class DeliveryScheduler(Service):
 
     def _finalize(self, msg: _Message) -> None:
         """Every delivery of this attempt is done: DSNs, then store.update or hold."""
-        env = msg.envelope
         if msg.crashed:
-            env.crashes += 1
+            msg.envelope.crashes += 1
         d = self._send_dsns(msg)
+        d.addCallback(lambda _: self._store_final(msg))
+        d.addErrback(lambda f: self._log.failure("finalizing {queue_id} failed", f, queue_id=msg.queue_id))
+
+    def _store_final(self, msg: _Message) -> None:
+        """After the DSNs: hold a poison message, else store the new state (kept while a DSN is due)."""
+        env = msg.envelope
         if env.crashes >= self._config.poison_threshold:
             reason = f"poison message: delivery crashed {env.crashes} times"
             self._log.warn("{queue_id} moved to hold: {reason}", queue_id=msg.queue_id, reason=reason)
@@ -842,34 +881,36 @@ class DeliveryScheduler(Service):
         else:
             pending = env.pending()
             now = self._clock.seconds()
-            next_attempt = (
-                min(r.next_attempt if r.next_attempt is not None else now for r in pending) if pending else None
-            )
+            times = [r.next_attempt if r.next_attempt is not None else now for r in pending]
+            if any(r.dsn_due for r in env.recipients):
+                times.append(now + self._dsn_retry)  # keep the message until its DSN is committed
+            next_attempt = min(times) if times else None
 
             def store_state() -> defer.Deferred[Any]:
                 return defer.maybeDeferred(self._store.update, msg.queue_id, env, next_attempt)
 
-        d.addCallback(lambda _: self._store_state(msg, store_state, 0))
+        self._store_state(msg, store_state, 0)
 
     def _store_state(self, msg: _Message, store_state: Callable[[], defer.Deferred[Any]], tries: int) -> None:
-        """Write the message's new state; retry with backoff when the store fails.
+        """Write the message's new state; retry with backoff for as long as the store fails.
 
-        After ``STORE_RETRIES`` failures the message is given up in memory and
-        stays leased in the store until ``recover()`` on the next start.
+        Giving up would strand the message in the store's active state until a
+        restart (issue 10 item 7), so only a store that no longer has it as
+        active (KeyError, ValueError: removed or moved meanwhile) ends this.
         """
         self._store_retries.pop(msg.queue_id, None)
         if self._messages.get(msg.queue_id) is not msg:
             return  # abandoned at the stop deadline
 
         def failed(f: Failure) -> None:
-            if tries + 1 >= STORE_RETRIES or self._messages.get(msg.queue_id) is not msg:
-                self._log.failure(
-                    "storing the state of {queue_id} failed {tries} times; left for recover()", f,
-                    queue_id=msg.queue_id, tries=tries + 1,
-                )
+            if self._messages.get(msg.queue_id) is not msg:
+                return
+            if f.check(KeyError, ValueError):
+                self._log.failure("storing the state of {queue_id} failed: it is no longer active", f,
+                                  queue_id=msg.queue_id)
                 self._message_done(msg)
                 return
-            delay = self._claim_retry * 2 ** tries
+            delay = min(self._claim_retry * 2 ** min(tries, 16), STORE_RETRY_CAP)
             self._log.failure(
                 "storing the state of {queue_id} failed; retrying in {delay}s", f, queue_id=msg.queue_id, delay=delay,
             )
@@ -894,11 +935,15 @@ class DeliveryScheduler(Service):
         env = msg.envelope
         d: defer.Deferred[None] = defer.succeed(None)
         if not self._bounceable(env):
+            for r in env.recipients:
+                r.dsn_due = None
             return d
         retry_until = env.received_at + self._config.max_lifetime
         for kind, rcpts in (("failed", msg.failed), ("delayed", msg.delayed), ("delivered", msg.delivered),
                             ("relayed", msg.relayed)):
             if rcpts:
+                for r in rcpts:
+                    r.dsn_due = kind  # stored with the message until the DSN is committed
                 d.addCallback(lambda _, k=kind, rs=list(rcpts): self._send_dsn(msg, k, rs, retry_until))
         return d
 
@@ -914,10 +959,16 @@ class DeliveryScheduler(Service):
             finally:
                 content.close()
         except Exception:
-            self._log.failure("building a {kind} DSN for {queue_id} failed", kind=kind, queue_id=msg.queue_id)
+            # a bug, most likely: count it as a crash so that it ends in the hold queue, not in a loop
+            msg.envelope.crashes += 1
+            self._log.failure("building a {kind} DSN for {queue_id} failed; kept, retried in {delay}s",
+                              kind=kind, queue_id=msg.queue_id, delay=self._dsn_retry)
             return defer.succeed(None)
 
         def submitted(dsn_id: str) -> None:
+            for r in rcpts:
+                if r.dsn_due == kind:
+                    r.dsn_due = None
             self._track(
                 TrackingEventId.DSN, msg, tuple(r.address for r in rcpts), source="DSN",
                 details={"dsn_queue_id": dsn_id, "action": kind, "related_recipient": msg.envelope.sender},
@@ -926,7 +977,8 @@ class DeliveryScheduler(Service):
         d = defer.maybeDeferred(self._store.submit, data, dsn_env)
         d.addCallback(submitted)
         d.addErrback(lambda f: self._log.failure(
-            "queueing a {kind} DSN for {queue_id} failed", f, kind=kind, queue_id=msg.queue_id,
+            "queueing a {kind} DSN for {queue_id} failed; the message is kept and the DSN retried in {delay}s", f,
+            kind=kind, queue_id=msg.queue_id, delay=self._dsn_retry,
         ))
         return d
 
@@ -1026,11 +1078,14 @@ class DeliveryScheduler(Service):
         self._operator_suspended[(connector, nexthop)] = reason
         self._log.info("destination {connector}/{nexthop} suspended: {reason}", connector=connector,
                        nexthop=nexthop, reason=reason)
+        self._save_operator_state()
 
     def resume_destination(self, connector: str, nexthop: str | None) -> bool:
         """Undo :meth:`suspend_destination`; True when it was suspended. Call retry_destination after it."""
         found = self._operator_suspended.pop((connector, nexthop), None) is not None
         self._log.info("destination {connector}/{nexthop} resumed", connector=connector, nexthop=nexthop)
+        if found:
+            self._save_operator_state()
         return found
 
     def suspended_destinations(self) -> dict[tuple[str, str | None], str]:
@@ -1047,10 +1102,44 @@ class DeliveryScheduler(Service):
         """Send every message from now on through ``connector`` to ``nexthop`` (drain); None stops it."""
         if name is None:
             self._redirect = None
+            self._save_operator_state()
             return
         if connector is not None:
             self._connectors[name] = connector
         self._redirect = (name, nexthop)
+        self._save_operator_state()
+
+    def restore_operator_state(self, state: Any, make_connector: Callable[[str, int], Any] | None = None) -> None:
+        """Adopt ``state`` (an OperatorStateFile) and what it holds: suspensions, and the redirect when
+        ``make_connector(host, port)`` can rebuild its connector. Call before startService."""
+        from exmta.config.load import _smarthost
+
+        self.operator_state = state
+        suspended, redirect = state.load()
+        self._operator_suspended.update(suspended)
+        for (connector, nexthop), reason in suspended.items():
+            self._log.info("destination {connector}/{nexthop} still suspended: {reason}", connector=connector,
+                           nexthop=nexthop, reason=reason)
+        if redirect is not None and make_connector is not None:
+            name, target = redirect
+            try:
+                smarthost = _smarthost(target)
+                built = make_connector(smarthost.host, smarthost.port)
+            except Exception:
+                self._log.failure("cannot restore the redirect to {target}", target=target)
+                return
+            name = getattr(built, "name", None) or name
+            self._connectors[name] = built
+            self._redirect = (name, target)
+            self._log.info("queued mail still redirected to {target}", target=target)
+
+    def _save_operator_state(self) -> None:
+        if self.operator_state is None:
+            return
+        try:
+            self.operator_state.save(self._operator_suspended, self._redirect)
+        except Exception:
+            self._log.failure("saving the operator state failed: this change holds only until a restart")
 
     @property
     def redirect(self) -> tuple[str, str | None] | None:

@@ -55,9 +55,14 @@ Several processes may commit into one spool (receive workers) while a single
 process claims (the scheduler's). Workers construct their store with
 ``claims=False``; the main process learns of their messages through
 :meth:`SpoolStore.notice` and :meth:`SpoolStore.scan_incoming`. recover() deletes
-orphan files, but only those older than the store object (minus one second):
-twistd listens before recovery has run, and a session or a receive worker may
-be writing newer ones. ``tmp_grace`` can push the cutoff further back.
+every temp file and every content file that no envelope references: the
+listeners of this process accept no session before recovery has run
+(:mod:`exmta.receive.gated`), and the receive workers of an earlier process
+are waited for through the writer lock (:mod:`exmta.queue.writerlock`; they
+hold it shared, recovery takes it exclusively). Only when that lock cannot be
+had within ``recover_wait`` seconds are files younger than the store object
+(minus one second) left alone, as before. ``tmp_grace`` leaves files younger
+than that many seconds alone in any case.
 """
 from __future__ import annotations
 
@@ -84,8 +89,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from exmta.coroutines import run_coroutine
+from exmta.filemodes import private_opener
 from exmta.interfaces import IMessageWriter, IQueueStore
 from exmta.model import Envelope, QueueEntry, new_queue_id
+from exmta.queue.writerlock import WriterLock
 
 __all__ = ["GroupSync", "SpoolStore", "SpoolWriter", "STATES", "fsync_directory"]
 
@@ -133,6 +140,17 @@ def _unlink_quiet(path: str) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def _close_quiet(f: BinaryIO) -> None:
+    """Close a file whose unwritten buffer is being thrown away; a failed flush (ENOSPC) is moot."""
+    try:
+        f.close()
+    except OSError:
+        try:
+            f.close()  # the first close stopped at the flush; this one releases the descriptor
+        except OSError:
+            pass
 
 
 def _check_id(queue_id: str) -> str:
@@ -381,7 +399,7 @@ class SpoolWriter:
     def _create(self) -> None:
         """Create the content file (in the thread pool, or at once with inline_create)."""
         try:
-            self._opened = open(self._path, "xb")
+            self._opened = open(self._path, "xb", opener=private_opener)  # 0600: mail content
         except BaseException as e:
             self._open_error = e
         finally:
@@ -396,7 +414,7 @@ class SpoolWriter:
                 if not self._ready.wait(_CREATE_TIMEOUT):
                     raise OSError(f"spool file {self._path} was not created within {_CREATE_TIMEOUT} s")
             if self._open_error is not None:
-                raise OSError(f"cannot create spool file {self._path}: {self._open_error}")
+                raise OSError(f"cannot create spool file {self._path}: {self._open_error}") from self._open_error
             assert self._opened is not None
             self._file, self._opened = self._opened, None
             if self._pending:
@@ -453,14 +471,14 @@ class SpoolWriter:
         f.flush()
         self._generation += 1
         new_path = os.path.join(self._store._dirs["tmp"], f"{self.queue_id}.{self._generation}.msg")
-        new = open(new_path, "xb")
+        new = open(new_path, "xb", opener=private_opener)
         try:
             new.write(new_header_block)
             with open(self._path, "rb") as src:
                 src.seek(old_length)
                 shutil.copyfileobj(src, new, _COPY_CHUNK)
         except BaseException:
-            new.close()
+            _close_quiet(new)
             _unlink_quiet(new_path)
             raise
         f.close()
@@ -486,12 +504,16 @@ class SpoolWriter:
             self._created.addCallback(lambda _: self._discard())
 
     def _discard(self) -> None:
-        for f in (self._file, self._opened):
-            if f is not None:
-                f.close()
-        self._file = self._opened = None
-        if self._open_error is None:
-            _unlink_quiet(self._path)
+        """Close and unlink the content file. close() raises when its buffer cannot be flushed
+        (ENOSPC): the file is unlinked all the same, else a full disk keeps it (issue 10 item 8)."""
+        files, self._file, self._opened = (self._file, self._opened), None, None
+        try:
+            for f in files:
+                if f is not None:
+                    _close_quiet(f)
+        finally:
+            if self._open_error is None:
+                _unlink_quiet(self._path)
 
 
 @dataclass
@@ -506,6 +528,7 @@ class _Recovery:
     orphans: int = 0
     temps: int = 0
     unknown: list[str] = field(default_factory=list)
+    by_reference: bool = True  # False: the writer lock was busy, young files were left alone
 
 
 @implementer(IQueueStore)
@@ -523,6 +546,9 @@ class SpoolStore:
     directory) or "syncfs" (two syncfs calls per group-commit round, in the
     thread pool; ``syncfs`` is injectable for tests). A writer's file is
     created on the calling thread unless ``io="threads"`` with ``sync="fsync"``.
+    ``writer_lock``: hold the spool's writer lock shared while this object
+    lives (receive worker processes); ``recover_wait``: seconds recover() waits
+    for such writers of an earlier run to exit (module docstring).
     """
 
     log = Logger()
@@ -541,6 +567,8 @@ class SpoolStore:
         io: str = "threads",
         sync: str = "fsync",
         syncfs: Callable[[], None] | None = None,
+        writer_lock: bool = False,
+        recover_wait: float = 30.0,
     ) -> None:
         if io not in ("threads", "inline"):
             raise ValueError(f"io must be 'threads' or 'inline', not {io!r}")
@@ -587,6 +615,13 @@ class SpoolStore:
         self._listeners: list[Callable[[str], Any]] = []
         self._tails: dict[str, Deferred[None]] = {}       # per-id operation in flight
         self.last_recovery: dict[str, int] = {}
+        self._recover_wait = recover_wait
+        self._exclusive = False  # recover() holds the writer lock alone
+        self._writer_lock: WriterLock | None = None
+        if writer_lock:
+            self._writer_lock = WriterLock(self.root)
+            if not self._writer_lock.shared(recover_wait):
+                self.log.warn("spool {root}: a recovery kept the writer lock; writing without it", root=self.root)
 
     # ------------------------------------------------------------ helpers
 
@@ -960,7 +995,8 @@ class SpoolStore:
 
     async def _defer(self, queue_id: str, envelope: Envelope, next_attempt: float) -> None:
         def work() -> str | None:
-            source = self._locate(queue_id, ("active", "hold"))
+            # deferred/ too: an earlier try that renamed but failed its directory sync (full disk) is retried
+            source = self._locate(queue_id, ("active", "hold", "deferred"))
             if source is None:
                 return None
             if source == "hold" and not envelope.held_reason:
@@ -1173,7 +1209,17 @@ class SpoolStore:
         return run_coroutine(self._recover())
 
     async def _recover(self) -> int:
-        report = await self._in_pool(self._recover_files)
+        lock = WriterLock(self.root)
+        # waiting for the writers of an earlier run is a blocking poll: always in a thread
+        self._exclusive = await self._in_thread(lock.exclusive, self._recover_wait)
+        try:
+            report = await self._in_pool(self._recover_files)
+        finally:
+            self._exclusive = False
+            lock.release()
+        if not report.by_reference:
+            self.log.warn("Spool {root}: another process kept the writer lock for {wait}s; files younger than "
+                          "the store were left alone", root=self.root, wait=self._recover_wait)
         for path, reason in report.corrupt:
             self.log.error("Corrupt message {path}: {reason}", path=path, reason=reason)
         for path in report.unknown:
@@ -1208,10 +1254,15 @@ class SpoolStore:
         return report.returned
 
     def _recover_files(self) -> _Recovery:
-        report = _Recovery()
-        # A file younger than this store is not an orphan: a session of this process (or a receive
-        # worker) may be writing it while recovery runs. (1 s of slack: file times are coarse.)
-        cutoff = min(time.time() - self._tmp_grace, self._created_at - 1.0)
+        report = _Recovery(by_reference=self._exclusive)
+        if self._exclusive:
+            # no writer of an earlier run is left and this process takes no session before recovery:
+            # whatever no envelope references is an orphan, however young (a restart within a second)
+            cutoff = time.time() - self._tmp_grace if self._tmp_grace else float("inf")
+        else:
+            # the writer lock was busy: a file younger than this store may still be written by another
+            # process. (1 s of slack: file times are coarse.)
+            cutoff = min(time.time() - self._tmp_grace, self._created_at - 1.0)
         live: set[str] = set()
         for state in ("hold", "deferred", "incoming", "active"):
             for name in sorted(os.listdir(self._dirs[state])):

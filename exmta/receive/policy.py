@@ -224,10 +224,11 @@ class DefaultReceivePolicy:
 
     def check_mail(self, session: Any, sender: Address, params: Any) -> Verdict:
         if self.back_pressure is not None:
-            reply = self.back_pressure.refusal()
+            reply = self.back_pressure.refusal(getattr(params, "size", None))  # SIZE= must fit too
             if reply is not None:
                 log.info("session {session_id}: MAIL from {peer_ip} refused: back pressure ({why})",
-                         session_id=session.session_id, peer_ip=session.peer_ip, why=self.back_pressure.reasons[0])
+                         session_id=session.session_id, peer_ip=session.peer_ip,
+                         why=(self.back_pressure.reasons or (reply.text,))[0])
                 return Verdict.tempfail(reply.code, reply.status, reply.text)
         if SUBMIT not in self.rights(session):
             log.info("session {session_id}: MAIL from {peer_ip} refused: not authenticated on {connector}",
@@ -267,16 +268,15 @@ class DefaultReceivePolicy:
                 session_id=session.session_id, rcpt=str(rcpt), peer_ip=session.peer_ip,
             )
             return RELAY_DENIED
-        if domain is not None and domain.kind == "authoritative" and self.recipients is not None \
-                and self.recipients.enabled:
-            return run_coroutine(self._validate(session, rcpt))
+        if domain is not None and self.recipients is not None and self.recipients.validates(domain.kind):
+            return run_coroutine(self._validate(session, rcpt, domain.kind))
         return self._count_recipient(session)
 
-    async def _validate(self, session: Any, rcpt: Address) -> Verdict:
-        """An authoritative recipient: known (then the rate limits), unknown (550 5.1.1) or no answer (451)."""
+    async def _validate(self, session: Any, rcpt: Address, kind: str = "authoritative") -> Verdict:
+        """A recipient of ours: known (then the rate limits), unknown (550 5.1.1) or no answer (451)."""
         assert self.recipients is not None
         try:
-            exists = await self.recipients.exists(rcpt)
+            exists = await self.recipients.exists(rcpt, kind)
         except Exception:
             log.failure("session {session_id}: recipient lookup for <{rcpt}> failed",
                         session_id=session.session_id, rcpt=str(rcpt))

@@ -28,7 +28,6 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import Service
 from twisted.internet import endpoints
 from twisted.internet.address import UNIXAddress
@@ -39,6 +38,7 @@ from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWr
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 from exmta.model import Reply
+from exmta.receive.gated import GatedListenService
 
 __all__ = [
     "ANY_RANGES", "ConnectionCounter", "ConnectorEntry", "DispatchingFactory", "ProxyHeaderFactory",
@@ -96,8 +96,16 @@ def range_overlaps(a: Sequence[str], b: Sequence[str]) -> list[str]:
     return [str(n) for n in parse_ranges(a) if n in nets_b]
 
 
+@functools.lru_cache(maxsize=4096)
+def _source(ip: str) -> str:
+    """The per-source key: an IPv4 address, or the /64 of an IPv6 one (one host owns a whole /64)."""
+    from exmta.auth.lockout import source_key
+
+    return source_key(ip)
+
+
 class ConnectionCounter:
-    """Open connections of one receive connector, in total and per source address."""
+    """Open connections of one receive connector, in total and per source (IPv6: per /64)."""
 
     def __init__(self, max_total: int = 0, max_per_ip: int = 0) -> None:
         self.max_total = max_total      # 0 = no limit
@@ -109,16 +117,18 @@ class ConnectionCounter:
         """Why one more connection from ``ip`` is not allowed, or None."""
         if self.max_total and self.total >= self.max_total:
             return f"too many connections ({self.total}, limit {self.max_total})"
-        if self.max_per_ip and self.per_ip.get(ip, 0) >= self.max_per_ip:
-            return f"too many connections from {ip} (limit {self.max_per_ip})"
+        if self.max_per_ip and self.per_ip.get(_source(ip), 0) >= self.max_per_ip:
+            return f"too many connections from {_source(ip)} (limit {self.max_per_ip})"
         return None
 
     def opened(self, ip: str) -> None:
         self.total += 1
+        ip = _source(ip)
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
 
     def closed(self, ip: str) -> None:
         self.total = max(0, self.total - 1)
+        ip = _source(ip)
         n = self.per_ip.get(ip, 0) - 1
         if n > 0:
             self.per_ip[ip] = n
@@ -216,6 +226,7 @@ class _Dispatch(ProtocolWrapper):
         self.entry: ConnectorEntry | None = None
         self.peer_ip = ""
         self.local_socket = False
+        self.budget: ConnectionCounter | None = None
 
     def makeConnection(self, transport: Any) -> None:
         peer = transport.getPeer()
@@ -228,6 +239,9 @@ class _Dispatch(ProtocolWrapper):
         if self.entry is not None:
             self.entry.counter.closed(self.peer_ip)
             self.entry = None
+        if self.budget is not None:
+            self.budget.closed(self.peer_ip)
+            self.budget = None
         super().connectionLost(reason)
 
 
@@ -242,6 +256,9 @@ class DispatchingFactory(WrappingFactory):
         self.entries = list(entries)
         self.endpoint = endpoint
         self.refused = 0  # connections that no connector admitted, for an operator's metric
+        #: sessions of the whole process (shared by every dispatcher): kept below RLIMIT_NOFILE
+        self.budget: ConnectionCounter | None = None
+        self.clock: Any = None  # for the PROXY header timeout (the reactor when None)
 
     def buildProtocol(self, addr: IAddress) -> _Dispatch:
         return _Dispatch(self, addr)
@@ -262,15 +279,42 @@ class DispatchingFactory(WrappingFactory):
             self.refused += 1
             log.warn("connection from {peer_ip} on {endpoint} refused: no receive connector admits this address",
                      peer_ip=ip, endpoint=self.endpoint)
+            self._track_refusal(ip, None, NO_CONNECTOR, "no receive connector admits this address")
             return _Refuse(NO_CONNECTOR)
         why = entry.counter.refusal(ip)
+        if why is None and self.budget is not None:
+            why = self.budget.refusal(ip)  # the process's open files (exmta.receive.fdlimit)
         if why is not None:
             log.warn("connection from {peer_ip} to connector {connector} refused: {why}",
                      peer_ip=ip, connector=entry.name, why=why)
-            return _Refuse(Reply.make(421, "4.7.0", f"{entry.hostname} {why[0].upper()}{why[1:]}, try again later"))
+            reply = Reply.make(421, "4.7.0", f"{entry.hostname} {why[0].upper()}{why[1:]}, try again later")
+            self._track_refusal(ip, entry.name, reply, why)
+            return _Refuse(reply)
         entry.counter.opened(ip)
+        if self.budget is not None:
+            self.budget.opened(ip)
+            conn.budget = self.budget
         conn.entry = entry
         return entry.factory.buildProtocol(conn.addr)
+
+    def _track_refusal(self, ip: str, connector: str | None, reply: Reply, why: str) -> None:
+        """A REJECT tracking event for a refused connection (Exchange's protocol log shows them too).
+
+        The tracker and clock are the sessions' own (each entry's ESMTPServerFactory), so a
+        receive worker's refusals reach the main process's log like its messages do.
+        """
+        source = next((e.config_source for e in self.entries if getattr(e.config_source, "tracker", None)), None)
+        if source is None:
+            return
+        from exmta.model import TrackingEvent, TrackingEventId
+
+        try:
+            source.tracker.track(TrackingEvent(
+                TrackingEventId.REJECT, "", source.clock.seconds(), connector=connector, source="SMTP",
+                remote_host=ip, reply=str(reply), details={"reason": f"connection refused: {why}",
+                                                           "endpoint": self.endpoint}))
+        except Exception:
+            log.failure("tracker failed for a refused connection")
 
     def doStart(self) -> None:  # the wrapped factories are started by the service tree, not per port
         pass
@@ -283,16 +327,52 @@ class DispatchingFactory(WrappingFactory):
 
 
 class _ProxyHeaderWrapper(HAProxyProtocolWrapper):
-    """Twisted's PROXY wrapper, but the wrapped protocol starts only once the header is read."""
+    """Twisted's PROXY wrapper, but the wrapped protocol starts only once the header is read.
+
+    Only peers in the connectors' ``trusted_proxies`` may send a header (a client cannot claim a
+    relay address); until it is complete the connection counts against the connection limits of
+    the proxy's address, and it is closed after ``proxy_header_timeout`` (issue 11 item 9).
+    """
 
     def makeConnection(self, transport: Any) -> None:
         Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
         self._started = False
+        self._closed = False
+        self._timer: Any = None
+        self._peer_ip = getattr(transport.getPeer(), "host", "") or ""
+        self._pending: ConnectionCounter | None = None
+        why = self.factory.admit(self._peer_ip)
+        if why is not None:
+            log.warn("connection from {peer_ip} closed before a PROXY header: {why}", peer_ip=self._peer_ip, why=why)
+            self._closed = True
+            transport.loseConnection()
+            return
+        self._pending = self.factory.pending
+        self._pending.opened(self._peer_ip)
+        self._timer = self.factory.clock().callLater(self.factory.header_timeout(), self._header_timeout)
+
+    def _header_timeout(self) -> None:
+        self._timer = None
+        log.info("connection from {peer_ip} closed: no PROXY header within {timeout}s", peer_ip=self._peer_ip,
+                 timeout=self.factory.header_timeout())
+        self._header_done()
+        self._closed = True
+        self.transport.loseConnection()
+
+    def _header_done(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._pending is not None:
+            self._pending.closed(self._peer_ip)
+            self._pending = None
 
     def dataReceived(self, data: bytes) -> None:
         if self._started:
             self.wrappedProtocol.dataReceived(data)
+            return
+        if self._closed:
             return
         parser = self._parser
         if parser is None:
@@ -315,12 +395,14 @@ class _ProxyHeaderWrapper(HAProxyProtocolWrapper):
             return
         if self._proxyInfo is None:
             return  # header incomplete
+        self._header_done()
         self._started = True
         self.wrappedProtocol.makeConnection(self)
         if remaining:
             self.wrappedProtocol.dataReceived(remaining)
 
     def connectionLost(self, reason: Any) -> None:
+        self._header_done()
         self.factory.unregisterProtocol(self)
         if self._started:
             self.wrappedProtocol.connectionLost(reason)
@@ -328,10 +410,45 @@ class _ProxyHeaderWrapper(HAProxyProtocolWrapper):
 
 
 class ProxyHeaderFactory(HAProxyWrappingFactory):
-    """PROXY protocol v1/v2 in front of ``wrappedFactory``; the session starts after the header."""
+    """PROXY protocol v1/v2 in front of ``wrappedFactory``; the session starts after the header.
+
+    Trusted proxies, the header timeout and the limits on connections waiting for their header
+    come from the receive connectors of the wrapped DispatchingFactory (their loosest values).
+    """
 
     protocol = _ProxyHeaderWrapper
     noisy = False
+
+    def __init__(self, wrappedFactory: Any) -> None:
+        super().__init__(wrappedFactory)
+        self.pending = ConnectionCounter()
+
+    def _configs(self) -> list[Any]:
+        entries = getattr(self.wrappedFactory, "entries", ())
+        for entry in entries:
+            entry.refresh()
+        return [entry._config for entry in entries if entry._config is not None]
+
+    def clock(self) -> Any:
+        clock = getattr(self.wrappedFactory, "clock", None)
+        if clock is None:
+            from twisted.internet import reactor as clock
+        return clock
+
+    def header_timeout(self) -> float:
+        return max((getattr(rc, "proxy_header_timeout", 10.0) for rc in self._configs()), default=10.0)
+
+    def admit(self, peer_ip: str) -> str | None:
+        """Why a connection from ``peer_ip`` may not send a PROXY header now, or None."""
+        configs = self._configs()
+        trusted = [n for rc in configs for n in getattr(rc, "trusted_proxies", ANY_RANGES)]
+        if configs and peer_ip and not ip_in(peer_ip, parse_ranges(trusted)):  # (a UNIX socket is local)
+            return "not a trusted proxy (trusted_proxies)"
+        per_ip = [rc.max_connections_per_ip for rc in configs]
+        total = [rc.max_connections for rc in configs]
+        self.pending.max_per_ip = 0 if not per_ip or 0 in per_ip else max(per_ip)
+        self.pending.max_total = 0 if not total or 0 in total else max(total)
+        return self.pending.refusal(peer_ip)
 
 
 # ---------------------------------------------------------------- wiring
@@ -355,6 +472,6 @@ def listen_service(endpoint: str, factory: Any, reactor: Any) -> Service:
     haproxy = endpoint.startswith("haproxy:")
     inner = endpoint[len("haproxy:"):] if haproxy else endpoint
     ep = endpoints.serverFromString(reactor, inner)
-    service = StreamServerEndpointService(ep, wrap_proxy(factory, haproxy))
+    service = GatedListenService(ep, wrap_proxy(factory, haproxy))  # accepts after recovery (exmta.receive.gated)
     service._raiseSynchronously = True  # a port in use stops twistd at start, as strports did
     return service

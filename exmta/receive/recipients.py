@@ -112,7 +112,7 @@ class RecipientList:
 
 
 class RecipientValidator:
-    """Whether a recipient of an authoritative domain exists: lookup hooks, then the list."""
+    """Whether a recipient of an accepted domain exists: lookup hooks (the directory), then the list."""
 
     def __init__(self, recipient_list: RecipientList | None = None, lookups: Sequence[Lookup] = (),
                  postmaster: str = "postmaster") -> None:
@@ -124,7 +124,14 @@ class RecipientValidator:
     def enabled(self) -> bool:
         return self.recipient_list is not None or bool(self.lookups)
 
-    async def exists(self, rcpt: Address) -> bool | None:
+    def validates(self, kind: str) -> bool:
+        """Whether recipients of an accepted domain of ``kind`` are checked: authoritative ones by the
+        lookups or the list, internal_relay ones by the lookups (the directory knows them too)."""
+        if kind == "authoritative":
+            return self.enabled
+        return kind == "internal_relay" and bool(self.lookups)
+
+    async def exists(self, rcpt: Address, kind: str = "authoritative") -> bool | None:
         """True or False; None when nothing could answer (no list could ever be read)."""
         if rcpt.local.lower() == self.postmaster:
             return True
@@ -132,6 +139,8 @@ class RecipientValidator:
             answer = await maybeDeferred(lookup, rcpt)
             if answer is not None:
                 return bool(answer)
+        if kind != "authoritative":
+            return None if self.lookups else True
         if self.recipient_list is None:
             return None if self.lookups else True
         await self.recipient_list.refresh()

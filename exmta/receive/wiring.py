@@ -27,6 +27,8 @@ class ReceiveResources:
     back_pressure: BackPressure | None = None
     recipients: RecipientValidator | None = None
     service: BackPressureService | None = None   # measures back pressure while running
+    admission: Any = None  # exmta.filters.admission.CheckAdmission: filter runs in flight
+    lockouts: Any = None   # exmta.auth.lockstore.LockoutStore: AUTH failures of the node (all processes)
 
 
 def make_resources(config: Config, queue_dir: str, clock: Any, reactor: Any = None,
@@ -47,7 +49,30 @@ def make_resources(config: Config, queue_dir: str, clock: Any, reactor: Any = No
         )
     else:
         recipients = RecipientValidator(postmaster=config.postmaster)  # directory lookups may be added
-    return ReceiveResources(pressure if pressure.enabled else None, recipients, service)
+    if config.recipient_directory:  # LDAP / AD: mail and proxyAddresses (exmta.receive.directory)
+        recipients.lookups.append(_directory_lookup(config, clock, reactor))
+    from exmta.filters.admission import CheckAdmission
+
+    admission = CheckAdmission(config.filter_checks_in_flight, config.filter_checks_per_client)
+    lockouts = None
+    if any(rc.auth and rc.auth_backend for rc in config.receive):
+        from exmta.auth.lockstore import FILE_NAME, LockoutStore
+
+        lockouts = LockoutStore(os.path.join(os.path.abspath(config.data_dir), FILE_NAME), clock)
+    return ReceiveResources(pressure if pressure.enabled else None, recipients, service, admission, lockouts)
+
+
+def _directory_lookup(config: Config, clock: Any, reactor: Any) -> Any:
+    """The cached LDAP recipient lookup of ``[server] recipient_directory`` (on the reactor's pool, as AUTH)."""
+    from exmta.auth.ldap import LDAPChecker, LDAPSettings
+    from exmta.auth.smtp import blocking_runner
+    from exmta.receive.directory import DirectoryRecipients
+
+    backend = config.auth_backend(config.recipient_directory or "")
+    assert backend is not None and backend.kind == "ldap"  # exmta.config.abuse checked it
+    run = blocking_runner(reactor if reactor is not None else clock)
+    checker = LDAPChecker(LDAPSettings.from_backend(backend), run)
+    return DirectoryRecipients(checker.has_address, run, clock, ttl=config.recipient_cache_ttl)
 
 
 def make_policy(config: Config, rc: ReceiveConnectorConfig, clock: Any,
@@ -77,7 +102,17 @@ def make_dispatchers(connectors: Sequence[ReceiveConnectorConfig], factories: Se
     entries = {
         rc.name: ConnectorEntry.from_config(rc, _listening(f, clock), f) for rc, f in zip(connectors, factories)
     }
-    return [
+    dispatchers = [
         (endpoint, DispatchingFactory([entries[rc.name] for rc in rcs], endpoint))
         for endpoint, rcs in group_listeners(connectors)
     ]
+    # sessions stay below the open files limit, raised first (exmta.receive.fdlimit)
+    from exmta.receive.fdlimit import raise_nofile, session_budget
+    from exmta.receive.ranges import ConnectionCounter
+
+    cap = session_budget(connectors, raise_nofile()[0])
+    budget = ConnectionCounter(max_total=cap) if cap else None
+    for _, dispatcher in dispatchers:
+        dispatcher.budget = budget
+        dispatcher.clock = clock
+    return dispatchers

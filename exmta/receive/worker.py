@@ -100,9 +100,13 @@ def run(argv: list[str]) -> None:
     tracker = relay.wrap(tracker)
     # only the main process claims; no thread hand-offs but the syncfs calls (exmta.queue.spool)
     store = SpoolStore(paths["queue"], reactor, pool, clock=reactor, claims=False,
-                       io="inline", sync=config.spool_sync_for(worker=True))
+                       io="inline", sync=config.spool_sync_for(worker=True),
+                       writer_lock=True)  # a restarted main's recovery waits for this process to exit
     store.add_listener(lines.announce)
-    env = FilterEnv(reactor=reactor, clock=reactor, threadpool=pool, hostname=config.hostname,
+    from exmta.filters.admission import make_filter_pool
+    filter_pool = make_filter_pool(config.filter_threads)  # never the spool's pool
+    filter_pool.start()
+    env = FilterEnv(reactor=reactor, clock=reactor, threadpool=filter_pool, hostname=config.hostname,
                     data_dir=paths["data"])
     filters = load_filters(config.filters, env, source=config.source)
     from exmta.receive.ranges import wrap_proxy
@@ -136,6 +140,7 @@ def run(argv: list[str]) -> None:
         tracker.close()
         protocol_logs.close()
         pool.stop()
+        filter_pool.stop()
         lines.flush()
 
     stopping = []

@@ -20,6 +20,10 @@ A recipient that no route matches (or that has no domain) goes into a
 after Exchange's Unreachable queue; the scheduler fails those recipients
 with ``550 5.4.4``. :meth:`StaticRouter.route_split` returns them
 separately instead.
+
+A route with ``internal_connector`` splits its recipients by set: those
+whose domain is in its ``internal_domains`` go to ``internal_connector``
+(see :mod:`exmta.routing.split`); their Routes carry the ``split`` label.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from zope.interface import implementer
 from exmta.config.schema import RouteConfig, SendConnectorConfig
 from exmta.interfaces import IRouter
 from exmta.model import Address, Envelope, Recipient, Route
+from exmta.routing.split import domain_matches
 
 #: Connector name of the Route holding recipients that no route matches.
 UNREACHABLE = "Unreachable"
@@ -94,7 +99,9 @@ class StaticRouter:
             self._by_domain = set(names)
         if UNREACHABLE in names:
             raise ValueError(f"{UNREACHABLE!r} is reserved and cannot name a send connector")
-        table: list[tuple[str, int, str]] = []
+        table: list[tuple[str, int, str, int]] = []
+        #: route index -> (internal connector, its domains, label): routes that split (exmta.routing.split)
+        self._internal: dict[int, tuple[str, tuple[str, ...], str]] = {}
         for i, rc in enumerate(routes):
             label = f"route #{i + 1} ({', '.join(rc.domains) or 'no domains'} -> {rc.connector})"
             if rc.connector not in names:
@@ -106,37 +113,59 @@ class StaticRouter:
                 p = _normalise(d)
                 if not _valid_pattern(p):
                     raise ValueError(f"{label}: bad address space {d!r}")
-                table.append((p, rc.cost, rc.connector))
+                table.append((p, rc.cost, rc.connector, i))
+            internal = getattr(rc, "internal_connector", None)
+            if internal is not None:
+                if internal not in names:
+                    raise ValueError(f"{label}: unknown internal send connector {internal!r}")
+                patterns = tuple(_normalise(d) for d in rc.internal_domains)
+                self._internal[i] = (internal, patterns, f"route[{i + 1}]")
         self._table = tuple(table)
 
     def choose(self, domain: str) -> str | None:
         """The connector for one domain, or None when no route matches."""
+        chosen = self._choose(domain)
+        return chosen[0] if chosen else None
+
+    def _choose(self, domain: str) -> tuple[str, int] | None:
+        """(connector, route index) of the best route for ``domain``, or None."""
         d = domain.lower().rstrip(".")
         if not d:
             return None
         candidates = []
-        for pattern, cost, connector in self._table:
+        for pattern, cost, connector, index in self._table:
             spec = _specificity(pattern, d)
             if spec is not None:
-                candidates.append((-spec[0], -spec[1], cost, connector))
+                candidates.append((-spec[0], -spec[1], cost, connector, index))
+        if not candidates:
+            return None
         # most specific first, then the lower cost, then the name
-        return min(candidates)[3] if candidates else None
+        best = min(candidates)
+        return best[3], best[4]
 
     def route_split(self, envelope: Envelope, recipients: Iterable[str | Recipient]) -> tuple[list[Route], list[str]]:
         """-> (routes, unroutable recipients), preserving recipient order within each route."""
-        groups: dict[tuple[str, str | None], list[str]] = {}
+        groups: dict[tuple[str, str | None, str | None], list[str]] = {}
         unroutable: list[str] = []
         forced = getattr(envelope, "route_connector", None)  # a transport rule's RouteMessageOutboundConnector
         for item in recipients:
             rcpt = item if isinstance(item, str) else item.address  # str or model.Recipient
             domain = Address.parse_simple(rcpt).domain_key
-            connector = forced or self.choose(domain)
-            if connector is None:
+            chosen = self._choose(domain)
+            if forced:  # a transport rule's RouteMessageOutboundConnector wins over the address spaces
+                chosen = (forced, None)
+            if chosen is None:
                 unroutable.append(rcpt)
                 continue
+            connector, index = chosen
+            split = None
+            if index in self._internal:  # the tenant's domains to the internal connector (HVE)
+                internal, patterns, split = self._internal[index]
+                if domain_matches(domain, patterns):
+                    connector = internal
             nexthop = domain if connector in self._by_domain else None
-            groups.setdefault((connector, nexthop), []).append(rcpt)
-        routes = [Route(c, tuple(r), n) for (c, n), r in groups.items()]
+            groups.setdefault((connector, nexthop, split), []).append(rcpt)
+        routes = [Route(c, tuple(r), n, s) for (c, n, s), r in groups.items()]
         return routes, unroutable
 
     def route(self, envelope: Envelope, recipients: Iterable[str | Recipient]) -> list[Route]:

@@ -13,6 +13,13 @@ With a key marked ``arc_seal = true``, mail that carries our
 Authentication-Results (mail we received and checked, then forward) also
 gets an ARC set (RFC 8617) before the DKIM signatures.
 
+When signing fails (a bad key, a bug, a message dkimpy cannot parse), each
+key's ``on_failure`` decides: ``"defer"`` (the default) keeps the message in
+the queue with ``451 4.7.5`` and a logged reason, since a domain whose DMARC
+policy is ``p=reject`` would have it bounced at the receiver if it left
+unsigned (Exchange and OpenDKIM do not send such mail unsigned either);
+``"send_unsigned"`` sends it as it is, with a warning.
+
 ``exmta dkim keygen`` uses :func:`generate_key` and :func:`txt_record`.
 """
 from __future__ import annotations
@@ -31,13 +38,14 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from exmta.model import DeliveryRequest
+from exmta.model import DeliveryRequest, Reply
 
-__all__ = ["DKIMKey", "DKIMSigner", "generate_key", "load_key", "sign_message", "txt_record"]
+__all__ = ["DKIMKey", "DKIMSigner", "SigningDeferred", "generate_key", "load_key", "sign_message", "txt_record"]
 
 log = Logger()
 
 ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
+ON_FAILURE = ("defer", "send_unsigned")
 MAX_SIGN_OCTETS = 64 * 1024 * 1024
 
 
@@ -49,6 +57,24 @@ class DKIMKey:
     selector: str
     algorithm: str
     private: bytes
+    on_failure: str = "defer"  # when signing fails: "defer" | "send_unsigned"
+
+
+class SigningDeferred(Exception):
+    """Signing failed and a key says not to send unsigned: the connector defers with ``reply``."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+class _SigningFailed(Exception):
+    """Signing with ``keys`` (empty: before they were known) raised ``__cause__``."""
+
+    def __init__(self, domain: str, keys: Sequence[DKIMKey]) -> None:
+        super().__init__(domain)
+        self.domain = domain
+        self.keys = tuple(keys)
 
 
 def generate_key(algorithm: str = "rsa-sha256", bits: int = 2048) -> tuple[bytes, bytes]:
@@ -160,27 +186,47 @@ class DKIMSigner:
         return deferToThreadPool(self.reactor, self.threadpool, fn, *args)
 
     def sign_content(self, request: DeliveryRequest) -> bytes | None:
-        """The signed message, or None when there is no key for its domain (blocking)."""
-        with request.open_content() as f:
-            message = f.read(MAX_SIGN_OCTETS + 1)
-        if len(message) > MAX_SIGN_OCTETS:
-            return None
-        sealed = arc_seal(message, self.arc_key, self.authserv_id) if self.arc_key is not None else None
-        if sealed is not None:
-            message = sealed
-        domain = author_domain(message, request.envelope.sender)
-        keys = self.keys.get(domain)
-        if not keys:
-            return sealed
-        return sign_message(message, keys)
+        """The signed message, or None when there is no key for its domain (blocking).
+
+        Raises _SigningFailed naming the keys involved (none: the failure came before they were known).
+        """
+        domain, keys = "", []
+        try:
+            with request.open_content() as f:
+                message = f.read(MAX_SIGN_OCTETS + 1)
+            if len(message) > MAX_SIGN_OCTETS:
+                return None
+            domain = author_domain(message, request.envelope.sender)
+            keys = list(self.keys.get(domain, ()))
+            sealed = None
+            if self.arc_key is not None:
+                keys.append(self.arc_key)
+                sealed = arc_seal(message, self.arc_key, self.authserv_id)
+                keys.pop()
+            if sealed is not None:
+                message = sealed
+            if not keys:
+                return sealed
+            return sign_message(message, keys)
+        except Exception as e:
+            raise _SigningFailed(domain, keys) from e
 
     async def prepare(self, request: DeliveryRequest) -> DeliveryRequest:
-        """The request to deliver: signed when a key matches; unchanged (and logged) when signing fails."""
+        """The request to deliver: signed when a key matches. When signing fails the keys'
+        ``on_failure`` decides: raise SigningDeferred (default), or send unsigned with a warning."""
         try:
             signed = await self._run(self.sign_content, request)
-        except Exception:
-            log.failure("DKIM signing of {queue_id} failed; sending it unsigned", queue_id=request.queue_id)
-            return request
+        except _SigningFailed as e:
+            cause = e.__cause__ or e
+            if e.keys and all(k.on_failure == "send_unsigned" for k in e.keys):
+                log.warn("DKIM signing of {queue_id} for {domain} failed ({error}); sending it unsigned "
+                         "(on_failure = \"send_unsigned\")", queue_id=request.queue_id, domain=e.domain,
+                         error=repr(cause))
+                return request
+            log.error("DKIM signing of {queue_id} for {domain} failed ({error}); deferred, not sent unsigned",
+                      queue_id=request.queue_id, domain=e.domain or "?", error=repr(cause))
+            raise SigningDeferred(Reply.make(451, "4.7.5", f"DKIM signing for {e.domain or 'the message'} "
+                                             f"failed ({cause.__class__.__name__}); not sent unsigned")) from cause
         if signed is None:
             return request
         return replace(request, open_content=lambda: io.BytesIO(signed))
@@ -210,7 +256,7 @@ def read_dkim(r: Any, data_dir: str) -> tuple[Any, ...]:
         if not isinstance(entry, dict):
             r.error(where, "must be a table {domain, selector, algorithm, key_file}")
             continue
-        unknown = set(entry) - {"domain", "selector", "algorithm", "key_file", "arc_seal"}
+        unknown = set(entry) - {"domain", "selector", "algorithm", "key_file", "arc_seal", "on_failure"}
         for name in sorted(unknown):
             r.error(f"{where}.{name}", "unknown setting")
         try:
@@ -234,7 +280,8 @@ def read_dkim(r: Any, data_dir: str) -> tuple[Any, ...]:
         try:
             load_key(domain, selector, algorithm, path)
         except OSError as e:
-            r.error(f"{where}.key_file", f"cannot read {path}: {e.strerror}")
+            r.error(f"{where}.key_file", f"cannot read {path}: {e.strerror}"
+                    + ("" if os.path.isabs(entry["key_file"]) else f" (key_file is relative to data_dir {data_dir})"))
             continue
         except ValueError as e:
             r.error(f"{where}.key_file", str(e))
@@ -253,7 +300,13 @@ def read_dkim(r: Any, data_dir: str) -> tuple[Any, ...]:
         if seal and any(k.arc_seal for k in out):
             r.error(f"{where}.arc_seal", "only one key may have arc_seal = true")
             continue
-        extra = {"arc_seal": True} if seal else {}
+        on_failure = entry.get("on_failure", "defer")
+        if on_failure not in ON_FAILURE:
+            r.error(f"{where}.on_failure", f"must be one of {', '.join(ON_FAILURE)}, not {on_failure!r}")
+            continue
+        extra: dict[str, Any] = {"arc_seal": True} if seal else {}
+        if on_failure != "defer":
+            extra["on_failure"] = on_failure
         out.append(DKIMKeyConfig(domain=domain, selector=selector, key_file=path, algorithm=algorithm, **extra))
     r.finish()
     return tuple(out)
@@ -264,7 +317,8 @@ def _fail(message: str) -> Any:
 
 
 def signer_from_config(config: Any, reactor: Any = None, threadpool: Any = None) -> DKIMSigner:
-    keys = [load_key(k.domain, k.selector, k.algorithm, k.key_file) for k in config.dkim_keys]
+    keys = [replace(load_key(k.domain, k.selector, k.algorithm, k.key_file), on_failure=getattr(k, "on_failure", "defer"))
+            for k in config.dkim_keys]
     arc = [key for key, k in zip(keys, config.dkim_keys) if getattr(k, "arc_seal", False)]
     # seal with the authserv-id our authres filter writes (its authserv_id, else the hostname)
     authserv_id = next((str(t["authserv_id"]) for t in config.filters.values()

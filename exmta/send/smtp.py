@@ -34,6 +34,7 @@ from exmta.config.schema import SendConnectorConfig
 from exmta.coroutines import run_coroutine
 from exmta.interfaces import ISendConnector
 from exmta.model import DeliveryRequest, Outcome, Recipient, RecipientResult, Reply
+from exmta.send.dkim_sign import SigningDeferred
 from exmta.routing.dns import DNSError, DNSPermanentError, DNSResolver
 from exmta.smtp.client import (
     ClientError, ClientTimeouts, SessionFailure, SMTPClientProtocol, StaleConnection,
@@ -131,9 +132,13 @@ class SMTPSendConnector:
         self.timeouts = timeouts or _timeouts_for(config)
         #: exmta.observe.protocol.ProtocolLog for this connector, None when off
         self.protocol_log: Any = None
+        #: exmta.send.oauth2.XOAuth2Relay when the connector has auth = "xoauth2"
+        self.xoauth2: Any = None
         self.idle_timeout = idle_timeout
         #: exmta.send.dkim_sign.DKIMSigner when the connector has dkim_sign = true
         self.signer: Any = None
+        #: exmta.send.header_firewall.OutboundHeaderFirewall unless send_organization_headers = true
+        self.header_firewall: Any = None
         self._idle: dict[tuple[str, ...], OrderedDict[SMTPClientProtocol, IDelayedCall]] = {}
         self._closing: set[defer.Deferred[None]] = set()
 
@@ -143,8 +148,13 @@ class SMTPSendConnector:
         return run_coroutine(self._deliver(request))
 
     async def _deliver(self, request: DeliveryRequest) -> list[RecipientResult]:
+        if self.header_firewall is not None:  # organisation headers only toward trusted hops
+            request = await self.header_firewall.prepare(request)
         if self.signer is not None:  # DKIM signing: the last change to the bytes (exmta.send.dkim_sign)
-            request = await self.signer.prepare(request)
+            try:
+                request = await self.signer.prepare(request)
+            except SigningDeferred as e:  # a key's on_failure = "defer": not sent unsigned
+                return [RecipientResult(r.address, Outcome.DEFERRED, e.reply) for r in request.recipients]
         if self.lmtp or self.config.smarthosts or request.nexthop:
             groups = [(request.nexthop, request.recipients)]
         else:
@@ -194,6 +204,12 @@ class SMTPSendConnector:
         if not rcpts:
             return []
         key = self._key(nexthop, rcpts)
+        if self.xoauth2 is not None:  # a session is logged in as one mailbox: reuse it only for that one
+            key += ("xoauth2", self.xoauth2.user_for(request).lower())
+        # a host that deferred every recipient: RFC 5321 5.1 has the next address tried, as after a
+        # connection failure (issue 10 item 5); its answer is the result if no other host takes the mail
+        tempfailed: list[RecipientResult] | None = None
+        tempfailed_host: str | None = None
         # 1. an idle connection to the same destination
         while (proto := self._take_idle(key)) is not None:
             try:
@@ -201,14 +217,24 @@ class SMTPSendConnector:
             except StaleConnection:
                 proto.transport.loseConnection()
                 continue
+            if _all_deferred(results):
+                tempfailed, tempfailed_host = results, proto.remote_host
+                self._quit(proto)
+                break
             self._release(key, proto)
             return results
+        if self.xoauth2 is not None:  # no token, no session: defer with the reason (exmta.send.oauth2)
+            refusal = await self.xoauth2.ready()
+            if refusal is not None:
+                return [RecipientResult(r.address, Outcome.DEFERRED, refusal) for r in rcpts]
         # 2. new connections, in order, until one session comes up
         last: Reply | None = None
         last_host: str | None = None
         attempts = 0
         try:
             async for target in self._targets(nexthop, rcpts):
+                if target.label == tempfailed_host:
+                    continue  # its cached connection just deferred everything
                 attempts += 1
                 if attempts > MAX_ADDRESS_ATTEMPTS:
                     break
@@ -217,12 +243,20 @@ class SMTPSendConnector:
                     last, last_host = outcome, target.label
                     continue
                 results, proto = outcome
+                if _all_deferred(results):
+                    self.log.info("{remote} deferred every recipient of {queue_id} ({reply}); trying the next "
+                                  "address", remote=target.label, queue_id=request.queue_id, reply=str(results[0].reply))
+                    tempfailed, tempfailed_host = results, target.label
+                    self._quit(proto)
+                    continue
                 self._release(key, proto)
                 return results
         except DNSError as exc:
             outcome_kind = Outcome.FAILED if isinstance(exc, DNSPermanentError) else Outcome.DEFERRED
             self.log.info("DNS for {queue_id}: {reply}", queue_id=request.queue_id, reply=str(exc.reply))
             return [RecipientResult(r.address, outcome_kind, exc.reply) for r in rcpts]
+        if tempfailed is not None:
+            return tempfailed
         if last is None:
             last = Reply.make(451, "4.4.4", "No route to any next hop")
         elif not last.is_transient:
@@ -252,6 +286,7 @@ class SMTPSendConnector:
             tls_context=self._context_for(target, tls_mode), username=self.config.auth_username,
             password=self.config.auth_password, timeouts=self.timeouts, remote_host=target.label,
             protocol_log=self.protocol_log,
+            sasl=self.xoauth2.login(request) if self.xoauth2 is not None else None,
         )
         try:
             await connectProtocol(self._endpoint(target), proto)
@@ -415,6 +450,11 @@ class SMTPSendConnector:
     @property
     def idle_connections(self) -> int:
         return sum(len(pool) for pool in self._idle.values())
+
+
+def _all_deferred(results: list[RecipientResult]) -> bool:
+    """Did the host defer every recipient (a 4xx to MAIL, to every RCPT, or at the end of data)?"""
+    return bool(results) and all(r.outcome is Outcome.DEFERRED for r in results)
 
 
 def _timeouts_for(config: SendConnectorConfig) -> ClientTimeouts:

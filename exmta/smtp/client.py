@@ -44,6 +44,7 @@ from exmta.model import (
 )
 from exmta.smtp.sendnow import plain_tcp, write_now
 from exmta.smtp.wire import DotStuffer
+from exmta.textsafe import escape_controls
 
 __all__ = [
     "ClientTimeouts", "ConnectionLostError", "DotStuffer", "ProtocolError", "ReplyParser",
@@ -186,7 +187,7 @@ class ReplyParser:
         if self._code is not None and code != self._code:
             raise ProtocolError(_local_reply(
                 451, "4.5.0", f"Inconsistent multi-line reply from remote server ({self._code} then {code})"))
-        text = m.group(3).decode("utf-8", "replace")
+        text = escape_controls(m.group(3).decode("utf-8", "replace"))  # stored, logged and printed later
         status, text = _split_status(code, text)
         if self._code is None:
             self._code, self._status = code, status
@@ -278,6 +279,7 @@ class SMTPClientProtocol(Protocol):
         timeouts: ClientTimeouts | None = None,
         remote_host: str | None = None,
         protocol_log: Any = None,
+        sasl: Any = None,
     ) -> None:
         if tls_mode not in ("none", "opportunistic", "mandatory"):
             raise ValueError(f"unknown tls mode {tls_mode!r}")
@@ -288,6 +290,8 @@ class SMTPClientProtocol(Protocol):
         self.tls_context = tls_context
         self.username = username
         self.password = password
+        #: another login instead of PLAIN/LOGIN: ``await sasl.authenticate(self)`` (exmta.smtp.xoauth2)
+        self.sasl = sasl
         self.timeouts = timeouts or ClientTimeouts()
         self.remote_host = remote_host
         self.capabilities: dict[str, str] = {}
@@ -439,7 +443,10 @@ class SMTPClientProtocol(Protocol):
             await self._hello()
             if self.tls_mode != "none":
                 await self._starttls()
-            if self.username is not None and self.password is not None:
+            if self.sasl is not None:
+                await self.sasl.authenticate(self)
+                self.authenticated = True
+            elif self.username is not None and self.password is not None:
                 await self._auth()
         except SessionFailure:
             await self._quietly_quit()

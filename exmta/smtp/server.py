@@ -42,7 +42,10 @@ from exmta.model import (
     Action, Address, Body, Envelope, Recipient, Reply, Session, TLSInfo, TrackingEvent,
     TrackingEventId, Transaction, Verdict,
 )
+from exmta.queue.nospace import out_of_space
 from exmta.smtp import replies
+from exmta.smtp.backscatter import anonymous, forged_sender, narrow_mail, narrow_rcpt
+from exmta.smtp.limits import HEADER_TOO_BIG, RefusedRecipients, header_refusal, too_many_refused
 from exmta.smtp.params import ParamError, parse_mail, parse_rcpt
 from exmta.smtp.sendnow import plain_tcp, write_now
 from exmta.smtp.wire import (
@@ -148,12 +151,15 @@ class ESMTPServer(Protocol):
         self.errors = 0
         self.messages = 0
         self._junk_commands = 0
+        #: 5xx RCPT replies: tarpit, then 421 past the limit (exmta.smtp.limits)
+        self._refused_rcpts = RefusedRecipients(cfg.max_refused_recipients, cfg.refused_recipients_tarpit_after,
+                                                cfg.refused_recipients_tarpit)
         self._verbs: dict[str, int] = {}  # per-verb counts for the end-of-session log line
         self._queued_ids: list[str] = []  # the first _IDS_LOGGED queue ids, for the same line
         self._writer: Any = None
         self._txn_uses_bdat = False
         self._txn_discard = False
-        self._write_failed = False
+        self._write_failed: bool | Reply = False  # or the reply for a full spool
         self._bdat_last = False
         self._bdat_refusal: Reply | None = None  # the reply for a BDAT chunk being swallowed
         self._out: list[bytes] = []
@@ -167,6 +173,8 @@ class ESMTPServer(Protocol):
         self._timer: IDelayedCall | None = None
         self._tcp: Any = _UNSET  # the plain TCP connection for write_now (exmta.smtp.sendnow), found once
         self._deadline = 0.0  # when the client's current timeout runs out (exmta.smtp.server._arm_timer)
+        self._line_started: float | None = None  # first octet of the command line still incomplete
+        self._data_deadline: float | None = None  # DATA/BDAT must be in by then (grows with min_data_rate)
         self._sasl: Any = None  # the SASL mechanism of an AUTH exchange in progress (exmta.auth.smtp)
         self.auth_avatar: Any = None  # the ISubmitter of a successful AUTH (identity, send-as grants)
         self._plog: Any = None  # protocol log transcript (exmta.observe.protocol), None when off
@@ -254,6 +262,9 @@ class ESMTPServer(Protocol):
                     f"{fields['peer_ip']}:{fields['peer_port']} on {fields['connector']}, "
                     f"{fields['messages']} message(s){fields['queued']}, {fields['errors']} error(s), "
                     f"{fields['commands']}")
+            if self._refused_rcpts.count:  # one summary instead of a line per refusal (issue 11 item 7)
+                fields["refused_recipients"] = self._refused_rcpts.count
+                text += f", {self._refused_rcpts.count} refused recipient(s)"
             self.log.info(text.replace("{", "{{").replace("}", "}}"), session_end=True, **fields)
         if self._plog is not None:
             self._plog.end()
@@ -268,6 +279,8 @@ class ESMTPServer(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
+        if self._data_deadline is not None and self.config.min_data_rate:  # each octet buys 1/rate s
+            self._data_deadline += len(data) / self.config.min_data_rate
         self.parser.feed(data)
         if not self._busy:
             self._process()  # (which re-arms the timer when it is done)
@@ -296,7 +309,9 @@ class ESMTPServer(Protocol):
             self._log_event(event)
         if isinstance(event, DataChunk):
             self._write_content(event.data)
-        elif isinstance(event, Command):
+            return
+        self._line_started = None  # a line is complete: the next one has its own deadline
+        if isinstance(event, Command):
             self._run(self._command, event)
         elif isinstance(event, DataEnd):
             self._run(self._data_end, event)
@@ -421,13 +436,32 @@ class ESMTPServer(Protocol):
     # ------------------------------------------------------------ timers
 
     def _arm_timer(self) -> None:
-        """The client has ``delay`` seconds from now. The timer is not moved on each command
+        """The client has until ``self._deadline``. The timer is not moved on each command
         (that was a reactor reschedule per line): it fires at its old time, sees the later
-        deadline and sleeps again for the rest, unless the deadline came nearer."""
+        deadline and sleeps again for the rest, unless the deadline came nearer.
+
+        A command line must be complete ``command_timeout`` after its first octet, however
+        slowly it drips in (Postfix's smtpd_per_request_deadline); DATA (or one BDAT chunk)
+        must be complete ``data_timeout`` + octets / ``min_data_rate`` after it began."""
         if self._closing or self._busy:
             return
-        delay = self.config.command_timeout if self.parser.mode is Mode.COMMAND else self.config.data_timeout
-        self._deadline = self.clock.seconds() + delay
+        now = self.clock.seconds()
+        if self.parser.mode is Mode.COMMAND:
+            self._data_deadline = None
+            if self.parser.buffered():
+                if self._line_started is None:
+                    self._line_started = now
+                self._deadline = self._line_started + self.config.command_timeout
+            else:
+                self._line_started = None
+                self._deadline = now + self.config.command_timeout
+        else:
+            if self._data_deadline is None:
+                self._data_deadline = now + self.config.data_timeout
+            self._deadline = now + self.config.data_timeout
+            if self.config.min_data_rate:
+                self._deadline = min(self._deadline, self._data_deadline)
+        delay = max(0.0, self._deadline - now)
         timer = self._timer
         if timer is None or not timer.active():
             self._timer = self.clock.callLater(delay, self._timer_fired)
@@ -513,9 +547,17 @@ class ESMTPServer(Protocol):
             return
         try:
             self._writer.write(data)
-        except Exception:
-            self._write_failed = True
-            self.log.failure("session {session_id}: writing the message failed", session_id=self._sid)
+        except Exception as e:
+            self._write_failed = self._storage_error(e, "writing the message failed")  # the reply at the end
+
+    def _storage_error(self, error: BaseException, what: str) -> Reply:
+        """A full spool (ENOSPC, EDQUOT) is 452 4.3.1 and a warning; anything else 451 and a traceback."""
+        if out_of_space(error):
+            self.log.warn("session {session_id}: {what}: the spool is out of space ({error})",
+                          session_id=self._sid, what=what, error=error)
+            return replies.INSUFFICIENT_STORAGE
+        self.log.failure("session {session_id}: {what}", failure=Failure(error), session_id=self._sid, what=what)
+        return replies.INTERNAL_ERROR
 
     def _invalid_line(self, event: InvalidLine) -> None:
         if self._sasl is not None or event.raw[:5].upper() == b"AUTH ":
@@ -648,6 +690,9 @@ class ESMTPServer(Protocol):
         if self.factory.authenticator is not None:  # send-as: 550 5.7.60 (exmta.auth.smtp)
             refusal, params = self.factory.authenticator.check_mail(self, sender, params)
             if refusal is not None:
+                # send-as at MAIL: a REJECT event, as at end of data
+                self._track_refusal(TrackingEventId.REJECT, Transaction(sender, params), None, refusal,
+                                    "send-as: sender not granted")
                 self._reply(refusal)
                 return
         limit = self.config.max_message_size
@@ -663,6 +708,8 @@ class ESMTPServer(Protocol):
         if self._refused(verdict):
             return
         self._reset_transaction()
+        if anonymous(self.session, self.factory):
+            params = narrow_mail(params)  # RET=HDRS for unverified senders (exmta.smtp.backscatter)
         self.txn = Transaction(sender, params)
         self._txn_discard = discard or verdict.action is Action.DISCARD
         self._reply(replies.SENDER_OK)
@@ -690,28 +737,49 @@ class ESMTPServer(Protocol):
             self._reply(replies.TOO_MANY_RECIPIENTS)
             return
         if not self._is_postmaster(rcpt):
-            verdict = await self._policy("authorize_rcpt", self.session, txn, rcpt, params)
+            verdict = await self._policy("authorize_rcpt", self.session, txn.view(), rcpt, params)
             if verdict.action is Action.CONTINUE:
                 verdict = Verdict(Action.REJECT, replies.RELAY_DENIED)  # default deny
             if self._refused(verdict):  # relay denied, unknown user, ...
-                self._track_refusal(TrackingEventId.REJECT, txn, None, _default_reply(verdict), "policy", rcpt=rcpt)
+                await self._rcpt_refused(verdict, txn, rcpt, "policy")
                 return
             discard = verdict.action is Action.DISCARD
-            verdict = await self.factory.filters.on_rcpt(self.session, txn, rcpt, params)
+            verdict = await self.factory.filters.on_rcpt(self.session, txn.view(), rcpt, params)
             self._track_agent("rcpt", verdict, sender=str(txn.sender), rcpt=rcpt)
             if self._refused(verdict):
-                self._track_refusal(TrackingEventId.REJECT, txn, None, _default_reply(verdict), "filter", rcpt=rcpt,
-                                    filter_name=verdict.filter_name)
+                await self._rcpt_refused(verdict, txn, rcpt, "filter", verdict.filter_name)
                 return
             if discard or verdict.action is Action.DISCARD:
                 self._txn_discard = True
         if self.txn is not txn:  # the session was reset while we waited (cannot happen today)
             self._reply(replies.INTERNAL_ERROR)
             return
+        if anonymous(self.session, self.factory):
+            params = narrow_rcpt(params)  # no NOTIFY=SUCCESS for unverified senders
         key = (rcpt.local, rcpt.domain_key)
         if all((a.local, a.domain_key) != key for a, _ in txn.recipients):
             txn.recipients.append((rcpt, params))  # a repeated recipient is accepted once
         self._reply(replies.RCPT_OK)
+
+    async def _rcpt_refused(self, verdict: Verdict, txn: Transaction, rcpt: Address, why: str,
+                            filter_name: str | None = None) -> None:
+        """After a refused RCPT: track it (the first few), count a 5xx, tarpit or close past the limits."""
+        reply = _default_reply(verdict)
+        counter = self._refused_rcpts
+        if not reply.is_permanent:
+            self._track_refusal(TrackingEventId.REJECT, txn, None, reply, why, rcpt=rcpt, filter_name=filter_name)
+            return
+        delay, close = counter.refused()
+        if counter.tracked:
+            self._track_refusal(TrackingEventId.REJECT, txn, None, reply, why, rcpt=rcpt, filter_name=filter_name)
+        if close:
+            self.log.info("session {session_id}: {count} refused recipients, closing",
+                          session_id=self._sid, count=counter.count)
+            self._close(too_many_refused(self.config.hostname))
+        elif delay > 0:
+            from twisted.internet.task import deferLater
+
+            await deferLater(self.clock, delay)
 
     def _data_precheck(self) -> Reply | None:
         if self.txn is None:
@@ -745,10 +813,10 @@ class ESMTPServer(Protocol):
             return
         try:
             self._open_message()
-        except Exception:
-            self.log.failure("session {session_id}: cannot open a message writer", session_id=self._sid)
+        except Exception as e:
+            refusal = self._storage_error(e, "cannot open a message writer")
             self._abort_writer()
-            self._reply(replies.INTERNAL_ERROR)
+            self._reply(refusal)
             return
         self.parser.start_data()
         self._reply(replies.START_DATA)
@@ -771,10 +839,9 @@ class ESMTPServer(Protocol):
             try:
                 self._open_message()
                 self._txn_uses_bdat = True
-            except Exception:
-                self.log.failure("session {session_id}: cannot open a message writer", session_id=self._sid)
+            except Exception as e:
+                refusal = self._storage_error(e, "cannot open a message writer")
                 self._abort_writer()
-                refusal = replies.INTERNAL_ERROR
         self._bdat_refusal = refusal  # answered once the chunk has been swallowed
         self._bdat_last = last
         self.parser.start_bdat(size)
@@ -818,9 +885,14 @@ class ESMTPServer(Protocol):
                 self._refuse_message(writer, txn, replies.TEXT_LINE_TOO_LONG, "line too long")
                 return
             if write_failed:
-                self._refuse_message(writer, txn, replies.INTERNAL_ERROR, "write failed")
+                self._refuse_message(writer, txn, write_failed if isinstance(write_failed, Reply) else
+                                     replies.INTERNAL_ERROR, "write failed")
                 return
             view = MessageView(writer.open_read, size=writer.size, head=getattr(writer, "head", None))
+            too_big = header_refusal(view, self.config.max_header_size, self.config.max_header_field)
+            if too_big is not None:  # before anything parses the block (issue 11 items 1 and 12)
+                self._refuse_message(writer, txn, HEADER_TOO_BIG, too_big)
+                return
             hops = len(view.field_values("Received"))
             if self.factory.max_hops and hops > self.factory.max_hops:
                 self._refuse_message(writer, txn, replies.TOO_MANY_HOPS, f"{hops} Received headers (mail loop)")
@@ -833,7 +905,7 @@ class ESMTPServer(Protocol):
                 if refusal is not None:
                     self._refuse_message(writer, txn, refusal, "send-as: From: not granted")
                     return
-            verdict = await self.factory.filters.on_data(self.session, txn, view)
+            verdict = await self.factory.filters.on_data(self.session, txn.view(), view)
             self._track_agent("data", verdict, sender=str(txn.sender), txn=txn, writer=writer, view=view)
             if self._closing:  # the client left, or we closed (timeout, shutdown): it cannot get a 250
                 writer.abort()
@@ -855,7 +927,7 @@ class ESMTPServer(Protocol):
                 return
             rules = None
             if self.factory.transport_rules is not None:  # exmta.rules.hook: one call, a decision plus its edits
-                rules = await self.factory.transport_rules.at_end_of_data(self.session, txn, view, writer)
+                rules = await self.factory.transport_rules.at_end_of_data(self.session, txn.view(), view, writer)
                 if self._closing or rules.reply is not None or rules.discard:
                     writer.abort()
                     if not self._closing:
@@ -865,9 +937,14 @@ class ESMTPServer(Protocol):
                     return
             view.apply_edits(writer)
             message_id = next(iter(view.field_values("Message-ID")), None)
+            forged = forged_sender(self.session, txn) if txn.sender and \
+                anonymous(self.session, self.factory) else None
+            if forged:  # no DSN to a sender known to be forged
+                self.log.info("session {session_id}: {why}: no DSN for this message", session_id=self._sid, why=forged)
             envelope = Envelope(
                 sender=str(txn.sender),
-                recipients=[Recipient(self._qualified(a), p.notify, p.orcpt) for a, p in txn.recipients],
+                recipients=[Recipient(self._qualified(a), ("NEVER",) if forged else p.notify, p.orcpt)
+                            for a, p in txn.recipients],
                 params=txn.params,
                 queue_id=writer.queue_id,
                 received_at=self.clock.seconds(),
@@ -882,10 +959,10 @@ class ESMTPServer(Protocol):
             if rules is not None:
                 envelope = rules.envelope(envelope)
             queue_id = await self.factory.store.commit(writer, envelope)
-        except Exception:
-            self.log.failure("session {session_id}: end of data failed", session_id=self._sid)
+        except Exception as e:
+            refusal = self._storage_error(e, "end of data failed")
             writer.abort()
-            self._reply(replies.INTERNAL_ERROR)
+            self._reply(refusal)
             return
         self.messages += 1
         if len(self._queued_ids) < _IDS_LOGGED:
@@ -923,6 +1000,8 @@ class ESMTPServer(Protocol):
         if tracker is None:
             return
         details = {"session_id": self._sid, "reason": why}
+        if self.session is not None and self.session.auth_identity:
+            details["auth_user"] = self.session.auth_identity
         if filter_name:
             details["filter"] = filter_name
         try:
@@ -978,7 +1057,8 @@ class ESMTPServer(Protocol):
                 connector=self.config.name, source="SMTP",
                 remote_host=envelope.client_ip,
                 tls=f"{self.session.tls.version} {self.session.tls.cipher}" if self.session and self.session.tls else None,
-                details={"session_id": self._sid, "client_helo": envelope.client_helo or ""},
+                details={"session_id": self._sid, "client_helo": envelope.client_helo or "",
+                         **({"auth_user": envelope.auth_identity} if envelope.auth_identity else {})},
             ))
             notes = list(agents or ())
             if envelope.held_reason and not any(reason for _, _, reason in notes):

@@ -26,7 +26,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from exmta.filters.base import FilterChain, MessageView, call_hook
-from exmta.model import Address, MailParams, RcptParams, Session, Transaction, Verdict
+from exmta.model import Address, MailParams, RcptParams, Session, Transaction, TransactionView, Verdict
 
 __all__ = ["FilterHarness", "HarnessEnv", "MessageView"]
 
@@ -99,8 +99,9 @@ class FilterHarness:
 
     @staticmethod
     def transaction(sender: str = "sender@example.test", *recipients: str,
-                    params: MailParams | None = None) -> Transaction:
+                    params: MailParams | None = None) -> TransactionView:
+        """The read-only view the server gives filters (a filter that edits it fails here too)."""
         return Transaction(
             Address.parse_simple(sender), params or MailParams(),
             [(Address.parse_simple(r), RcptParams()) for r in recipients],
-        )
+        ).view()

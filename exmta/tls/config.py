@@ -13,7 +13,8 @@ import datetime
 from typing import Any
 
 from exmta.config.load import (
-    _bool, _choice, _cidr, _domain, _list_of, _nonempty_str, _Reader, parse_duration,
+    _bool, _choice, _cidr, _domain, _list_of, _nonempty_str, _Reader, config_path, parse_duration,
+    relative_paths_note,
 )
 from exmta.config.schema import ReceiveTLSConfig, SendConnectorConfig, TLSCertificateConfig
 from exmta.tls.certs import CertificateError, load_certificate
@@ -45,7 +46,7 @@ def _check_ca_file(r: _Reader, name: str, path: str | None) -> None:
         if not x509.load_pem_x509_certificates(data):
             raise ValueError("no certificate in the file")
     except FileNotFoundError:
-        r.error(name, f"{path}: the CA file does not exist")
+        r.error(name, f"{path}: the CA file does not exist{relative_paths_note()}")
     except OSError as e:
         r.error(name, f"{path}: the CA file cannot be read: {e.strerror}")
     except ValueError as e:
@@ -57,13 +58,14 @@ def _check_certificate(r: _Reader, name: str, cert: TLSCertificateConfig,
     try:
         load_certificate(cert.cert, cert.key, cert.chain, now=now)
     except CertificateError as e:
-        r.error(name, str(e))
+        missing = "file does not exist" in str(e) or "file cannot be read" in str(e)
+        r.error(name, str(e) + (relative_paths_note() if missing else ""))
 
 
 def _read_certificate(r: _Reader, now: datetime.datetime | None, sni: bool) -> TLSCertificateConfig | None:
-    cert = r.get("cert", None, _nonempty_str)
-    key = r.get("key", None, _nonempty_str)
-    chain = r.get("chain", None, _nonempty_str)
+    cert = r.get("cert", None, config_path)
+    key = r.get("key", None, config_path)
+    chain = r.get("chain", None, config_path)
     names: tuple[str, ...] = ()
     if sni:
         names = r.get("names", (), _list_of(_domain))
@@ -105,7 +107,7 @@ def read_receive_tls(r: _Reader, now: datetime.datetime | None = None) -> Receiv
         plaintext_networks=t.get("plaintext_networks", d.plaintext_networks, _list_of(_cidr)),
         client_certificate=t.get("client_certificate", d.client_certificate,
                                  _choice("none", "request", "require")),
-        client_ca=t.get("client_ca", d.client_ca, _nonempty_str),
+        client_ca=t.get("client_ca", d.client_ca, config_path),
         client_names=t.get("client_names", d.client_names, _list_of(_domain)),
         reload_interval=t.get("reload_interval", d.reload_interval, parse_duration),
     )
@@ -133,9 +135,9 @@ def read_send_tls(r: _Reader) -> dict[str, Any]:
     return {
         "tls_auth_level": r.get("tls_auth_level", d.tls_auth_level, _choice(*AUTH_LEVELS)),
         "tls_domain": r.get("tls_domain", d.tls_domain, _domain),
-        "tls_ca_file": r.get("tls_ca_file", d.tls_ca_file, _nonempty_str),
-        "tls_certificate": r.get("tls_certificate", d.tls_certificate, _nonempty_str),
-        "tls_key": r.get("tls_key", d.tls_key, _nonempty_str),
+        "tls_ca_file": r.get("tls_ca_file", d.tls_ca_file, config_path),
+        "tls_certificate": r.get("tls_certificate", d.tls_certificate, config_path),
+        "tls_key": r.get("tls_key", d.tls_key, config_path),
     }
 
 

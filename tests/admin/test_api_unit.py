@@ -57,10 +57,14 @@ def test_token_required_on_guarded_children() -> None:
         assert status == 401, auth
         assert json.loads(body)["error"] == "the admin API needs the admin token"
         challenges = request.responseHeaders.getRawHeaders(b"www-authenticate")
-        assert challenges == [b'Bearer realm="exmta"', b'Basic realm="exmta"']
+        assert challenges == [b'Bearer realm="exmta"']  # no Basic prompt: a browser must not remember it here
     assert get(root, b"/hello", LOCAL, f"Bearer {TOKEN}")[:2] == (200, b"hello")
     basic = base64.b64encode(f"anyone:{TOKEN}".encode()).decode()
-    assert get(root, b"/hello", LOCAL, f"Basic {basic}")[:2] == (200, b"hello")
+    assert get(root, b"/hello", LOCAL, f"Basic {basic}")[0] == 401  # Basic only where mounted with basic=True
+    root.putChild(b"page", TokenGuard(Hello(), root.token, basic=True))
+    assert get(root, b"/page", LOCAL, f"Basic {basic}")[:2] == (200, b"hello")
+    assert get(root, b"/page", LOCAL)[2].responseHeaders.getRawHeaders(b"www-authenticate") == [
+        b'Bearer realm="exmta"', b'Basic realm="exmta"']
     assert get(root, b"/healthz", LOCAL)[:2] == (200, b"hello")  # public children need no token
 
 

@@ -82,6 +82,7 @@ def server(tmp_path: Path) -> Iterator[tuple[ExmtaProcess, SmtpSink, Switch]]:
         ex.start()
         try:
             procs.wait_until(lambda: (ex.data_dir / "admin.token").exists(), 10, "admin token")
+            procs.wait_for_port(int(ex.subst["admin_port"]), timeout=10)  # the token is written before listening
             yield ex, sink, switch
         finally:
             ex.stop()
@@ -314,7 +315,7 @@ def test_admin_api_refuses_without_credentials(server: tuple[ExmtaProcess, SmtpS
     assert status == 200 and json.loads(body)["queues"] == []
     import base64
     basic = base64.b64encode(f"admin:{token}".encode()).decode()
-    assert http_call(ex, "GET", "/api/queues", {"Authorization": f"Basic {basic}"})[0] == 200
+    assert http_call(ex, "GET", "/api/queues", {"Authorization": f"Basic {basic}"})[0] == 401  # Bearer only (CSRF)
     status, body, _ = http_call(ex, "GET", "/api/nosuch", {"Authorization": f"Bearer {token}"})
     assert status == 404 and "no such admin API call" in json.loads(body)["error"]
 

@@ -516,7 +516,7 @@ def test_esmtpa_on_a_pinned_plaintext_network(users_path):
     s.send(b"EHLO c.test\r\n")
     s.login()
     s.send(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<x@dest.test>\r\nDATA\r\n")
-    out = s.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
+    out = s.send(b"From: alice@example.test\r\nSubject: x\r\n\r\nx\r\n.\r\n")
     queue_id = out.split()[-1].decode()
     assert b" with ESMTPA id " in s.store.open_content(queue_id).read()
 
@@ -595,3 +595,22 @@ def test_fuzz_auth_sessions_never_fail_internally(users_path, tokens, waits):
     assert b"4.3.0" not in out, out  # no internal error
     for line in out.split(b"\r\n")[:-1]:
         assert re.match(rb"^[2-5][0-9][0-9][ -]", line), line
+
+
+def test_send_as_refusal_at_mail_and_the_authenticated_user_are_tracked(s):
+    """Exchange's tracking log shows both; a refusal at MAIL was only in the server log (issue 12, item 12)."""
+    from types import SimpleNamespace
+
+    events: list = []
+    s.factory.tracker = SimpleNamespace(track=events.append)
+    s.starttls()
+    s.login()
+    assert s.send(b"MAIL FROM:<bob@example.test>\r\n").startswith(b"550 5.7.60 ")
+    (reject,) = events
+    assert (reject.event_id.value, reject.sender, reject.queue_id) == ("REJECT", "bob@example.test", "")
+    assert reject.reply.startswith("550 5.7.60 ") and reject.details["reason"] == "send-as: sender not granted"
+    assert reject.details["auth_user"] == "alice"
+    s.send(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<x@dest.test>\r\nDATA\r\n")
+    assert s.send(b"From: alice@example.test\r\n\r\nx\r\n.\r\n").startswith(b"250 2.0.0 Ok: queued as ")
+    receive = events[-1]
+    assert receive.event_id.value == "RECEIVE" and receive.details["auth_user"] == "alice"

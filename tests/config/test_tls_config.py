@@ -127,7 +127,8 @@ cert = "{garbage}"
 cert = "{files.cert}"
 """
     problems = problems_of(write(tmp_path, receive_extra=extra))
-    assert f"receive.in.tls.cert: {tmp_path / 'missing.pem'}: certificate file does not exist" in problems
+    assert f"receive.in.tls.cert: {tmp_path / 'missing.pem'}: certificate file does not exist (relative paths are " \
+        f"relative to the configuration file's directory {tmp_path})" in problems
     assert any(p.startswith(f"receive.in.tls.sni[1].cert: {garbage}: no PEM certificate") for p in problems)
     assert any(p.startswith(f"receive.in.tls.sni[2].cert: {files.cert}: no PEM private key") for p in problems)
 
@@ -208,7 +209,8 @@ tls_key = "{expired.key}"
     problems = problems_of(write(tmp_path, send_extra=extra))
     assert any(p.startswith("send.out.tls_auth_level: 'certificate' needs tls = \"mandatory\"") for p in problems)
     assert any(p.startswith("send.out.tls_domain: is only used with tls_auth_level = \"domain\"") for p in problems)
-    assert f"send.out.tls_ca_file: {tmp_path / 'nope.pem'}: the CA file does not exist" in problems
+    assert any(p.startswith(f"send.out.tls_ca_file: {tmp_path / 'nope.pem'}: the CA file does not exist "
+                            "(relative paths") for p in problems)
     assert any(p.startswith(f"send.out.tls_certificate: {expired.cert}: certificate") and "expired" in p
                for p in problems)
     assert len(problems) == 4

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import email
 import gzip
+import json
 import xml.etree.ElementTree as ET
 from email.policy import default
 from pathlib import Path
@@ -141,3 +142,50 @@ def test_service_tree_gets_the_reporter_only_when_asked(tmp_path: Path) -> None:
         add_report_service(top, Config(hostname="mx.dest.test", filters={"d": table}), MemoryStore(clock), clock,
                            None, str(tmp_path))
         assert [s.name for s in top] == expected
+
+
+class FlakyAgreementDNS:
+    """The real resolver, except that report-agreement lookups time out (issue 10 item 12)."""
+
+    def __init__(self, real: AuthDNS) -> None:
+        self.real = real
+        self.failing = True
+
+    def txt(self, name: str) -> Any:
+        from exmta.dns import TempDNSError
+
+        if self.failing and "._report._dmarc." in name:
+            raise TempDNSError(f"{name}: timeout")
+        return self.real.txt(name)
+
+
+def test_temporary_dns_error_keeps_the_report_for_the_next_run(
+        knot_server: knot.KnotServer, keys: authzones.Keys, tmp_path: Path) -> None:
+    from twisted.logger import globalLogPublisher
+
+    clock = Clock()
+    clock.advance(MIDNIGHT - 60)
+    record_traffic(knot_server, tmp_path, clock, keys)
+    store = MemoryStore(clock)
+    dns = FlakyAgreementDNS(AuthDNS(DNSResolver(None, None, knot_server.nameservers, timeout=3.0)))
+    service = DMARCReportService(str(tmp_path / "dmarc" / "results.jsonl"), store, clock, maybeDeferred, dns,
+                                 "mx.dest.test", "postmaster@mx.dest.test")
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        service.startService()
+        clock.advance(120)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    # example.test's own address needs no lookup: sent; ext.test's outside address could not be checked
+    assert [store.envelope(q).recipients[0].address for q in store.queue_ids()] == ["dmarc-rua@example.test"]
+    [kept] = list((tmp_path / "dmarc").glob("results-*.jsonl.sending"))
+    assert {json.loads(line)["policy_domain"] for line in kept.read_text().splitlines()} == {"ext.test"}
+    assert any("cannot check ext.test._report._dmarc.other.test now" in (e.get("log_format") or "").format(**e)
+               for e in events if e.get("log_format", "").startswith("DMARC report for"))
+    dns.failing = False
+    clock.advance(86400)
+    addresses = sorted(store.envelope(q).recipients[0].address for q in store.queue_ids())
+    assert addresses == ["agg@other.test", "dmarc-rua@example.test"]
+    assert not list((tmp_path / "dmarc").glob("*.sending"))
+    service.stopService()

@@ -42,8 +42,11 @@ def test_documented_filter_tags_and_refuses() -> None:
     assert not msg.edits
 
 
-def test_documented_test_passes() -> None:
-    namespace = {"ExternalTagger": load_example().ExternalTagger}
+def test_documented_test_passes(monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "exmta_extag", load_example())  # the snippet imports it as written
+    namespace: dict = {}
     exec(compile(literal_block("same ``451 4.3.0``::"), str(DOC), "exec"), namespace)
     namespace["test_tagged"]()
 

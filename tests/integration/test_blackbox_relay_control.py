@@ -87,7 +87,8 @@ def test_submission_connector_for_authenticated_users_with_a_per_user_limit(
     with smtplib.SMTP(procs.LOOPBACK, exmta.port, timeout=20) as c:
         c.login("alice", PASSWORD)
         for i in range(2):
-            assert c.sendmail("alice@example.test", [f"r{i}@remote.test"], b"Subject: s\r\n\r\nx\r\n") == {}
+            message = b"From: alice@example.test\r\nSubject: s\r\n\r\nx\r\n"  # no From: fails send-as
+            assert c.sendmail("alice@example.test", [f"r{i}@remote.test"], message) == {}
         with pytest.raises(smtplib.SMTPSenderRefused) as refused:
             c.sendmail("alice@example.test", ["r9@remote.test"], b"Subject: s\r\n\r\nx\r\n")
         assert refused.value.smtp_code == 450

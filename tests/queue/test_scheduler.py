@@ -609,6 +609,7 @@ def test_failing_destination_is_suspended_without_connections() -> None:
         env = h.store.envelope(qid)
         assert env.recipients[0].attempts == 0
         assert env.recipients[0].last_reply.text.startswith("Delivery to remote.example temporarily suspended")
+        assert str(env.recipients[0].last_reply).count(f"{LATER.code} {LATER.status}") <= 1  # said once
         assert h.store.due(qid) == START + 300
     assert h.tracker.ids(later[0]) == ["DEFER"]
     # at 300 all five are due; the destination is probed with one connection, then opens up
@@ -920,3 +921,20 @@ def test_unknown_connector_in_route_defers() -> None:
     assert env.recipients[0].last_reply.status == "4.4.0" and env.recipients[0].status is RecipientStatus.PENDING
     h.stop()
 
+
+
+def test_suspended_destination_reply_does_not_repeat_the_code() -> None:
+    """``451 4.4.1 Delivery to X temporarily suspended: 451 4.4.1 Connection ... failed`` said the code twice."""
+    refused = Reply.make(451, "4.4.1", "Connection to 192.0.2.9:25 failed: refused")
+    h = Harness(limit=10)
+    for i in range(3):
+        h.submit(f"u{i}@remote.example")
+    h.turn()
+    for _ in range(3):
+        h.out.answer(0, Outcome.DEFERRED, refused)
+    h.clock.advance(10)
+    qid = h.submit("v@remote.example")
+    h.turn()
+    assert str(h.store.envelope(qid).recipients[0].last_reply) == (
+        "451 4.4.1 Delivery to remote.example temporarily suspended: Connection to 192.0.2.9:25 failed: refused")
+    h.stop()

@@ -432,19 +432,74 @@ def _age(root: Any, seconds: float = 10.0) -> None:
             os.utime(path, (t, t))
 
 
-def test_recover_leaves_files_younger_than_the_store_alone(tmp_path: Any) -> None:
-    """twistd starts listening before recover() has run: a session's temp file, or content renamed
-    into msg/ just before its envelope, must survive it (it did not once: a 451 at end of data)."""
-    store = make_store(tmp_path)
-    w = store.open_writer()
-    w.write(b"a session in progress\r\n")
-    (tmp_path / "msg" / "ABOUTTOCOMMIT").write_bytes(b"content whose envelope is being renamed")
-    (tmp_path / "tmp" / "OLD.1.json").write_bytes(b"{")
-    os.utime(tmp_path / "tmp" / "OLD.1.json", (1_000_000_000, 1_000_000_000))
-    result(store.recover())
-    assert store.last_recovery["temp_files"] == 1 and store.last_recovery["orphan_content"] == 0
-    assert files(store, "tmp") == [w.queue_id + ".msg"] and files(store, "msg") == ["ABOUTTOCOMMIT"]
-    assert result(store.commit(w, envelope())) == w.queue_id
+def _crashed_run(root: Any) -> tuple[str, str]:
+    """What a process killed a moment ago leaves: a committed message, a writer's temp file and
+    content renamed into msg/ whose envelope never landed, all of them younger than a second."""
+    old = make_store(root)
+    kept = commit(old)
+    (root / "tmp" / "CUTOFF.msg").write_bytes(b"a session cut off by kill -9\r\n")
+    (root / "msg" / "ORPHANYOUNG").write_bytes(b"content whose envelope never landed")
+    (root / "tmp" / "ORPHANYOUNG.1234.json").write_bytes(b"{")
+    return kept, "CUTOFF"
+
+
+def test_recover_removes_orphans_by_reference_after_a_restart_within_a_second(tmp_path: Any) -> None:
+    """Issue 10 item 4: orphans are what no envelope references, not what is old; sessions of this
+    process start only after recovery (exmta.receive.gated), so nothing young is live."""
+    kept, _ = _crashed_run(tmp_path)
+    fresh = make_store(tmp_path)  # the restart, within the same second
+    result(fresh.recover())
+    assert files(fresh, "tmp") == []
+    assert files(fresh, "msg") == [kept]
+    assert fresh.last_recovery["orphan_content"] == 1 and fresh.last_recovery["temp_files"] == 2
+    [entry] = result(fresh.claim(0, 10))
+    assert entry.queue_id == kept
+
+
+def test_recover_waits_for_a_worker_of_the_last_run_to_finish(tmp_path: Any, monkeypatch: Any) -> None:
+    """A receive worker of the killed process holds the writer lock while it finishes a commit:
+    recovery waits for it, and its message (content renamed before the envelope) is kept."""
+    from exmta.queue import writerlock
+
+    make_store(tmp_path)  # the directories
+    worker = make_store(tmp_path, claims=False, writer_lock=True)
+    w = worker.open_writer()
+    w.write(b"Subject: late\r\n\r\nfrom a dying worker\r\n")
+    env = envelope()
+    env.queue_id = w.queue_id
+    content_tmp = w._content_file()
+    content_tmp.flush()
+    content_tmp.close()
+    os.rename(w._path, tmp_path / "msg" / w.queue_id)  # the first rename of a commit
+    waited: list[float] = []
+
+    def worker_finishes(seconds: float) -> None:  # while recovery waits: the envelope lands, the worker exits
+        waited.append(seconds)
+        if len(waited) == 1:
+            (tmp_path / "incoming" / f"{w.queue_id}.json").write_bytes(json.dumps(env.to_json()).encode())
+            worker._writer_lock.release()
+
+    monkeypatch.setattr(writerlock, "_pause", worker_finishes)
+    fresh = make_store(tmp_path)
+    result(fresh.recover())
+    assert waited and fresh.last_recovery["orphan_content"] == 0
+    assert files(fresh, "msg") == [w.queue_id]
+    [entry] = result(fresh.claim(0, 10))
+    with fresh.open_content(entry.queue_id) as f:
+        assert f.read().endswith(b"from a dying worker\r\n")
+
+
+def test_recover_leaves_young_files_alone_while_a_writer_keeps_the_lock(tmp_path: Any) -> None:
+    """The fallback: a writer that does not exit within recover_wait keeps its young files."""
+    kept, writing = _crashed_run(tmp_path)
+    worker = make_store(tmp_path, claims=False, writer_lock=True)
+    fresh = make_store(tmp_path, recover_wait=0.0)
+    events = _capture(fresh)
+    result(fresh.recover())
+    assert files(fresh, "msg") == sorted([kept, "ORPHANYOUNG"])
+    assert writing + ".msg" in files(fresh, "tmp")
+    assert any("kept the writer lock" in _text(e) for e in events)
+    worker._writer_lock.release()
 
 
 def test_recover_can_count_crashes(tmp_path: Any) -> None:

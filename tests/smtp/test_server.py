@@ -492,7 +492,9 @@ def test_bare_lf_normalized():
     assert content.endswith(b"Subject: x\r\n\r\nhello\r\n.\r\nMAIL FROM:<smuggled@evil.test>\r\n")
 
 
-def test_text_line_too_long_refused(c):
+def test_text_line_too_long_refused():
+    c = make(max_text_line=1000)  # the RFC 5321 limit, an option (the default is no limit)
+    c.read()
     c.ehlo()
     c.envelope()
     c.send(b"DATA\r\n")
@@ -1010,6 +1012,15 @@ def test_probe7_lf_dot_lf_stays_inside_and_is_refused(c):
     c.send(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<ok@local.test>\r\nDATA\r\n")
     out = c.send(b"Subject: x\r\n\r\nhello\n.\nMAIL FROM:<smuggled@evil.test>\r\n.\r\n")
     assert out == b"550 5.6.11 Error: bare <LF> or <CR> not allowed in message content\r\n"
+
+
+def test_long_text_lines_accepted_by_default(c):
+    """Real internet mail has lines over 1000 octets; Postfix and Exchange accept it, so does the default."""
+    assert ReceiveConnectorConfig(name="x").max_text_line == 0
+    c.ehlo()
+    c.envelope()
+    c.send(b"DATA\r\n")
+    assert c.send(b"Subject: x\r\n\r\n" + b"x" * 5000 + b"\r\n.\r\n") == b"250 2.0.0 Ok: queued as Q1\r\n"
 
 
 def test_probe8_stuffer_at_a_16k_chunk_boundary_does_not_end_data_early():

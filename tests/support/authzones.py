@@ -99,6 +99,9 @@ helo TXT "v=spf1 ip4:192.0.2.0/24 -all"
         "ext.test": ('@ TXT "v=spf1 ip4:192.0.2.0/24 -all"\n'
                      '_dmarc TXT "v=DMARC1; p=quarantine; rua=mailto:agg@other.test!10m,mailto:agg@third.test"\n'),
         "broken.test": "this line is not a record\n",
+        # ext.test's second rua domain: served, but without the report agreement (a real "no", not a
+        # REFUSED from a server that does not know the zone, which is a temporary error)
+        "third.test": '@ TXT "v=spf1 -all"\n',
     }
 
 

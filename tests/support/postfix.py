@@ -36,7 +36,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from email.message import EmailMessage
 from pathlib import Path
 
-from .procs import LOOPBACK, ManagedProcess, free_port, make_traversable, wait_until
+from .procs import LOOPBACK, ManagedProcess, free_port, make_traversable, stop_group, wait_until
 
 POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
 POSTCONF = shutil.which("postconf") or "/usr/sbin/postconf"
@@ -282,9 +282,16 @@ class PostfixInstance:
         return self.process.pid
 
     def stop(self) -> None:
-        """SIGTERM the master by PID (it stops its children), SIGKILL if needed."""
+        """SIGTERM the master by PID (it stops its children), SIGKILL if needed, and wait until
+        every process of the instance is gone, so that its port is free when this returns.
+
+        The master is a session leader and every daemon it forks stays in its process group, also
+        one forked after any snapshot of its children and one already reparented; waiting only
+        for the children seen before the stop left an smtpd holding the port now and then."""
         if self.process is not None:
+            master = self.process.pid
             self.process.stop()
+            stop_group(master)
 
     def __enter__(self) -> "PostfixInstance":
         return self.start()

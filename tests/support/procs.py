@@ -195,6 +195,66 @@ def descendants(pid: int) -> list[tuple[int, int]]:
     return out
 
 
+def process_group(pgid: int) -> list[tuple[int, int]]:
+    """Live (non-zombie) members of process group *pgid* as (pid, start_time).
+
+    Unlike descendants(), this still finds a daemon's children after the daemon died and they
+    were reparented, and children it forked after a snapshot was taken."""
+    out: list[tuple[int, int]] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            data = Path(f"/proc/{entry}/stat").read_bytes()
+        except OSError:
+            continue
+        fields = data[data.rindex(b")") + 2:].split()
+        if fields[0] != b"Z" and int(fields[2]) == pgid:
+            out.append((int(entry), int(fields[19])))
+    return out
+
+
+def listeners(port: int) -> list[int]:
+    """PIDs holding a TCP socket that listens on *port* (any address), found via /proc."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{f[9]}]")
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{entry}/fd/{fd}") in inodes:
+                    pids.append(int(entry))
+                    break
+            except OSError:
+                continue
+    return pids
+
+
+def stop_group(pgid: int, grace: float = 5.0) -> None:
+    """Wait for every member of process group *pgid* to exit: *grace* s, then SIGTERM, then SIGKILL."""
+    for sig in (0, signal.SIGTERM, signal.SIGKILL):
+        members = process_group(pgid)
+        for pid, start in members:
+            if sig and pid_alive(pid, start):
+                _signal(pid, sig)
+        if not _wait_gone(members, grace):
+            return
+
+
 def pid_alive(pid: int, start_time: int | None = None) -> bool:
     """True if *pid* runs (and, if given, still has that start time)."""
     now = _proc_start_time(pid)

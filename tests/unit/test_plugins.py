@@ -82,3 +82,31 @@ def test_real_entry_point_group_is_queried():
     with pytest.raises(ConfigError) as info:
         load_filters({"x": {"plugin": "surely-not-installed"}}, ENV)
     assert "no filter plugin 'surely-not-installed' is installed" in info.value.problems[0]
+
+
+def test_check_filters_uses_the_config_check_hook_instead_of_building():
+    """`exmta check-config` asks a factory's check_config(name, config) when it has one (issue 12, item 2)."""
+    from exmta.plugins import check_filters
+
+    built, checked = [], []
+
+    @provider(IFilterFactory)
+    class Hooked(Tagger):
+        @classmethod
+        def from_config(cls, name, config, env):
+            built.append(name)  # would open files or connections: not during a check
+            return super().from_config(name, config, env)
+
+        @staticmethod
+        def check_config(name, config):
+            checked.append((name, config))
+            if "tag" not in config:
+                raise ValueError("tag: is required")
+
+    find = lambda group: {"hooked": Hooked, "tagger": Tagger}  # noqa: E731
+    specs = {"a": {"plugin": "hooked", "tag": "x", "timeout": 5.0}, "b": {"plugin": "hooked"},
+             "c": {"plugin": "tagger"}, "d": {"plugin": "nope"}}
+    problems = check_filters(specs, "mx.example.test", "/tmp", find=find)
+    assert built == [] and checked == [("a", {"tag": "x"}), ("b", {})]  # core keys are not the plugin's
+    assert problems[:2] == ["filters.b: tag: is required", "filters.c: tag: is required"]
+    assert problems[2].startswith("filters.d.plugin: no filter plugin 'nope' is installed")

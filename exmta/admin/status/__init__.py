@@ -8,28 +8,35 @@ the search shows addresses) as ``status``; ``?q=...`` searches the message
 tracking log.
 
 Search: the admin API may pass its own ``search(query, limit)`` function;
-otherwise :func:`search_tracking_log` reads the log with ``exmta track``'s
-reader (:func:`exmta.admin.track.read_events`: rotated files included) when
-it is there, else the current file itself, and does a case-insensitive match
-of every word of the query against a record's queue id, Message-ID, sender,
-recipients, event id and connector (``key:value`` words restrict to one
-field), newest first. Corrupt or truncated lines are skipped and counted,
-never fatal.
+otherwise :func:`search_tracking_log` reads the live log and its rotated
+files newest first (:mod:`exmta.admin.status.newest`), stopping at 100
+matches or after 64 MiB, and does a case-insensitive match of every word of
+the query against a record's queue id, Message-ID, sender, recipients,
+event id and connector (``key:value`` words restrict to one field).
+Corrupt or truncated lines are skipped and counted, never fatal. The search
+runs on a thread pool (``run_blocking``), at most :data:`MAX_SEARCHES` at a
+time; more waiting than :data:`MAX_WAITING` get 503.
 """
 from __future__ import annotations
 
 import html
-import io
-import json
-import os
 import time
 from typing import Any, Callable, Iterable
 
-from twisted.web import resource
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.web import resource, server
 
 from exmta.admin.client import age_text
+from exmta.admin.status.newest import MAX_BYTES, search_newest
 
 __all__ = ["StatusResource", "render_status", "search_tracking_log", "svg_lines"]
+
+log = Logger()
+
+MAX_SEARCHES = 2   # tracking searches running at once (each on a pool thread)
+MAX_WAITING = 8    # more queued than this: 503
 
 SEARCH_FIELDS = ("queue_id", "message_id", "sender", "recipients", "event_id", "connector", "remote_host")
 _COLOURS = {"received": "#1f77b4", "delivered": "#2ca02c", "deferred": "#ff7f0e", "bounced": "#d62728",
@@ -80,59 +87,35 @@ def _matches(record: dict[str, Any], terms: list[tuple[str | None, str]]) -> boo
 
 
 def search_tracking_log(path: str, query: str, limit: int = 100,
-                        max_bytes: int = 64 * 1024 * 1024) -> tuple[list[dict[str, Any]], int]:
-    """-> (matching records newest first, number of unreadable lines skipped).
+                        max_bytes: int = MAX_BYTES) -> tuple[list[dict[str, Any]], int]:
+    """-> (matching records newest first, number of unreadable lines skipped). Blocking.
 
-    Reads at most the last ``max_bytes`` of the file (a status page is not a
-    forensic tool; ``exmta track`` reads everything).
+    Reads the live log then its rotated files backwards, and stops at
+    ``limit`` matches or after ``max_bytes`` (see
+    :mod:`exmta.admin.status.newest`; ``exmta track`` reads everything).
     """
     terms = parse_query(query)
     if not terms:
         return [], 0
-    try:
-        from exmta.admin import track  # ``exmta track``'s reader: rotated files too, corrupt lines skipped
-    except ImportError:
-        track = None
-    if track is not None and hasattr(track, "read_events"):
-        warnings = io.StringIO()
-        found = [r for r in track.read_events(path, warnings) if _matches(r, terms)]
-        found.sort(key=lambda r: r.get("timestamp") or 0, reverse=True)
-        return found[:limit], warnings.getvalue().count("\n")
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            if size > max_bytes:
-                f.seek(size - max_bytes)
-                f.readline()  # a partial first line
-            data = f.read()
-    except FileNotFoundError:
-        return [], 0
-    out: list[dict[str, Any]] = []
-    bad = 0
-    for raw in reversed(data.split(b"\n")):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-            if not isinstance(record, dict):
-                raise ValueError("not an object")
-        except ValueError:
-            bad += 1
-            continue
-        if _matches(record, terms):
-            out.append(record)
-            if len(out) >= limit:
-                break
-    return out, bad
+    words = [value.encode() for _, value in terms]
+    maybe = None
+    if all(w.isascii() and b'"' not in w and b"\\" not in w for w in words):
+        maybe = lambda raw: all(w in raw.lower() for w in words)  # noqa: E731  JSON keeps these as they are
+    records, bad, _ = search_newest(path, lambda r: _matches(r, terms), limit, max_bytes, maybe)
+    return records, bad
 
 
-def svg_lines(title: str, series: dict[str, list[float]], width: int = 600, height: int = 140,
+def svg_lines(title: str, series: dict[str, list[float]], width: int = 600, height: int = 154,
               unit: str = "") -> str:
-    """An inline SVG line chart; each series is one value per minute, oldest first."""
+    """An inline SVG line chart; each series is one value per minute, oldest first.
+
+    The title has the first line and the legend a line of its own below it, so
+    that a long title never runs into the legend.
+    """
     n = max((len(v) for v in series.values()), default=0)
     top = max((max(v) for v in series.values() if v), default=0.0)
     top = top if top > 0 else 1.0
-    pad_l, pad_b, pad_t = 40, 18, 16
+    pad_l, pad_b, pad_t = 40, 18, 30
     w, h = width - pad_l - 4, height - pad_b - pad_t
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" role="img" class="chart" width="{width}" '
              f'height="{height}" viewBox="0 0 {width} {height}"><title>{html.escape(title)}</title>',
@@ -142,7 +125,7 @@ def svg_lines(title: str, series: dict[str, list[float]], width: int = 600, heig
              f'<text x="2" y="{pad_t + h}" font-size="10">0</text>',
              f'<text x="{pad_l}" y="{height - 4}" font-size="10">-60 min</text>',
              f'<text x="{width - 34}" y="{height - 4}" font-size="10">now</text>']
-    legend_x = pad_l + 140
+    legend_x = pad_l
     for name, values in series.items():
         colour = _COLOURS.get(name, "#333")
         if n > 1 and values:
@@ -151,7 +134,7 @@ def svg_lines(title: str, series: dict[str, list[float]], width: int = 600, heig
             )
             parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{pts}" '
                          f'data-series="{html.escape(name)}" data-total="{sum(values):g}"/>')
-        parts.append(f'<text x="{legend_x}" y="11" font-size="11" fill="{colour}">{html.escape(name)} '
+        parts.append(f'<text x="{legend_x}" y="25" font-size="11" fill="{colour}">{html.escape(name)} '
                      f'({sum(values):g})</text>')
         legend_x += 110
     parts.append("</svg>")
@@ -271,18 +254,69 @@ class StatusResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, obs: Any, search: Callable[[str, int], tuple[list[dict[str, Any]], int]] | None = None):
+    def __init__(self, obs: Any, search: Callable[[str, int], tuple[list[dict[str, Any]], int]] | None = None,
+                 run_blocking: Callable[..., defer.Deferred[Any]] | None = None):
         super().__init__()
         self.obs = obs
         self.search = search
+        if run_blocking is None:
+            reactor = getattr(obs, "reactor", None)
+            if reactor is not None and hasattr(reactor, "getThreadPool"):
+                run_blocking = lambda f, *a: deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)  # noqa: E731
+            else:
+                run_blocking = lambda f, *a: defer.maybeDeferred(f, *a)  # noqa: E731
+        self.run_blocking = run_blocking
+        self.searches = defer.DeferredSemaphore(MAX_SEARCHES)
 
-    def render_GET(self, request: Any) -> bytes:
-        q = request.args.get(b"q", [b""])[0].decode("utf-8", "replace").strip()[:500]
-        page = render_status(self.obs, q or None, self.search)
+    def _headers(self, request: Any) -> None:
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"content-security-policy",
                           b"default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'self'")
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"x-frame-options", b"DENY")
-        return page.encode("utf-8")
+
+    def _find(self, query: str, limit: int) -> tuple[list[dict[str, Any]], int] | SearchError:
+        """The search (blocking, on a pool thread); a SearchError is returned, to be shown."""
+        try:
+            if self.search is not None:
+                return self.search(query, limit)
+            return search_tracking_log(self.obs.paths["tracking"], query, limit)
+        except SearchError as e:
+            return e
+
+    def render_GET(self, request: Any) -> Any:
+        q = request.args.get(b"q", [b""])[0].decode("utf-8", "replace").strip()[:500]
+        self._headers(request)
+        if not q:
+            return render_status(self.obs, None, self.search).encode("utf-8")
+        if len(self.searches.waiting) >= MAX_WAITING:
+            request.setResponseCode(503)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            request.setHeader(b"retry-after", b"5")
+            return b"too many tracking searches at once; try again in a few seconds\n"
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda f: gone.append(True))
+        d = self.searches.run(self.run_blocking, self._find, q, 100)
+
+        def show(found: Any) -> None:
+            if gone:
+                return
+
+            def precomputed(query: str, limit: int) -> tuple[list[dict[str, Any]], int]:
+                if isinstance(found, SearchError):
+                    raise found
+                return found
+
+            request.write(render_status(self.obs, q, precomputed).encode("utf-8"))
+            request.finish()
+
+        def failed(f: Any) -> None:
+            log.failure("status page: tracking search failed", f)
+            if not gone:
+                request.setResponseCode(500)
+                request.write(b"the search failed; see the server log\n")
+                request.finish()
+
+        d.addCallbacks(show, failed)
+        return server.NOT_DONE_YET
