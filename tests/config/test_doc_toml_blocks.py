@@ -106,6 +106,7 @@ def workdir(tmp_path: Path, monkeypatch) -> Path:
     (tmp_path / "data" / "dkim").mkdir(parents=True)
     (tmp_path / "data" / "dkim" / "s2026r.pem").write_bytes(generate_key("rsa-sha256", 2048)[0])
     (tmp_path / "data" / "dkim" / "s2026e.key").write_bytes(generate_key("ed25519-sha256", 0)[0])
+    (tmp_path / "rules.toml").write_text((REPO_ROOT / "etc" / "rules.toml").read_text())  # [transport_rules] file
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

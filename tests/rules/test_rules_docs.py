@@ -176,7 +176,7 @@ def test_the_documented_commands_run(path, tmp_path, monkeypatch, capsys):
 def test_the_documented_entry_points_resolve_to_the_example():
     import configparser
     cfg = configparser.ConfigParser()
-    cfg.read_string(literal_block("Its ``setup.cfg`` declares the entry points::"))
+    cfg.read_string(literal_block("Its ``setup.cfg`` declares the entry points:\n\n.. code-block:: ini"))
     entries = [line.split("=") for line in cfg["options.entry_points"]["exmta.rules"].strip().splitlines()]
     vip = vip_module()
     for name, target in entries:
