@@ -47,6 +47,8 @@ def make_parser() -> argparse.ArgumentParser:
     add_diagnose_commands(sub)  # exmta explain, exmta diagnose
     from exmta.queue.cluster_cli import add_commands as add_cluster_commands
     add_cluster_commands(sub)  # exmta db init|migrate|status, exmta cluster status|drain|undrain
+    from exmta.rules.cli import add_rules_parser
+    add_rules_parser(sub)  # exmta rules check|test|import
     return parser
 
 

@@ -209,6 +209,8 @@ def make_receive_factory(config: Config, rc: ReceiveConnectorConfig, store: Any,
     from exmta.auth.smtp import build_authenticator
     factory.authenticator = build_authenticator(  # SMTP AUTH and send-as, or None; lockouts shared by the node
         config, rc, clock, lockouts=getattr(resources, "lockouts", None))
+    from exmta.rules.wiring import attach_to_factory
+    attach_to_factory(factory, config, store, tracker, clock)  # transport rules at end of data, or none
     return factory
 
 
@@ -265,6 +267,8 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     pickup = PickupDirectory(paths["pickup"], store, reactor, config.queue.pickup_interval, tracker=tracker,
                              hostname=config.hostname,
                              run_blocking=lambda f, *a: deferToThreadPool(reactor, pool, f, *a))  # off the reactor
+    from exmta.rules.wiring import transport_rules_for
+    pickup.transport_rules = transport_rules_for(config, store, tracker, reactor)  # rules on picked-up mail
     _add(top, "pickup", pickup)
 
     from exmta.filters.admission import make_filter_pool

@@ -805,6 +805,9 @@ def _parse_config(raw: dict[str, Any], source: str, data_dir: str | None) -> Con
     dkim_keys = _dkim_config().read_dkim(top.sub("dkim"), server["data_dir"])
     from exmta.tlspolicy.config import read_tls_policy
     tls_policy = read_tls_policy(top.sub("tls_policy"), server["data_dir"])  # MTA-STS, DANE, TLS-RPT
+    from exmta.rules.config import read_transport_rules  # [transport_rules]: reads and checks the rules file
+    transport_rules = read_transport_rules(top.sub("transport_rules"), source, {s.name for s in send},
+                                           {b.name: b.kind for b in auth_backends})
 
     filters: dict[str, dict[str, Any]] = {}
     fs = top.sub("filters")
@@ -868,5 +871,6 @@ def _parse_config(raw: dict[str, Any], source: str, data_dir: str | None) -> Con
         metrics=metrics,
         alerts=alerts,
         auth_backends=auth_backends,
+        transport_rules=transport_rules,
         source=source,
     )

@@ -187,6 +187,17 @@ class RouteConfig:
 
 
 @dataclass(frozen=True)
+class TransportRulesConfig:
+    """[transport_rules]: Exchange-style mail flow rules (exmta.rules); off while ``file`` is None."""
+
+    file: str | None = None               # the rules file (absolute, or relative to this config file)
+    reload_interval: float = 2.0          # seconds between checks of the file's mtime (live reload)
+    threads: int = 2                      # the bounded pool that parses messages and runs the rules
+    limits: tuple[tuple[str, Any], ...] = ()  # MIME inspection limits (exmta.message.Limits) as key/value pairs
+    directory: str | None = None          # an [auth.NAME] LDAP back end for FromMemberOf / SentToMemberOf
+
+
+@dataclass(frozen=True)
 class BackPressureConfig:
     """[back_pressure]: new mail gets 452 4.3.1 while a limit is passed (exmta.receive.backpressure)."""
 
@@ -325,6 +336,7 @@ class Config:
     recipient_directory: str | None = None
     recipient_cache_ttl: float = 60.0     # seconds an answer (known or unknown) is reused
     tls_policy: TLSPolicyConfig = field(default_factory=TLSPolicyConfig)  # [tls_policy] (exmta.tlspolicy)
+    transport_rules: TransportRulesConfig = field(default_factory=TransportRulesConfig)
     source: str = "<embedded default>"    # the file this came from, for messages
 
     @property

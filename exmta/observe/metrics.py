@@ -348,6 +348,8 @@ class Metrics:
         self.poison = Counter("exmta_messages_poison", "Messages moved to hold as poison", registry=r)
         self.filter_verdicts = Counter("exmta_filter_verdicts", "Filter verdicts other than CONTINUE",
                                        ["filter", "phase", "action"], registry=r)
+        self.rule_hits = Counter("exmta_transport_rule_hits", "Transport rule matches (AGENTINFO of exmta.rules)",
+                                 ["rule", "mode"], registry=r)
         self.latency = Histogram("exmta_delivery_latency_seconds", "Receipt to final delivery, per recipient",
                                  ["connector"], buckets=LATENCY_BUCKETS, registry=r)
         r.register(_LiveCollector(self))
@@ -385,6 +387,8 @@ class Metrics:
             _child(self.dsns, str((event.details or {}).get("action", "unknown"))).inc()
         elif eid is TrackingEventId.POISONMESSAGE:
             self.poison.inc()
+        elif eid is TrackingEventId.AGENTINFO and (event.details or {}).get("agent") == "TransportRule":
+            _child(self.rule_hits, str(event.details["rule"]), str(event.details.get("mode", "enforce"))).inc()
 
     # ------------------------------------------------------------ session observer
 

@@ -930,6 +930,16 @@ class ESMTPServer(Protocol):
                                     "filter" if by_filter else "discarded by policy", filter_name=by_filter)
                 self._reply(replies.queued(writer.queue_id))
                 return
+            rules = None
+            if self.factory.transport_rules is not None:  # exmta.rules.hook: one call, a decision plus its edits
+                rules = await self.factory.transport_rules.at_end_of_data(self.session, txn.view(), view, writer)
+                if self._closing or rules.reply is not None or rules.discard:
+                    writer.abort()
+                    if not self._closing:
+                        self._track_refusal(TrackingEventId.REJECT if rules.reply else TrackingEventId.DROP, txn,
+                                            writer, rules.reply, "transport rule")
+                        self._reply(rules.reply or replies.queued(writer.queue_id))
+                    return
             view.apply_edits(writer)
             message_id = next(iter(view.field_values("Message-ID")), None)
             forged = forged_sender(self.session, txn) if txn.sender and \
@@ -951,6 +961,8 @@ class ESMTPServer(Protocol):
                 size=writer.size,
                 held_reason=getattr(view, "quarantine_reason", None),
             )
+            if rules is not None:
+                envelope = rules.envelope(envelope)
             queue_id = await self.factory.store.commit(writer, envelope)
         except Exception as e:
             refusal = self._storage_error(e, "end of data failed")
@@ -961,6 +973,8 @@ class ESMTPServer(Protocol):
         if len(self._queued_ids) < _IDS_LOGGED:
             self._queued_ids.append(queue_id)  # named in the session's end line; the tracking log has every one
         self._track(queue_id, envelope, view.agent_notes)
+        if rules is not None:
+            rules.committed(queue_id, envelope)  # rule hits tracked, NDR for refused recipients (never raises)
         self._reply(replies.queued(queue_id))
 
     def _qualified(self, rcpt: Address) -> str:
@@ -1213,6 +1227,8 @@ class ESMTPServerFactory(Factory):
         #: EHLO keywords not to advertise, e.g. {"CHUNKING", "BINARYMIME"} (Exchange's ChunkingEnabled
         #: = false); BDAT itself stays accepted from clients that use it anyway
         self.disabled_extensions: set[str] = set()
+        #: exmta.rules.hook.TransportRules run at end of data, or None (no rules file)
+        self.transport_rules: Any = None
         #: protocol log of this connector (exmta.observe.protocol.ProtocolLog), None when off
         self.protocol_log: Any = None
         self.sessions: set[ESMTPServer] = set()
