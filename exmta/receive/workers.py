@@ -9,6 +9,12 @@ process about each committed message by writing its queue id on a line to
 its stdout; the spool's own scan of incoming/ is the safety net for a lost
 line. A worker that dies is started again after a short pause.
 
+A worker writes ``!ready`` on its stdout once it accepts connections:
+:meth:`WorkerPool.readiness` (a ``/readyz`` check) passes only while every
+worker has, and :meth:`WorkerPool.reload` sends SIGHUP to each ready worker
+(a worker still starting gets it once ready) after the main process has
+applied a new configuration file (exmta.observe.reload).
+
 Only ``tcp:``, ``tcp6:`` and ``haproxy:tcp:`` endpoints can be shared this way;
 other endpoints stay in the main process.
 """
