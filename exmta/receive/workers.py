@@ -172,6 +172,8 @@ class WorkerPool(Service):
         may have read the file before it changed).
         """
         asked = 0
+        if self.stopping:
+            return asked
         for index in list(self.procs):
             if index in self.ready:
                 self._signal(index, "HUP")
