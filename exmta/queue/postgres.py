@@ -657,6 +657,8 @@ class PostgresStore:
                     pass
                 cur.execute("UPDATE exmta_message SET state = 'incoming', envelope = %s, lease_owner = NULL,"
                             " lease_token = NULL, lease_expires = NULL WHERE queue_id = %s", (text, queue_id))
+            for queue_id, _ in rows:  # whatever this process held before is void now
+                self._drop_lease(queue_id)
             return len(rows)
 
         def clean() -> int:

@@ -476,7 +476,15 @@ class DeliveryScheduler(Service):
             self._timer = None
             return
         d = defer.maybeDeferred(self._store.next_due)
-        d.addCallbacks(self._cb_next_due, lambda f: self._log.failure("next_due failed", f))
+        d.addCallbacks(self._cb_next_due, self._eb_next_due)
+
+    def _eb_next_due(self, failure: Failure) -> None:
+        if failure.check(StoreUnavailable):  # the queue's database is away: the next wake asks again
+            self._log.warn("next_due failed: {error}", error=failure.getErrorMessage())
+            if self.running:
+                self._set_timer(self._clock.seconds() + self._claim_retry)
+        else:
+            self._log.failure("next_due failed", failure)
 
     def _cb_next_due(self, due: float | None) -> None:
         if not self.running:
