@@ -45,6 +45,10 @@ def make_parser() -> argparse.ArgumentParser:
     add_connector_parser(sub)  # exmta connector which ADDRESS: the receive connector and its rights
     from exmta.diagnose.cli import add_commands as add_diagnose_commands
     add_diagnose_commands(sub)  # exmta explain, exmta diagnose
+    from exmta.queue.cluster_cli import add_commands as add_cluster_commands
+    add_cluster_commands(sub)  # exmta db init|migrate|status, exmta cluster status|drain|undrain
+    from exmta.rules.cli import add_rules_parser
+    add_rules_parser(sub)  # exmta rules check|test|import
     return parser
 
 

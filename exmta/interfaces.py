@@ -156,6 +156,31 @@ class IQueueStore(Interface):
         """-> Deferred[list[Envelope]] for queue in {"incoming", "active", "deferred", "hold"}."""
 
 
+class IQueueAdmin(Interface):
+    """Operator actions on a queue store (exmta.admin and the scheduler's DSN paths).
+
+    The spool and the PostgreSQL store both provide it, beside IQueueStore.
+    """
+
+    def read(queue_id):
+        """-> Deferred[(state, Envelope)] of one message wherever it is; KeyError when there is none."""
+
+    def remove(queue_id):
+        """-> Deferred[Envelope]: delete a message that is not being delivered.
+
+        KeyError when there is none; ValueError while it is active (being delivered).
+        """
+
+    def reschedule(queue_id, when):
+        """-> Deferred[bool]: bring a deferred message's pending recipients forward to ``when``.
+
+        False when the message is not deferred.
+        """
+
+    def release_now(queue_id, when):
+        """-> Deferred[None]: release() for an operator, the pending recipients due at ``when``."""
+
+
 class IRouter(Interface):
     """Maps recipients to send connectors."""
 
@@ -181,3 +206,38 @@ class IMessageTracker(Interface):
 
     def track(event):
         """Record one TrackingEvent."""
+
+
+class IRuleExtension(Interface):
+    """What an ``exmta.rules`` entry point resolves to: a third-party rule condition or action.
+
+    The entry point's name is the key administrators write in a rule's
+    ``[rule.conditions]``/``[rule.exceptions]`` (kind "condition") or
+    ``[rule.actions]`` (kind "action") table.
+    """
+
+    kind = Attribute('"condition" or "action".')
+
+    def build(value):
+        """-> an IRuleCondition (kind "condition") or IRuleAction (kind "action") for the TOML ``value``.
+
+        Raise ValueError with a short message for a bad value: it is reported
+        with the rule's name and the key, and the rules file is refused.
+        """
+
+
+class IRuleCondition(Interface):
+    """A built third-party predicate. Runs on the rules' thread pool: it may block briefly, never hang."""
+
+    recipient_scoped = Attribute("True when match returns the set of matching recipients, False for a bool.")
+
+    def match(context):
+        """-> bool, or a frozenset of recipients; ``context`` is an exmta.rules.context.RuleContext."""
+
+
+class IRuleAction(Interface):
+    """A built third-party action: records what to do, the core does it."""
+
+    def apply(context, out):
+        """Record changes on ``out`` (an exmta.rules.decision.DecisionBuilder): ``out.header_op(...)``,
+        ``out.decision.add_recipients``, ``out.decision.quarantine``, ... Returns nothing."""

@@ -379,6 +379,9 @@ class Envelope:
     kind: str = "message"  # "message" | "dsn" (a report we generated: never bounced)
     crashes: int = 0       # delivery attempts that raised (poison detection)
     held_reason: str | None = None
+    #: set by a transport rule (exmta.rules): this send connector for every recipient, TLS required next hop
+    route_connector: str | None = None
+    require_tls: bool = False
 
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if not r.is_final]
@@ -400,6 +403,8 @@ class Envelope:
             "kind": self.kind,
             "crashes": self.crashes,
             "held_reason": self.held_reason,
+            **({"route_connector": self.route_connector} if self.route_connector else {}),
+            **({"require_tls": True} if self.require_tls else {}),
         }
 
     @classmethod
@@ -421,6 +426,8 @@ class Envelope:
             kind=d.get("kind", "message"),
             crashes=int(d.get("crashes", 0)),
             held_reason=d.get("held_reason"),
+            route_connector=d.get("route_connector"),
+            require_tls=bool(d.get("require_tls", False)),
         )
 
 

@@ -209,6 +209,8 @@ def make_receive_factory(config: Config, rc: ReceiveConnectorConfig, store: Any,
     from exmta.auth.smtp import build_authenticator
     factory.authenticator = build_authenticator(  # SMTP AUTH and send-as, or None; lockouts shared by the node
         config, rc, clock, lockouts=getattr(resources, "lockouts", None))
+    from exmta.rules.wiring import attach_to_factory
+    attach_to_factory(factory, config, store, tracker, clock)  # transport rules at end of data, or none
     return factory
 
 
@@ -217,8 +219,6 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     from exmta.observe.tracking import TrackingLog
     from exmta.queue.pickup import PickupDirectory
     from exmta.queue.scheduler import DeliveryScheduler
-    from exmta.queue.spool import SpoolStore
-
     paths = data_paths(config)
     for key in ("data", "queue", "pickup"):
         os.makedirs(paths[key], exist_ok=True)
@@ -235,12 +235,22 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     tracking_log = tracker
     _add(top, "tracking", TrackerService(tracker))
 
-    store = SpoolStore(paths["queue"], reactor, pool, clock=reactor, io=config.main_spool_io,
-                       sync=config.spool_sync_for(worker=False))
+    from exmta.queue.stores import make_store
+    chosen = make_store(config, paths, reactor, pool, worker=False)
+    store = chosen.store
+    if chosen.service is not None:
+        _add(top, "store-db", chosen.service)  # PostgreSQL: connections, lease renewal, heartbeats
+    top.store_service = chosen.service
+    from exmta.observe.pgtracking import wrap_tracker
+    tracker, cluster_tracking = wrap_tracker(config, store, tracker, reactor)  # every node's events in one table
+    if cluster_tracking is not None:
+        _add(top, "tracking-db", cluster_tracking.service)
     _add(top, "store", StoreService(store))
 
     from exmta.observe.runtime import build_observability
     observe = top.observability = build_observability(config, reactor, store, paths)
+    if chosen.service is not None:
+        observe.readiness.add("cluster", chosen.service.readiness)  # draining, or PostgreSQL unreachable
     if observe.http is not None:
         _add(top, "observe-http", observe.http)  # stops late: /readyz answers "stopping" while draining
     tracker = observe.fan_out(tracker)
@@ -257,6 +267,8 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     pickup = PickupDirectory(paths["pickup"], store, reactor, config.queue.pickup_interval, tracker=tracker,
                              hostname=config.hostname,
                              run_blocking=lambda f, *a: deferToThreadPool(reactor, pool, f, *a))  # off the reactor
+    from exmta.rules.wiring import transport_rules_for
+    pickup.transport_rules = transport_rules_for(config, store, tracker, reactor)  # rules on picked-up mail
     _add(top, "pickup", pickup)
 
     from exmta.filters.admission import make_filter_pool
@@ -270,6 +282,10 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     from exmta.tlspolicy.report import add_tls_report_service
     add_tls_report_service(top, config, store, reactor, pool, connectors)  # [tls_policy] tls_rpt = true
     resources = make_resources(config, paths["queue"], reactor, reactor, pool)
+    if chosen.shared:  # the rate limits count every process of every node (exmta.receive.sharedrates)
+        from exmta.receive.sharedrates import RateExchange
+        resources.rates = RateExchange(store, reactor)
+        _add(top, "rates-db", resources.rates.service)
     if resources.service is not None:
         _add(top, "back-pressure", resources.service)
     top.back_pressure = resources.back_pressure  # .status() for an operator's metrics

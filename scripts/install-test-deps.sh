@@ -31,6 +31,7 @@ debs="$debs libnet-ssleay-perl"  # swaks --tls (tests/tls/)
 debs="$debs slapd ldap-utils"  # OpenLDAP for the SMTP AUTH LDAP checker tests (tests/support/slapd.py)
 debs="$debs chromium"  # headless browser for the status page test (tests/integration/test_observe.py)
 debs="$debs opendkim-tools spf-tools-perl"  # DKIM/SPF cross-checks (tests/filters/test_auth_crosscheck.py)
+debs="$debs postgresql haproxy"  # the PostgreSQL queue store and the cluster behind HAProxy (tests/integration/test_cluster_faults.py)
 # a clean Debian 12 may lack python3, and has it without venv/ensurepip
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
     debs="$debs python3"

@@ -6,4 +6,4 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 # integration fixtures (Postfix, Dovecot, aiosmtpd sinks, exmta as a process)
-pytest_plugins = ["support.fixtures"]
+pytest_plugins = ["support.fixtures", "support.postgres"]

@@ -250,6 +250,40 @@ def format_json(records: list[dict[str, Any]]) -> str:
 # ---------------------------------------------------------------- command
 
 
+def _cluster_database(args: argparse.Namespace) -> tuple[str, float] | None:
+    """(dsn, connect timeout) when the configuration keeps the queue in PostgreSQL, else None."""
+    if not args.config:
+        return None
+    from exmta.admin.client import load_config_for
+
+    config = load_config_for(args)
+    if config.queue.store != "postgres":
+        return None
+    return config.postgres.dsn, config.postgres.connect_timeout
+
+
+def cluster_search(db: tuple[str, float], flt: Filter, limit: int | None = None) -> list[dict[str, Any]]:
+    """search() over the cluster's tracking table (exmta.observe.pgtracking)."""
+    from exmta.observe.pgtracking import search_cluster
+
+    out = [rec for rec in search_cluster(db[0], {flt.queue_id} if flt.queue_id else None, flt.message_id,
+                                         flt.start, flt.end, db[1]) if flt.matches(rec)]
+    if limit is not None and len(out) > limit:
+        out = out[-limit:]
+    return out
+
+
+def cluster_history(db: tuple[str, float], flt: Filter) -> list[dict[str, Any]]:
+    """history() over the cluster's tracking table."""
+    from exmta.observe.pgtracking import search_cluster
+
+    first = cluster_search(db, flt)
+    ids = {flt.queue_id} if flt.queue_id else {str(r.get("queue_id", "")).upper() for r in first if r.get("queue_id")}
+    if not ids:
+        return first
+    return list(search_cluster(db[0], ids, connect_timeout=db[1]))
+
+
 def tracking_path(args: argparse.Namespace) -> str:
     """--log, else [server] tracking_log / <data_dir>/log/tracking.jsonl from --config / --data."""
     if args.log:
@@ -276,13 +310,22 @@ def _run(args: argparse.Namespace) -> int:
     except CommandError as e:
         print(f"exmta track: {e}", file=sys.stderr)
         return e.code
-    if not log_files(path):
-        print(f"exmta track: no tracking log at {path} (give --log FILE, or -c CONFIG / --data DIR of the server)",
-              file=sys.stderr)
-        return 1
     whole = args.history or (args.message_id or args.queue_id) and not (
         args.sender or args.recipient or args.event or args.connector or args.start or args.end)
-    records = history(path, flt, sys.stderr) if whole else search(path, flt, sys.stderr, args.limit)
+    cluster = None if args.log else _cluster_database(args)
+    if cluster is not None:  # several nodes: every node's events, from the shared database
+        try:
+            records = cluster_history(cluster, flt) if whole else cluster_search(cluster, flt, args.limit)
+        except Exception as e:
+            print(f"exmta track: PostgreSQL: {type(e).__name__}: {e} (--log FILE searches this node's log)",
+                  file=sys.stderr)
+            return 1
+    else:
+        if not log_files(path):
+            print(f"exmta track: no tracking log at {path} (give --log FILE, or -c CONFIG / --data DIR of the "
+                  "server)", file=sys.stderr)
+            return 1
+        records = history(path, flt, sys.stderr) if whole else search(path, flt, sys.stderr, args.limit)
     if not records:
         print("exmta track: no matching events", file=sys.stderr)
         return 1

@@ -34,10 +34,15 @@ def _store(args: argparse.Namespace) -> LockoutStore | None:
         from exmta.config.load import ConfigError, load_config
 
         try:
-            data = load_config(args.config).data_dir
+            config = load_config(args.config)
         except ConfigError as e:
             print(str(e), file=sys.stderr)
             return None
+        if config.queue.store == "postgres":  # the cluster's locks, shared by every node
+            from exmta.auth.lockstore import lockout_store_for
+
+            return lockout_store_for(config, _WallClock())
+        data = config.data_dir
     else:
         data = args.data
     path = os.path.join(os.path.abspath(data), FILE_NAME)
@@ -46,11 +51,24 @@ def _store(args: argparse.Namespace) -> LockoutStore | None:
     return LockoutStore(path, _WallClock())
 
 
+def _exists(store: LockoutStore) -> bool:
+    """A node's SQLite file may not exist yet (nothing recorded); the cluster's tables always do."""
+    return type(store) is not LockoutStore or os.path.exists(store.path)
+
+
 def _list(args: argparse.Namespace) -> int:
     store = _store(args)
+    try:
+        return _list_in(store)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _list_in(store: LockoutStore | None) -> int:
     if store is None:
         return 2
-    if not os.path.exists(store.path):
+    if not _exists(store):
         return 0
     rows = store.locks()
     for kind, key, left in rows:
@@ -61,9 +79,17 @@ def _list(args: argparse.Namespace) -> int:
 
 def _clear(args: argparse.Namespace) -> int:
     store = _store(args)
+    try:
+        return _clear_in(args, store)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _clear_in(args: argparse.Namespace, store: LockoutStore | None) -> int:
     if store is None:
         return 2
-    if not os.path.exists(store.path):
+    if not _exists(store):
         return 0
     if args.all:
         n = store.clear()

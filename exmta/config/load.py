@@ -22,6 +22,7 @@ from exmta.config.schema import (
     AlertsConfig,
     Config,
     MetricsConfig,
+    PostgresConfig,
     QueueConfig,
     ReceiveConnectorConfig,
     RouteConfig,
@@ -529,6 +530,7 @@ def _read_queue(r: _Reader) -> QueueConfig:
         max_active=r.get("max_active", d.max_active, _int(1)),
         poison_threshold=r.get("poison_threshold", d.poison_threshold, _int(1)),
         pickup_interval=r.get("pickup_interval", d.pickup_interval, parse_duration),
+        store=r.get("store", d.store, _choice("spool", "postgres")),
     )
     if not q.retry_schedule:
         r.error("retry_schedule", "needs at least one interval")
@@ -536,6 +538,26 @@ def _read_queue(r: _Reader) -> QueueConfig:
         r.error("retry_schedule", "intervals must be positive")
     r.finish()
     return q
+
+
+def _read_postgres(r: _Reader, store: str) -> PostgresConfig:
+    d = PostgresConfig()
+    c = PostgresConfig(
+        dsn=r.get("dsn", d.dsn, _str),
+        node=r.get("node", d.node, _nonempty_str),
+        lease=r.get("lease", d.lease, parse_duration),
+        pool_size=r.get("pool_size", d.pool_size, _int(1, 200)),
+        connect_timeout=r.get("connect_timeout", d.connect_timeout, parse_duration),
+        poll_interval=r.get("poll_interval", d.poll_interval, parse_duration),
+    )
+    if store == "postgres" and not c.dsn.strip():
+        r.error("dsn", 'is required with [queue] store = "postgres" (e.g. "host=db1 dbname=exmta user=exmta")')
+    if c.lease < 5:
+        r.error("lease", "must be at least 5 seconds (a node renews its leases every third of it)")
+    if c.poll_interval <= 0:
+        r.error("poll_interval", "must be positive")
+    r.finish()
+    return c
 
 
 def _read_metrics(r: _Reader) -> MetricsConfig:
@@ -772,6 +794,7 @@ def _parse_config(raw: dict[str, Any], source: str, data_dir: str | None) -> Con
     top.used.add("route")
     routes = _read_routes(problems, raw.get("route", []))
     queue = _read_queue(top.sub("queue"))
+    postgres = _read_postgres(top.sub("postgres"), queue.store)
     logs = _ops_config().read_logs(top.sub("logs"))
     admin = _ops_config().read_admin(top.sub("admin"))
     back_pressure = _read_back_pressure(top.sub("back_pressure"))
@@ -782,6 +805,9 @@ def _parse_config(raw: dict[str, Any], source: str, data_dir: str | None) -> Con
     dkim_keys = _dkim_config().read_dkim(top.sub("dkim"), server["data_dir"])
     from exmta.tlspolicy.config import read_tls_policy
     tls_policy = read_tls_policy(top.sub("tls_policy"), server["data_dir"])  # MTA-STS, DANE, TLS-RPT
+    from exmta.rules.config import read_transport_rules  # [transport_rules]: reads and checks the rules file
+    transport_rules = read_transport_rules(top.sub("transport_rules"), source, {s.name for s in send},
+                                           {b.name: b.kind for b in auth_backends})
 
     filters: dict[str, dict[str, Any]] = {}
     fs = top.sub("filters")
@@ -827,6 +853,7 @@ def _parse_config(raw: dict[str, Any], source: str, data_dir: str | None) -> Con
         send=tuple(send),
         routes=routes,
         queue=queue,
+        postgres=postgres,
         logs=logs,
         admin=admin,
         pickup_dir=server["pickup_dir"],
@@ -844,5 +871,6 @@ def _parse_config(raw: dict[str, Any], source: str, data_dir: str | None) -> Con
         metrics=metrics,
         alerts=alerts,
         auth_backends=auth_backends,
+        transport_rules=transport_rules,
         source=source,
     )

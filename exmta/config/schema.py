@@ -187,6 +187,17 @@ class RouteConfig:
 
 
 @dataclass(frozen=True)
+class TransportRulesConfig:
+    """[transport_rules]: Exchange-style mail flow rules (exmta.rules); off while ``file`` is None."""
+
+    file: str | None = None               # the rules file (absolute, or relative to this config file)
+    reload_interval: float = 2.0          # seconds between checks of the file's mtime (live reload)
+    threads: int = 2                      # the bounded pool that parses messages and runs the rules
+    limits: tuple[tuple[str, Any], ...] = ()  # MIME inspection limits (exmta.message.Limits) as key/value pairs
+    directory: str | None = None          # an [auth.NAME] LDAP back end for FromMemberOf / SentToMemberOf
+
+
+@dataclass(frozen=True)
 class BackPressureConfig:
     """[back_pressure]: new mail gets 452 4.3.1 while a limit is passed (exmta.receive.backpressure)."""
 
@@ -204,6 +215,19 @@ class QueueConfig:
     max_active: int = 5000                # messages claimed into memory for delivery at once
     poison_threshold: int = 3             # crashed attempts before a message is held
     pickup_interval: float = 2.0          # seconds between scans of the pickup directory
+    store: str = "spool"                  # "spool" (embedded, one node) | "postgres" (shared by nodes: [postgres])
+
+
+@dataclass(frozen=True)
+class PostgresConfig:
+    """[postgres]: the shared PostgreSQL queue (exmta.queue.postgres), used when [queue] store = "postgres"."""
+
+    dsn: str = ""                         # libpq conninfo or URI; keep the password in ~/.pgpass, not here
+    node: str = ""                        # this node's name in the cluster; default: [server] hostname
+    lease: float = 60.0                   # a claimed message returns to the others this long after a node dies
+    pool_size: int = 8                    # connections and threads for queue work
+    connect_timeout: float = 10.0         # seconds to connect before the work fails as temporary (4xx)
+    poll_interval: float = 1.0            # seconds between looks for mail left by other nodes
 
 
 @dataclass(frozen=True)
@@ -288,6 +312,7 @@ class Config:
     send: tuple[SendConnectorConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
     queue: QueueConfig = field(default_factory=QueueConfig)
+    postgres: PostgresConfig = field(default_factory=PostgresConfig)
     pickup_dir: str | None = None         # default <data_dir>/pickup
     tracking_log: str | None = None       # default <data_dir>/log/tracking.jsonl
     receive_workers: int = 0              # extra processes accepting SMTP (0 = the main process only)
@@ -311,6 +336,7 @@ class Config:
     recipient_directory: str | None = None
     recipient_cache_ttl: float = 60.0     # seconds an answer (known or unknown) is reused
     tls_policy: TLSPolicyConfig = field(default_factory=TLSPolicyConfig)  # [tls_policy] (exmta.tlspolicy)
+    transport_rules: TransportRulesConfig = field(default_factory=TransportRulesConfig)
     source: str = "<embedded default>"    # the file this came from, for messages
 
     @property

@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from exmta.interfaces import IMessageTracker
 from exmta.model import TrackingEvent, TrackingEventId
+from exmta.queue.errors import StoreUnavailable
 
 try:  # optional: the "metrics" extra
     import prometheus_client
@@ -141,8 +142,15 @@ class QueueSampler:
 
         self._running = d
         d.addBoth(done)
-        d.addErrback(lambda f: log.failure("listing the queue for metrics failed", f))
+        d.addErrback(self._eb_sample)
         return d
+
+    @staticmethod
+    def _eb_sample(f: Any) -> None:
+        if f.check(StoreUnavailable):  # the queue's database is away: the next sample tries again
+            log.warn("listing the queue for metrics failed: {error}", error=f.getErrorMessage())
+        else:
+            log.failure("listing the queue for metrics failed", f)
 
     async def _sample(self) -> QueueSnapshot:
         snap = QueueSnapshot(self.clock.seconds())
@@ -340,6 +348,8 @@ class Metrics:
         self.poison = Counter("exmta_messages_poison", "Messages moved to hold as poison", registry=r)
         self.filter_verdicts = Counter("exmta_filter_verdicts", "Filter verdicts other than CONTINUE",
                                        ["filter", "phase", "action"], registry=r)
+        self.rule_hits = Counter("exmta_transport_rule_hits", "Transport rule matches (AGENTINFO of exmta.rules)",
+                                 ["rule", "mode"], registry=r)
         self.latency = Histogram("exmta_delivery_latency_seconds", "Receipt to final delivery, per recipient",
                                  ["connector"], buckets=LATENCY_BUCKETS, registry=r)
         r.register(_LiveCollector(self))
@@ -377,6 +387,8 @@ class Metrics:
             _child(self.dsns, str((event.details or {}).get("action", "unknown"))).inc()
         elif eid is TrackingEventId.POISONMESSAGE:
             self.poison.inc()
+        elif eid is TrackingEventId.AGENTINFO and (event.details or {}).get("agent") == "TransportRule":
+            _child(self.rule_hits, str(event.details["rule"]), str(event.details.get("mode", "enforce"))).inc()
 
     # ------------------------------------------------------------ session observer
 

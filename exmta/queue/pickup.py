@@ -221,6 +221,8 @@ class PickupDirectory(Service):
         self._scanning: Deferred[int] | None = None
         self.submitted = 0
         self.bad = 0
+        #: exmta.rules.hook.TransportRules run on each picked-up message, or None
+        self.transport_rules: Any = None
 
     def startService(self) -> None:
         super().startService()
@@ -290,7 +292,10 @@ class PickupDirectory(Service):
             self.log.error("Cannot read pickup file {file!r}: {error}", file=full, error=str(e))
             return 0
         try:
-            queue_id = await self.store.submit(content, envelope)
+            if self.transport_rules is not None:  # exmta.rules.hook: None when a rule deleted or refused it
+                queue_id = await self.transport_rules.submit(content, envelope, "PICKUP")
+            else:
+                queue_id = await self.store.submit(content, envelope)
         except Exception:
             self.log.failure("Cannot queue pickup file {file!r}; will retry", file=full)
             return None
@@ -298,6 +303,9 @@ class PickupDirectory(Service):
             await self.run_blocking(os.unlink, full)
         except FileNotFoundError:
             pass
+        if queue_id is None:
+            self.log.info("Pickup file {file} deleted or refused by a transport rule", file=name)
+            return 0
         self.submitted += 1
         self.log.info(
             "Picked up {file!r} as {queue_id} from {sender} to {count} recipients",

@@ -122,6 +122,7 @@ from exmta.model import (
 )
 from exmta.observe.tracking import event_details
 from exmta.queue.bounce import make_dsn
+from exmta.queue.errors import StoreUnavailable
 from exmta.routing.router import UNREACHABLE, StaticRouter
 from exmta.routing.split import transfer_details
 
@@ -444,7 +445,12 @@ class DeliveryScheduler(Service):
     def _eb_claim(self, failure: Failure) -> None:
         self._claiming = False
         self._claim_again = False
-        self._log.failure("claiming from the queue failed; retrying in {delay}s", failure, delay=self._claim_retry)
+        if failure.check(StoreUnavailable):  # the queue's database is away: expected, no traceback
+            self._log.warn("claiming from the queue failed: {error}; retrying in {delay}s",
+                           error=failure.getErrorMessage(), delay=self._claim_retry)
+        else:
+            self._log.failure("claiming from the queue failed; retrying in {delay}s", failure,
+                              delay=self._claim_retry)
         if self.running:
             self._set_timer(self._clock.seconds() + self._claim_retry)
 
@@ -911,9 +917,12 @@ class DeliveryScheduler(Service):
                 self._message_done(msg)
                 return
             delay = min(self._claim_retry * 2 ** min(tries, 16), STORE_RETRY_CAP)
-            self._log.failure(
-                "storing the state of {queue_id} failed; retrying in {delay}s", f, queue_id=msg.queue_id, delay=delay,
-            )
+            if f.check(StoreUnavailable):  # the queue's database is away: expected, no traceback
+                self._log.warn("storing the state of {queue_id} failed: {error}; retrying in {delay}s",
+                               queue_id=msg.queue_id, error=f.getErrorMessage(), delay=delay)
+            else:
+                self._log.failure("storing the state of {queue_id} failed; retrying in {delay}s", f,
+                                  queue_id=msg.queue_id, delay=delay)
             self._store_retries[msg.queue_id] = self._clock.callLater(
                 delay, self._store_state, msg, store_state, tries + 1,
             )

@@ -90,7 +90,7 @@ from zope.interface import implementer
 
 from exmta.coroutines import run_coroutine
 from exmta.filemodes import private_opener
-from exmta.interfaces import IMessageWriter, IQueueStore
+from exmta.interfaces import IMessageWriter, IQueueAdmin, IQueueStore
 from exmta.model import Envelope, QueueEntry, new_queue_id
 from exmta.queue.writerlock import WriterLock
 
@@ -531,7 +531,7 @@ class _Recovery:
     by_reference: bool = True  # False: the writer lock was busy, young files were left alone
 
 
-@implementer(IQueueStore)
+@implementer(IQueueStore, IQueueAdmin)
 class SpoolStore:
     """IQueueStore on a local directory tree (layout in the module docstring).
 

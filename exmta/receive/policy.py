@@ -130,6 +130,7 @@ class DefaultReceivePolicy:
         messages_per_minute_per_user: int = 0,
         recipients_per_minute_per_user: int = 0,
         connector: str = "",
+        rates: Any = None,
     ) -> None:
         self.accepted_domain = accepted_domain
         self.relay_networks: tuple[IPNetwork, ...] = tuple(
@@ -151,14 +152,17 @@ class DefaultReceivePolicy:
                   messages_per_minute_per_user, recipients_per_minute_per_user)
         if any(limits) and clock is None:
             raise ValueError("rate limits need a clock")
-        self.messages_per_ip = RateCounter(messages_per_minute_per_ip, clock)
-        self.recipients_per_ip = RateCounter(recipients_per_minute_per_ip, clock)
-        self.messages_per_user = RateCounter(messages_per_minute_per_user, clock)
-        self.recipients_per_user = RateCounter(recipients_per_minute_per_user, clock)
+        # rates: an exmta.receive.sharedrates.RateExchange, so that every process of every node counts together
+        def counter(name: str, limit: int) -> RateCounter:
+            return rates.counter(f"{connector}/{name}", limit) if rates is not None else RateCounter(limit, clock)
+        self.messages_per_ip = counter("messages_per_ip", messages_per_minute_per_ip)
+        self.recipients_per_ip = counter("recipients_per_ip", recipients_per_minute_per_ip)
+        self.messages_per_user = counter("messages_per_user", messages_per_minute_per_user)
+        self.recipients_per_user = counter("recipients_per_user", recipients_per_minute_per_user)
 
     @classmethod
     def for_connector(cls, config: Any, rc: Any, clock: Any, recipients: RecipientValidator | None = None,
-                      back_pressure: BackPressure | None = None) -> DefaultReceivePolicy:
+                      back_pressure: BackPressure | None = None, rates: Any = None) -> DefaultReceivePolicy:
         """The policy of receive connector ``rc`` (a ReceiveConnectorConfig) in ``config``."""
         return cls(
             config.accepted_domain, rc.relay_networks,
@@ -168,7 +172,7 @@ class DefaultReceivePolicy:
             recipients_per_minute_per_ip=rc.recipients_per_minute_per_ip,
             messages_per_minute_per_user=rc.messages_per_minute_per_user,
             recipients_per_minute_per_user=rc.recipients_per_minute_per_user,
-            connector=rc.name,
+            connector=rc.name, rates=rates,
         )
 
     # ------------------------------------------------------------ rights

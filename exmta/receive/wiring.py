@@ -29,6 +29,7 @@ class ReceiveResources:
     service: BackPressureService | None = None   # measures back pressure while running
     admission: Any = None  # exmta.filters.admission.CheckAdmission: filter runs in flight
     lockouts: Any = None   # exmta.auth.lockstore.LockoutStore: AUTH failures of the node (all processes)
+    rates: Any = None      # exmta.receive.sharedrates.RateExchange: rate limits of the cluster (PostgreSQL queue)
 
 
 def make_resources(config: Config, queue_dir: str, clock: Any, reactor: Any = None,
@@ -56,9 +57,9 @@ def make_resources(config: Config, queue_dir: str, clock: Any, reactor: Any = No
     admission = CheckAdmission(config.filter_checks_in_flight, config.filter_checks_per_client)
     lockouts = None
     if any(rc.auth and rc.auth_backend for rc in config.receive):
-        from exmta.auth.lockstore import FILE_NAME, LockoutStore
+        from exmta.auth.lockstore import lockout_store_for
 
-        lockouts = LockoutStore(os.path.join(os.path.abspath(config.data_dir), FILE_NAME), clock)
+        lockouts = lockout_store_for(config, clock)
     return ReceiveResources(pressure if pressure.enabled else None, recipients, service, admission, lockouts)
 
 
@@ -79,7 +80,7 @@ def make_policy(config: Config, rc: ReceiveConnectorConfig, clock: Any,
                 resources: ReceiveResources | None = None) -> DefaultReceivePolicy:
     resources = resources or ReceiveResources()
     return DefaultReceivePolicy.for_connector(config, rc, clock, recipients=resources.recipients,
-                                              back_pressure=resources.back_pressure)
+                                              back_pressure=resources.back_pressure, rates=resources.rates)
 
 
 def _listening(factory: Any, clock: Any) -> Any:

@@ -86,7 +86,6 @@ def run(argv: list[str]) -> None:
     from exmta.config.load import embedded_default, load_config
     from exmta.observe.tracking import TrackingLog
     from exmta.plugins import FilterEnv, load_filters
-    from exmta.queue.spool import SpoolStore
     from exmta.service import data_paths, make_receive_factory, make_threadpool
 
     config = load_config(args.config, data_dir=args.data) if args.config else embedded_default(args.data)
@@ -98,10 +97,17 @@ def run(argv: list[str]) -> None:
     lines = LineBatcher(reactor)
     relay = WorkerRelay(lines.write)  # metrics: events to the main process too
     tracker = relay.wrap(tracker)
-    # only the main process claims; no thread hand-offs but the syncfs calls (exmta.queue.spool)
-    store = SpoolStore(paths["queue"], reactor, pool, clock=reactor, claims=False,
-                       io="inline", sync=config.spool_sync_for(worker=True),
-                       writer_lock=True)  # a restarted main's recovery waits for this process to exit
+    # only the main process claims (exmta.queue.stores)
+    from exmta.queue.stores import make_store
+    chosen = make_store(config, paths, reactor, pool, worker=True)
+    store = chosen.store
+    if chosen.service is not None:
+        store.open()  # connections only: leases, heartbeats and polling belong to the main process
+    from exmta.observe.pgtracking import wrap_tracker
+    file_tracker = tracker
+    tracker, cluster_tracking = wrap_tracker(config, store, tracker, reactor)
+    if cluster_tracking is not None:
+        cluster_tracking.service.startService()
     store.add_listener(lines.announce)
     from exmta.filters.admission import make_filter_pool
     filter_pool = make_filter_pool(config.filter_threads)  # never the spool's pool
@@ -113,6 +119,10 @@ def run(argv: list[str]) -> None:
     from exmta.receive.wiring import make_dispatchers, make_resources
 
     resources = make_resources(config, paths["queue"], reactor, reactor, pool)
+    if chosen.shared:  # rate limits shared with the main process and the other nodes
+        from exmta.receive.sharedrates import RateExchange
+        resources.rates = RateExchange(store, reactor)
+        resources.rates.service.startService()
     if resources.service is not None:
         resources.service.startService()
     factories: dict[str, Any] = {
@@ -137,8 +147,14 @@ def run(argv: list[str]) -> None:
         await defer.DeferredList([defer.maybeDeferred(f.shutdown, 10.0) for f in factories.values()])
         if resources.service is not None:
             resources.service.stopService()
-        tracker.close()
+        file_tracker.close()
         protocol_logs.close()
+        if resources.rates is not None:
+            await defer.maybeDeferred(resources.rates.service.stopService)
+        if cluster_tracking is not None:
+            await defer.maybeDeferred(cluster_tracking.service.stopService)
+        if chosen.service is not None:
+            store.close()
         pool.stop()
         filter_pool.stop()
         lines.flush()

@@ -147,10 +147,13 @@ class StaticRouter:
         """-> (routes, unroutable recipients), preserving recipient order within each route."""
         groups: dict[tuple[str, str | None, str | None], list[str]] = {}
         unroutable: list[str] = []
+        forced = getattr(envelope, "route_connector", None)  # a transport rule's RouteMessageOutboundConnector
         for item in recipients:
             rcpt = item if isinstance(item, str) else item.address  # str or model.Recipient
             domain = Address.parse_simple(rcpt).domain_key
             chosen = self._choose(domain)
+            if forced:  # a transport rule's RouteMessageOutboundConnector wins over the address spaces
+                chosen = (forced, None)
             if chosen is None:
                 unroutable.append(rcpt)
                 continue

@@ -270,7 +270,10 @@ class SMTPSendConnector:
 
     async def _try_target(self, target: Target, request: DeliveryRequest,
                           rcpts: tuple[Recipient, ...]) -> Reply | tuple[list[RecipientResult], SMTPClientProtocol]:
-        outcome = await self._try_target_once(target, request, rcpts, self._tls_mode(target))
+        tls_mode = self._tls_mode(target)
+        if getattr(request.envelope, "require_tls", False):  # a transport rule's RouteMessageOutboundRequireTls
+            tls_mode = "mandatory"
+        outcome = await self._try_target_once(target, request, rcpts, tls_mode)
         if isinstance(outcome, _TLSFailed):
             # RFC 7435: opportunistic TLS that fails falls back to plaintext (a new connection)
             self.log.info("TLS with {remote} failed; retrying without TLS", remote=target.label)
@@ -283,7 +286,7 @@ class SMTPSendConnector:
                                tls_mode: str) -> Any:
         proto = SMTPClientProtocol(
             self.clock, self.helo_name, lmtp=self.lmtp, tls_mode=tls_mode,
-            tls_context=self._context_for(target), username=self.config.auth_username,
+            tls_context=self._context_for(target, tls_mode), username=self.config.auth_username,
             password=self.config.auth_password, timeouts=self.timeouts, remote_host=target.label,
             protocol_log=self.protocol_log, tls_verifier=target.policy.verify if target.policy else None,
             sasl=self.xoauth2.login(request) if self.xoauth2 is not None else None,
@@ -325,13 +328,14 @@ class SMTPSendConnector:
             return "none" if self.config.tls != "mandatory" else "mandatory"
         return self.config.tls
 
-    def _context_for(self, target: Target) -> Any:
-        if target.policy is not None:
+    def _context_for(self, target: Target, tls_mode: str | None = None) -> Any:
+        if target.policy is not None:  # MTA-STS or DANE: the policy's own context (exmta.tlspolicy)
             return target.policy.context()
-        if self.config.tls == "none":
+        mode = "mandatory" if tls_mode == "mandatory" else self.config.tls
+        if mode == "none":
             return None
         if self.tls_context is None:
-            return default_tls_context(self.config.tls, target.name)
+            return default_tls_context(mode, target.name)
         if callable(self.tls_context) and not hasattr(self.tls_context, "getContext") \
                 and not hasattr(self.tls_context, "clientConnectionForTLS"):
             return self.tls_context(target.name)

@@ -61,6 +61,7 @@ RELAY_DENIED = R(554, "5.7.1", "Relay access denied")
 
 # -- transient, internal
 INTERNAL_ERROR = R(451, "4.3.0", "Error: internal error, try again later")
+QUEUE_UNAVAILABLE = R(451, "4.3.0", "Queue temporarily unavailable, try again later")
 INSUFFICIENT_STORAGE = R(452, "4.3.1", "Insufficient system storage, try again later")  # ENOSPC, EDQUOT
 TLS_NOT_AVAILABLE = R(454, "4.7.0", "TLS not available due to temporary reason")  # for issue 4 (TLS)
 

@@ -42,6 +42,7 @@ from exmta.model import (
     Action, Address, Body, Envelope, Recipient, Reply, Session, TLSInfo, TrackingEvent,
     TrackingEventId, Transaction, Verdict,
 )
+from exmta.queue.errors import StoreUnavailable
 from exmta.queue.nospace import out_of_space
 from exmta.smtp import replies
 from exmta.smtp.backscatter import anonymous, forged_sender, narrow_mail, narrow_rcpt
@@ -551,7 +552,11 @@ class ESMTPServer(Protocol):
             self._write_failed = self._storage_error(e, "writing the message failed")  # the reply at the end
 
     def _storage_error(self, error: BaseException, what: str) -> Reply:
-        """A full spool (ENOSPC, EDQUOT) is 452 4.3.1 and a warning; anything else 451 and a traceback."""
+        """A full spool (ENOSPC, EDQUOT) is 452 4.3.1 and a warning; the queue's database away is 451 and a
+        warning; anything else 451 and a traceback."""
+        if isinstance(error, StoreUnavailable):
+            self.log.warn("session {session_id}: {what}: {error}", session_id=self._sid, what=what, error=error)
+            return replies.QUEUE_UNAVAILABLE
         if out_of_space(error):
             self.log.warn("session {session_id}: {what}: the spool is out of space ({error})",
                           session_id=self._sid, what=what, error=error)
@@ -925,6 +930,16 @@ class ESMTPServer(Protocol):
                                     "filter" if by_filter else "discarded by policy", filter_name=by_filter)
                 self._reply(replies.queued(writer.queue_id))
                 return
+            rules = None
+            if self.factory.transport_rules is not None:  # exmta.rules.hook: one call, a decision plus its edits
+                rules = await self.factory.transport_rules.at_end_of_data(self.session, txn.view(), view, writer)
+                if self._closing or rules.reply is not None or rules.discard:
+                    writer.abort()
+                    if not self._closing:
+                        self._track_refusal(TrackingEventId.REJECT if rules.reply else TrackingEventId.DROP, txn,
+                                            writer, rules.reply, "transport rule")
+                        self._reply(rules.reply or replies.queued(writer.queue_id))
+                    return
             view.apply_edits(writer)
             message_id = next(iter(view.field_values("Message-ID")), None)
             forged = forged_sender(self.session, txn) if txn.sender and \
@@ -946,6 +961,8 @@ class ESMTPServer(Protocol):
                 size=writer.size,
                 held_reason=getattr(view, "quarantine_reason", None),
             )
+            if rules is not None:
+                envelope = rules.envelope(envelope)
             queue_id = await self.factory.store.commit(writer, envelope)
         except Exception as e:
             refusal = self._storage_error(e, "end of data failed")
@@ -956,6 +973,8 @@ class ESMTPServer(Protocol):
         if len(self._queued_ids) < _IDS_LOGGED:
             self._queued_ids.append(queue_id)  # named in the session's end line; the tracking log has every one
         self._track(queue_id, envelope, view.agent_notes)
+        if rules is not None:
+            rules.committed(queue_id, envelope)  # rule hits tracked, NDR for refused recipients (never raises)
         self._reply(replies.queued(queue_id))
 
     def _qualified(self, rcpt: Address) -> str:
@@ -1208,6 +1227,8 @@ class ESMTPServerFactory(Factory):
         #: EHLO keywords not to advertise, e.g. {"CHUNKING", "BINARYMIME"} (Exchange's ChunkingEnabled
         #: = false); BDAT itself stays accepted from clients that use it anyway
         self.disabled_extensions: set[str] = set()
+        #: exmta.rules.hook.TransportRules run at end of data, or None (no rules file)
+        self.transport_rules: Any = None
         #: protocol log of this connector (exmta.observe.protocol.ProtocolLog), None when off
         self.protocol_log: Any = None
         self.sessions: set[ESMTPServer] = set()

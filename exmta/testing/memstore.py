@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from exmta.interfaces import IMessageWriter, IQueueStore
+from exmta.interfaces import IMessageWriter, IQueueAdmin, IQueueStore
 from exmta.model import Envelope, QueueEntry, new_queue_id
 
 QUEUES = ("incoming", "active", "deferred", "hold")
@@ -88,7 +88,7 @@ class _Stored:
     seq: int
 
 
-@implementer(IQueueStore)
+@implementer(IQueueStore, IQueueAdmin)
 class MemoryStore:
     """IQueueStore in memory; see the module docstring.
 
@@ -241,6 +241,43 @@ class MemoryStore:
             return defer.fail(ValueError(f"unknown queue {queue!r}"))
         found = sorted((s for s in self._messages.values() if s.queue == queue), key=lambda s: s.seq)
         return defer.succeed([_copy(s.envelope) for s in found])
+
+    # ------------------------------------------------------------ operator actions (IQueueAdmin)
+
+    def read(self, queue_id: str) -> defer.Deferred[tuple[str, Envelope]]:
+        stored = self._messages.get(queue_id)
+        if stored is None:
+            return defer.fail(KeyError(queue_id))
+        return defer.succeed((stored.queue, _copy(stored.envelope)))
+
+    def remove(self, queue_id: str) -> defer.Deferred[Envelope]:
+        stored = self._messages.get(queue_id)
+        if stored is None:
+            return defer.fail(KeyError(queue_id))
+        if stored.queue == "active":
+            return defer.fail(ValueError(f"{queue_id} is being delivered right now; try again in a moment"))
+        del self._messages[queue_id]
+        return defer.succeed(_copy(stored.envelope))
+
+    def reschedule(self, queue_id: str, when: float) -> defer.Deferred[bool]:
+        stored = self._messages.get(queue_id)
+        if stored is None:
+            return defer.fail(KeyError(queue_id))
+        if stored.queue != "deferred":
+            return defer.succeed(False)
+        for r in stored.envelope.pending():
+            if r.next_attempt is None or r.next_attempt > when:
+                r.next_attempt = when
+        stored.due = min(stored.due, when)
+        self._notify(queue_id)
+        return defer.succeed(True)
+
+    def release_now(self, queue_id: str, when: float) -> defer.Deferred[None]:
+        stored = self._messages.get(queue_id)
+        if stored is not None and stored.queue == "hold":
+            for r in stored.envelope.pending():
+                r.next_attempt = when
+        return self.release(queue_id)
 
     # ------------------------------------------------------------ inspection (tests)
 

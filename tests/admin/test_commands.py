@@ -71,12 +71,21 @@ def send(ex: ExmtaProcess, rcpt: str, message_id: str, sender: str = "alice@exam
     return next(e["queue_id"] for e in tracking(ex) if e.get("message_id") == f"<{message_id}>")
 
 
+@pytest.fixture(params=["spool", "postgres"])
+def queue_extra(request: pytest.FixtureRequest) -> str:
+    """The operator commands run against each store: the spool and the PostgreSQL queue."""
+    if request.param == "spool":
+        return ""
+    dsn = request.getfixturevalue("pg_dsn")
+    return f'store = "postgres"\n\n[postgres]\ndsn = "{dsn}"\n\n'
+
+
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[ExmtaProcess, SmtpSink, Switch]]:
+def server(tmp_path: Path, queue_extra: str) -> Iterator[tuple[ExmtaProcess, SmtpSink, Switch]]:
     switch = Switch("451 4.3.0 try again later")
     with SmtpSink(data_policy=switch) as sink:
         toml = exmta_toml(smarthost=sink.next_hop, retry="1h", receive_extra='protocol_log = "verbose"',
-                          extra=ADMIN)
+                          extra=queue_extra + ADMIN)
         toml = toml.replace('tls = "none"', 'tls = "none"\nprotocol_log = "verbose"')
         ex = ExmtaProcess(tmp_path / "ex", toml=toml, subst={"admin_port": procs.free_port()})
         ex.start()
@@ -87,6 +96,11 @@ def server(tmp_path: Path) -> Iterator[tuple[ExmtaProcess, SmtpSink, Switch]]:
         finally:
             ex.stop()
         assert ex.error_lines() == [], ex.log_text()[-4000:]
+
+
+def listed(ex: ExmtaProcess) -> list[list[str]]:
+    """`exmta queue messages` without the columns that change with time (queue id and state)."""
+    return [line.split()[:2] for line in run(ex, "queue", "messages").stdout.splitlines()]
 
 
 def admin_port(ex: ExmtaProcess) -> int:
@@ -223,8 +237,9 @@ def test_suspend_resume_remove_and_redirect(server: tuple[ExmtaProcess, SmtpSink
 
 def queue_files(ex: ExmtaProcess, *dirs: str) -> dict[str, bytes]:
     """``{dir/name: bytes}`` of the spool's messages and state: envelopes in the state directories,
-    content in msg/, operator.json in the root (*dirs* to look elsewhere). tmp/ holds work in
-    progress, never a message (exmta.queue.spool)."""
+    content in msg/, the files in the root (*dirs* to look elsewhere). tmp/ holds work in progress,
+    never a message (exmta.queue.spool); the PostgreSQL store's local temp and cache files (postgres/)
+    come and go with deliveries (its queue is the database, compared through `exmta queue messages`)."""
     root = ex.data_dir / "queue"
     out = {}
     for d in dirs or (".", "incoming", "active", "deferred", "hold", "corrupt", "msg"):
@@ -233,15 +248,21 @@ def queue_files(ex: ExmtaProcess, *dirs: str) -> dict[str, bytes]:
     return out
 
 
-def test_bad_input_changes_nothing(server: tuple[ExmtaProcess, SmtpSink, Switch], tmp_path: Path) -> None:
+def test_bad_input_changes_nothing(server: tuple[ExmtaProcess, SmtpSink, Switch], tmp_path: Path,
+                                   queue_extra: str) -> None:
     ex, sink, switch = server
     qid = send(ex, "keep@example.net", "keep@example.org")
     procs.wait_until(lambda: "DEFER" in events_of(ex, qid), 15, "DEFER")
-    # the DEFER line is written before the spool stores the new envelope (a temp file in tmp/, then
-    # renames into deferred/): wait for that to finish, so the snapshot is of a queue at rest
+    # the DEFER line is written before the store keeps the new state (the spool: a temp file in tmp/,
+    # then renames into deferred/): wait for that to finish, so the snapshot is of a queue at rest
     deferred = ex.data_dir / "queue" / "deferred" / f"{qid}.json"
-    procs.wait_until(lambda: deferred.is_file() and not queue_files(ex, "tmp"), 15, "the deferred envelope")
+
+    def at_rest() -> bool:
+        stored = (deferred.is_file() and not queue_files(ex, "tmp")) if queue_extra == "" else True
+        return stored and [qid, "deferred"] in listed(ex)
+    procs.wait_until(at_rest, 30, "the deferred message stored")
     before = queue_files(ex)
+    listed_before = listed(ex)
     events_before = len(tracking(ex))
 
     cases: list[tuple[list[str], int, str]] = [
@@ -286,16 +307,18 @@ def test_bad_input_changes_nothing(server: tuple[ExmtaProcess, SmtpSink, Switch]
     rotated = log.with_name("tracking.jsonl.20260101T000000")
     rotated.write_text('{"event_id": "RECEIVE", "timestamp": 1, "queue_id": "OLD"}\nnot json at all\n'
                        '{"event_id": "SEND", "timest')
-    r = run(ex, "track", "--queue-id", qid)
+    # (--log: this node's file, also with the PostgreSQL queue, where `exmta track -c` reads the cluster's table)
+    r = run(ex, "track", "--queue-id", qid, "--log", str(log))
     assert r.returncode == 0 and qid in r.stdout
     assert "tracking.jsonl.20260101T000000:2: skipped a corrupt or truncated line" in r.stderr
     assert "tracking.jsonl.20260101T000000:3: skipped" in r.stderr
-    r = run(ex, "track", "--queue-id", "OLD", "--format", "json")
+    r = run(ex, "track", "--queue-id", "OLD", "--format", "json", "--log", str(log))
     assert r.returncode == 0 and json.loads(r.stdout)["queue_id"] == "OLD"  # rotated files are searched
     rotated.unlink()
     assert log.read_text().startswith(good)
 
     assert queue_files(ex) == before and len(tracking(ex)) == events_before
+    assert listed(ex) == listed_before
     assert events_of(ex, qid) == ["RECEIVE", "DEFER"]
 
 

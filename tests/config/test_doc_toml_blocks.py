@@ -112,6 +112,7 @@ def workdir(tmp_path: Path, monkeypatch) -> Path:
     app.cert_chain_pems[0].write_to_path(str(tmp_path / "exo-app.pem"))
     app.private_key_pem.write_to_path(str(tmp_path / "exo-app.key"))
     (tmp_path / "exo-client-secret").write_text("the app's client secret\n")
+    (tmp_path / "rules.toml").write_text((REPO_ROOT / "etc" / "rules.toml").read_text())  # [transport_rules] file
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

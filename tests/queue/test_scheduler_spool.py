@@ -1,14 +1,16 @@
-"""The scheduler over the real SpoolStore (synchronous thread pool stand-in, task.Clock)."""
+"""The scheduler over each real store: the spool and PostgreSQL (synchronous thread pool stand-in, task.Clock)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import pytest
 from twisted.internet import defer, task
 
 from exmta.config.schema import QueueConfig, RouteConfig
 from exmta.model import DeliveryRequest, Envelope, Outcome, Recipient, RecipientResult, Reply
 from exmta.queue.scheduler import DeliveryScheduler
+from exmta.queue.postgres import PostgresStore
 from exmta.queue.spool import SpoolStore
 from exmta.routing import StaticRouter
 from support.sync import SyncPool, SyncReactor, result as fired
@@ -35,10 +37,37 @@ class Connector:
         return request
 
 
-def setup(tmp_path: Path) -> tuple[task.Clock, SpoolStore, Connector, DeliveryScheduler]:
+@pytest.fixture(params=["spool", "postgres"])
+def store_kind(request: pytest.FixtureRequest) -> Any:
+    """Each test runs on the spool and on the PostgreSQL store (a fresh database)."""
+    if request.param == "postgres":
+        return request.getfixturevalue("pg_dsn")
+    return None
+
+
+@pytest.fixture
+def setup(tmp_path: Path, store_kind: str | None) -> Any:
+    made: list[Any] = []
+
+    def make() -> tuple[task.Clock, Any, Connector, DeliveryScheduler]:
+        clock, store, connector, scheduler = _setup(tmp_path, store_kind)
+        made.append(store)
+        return clock, store, connector, scheduler
+    yield make
+    for store in made:
+        if hasattr(store, "close"):
+            store.close()
+
+
+def _setup(tmp_path: Path, dsn: str | None) -> tuple[task.Clock, Any, Connector, DeliveryScheduler]:
     clock = task.Clock()
     clock.advance(START)
-    store = SpoolStore(str(tmp_path / "spool"), SyncReactor(), SyncPool(), clock)
+    if dsn is None:
+        store: Any = SpoolStore(str(tmp_path / "spool"), SyncReactor(), SyncPool(), clock)
+    else:
+        store = PostgresStore(dsn, "node", str(tmp_path / "pg"), SyncReactor(), clock=clock, pool_size=2,
+                              threadpool=SyncPool())
+        store.open()
     connector = Connector()
     scheduler = DeliveryScheduler(
         store, StaticRouter([RouteConfig(("*",), "out")], ["out"]), {"out": connector},
@@ -48,8 +77,8 @@ def setup(tmp_path: Path) -> tuple[task.Clock, SpoolStore, Connector, DeliverySc
     return clock, store, connector, scheduler
 
 
-def test_retry_then_delivery_on_the_spool(tmp_path: Path) -> None:
-    clock, store, connector, scheduler = setup(tmp_path)
+def test_retry_then_delivery_on_the_spool(setup: Any) -> None:
+    clock, store, connector, scheduler = setup()
     scheduler.startService()
     qid = fired(store.submit(CONTENT, Envelope("a@sender.example", [Recipient("b@remote.example")])))
     clock.advance(0)
@@ -59,7 +88,7 @@ def test_retry_then_delivery_on_the_spool(tmp_path: Path) -> None:
         assert f.read() == CONTENT
     [deferred] = fired(store.list_messages("deferred"))
     assert deferred.recipients[0].attempts == 1 and deferred.recipients[0].next_attempt == START + 300
-    assert store.next_due() == START + 300
+    assert fired(defer.maybeDeferred(store.next_due)) == START + 300
     clock.advance(300)
     connector.answer(Outcome.DELIVERED, Reply.make(250, "2.0.0", "ok"))
     for queue in ("incoming", "active", "deferred", "hold"):
@@ -68,8 +97,8 @@ def test_retry_then_delivery_on_the_spool(tmp_path: Path) -> None:
     assert clock.getDelayedCalls() == []
 
 
-def test_bounce_is_spooled_and_delivered(tmp_path: Path) -> None:
-    clock, store, connector, scheduler = setup(tmp_path)
+def test_bounce_is_spooled_and_delivered(setup: Any) -> None:
+    clock, store, connector, scheduler = setup()
     scheduler.startService()
     fired(store.submit(CONTENT, Envelope("a@sender.example", [Recipient("b@remote.example")])))
     clock.advance(0)
@@ -85,8 +114,8 @@ def test_bounce_is_spooled_and_delivered(tmp_path: Path) -> None:
     assert clock.getDelayedCalls() == []
 
 
-def test_poison_message_lands_in_the_spool_hold_queue(tmp_path: Path) -> None:
-    clock, store, connector, scheduler = setup(tmp_path)
+def test_poison_message_lands_in_the_spool_hold_queue(setup: Any) -> None:
+    clock, store, connector, scheduler = setup()
     connector.crash = True
     scheduler.startService()
     qid = fired(store.submit(CONTENT, Envelope("a@sender.example", [Recipient("b@remote.example")])))
@@ -98,8 +127,8 @@ def test_poison_message_lands_in_the_spool_hold_queue(tmp_path: Path) -> None:
     assert clock.getDelayedCalls() == []
 
 
-def test_stop_deadline_then_recover_and_restart(tmp_path: Path) -> None:
-    clock, store, connector, scheduler = setup(tmp_path)
+def test_stop_deadline_then_recover_and_restart(setup: Any) -> None:
+    clock, store, connector, scheduler = setup()
     scheduler.startService()
     qid = fired(store.submit(CONTENT, Envelope("a@sender.example", [Recipient("b@remote.example")])))
     clock.advance(0)
