@@ -329,11 +329,12 @@ def test_session_past_the_grace_gets_421(tmp_path: Path, exmta_factory: Callable
     s = _send_raw(exmta.port, [b"EHLO client.test\r\n", b"MAIL FROM:<a@example.test>\r\n",
                                b"RCPT TO:<bob@example.test>\r\n", b"DATA\r\n"])
     s.sendall(b"Subject: never finished\r\n\r\n")
-    t0 = time.monotonic()
     exmta.process.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
     code, lines = procs.read_smtp_reply(s, timeout=30)
-    waited = time.monotonic() - t0
-    assert code == 421 and 8 <= waited <= 25, (code, lines, waited)
+    assert code == 421 and lines[0].startswith("4.3.2 "), (code, lines)
+    # the grace was honoured: had the session been closed at once, the drain would have cancelled
+    # the grace timer and this line would not exist (no wall-clock window: the CPUs may be busy)
+    assert "shutdown grace over: closing 1 session(s)" in exmta.log_text()
     s.close()
     procs.wait_until(lambda: not exmta.running(), timeout=30, what="exmta exits")
     assert exmta.maildir_messages("bob@example.test") == []
