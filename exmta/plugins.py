@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyObject
 
-from exmta.config.load import ConfigError
+from exmta.config.reader import ConfigError
 from exmta.interfaces import IFilterFactory, IMessageFilter
 
 FILTER_GROUP = "exmta.filters"

@@ -106,6 +106,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from exmta.config.schema import Config, QueueConfig, SendConnectorConfig
+from exmta.config.smarthost import smarthost as _smarthost
 from exmta.interfaces import IMessageTracker, IQueueStore, IRouter, ISendConnector
 from exmta.model import (
     DeliveryRequest,
@@ -1121,8 +1122,6 @@ class DeliveryScheduler(Service):
     def restore_operator_state(self, state: Any, make_connector: Callable[[str, int], Any] | None = None) -> None:
         """Adopt ``state`` (an OperatorStateFile) and what it holds: suspensions, and the redirect when
         ``make_connector(host, port)`` can rebuild its connector. Call before startService."""
-        from exmta.config.load import _smarthost
-
         self.operator_state = state
         suspended, redirect = state.load()
         self._operator_suspended.update(suspended)

@@ -38,6 +38,8 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from exmta.config.reader import domain as _domain
+from exmta.config.schema import DKIMKeyConfig
 from exmta.model import DeliveryRequest, Reply
 
 __all__ = ["DKIMKey", "DKIMSigner", "SigningDeferred", "generate_key", "load_key", "sign_message", "txt_record"]
@@ -245,9 +247,6 @@ def read_dkim(r: Any, data_dir: str) -> tuple[Any, ...]:
     Each key file is read and tried now, so a bad key is a configuration
     problem naming ``dkim.keys[N].key_file``, not a failure at send time.
     """
-    from exmta.config.load import _domain
-    from exmta.config.schema import DKIMKeyConfig
-
     entries = r.get("keys", [], lambda v: v if isinstance(v, list) else _fail("must be a list of tables"))
     out = []
     seen: set[tuple[str, str]] = set()
