@@ -336,7 +336,7 @@ class QueueOperations:
         state, env = await self._read(queue_id)
         if state != "hold":
             raise ApiError(409, f"{queue_id} is not suspended (it is {state})",
-                           f"`exmta queue retry QUEUE` makes deferred mail due now")
+                           "`exmta queue retry QUEUE` makes deferred mail due now")
         release_now = getattr(self.store, "release_now", None)
         if release_now is not None:
             await defer.maybeDeferred(release_now, queue_id, self.clock.seconds())

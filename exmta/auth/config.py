@@ -133,7 +133,7 @@ def _check_ldap(r: Any, b: AuthBackendConfig) -> None:
         r.error("uri", f"{b.uri!r} is not an ldap:// or ldaps:// URL with a host")
         return
     try:
-        parts.port
+        _ = parts.port  # urlsplit checks the port only when asked
     except ValueError:
         r.error("uri", f"{b.uri!r} has an invalid port")
     if (parts.scheme == "ldaps") != (b.tls == "ldaps"):

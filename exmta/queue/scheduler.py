@@ -1083,7 +1083,8 @@ class DeliveryScheduler(Service):
             out["suspended_by_operator"] = reason
         return out
 
-    def suspend_destination(self, connector: str, nexthop: str | None, reason: str = "suspended by an operator") -> None:
+    def suspend_destination(self, connector: str, nexthop: str | None,
+                            reason: str = "suspended by an operator") -> None:
         """Stop delivering to one destination until :meth:`resume_destination` (Exchange Suspend-Queue)."""
         self._operator_suspended[(connector, nexthop)] = reason
         self._log.info("destination {connector}/{nexthop} suspended: {reason}", connector=connector,
@@ -1153,7 +1154,8 @@ class DeliveryScheduler(Service):
     def redirect(self) -> tuple[str, str | None] | None:
         return self._redirect
 
-    def remove_message(self, queue_id: str, ndr: bool, reason: str = "removed by an administrator") -> defer.Deferred[dict[str, Any]]:
+    def remove_message(self, queue_id: str, ndr: bool,
+                       reason: str = "removed by an administrator") -> defer.Deferred[dict[str, Any]]:
         """Delete a queued message, with or without a non-delivery report (Exchange Remove-Message -WithNDR).
 
         KeyError when there is no such message, ValueError while it is being

@@ -32,7 +32,7 @@ from twisted.application.service import Service
 from twisted.internet import endpoints
 from twisted.internet.address import UNIXAddress
 from twisted.internet.interfaces import IAddress
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory

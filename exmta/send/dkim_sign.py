@@ -238,7 +238,8 @@ class DKIMSigner:
 
 # ---------------------------------------------------------------- configuration ([dkim] and dkim_sign)
 
-_SELECTOR = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_SELECTOR = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z")
 
 
 def read_dkim(r: Any, data_dir: str) -> tuple[Any, ...]:
@@ -316,7 +317,8 @@ def _fail(message: str) -> Any:
 
 
 def signer_from_config(config: Any, reactor: Any = None, threadpool: Any = None) -> DKIMSigner:
-    keys = [replace(load_key(k.domain, k.selector, k.algorithm, k.key_file), on_failure=getattr(k, "on_failure", "defer"))
+    keys = [replace(load_key(k.domain, k.selector, k.algorithm, k.key_file),
+                    on_failure=getattr(k, "on_failure", "defer"))
             for k in config.dkim_keys]
     arc = [key for key, k in zip(keys, config.dkim_keys) if getattr(k, "arc_seal", False)]
     # seal with the authserv-id our authres filter writes (its authserv_id, else the hostname)

@@ -24,7 +24,6 @@ Sessions already running keep the context they started with.
 from __future__ import annotations
 
 import ipaddress
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
