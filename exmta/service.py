@@ -230,7 +230,7 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     pool = make_threadpool()
     _add(top, "threads", ThreadPoolService(pool))
 
-    from exmta.admin.settings import rotation_kwargs
+    from exmta.admin.config import rotation_kwargs
     tracker = TrackingLog(paths["tracking"], reactor, **rotation_kwargs(config.logs))
     tracking_log = tracker
     _add(top, "tracking", TrackerService(tracker))

@@ -15,7 +15,7 @@ import tomllib
 from dataclasses import replace
 from typing import Any, Callable
 
-from exmta.admin import settings as _ops
+from exmta.admin import config as _ops
 from exmta.auth import config as _auth
 from exmta.config import abuse as _abuse
 from exmta.config.reader import (

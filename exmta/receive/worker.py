@@ -93,7 +93,7 @@ def run(argv: list[str]) -> None:
     pool = make_threadpool()
     pool.start()
     tracker = TrackingLog(paths["tracking"])
-    from exmta.observe.relay import WorkerRelay
+    from exmta.observe.worker_metrics import WorkerRelay
     lines = LineBatcher(reactor)
     relay = WorkerRelay(lines.write)  # metrics: events to the main process too
     tracker = relay.wrap(tracker)

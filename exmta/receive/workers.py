@@ -85,7 +85,7 @@ class _WorkerProtocol(protocol.ProcessProtocol):
         self.buffer += data
         *lines, self.buffer = self.buffer.split(b"\n")
         for line in lines:
-            if line.startswith(b"{"):  # a metrics event (exmta.observe.relay)
+            if line.startswith(b"{"):  # a metrics event (exmta.observe.worker_metrics)
                 self.owner.on_event(line)
                 continue
             queue_id = line.strip().decode("ascii", "replace")

@@ -1,6 +1,6 @@
 """Config keys of operations: ``[logs]``, ``[admin]`` and each connector's ``protocol_log``.
 
-Called by :mod:`exmta.config.load` (imported late: this module imports it).
+The section readers of these keys (with :mod:`exmta.config.reader`), for :mod:`exmta.config.load`.
 """
 from __future__ import annotations
 
