@@ -20,7 +20,7 @@ from twisted.python.threadpool import ThreadPool
 
 from exmta.config.schema import Config, ReceiveConnectorConfig
 from exmta.plugins import FilterEnv, load_filters, ordered
-from exmta.receive.ranges import listen_service
+from exmta.receive.proxy import listen_service
 from exmta.receive.wiring import make_dispatchers, make_resources
 from exmta.receive.workers import ListenSpec, WorkerPool, bind_socket, parse_shareable
 

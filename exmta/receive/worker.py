@@ -115,7 +115,7 @@ def run(argv: list[str]) -> None:
     env = FilterEnv(reactor=reactor, clock=reactor, threadpool=filter_pool, hostname=config.hostname,
                     data_dir=paths["data"])
     filters = load_filters(config.filters, env, source=config.source)
-    from exmta.receive.ranges import wrap_proxy
+    from exmta.receive.proxy import wrap_proxy
     from exmta.receive.wiring import make_dispatchers, make_resources
 
     resources = make_resources(config, paths["queue"], reactor, reactor, pool)
