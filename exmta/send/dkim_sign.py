@@ -249,7 +249,7 @@ def read_dkim(r: Any, data_dir: str) -> tuple[Any, ...]:
     problem naming ``dkim.keys[N].key_file``, not a failure at send time.
     """
     entries = r.get("keys", [], lambda v: v if isinstance(v, list) else _fail("must be a list of tables"))
-    out = []
+    out: list[DKIMKeyConfig] = []
     seen: set[tuple[str, str]] = set()
     for i, entry in enumerate(entries, 1):
         where = f"keys[{i}]"
