@@ -22,7 +22,7 @@ from exmta.assembly import (load_receive_filters, make_receive_factories, open_s
                             resource_services)
 from exmta.assembly import make_receive_factory  # noqa: F401  (re-exported: its home was this module)
 from exmta.config.schema import Config
-from exmta.receive.ranges import listen_service
+from exmta.receive.proxy import listen_service
 from exmta.receive.wiring import make_dispatchers
 from exmta.receive.workers import ListenSpec, WorkerPool, bind_socket, parse_shareable
 
@@ -203,7 +203,7 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     pool = make_threadpool()
     _add(top, "threads", ThreadPoolService(pool))
 
-    from exmta.admin.settings import rotation_kwargs
+    from exmta.admin.config import rotation_kwargs
     tracker = TrackingLog(paths["tracking"], reactor, **rotation_kwargs(config.logs))
     tracking_log = tracker
     _add(top, "tracking", TrackerService(tracker))

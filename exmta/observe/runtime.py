@@ -133,8 +133,8 @@ class Observability:
             self.observe_factory(factory)
 
     def worker_event(self, line: bytes) -> None:
-        """One metrics line from a receive worker process (exmta.observe.relay)."""
-        from exmta.observe.relay import dispatch
+        """One metrics line from a receive worker process (exmta.observe.worker_metrics)."""
+        from exmta.observe.worker_metrics import dispatch
 
         dispatch(line, self.metrics, self.trackers())
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 
 from twisted.application.internet import TimerService
-from twisted.application.service import MultiService, Service
+from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger

@@ -106,7 +106,7 @@ def run(argv: list[str]) -> None:
     pool = make_threadpool()
     pool.start()
     tracker = TrackingLog(paths["tracking"])
-    from exmta.observe.relay import WorkerRelay
+    from exmta.observe.worker_metrics import WorkerRelay
     lines = LineBatcher(reactor)
     relay = WorkerRelay(lines.write)  # metrics: events to the main process too
     tracker = relay.wrap(tracker)
@@ -122,7 +122,7 @@ def run(argv: list[str]) -> None:
     loaded = load_receive_filters(config, paths, reactor)
     filter_pool, env, filters = loaded.pool, loaded.env, loaded.filters
     filter_pool.start()
-    from exmta.receive.ranges import wrap_proxy
+    from exmta.receive.proxy import wrap_proxy
     from exmta.receive.wiring import make_dispatchers
 
     resources = receive_resources(config, paths, reactor, pool, opened)  # rates shared with the main process

@@ -91,7 +91,7 @@ class _WorkerProtocol(protocol.ProcessProtocol):
         self.buffer += data
         *lines, self.buffer = self.buffer.split(b"\n")
         for line in lines:
-            if line.startswith(b"{"):  # a metrics event (exmta.observe.relay)
+            if line.startswith(b"{"):  # a metrics event (exmta.observe.worker_metrics)
                 self.owner.on_event(line)
                 continue
             if line.startswith(b"!"):  # a state line (exmta.receive.worker.READY_LINE)

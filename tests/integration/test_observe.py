@@ -343,7 +343,7 @@ def test_session_past_the_grace_gets_421(tmp_path: Path, exmta_factory: Callable
 def test_receive_worker_sessions_and_messages_are_counted_in_the_main_process(
         smtp_sink: SmtpSink, exmta_factory: Callable[..., ExmtaProcess]) -> None:
     """With receive_workers = 1 every connection is accepted by the worker process; its events
-    reach the main process's metrics over the worker's stdout (exmta.observe.relay)."""
+    reach the main process's metrics over the worker's stdout (exmta.observe.worker_metrics)."""
     mport = procs.free_port()
     extra = f'[metrics]\nlisten = "tcp:{mport}:interface=127.0.0.1"\n'
     exmta = exmta_factory(toml=exmta_toml(smarthost=smtp_sink.next_hop, receive_workers=1, extra=extra))
