@@ -14,7 +14,7 @@ import argparse
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginner
@@ -179,7 +179,7 @@ def run(argv: list[str]) -> None:
 
     reloader = ConfigReloader(config, reactor, factories=factories, filters=filters, filter_env=env,
                               data_dir=args.data, resources=resources, process=f"receive worker {args.index}")
-    signal.signal(signal.SIGHUP, lambda *a: reactor.callFromThread(_reload_worker, reloader))
+    signal.signal(signal.SIGHUP, lambda *a: cast(Any, reactor).callFromThread(_reload_worker, reloader))
     if early_hup:
         reactor.callWhenRunning(_reload_worker, reloader)
     if config.receive_worker_nice:
