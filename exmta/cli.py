@@ -7,9 +7,24 @@ import sys
 from exmta.config.reader import ConfigError
 
 
+def _is_rules_file(path: str) -> bool:
+    """A transport rules file (only ``[[rule]]`` tables), such as etc/rules.toml, rather than a configuration."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        return False  # the configuration check says what is wrong with it
+    return bool(raw) and set(raw) == {"rule"}
+
+
 def _check_config(args: argparse.Namespace) -> int:
     from exmta.config.check import check_file  # the schema, then the filter plugins, as twistd loads them
 
+    if _is_rules_file(args.file):  # checked as `exmta rules check` does, so that any exmta file can be checked
+        from exmta.rules.cli import check_rules_file
+        return check_rules_file(args.file)
     try:
         config, warnings = check_file(args.file)
     except ConfigError as e:

@@ -81,3 +81,29 @@ def hand_over(tops: Iterable[str], trees: Iterable[str], uid: int, gid: int) -> 
         except OSError as e:
             log.warn("cannot give {path} to uid {uid}: {error}", path=path, uid=uid, error=str(e))
     return changed
+
+
+def replace_file(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to a new file (``mode``) beside ``path``, fsync it, rename it over ``path`` and
+    fsync the directory: readers see the old bytes or the new ones, never a half-written file, and
+    whoever holds the old file open keeps the old bytes (nothing is rewritten in place)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

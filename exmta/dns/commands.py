@@ -14,6 +14,8 @@ import re
 import sys
 from typing import Any, TextIO
 
+from exmta.filemodes import replace_file
+
 __all__ = ["add_commands", "check_domain"]
 
 
@@ -99,26 +101,7 @@ def write_private_file(path: str, data: bytes) -> None:
     (it may have been readable by others) keeps the old bytes, and a crash
     leaves the old key or the new one, never half of one.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    replace_file(path, data, 0o600)
 
 
 # ---------------------------------------------------------------- dns check

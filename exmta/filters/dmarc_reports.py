@@ -20,7 +20,6 @@ hostname) name the reporter.
 """
 from __future__ import annotations
 
-import glob
 import gzip
 import hashlib
 import json
@@ -33,17 +32,15 @@ from email.utils import format_datetime, make_msgid
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from exmta.dns import OversizeAnswer, TempDNSError
 from exmta.model import Envelope, Recipient
+from exmta.reports.daily import DailyReportService
 
 __all__ = ["DMARCReportService", "add_report_service", "build_report", "group_rows", "report_message", "rua_addresses"]
 
 log = Logger()
-DAY = 86400.0
 
 
 def _rows(path: str) -> list[dict[str, Any]]:
@@ -171,45 +168,22 @@ def report_message(domain: str, org: str, sender: str, to: list[str], xml: bytes
     return msg.as_bytes()
 
 
-class DMARCReportService(Service):
+class DMARCReportService(DailyReportService):
     """Sends the reports once a day (see the module docstring)."""
 
+    what = "DMARC aggregate reports"
+
     def __init__(self, results_path: str, store: Any, clock: Any, run: Any, dns: Any, org: str, sender: str) -> None:
+        super().__init__(clock)
         self.results_path = results_path
         self.store = store
-        self.clock = clock
         self.run = run            # (fn, *args) -> Deferred: the thread pool
         self.dns = dns            # AuthDNS for the external destination check
         self.org = org
         self.sender = sender
-        self._call: Any = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._schedule()
-
-    def stopService(self) -> Any:
-        super().stopService()
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-
-    def _schedule(self) -> None:
-        now = self.clock.seconds()
-        delay = DAY - (now % DAY) + 60  # a minute after UTC midnight
-        self._call = self.clock.callLater(delay, self._tick)
-
-    def _tick(self) -> None:
-        d = Deferred.fromCoroutine(self.send_reports())
-        d.addErrback(lambda f: log.failure("DMARC aggregate reports failed", f))
-        d.addBoth(lambda _: self._schedule() if self.running else None)
 
     def _take_files(self, now: float) -> list[str]:
-        """Move the current results aside (renamed with the time) and list every file to report."""
-        directory = os.path.dirname(self.results_path)
-        if os.path.exists(self.results_path):
-            os.replace(self.results_path, os.path.join(directory, f"results-{int(now)}.jsonl.sending"))
-        return sorted(glob.glob(os.path.join(directory, "results-*.jsonl.sending")))
+        return self.take_files(self.results_path, now)
 
     async def send_reports(self) -> int:
         """Queue the reports for everything recorded so far; returns how many messages were queued."""

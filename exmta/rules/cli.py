@@ -38,18 +38,23 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _check(args: argparse.Namespace) -> int:
+    return check_rules_file(args.file)
+
+
+def check_rules_file(path: str) -> int:
+    """``exmta rules check FILE`` (and ``exmta check-config`` given a rules file): 0 when valid, else 2."""
     from exmta.rules.plugins import discover
     from exmta.rules.ruleset import load_rules
     plugins, problems = discover()
     try:
         if problems:
-            raise ConfigError(args.file, problems)
-        ruleset = load_rules(args.file, plugins=plugins)
+            raise ConfigError(path, problems)
+        ruleset = load_rules(path, plugins=plugins)
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
     enabled = sum(1 for r in ruleset.rules if r.enabled)
-    print(f"{args.file}: {len(ruleset)} rule(s) OK ({enabled} enabled)")
+    print(f"{path}: a transport rules file: {len(ruleset)} rule(s) OK ({enabled} enabled)")
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,6 +26,8 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from exmta.filemodes import replace_file
 
 __all__ = [
     "MTASTS", "PolicyCache", "PolicyError", "PolicyFetcher", "STSPolicy", "mx_matches", "parse_policy",
@@ -180,19 +181,7 @@ class PolicyCache:
         if self.directory is None:
             return
         os.makedirs(self.directory, mode=0o750, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(policy.to_json(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._path(policy.domain))
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        replace_file(self._path(policy.domain), json.dumps(policy.to_json()).encode("utf-8"), 0o640)
 
 
 # ---------------------------------------------------------------- HTTPS fetch

@@ -18,7 +18,6 @@ A file whose reports could not all be handed over is kept for the next run.
 """
 from __future__ import annotations
 
-import glob
 import gzip
 import hashlib
 import json
@@ -30,17 +29,16 @@ from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
 from typing import Any, Iterable
 
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from exmta.model import Envelope, Recipient
+from exmta.reports.daily import DailyReportService
 
 __all__ = ["TLSReportService", "TLSResultLog", "add_tls_report_service", "build_report", "parse_rua",
            "report_message"]
 
 log = Logger()
-DAY = 86400.0
 
 
 class TLSResultLog:
@@ -172,14 +170,16 @@ def report_message(domain: str, org: str, sender: str, to: list[str], data: byte
     return msg.as_bytes()
 
 
-class TLSReportService(Service):
+class TLSReportService(DailyReportService):
     """Sends the reports once a day (see the module docstring)."""
+
+    what = "TLS-RPT reports"
 
     def __init__(self, results: TLSResultLog, store: Any, clock: Any, reactor: Any, run: Any,
                  txt: Any, org: str, sender: str, contact: str, ca_file: str | None = None) -> None:
+        super().__init__(clock)
         self.results = results
         self.store = store
-        self.clock = clock
         self.reactor = reactor
         self.run = run            # (fn, *args) -> Deferred: the thread pool
         self.txt = txt            # name -> list[str] (blocking TXT lookup)
@@ -187,34 +187,11 @@ class TLSReportService(Service):
         self.sender = sender
         self.contact = contact
         self.ca_file = ca_file
-        self._call: Any = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._schedule()
-
-    def stopService(self) -> Any:
-        super().stopService()
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-
-    def _schedule(self) -> None:
-        now = self.clock.seconds()
-        self._call = self.clock.callLater(DAY - (now % DAY) + 60, self._tick)
-
-    def _tick(self) -> None:
-        d = Deferred.fromCoroutine(self.send_reports())
-        d.addErrback(lambda f: log.failure("TLS-RPT reports failed", f))
-        d.addBoth(lambda _: self._schedule() if self.running else None)
 
     def _take_files(self, now: float) -> list[str]:
-        path = self.results.path
-        directory = os.path.dirname(path)
-        if os.path.exists(path):
-            os.replace(path, os.path.join(directory, f"results-{int(now)}.jsonl.sending"))
+        files = self.take_files(self.results.path, now)
         self.results.reopen()
-        return sorted(glob.glob(os.path.join(directory, "results-*.jsonl.sending")))
+        return files
 
     async def send_reports(self) -> int:
         """Send the reports for everything recorded so far; returns how many reports went out."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from support.rst import literal_blocks
 from support import procs
 from support.exmta_proc import REPO_ROOT, ExmtaProcess
 
@@ -22,21 +23,6 @@ pytestmark = pytest.mark.integration
 
 PASSWORD = "Readme passw0rd"
 
-
-def literal_blocks(text: str) -> list[str]:
-    """Every reST literal block (the indented text after a line ending in ``::``), dedented."""
-    blocks, lines, i = [], text.splitlines(), 0
-    while i < len(lines):
-        if lines[i].rstrip().endswith("::"):
-            i += 1
-            body: list[str] = []
-            while i < len(lines) and (not lines[i].strip() or lines[i].startswith("    ")):
-                body.append(lines[i][4:])
-                i += 1
-            blocks.append("\n".join(body).strip("\n") + "\n")
-        else:
-            i += 1
-    return blocks
 
 
 def block_with(blocks: list[str], *needles: str) -> str:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import copy
 import re
-import textwrap
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.rst import numbered_literal_blocks
 
 from exmta.config.check import config_warnings
 from exmta.config.load import ConfigError, load_config, parse_config
@@ -44,23 +44,7 @@ connector = "internet"
 
 def literal_blocks(path: Path) -> list[tuple[int, str]]:
     """(line number, dedented text) of every ``::`` literal block."""
-    lines = path.read_text().splitlines()
-    out, i = [], 0
-    while i < len(lines):
-        if lines[i].rstrip().endswith("::") and not lines[i].lstrip().startswith(".."):
-            j = i + 1
-            while j < len(lines) and not lines[j].strip():
-                j += 1
-            if j < len(lines) and lines[j].startswith(" "):
-                indent = len(lines[j]) - len(lines[j].lstrip())
-                k = j
-                while k < len(lines) and (not lines[k].strip() or len(lines[k]) - len(lines[k].lstrip()) >= indent):
-                    k += 1
-                out.append((j + 1, textwrap.dedent("\n".join(lines[j:k])).strip("\n")))
-                i = k
-                continue
-        i += 1
-    return out
+    return numbered_literal_blocks(path.read_text())
 
 
 def toml_blocks() -> list[Any]:

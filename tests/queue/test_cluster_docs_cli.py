@@ -5,32 +5,19 @@ from __future__ import annotations
 
 import json
 import subprocess
-import textwrap
 import tomllib
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from support.rst import literal_blocks
+
 from exmta.cli import main
 from exmta.config.load import ConfigError, load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[2]
 
-
-def literal_blocks(text: str) -> list[str]:
-    blocks, lines, i = [], text.splitlines(), 0
-    while i < len(lines):
-        if lines[i].rstrip().endswith("::"):
-            i += 1
-            body: list[str] = []
-            while i < len(lines) and (not lines[i].strip() or lines[i].startswith("    ")):
-                body.append(lines[i])
-                i += 1
-            blocks.append(textwrap.dedent("\n".join(body)).strip("\n") + "\n")
-        else:
-            i += 1
-    return blocks
 
 
 BASE = """

@@ -7,27 +7,13 @@ from pathlib import Path
 from exmta.cli import make_parser
 from exmta.config.load import load_config
 from exmta.config.schema import Config, ReceiveConnectorConfig
+from support.rst import literal_blocks
 
 ROOT = Path(__file__).resolve().parents[2]
 RECEIVE_KEYS = ("max_header_size", "max_header_field", "max_refused_recipients", "refused_recipients_tarpit_after",
                 "refused_recipients_tarpit", "proxy_header_timeout", "trusted_proxies")
 SERVER_KEYS = ("filter_threads", "filter_checks_in_flight", "filter_checks_per_client", "recipient_cache_ttl")
 
-
-def literal_blocks(text: str) -> list[str]:
-    """Every reST literal block (the indented text after a line ending in ``::``), dedented."""
-    blocks, lines, i = [], text.splitlines(), 0
-    while i < len(lines):
-        if lines[i].rstrip().endswith("::"):
-            i += 1
-            body: list[str] = []
-            while i < len(lines) and (not lines[i].strip() or lines[i].startswith("    ")):
-                body.append(lines[i][4:])
-                i += 1
-            blocks.append("\n".join(body).strip("\n") + "\n")
-        else:
-            i += 1
-    return blocks
 
 
 def test_the_documented_config_loads_with_the_values_it_shows(tmp_path: Path) -> None:

@@ -8,23 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from support.rst import literal_blocks as rst_literal_blocks
+
 DOC = Path(__file__).resolve().parents[2] / "docs" / "exchange-online-oauth2.rst"
 
 
 def literal_blocks() -> list[str]:
     """Every ``::`` literal block of the page, dedented."""
-    text = DOC.read_text()
-    blocks = []
-    for m in re.finditer(r"::\n\n((?:[ ]+.*\n|\n)+)", text):
-        lines = m.group(1).splitlines()
-        indent = len(lines[0]) - len(lines[0].lstrip())
-        block = []
-        for line in lines:
-            if line.strip() and len(line) - len(line.lstrip()) < indent:
-                break
-            block.append(line[indent:])
-        blocks.append("\n".join(block).strip("\n") + "\n")
-    return blocks
+    return rst_literal_blocks(DOC)
 
 
 def test_doc_certificate_and_connector_pass_check_config(tmp_path: Path) -> None:

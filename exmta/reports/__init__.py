@@ -1,0 +1,1 @@
+"""What the daily aggregate reports (DMARC rua, TLS-RPT) share."""
