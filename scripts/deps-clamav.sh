@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ClamAV's clamd for the malware scanning tests (tests/filters/test_clamd_real.py): run as root.
+# ClamAV's clamd for the malware scanning tests (tests/malware/test_clamd_real.py): run as root.
 # The tests start their own clamd on loopback with a hand-made database (EICAR built at run time
 # and a custom signature); freshclam is pulled in as a dependency but never started or run.
 set -euo pipefail
