@@ -439,6 +439,9 @@ class MessageView:
         self.new_body: bytes | None = None
         #: the message's one MIME parse (exmta.message.MimeMessage), shared by content filters
         self.mime_message: Any = None
+        #: extra tracking details per filter name (e.g. ``{"check": "macro: a.doc"}``), added to the
+        #: AGENTINFO event of a filter that edited the message
+        self.agent_details: dict[str, dict[str, str]] = {}
 
     @property
     def headers(self) -> email.message.Message:
