@@ -6,7 +6,6 @@ from __future__ import annotations
 import email
 import json
 import smtplib
-import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
