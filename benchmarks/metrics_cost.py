@@ -9,7 +9,7 @@ opened, a RECEIVE and a SEND event (with latency and TLS) through
 * ``throughput``: the per-minute counts of the status page and alert rates
   (always on);
 * ``worker-lines``: with receive workers, the JSON lines a worker writes for
-  those events (exmta.observe.relay) and the main process decodes and counts.
+  those events (exmta.observe.worker_metrics) and the main process decodes and counts.
 
 CPU time (``time.process_time``) of ``-n`` messages (default 20000), best of
 ``--runs`` (3), so a busy machine inflates it less than wall time. Compare with
@@ -30,7 +30,7 @@ from twisted.internet.task import Clock  # noqa: E402
 
 from exmta.model import TrackingEvent, TrackingEventId  # noqa: E402
 from exmta.observe import metrics as metrics_mod  # noqa: E402
-from exmta.observe.relay import WorkerRelay, dispatch  # noqa: E402
+from exmta.observe.worker_metrics import WorkerRelay, dispatch  # noqa: E402
 
 
 def events(clock: Clock, i: int) -> tuple[TrackingEvent, TrackingEvent]:

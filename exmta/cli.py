@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from exmta.config.load import ConfigError
+from exmta.config.reader import ConfigError
 
 
 def _check_config(args: argparse.Namespace) -> int:

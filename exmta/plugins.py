@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyObject
 
-from exmta.config.load import ConfigError
+from exmta.config.reader import ConfigError
 from exmta.interfaces import IFilterFactory, IMessageFilter
 
 FILTER_GROUP = "exmta.filters"
@@ -64,7 +64,8 @@ def load_filters(
             problems.append(f"{where}.plugin: plugin {plugin!r} failed to import: {e!r}")
             continue
         if not IFilterFactory.providedBy(factory):
-            problems.append(f"{where}.plugin: {plugin!r} does not provide IFilterFactory (add @provider(IFilterFactory))")
+            problems.append(
+                f"{where}.plugin: {plugin!r} does not provide IFilterFactory (add @provider(IFilterFactory))")
             continue
         config = {k: v for k, v in table.items() if k not in CORE_FILTER_KEYS}
         try:

@@ -18,10 +18,12 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from exmta.config.schema import Config, ReceiveConnectorConfig
-from exmta.plugins import FilterEnv, load_filters, ordered
-from exmta.receive.ranges import listen_service
-from exmta.receive.wiring import make_dispatchers, make_resources
+from exmta.assembly import (load_receive_filters, make_receive_factories, open_store, receive_resources,
+                            resource_services)
+from exmta.assembly import make_receive_factory  # noqa: F401  (re-exported: its home was this module)
+from exmta.config.schema import Config
+from exmta.receive.proxy import listen_service
+from exmta.receive.wiring import make_dispatchers
 from exmta.receive.workers import ListenSpec, WorkerPool, bind_socket, parse_shareable
 
 log = Logger()
@@ -185,35 +187,6 @@ class ConnectorsService(Service):
         return defer.DeferredList(closing, consumeErrors=True)
 
 
-def make_receive_factory(config: Config, rc: ReceiveConnectorConfig, store: Any, filters: dict[str, Any],
-                         tracker: Any, clock: Any, resources: Any = None) -> Any:
-    """The protocol factory of one receive connector (shared by all its listen endpoints).
-
-    ``resources`` (exmta.receive.wiring.ReceiveResources) are shared by every connector of the process.
-    """
-    from exmta.filters.base import FilterChain
-    from exmta.receive.wiring import make_policy
-    from exmta.smtp.server import ESMTPServerFactory
-
-    policy = make_policy(config, rc, clock, resources)
-    chain = FilterChain(ordered(filters, rc.filters), clock, per_filter=config.filters)
-    chain.admission = getattr(resources, "admission", None)  # checks in flight (exmta.filters.admission)
-    primary = next((d.name for d in config.accepted_domains if not d.name.startswith("*")), None)
-    factory = ESMTPServerFactory(
-        rc, policy, chain, store, clock, tracker=tracker, postmaster=config.postmaster,
-        local_domain=lambda domain: config.accepted_domain(domain) is not None,
-        postmaster_domain=primary,
-    )
-    from exmta.tls.reload import configure_receive_tls
-    configure_receive_tls(factory, rc, clock)  # STARTTLS / implicit TLS, require_tls, client certificates
-    from exmta.auth.smtp import build_authenticator
-    factory.authenticator = build_authenticator(  # SMTP AUTH and send-as, or None; lockouts shared by the node
-        config, rc, clock, lockouts=getattr(resources, "lockouts", None))
-    from exmta.rules.wiring import attach_to_factory
-    attach_to_factory(factory, config, store, tracker, clock)  # transport rules at end of data, or none
-    return factory
-
-
 def build_service(config: Config, reactor: Any) -> OrderedService:
     """Wire every component for ``config`` into one ordered service tree."""
     from exmta.observe.tracking import TrackingLog
@@ -230,19 +203,16 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     pool = make_threadpool()
     _add(top, "threads", ThreadPoolService(pool))
 
-    from exmta.admin.settings import rotation_kwargs
+    from exmta.admin.config import rotation_kwargs
     tracker = TrackingLog(paths["tracking"], reactor, **rotation_kwargs(config.logs))
     tracking_log = tracker
     _add(top, "tracking", TrackerService(tracker))
 
-    from exmta.queue.stores import make_store
-    chosen = make_store(config, paths, reactor, pool, worker=False)
-    store = chosen.store
+    opened = open_store(config, paths, reactor, pool, tracker, worker=False)  # the same call as each worker
+    chosen, store, tracker, cluster_tracking = opened.chosen, opened.store, opened.tracker, opened.cluster_tracking
     if chosen.service is not None:
         _add(top, "store-db", chosen.service)  # PostgreSQL: connections, lease renewal, heartbeats
     top.store_service = chosen.service
-    from exmta.observe.pgtracking import wrap_tracker
-    tracker, cluster_tracking = wrap_tracker(config, store, tracker, reactor)  # every node's events in one table
     if cluster_tracking is not None:
         _add(top, "tracking-db", cluster_tracking.service)
     _add(top, "store", StoreService(store))
@@ -271,33 +241,24 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     pickup.transport_rules = transport_rules_for(config, store, tracker, reactor)  # rules on picked-up mail
     _add(top, "pickup", pickup)
 
-    from exmta.filters.admission import make_filter_pool
-    filter_pool = make_filter_pool(config.filter_threads)  # never the spool's pool (issue 11 item 2)
-    _add(top, "filter-threads", ThreadPoolService(filter_pool))
-    env = FilterEnv(reactor=reactor, clock=reactor, threadpool=filter_pool, hostname=config.hostname,
-                    data_dir=paths["data"])
-    filters = load_filters(config.filters, env, source=config.source)
+    loaded = load_receive_filters(config, paths, reactor)  # the same call as each worker and each reload
+    _add(top, "filter-threads", ThreadPoolService(loaded.pool))
+    env, filters = loaded.env, loaded.filters
     from exmta.filters.dmarc_reports import add_report_service
     add_report_service(top, config, store, reactor, pool, paths["data"])  # [filters.X] dmarc with reports = true
     from exmta.tlspolicy.report import add_tls_report_service
     add_tls_report_service(top, config, store, reactor, pool, connectors)  # [tls_policy] tls_rpt = true
-    resources = make_resources(config, paths["queue"], reactor, reactor, pool)
-    if chosen.shared:  # the rate limits count every process of every node (exmta.receive.sharedrates)
-        from exmta.receive.sharedrates import RateExchange
-        resources.rates = RateExchange(store, reactor)
-        _add(top, "rates-db", resources.rates.service)
-    if resources.service is not None:
-        _add(top, "back-pressure", resources.service)
+    resources = receive_resources(config, paths, reactor, pool, opened)  # rates shared by the cluster, if any
+    for name, service in resource_services(resources):
+        _add(top, name, service)
     top.back_pressure = resources.back_pressure  # .status() for an operator's metrics
-    factories = []
-    for rc in config.receive:
-        factory = make_receive_factory(config, rc, store, filters, tracker, reactor, resources)
-        factories.append(factory)
+    factories = make_receive_factories(config, store, filters, tracker, reactor, resources)
     _add(top, "receive-drain", ReceiveDrainService(factories, grace=10.0))
     from exmta.tls.reload import TLSReloadService
     _add(top, "tls-reload", TLSReloadService(
         [f.tls_context_factory for f in factories if f.tls_context_factory is not None], reactor, reactor))
     shared: list[tuple[ListenSpec, Any]] = []
+    workers: WorkerPool | None = None  # SIGHUP reaches them through the reload service
     # one listener per endpoint; it hands each connection to the connector whose remote_ranges fit best
     for i, (endpoint, dispatcher) in enumerate(make_dispatchers(config.receive, factories, reactor)):
         spec = parse_shareable(str(i), endpoint) if config.receive_workers else None
@@ -313,9 +274,10 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
         worker_args = ["--data", paths["data"]]
         if config.source and os.path.exists(config.source):
             worker_args += ["--config", os.path.abspath(config.source)]
-        _add(top, "receive-workers",
-             WorkerPool(reactor, config.receive_workers, shared, worker_args, committed_elsewhere,
-                        on_event=observe.worker_event))
+        workers = WorkerPool(reactor, config.receive_workers, shared, worker_args, committed_elsewhere,
+                             on_event=observe.worker_event)
+        _add(top, "receive-workers", workers)
+        observe.readiness.add("receive workers", workers.readiness)  # each alive and accepting
         # the safety net for a queue id whose line from a worker was lost
         rescan = TimerService(INCOMING_RESCAN, store.scan_incoming)
         rescan.clock = reactor
@@ -325,7 +287,7 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
         observe.metrics.back_pressure = resources.back_pressure
         from exmta.send.oauth2 import register_metrics
         register_metrics(observe.metrics, connectors)  # token requests and cache hits (XOAUTH2)
-    _add(top, "reload", observe.reload_service(scheduler, factories, filters, env))  # SIGHUP
+    _add(top, "reload", observe.reload_service(scheduler, factories, filters, env, resources, workers))  # SIGHUP
     _add(top, "observe", observe.service)  # last: started when all listen, stopped first
     from exmta.admin.service import add_operations
     top.admin_root = add_operations(  # protocol logs, log rotation, admin API (/api); others putChild here

@@ -7,7 +7,7 @@ import sys
 from twisted.application.service import IService
 from twisted.python import usage
 
-from exmta.config.load import ConfigError
+from exmta.config.reader import ConfigError
 from exmta.config.schema import Config
 
 

@@ -53,6 +53,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from exmta.admin.httpguard import cross_site_refusal
+from exmta.config.smarthost import smarthost
 from exmta.model import Envelope, TrackingEvent, TrackingEventId
 from exmta.receive.ranges import ip_in
 
@@ -78,10 +79,8 @@ def queue_name(connector: str, nexthop: str | None) -> str:
 
 def parse_target(text: str) -> tuple[str, int]:
     """``host``, ``host:port``, ``[ip]:port`` -> (host, port); ValueError when it is not one."""
-    from exmta.config.load import _smarthost
-
     try:
-        sh = _smarthost(text)
+        sh = smarthost(text)
     except (TypeError, ValueError) as e:
         raise ValueError(str(e)) from None
     return sh.host, sh.port
@@ -338,7 +337,7 @@ class QueueOperations:
         state, env = await self._read(queue_id)
         if state != "hold":
             raise ApiError(409, f"{queue_id} is not suspended (it is {state})",
-                           f"`exmta queue retry QUEUE` makes deferred mail due now")
+                           "`exmta queue retry QUEUE` makes deferred mail due now")
         release_now = getattr(self.store, "release_now", None)
         if release_now is not None:
             await defer.maybeDeferred(release_now, queue_id, self.clock.seconds())

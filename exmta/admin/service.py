@@ -20,7 +20,7 @@ from twisted.logger import Logger
 
 from exmta.admin.api import QueueOperations, TokenGuard, make_admin_root
 from exmta.admin.httpguard import ADMIN_MAX_BODY, GuardedSite
-from exmta.admin.settings import rotation_kwargs
+from exmta.admin.config import rotation_kwargs
 from exmta.admin.token import ensure_token, token_path
 from exmta.observe.protocol import ProtocolLogs
 

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from exmta.auth.sasl import MECHANISMS
+from exmta.config import reader
 from exmta.config.schema import AuthBackendConfig, ReceiveConnectorConfig
 
 __all__ = ["read_auth_backends", "receive_auth_kwargs", "resolve_references"]
@@ -20,21 +21,15 @@ __all__ = ["read_auth_backends", "receive_auth_kwargs", "resolve_references"]
 _ATTRIBUTE = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-"
 
 
-def _load() -> Any:
-    from exmta.config import load
-
-    return load
-
-
 def _mechanism(v: Any) -> str:
-    s = _load()._nonempty_str(v).upper()
+    s = reader.nonempty_string(v).upper()
     if s not in MECHANISMS:
         raise ValueError(f"{v!r} is not a supported mechanism ({', '.join(MECHANISMS)})")
     return s
 
 
 def _attribute(v: Any) -> str:
-    s = _load()._nonempty_str(v)
+    s = reader.nonempty_string(v)
     if not s[0].isalpha() or any(c not in _ATTRIBUTE for c in s):
         raise ValueError(f"{s!r} is not an LDAP attribute name")
     return s
@@ -50,20 +45,19 @@ def _path(value: str, source: str) -> str:
 
 def receive_auth_kwargs(r: Any, d: ReceiveConnectorConfig) -> dict[str, Any]:
     """The AUTH fields of one ``[receive.NAME]`` table."""
-    load = _load()
     out = {
-        "auth": r.get("auth", d.auth, load._list_of(_mechanism)),
-        "auth_backend": r.get("auth_backend", d.auth_backend, load._nonempty_str),
+        "auth": r.get("auth", d.auth, reader.list_of(_mechanism)),
+        "auth_backend": r.get("auth_backend", d.auth_backend, reader.nonempty_string),
         "auth_before_tls_networks": r.get("auth_before_tls_networks", d.auth_before_tls_networks,
-                                          load._list_of(load._cidr)),
-        "auth_tarpit": r.get("auth_tarpit", d.auth_tarpit, load.parse_duration),
+                                          reader.list_of(reader.cidr)),
+        "auth_tarpit": r.get("auth_tarpit", d.auth_tarpit, reader.parse_duration),
         "auth_lockout_source_failures": r.get("auth_lockout_source_failures", d.auth_lockout_source_failures,
-                                              load._int(0)),
+                                              reader.integer(0)),
         "auth_lockout_user_failures": r.get("auth_lockout_user_failures", d.auth_lockout_user_failures,
-                                            load._int(0)),
-        "auth_lockout_window": r.get("auth_lockout_window", d.auth_lockout_window, load.parse_duration),
-        "auth_lockout_duration": r.get("auth_lockout_duration", d.auth_lockout_duration, load.parse_duration),
-        "accept_any_sender": r.get("accept_any_sender", d.accept_any_sender, load._bool),
+                                            reader.integer(0)),
+        "auth_lockout_window": r.get("auth_lockout_window", d.auth_lockout_window, reader.parse_duration),
+        "auth_lockout_duration": r.get("auth_lockout_duration", d.auth_lockout_duration, reader.parse_duration),
+        "accept_any_sender": r.get("accept_any_sender", d.accept_any_sender, reader.boolean),
     }
     if len(set(out["auth"])) != len(out["auth"]):
         r.error("auth", "lists a mechanism twice")
@@ -84,25 +78,24 @@ def receive_auth_kwargs(r: Any, d: ReceiveConnectorConfig) -> dict[str, Any]:
 
 
 def _read_backend(r: Any, name: str, source: str) -> AuthBackendConfig:
-    load = _load()
     d = AuthBackendConfig(name=name)
-    kind = r.get("kind", "", load._choice("users", "ldap"))
+    kind = r.get("kind", "", reader.choice("users", "ldap"))
     if "kind" not in r.table:
         r.error("kind", "is required: \"users\" or \"ldap\"")
-    path = r.get("path", None, load._nonempty_str)
+    path = r.get("path", None, reader.nonempty_string)
     b = AuthBackendConfig(
         name=name, kind=kind or "users",
         path=_path(path, source) if path else None,
-        uri=r.get("uri", None, load._nonempty_str),
-        tls=r.get("tls", d.tls, load._choice("starttls", "ldaps", "none")),
-        ca_file=r.get("ca_file", None, load.config_path),
-        base_dn=r.get("base_dn", d.base_dn, load._str),
-        bind_dn=r.get("bind_dn", None, load._nonempty_str),
-        bind_password=r.get("bind_password", None, load._str),
-        login_attributes=r.get("login_attributes", d.login_attributes, load._list_of(_attribute)),
-        user_filter=r.get("user_filter", d.user_filter, load._str),
-        identity_attributes=r.get("identity_attributes", d.identity_attributes, load._list_of(_attribute)),
-        timeout=r.get("timeout", d.timeout, load.parse_duration),
+        uri=r.get("uri", None, reader.nonempty_string),
+        tls=r.get("tls", d.tls, reader.choice("starttls", "ldaps", "none")),
+        ca_file=r.get("ca_file", None, reader.config_path),
+        base_dn=r.get("base_dn", d.base_dn, reader.string),
+        bind_dn=r.get("bind_dn", None, reader.nonempty_string),
+        bind_password=r.get("bind_password", None, reader.string),
+        login_attributes=r.get("login_attributes", d.login_attributes, reader.list_of(_attribute)),
+        user_filter=r.get("user_filter", d.user_filter, reader.string),
+        identity_attributes=r.get("identity_attributes", d.identity_attributes, reader.list_of(_attribute)),
+        timeout=r.get("timeout", d.timeout, reader.parse_duration),
     )
     if b.kind == "users":
         if not b.path:
@@ -140,7 +133,7 @@ def _check_ldap(r: Any, b: AuthBackendConfig) -> None:
         r.error("uri", f"{b.uri!r} is not an ldap:// or ldaps:// URL with a host")
         return
     try:
-        parts.port
+        _ = parts.port  # urlsplit checks the port only when asked
     except ValueError:
         r.error("uri", f"{b.uri!r} has an invalid port")
     if (parts.scheme == "ldaps") != (b.tls == "ldaps"):
@@ -159,7 +152,7 @@ def _check_ldap(r: Any, b: AuthBackendConfig) -> None:
     if (b.bind_dn is None) != (b.bind_password is None):
         r.error("bind_dn", "bind_dn and bind_password go together (neither: anonymous lookup)")
     if b.ca_file and not os.path.isfile(b.ca_file):
-        r.error("ca_file", f"{b.ca_file!r} does not exist{_load().relative_paths_note()}")
+        r.error("ca_file", f"{b.ca_file!r} does not exist{reader.relative_paths_note()}")
     if not b.login_attributes:
         r.error("login_attributes", "needs at least one attribute")
     if b.user_filter and not (b.user_filter.startswith("(") and b.user_filter.endswith(")")):

@@ -44,7 +44,7 @@ from zope.interface import implementer
 from exmta.auth.avatar import BadPassword, ISubmitter, Submitter, TemporaryAuthFailure
 from exmta.auth.sendas import SendAsGrants, check_grant_pattern, proxy_addresses
 
-__all__ = ["LDAPChecker", "LDAPRealm", "LDAPSettings"]
+__all__ = ["LDAPChecker", "LDAPSettings"]
 
 log = Logger()
 

@@ -39,7 +39,7 @@ def _store(args: argparse.Namespace) -> LockoutStore | None:
             print(str(e), file=sys.stderr)
             return None
         if config.queue.store == "postgres":  # the cluster's locks, shared by every node
-            from exmta.auth.lockstore import lockout_store_for
+            from exmta.auth.lockout_stores import lockout_store_for
 
             return lockout_store_for(config, _WallClock())
         data = config.data_dir

@@ -22,7 +22,7 @@ from typing import Any
 
 from exmta.auth.lockout import LockoutSettings, source_key
 
-__all__ = ["FILE_NAME", "KINDS", "LockoutStore", "SharedThrottle", "lockout_store_for", "user_key"]
+__all__ = ["FILE_NAME", "KINDS", "LockoutStore", "SharedThrottle", "user_key"]
 
 FILE_NAME = "auth-lockout.sqlite"
 KINDS = ("source", "user", "identity")
@@ -36,18 +36,6 @@ CREATE INDEX IF NOT EXISTS failures_at ON failures (at);
 CREATE TABLE IF NOT EXISTS locks (kind TEXT NOT NULL, key TEXT NOT NULL, until REAL NOT NULL,
                                   PRIMARY KEY (kind, key));
 """
-
-
-def lockout_store_for(config: Any, clock: Any) -> LockoutStore:
-    """The node's SQLite file, or the cluster's PostgreSQL tables with ``[queue] store = "postgres"``."""
-    if config.queue.store == "postgres":
-        from exmta.auth.pglockstore import PostgresLockoutStore
-        from exmta.queue.postgres import Connections
-
-        pg = config.postgres
-        connections = Connections(pg.dsn, 2, pg.connect_timeout, f"exmta {pg.node or config.hostname} auth")
-        return PostgresLockoutStore(connections, clock)
-    return LockoutStore(os.path.join(os.path.abspath(config.data_dir), FILE_NAME), clock)
 
 
 def user_key(name: str) -> str:

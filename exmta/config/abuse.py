@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from exmta.config import reader
 from exmta.config.schema import ReceiveConnectorConfig
 from exmta.filters.base import MAX_HEADER_BLOCK
 
@@ -17,25 +18,18 @@ SERVER_KEYS = ("filter_threads", "filter_checks_in_flight", "filter_checks_per_c
                "recipient_directory", "recipient_cache_ttl")
 
 
-def _load() -> Any:
-    from exmta.config import load
-
-    return load
-
-
 def receive_abuse_kwargs(r: Any, d: ReceiveConnectorConfig) -> dict[str, Any]:
     """The abuse-limit fields of one ``[receive.NAME]`` table."""
-    load = _load()
     out = {
-        "max_header_size": r.get("max_header_size", d.max_header_size, load.parse_size),
-        "max_header_field": r.get("max_header_field", d.max_header_field, load.parse_size),
-        "max_refused_recipients": r.get("max_refused_recipients", d.max_refused_recipients, load._int(0)),
+        "max_header_size": r.get("max_header_size", d.max_header_size, reader.parse_size),
+        "max_header_field": r.get("max_header_field", d.max_header_field, reader.parse_size),
+        "max_refused_recipients": r.get("max_refused_recipients", d.max_refused_recipients, reader.integer(0)),
         "refused_recipients_tarpit_after": r.get(
-            "refused_recipients_tarpit_after", d.refused_recipients_tarpit_after, load._int(0)),
+            "refused_recipients_tarpit_after", d.refused_recipients_tarpit_after, reader.integer(0)),
         "refused_recipients_tarpit": r.get(
-            "refused_recipients_tarpit", d.refused_recipients_tarpit, load.parse_duration),
-        "proxy_header_timeout": r.get("proxy_header_timeout", d.proxy_header_timeout, load.parse_duration),
-        "trusted_proxies": r.get("trusted_proxies", d.trusted_proxies, load._list_of(load._cidr)),
+            "refused_recipients_tarpit", d.refused_recipients_tarpit, reader.parse_duration),
+        "proxy_header_timeout": r.get("proxy_header_timeout", d.proxy_header_timeout, reader.parse_duration),
+        "trusted_proxies": r.get("trusted_proxies", d.trusted_proxies, reader.list_of(reader.cidr)),
     }
     if not 1024 <= out["max_header_size"] <= MAX_HEADER_BLOCK:
         r.error("max_header_size", f"must be between 1KiB and {MAX_HEADER_BLOCK // 1024}KiB "
@@ -51,13 +45,12 @@ def receive_abuse_kwargs(r: Any, d: ReceiveConnectorConfig) -> dict[str, Any]:
 
 def server_abuse_kwargs(r: Any, base: Any) -> dict[str, Any]:
     """The filter pool and in-flight bounds of ``[server]``."""
-    load = _load()
     return {
-        "filter_threads": r.get("filter_threads", base.filter_threads, load._int(1, 256)),
-        "filter_checks_in_flight": r.get("filter_checks_in_flight", base.filter_checks_in_flight, load._int(0)),
-        "filter_checks_per_client": r.get("filter_checks_per_client", base.filter_checks_per_client, load._int(0)),
-        "recipient_directory": r.get("recipient_directory", base.recipient_directory, load._nonempty_str),
-        "recipient_cache_ttl": r.get("recipient_cache_ttl", base.recipient_cache_ttl, load.parse_duration),
+        "filter_threads": r.get("filter_threads", base.filter_threads, reader.integer(1, 256)),
+        "filter_checks_in_flight": r.get("filter_checks_in_flight", base.filter_checks_in_flight, reader.integer(0)),
+        "filter_checks_per_client": r.get("filter_checks_per_client", base.filter_checks_per_client, reader.integer(0)),
+        "recipient_directory": r.get("recipient_directory", base.recipient_directory, reader.nonempty_string),
+        "recipient_cache_ttl": r.get("recipient_cache_ttl", base.recipient_cache_ttl, reader.parse_duration),
     }
 
 

@@ -2,7 +2,8 @@
 
 Every problem is collected and reported at once, each naming the file, the
 key and what is wrong, so that an operator fixes a configuration in one pass.
-Nothing here opens sockets or touches the spool.
+Nothing here opens sockets or touches the spool. The reader and its converters
+are :mod:`exmta.config.reader`; each area reads its own section with them.
 """
 from __future__ import annotations
 
@@ -11,15 +12,40 @@ import os
 import re
 import socket
 import tomllib
-from contextvars import ContextVar
 from dataclasses import replace
 from typing import Any, Callable
 
+from exmta.admin import config as _ops
+from exmta.auth import config as _auth
+from exmta.config import abuse as _abuse
+from exmta.config.reader import (
+    ConfigError,
+    Reader,
+    config_base,
+    config_path,
+    endpoints,
+    parse_duration,
+    parse_size,
+    paths_relative_to,
+    relative_note,
+    relative_paths_note,
+    resolve_path,
+)
+from exmta.config.reader import boolean as _bool
+from exmta.config.reader import cidr as _cidr
+from exmta.config.reader import choice as _choice
+from exmta.config.reader import domain as _domain
+from exmta.config.reader import integer as _int
+from exmta.config.reader import list_of as _list_of
+from exmta.config.reader import nameserver as _nameserver
+from exmta.config.reader import nonempty_string as _nonempty_str
+from exmta.config.reader import readable_file as _readable_file
+from exmta.config.reader import string as _str
 from exmta.config.schema import (
     AcceptedDomain,
-    BackPressureConfig,
     AlertRuleConfig,
     AlertsConfig,
+    BackPressureConfig,
     Config,
     MetricsConfig,
     PostgresConfig,
@@ -27,249 +53,26 @@ from exmta.config.schema import (
     ReceiveConnectorConfig,
     RouteConfig,
     SendConnectorConfig,
-    SmartHost,
 )
+from exmta.config.smarthost import smarthost as _smarthost
+from exmta.observe.alerts import RULE_KINDS
+from exmta.receive.policy import PERMISSION_GROUPS
+from exmta.receive.ranges import range_overlaps
+from exmta.routing import split as _split
+from exmta.rules.config import read_transport_rules
+from exmta.send import dkim_sign as _dkim
+from exmta.send import oauth2_config as _oauth2
+from exmta.tls import config as _tls
+from exmta.tlspolicy.config import read_tls_policy
 
+__all__ = [
+    "ConfigError", "auto_receive_workers", "config_base", "config_path", "embedded_default", "endpoints",
+    "load_config", "parse_config", "parse_duration", "parse_size", "relative_note", "relative_paths_note",
+    "resolve_path",
+]
 
-class ConfigError(Exception):
-    """The configuration is unusable; ``problems`` lists every reason."""
-
-    def __init__(self, source: str, problems: list[str]) -> None:
-        self.source = source
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{source}: {len(problems)} problem(s) in the configuration:\n{lines}")
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
-_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {
-    "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
-    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
-}
-_DOMAIN = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
-_ENDPOINT_KINDS = {"tcp", "tcp6", "unix", "ssl", "haproxy", "systemd"}
+_Reader = Reader  # the short names the section readers below use
 _DOMAIN_KINDS = ("authoritative", "internal_relay", "external_relay")
-
-
-def parse_duration(value: Any) -> float:
-    """``30``, ``"30s"``, ``"5m"``, ``"4h"``, ``"5d"`` -> seconds."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 30, \"30s\", \"5m\" or \"4h\"")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m:
-            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    raise ValueError(f"expected a duration such as 30, \"30s\", \"5m\" or \"4h\", not {value!r}")
-
-
-def parse_size(value: Any) -> int:
-    """``1048576``, ``"35MiB"``, ``"10MB"`` -> octets."""
-    if isinstance(value, bool):
-        raise ValueError("expected a size such as 10485760 or \"10MiB\"")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError("a size cannot be negative")
-        return value
-    if isinstance(value, str):
-        m = _SIZE.match(value)
-        if m:
-            unit = (m.group(2) or "B").lower()
-            return int(float(m.group(1)) * _SIZE_UNITS[unit])
-    raise ValueError(f"expected a size such as 10485760 or \"10MiB\", not {value!r}")
-
-
-class _Reader:
-    """Walks one TOML table, converting values and remembering every problem."""
-
-    def __init__(self, problems: list[str], path: str, table: Any) -> None:
-        self.problems = problems
-        self.path = path
-        if not isinstance(table, dict):
-            self.error("", f"must be a table, not {type(table).__name__}")
-            table = {}
-        self.table = table
-        self.used: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def error(self, name: str, message: str) -> None:
-        where = self.key(name) if name else self.path
-        self.problems.append(f"{where}: {message}")
-
-    def get(self, name: str, default: Any, convert: Callable[[Any], Any]) -> Any:
-        self.used.add(name)
-        if name not in self.table:
-            return default
-        try:
-            return convert(self.table[name])
-        except (ValueError, TypeError) as e:
-            self.error(name, str(e))
-            return default
-
-    def sub(self, name: str) -> _Reader:
-        self.used.add(name)
-        return _Reader(self.problems, self.key(name), self.table.get(name, {}))
-
-    def finish(self) -> None:
-        for name in sorted(set(self.table) - self.used):
-            self.error(name, "unknown setting (check the spelling; etc/exmta.toml lists every setting)")
-
-
-# ---------------------------------------------------------------- converters
-
-
-def _str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise TypeError(f"expected a string, not {type(v).__name__} {v!r}")
-    return v
-
-
-def _nonempty_str(v: Any) -> str:
-    s = _str(v)
-    if not s.strip():
-        raise ValueError("must not be empty")
-    return s
-
-
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise TypeError(f"expected true or false, not {v!r}")
-    return v
-
-
-def _int(minimum: int = 0, maximum: int | None = None) -> Callable[[Any], int]:
-    def convert(v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"expected a whole number, not {v!r}")
-        if v < minimum:
-            raise ValueError(f"must be at least {minimum}, not {v}")
-        if maximum is not None and v > maximum:
-            raise ValueError(f"must be at most {maximum}, not {v}")
-        return v
-
-    return convert
-
-
-def _choice(*choices: str) -> Callable[[Any], str]:
-    def convert(v: Any) -> str:
-        if v not in choices:
-            raise ValueError(f"must be one of {', '.join(repr(c) for c in choices)}, not {v!r}")
-        return v
-
-    return convert
-
-
-def _list_of(convert: Callable[[Any], Any]) -> Callable[[Any], tuple]:
-    def convert_list(v: Any) -> tuple:
-        if not isinstance(v, list):
-            raise TypeError(f"expected a list, not {type(v).__name__} {v!r}")
-        out, errors = [], []
-        for i, item in enumerate(v):
-            try:
-                out.append(convert(item))
-            except (ValueError, TypeError) as e:
-                errors.append(f"item {i + 1} ({item!r}): {e}")
-        if errors:
-            raise ValueError("; ".join(errors))
-        return tuple(out)
-
-    return convert_list
-
-
-def _domain(v: Any) -> str:
-    s = _str(v).strip().lower().rstrip(".")
-    if s == "*":
-        return s
-    try:
-        ascii_form = s.encode("idna").decode("ascii") if not s.isascii() else s
-    except UnicodeError:
-        raise ValueError(f"{v!r} is not a valid domain name") from None
-    if not _DOMAIN.match(ascii_form):
-        raise ValueError(f"{v!r} is not a domain name (use \"example.com\" or \"*.example.com\")")
-    return ascii_form
-
-
-# the directory of the file being read: relative paths in it are relative to this (None: the current directory)
-_CONFIG_DIR: ContextVar[str | None] = ContextVar("exmta_config_dir", default=None)
-
-
-def config_base(source: str) -> str | None:
-    """The directory relative paths of ``source`` are resolved against (None when it is not a file)."""
-    return os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else None
-
-
-def resolve_path(value: str) -> str:
-    """``value`` made absolute against the configuration file's directory (as auth_backend always was)."""
-    if os.path.isabs(value):
-        return value
-    base = _CONFIG_DIR.get()
-    return os.path.normpath(os.path.join(base, value)) if base else os.path.abspath(value)
-
-
-def relative_note(value: str) -> str:
-    """Says what a relative path was resolved against, for error texts."""
-    if os.path.isabs(value):
-        return ""
-    base = _CONFIG_DIR.get()
-    where = f"the configuration file's directory {base}" if base else f"the current directory {os.getcwd()}"
-    return f" ({value!r} is relative to {where})"
-
-
-def relative_paths_note() -> str:
-    """For a missing file's error text: what relative paths in this file are relative to."""
-    base = _CONFIG_DIR.get()
-    where = f"the configuration file's directory {base}" if base else f"the current directory {os.getcwd()}"
-    return f" (relative paths are relative to {where})"
-
-
-def config_path(v: Any) -> str:
-    """A path setting: relative paths are relative to the configuration file's directory."""
-    return resolve_path(_nonempty_str(v))
-
-
-def _readable_file(v: Any) -> str:
-    s = _nonempty_str(v)
-    path = resolve_path(s)
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: the file does not exist{relative_note(s)}")
-    if not os.access(path, os.R_OK):
-        raise ValueError(f"{path}: the file cannot be read{relative_note(s)}")
-    return path
-
-
-def _cidr(v: Any) -> str:
-    s = _str(v)
-    try:
-        return str(ipaddress.ip_network(s, strict=False))
-    except ValueError:
-        raise ValueError(f"{s!r} is not an IP network such as \"192.0.2.0/24\" or \"2001:db8::/32\"") from None
-
-
-def _endpoint(v: Any) -> str:
-    """A Twisted server endpoint string, checked by Twisted's own parser."""
-    from twisted.internet import endpoints
-
-    s = _nonempty_str(v)
-    kind = s.split(":", 1)[0]
-    if kind not in _ENDPOINT_KINDS:
-        raise ValueError(f"{s!r}: endpoint kind {kind!r} is not one of {', '.join(sorted(_ENDPOINT_KINDS))}")
-    try:
-        endpoints.serverFromString(_NoReactor(), s)
-    except Exception as e:  # the parser raises many types; all mean the same here
-        raise ValueError(f"{s!r} is not a valid endpoint: {e}") from None
-    return s
-
-
-def endpoints(v: Any) -> tuple[str, ...]:
-    """A ``listen`` setting: one endpoint string or a list of them, the same form everywhere."""
-    return (_endpoint(v),) if isinstance(v, str) else _list_of(_endpoint)(v)
 
 
 def _metrics_listen(v: Any) -> str | tuple[str, ...]:
@@ -278,46 +81,6 @@ def _metrics_listen(v: Any) -> str | tuple[str, ...]:
     if not eps:
         raise ValueError("needs at least one endpoint, e.g. \"tcp:9125:interface=127.0.0.1\" (or leave it out)")
     return eps[0] if len(eps) == 1 else eps
-
-
-class _NoReactor:
-    """Stands in for a reactor so endpoint strings can be parsed without one."""
-
-
-def _smarthost(v: Any) -> SmartHost:
-    s = _nonempty_str(v).strip()
-    host, port = s, 25
-    if s.startswith("["):
-        end = s.find("]")
-        if end < 0:
-            raise ValueError(f"{s!r}: unmatched '['")
-        host, rest = s[1:end], s[end + 1:]
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError(f"{s!r}: expected \"[host]:port\"")
-            port = _port(rest[1:], s)
-    elif s.count(":") == 1:
-        host, p = s.split(":")
-        port = _port(p, s)
-    if not host:
-        raise ValueError(f"{s!r}: the host is empty")
-    return SmartHost(host, port)
-
-
-def _port(text: str, whole: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ValueError(f"{whole!r}: {text!r} is not a port number")
-    return int(text)
-
-
-def _nameserver(v: Any) -> str:
-    s = _nonempty_str(v)
-    host = s.rsplit(":", 1)[0] if s.count(":") == 1 else s
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        raise ValueError(f"{s!r} is not an IP address (optionally with :port)") from None
-    return s
 
 
 def auto_receive_workers() -> int:
@@ -352,65 +115,14 @@ def _read_server(r: _Reader, base: Config) -> dict[str, Any]:
         "spool_sync": r.get("spool_sync", base.spool_sync, _choice("auto", "fsync", "syncfs")),
         "receive_worker_nice": r.get("receive_worker_nice", base.receive_worker_nice, _int(0, 19)),
         "recipient_list": r.get("recipient_list", base.recipient_list, _readable_file),
-        **_abuse_config().server_abuse_kwargs(r, base),
+        **_abuse.server_abuse_kwargs(r, base),
     }
     r.finish()
     return out
 
 
-def _ops_config() -> Any:
-    """exmta.admin.settings ([logs], [admin], protocol_log), imported late: it imports this module."""
-    from exmta.admin import settings
-
-    return settings
-
-
-def _dkim_config() -> Any:
-    """exmta.send.dkim_sign ([dkim] signing keys), imported late: it imports this module."""
-    from exmta.send import dkim_sign
-
-    return dkim_sign
-
-
-def _tls_config() -> Any:
-    """exmta.tls.config (TLS keys and certificate checks), imported late: it imports this module."""
-    from exmta.tls import config
-
-    return config
-
-
-def _split_config() -> Any:
-    """exmta.routing.split (routes that split recipients by set), imported late: it imports this module."""
-    from exmta.routing import split
-
-    return split
-
-
-def _auth_config() -> Any:
-    """exmta.auth.config (SMTP AUTH keys and [auth.NAME] back ends), imported late: it imports this module."""
-    from exmta.auth import config
-
-    return config
-
-
-def _abuse_config() -> Any:
-    """exmta.config.abuse (header, refused-recipient and connection limits), imported late."""
-    from exmta.config import abuse
-
-    return abuse
-
-
-def _oauth2_config() -> Any:
-    """exmta.send.oauth2_config (auth = "xoauth2" on send connectors), imported late: it imports this module."""
-    from exmta.send import oauth2_config
-
-    return oauth2_config
-
-
 def _read_connector_security(r: _Reader, d: ReceiveConnectorConfig) -> dict[str, Any]:
     """Remote ranges, permission groups and per-client limits of one receive connector."""
-    from exmta.receive.policy import PERMISSION_GROUPS
-
     out = {
         "remote_ranges": r.get("remote_ranges", d.remote_ranges, _list_of(_cidr)),
         "permission_groups": r.get("permission_groups", d.permission_groups, _list_of(_choice(*PERMISSION_GROUPS))),
@@ -463,12 +175,12 @@ def _read_receive(r: _Reader, name: str, hostname: str) -> ReceiveConnectorConfi
         relay_networks=r.get("relay_networks", d.relay_networks, _list_of(_cidr)),
         filters=r.get("filters", d.filters, _list_of(_nonempty_str)),
         add_received=r.get("add_received", d.add_received, _bool),
-        **_tls_config().receive_tls_kwargs(r),
+        **_tls.receive_tls_kwargs(r),
     )
     c = replace(c, **_read_connector_security(r, d))
-    c = replace(c, **_auth_config().receive_auth_kwargs(r, d))
-    c = replace(c, **_ops_config().connector_kwargs(r, d))
-    c = replace(c, **_abuse_config().receive_abuse_kwargs(r, d))
+    c = replace(c, **_auth.receive_auth_kwargs(r, d))
+    c = replace(c, **_ops.connector_kwargs(r, d))
+    c = replace(c, **_abuse.receive_abuse_kwargs(r, d))
     if not c.listen:
         r.error("listen", "needs at least one endpoint, e.g. \"tcp:25\"")
     if 0 < c.max_text_line < 1000:
@@ -499,7 +211,7 @@ def _read_send(r: _Reader, name: str, data_dir: str, source: str = "<string>") -
         dns_servers=r.get("dns_servers", d.dns_servers, _list_of(_nameserver)),
         dkim_sign=r.get("dkim_sign", d.dkim_sign, _bool),
         send_organization_headers=r.get("send_organization_headers", d.send_organization_headers, _bool),
-        **_tls_config().read_send_tls(r),
+        **_tls.read_send_tls(r),
     )
     mx = r.get("mx", None, _bool)
     if kind == "smtp" and mx and c.smarthosts:
@@ -511,12 +223,12 @@ def _read_send(r: _Reader, name: str, data_dir: str, source: str = "<string>") -
     if kind == "maildir":
         root = c.maildir_root or "mail"
         c = replace(c, maildir_root=root if os.path.isabs(root) else os.path.join(data_dir, root))
-    c = replace(c, **_ops_config().connector_kwargs(r, d))
-    c = replace(c, **_oauth2_config().read_send_auth(r, source))  # auth = "xoauth2" (exmta.send.oauth2_config)
+    c = replace(c, **_ops.connector_kwargs(r, d))
+    c = replace(c, **_oauth2.read_send_auth(r, source))  # auth = "xoauth2" (exmta.send.oauth2_config)
     if (c.auth_username is None) != (c.auth_password is None):
         r.error("auth_username", "auth_username and auth_password go together")
-    _tls_config().check_send_tls(r, c)
-    _oauth2_config().check_send_auth(r, c)
+    _tls.check_send_tls(r, c)
+    _oauth2.check_send_auth(r, c)
     r.finish()
     return c
 
@@ -577,8 +289,6 @@ def _read_metrics(r: _Reader) -> MetricsConfig:
 
 
 def _read_alerts(r: _Reader) -> AlertsConfig:
-    from exmta.observe.alerts import RULE_KINDS
-
     d = AlertsConfig()
     rules = []
     rs = r.sub("rule")
@@ -676,7 +386,7 @@ def _read_routes(problems: list[str], routes: Any) -> tuple[RouteConfig, ...]:
         domains = r.get("domains", (), _list_of(_domain))
         connector = r.get("connector", "", _nonempty_str)
         cost = r.get("cost", 1, _int(0))
-        split = _split_config().read_split(r)
+        split = _split.read_split(r)
         if not domains:
             r.error("domains", "needs at least one domain pattern (\"*\" matches everything)")
         if not connector:
@@ -688,8 +398,6 @@ def _read_routes(problems: list[str], routes: Any) -> tuple[RouteConfig, ...]:
 
 def _shared_listener_problems(receive: list[ReceiveConnectorConfig]) -> list[str]:
     """Connectors may share a listen endpoint when their remote_ranges tell them apart."""
-    from exmta.receive.ranges import range_overlaps
-
     problems = []
     seen: dict[str, list[ReceiveConnectorConfig]] = {}
     for rc in receive:
@@ -754,11 +462,8 @@ def load_config(path: str, data_dir: str | None = None) -> Config:
 
 def parse_config(raw: dict[str, Any], source: str = "<string>", data_dir: str | None = None) -> Config:
     """Validate ``raw`` (read from ``source``); relative paths are relative to ``source``'s directory."""
-    token = _CONFIG_DIR.set(config_base(source))
-    try:
+    with paths_relative_to(source):
         return _parse_config(raw, source, data_dir)
-    finally:
-        _CONFIG_DIR.reset(token)
 
 
 def _parse_config(raw: dict[str, Any], source: str, data_dir: str | None) -> Config:
@@ -795,17 +500,16 @@ def _parse_config(raw: dict[str, Any], source: str, data_dir: str | None) -> Con
     routes = _read_routes(problems, raw.get("route", []))
     queue = _read_queue(top.sub("queue"))
     postgres = _read_postgres(top.sub("postgres"), queue.store)
-    logs = _ops_config().read_logs(top.sub("logs"))
-    admin = _ops_config().read_admin(top.sub("admin"))
+    logs = _ops.read_logs(top.sub("logs"))
+    admin = _ops.read_admin(top.sub("admin"))
     back_pressure = _read_back_pressure(top.sub("back_pressure"))
     metrics = _read_metrics(top.sub("metrics"))
     alerts = _read_alerts(top.sub("alerts"))
-    auth_backends = _auth_config().read_auth_backends(top.sub("auth"), source)
+    auth_backends = _auth.read_auth_backends(top.sub("auth"), source)
 
-    dkim_keys = _dkim_config().read_dkim(top.sub("dkim"), server["data_dir"])
-    from exmta.tlspolicy.config import read_tls_policy
+    dkim_keys = _dkim.read_dkim(top.sub("dkim"), server["data_dir"])
     tls_policy = read_tls_policy(top.sub("tls_policy"), server["data_dir"])  # MTA-STS, DANE, TLS-RPT
-    from exmta.rules.config import read_transport_rules  # [transport_rules]: reads and checks the rules file
+    # [transport_rules]: reads and checks the rules file
     transport_rules = read_transport_rules(top.sub("transport_rules"), source, {s.name for s in send},
                                            {b.name: b.kind for b in auth_backends})
 
@@ -829,7 +533,7 @@ def _parse_config(raw: dict[str, Any], source: str, data_dir: str | None) -> Con
                 f"route[{i + 1}].connector: no [send.{route.connector}] connector "
                 f"(defined: {', '.join(sorted(send_names)) or 'none'})"
             )
-    routes, split_problems = _split_config().resolve_split(routes, accepted, send_names)
+    routes, split_problems = _split.resolve_split(routes, accepted, send_names)
     problems += split_problems
     for rc in receive:
         for f in rc.filters:
@@ -838,9 +542,9 @@ def _parse_config(raw: dict[str, Any], source: str, data_dir: str | None) -> Con
     if not receive:
         problems.append("receive: at least one [receive.NAME] connector is needed")
     problems += _shared_listener_problems(receive)
-    receive, auth_problems = _auth_config().resolve_references(receive, auth_backends, source)
+    receive, auth_problems = _auth.resolve_references(receive, auth_backends, source)
     problems += auth_problems
-    problems += _abuse_config().directory_problems(server["recipient_directory"], auth_backends)
+    problems += _abuse.directory_problems(server["recipient_directory"], auth_backends)
 
     if problems:
         raise ConfigError(source, problems)
@@ -864,7 +568,7 @@ def _parse_config(raw: dict[str, Any], source: str, data_dir: str | None) -> Con
         receive_worker_nice=server["receive_worker_nice"],
         back_pressure=back_pressure,
         recipient_list=server["recipient_list"],
-        **{key: server[key] for key in _abuse_config().SERVER_KEYS},
+        **{key: server[key] for key in _abuse.SERVER_KEYS},
         filters=filters,
         dkim_keys=dkim_keys,
         tls_policy=tls_policy,

@@ -44,7 +44,8 @@ def add_commands(sub: Any) -> None:
         "exchange", help="write an exmta config from Get-ReceiveConnector/Get-SendConnector/Get-AcceptedDomain JSON",
         description="Read the JSON that `Get-ReceiveConnector | ConvertTo-Json`, `Get-SendConnector | "
                     "ConvertTo-Json` and `Get-AcceptedDomain | ConvertTo-Json` print, or their Export-Clixml "
-                    "files (any order, one or more) and write an exmta TOML configuration. Every property that cannot be mapped is "
+                    "files (any order, one or more) and write an exmta TOML configuration. Every property that "
+                    "cannot be mapped is "
                     "listed with the reason, in the output as comments and on standard error.")
     ex.add_argument("files", nargs="+", metavar="FILE", help="JSON (ConvertTo-Json) or CLIXML (Export-Clixml) files")
     ex.add_argument("-o", "--output", metavar="TOML", help="write the configuration here (default: stdout)")

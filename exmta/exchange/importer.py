@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from exmta.config.load import _domain
+from exmta.config.reader import domain as _domain
 
 __all__ = ["Import", "ImportOptions", "import_exchange", "load_objects", "main"]
 

@@ -26,6 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from exmta.config.reader import parse_duration
 from exmta.coroutines import run_coroutine
 from exmta.interfaces import IMessageFilter, IMessageView
 from exmta.model import Action, Reply, Verdict
@@ -69,8 +70,6 @@ class FilterBase:
 def _seconds(value: Any) -> float:
     """A filter's ``timeout``: seconds, or a duration string ("5s", as docs/filters.rst shows)."""
     if isinstance(value, str):
-        from exmta.config.load import parse_duration
-
         return parse_duration(value)
     return float(value)
 

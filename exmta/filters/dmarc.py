@@ -253,7 +253,7 @@ class TreeWalk:
         walk goes on (4.10 steps 2 and 7); only when no valid record is found
         at all does the first problem make the result permerror.
         """
-        problems = []
+        problems: list[str] = []
         for where in walk_targets(domain):
             record, problem = self.record(where)
             if record is not None:

@@ -2,8 +2,9 @@
 
 ``/healthz`` answers 200 while the reactor turns (the process is alive).
 ``/readyz`` answers 200 only when the server should get traffic: it is
-listening, the spool has been recovered, it is not stopping, and the queue's
-disk has more free space than the floor; otherwise 503 with one line per
+listening, the spool has been recovered, it is not stopping, the queue's
+disk has more free space than the floor, and every receive worker process runs
+(exmta.receive.workers); otherwise 503 with one line per
 failed check, so that an operator reading it knows which one.
 """
 from __future__ import annotations

@@ -17,7 +17,7 @@ prometheus-client is an optional dependency (the ``metrics`` extra);
 ``/metrics`` resource answers 503 with what to install.
 
 With ``receive_workers > 0`` the workers' events reach these counters
-through :mod:`exmta.observe.relay` (JSON lines on the workers' stdout).
+through :mod:`exmta.observe.worker_metrics` (JSON lines on the workers' stdout).
 """
 from __future__ import annotations
 

@@ -21,8 +21,14 @@ receive workers, data and log paths, TLS settings other than the
 certificate files (those are reloaded by exmta.tls on the same signal),
 AUTH settings (turning AUTH on or off included), protocol logs and the
 pickup interval: every one that
-changed is named in the log line. Receive worker processes keep the
-configuration they started with (named in the log too).
+changed is named in the log line.
+
+All or nothing: every new object (filter plugins first, then router,
+policies and filter chains) is built before the first one is swapped in, so
+a plugin that cannot be built changes nothing. Only then does the main
+process send SIGHUP to each receive worker (exmta.receive.workers), which
+runs this same reloader on its own receive side, built by the same
+functions (exmta.assembly), and logs what it applied under its own name.
 
 The previous SIGHUP handler (e.g. the TLS certificate reloader) still runs.
 """
@@ -51,11 +57,17 @@ RESTART_RECEIVE_KEYS = ("listen", "tls", "require_tls", "auth", "auth_backend", 
 
 
 class ConfigReloader:
-    """Applies a new configuration to the running objects; ``reload()`` -> (applied, messages)."""
+    """Applies a new configuration to the running objects; ``reload()`` -> (applied, messages).
+
+    The same class runs in the main process and in every receive worker
+    (``process`` names which in the log). ``workers`` (exmta.receive.workers.WorkerPool)
+    is asked to reload once this process has applied the new file, never before.
+    """
 
     def __init__(self, config: Any, reactor: Any, *, scheduler: Any = None, factories: dict[str, Any] | None = None,
                  filters: dict[str, Any] | None = None, filter_env: Any = None, observability: Any = None,
-                 data_dir: str | None = None) -> None:
+                 data_dir: str | None = None, workers: Any = None, resources: Any = None,
+                 process: str = "the main process") -> None:
         self.config = config
         self.filters = dict(filters or {})
         self.reactor = reactor
@@ -64,6 +76,9 @@ class ConfigReloader:
         self.filter_env = filter_env
         self.observability = observability
         self.data_dir = data_dir
+        self.workers = workers
+        self.resources = resources  # exmta.receive.wiring.ReceiveResources of the process: policies rebuilt on them
+        self.process = process
         self.reloads = 0
         self.refused = 0
         self._pending_filters: dict[str, Any] | None = None
@@ -74,7 +89,7 @@ class ConfigReloader:
         return load_config(self.config.source, data_dir=self.data_dir or self.config.data_dir)
 
     def reload(self) -> tuple[bool, list[str]]:
-        """Read the file again and apply what can be applied; never raises."""
+        """Read the file again and apply what can be applied, all or nothing; never raises."""
         from exmta.config.load import ConfigError
 
         source = self.config.source
@@ -89,31 +104,68 @@ class ConfigReloader:
         except ConfigError as e:
             self.refused += 1
             log.error("SIGHUP: {source} refused, the running configuration stays:\n{problems}",
-                      source=source, problems="\n".join(f"  - {p}" for p in e.problems))
+                      source=source, problems="\n".join(f"  - {p}" for p in e.problems), process=self.process)
             return False, list(e.problems)
         except Exception as e:
             self.refused += 1
             log.failure("SIGHUP: reading {source} failed; the running configuration stays", source=source)
             return False, [str(e)]
         try:
-            messages = self.apply(new)
+            steps, messages = self.prepare(new)
+        except ConfigError as e:  # e.g. a filter plugin that cannot be built: nothing was swapped
+            self.refused += 1
+            log.error("SIGHUP: {source} refused in {process}, nothing changed:\n{problems}",
+                      source=source, process=self.process, problems="\n".join(f"  - {p}" for p in e.problems))
+            return False, list(e.problems)
+        except Exception as e:
+            self.refused += 1
+            log.failure("SIGHUP: building {source} failed in {process}; nothing changed", source=source,
+                        process=self.process)
+            return False, [str(e)]
+        try:
+            for step in steps:
+                messages += step() or []
         except Exception:
             self.refused += 1
             log.failure("SIGHUP: applying {source} failed part way; restart exmta to be sure of its state",
                         source=source)
             return False, ["applying failed; see the log"]
         self.reloads += 1
+        old_workers = self.config.receive_workers
         self.config = new
         if self._pending_filters is not None:
             self.filters, self._pending_filters = self._pending_filters, None
+        if self.workers is not None:
+            asked = self.workers.reload()
+            if asked:
+                messages.append(f"asked the {asked} receive worker process(es) to apply the same file; "
+                                "each logs what it applied")
+        elif old_workers and messages and self.scheduler is not None:
+            messages.append(f"the {old_workers} receive worker process(es) keep the configuration they "
+                            "started with until a restart")
         for m in messages:
-            log.info("SIGHUP: {message}", message=m)
-        log.info("SIGHUP: {source} reloaded ({count} change(s) reported)", source=source, count=len(messages))
+            log.info("SIGHUP: {message}", message=m, process=self.process)
+        log.info("SIGHUP: {source} reloaded ({count} change(s) reported) in {process}", source=source,
+                 count=len(messages), process=self.process)
         return True, messages
 
     def apply(self, new: Any) -> list[str]:
+        """Build everything ``new`` needs, then swap it in; -> the messages. (prepare + commit.)"""
+        steps, out = self.prepare(new)
+        for step in steps:
+            out += step() or []
+        return out
+
+    def prepare(self, new: Any) -> tuple[list[Any], list[str]]:
+        """Build every new object for ``new`` and change nothing: -> (steps that swap them in, messages).
+
+        Anything that fails here (a filter plugin that cannot be built, a
+        route to a missing connector) leaves every running object as it was.
+        """
         old = self.config
+        self._pending_filters = None
         out: list[str] = []
+        steps: list[Any] = []
         needs_restart: list[str] = []
 
         # send connectors are built objects with connections and resolvers: a restart changes them
@@ -123,7 +175,18 @@ class ConfigReloader:
             needs_restart.append("send connectors")
         usable = set(old_send) & set(new_send)
 
+        # filters first: the only part that runs third-party code
+        new_filters = None
+        if new.filters != old.filters:
+            if self.filter_env is None:
+                needs_restart.append("filters")
+            else:
+                from exmta.plugins import load_filters
+
+                new_filters = load_filters(new.filters, self.filter_env, source=new.source)
+
         if self.scheduler is not None:
+            scheduler = self.scheduler
             if new.routes != old.routes or new.accepted_domains != old.accepted_domains:
                 missing = {c for r in new.routes for c in (r.connector, r.internal_connector) if c} - usable
                 if missing:
@@ -132,11 +195,11 @@ class ConfigReloader:
                     from exmta.queue.scheduler import send_configs_by_name
                     from exmta.routing.router import StaticRouter
 
-                    self.scheduler.set_router(StaticRouter(new.routes, send_configs_by_name(
-                        [old_send[n] for n in sorted(usable)])))
+                    router = StaticRouter(new.routes, send_configs_by_name([old_send[n] for n in sorted(usable)]))
+                    steps.append(lambda: _none(scheduler.set_router(router)))
                     out.append(f"routes: {len(new.routes)} route(s) applied")
             if new.queue != old.queue:
-                self.scheduler.set_queue_config(new.queue)
+                steps.append(lambda: _none(scheduler.set_queue_config(new.queue)))
                 out.append("queue settings applied")
                 if new.queue.pickup_interval != old.queue.pickup_interval:
                     needs_restart.append("queue.pickup_interval")
@@ -145,14 +208,6 @@ class ConfigReloader:
         new_rc = {rc.name: rc for rc in new.receive}
         if set(old_rc) != set(new_rc):
             needs_restart.append("added or removed receive connectors")
-        new_filters = None
-        if new.filters != old.filters:
-            if self.filter_env is None:
-                needs_restart.append("filters")
-            else:
-                from exmta.plugins import load_filters
-
-                new_filters = self._pending_filters = load_filters(new.filters, self.filter_env, source=new.source)
         for name, rc in new_rc.items():
             factory = self.factories.get(name)
             before = old_rc.get(name)
@@ -165,7 +220,7 @@ class ConfigReloader:
                     needs_restart.append(f"receive.{name}.{key}")
             if rc == before and new.accepted_domains == old.accepted_domains and new_filters is None:
                 continue
-            self._swap_receive(factory, new, rc, new_filters)
+            steps.append(self._prepare_receive(factory, new, rc, new_filters))
             out.append(f"receive.{name}: policy, filters and limits applied to sessions from their next command")
 
         for key in _RESTART_SERVER_KEYS:
@@ -176,46 +231,61 @@ class ConfigReloader:
         if new.metrics.allowed_networks != old.metrics.allowed_networks:
             needs_restart.append("metrics.allowed_networks")
         if self.observability is not None and (new.alerts != old.alerts or new.metrics != old.metrics):
-            out += self.observability.reload(new)
+            observability = self.observability
+            steps.append(lambda: observability.reload(new))  # its messages come after the others
+        tail: list[str] = []
         if needs_restart:
-            out.append("needs a restart to take effect (the old values stay in use): "
-                       + ", ".join(dict.fromkeys(needs_restart)))
-        if old.receive_workers and out:
-            out.append(f"the {old.receive_workers} receive worker process(es) keep the configuration they started "
-                       "with until a restart")
-        return out
+            tail.append("needs a restart to take effect (the old values stay in use): "
+                        + ", ".join(dict.fromkeys(needs_restart)))
+        if new_filters is not None:
+            self._pending_filters = new_filters
+        steps.append(lambda: tail)
+        return steps, out
 
-    def _swap_receive(self, factory: Any, config: Any, rc: Any, new_filters: dict[str, Any] | None) -> None:
-        from exmta.filters.base import FilterChain
-        from exmta.plugins import ordered
+    def _prepare_receive(self, factory: Any, config: Any, rc: Any, new_filters: dict[str, Any] | None) -> Any:
+        """Build the new policy and filter chain of one receive factory; -> the step that swaps them in."""
+        from exmta.assembly import accepts_locally, build_chain, postmaster_domain
 
-        old_policy = factory.policy
-        policy = self._policy(config, rc, old_policy)
+        policy = self._policy(config, rc, factory.policy)
+        chain = None
         if new_filters is not None or rc.filters != factory.config.filters:
             filters = new_filters if new_filters is not None else self.filters
-            chain = FilterChain(ordered(filters, rc.filters), factory.clock, per_filter=config.filters)
-            chain.verdict_observer = getattr(factory.filters, "verdict_observer", None)
-            chain.admission = getattr(factory.filters, "admission", None)  # checks in flight stay bounded
-            factory.filters = chain
-        factory.policy = policy
-        factory.local_domain = lambda domain: config.accepted_domain(domain) is not None
-        factory.postmaster_domain = next(
-            (d.name for d in config.accepted_domains if not d.name.startswith("*")), factory.postmaster_domain)
+            chain = build_chain(config, rc, filters, factory.clock,
+                                admission=getattr(factory.filters, "admission", None),  # checks in flight stay bounded
+                                verdict_observer=getattr(factory.filters, "verdict_observer", None))
         # limits, banner, timeouts for new sessions; what needs a restart keeps its running value
         keep = {k: getattr(factory.config, k) for k in RESTART_RECEIVE_KEYS
                 if hasattr(factory.config, k) and hasattr(rc, k)}
-        factory.config = dataclasses.replace(rc, **keep)
+        new_config = dataclasses.replace(rc, **keep)
+        local_domain = accepts_locally(config)
+        domain = postmaster_domain(config, factory.postmaster_domain)
+
+        def swap() -> list[str]:
+            if chain is not None:
+                factory.filters = chain
+            factory.policy = policy
+            factory.local_domain = local_domain
+            factory.postmaster_domain = domain
+            factory.config = new_config
+            return []
+        return swap
+
+    def _swap_receive(self, factory: Any, config: Any, rc: Any, new_filters: dict[str, Any] | None) -> None:
+        self._prepare_receive(factory, config, rc, new_filters)()
 
     def _policy(self, config: Any, rc: Any, old: Any) -> Any:
-        try:
-            from exmta.receive.wiring import ReceiveResources, make_policy
-        except ImportError:
-            from exmta.receive.policy import DefaultReceivePolicy
+        from exmta.assembly import build_policy
+        from exmta.receive.wiring import ReceiveResources
 
-            return DefaultReceivePolicy(config.accepted_domain, rc.relay_networks)
-        resources = ReceiveResources(back_pressure=getattr(old, "back_pressure", None),
-                                     recipients=getattr(old, "recipients", None))
-        return make_policy(config, rc, self.reactor, resources)
+        resources = self.resources  # the same shared resources (rates of the cluster too) as at start
+        if resources is None:
+            resources = ReceiveResources(back_pressure=getattr(old, "back_pressure", None),
+                                         recipients=getattr(old, "recipients", None))
+        return build_policy(config, rc, self.reactor, resources)
+
+
+def _none(_result: Any) -> None:
+    return None
 
 
 class ReloadService(Service):

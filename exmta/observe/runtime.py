@@ -133,20 +133,20 @@ class Observability:
             self.observe_factory(factory)
 
     def worker_event(self, line: bytes) -> None:
-        """One metrics line from a receive worker process (exmta.observe.relay)."""
-        from exmta.observe.relay import dispatch
+        """One metrics line from a receive worker process (exmta.observe.worker_metrics)."""
+        from exmta.observe.worker_metrics import dispatch
 
         dispatch(line, self.metrics, self.trackers())
 
     def reload_service(self, scheduler: Any, factories: list[Any], filters: dict[str, Any],
-                       filter_env: Any) -> Service:
-        """The SIGHUP configuration reload (exmta.observe.reload) for this server."""
+                       filter_env: Any, resources: Any = None, workers: Any = None) -> Service:
+        """The SIGHUP configuration reload (exmta.observe.reload) for this server and its receive ``workers``."""
         from exmta.observe.reload import ConfigReloader, ReloadService
 
         self.reloader = ConfigReloader(
             self.config, self.reactor, scheduler=scheduler,
             factories={rc.name: f for rc, f in zip(self.config.receive, factories)},
-            filters=filters, filter_env=filter_env, observability=self,
+            filters=filters, filter_env=filter_env, observability=self, resources=resources, workers=workers,
         )
         return ReloadService(self.reloader, self.reactor)
 

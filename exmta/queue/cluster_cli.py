@@ -103,7 +103,9 @@ def _cluster(args: argparse.Namespace) -> int:
             if not ok:
                 print(f"no node {args.node!r} has registered (exmta cluster status lists them)", file=sys.stderr)
                 return 1
-            print(f"node {args.node} {'draining: within one heartbeat (5s) its /readyz fails and it claims no more mail' if args.action == 'drain' else 'back in service'}")
+            what = ("draining: within one heartbeat (5s) its /readyz fails and it claims no more mail"
+                    if args.action == "drain" else "back in service")
+            print(f"node {args.node} {what}")
             return 0
         nodes = _run_store(config, lambda s: s.nodes())
         counts = _run_store(config, lambda s: s.counts())

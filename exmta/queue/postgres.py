@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 
 from twisted.application.internet import TimerService
-from twisted.application.service import MultiService, Service
+from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -345,12 +345,16 @@ class PostgresStore:
         return self._in_pool(self._claim, float(now), int(limit))
 
     def _claim(self, now: float, limit: int) -> list[QueueEntry]:
+        # never our own messages still in hand: a lease of ours that ran out while the database was away is
+        # renewed (same token) or taken by another node, not handed to our scheduler a second time
+        ours = list(self._leases)
+
         def work(cur: Any) -> list[tuple[Any, ...]]:
             cur.execute(
                 "WITH picked AS ("
                 " SELECT queue_id, state, lease_owner FROM exmta_message"
-                " WHERE state = 'incoming' OR (state = 'deferred' AND next_attempt <= %(now)s)"
-                "    OR (state = 'active' AND lease_expires < now())"
+                " WHERE (state = 'incoming' OR (state = 'deferred' AND next_attempt <= %(now)s)"
+                "    OR (state = 'active' AND lease_expires < now())) AND NOT (queue_id = ANY(%(ours)s))"
                 " ORDER BY next_attempt, queue_id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
                 " UPDATE exmta_message m SET state = 'active', lease_owner = %(node)s,"
                 "  lease_token = nextval('exmta_lease_token'),"
@@ -358,7 +362,7 @@ class PostgresStore:
                 " FROM picked WHERE m.queue_id = picked.queue_id"
                 " RETURNING m.queue_id, m.envelope, m.lease_token, picked.state, picked.lease_owner,"
                 "  m.sha256, m.chunks",
-                {"now": now, "limit": limit, "node": self.node, "lease": self.lease})
+                {"now": now, "limit": limit, "node": self.node, "lease": self.lease, "ours": ours})
             return list(cur.fetchall())
 
         rows = self._tx(work)
@@ -653,6 +657,8 @@ class PostgresStore:
                     pass
                 cur.execute("UPDATE exmta_message SET state = 'incoming', envelope = %s, lease_owner = NULL,"
                             " lease_token = NULL, lease_expires = NULL WHERE queue_id = %s", (text, queue_id))
+            for queue_id, _ in rows:  # whatever this process held before is void now
+                self._drop_lease(queue_id)
             return len(rows)
 
         def clean() -> int:

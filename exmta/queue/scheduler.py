@@ -106,6 +106,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from exmta.config.schema import Config, QueueConfig, SendConnectorConfig
+from exmta.config.smarthost import smarthost as _smarthost
 from exmta.interfaces import IMessageTracker, IQueueStore, IRouter, ISendConnector
 from exmta.model import (
     DeliveryRequest,
@@ -476,7 +477,15 @@ class DeliveryScheduler(Service):
             self._timer = None
             return
         d = defer.maybeDeferred(self._store.next_due)
-        d.addCallbacks(self._cb_next_due, lambda f: self._log.failure("next_due failed", f))
+        d.addCallbacks(self._cb_next_due, self._eb_next_due)
+
+    def _eb_next_due(self, failure: Failure) -> None:
+        if failure.check(StoreUnavailable):  # the queue's database is away: the next wake asks again
+            self._log.warn("next_due failed: {error}", error=failure.getErrorMessage())
+            if self.running:
+                self._set_timer(self._clock.seconds() + self._claim_retry)
+        else:
+            self._log.failure("next_due failed", failure)
 
     def _cb_next_due(self, due: float | None) -> None:
         if not self.running:
@@ -1082,7 +1091,8 @@ class DeliveryScheduler(Service):
             out["suspended_by_operator"] = reason
         return out
 
-    def suspend_destination(self, connector: str, nexthop: str | None, reason: str = "suspended by an operator") -> None:
+    def suspend_destination(self, connector: str, nexthop: str | None,
+                            reason: str = "suspended by an operator") -> None:
         """Stop delivering to one destination until :meth:`resume_destination` (Exchange Suspend-Queue)."""
         self._operator_suspended[(connector, nexthop)] = reason
         self._log.info("destination {connector}/{nexthop} suspended: {reason}", connector=connector,
@@ -1121,8 +1131,6 @@ class DeliveryScheduler(Service):
     def restore_operator_state(self, state: Any, make_connector: Callable[[str, int], Any] | None = None) -> None:
         """Adopt ``state`` (an OperatorStateFile) and what it holds: suspensions, and the redirect when
         ``make_connector(host, port)`` can rebuild its connector. Call before startService."""
-        from exmta.config.load import _smarthost
-
         self.operator_state = state
         suspended, redirect = state.load()
         self._operator_suspended.update(suspended)
@@ -1154,7 +1162,8 @@ class DeliveryScheduler(Service):
     def redirect(self) -> tuple[str, str | None] | None:
         return self._redirect
 
-    def remove_message(self, queue_id: str, ndr: bool, reason: str = "removed by an administrator") -> defer.Deferred[dict[str, Any]]:
+    def remove_message(self, queue_id: str, ndr: bool,
+                       reason: str = "removed by an administrator") -> defer.Deferred[dict[str, Any]]:
         """Delete a queued message, with or without a non-delivery report (Exchange Remove-Message -WithNDR).
 
         KeyError when there is no such message, ValueError while it is being

@@ -16,8 +16,8 @@ result, except for free disk space: a fast sender fills a small spool in less
 than ``check_interval`` (64 MiB in 3 s, issue 10 item 9), so MAIL FROM also
 takes a fresh ``statvfs`` when the last one is older than ``disk_refresh``
 (0.1 s), and refuses a message whose declared SIZE would take the free space
-below ``min_free_disk`` (``452 4.3.1 Insufficient system storage``). Each change of state is logged, and :meth:`BackPressure.status`
-returns the numbers for a metric or a health check. Nothing here touches a
+below ``min_free_disk`` (``452 4.3.1 Insufficient system storage``). Each change of state is logged, and
+:meth:`BackPressure.status` returns the numbers for a metric or a health check. Nothing here touches a
 transaction already in progress or a message already acknowledged: a
 ``DATA`` that was started finishes (or fails with 451 if the disk is really
 full), and the queue keeps delivering, which is what relieves the pressure.

@@ -36,7 +36,7 @@ from exmta.coroutines import run_coroutine
 from exmta.interfaces import IReceivePolicy
 from exmta.model import Address, Verdict
 from exmta.receive.backpressure import BackPressure
-from exmta.receive.ranges import parse_ip
+from exmta.receive.ranges import IPNetwork, parse_ip
 from exmta.receive.ratelimit import RateCounter
 from exmta.receive.recipients import RecipientValidator
 

@@ -57,7 +57,7 @@ def make_resources(config: Config, queue_dir: str, clock: Any, reactor: Any = No
     admission = CheckAdmission(config.filter_checks_in_flight, config.filter_checks_per_client)
     lockouts = None
     if any(rc.auth and rc.auth_backend for rc in config.receive):
-        from exmta.auth.lockstore import lockout_store_for
+        from exmta.auth.lockout_stores import lockout_store_for
 
         lockouts = lockout_store_for(config, clock)
     return ReceiveResources(pressure if pressure.enabled else None, recipients, service, admission, lockouts)

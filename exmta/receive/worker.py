@@ -14,7 +14,7 @@ import argparse
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginner
@@ -70,12 +70,24 @@ def _die_with_parent() -> None:
         pass
 
 
+READY_LINE = b"!ready\n"  # not a queue id nor a metrics event: this worker accepts connections
+
+
+def _reload_worker(reloader: Any) -> None:
+    if reloader.config.source.startswith("<"):
+        return  # the embedded default: no file
+    reloader.reload()
+
+
 def run(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="exmta-receive-worker")
     parser.add_argument("--config")
     parser.add_argument("--data", required=True)
     parser.add_argument("--fds", required=True)
+    parser.add_argument("--index", type=int, default=0)  # which worker of the pool: names it in the log
     args = parser.parse_args(argv)
+    early_hup: list[int] = []  # a SIGHUP before the reload is wired must neither kill us nor be lost
+    signal.signal(signal.SIGHUP, lambda *a: early_hup.append(1))
 
     # no timestamp: the main process stamps each line it relays (exmta.receive.workers)
     observer = FileLogObserver(sys.stderr, lambda event: eventAsText(event, includeTimestamp=False) + "\n")
@@ -83,52 +95,43 @@ def run(argv: list[str]) -> None:
 
     from twisted.internet import reactor
 
+    from exmta.assembly import (load_receive_filters, make_receive_factories, open_store, receive_resources,
+                                resource_services)
     from exmta.config.load import embedded_default, load_config
     from exmta.observe.tracking import TrackingLog
-    from exmta.plugins import FilterEnv, load_filters
-    from exmta.service import data_paths, make_receive_factory, make_threadpool
+    from exmta.service import data_paths, make_threadpool
 
     config = load_config(args.config, data_dir=args.data) if args.config else embedded_default(args.data)
     paths = data_paths(config)
     pool = make_threadpool()
     pool.start()
     tracker = TrackingLog(paths["tracking"])
-    from exmta.observe.relay import WorkerRelay
+    from exmta.observe.worker_metrics import WorkerRelay
     lines = LineBatcher(reactor)
     relay = WorkerRelay(lines.write)  # metrics: events to the main process too
     tracker = relay.wrap(tracker)
-    # only the main process claims (exmta.queue.stores)
-    from exmta.queue.stores import make_store
-    chosen = make_store(config, paths, reactor, pool, worker=True)
-    store = chosen.store
+    file_tracker = tracker
+    # the same assembly as the main process (exmta.assembly); only the main process claims (exmta.queue.stores)
+    opened = open_store(config, paths, reactor, pool, tracker, worker=True)
+    chosen, store, tracker, cluster_tracking = opened.chosen, opened.store, opened.tracker, opened.cluster_tracking
     if chosen.service is not None:
         store.open()  # connections only: leases, heartbeats and polling belong to the main process
-    from exmta.observe.pgtracking import wrap_tracker
-    file_tracker = tracker
-    tracker, cluster_tracking = wrap_tracker(config, store, tracker, reactor)
     if cluster_tracking is not None:
         cluster_tracking.service.startService()
     store.add_listener(lines.announce)
-    from exmta.filters.admission import make_filter_pool
-    filter_pool = make_filter_pool(config.filter_threads)  # never the spool's pool
+    loaded = load_receive_filters(config, paths, reactor)
+    filter_pool, env, filters = loaded.pool, loaded.env, loaded.filters
     filter_pool.start()
-    env = FilterEnv(reactor=reactor, clock=reactor, threadpool=filter_pool, hostname=config.hostname,
-                    data_dir=paths["data"])
-    filters = load_filters(config.filters, env, source=config.source)
-    from exmta.receive.ranges import wrap_proxy
-    from exmta.receive.wiring import make_dispatchers, make_resources
+    from exmta.receive.proxy import wrap_proxy
+    from exmta.receive.wiring import make_dispatchers
 
-    resources = make_resources(config, paths["queue"], reactor, reactor, pool)
-    if chosen.shared:  # rate limits shared with the main process and the other nodes
-        from exmta.receive.sharedrates import RateExchange
-        resources.rates = RateExchange(store, reactor)
-        resources.rates.service.startService()
-    if resources.service is not None:
-        resources.service.startService()
-    factories: dict[str, Any] = {
-        rc.name: make_receive_factory(config, rc, store, filters, tracker, reactor, resources)
-        for rc in config.receive
-    }
+    resources = receive_resources(config, paths, reactor, pool, opened)  # rates shared with the main process
+    services = [service for _name, service in resource_services(resources)]
+    for service in services:
+        service.startService()
+    factories: dict[str, Any] = dict(zip(
+        [rc.name for rc in config.receive],
+        make_receive_factories(config, store, filters, tracker, reactor, resources)))
     relay.observe(factories.values())
     from exmta.admin.service import attach_protocol_logs
     protocol_logs = attach_protocol_logs(config, paths, reactor, factories.values(), rotate=False)
@@ -170,6 +173,15 @@ def run(argv: list[str]) -> None:
         d.addBoth(lambda _: reactor.stop())
 
     signal.signal(signal.SIGTERM, lambda *a: reactor.callFromThread(on_term))
+    # SIGHUP from the main process once its own reload succeeded: the same reload (exmta.observe.reload),
+    # built through the same assembly, all or nothing; the log lines say what this worker applied
+    from exmta.observe.reload import ConfigReloader
+
+    reloader = ConfigReloader(config, reactor, factories=factories, filters=filters, filter_env=env,
+                              data_dir=args.data, resources=resources, process=f"receive worker {args.index}")
+    signal.signal(signal.SIGHUP, lambda *a: cast(Any, reactor).callFromThread(_reload_worker, reloader))
+    if early_hup:
+        reactor.callWhenRunning(_reload_worker, reloader)
     if config.receive_worker_nice:
         # under CPU contention delivery goes first: measured, equal shares let the two workers
         # out-accept the main process and the queue grow (benchmarks/PERFORMANCE.rst)
@@ -179,6 +191,7 @@ def run(argv: list[str]) -> None:
         reactor.callWhenRunning(on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when workers stop
     log.info("receive worker ready, pid {pid}", pid=os.getpid())
+    lines.write(READY_LINE)  # /readyz counts this worker from now on (exmta.receive.workers)
     reactor.run(installSignalHandlers=False)
 
 

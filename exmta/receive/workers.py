@@ -9,6 +9,12 @@ process about each committed message by writing its queue id on a line to
 its stdout; the spool's own scan of incoming/ is the safety net for a lost
 line. A worker that dies is started again after a short pause.
 
+A worker writes ``!ready`` on its stdout once it accepts connections:
+:meth:`WorkerPool.readiness` (a ``/readyz`` check) passes only while every
+worker has, and :meth:`WorkerPool.reload` sends SIGHUP to each ready worker
+(a worker still starting gets it once ready) after the main process has
+applied a new configuration file (exmta.observe.reload).
+
 Only ``tcp:``, ``tcp6:`` and ``haproxy:tcp:`` endpoints can be shared this way;
 other endpoints stay in the main process.
 """
@@ -85,8 +91,12 @@ class _WorkerProtocol(protocol.ProcessProtocol):
         self.buffer += data
         *lines, self.buffer = self.buffer.split(b"\n")
         for line in lines:
-            if line.startswith(b"{"):  # a metrics event (exmta.observe.relay)
+            if line.startswith(b"{"):  # a metrics event (exmta.observe.worker_metrics)
                 self.owner.on_event(line)
+                continue
+            if line.startswith(b"!"):  # a state line (exmta.receive.worker.READY_LINE)
+                if line.strip() == b"!ready":
+                    self.owner.worker_ready(self)
                 continue
             queue_id = line.strip().decode("ascii", "replace")
             if queue_id:
@@ -122,6 +132,8 @@ class WorkerPool(Service):
         self.on_committed = on_committed
         self.on_event = on_event or (lambda line: None)
         self.procs: dict[int, tuple[Any, _WorkerProtocol]] = {}
+        self.ready: set[int] = set()          # workers that said they accept connections
+        self.reload_pending: set[int] = set()  # started before a reload, not ready yet: signalled when ready
         self.stopping = False
 
     def _spawn(self, index: int) -> None:
@@ -131,7 +143,8 @@ class WorkerPool(Service):
             child_fd = 3 + n
             child_fds[child_fd] = sock.fileno()
             fd_args.append(f"{child_fd}={spec.connector}={spec.family}={int(spec.haproxy)}")
-        args = [sys.executable, "-m", "exmta.receive.worker", *self.worker_args, "--fds", ",".join(fd_args)]
+        args = [sys.executable, "-m", "exmta.receive.worker", *self.worker_args, "--fds", ",".join(fd_args),
+                "--index", str(index)]
         proto = _WorkerProtocol(self, index)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
@@ -144,8 +157,53 @@ class WorkerPool(Service):
         for i in range(self.count):
             self._spawn(i)
 
+    def worker_ready(self, proto: _WorkerProtocol) -> None:
+        if self.procs.get(proto.index, (None, None))[1] is not proto:
+            return
+        self.ready.add(proto.index)
+        if proto.index in self.reload_pending:
+            self.reload_pending.discard(proto.index)
+            self._signal(proto.index, "HUP")
+
+    def reload(self) -> int:
+        """Ask every worker to apply the configuration file again (SIGHUP); -> how many were asked.
+
+        A worker that is still starting gets the signal once it is ready (it
+        may have read the file before it changed).
+        """
+        asked = 0
+        if self.stopping:
+            return asked
+        for index in list(self.procs):
+            if index in self.ready:
+                self._signal(index, "HUP")
+            else:
+                self.reload_pending.add(index)
+            asked += 1
+        return asked
+
+    def _signal(self, index: int, name: str) -> None:
+        entry = self.procs.get(index)
+        if entry is None:
+            return
+        try:
+            entry[0].signalProcess(name)
+        except Exception:  # it has just ended: its replacement reads the file anew
+            pass
+
+    def readiness(self) -> tuple[bool, str]:
+        """The /readyz check (exmta.observe.health): every worker process runs and accepts connections."""
+        ready = len(self.ready)
+        if self.stopping:
+            return False, "stopping"
+        detail = f"{ready} of {self.count} receive worker process(es) running and ready"
+        return ready >= self.count, detail
+
     def ended(self, proto: _WorkerProtocol, reason: Any) -> None:
-        self.procs.pop(proto.index, None)
+        if self.procs.get(proto.index, (None, None))[1] is proto:
+            self.procs.pop(proto.index, None)
+            self.ready.discard(proto.index)
+            self.reload_pending.discard(proto.index)
         if not self.stopping:
             log.warn("exmta: receive worker {index} ended ({reason}); starting it again",
                      index=proto.index, reason=reason.getErrorMessage())

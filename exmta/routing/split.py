@@ -25,13 +25,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from exmta.config.reader import domain as _domain
+from exmta.config.reader import list_of as _list_of
+from exmta.config.reader import nonempty_string as _nonempty_str
+
 __all__ = ["domain_matches", "read_split", "resolve_split", "transfer_details"]
 
 
 def read_split(r: Any) -> dict[str, Any]:
     """``internal_connector`` and ``internal_domains`` of one ``[[route]]`` (exmta.config.load reader)."""
-    from exmta.config.load import _domain, _list_of, _nonempty_str
-
     out: dict[str, Any] = {
         "internal_connector": r.get("internal_connector", None, _nonempty_str),
         "internal_domains": r.get("internal_domains", (), _list_of(_domain)),

@@ -15,6 +15,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from zope.interface.exceptions import Invalid
+from zope.interface.verify import verifyObject
+
+from exmta.interfaces import IRuleAction
 from exmta.message import DisclaimerRejected, apply_disclaimer, remove_parts
 from exmta.model import Reply
 from exmta.rules.context import RuleContext
@@ -350,7 +354,6 @@ def build_actions(table: dict[str, Any], rule: str, problem: Callable[[str, str]
         build("LogEventText", lambda: _log_event(t["LogEventText"]))
     for key in t:
         if plugins and key in plugins and key not in ACTIONS:
-            from exmta.rules.plugins import plugin_action
             build(key, lambda k=key: plugin_action(k, plugins[k], t[k]))
     if "Quarantine" in t:
         build("Quarantine", lambda: _quarantine(t["Quarantine"], rule))
@@ -360,3 +363,16 @@ def build_actions(table: dict[str, Any], rule: str, problem: Callable[[str, str]
     if "DeleteMessage" in t:
         build("DeleteMessage", lambda: _delete(t["DeleteMessage"]))
     return out
+
+
+def plugin_action(name: str, ext: Any, value: Any) -> RuleAction:
+    """The action a third-party extension (exmta.rules.plugins) builds for ``value``, checked."""
+    built = ext.build(value)
+    try:
+        verifyObject(IRuleAction, built)
+    except Invalid as e:
+        raise ValueError(f"extension built something that is not an IRuleAction: {e}") from None
+
+    def run(ctx: RuleContext, out: DecisionBuilder, hit: RuleHit) -> None:
+        built.apply(ctx, out)
+    return RuleAction(name, f"{name}={value!r}", run)

@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any
 
-from exmta.config.load import ConfigError
+from exmta.config.reader import ConfigError
 
 __all__ = ["add_rules_parser"]
 

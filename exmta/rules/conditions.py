@@ -17,6 +17,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+from zope.interface.exceptions import Invalid
+from zope.interface.verify import verifyObject
+
+from exmta.interfaces import IRuleCondition
 from exmta.message import LimitExceeded, is_executable
 from exmta.rules.context import RuleContext, domain_of
 
@@ -382,7 +386,6 @@ def build_condition(name: str, value: Any, table: dict[str, Any],
         converted = convert(value)
         return Condition(name, value, make(converted), scoped)
     if plugins and name in plugins:
-        from exmta.rules.plugins import plugin_condition
         return plugin_condition(name, plugins[name], value)
     raise KeyError(name)
 
@@ -416,3 +419,13 @@ def attachment_part_filter(table: dict[str, Any]) -> Callable[[Any], bool] | Non
     if not tests:
         return None
     return lambda part: any(t(part) for t in tests)
+
+
+def plugin_condition(name: str, ext: Any, value: Any) -> Condition:
+    """The condition a third-party extension (exmta.rules.plugins) builds for ``value``, checked."""
+    built = ext.build(value)
+    try:
+        verifyObject(IRuleCondition, built)
+    except Invalid as e:
+        raise ValueError(f"extension built something that is not an IRuleCondition: {e}") from None
+    return Condition(name, value, lambda ctx, loc: built.match(ctx), bool(built.recipient_scoped))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from exmta.config.load import ConfigError, parse_duration
+from exmta.config.reader import ConfigError, parse_duration
 from exmta.config.schema import TransportRulesConfig
 from exmta.message import Limits
 

@@ -93,7 +93,7 @@ _TOKEN = re.compile(r"""
 
 
 def _tokens(command: str) -> list[tuple[str, str]]:
-    out = []
+    out: list[tuple[str, str]] = []
     pos = 0
     while pos < len(command):
         if command[pos].isspace() or command[pos] == ":" and out and out[-1][0] == "param":

@@ -29,7 +29,7 @@ from typing import Any, Callable
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from exmta.config.load import ConfigError
+from exmta.config.reader import ConfigError
 from exmta.message import Limits, MimeMessage
 from exmta.model import (Envelope, Recipient, RecipientStatus, Reply, TrackingEvent, TrackingEventId)
 from exmta.rules.context import RuleContext

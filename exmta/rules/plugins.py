@@ -13,11 +13,9 @@ from typing import Any, Callable
 from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyObject
 
-from exmta.interfaces import IRuleAction, IRuleCondition, IRuleExtension
-from exmta.rules.actions import RuleAction
-from exmta.rules.conditions import Condition
-from exmta.rules.context import RuleContext
-from exmta.rules.decision import DecisionBuilder, RuleHit
+from exmta.interfaces import IRuleExtension
+from exmta.rules.actions import plugin_action
+from exmta.rules.conditions import plugin_condition
 
 __all__ = ["RULES_GROUP", "discover", "plugin_action", "plugin_condition"]
 
@@ -44,24 +42,3 @@ def discover(find: Callable[[str], dict[str, Any]] | None = None) -> tuple[dict[
             continue
         found[ext.kind][name] = ext
     return found, problems
-
-
-def plugin_condition(name: str, ext: Any, value: Any) -> Condition:
-    built = ext.build(value)
-    try:
-        verifyObject(IRuleCondition, built)
-    except Invalid as e:
-        raise ValueError(f"extension built something that is not an IRuleCondition: {e}") from None
-    return Condition(name, value, lambda ctx, loc: built.match(ctx), bool(built.recipient_scoped))
-
-
-def plugin_action(name: str, ext: Any, value: Any) -> RuleAction:
-    built = ext.build(value)
-    try:
-        verifyObject(IRuleAction, built)
-    except Invalid as e:
-        raise ValueError(f"extension built something that is not an IRuleAction: {e}") from None
-
-    def run(ctx: RuleContext, out: DecisionBuilder, hit: RuleHit) -> None:
-        built.apply(ctx, out)
-    return RuleAction(name, f"{name}={value!r}", run)

@@ -27,7 +27,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from exmta.config.load import ConfigError
+from exmta.config.reader import ConfigError
 from exmta.message import Limits
 from exmta.rules.actions import RuleAction, build_actions
 from exmta.rules.conditions import Condition, attachment_part_filter, build_condition

@@ -38,6 +38,8 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from exmta.config.reader import domain as _domain
+from exmta.config.schema import DKIMKeyConfig
 from exmta.model import DeliveryRequest, Reply
 
 __all__ = ["DKIMKey", "DKIMSigner", "SigningDeferred", "generate_key", "load_key", "sign_message", "txt_record"]
@@ -236,7 +238,8 @@ class DKIMSigner:
 
 # ---------------------------------------------------------------- configuration ([dkim] and dkim_sign)
 
-_SELECTOR = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_SELECTOR = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z")
 
 
 def read_dkim(r: Any, data_dir: str) -> tuple[Any, ...]:
@@ -245,11 +248,8 @@ def read_dkim(r: Any, data_dir: str) -> tuple[Any, ...]:
     Each key file is read and tried now, so a bad key is a configuration
     problem naming ``dkim.keys[N].key_file``, not a failure at send time.
     """
-    from exmta.config.load import _domain
-    from exmta.config.schema import DKIMKeyConfig
-
     entries = r.get("keys", [], lambda v: v if isinstance(v, list) else _fail("must be a list of tables"))
-    out = []
+    out: list[DKIMKeyConfig] = []
     seen: set[tuple[str, str]] = set()
     for i, entry in enumerate(entries, 1):
         where = f"keys[{i}]"
@@ -317,7 +317,8 @@ def _fail(message: str) -> Any:
 
 
 def signer_from_config(config: Any, reactor: Any = None, threadpool: Any = None) -> DKIMSigner:
-    keys = [replace(load_key(k.domain, k.selector, k.algorithm, k.key_file), on_failure=getattr(k, "on_failure", "defer"))
+    keys = [replace(load_key(k.domain, k.selector, k.algorithm, k.key_file),
+                    on_failure=getattr(k, "on_failure", "defer"))
             for k in config.dkim_keys]
     arc = [key for key, k in zip(keys, config.dkim_keys) if getattr(k, "arc_seal", False)]
     # seal with the authserv-id our authres filter writes (its authserv_id, else the hostname)

@@ -50,6 +50,8 @@ from twisted.python.failure import Failure
 
 from exmta.config.schema import OAuth2Config
 from exmta.model import DeliveryRequest, Reply
+from exmta.send.token_error import TokenError
+from exmta.smtp.xoauth2 import XOAuth2Login
 
 __all__ = [
     "ClientAssertion", "ClientSecret", "FAILURE_HOLD", "TokenError", "TokenSource", "XOAuth2Relay",
@@ -68,19 +70,6 @@ ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 def entra_token_endpoint(tenant: str) -> str:
     """The Entra ID v2.0 token endpoint of a tenant (GUID or domain)."""
     return f"https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"
-
-
-class TokenError(Exception):
-    """No token.  ``reason`` is a bounded label (unreachable, refused, unavailable, bad_response)."""
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-    @property
-    def reply(self) -> Reply:
-        """What the recipients' DEFERRED result carries (and the tracking log shows)."""
-        return Reply.make(451, "4.7.0", f"XOAUTH2 token not available: {self}")
 
 
 # ---------------------------------------------------------------- client authentication
@@ -456,8 +445,6 @@ class XOAuth2Relay:
         return self.source.token().addCallbacks(lambda _: None, refused)
 
     def login(self, request: DeliveryRequest) -> Any:
-        from exmta.smtp.xoauth2 import XOAuth2Login
-
         return XOAuth2Login(self.user_for(request), self.source)
 
 

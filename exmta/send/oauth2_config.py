@@ -12,7 +12,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from exmta.config.load import _choice, _nonempty_str, _Reader, parse_duration
+from exmta.config.reader import parse_duration
+from exmta.config.reader import Reader as _Reader
+from exmta.config.reader import choice as _choice
+from exmta.config.reader import nonempty_string as _nonempty_str
 from exmta.config.schema import OAuth2Config, SendConnectorConfig
 
 __all__ = ["check_send_auth", "read_send_auth"]

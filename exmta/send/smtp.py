@@ -248,7 +248,8 @@ class SMTPSendConnector:
                 results, proto = outcome
                 if _all_deferred(results):
                     self.log.info("{remote} deferred every recipient of {queue_id} ({reply}); trying the next "
-                                  "address", remote=target.label, queue_id=request.queue_id, reply=str(results[0].reply))
+                                  "address", remote=target.label, queue_id=request.queue_id,
+                                  reply=str(results[0].reply))
                     tempfailed, tempfailed_host = results, target.label
                     self._quit(proto)
                     continue

@@ -45,6 +45,7 @@ from exmta.model import (
 from exmta.smtp.sendnow import plain_tcp, write_now
 from exmta.smtp.wire import DotStuffer
 from exmta.textsafe import escape_controls
+from exmta.tls.failures import describe_tls_failure
 
 __all__ = [
     "ClientTimeouts", "ConnectionLostError", "DotStuffer", "ProtocolError", "ReplyParser",
@@ -209,8 +210,6 @@ def _tls_failure(reason: Failure | None, transport: Any) -> str | None:
     """Why a TLS handshake failed (e.g. "certificate has expired"), or None for other losses."""
     if reason is None or transport is None:
         return None
-    from exmta.tls.verify import describe_tls_failure
-
     try:
         handle = transport.getHandle()
     except Exception:

@@ -1064,7 +1064,8 @@ class ESMTPServer(Protocol):
                 message_id=envelope.message_id, size=envelope.size,
                 connector=self.config.name, source="SMTP",
                 remote_host=envelope.client_ip,
-                tls=f"{self.session.tls.version} {self.session.tls.cipher}" if self.session and self.session.tls else None,
+                tls=(f"{self.session.tls.version} {self.session.tls.cipher}"
+                     if self.session and self.session.tls else None),
                 details={"session_id": self._sid, "client_helo": envelope.client_helo or "",
                          **({"auth_user": envelope.auth_identity} if envelope.auth_identity else {})},
             ))

@@ -23,13 +23,16 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
 from exmta.model import Reply
-from exmta.send.oauth2 import TokenError, TokenSource
+from exmta.send.token_error import TokenError
 from exmta.smtp.client import SessionFailure, SMTPClientProtocol
+
+if TYPE_CHECKING:  # annotations only: exmta.send.oauth2 builds the logins of this module
+    from exmta.send.oauth2 import TokenSource
 
 __all__ = ["XOAuth2Login", "error_details", "initial_response"]
 

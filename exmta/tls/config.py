@@ -12,10 +12,14 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from exmta.config.load import (
-    _bool, _choice, _cidr, _domain, _list_of, _nonempty_str, _Reader, config_path, parse_duration,
-    relative_paths_note,
-)
+from exmta.config.reader import config_path, parse_duration, relative_paths_note
+from exmta.config.reader import Reader as _Reader
+from exmta.config.reader import boolean as _bool
+from exmta.config.reader import choice as _choice
+from exmta.config.reader import cidr as _cidr
+from exmta.config.reader import domain as _domain
+from exmta.config.reader import list_of as _list_of
+from exmta.config.reader import nonempty_string as _nonempty_str
 from exmta.config.schema import ReceiveTLSConfig, SendConnectorConfig, TLSCertificateConfig
 from exmta.tls.certs import CertificateError, load_certificate
 

@@ -24,7 +24,6 @@ Sessions already running keep the context they started with.
 from __future__ import annotations
 
 import ipaddress
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -38,6 +37,7 @@ from zope.interface import implementer
 from exmta.config.schema import ReceiveTLSConfig, TLSCertificateConfig
 from exmta.receive.ranges import ip_in
 from exmta.tls.certs import CertificateError, LoadedCertificate, load_certificate, mtimes
+from exmta.tls.failures import describe_tls_failure, record_verify_error, verify_errors
 
 __all__ = [
     "LEGACY_CIPHERS", "MODERN_CIPHERS", "ImplicitTLSFactory", "ServerTLS", "listening_factory",
@@ -62,49 +62,6 @@ _OPTIONS = (SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_
             | SSL.OP_SINGLE_ECDH_USE)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-#: first certificate verification problem per connection, as text; see verify_errors()
-_VERIFY_ERRORS: weakref.WeakKeyDictionary[SSL.Connection, str] = weakref.WeakKeyDictionary()
-
-# X509_V_ERR_* codes worth a word (the rest are shown by number)
-_X509_ERRORS = {
-    2: "unable to get issuer certificate",
-    7: "certificate signature failure",
-    9: "certificate is not yet valid",
-    10: "certificate has expired",
-    18: "self-signed certificate",
-    19: "self-signed certificate in the chain",
-    20: "unable to get local issuer certificate",
-    21: "unable to verify the first certificate",
-    23: "certificate revoked",
-    24: "invalid CA certificate",
-    26: "unsupported certificate purpose",
-}
-
-
-def verify_errors(connection: Any) -> str | None:
-    """The first certificate verification problem recorded for ``connection``, or None."""
-    try:
-        return _VERIFY_ERRORS.get(connection)
-    except TypeError:  # not weak-referenceable: not an OpenSSL connection
-        return None
-
-
-def record_verify_error(conn: SSL.Connection, cert: crypto.X509 | None, errno: int, depth: int,
-                        text: str | None = None) -> None:
-    """Remember why verification of ``conn`` failed (first problem only)."""
-    try:
-        if conn in _VERIFY_ERRORS:
-            return
-        try:
-            subject = cert.to_cryptography().subject.rfc4514_string() if cert is not None else "?"
-        except Exception:
-            subject = "?"
-        what = text or _X509_ERRORS.get(errno, f"verification error {errno}")
-        _VERIFY_ERRORS[conn] = f"{what} (depth {depth}, {subject})"
-    except TypeError:
-        pass
-
 
 def _record_verify(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
     """Accept the handshake whatever the chain; remember the first error for the SMTP gate."""
@@ -349,8 +306,6 @@ class ImplicitTLSProtocol(BufferingTLSTransport):
     def connectionLost(self, reason: Any = None) -> None:
         self._cancel_handshake_timer()
         if not self._session_started:
-            from exmta.tls.verify import describe_tls_failure
-
             log.info("implicit TLS with {peer_ip} failed before the session started: {why}",
                      peer_ip=getattr(self.exmta_peer, "host", "?"),
                      why=describe_tls_failure(reason) or "connection closed")

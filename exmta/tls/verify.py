@@ -27,7 +27,8 @@ from twisted.python.failure import Failure
 
 from exmta.config.schema import ReceiveConnectorConfig
 from exmta.model import Reply
-from exmta.tls.context import ServerTLS, ip_in, match_name, verify_errors
+from exmta.tls.context import ServerTLS, ip_in, match_name
+from exmta.tls.failures import describe_tls_failure, verify_errors
 
 __all__ = ["MUST_STARTTLS", "TLSGate", "describe_tls_failure"]
 
@@ -39,36 +40,6 @@ MUST_STARTTLS = Reply.make(530, "5.7.0", "Must issue a STARTTLS command first")
 
 def _not_authenticated(why: str) -> Reply:
     return Reply.make(530, "5.7.1", f"Client was not authenticated: {why}")
-
-
-def describe_tls_failure(reason: Failure | BaseException | None, connection: Any = None) -> str | None:
-    """A one-line reason for a TLS failure (handshake alert, verification), or None if not TLS.
-
-    ``connection`` (the OpenSSL connection) adds the recorded certificate problem, if any.
-    """
-    exc = reason.value if isinstance(reason, Failure) else reason
-    if exc is None:
-        return None
-    from OpenSSL import SSL
-
-    if isinstance(exc, SSL.Error):
-        parts = []
-        for item in exc.args[0] if exc.args and isinstance(exc.args[0], list) else []:
-            if isinstance(item, tuple) and len(item) == 3:
-                parts.append(str(item[2]))
-        done = False
-        try:
-            done = connection is not None and connection.get_finished() is not None
-        except Exception:  # not an OpenSSL connection
-            done = False
-        what = "TLS error after the handshake" if done else "TLS handshake failed"
-        text = f"{what}: " + (", ".join(parts) or str(exc) or exc.__class__.__name__)
-        detail = verify_errors(connection) if connection is not None else None
-        return f"{text}: {detail}" if detail else text
-    name = exc.__class__.__name__
-    if name == "VerificationError" or exc.__class__.__module__.startswith("service_identity"):
-        return f"TLS certificate name verification failed: {exc}"
-    return None
 
 
 class TLSGate:

@@ -1,8 +1,18 @@
 """The ``[tls_policy]`` section: MTA-STS, DANE and TLS-RPT for mail sent by MX lookup."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from exmta.config.reader import parse_duration, parse_size
+from exmta.config.reader import boolean as _bool
+from exmta.config.reader import domain as _domain
+from exmta.config.reader import integer as _int
+from exmta.config.reader import list_of as _list_of
+from exmta.config.reader import nameserver as _nameserver
+from exmta.config.reader import readable_file as _readable_file
+from exmta.config.reader import string as _str
 
 __all__ = ["OVERRIDES", "TLSPolicyConfig", "read_tls_policy"]
 
@@ -30,11 +40,6 @@ class TLSPolicyConfig:
 
 def read_tls_policy(r: Any, data_dir: str) -> TLSPolicyConfig:
     """Read ``[tls_policy]`` with the loader's reader ``r`` (problems name the key)."""
-    import os
-
-    from exmta.config.load import _bool, _domain, _int, _list_of, _nameserver, _readable_file, _str, parse_duration, \
-        parse_size
-
     d = TLSPolicyConfig()
     overrides: dict[str, str] = {}
     sub = r.sub("overrides")

@@ -329,11 +329,12 @@ def test_session_past_the_grace_gets_421(tmp_path: Path, exmta_factory: Callable
     s = _send_raw(exmta.port, [b"EHLO client.test\r\n", b"MAIL FROM:<a@example.test>\r\n",
                                b"RCPT TO:<bob@example.test>\r\n", b"DATA\r\n"])
     s.sendall(b"Subject: never finished\r\n\r\n")
-    t0 = time.monotonic()
     exmta.process.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
     code, lines = procs.read_smtp_reply(s, timeout=30)
-    waited = time.monotonic() - t0
-    assert code == 421 and 8 <= waited <= 25, (code, lines, waited)
+    assert code == 421 and lines[0].startswith("4.3.2 "), (code, lines)
+    # the grace was honoured: had the session been closed at once, the drain would have cancelled
+    # the grace timer and this line would not exist (no wall-clock window: the CPUs may be busy)
+    assert "shutdown grace over: closing 1 session(s)" in exmta.log_text()
     s.close()
     procs.wait_until(lambda: not exmta.running(), timeout=30, what="exmta exits")
     assert exmta.maildir_messages("bob@example.test") == []
@@ -342,7 +343,7 @@ def test_session_past_the_grace_gets_421(tmp_path: Path, exmta_factory: Callable
 def test_receive_worker_sessions_and_messages_are_counted_in_the_main_process(
         smtp_sink: SmtpSink, exmta_factory: Callable[..., ExmtaProcess]) -> None:
     """With receive_workers = 1 every connection is accepted by the worker process; its events
-    reach the main process's metrics over the worker's stdout (exmta.observe.relay)."""
+    reach the main process's metrics over the worker's stdout (exmta.observe.worker_metrics)."""
     mport = procs.free_port()
     extra = f'[metrics]\nlisten = "tcp:{mport}:interface=127.0.0.1"\n'
     exmta = exmta_factory(toml=exmta_toml(smarthost=smtp_sink.next_hop, receive_workers=1, extra=extra))

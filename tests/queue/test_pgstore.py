@@ -184,6 +184,15 @@ def test_a_dead_nodes_mail_is_taken_over_and_its_late_result_is_fenced_off(pg_ds
         assert fired(b.read(qid))[0] == "active"
         fired(b.update(qid, entry_b.envelope, None))   # the new owner's result is recorded
         assert isinstance(failure(b.read(qid)).value, KeyError)
+        # a node never claims again a message it still holds, even after its lease ran out
+        qid3 = fired(a.submit(CONTENT, envelope()))
+        [mine] = fired(a.claim(START, 10))
+        assert mine.queue_id == qid3
+        wait_lease_expired(pg_dsn, qid3)
+        assert fired(a.claim(START, 10)) == []
+        assert fired(a.renew_leases()) == 1         # same token: the lease is extended again
+        fired(a.update(qid3, mine.envelope, None))
+        assert a.lost_leases == 1
         # renewing keeps a lease alive
         qid2 = fired(b.submit(CONTENT, envelope()))
         fired(b.claim(START, 10))

@@ -9,7 +9,7 @@ import pytest_twisted
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 
-from exmta.receive.ranges import listen_service
+from exmta.receive.proxy import listen_service
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,9 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
 from exmta.config.load import parse_config
+from exmta.receive.proxy import ProxyHeaderFactory
 from exmta.receive.ranges import (
-    ConnectionCounter, ConnectorEntry, DispatchingFactory, ProxyHeaderFactory, best_prefix, group_listeners,
+    ConnectionCounter, ConnectorEntry, DispatchingFactory, best_prefix, group_listeners,
     parse_ip, parse_ranges, select_connector,
 )
 from support.receive_harness import Harness, lose

@@ -139,10 +139,14 @@ tls_key = "{relay.key}"
     text = message.decode(errors="replace")
     assert "(using TLSv1.3 with cipher" in text
     assert '(Client CN "relay.example.test", Issuer "exmta test ca" (verified OK))' in text
-    assert "Trusted TLS connection established from" in pf.log_text()
-    events = tracking(ex)
-    delivered = [e for e in events if e.get("event_id") in ("SEND", "DELIVER") and e.get("tls")]
-    assert delivered and delivered[-1]["tls"].startswith("TLSv1.3 ")
+    # the log lines are written by other processes (postlogd; exmta after Postfix's 250) and may trail
+    # the message in the Maildir: wait for them
+    pf.wait_log(r"Trusted TLS connection established from", timeout=30)
+
+    def delivered() -> list[dict]:
+        return [e for e in tracking(ex) if e.get("event_id") in ("SEND", "DELIVER") and e.get("tls")]
+    wait_until(lambda: bool(delivered()), 30, "the SEND event in exmta's tracking log", interval=0.1)
+    assert delivered()[-1]["tls"].startswith("TLSv1.3 ")
     assert ex.error_lines() == []
 
 

@@ -7,7 +7,7 @@ from twisted.internet import task
 
 from exmta.model import TrackingEvent, TrackingEventId
 from exmta.observe.metrics import Metrics, Throughput
-from exmta.observe.relay import WorkerRelay, dispatch
+from exmta.observe.worker_metrics import WorkerRelay, dispatch
 
 
 class Log:

@@ -1,15 +1,17 @@
 """Config keys of operations: ``[logs]``, ``[admin]`` and each connector's ``protocol_log``.
 
-Called by :mod:`exmta.config.load` (imported late: this module imports it).
+The section readers of these keys (with :mod:`exmta.config.reader`), for :mod:`exmta.config.load`.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from exmta.config.load import (
-    _bool, _choice, _cidr, _list_of, _Reader, config_path, endpoints, parse_duration,
-    parse_size,
-)
+from exmta.config.reader import config_path, endpoints, parse_duration, parse_size
+from exmta.config.reader import Reader as _Reader
+from exmta.config.reader import boolean as _bool
+from exmta.config.reader import choice as _choice
+from exmta.config.reader import cidr as _cidr
+from exmta.config.reader import list_of as _list_of
 from exmta.config.schema import AdminConfig, LogsConfig
 
 PROTOCOL_LOG_LEVELS = ("off", "verbose")

@@ -1,0 +1,148 @@
+"""The one assembly of the receive side: store, filters, resources and receive factories from a Config.
+
+The main process (:mod:`exmta.service`), every receive worker
+(:mod:`exmta.receive.worker`) and the SIGHUP reload (:mod:`exmta.observe.reload`)
+call these functions, so that what a worker runs, and what a reload builds,
+cannot drift from the main process. Each function builds objects and starts
+nothing: the caller decides which services run (the main process adds them
+to its ordered service tree, a worker starts them itself).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.service import Service
+
+from exmta.config.schema import Config, ReceiveConnectorConfig
+from exmta.plugins import FilterEnv, load_filters, ordered
+from exmta.queue.stores import StoreChoice, make_store
+from exmta.receive.wiring import ReceiveResources, make_policy, make_resources
+
+__all__ = ["FilterSetup", "StoreSetup", "build_chain", "build_policy", "load_receive_filters",
+           "make_receive_factory", "make_receive_factories", "open_store", "receive_resources"]
+
+
+@dataclass
+class StoreSetup:
+    """The queue store of a process and the tracker that also writes to the cluster table (if any)."""
+
+    chosen: StoreChoice
+    tracker: Any
+    cluster_tracking: Any   # exmta.observe.pgtracking: its ``service`` runs while the process runs; or None
+
+    @property
+    def store(self) -> Any:
+        return self.chosen.store
+
+
+def open_store(config: Config, paths: dict[str, str], reactor: Any, pool: Any, tracker: Any, *,
+               worker: bool) -> StoreSetup:
+    """The store (exmta.queue.stores) and ``tracker`` wrapped for cluster tracking when the queue is shared."""
+    from exmta.observe.pgtracking import wrap_tracker
+
+    chosen = make_store(config, paths, reactor, pool, worker=worker)
+    tracker, cluster_tracking = wrap_tracker(config, chosen.store, tracker, reactor)  # every node's events
+    return StoreSetup(chosen, tracker, cluster_tracking)
+
+
+@dataclass
+class FilterSetup:
+    """The filter instances of a process, their own thread pool, and the env a reload loads new ones with."""
+
+    pool: Any
+    env: FilterEnv
+    filters: dict[str, Any]
+
+
+def load_receive_filters(config: Config, paths: dict[str, str], reactor: Any) -> FilterSetup:
+    """Every ``[filters.X]`` instance; raises ConfigError naming each plugin that cannot be built."""
+    from exmta.filters.admission import make_filter_pool
+
+    filter_pool = make_filter_pool(config.filter_threads)  # never the spool's pool (issue 11 item 2)
+    env = FilterEnv(reactor=reactor, clock=reactor, threadpool=filter_pool, hostname=config.hostname,
+                    data_dir=paths["data"])
+    return FilterSetup(filter_pool, env, load_filters(config.filters, env, source=config.source))
+
+
+def receive_resources(config: Config, paths: dict[str, str], reactor: Any, pool: Any,
+                      store: StoreSetup) -> ReceiveResources:
+    """What every receive connector of the process shares (back pressure, recipients, lockouts, rates).
+
+    With a shared (PostgreSQL) queue the rate limits count every process of
+    every node: ``resources.rates.service`` must then run with the process.
+    """
+    resources = make_resources(config, paths["queue"], reactor, reactor, pool)
+    if store.chosen.shared:
+        from exmta.receive.sharedrates import RateExchange
+
+        resources.rates = RateExchange(store.store, reactor)
+    return resources
+
+
+def resource_services(resources: ReceiveResources) -> list[tuple[str, Service]]:
+    """The services of ``resources`` that run with the process, in start order, with their names."""
+    out: list[tuple[str, Service]] = []
+    if resources.rates is not None:
+        out.append(("rates-db", resources.rates.service))
+    if resources.service is not None:
+        out.append(("back-pressure", resources.service))
+    return out
+
+
+def build_policy(config: Config, rc: ReceiveConnectorConfig, clock: Any,
+                 resources: ReceiveResources | None = None) -> Any:
+    """The receive policy of connector ``rc`` (accepted domains, relay, permissions, limits)."""
+    return make_policy(config, rc, clock, resources)
+
+
+def build_chain(config: Config, rc: ReceiveConnectorConfig, filters: dict[str, Any], clock: Any,
+                admission: Any = None, verdict_observer: Any = None) -> Any:
+    """The filter chain of connector ``rc`` from the process's filter instances."""
+    from exmta.filters.base import FilterChain
+
+    chain = FilterChain(ordered(filters, rc.filters), clock, per_filter=config.filters)
+    chain.admission = admission  # checks in flight (exmta.filters.admission)
+    if verdict_observer is not None:
+        chain.verdict_observer = verdict_observer
+    return chain
+
+
+def accepts_locally(config: Config) -> Any:
+    """``local_domain(domain)`` of the receive factories: is ``domain`` one of ours."""
+    return lambda domain: config.accepted_domain(domain) is not None
+
+
+def postmaster_domain(config: Config, default: str | None = None) -> str | None:
+    """The first accepted domain that is not a wildcard (for postmaster@ without a domain)."""
+    return next((d.name for d in config.accepted_domains if not d.name.startswith("*")), default)
+
+
+def make_receive_factory(config: Config, rc: ReceiveConnectorConfig, store: Any, filters: dict[str, Any],
+                         tracker: Any, clock: Any, resources: Any = None) -> Any:
+    """The protocol factory of one receive connector (shared by all its listen endpoints).
+
+    ``resources`` (exmta.receive.wiring.ReceiveResources) are shared by every connector of the process.
+    """
+    from exmta.smtp.server import ESMTPServerFactory
+
+    policy = build_policy(config, rc, clock, resources)
+    chain = build_chain(config, rc, filters, clock, admission=getattr(resources, "admission", None))
+    factory = ESMTPServerFactory(
+        rc, policy, chain, store, clock, tracker=tracker, postmaster=config.postmaster,
+        local_domain=accepts_locally(config), postmaster_domain=postmaster_domain(config),
+    )
+    from exmta.tls.reload import configure_receive_tls
+    configure_receive_tls(factory, rc, clock)  # STARTTLS / implicit TLS, require_tls, client certificates
+    from exmta.auth.smtp import build_authenticator
+    factory.authenticator = build_authenticator(  # SMTP AUTH and send-as, or None; lockouts shared by the node
+        config, rc, clock, lockouts=getattr(resources, "lockouts", None))
+    from exmta.rules.wiring import attach_to_factory
+    attach_to_factory(factory, config, store, tracker, clock)  # transport rules at end of data, or none
+    return factory
+
+
+def make_receive_factories(config: Config, store: Any, filters: dict[str, Any], tracker: Any, clock: Any,
+                           resources: ReceiveResources) -> list[Any]:
+    """One factory per ``[receive.X]``, in the order of ``config.receive`` (listeners are found by index)."""
+    return [make_receive_factory(config, rc, store, filters, tracker, clock, resources) for rc in config.receive]
