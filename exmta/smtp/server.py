@@ -921,8 +921,9 @@ class ESMTPServer(Protocol):
                                     filter_name=verdict.filter_name)
                 self._refused(verdict)
                 return
-            if getattr(view, "new_body", None) is not None:  # a filter's body edit (exmta.malware: strip)
-                writer.replace_headers(writer.size, view.raw_headers + b"\r\n" + view.new_body)
+            new_body = getattr(view, "new_body", None)
+            if new_body is not None:  # a filter's body edit (exmta.malware: strip)
+                writer.replace_headers(writer.size, view.raw_headers + b"\r\n" + new_body)
             if discard or verdict.action is Action.DISCARD:
                 writer.abort()
                 self.log.info("session {session_id}: message {queue_id} discarded",
