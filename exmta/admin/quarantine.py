@@ -21,13 +21,14 @@ HTTP (under ``/api``, same token)::
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.internet import TimerService
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from exmta.admin.api import ApiError, QueueOperations
+if TYPE_CHECKING:
+    from exmta.admin.api import QueueOperations
 
 __all__ = ["OPERATOR_HOLD", "dispatch", "expire", "is_quarantine", "quarantined", "add_expiry_timer"]
 
@@ -36,6 +37,13 @@ log = Logger()
 #: the reason `exmta queue suspend --message` gives: an operator's hold, not quarantine
 OPERATOR_HOLD = "suspended by an operator"
 EXPIRY_CHECK_INTERVAL = 3600.0
+
+
+def _api_error(status: int, message: str, hint: str | None = None) -> Exception:
+    """exmta.admin.api.ApiError (imported here: the API imports this module when it routes to it)."""
+    from exmta.admin.api import ApiError
+
+    return ApiError(status, message, hint)
 
 
 def is_quarantine(summary: dict[str, Any]) -> bool:
@@ -69,7 +77,7 @@ async def quarantined(ops: QueueOperations, reason: str | None = None, sender: s
 async def _one(ops: QueueOperations, queue_id: str) -> dict[str, Any]:
     m = await ops.message(queue_id)
     if not is_quarantine(m):
-        raise ApiError(404, f"{queue_id} is not in quarantine (it is {m['state']})",
+        raise _api_error(404, f"{queue_id} is not in quarantine (it is {m['state']})",
                        "`exmta quarantine list` lists quarantined messages; `exmta queue show` any message")
     return m
 
@@ -98,7 +106,11 @@ async def expire(ops: QueueOperations, max_age: float) -> dict[str, Any]:
         for m in await quarantined(ops, older_than=max_age):
             try:
                 await ops.remove_message(m["queue_id"], False)
-            except ApiError:
+            except Exception as e:
+                from exmta.admin.api import ApiError
+
+                if not isinstance(e, ApiError):
+                    raise
                 continue  # released or deleted meanwhile
             deleted.append(m["queue_id"])
     if deleted:
@@ -133,7 +145,7 @@ def _seconds(args: dict[str, str], key: str) -> float | None:
     try:
         seconds = parse_duration(value) if not value.replace(".", "", 1).isdigit() else float(value)
     except (TypeError, ValueError):
-        raise ApiError(400, f"{key} must be a duration such as 3600, 2h or 7d, not {value!r}") from None
+        raise _api_error(400, f"{key} must be a duration such as 3600, 2h or 7d, not {value!r}") from None
     return seconds
 
 
@@ -144,7 +156,7 @@ async def dispatch(ops: QueueOperations, method: str, path: list[str], args: dic
     if n == 0 and method == "GET":
         limit = args.get("limit", "1000")
         if not limit.isdigit() or int(limit) < 1:
-            raise ApiError(400, f"limit must be a positive whole number, not {limit!r}")
+            raise _api_error(400, f"limit must be a positive whole number, not {limit!r}")
         return 200, {"messages": await quarantined(ops, args.get("reason"), args.get("sender"),
                                                    args.get("recipient"), _seconds(args, "older_than"),
                                                    _seconds(args, "newer_than"), int(limit)),
@@ -162,6 +174,6 @@ async def dispatch(ops: QueueOperations, method: str, path: list[str], args: dic
             return 200, await release(ops, queue_id)
         if n == 2 and method == "POST" and path[1] == "delete":
             return 200, await delete(ops, queue_id)
-    raise ApiError(404 if method in ("GET", "POST") else 405,
+    raise _api_error(404 if method in ("GET", "POST") else 405,
                    f"no such admin API call: {method} /api/quarantine/{'/'.join(path)}",
                    "see exmta/admin/quarantine.py, or `exmta quarantine --help`")

@@ -95,12 +95,6 @@ class ConfigReloader:
         source = self.config.source
         try:
             new = self.load()
-            if self.filter_env is not None and new.filters != self.config.filters:
-                from exmta.plugins import check_filters  # a plugin's own refusal, before anything is applied
-
-                problems = check_filters(new.filters, new.hostname, new.data_dir)
-                if problems:
-                    raise ConfigError(new.source, problems)
         except ConfigError as e:
             self.refused += 1
             log.error("SIGHUP: {source} refused, the running configuration stays:\n{problems}",
