@@ -48,6 +48,8 @@ def make_parser() -> argparse.ArgumentParser:
     from exmta.admin.track import add_track_parser
     add_track_parser(sub)  # exmta track (message tracking log search)
     add_queue_parser(sub)  # exmta queue list|messages|show|retry|suspend|resume|remove|export|redirect
+    from exmta.admin.quarantine_cli import add_quarantine_parser
+    add_quarantine_parser(sub)  # exmta quarantine list|show|release|delete|export (issue 15)
     from exmta.auth.users_cli import add_users_parser
     add_users_parser(sub)  # exmta users add|remove|passwd|grant|revoke|rehash|list
     from exmta.auth.lockout_cli import add_lockouts_parser

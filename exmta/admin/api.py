@@ -29,6 +29,7 @@ Endpoints (all JSON; errors are ``{"error": "...", "hint": "..."}`` with
     POST   /api/messages/<id>/suspend | resume
     POST   /api/messages/<id>/remove[?ndr=1]    delete, with or without a non-delivery report
     POST   /api/redirect?target=host:port       send the whole queue to another host (drain)
+    ...    /api/quarantine/...                  quarantined messages (exmta.admin.quarantine)
     DELETE /api/redirect                        stop redirecting
 
 A queue is named ``connector/nexthop`` (or ``connector`` when the connector
@@ -539,6 +540,10 @@ class ApiResource(resource.Resource):
     async def _dispatch(self, method: str, path: list[str], args: dict[str, str]) -> tuple[int, Any]:
         ops = self.ops
         n = len(path)
+        if n >= 1 and path[0] == "quarantine":  # exmta.admin.quarantine (issue 15)
+            from exmta.admin.quarantine import dispatch
+
+            return await dispatch(ops, method, path[1:], args, getattr(ops, "quarantine_expiry", 30 * 86400.0))
         if n == 1 and path[0] == "queues" and method == "GET":
             return 200, {"queues": await ops.queues(), "time": ops.clock.seconds()}
         if n == 3 and path[0] == "queues" and method == "POST":

@@ -48,6 +48,7 @@ def read_admin(r: _Reader) -> AdminConfig:
         listen=r.get("listen", d.listen, endpoints),
         token_file=r.get("token_file", d.token_file, config_path),
         allowed_networks=r.get("allowed_networks", d.allowed_networks, _list_of(_cidr)),
+        quarantine_expiry=r.get("quarantine_expiry", d.quarantine_expiry, parse_duration),
     )
     if admin.enabled and not admin.listen:
         r.error("listen", "needs at least one endpoint, e.g. \"tcp:8025:interface=127.0.0.1\" or "

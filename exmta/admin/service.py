@@ -154,6 +154,10 @@ def add_operations(top: MultiService, config: Any, reactor: Any, paths: dict[str
         run_blocking=lambda f, *a: deferToThreadPool(reactor, pool, f, *a),
         connectors=[sc.name for sc in config.send],
     )
+    ops.quarantine_expiry = config.admin.quarantine_expiry  # type: ignore[attr-defined]
+    from exmta.admin.quarantine import add_expiry_timer
+
+    add_expiry_timer(top, ops, config.admin.quarantine_expiry, reactor)  # quarantined mail past its expiry
     path = token_path(config.data_dir, config.admin.token_file)
     service: AdminService | None = None
     root = make_admin_root(ops, lambda: service.token if service is not None else "",

@@ -249,6 +249,7 @@ class AdminConfig:
     listen: tuple[str, ...] = ("tcp:8025:interface=127.0.0.1",)  # also "unix:/run/exmta/admin.sock"
     token_file: str | None = None         # default <data_dir>/admin.token (0600, generated on first start)
     allowed_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # other clients get 403
+    quarantine_expiry: float = 30 * 86400.0  # quarantined messages older than this are deleted; 0 = keep
 
 
 @dataclass(frozen=True)

@@ -433,6 +433,14 @@ class MessageView:
         #: (filter name, header edits it made, quarantine reason it set) per filter that edited or
         #: quarantined; the FilterChain fills it, the server tracks each as AGENTINFO after RECEIVE
         self.agent_notes: list[tuple[str, int, str | None]] = []
+        #: a new body (everything after the header block) set by a filter, e.g. an attachment removed;
+        #: the server writes it before the header journal is applied
+        self.new_body: bytes | None = None
+        #: the message's one MIME parse (exmta.message.MimeMessage), shared by content filters
+        self.mime_message: Any = None
+        #: extra tracking details per filter name (e.g. ``{"check": "macro: a.doc"}``), added to the
+        #: AGENTINFO event of a filter that edited the message
+        self.agent_details: dict[str, dict[str, str]] = {}
 
     @property
     def headers(self) -> email.message.Message:
@@ -477,6 +485,10 @@ class MessageView:
         """Queue the message in hold/ with ``reason`` once it is accepted (the first reason wins)."""
         if self.quarantine_reason is None:
             self.quarantine_reason = str(reason).replace("\r", " ").replace("\n", " ")[:500]
+
+    def replace_body(self, body: bytes) -> None:
+        """Replace everything after the header block (CRLF line ends; headers go through ``edits``)."""
+        self.new_body = bytes(body)
 
     def open_body(self) -> BinaryIO:
         """A new binary file reading the whole message from its first octet."""

@@ -921,6 +921,9 @@ class ESMTPServer(Protocol):
                                     filter_name=verdict.filter_name)
                 self._refused(verdict)
                 return
+            new_body = getattr(view, "new_body", None)
+            if new_body is not None:  # a filter's body edit (exmta.malware: strip)
+                writer.replace_headers(writer.size, view.raw_headers + b"\r\n" + new_body)
             if discard or verdict.action is Action.DISCARD:
                 writer.abort()
                 self.log.info("session {session_id}: message {queue_id} discarded",
@@ -972,7 +975,7 @@ class ESMTPServer(Protocol):
         self.messages += 1
         if len(self._queued_ids) < _IDS_LOGGED:
             self._queued_ids.append(queue_id)  # named in the session's end line; the tracking log has every one
-        self._track(queue_id, envelope, view.agent_notes)
+        self._track(queue_id, envelope, view.agent_notes, getattr(view, "agent_details", None))
         if rules is not None:
             rules.committed(queue_id, envelope)  # rule hits tracked, NDR for refused recipients (never raises)
         self._reply(replies.queued(queue_id))
@@ -1048,7 +1051,8 @@ class ESMTPServer(Protocol):
             self.log.failure("tracker failed for a filter verdict")
 
     def _track(self, queue_id: str, envelope: Envelope,
-               agents: list[tuple[str, int, str | None]] | None = None) -> None:
+               agents: list[tuple[str, int, str | None]] | None = None,
+               agent_details: dict[str, dict[str, str]] | None = None) -> None:
         """RECEIVE, then an AGENTINFO per filter that edited headers or quarantined (``view.agent_notes``)."""
         tracker = self.factory.tracker
         if tracker is None:
@@ -1078,6 +1082,7 @@ class ESMTPServer(Protocol):
                     details["header_edits"] = edits
                 if reason:
                     details["reason"] = reason
+                details.update((agent_details or {}).get(name, {}))  # e.g. the check that decided
                 tracker.track(TrackingEvent(
                     TrackingEventId.AGENTINFO, queue_id, envelope.received_at, sender=envelope.sender,
                     recipients=tuple(r.address for r in envelope.recipients), message_id=envelope.message_id,
