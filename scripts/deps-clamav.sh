@@ -8,5 +8,7 @@ if [ ! -e /usr/sbin/policy-rc.d ]; then  # no daemon may start on install (fresh
     chmod 755 /usr/sbin/policy-rc.d
 fi
 if ! command -v clamd >/dev/null 2>&1 || ! command -v sigtool >/dev/null 2>&1; then
-    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends clamav-daemon clamav
+    export DEBIAN_FRONTEND=noninteractive
+    timeout 600 apt-get -o DPkg::Lock::Timeout=600 update -qq  # a fresh machine has no package lists yet
+    timeout 1200 apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends clamav-daemon clamav
 fi
