@@ -9,8 +9,11 @@ from exmta.config.reader import ConfigError
 
 def _is_rules_file(path: str) -> bool:
     """A transport rules file (only ``[[rule]]`` tables), such as etc/rules.toml, rather than a configuration."""
+    import os
     import tomllib
 
+    if not os.path.isfile(path):  # /dev/stdin or a pipe: read once, by the configuration check
+        return False
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)

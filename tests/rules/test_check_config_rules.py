@@ -26,3 +26,14 @@ def test_a_configuration_is_still_checked_as_one(tmp_path: Path, capsys) -> None
     conf.write_text('[receive.default]\nlisten = ["tcp:2525:interface=127.0.0.1"]\n')
     assert main(["check-config", str(conf)]) == 0
     assert "configuration OK" in capsys.readouterr().out
+
+
+def test_a_configuration_on_standard_input_is_read_once(tmp_path: Path) -> None:
+    """`exmta check-config /dev/stdin < FILE` (the README's TLS walk-through): not consumed by the rules sniff."""
+    import subprocess
+    import sys
+
+    conf = '[receive.default]\nlisten = ["tcp:2525:interface=127.0.0.1"]\n'
+    r = subprocess.run([sys.executable, "-m", "exmta.cli", "check-config", "/dev/stdin"], input=conf, text=True,
+                       capture_output=True, timeout=60, cwd=str(tmp_path))
+    assert r.returncode == 0 and "configuration OK" in r.stdout, r.stderr
