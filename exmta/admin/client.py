@@ -329,13 +329,8 @@ def _do(client: AdminClient, args: argparse.Namespace) -> Any:
     raise CommandError(f"unknown action {a}", EXIT_USAGE)
 
 
-def add_queue_parser(sub: Any) -> None:
-    q = sub.add_parser(
-        "queue", help="see and manage the queues of the running server",
-        description="Queue commands (Exchange's Get-Queue, Retry-Queue, Suspend-/Resume-Queue, Get-Message, "
-                    "Remove-Message, Export-Message, Redirect-Message) through the admin API. Exit codes: "
-                    "0 done, 1 unknown queue or message, 2 usage or refused, 3 server unreachable.",
-    )
+def admin_client_options() -> argparse.ArgumentParser:
+    """The options every command that talks to the admin API takes (a parent parser)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-c", "--config", metavar="FILE", help="the server's TOML configuration")
     common.add_argument("--data", metavar="DIR", help="the server's data directory (embedded default config)")
@@ -344,6 +339,17 @@ def add_queue_parser(sub: Any) -> None:
                         help="admin token file (default: [admin] token_file; or $EXMTA_ADMIN_TOKEN)")
     common.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server")
     common.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    return common
+
+
+def add_queue_parser(sub: Any) -> None:
+    q = sub.add_parser(
+        "queue", help="see and manage the queues of the running server",
+        description="Queue commands (Exchange's Get-Queue, Retry-Queue, Suspend-/Resume-Queue, Get-Message, "
+                    "Remove-Message, Export-Message, Redirect-Message) through the admin API. Exit codes: "
+                    "0 done, 1 unknown queue or message, 2 usage or refused, 3 server unreachable.",
+    )
+    common = admin_client_options()
     actions = q.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
 

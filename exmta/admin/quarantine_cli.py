@@ -13,7 +13,8 @@ import sys
 import time
 from typing import Any
 
-from exmta.admin.client import EXIT_OK, EXIT_USAGE, AdminClient, CommandError, _checked, _table, age_text
+from exmta.admin.client import (EXIT_OK, EXIT_USAGE, AdminClient, CommandError, _checked, _table,
+                                admin_client_options, age_text)
 from exmta.textsafe import escape_controls, escape_controls_json
 
 __all__ = ["add_quarantine_parser"]
@@ -92,14 +93,7 @@ def add_quarantine_parser(sub: Any) -> None:
                        description="Quarantined messages (held by a filter or a transport rule, with the "
                                    "reason) through the admin API. Exit codes: 0 done, 1 not found, "
                                    "2 usage or refused, 3 server unreachable.")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", metavar="FILE", help="the server's TOML configuration")
-    common.add_argument("--data", metavar="DIR", help="the server's data directory (embedded default config)")
-    common.add_argument("--url", help="admin API: http://HOST:PORT or unix:/PATH (default: [admin] listen)")
-    common.add_argument("--token-file", metavar="FILE",
-                        help="admin token file (default: [admin] token_file; or $EXMTA_ADMIN_TOKEN)")
-    common.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server")
-    common.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    common = admin_client_options()
     actions = q.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
     p = actions.add_parser("list", parents=[common], help="quarantined messages, filtered")

@@ -26,9 +26,6 @@ import json
 import os
 import xml.etree.ElementTree as ET
 from collections import Counter
-from email.message import EmailMessage
-from email.policy import SMTP
-from email.utils import format_datetime, make_msgid
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
@@ -36,7 +33,7 @@ from twisted.logger import Logger
 
 from exmta.dns import OversizeAnswer, TempDNSError
 from exmta.model import Envelope, Recipient
-from exmta.reports.daily import DailyReportService
+from exmta.reports.daily import DailyReportService, report_headers
 
 __all__ = ["DMARCReportService", "add_report_service", "build_report", "group_rows", "report_message", "rua_addresses"]
 
@@ -153,12 +150,7 @@ def rua_addresses(policy: dict[str, str]) -> list[str]:
 def report_message(domain: str, org: str, sender: str, to: list[str], xml: bytes, begin: int, end: int,
                    report_id: str, now: float) -> bytes:
     """The report mail (RFC 7489 7.2.1.1): gzip attachment ``receiver!domain!begin!end.xml.gz``."""
-    msg = EmailMessage(policy=SMTP)
-    msg["From"] = sender
-    msg["To"] = ", ".join(to)
-    msg["Subject"] = f"Report Domain: {domain} Submitter: {org} Report-ID: <{report_id}>"
-    msg["Date"] = format_datetime(datetime.fromtimestamp(now, timezone.utc))
-    msg["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2] or None)
+    msg = report_headers(domain, org, sender, to, report_id, now)
     msg.set_content(f"DMARC aggregate report for {domain} from {org}, "
                     f"{datetime.fromtimestamp(begin, timezone.utc):%Y-%m-%d %H:%M} to "
                     f"{datetime.fromtimestamp(end, timezone.utc):%Y-%m-%d %H:%M} UTC.\n")

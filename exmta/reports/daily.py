@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import glob
 import os
+from datetime import datetime, timezone
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import format_datetime, make_msgid
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-__all__ = ["DAY", "DailyReportService"]
+__all__ = ["DAY", "DailyReportService", "report_headers"]
 
 DAY = 86400.0
 log = Logger()
@@ -61,3 +65,14 @@ class DailyReportService(Service):
         if os.path.exists(results_path):
             os.replace(results_path, os.path.join(directory, f"results-{int(now)}.jsonl.sending"))
         return sorted(glob.glob(os.path.join(directory, "results-*.jsonl.sending")))
+
+
+def report_headers(domain: str, org: str, sender: str, to: list[str], report_id: str, now: float) -> EmailMessage:
+    """The header block aggregate reports share (DMARC, RFC 7489 7.2.1.1; TLS-RPT, RFC 8460 5.3)."""
+    msg = EmailMessage(policy=SMTP)
+    msg["From"] = sender
+    msg["To"] = ", ".join(to)
+    msg["Subject"] = f"Report Domain: {domain} Submitter: {org} Report-ID: <{report_id}>"
+    msg["Date"] = format_datetime(datetime.fromtimestamp(now, timezone.utc))
+    msg["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2] or None)
+    return msg

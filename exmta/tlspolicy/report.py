@@ -24,16 +24,13 @@ import json
 import os
 import re
 from datetime import datetime, timezone
-from email.message import EmailMessage
-from email.policy import SMTP
-from email.utils import format_datetime, make_msgid
 from typing import Any, Iterable
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from exmta.model import Envelope, Recipient
-from exmta.reports.daily import DailyReportService
+from exmta.reports.daily import DailyReportService, report_headers
 
 __all__ = ["TLSReportService", "TLSResultLog", "add_tls_report_service", "build_report", "parse_rua",
            "report_message"]
@@ -154,12 +151,7 @@ def parse_rua(strings: list[str]) -> list[str]:
 def report_message(domain: str, org: str, sender: str, to: list[str], data: bytes, begin: float, end: float,
                    report_id: str, now: float) -> bytes:
     """RFC 8460 5.3: multipart/report; report-type="tlsrpt" with the application/tlsrpt+gzip part."""
-    msg = EmailMessage(policy=SMTP)
-    msg["From"] = sender
-    msg["To"] = ", ".join(to)
-    msg["Subject"] = f"Report Domain: {domain} Submitter: {org} Report-ID: <{report_id}>"
-    msg["Date"] = format_datetime(datetime.fromtimestamp(now, timezone.utc))
-    msg["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2] or None)
+    msg = report_headers(domain, org, sender, to, report_id, now)
     msg["TLS-Report-Domain"] = domain
     msg["TLS-Report-Submitter"] = org
     msg.set_content(f"TLS report for {domain} from {org}, {_iso(begin)} to {_iso(end)} (RFC 8460).\n")
