@@ -143,6 +143,10 @@ def test_deferred_then_delivered_history(server: tuple[ExmtaProcess, SmtpSink, S
     procs.wait_until(lambda: "SEND" in events_of(ex, qid), 10, "SEND")
     assert run(ex, "queue", "list").stdout == "The queue is empty.\n"
 
+    def tracked_send() -> bool:  # the PostgreSQL store's table gets events in batches, once a second
+        return "SEND" in run(ex, "track", "--message-id", "dtd-1@example.org").stdout.split()
+
+    procs.wait_until(tracked_send, 15, "SEND in exmta track")
     history = run(ex, "track", "--message-id", "dtd-1@example.org")
     assert history.returncode == 0, history.stderr
     print(history.stdout)  # the report shows this history

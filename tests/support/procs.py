@@ -29,20 +29,38 @@ class ProcessError(RuntimeError):
 
 
 def free_port(host: str = LOOPBACK) -> int:
-    """Return a TCP port on *host* that was free a moment ago."""
+    """Return a port on *host* that was free for TCP and UDP a moment ago."""
     return free_ports(1, host)[0]
 
 
 def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
-    """Return *count* distinct free TCP ports (all sockets held until the end)."""
+    """Return *count* distinct ports free for both TCP and UDP (all sockets held until the end).
+
+    UDP matters for the DNS servers the tests start (Knot, unbound): a TCP-free port whose UDP
+    twin is held by another process (with SO_REUSEPORT, as unbound and Knot bind) would share
+    or lose that server's queries.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     socks: list[socket.socket] = []
+    ports: list[int] = []
     try:
-        for _ in range(count):
+        for _ in range(count * 50):  # bounded: a port with a busy UDP twin is skipped
+            if len(ports) == count:
+                break
             s = socket.socket(family, socket.SOCK_STREAM)
             socks.append(s)
             s.bind((host, 0))
-        return [s.getsockname()[1] for s in socks]
+            port = s.getsockname()[1]
+            u = socket.socket(family, socket.SOCK_DGRAM)
+            socks.append(u)
+            try:
+                u.bind((host, port))
+            except OSError:
+                continue
+            ports.append(port)
+        if len(ports) < count:
+            raise OSError(f"no {count} ports free for both TCP and UDP on {host}")
+        return ports
     finally:
         for s in socks:
             s.close()
