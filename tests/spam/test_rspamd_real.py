@@ -6,7 +6,6 @@ from __future__ import annotations
 import smtplib
 import socket
 import struct
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -34,20 +33,6 @@ def message(body: str, subject: str = "hello", extra: str = "") -> bytes:
     return (f"From: Alice <alice@remote.test>\r\nTo: Bob <bob@example.test>\r\nSubject: {subject}\r\n"
             f"Date: Mon, 07 Dec 2026 10:00:00 +0000\r\nMessage-ID: <{abs(hash(body + subject))}@remote.test>\r\n"
             f"{extra}MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n{body}\r\n").encode()
-
-
-@pytest.fixture(scope="module")
-def hs_cache(request, tmp_path_factory) -> Path:
-    """rspamd's compiled hyperscan files, kept between runs in pytest's cache (a cold start is slow)."""
-    cache = getattr(request.config, "cache", None)
-    return Path(cache.mkdir("rspamd-hs")) if cache is not None else tmp_path_factory.mktemp("rspamd-hs")
-
-
-@pytest.fixture(scope="module")
-def rspamd(tmp_path_factory, hs_cache):
-    server = rspamd_support.Rspamd(tmp_path_factory.mktemp("rspamd"), cache_dir=hs_cache).start()
-    yield server
-    server.close()
 
 
 @pytest.fixture
