@@ -130,7 +130,7 @@ class RspamdFilter(FilterBase):
                  max_size: int = 20 * 1024 * 1024, on_failure: str = "tempfail", on_greylist: str = "accept",
                  trusted: str = "skip", trusted_networks: tuple[Any, ...] = (), settings_id: str | None = None,
                  rewrite_subject: bool = True, milter_headers: bool = True, spam_headers: bool = True,
-                 scl: bool = True, scl_policy: SclPolicy = SclPolicy(),
+                 scl: bool = True, scl_policy: SclPolicy | None = None,
                  reject_text: str = "Message rejected as spam", spam_score: float = DEFAULT_SPAM_SCORE,
                  reactor: Any = None, threadpool: Any = None) -> None:
         self.name = name
@@ -146,7 +146,7 @@ class RspamdFilter(FilterBase):
         self.milter_headers = milter_headers
         self.spam_headers = spam_headers
         self.scl = scl
-        self.scl_policy = scl_policy
+        self.scl_policy = scl_policy if scl_policy is not None else SclPolicy()
         self.reject_text = reject_text
         self.spam_score = spam_score
         self.reactor = reactor

@@ -202,3 +202,19 @@ def test_config_problems_are_named(bad, message, tmp_path):
     table = {"plugin": "rspamd", "socket": "tcp:127.0.0.1:11333", **bad}
     problems = check_filters({"spam": table}, "mx.example.test", str(tmp_path))
     assert len(problems) == 1 and problems[0].startswith("filters.spam: ") and message in problems[0]
+
+
+def test_rspamd_removes_the_nth_occurrence_or_every_one():
+    data = MESSAGE.replace(b"\r\n\r\nbody", b"\r\nX-Tag: one\r\nX-Tag: two\r\nX-Tag: three\r\n\r\nbody")
+    flt, _ = make(verdict(remove_headers=(("X-Tag", 2), ("X-Nope", 5))))
+    view = stranger_view(data)
+    run(flt, view)
+    assert fields(view, "X-Tag") == ["one", "three"]
+    flt, _ = make(verdict(remove_headers=(("X-Tag", -1),)))
+    view = stranger_view(data)
+    run(flt, view)
+    assert fields(view, "X-Tag") == ["one", "two"]
+    flt, _ = make(verdict(remove_headers=(("X-Tag", 0),), add_headers=(("Bad Name", "x", -1), ("X-Ok", "a\r\nb", -1))))
+    view = stranger_view(data)
+    assert run(flt, view).action is Action.CONTINUE  # a header rspamd got wrong is skipped, not a failure
+    assert fields(view, "X-Tag") == [] and fields(view, "X-Ok") == []

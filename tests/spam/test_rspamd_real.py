@@ -12,6 +12,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from exmta.config.schema import ReceiveConnectorConfig
@@ -195,7 +196,17 @@ def test_rspamd_down_hung_and_killed_mid_scan_is_451_never_5xx(own_rspamd):
         own_rspamd.pause()   # hung: accepts connections, never answers
         code, text = yield deferToThread(send, strict[1].getHost().port, message("slow"))
         assert code == 451 and text.startswith("4.7.1")
-        own_rspamd.kill()    # killed while hung, in the middle of the scan of the next message
+        # killed in the middle of the scan of the next message (the scan holds a slot while it runs)
+        flt = strict[0].filters.filters[0]
+        pending = deferToThread(send, strict[1].getHost().port, message("killed mid-scan"))
+        for _ in range(2000):  # bounded: at most ~20 s
+            if flt.client.semaphore.tokens < flt.client.semaphore.limit:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        assert flt.client.semaphore.tokens < flt.client.semaphore.limit
+        own_rspamd.kill()
+        code, text = yield pending
+        assert code == 451 and text.startswith("4.7.1")
         code, text = yield deferToThread(send, strict[1].getHost().port, message("down"))
         assert code == 451 and text.startswith("4.7.1")
         before = len(tracker.events)
