@@ -166,6 +166,14 @@ class RspamdFilter(FilterBase):
         if not isinstance(socket, str) or not socket.startswith(("unix:", "tcp:")):
             raise ValueError('socket must be a client endpoint such as "tcp:127.0.0.1:11333" '
                              'or "unix:/run/rspamd/normal.sock"')
+        try:  # Twisted's own parser, as at start (without a reactor)
+            from twisted.internet.endpoints import clientFromString
+
+            clientFromString(object(), socket)
+        except Exception as e:
+            raise ValueError(f"socket {socket!r} is not a valid client endpoint: {e}") from None
+        if socket == "unix:":
+            raise ValueError("socket unix: needs a path")
         timeout = parse_duration(config.get("scan_timeout", 15))
         if timeout <= 0:
             raise ValueError("scan_timeout must be positive")

@@ -193,6 +193,8 @@ def test_too_large_is_not_sent():
     ({"scl_reject": 5, "scl_quarantine": 5}, "scl_quarantine must be below scl_reject"),
     ({"scl_reject": 10}, "scl_reject must be an SCL from 0 to 9"),
     ({"socket": "http://localhost:11333"}, "socket must be a client endpoint"),
+    ({"socket": "tcp:127.0.0.1"}, "is not a valid client endpoint"),
+    ({"socket": "tcp:127.0.0.1:port"}, "is not a valid client endpoint"),
     ({"trusted_networks": ["10.0.0.0/33"]}, "trusted_networks"),
     ({"colour": "red"}, "unknown key(s) colour"),
     ({"reject_text": "two\nlines"}, "reject_text must be one line"),
