@@ -237,8 +237,13 @@ class _BoundedBody(Protocol):
         self.limit = limit
         self.parts: list[bytes] = []
         self.size = 0
-        self.done: Deferred[bytes] = Deferred()
+        self.done: Deferred[bytes] = Deferred(self._cancel)
         self.transport: Any = None
+
+    def _cancel(self, d: Deferred[bytes]) -> None:
+        """Our timeout: drop the connection rather than leave it to rspamd to close."""
+        if self.transport is not None:
+            self.transport.stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         if self.done.called:

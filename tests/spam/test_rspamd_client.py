@@ -144,3 +144,15 @@ def test_parse_verdict_shapes():
     assert v.add_headers == (("X-A", "1", -1), ("X-B", "2", 0), ("X-B", "3", -1))
     assert v.remove_headers == (("X-C", 2), ("X-D", 0))
     assert v.dkim_signatures == ("v=1; a=rsa-sha256",) and v.message == "go away"
+
+
+def test_answer_stalled_mid_body_times_out_and_drops_the_connection():
+    clock = Clock()
+    endpoint = FakeEndpoint(lambda: FakeRspamd(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"act", close=False))
+    d = run(client_for(endpoint, clock), endpoint)
+    assert not d.called
+    clock.advance(10.5)
+    assert "did not answer within 10 s" in failure_text(d)
+    endpoint.pump()
+    transport = endpoint.pumps[0].clientIO
+    assert transport.disconnecting or transport.disconnected
