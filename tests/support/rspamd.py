@@ -97,7 +97,7 @@ class Rspamd:
             d.mkdir(parents=True, exist_ok=True)
         dead_dns = free_port()  # nothing listens there: every lookup fails at once, nothing leaves the host
         (local / "options.inc").write_text(
-            f'dns {{ nameserver = ["127.0.0.1:{dead_dns}"]; timeout = 0.3s; retransmits = 1; }}\n'
+            f'dns {{ nameserver = ["127.0.0.1:{dead_dns}"]; timeout = 0.1s; retransmits = 1; }}\n'
             "task_timeout = 20s;\n")
         bind = f'"{self.socket} mode=0666"' if self.unix else f'"127.0.0.1:{self.port}"'
         (local / "worker-normal.inc").write_text(f"bind_socket = {bind};\ncount = 1;\n")
