@@ -220,3 +220,16 @@ def test_rspamd_removes_the_nth_occurrence_or_every_one():
     view = stranger_view(data)
     assert run(flt, view).action is Action.CONTINUE  # a header rspamd got wrong is skipped, not a failure
     assert fields(view, "X-Tag") == [] and fields(view, "X-Ok") == []
+
+
+def test_transport_rules_see_the_scl_this_filter_wrote():
+    from exmta.rules.wiring import scl_of
+
+    flt, _ = make(verdict("add header", 7.0))
+    view = stranger_view()
+    run(flt, view)
+    assert scl_of(view, False) == 5  # SCLOver in a transport rule (they run after the filters)
+    flt, _ = make(RspamdUnavailable("down"), on_failure="accept")
+    view = stranger_view()
+    run(flt, view)
+    assert scl_of(view, False) is None  # the client's own SCL never counts from an untrusted source
