@@ -262,11 +262,14 @@ class RspamdFilter(FilterBase):
             if trusted:
                 self._trusted_scl(message)
             return Verdict.CONTINUE
-        headers = request_headers(session, txn, _queue_id(message), self.hostname, self.settings_id)
+        queue_id = _queue_id(message)
+        headers = request_headers(session, txn, queue_id, self.hostname, self.settings_id)
         try:
             verdict = await self.client.check_stream(self._chunks(message), message.size, headers)
         except RspamdUnavailable as e:
-            log.warn("rspamd {filter_name}: scan failed: {error}", filter_name=self.name, error=str(e))
+            log.warn("rspamd {filter_name}: scan of {queue_id} failed: {error}", filter_name=self.name,
+                     error=str(e), queue_id=queue_id, session_id=getattr(session, "session_id", ""),
+                     connector=getattr(session, "connector", ""))
             if self.on_failure == "tempfail":
                 return TEMPFAIL
             self._not_scanned(message, f"scanner failed: {e}", "scanner-failed")
@@ -297,8 +300,10 @@ class RspamdFilter(FilterBase):
         symbols = ", ".join(verdict.symbol_names()[:8])
         finding = (f"{verdict.action} score={verdict.score:.2f}/{verdict.required_score:.2f} scl={scl}"
                    f"{' symbols=' + symbols if symbols else ''}")
-        log.info("rspamd {filter_name}: {finding} from {peer_ip}", filter_name=self.name, finding=finding,
-                 peer_ip=getattr(session, "peer_ip", ""), scl=scl, score=verdict.score, action=verdict.action)
+        log.info("rspamd {filter_name}: {queue_id} from {peer_ip}: {finding}", filter_name=self.name,
+                 finding=finding, peer_ip=getattr(session, "peer_ip", ""), scl=scl, score=verdict.score,
+                 action=verdict.action, queue_id=_queue_id(view), session_id=getattr(session, "session_id", ""),
+                 connector=getattr(session, "connector", ""))
         if verdict.action == "soft reject":
             return Verdict.tempfail(451, "4.7.1", _ascii(verdict.message or "Try again later", 200))
         if verdict.action == "greylist" and self.on_greylist == "tempfail" and not trusted:
