@@ -276,6 +276,13 @@ class RspamdFilter(FilterBase):
             if trusted:
                 self._trusted_scl(message)
             return Verdict.CONTINUE
+        if verdict.skipped:  # rspamd's settings said not to scan: no score, so no SCL from it
+            if self.milter_headers:
+                self._rspamd_edits(message, verdict)
+            self._not_scanned(message, "skipped by rspamd's settings", "skipped")
+            if trusted:
+                self._trusted_scl(message)
+            return Verdict.CONTINUE
         return self._apply(session, message, verdict, trusted)
 
     # ------------------------------------------------------------ what the verdict becomes

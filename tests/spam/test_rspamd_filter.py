@@ -233,3 +233,11 @@ def test_transport_rules_see_the_scl_this_filter_wrote():
     view = stranger_view()
     run(flt, view)
     assert scl_of(view, False) is None  # the client's own SCL never counts from an untrusted source
+
+
+def test_skipped_by_rspamd_settings_is_not_a_verdict():
+    flt, _ = make(verdict(skipped=True))
+    view = stranger_view()
+    assert run(flt, view).action is Action.CONTINUE
+    assert fields(view, HEADER) == ["not scanned (skipped by rspamd's settings)"]
+    assert fields(view, "X-MS-Exchange-Organization-SCL") == []
