@@ -329,14 +329,12 @@ class RspamdFilter(FilterBase):
                 log.warn("rspamd {filter_name}: refused to remove header {header!r}", filter_name=self.name,
                          header=name[:80])
                 continue
-            if index == 0:
-                view.edits.remove_header(name)
-                continue
+            # only fields the message arrived with (by value), never one another filter added here
             values = view.field_values(name)
-            if abs(index) <= len(values):
-                value = values[index - 1] if index > 0 else values[index]
-                unfolded = re.sub(r"\r\n(?=[ \t])", "", value).strip()
-                view.edits.remove_header_matching(name, r"^\s*" + re.escape(unfolded) + r"\s*$")
+            if index != 0:
+                values = [values[index - 1] if index > 0 else values[index]] if abs(index) <= len(values) else []
+            for value in dict.fromkeys(re.sub(r"\r\n(?=[ \t])", "", v).strip() for v in values):
+                view.edits.remove_header_matching(name, r"^\s*" + re.escape(value) + r"\s*$")
         adds = [(name, value, order) for name, value, order in verdict.add_headers]
         adds += [("DKIM-Signature", sig, 0) for sig in verdict.dkim_signatures]
         for name, value, order in adds:

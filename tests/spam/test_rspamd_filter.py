@@ -241,3 +241,11 @@ def test_skipped_by_rspamd_settings_is_not_a_verdict():
     assert run(flt, view).action is Action.CONTINUE
     assert fields(view, HEADER) == ["not scanned (skipped by rspamd's settings)"]
     assert fields(view, "X-MS-Exchange-Organization-SCL") == []
+
+
+def test_rspamd_removals_spare_fields_other_filters_added():
+    flt, _ = make(verdict(remove_headers=(("Authentication-Results", 0),)))
+    view = stranger_view(MESSAGE.replace(b"Subject:", b"Authentication-Results: forged; spf=pass\r\nSubject:"))
+    view.edits.add_header("Authentication-Results", "mx.example.test; spf=fail")  # e.g. the authres filter
+    run(flt, view)
+    assert fields(view, "Authentication-Results") == ["mx.example.test; spf=fail"]
