@@ -12,6 +12,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
@@ -24,6 +25,7 @@ from exmta.spam.rspamd_filter import HEADER, RspamdFilter
 from exmta.testing.memstore import MemoryStore
 from support import rspamd as rspamd_support
 from support.smtp_stubs import StubPolicy
+from tests.spam.fakes import FakeRspamd, http_answer
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not rspamd_support.available(), reason="rspamd is not installed "
@@ -233,3 +235,23 @@ def test_fixture_runs_rspamd_as_a_milter_too(tmp_path, hs_cache):
             assert command == b"O" and length >= 13  # the proxy worker negotiates as a milter
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("answer", [
+    b"SPAMD/1.1 0 EX_OK\r\n\r\n",                                                       # not HTTP
+    http_answer(b'{"error": "internal"}', 500, b"Internal Server Error"),                 # an HTTP error
+    http_answer(b'{"action": "deliver it", "score": 1}'),                                 # JSON, not rspamd's
+    b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n{\"action\": \"no action\", ",     # cut short
+])
+@pytest_twisted.inlineCallbacks
+def test_a_lying_scanner_on_loopback_is_451_never_5xx(answer):
+    liar = reactor.listenTCP(0, Factory.forProtocol(lambda: FakeRspamd(answer)), interface="127.0.0.1")
+    store, tracker = MemoryStore(reactor), Tracker()
+    server = serve(store, tracker, make_filter(f"tcp:127.0.0.1:{liar.getHost().port}", timeout=10.0), "liar")
+    try:
+        code, text = yield deferToThread(send, server[1].getHost().port, message("EXMTA-TEST-SCORE=30"))
+        assert code == 451 and text.startswith("4.7.1 Spam scanner unavailable")
+        assert not [e for e in tracker.events if e.event_id is TrackingEventId.RECEIVE]  # nothing queued
+    finally:
+        stop(*server)
+        yield liar.stopListening()
