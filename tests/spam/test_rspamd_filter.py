@@ -77,7 +77,8 @@ def test_spam_gets_headers_and_scl_through_the_journal():
     assert run(flt, view).action is Action.CONTINUE
     [(data, length, headers)] = client.calls
     assert data == MESSAGE and length == len(MESSAGE)
-    assert headers["IP"] == ["198.51.100.7"] and headers["Queue-Id"] == ["Q42"] and headers["Rcpt"] == ["b@example.test"]
+    assert headers["IP"] == ["198.51.100.7"] and headers["Queue-Id"] == ["Q42"]
+    assert headers["Rcpt"] == ["b@example.test"]
     assert fields(view, "X-MS-Exchange-Organization-SCL") == ["5"]   # the client's -1 is gone, rspamd's refused
     assert fields(view, "X-Spam-Level") == ["*******"]               # the forged one removed, rspamd's added
     assert fields(view, "X-Spam-Status") == ["Yes, score=7.00 required=15.00 action=add_header"]

@@ -20,7 +20,7 @@ from exmta.config.schema import ReceiveConnectorConfig
 from exmta.filters.base import FilterChain
 from exmta.model import Address, RcptParams, TrackingEventId
 from exmta.smtp.server import ESMTPServerFactory
-from exmta.spam.rspamd import RspamdClient, RspamdUnavailable, request_headers
+from exmta.spam.rspamd import RspamdClient, request_headers
 from exmta.spam.rspamd_filter import HEADER, RspamdFilter
 from exmta.testing.memstore import MemoryStore
 from support import rspamd as rspamd_support
