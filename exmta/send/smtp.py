@@ -16,6 +16,7 @@ reused (RSET first) up to ``max_messages_per_connection`` messages.
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ class Target:
     port: int = 25
     unix_path: str | None = None
     policy: Any = None       # exmta.tlspolicy.engine.HostPolicy: MTA-STS/DANE TLS for this MX host
+    report: Any = None       # exmta.tlspolicy.nopolicy.NoPolicySession: TLS-RPT "no-policy-found"
 
     @property
     def label(self) -> str:
@@ -278,7 +280,9 @@ class SMTPSendConnector:
         if isinstance(outcome, _TLSFailed):
             # RFC 7435: opportunistic TLS that fails falls back to plaintext (a new connection)
             self.log.info("TLS with {remote} failed; retrying without TLS", remote=target.label)
-            outcome = await self._try_target_once(target, request, rcpts, "none")
+            # the failure is reported (TLS-RPT); the clear-text retry is our choice, not another result
+            plain = dataclasses.replace(target, policy=None, report=None)
+            outcome = await self._try_target_once(plain, request, rcpts, "none")
             if isinstance(outcome, _TLSFailed):  # cannot happen without TLS
                 return outcome.reply
         return outcome
@@ -310,12 +314,16 @@ class SMTPSendConnector:
                 reply = Reply(reply.code, reply.status, reply.lines[:-1] + (f"{reply.lines[-1]} ({target.label})",))
             if target.policy is not None:  # TLS-RPT, and the policy named in the reply
                 reply = target.policy.after_session(proto, False, reply)
+            elif target.report is not None:  # TLS-RPT without a policy
+                target.report.after_session(proto, False, phase, exc.reply.text, tls_mode)
             if phase == "STARTTLS" and tls_mode == "opportunistic":
                 return _TLSFailed(reply)
             return reply
         self.log.info("Connected to {remote} (tls={tls})", remote=target.label, tls=proto.tls)
         if target.policy is not None:
             target.policy.after_session(proto, True, None)
+        elif target.report is not None:
+            target.report.after_session(proto, True, None, "", tls_mode)
         try:
             results = await proto.deliver(request, rcpts)
         except StaleConnection as exc:  # lost between the greeting exchange and MAIL
@@ -384,6 +392,7 @@ class SMTPSendConnector:
         yielded = False
         for _pref, host in mxs:
             host_policy = await policy.host(host) if policy is not None else None
+            report = policy.no_policy(host) if policy is not None and host_policy is None else None
             if host_policy is not None and not hasattr(host_policy, "verify"):  # Skip: policy forbids it
                 self.log.info("MX {host} of {domain} skipped: {reason}", host=host, domain=domain,
                               reason=host_policy.reason)
@@ -396,7 +405,7 @@ class SMTPSendConnector:
                 continue
             for addr in addresses:
                 yielded = True
-                yield Target(host, addr, self.config.port, policy=host_policy)
+                yield Target(host, addr, self.config.port, policy=host_policy, report=report)
         if not yielded and policy is not None and policy.skipped:
             raise policy.deferral()
         if not yielded and last_error is not None:

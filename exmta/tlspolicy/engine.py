@@ -26,10 +26,11 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from exmta.model import Reply
-from exmta.routing.dns import DNSError, DNSResolver, DNSTemporaryError, parse_nameservers
+from exmta.routing.dns import DNSError, DNSPermanentError, DNSResolver, DNSTemporaryError, parse_nameservers
 from exmta.tlspolicy.config import TLSPolicyConfig
 from exmta.tlspolicy.dane import ValidatingResolver, tlsa_name
 from exmta.tlspolicy.mtasts import MTASTS, PolicyCache, PolicyFetcher, STSPolicy
+from exmta.tlspolicy.nopolicy import NoPolicySession, ReportingDomains
 from exmta.tlspolicy.verify import TLSARecord, check_dane, check_webpki, make_store
 
 __all__ = ["DomainPolicy", "HostPolicy", "PolicyDeferral", "Skip", "TLSPolicyEngine"]
@@ -159,6 +160,14 @@ class DomainPolicy:
             return HostPolicy("mta-sts", host, self.domain, False, engine, sts=sts, mx_mismatch=True)
         return HostPolicy("mta-sts", host, self.domain, enforce and sts.mode == "enforce", engine, sts=sts)
 
+    def no_policy(self, host: str) -> NoPolicySession | None:
+        """TLS-RPT for a host :meth:`host` gave no policy: its sessions count as ``no-policy-found``
+        (when the domain publishes a TLSRPT record; exmta.tlspolicy.nopolicy). None when not reporting."""
+        domains = self.engine.reporting_domains
+        if domains is None or self.override == "none":
+            return None
+        return NoPolicySession(self.domain, host, self.engine, domains)
+
     def _skip(self, host: str, reason: str, kind: str, enforce: bool) -> Skip | None:
         self.engine.record_domain(self.domain, "tlsa", kind, reason, host)
         if not enforce:
@@ -187,6 +196,10 @@ class TLSPolicyEngine:
         #: exmta.tlspolicy.report.TLSReporter (TLS-RPT), or None
         self.reporter = reporter
         self.store = make_store(config.ca_file)
+        #: which domains publish a TLSRPT record (sessions without a policy are reported to those only)
+        self.reporting_domains: ReportingDomains | None = None
+        if reporter is not None and resolver is not None:
+            self.reporting_domains = ReportingDomains(clock, self._txt_or_error)
         self.sts: MTASTS | None = None
         if config.mta_sts and resolver is not None:
             import os
@@ -248,6 +261,8 @@ class TLSPolicyEngine:
         policy = DomainPolicy(domain, self, override=self.override_for(domain))
         if policy.override == "none":
             return policy
+        if self.reporting_domains is not None:  # TLSRPT TXT, alongside the policy lookups (not awaited)
+            self.reporting_domains.prefetch(domain)
         if self.dane is not None:
             mx = await self.dane.query(domain, "MX")
             if mx.status == "bogus" and policy.override != "testing":
@@ -265,6 +280,23 @@ class TLSPolicyEngine:
             try:
                 records = resolver.query_blocking(name, "TXT")  # type: ignore[union-attr]
             except DNSError:
+                return None
+            if records is None:
+                return None
+            return [b"".join(r.strings).decode("utf-8", "replace") for r in records]  # type: ignore[attr-defined]
+
+        if self.threadpool is None:
+            return defer.maybeDeferred(lookup)
+        return deferToThreadPool(self.reactor, self.threadpool, lookup)
+
+    def _txt_or_error(self, name: str) -> defer.Deferred[list[str] | None]:
+        """TXT strings at ``name`` (None: no records); fails on DNS errors other than NXDOMAIN."""
+        resolver = self.resolver
+
+        def lookup() -> list[str] | None:
+            try:
+                records = resolver.query_blocking(name, "TXT")  # type: ignore[union-attr]
+            except DNSPermanentError:
                 return None
             if records is None:
                 return None
@@ -292,7 +324,7 @@ class TLSPolicyEngine:
         except Exception:
             self.log.failure("TLS-RPT recording failed for {domain}", domain=host.policy_domain)
 
-    def record_domain(self, domain: str, kind: str, failure: str, text: str, host: str = "") -> None:
+    def record_domain(self, domain: str, kind: str, failure: str | None, text: str, host: str = "") -> None:
         if self.reporter is None:
             return
         try:
