@@ -274,20 +274,12 @@ class TLSPolicyEngine:
         return policy
 
     def _txt(self, name: str) -> defer.Deferred[list[str] | None]:
-        resolver = self.resolver
+        """TXT strings at ``name``; None when there are none or DNS failed."""
+        def none_on_dns_error(failure: Any) -> None:
+            failure.trap(DNSError)
+            return None
 
-        def lookup() -> list[str] | None:
-            try:
-                records = resolver.query_blocking(name, "TXT")  # type: ignore[union-attr]
-            except DNSError:
-                return None
-            if records is None:
-                return None
-            return [b"".join(r.strings).decode("utf-8", "replace") for r in records]  # type: ignore[attr-defined]
-
-        if self.threadpool is None:
-            return defer.maybeDeferred(lookup)
-        return deferToThreadPool(self.reactor, self.threadpool, lookup)
+        return self._txt_or_error(name).addErrback(none_on_dns_error)
 
     def _txt_or_error(self, name: str) -> defer.Deferred[list[str] | None]:
         """TXT strings at ``name`` (None: no records); fails on DNS errors other than NXDOMAIN."""

@@ -160,3 +160,30 @@ def test_nothing_recorded_for_a_domain_without_tlsrpt() -> None:
     s.after_session(proto(None), True, None, "", "opportunistic")
     s.after_session(proto("TLSv1.3 X"), True, None, "", "opportunistic")
     assert engine.rows == []
+
+
+def test_tls_rpt_alone_gives_mx_connectors_an_engine_that_reports_without_policies(tmp_path: Any) -> None:
+    from twisted.internet import reactor
+
+    from exmta.config.load import parse_config
+    from exmta.service import make_send_connectors
+
+    raw = {"receive": {"in": {"listen": ["tcp:2525"]}}, "server": {"data_dir": str(tmp_path)},
+           "tls_policy": {"tls_rpt": True, "mta_sts": False},
+           "send": {"internet": {"type": "smtp", "dns_servers": ["127.0.0.1:5353"]}}}
+    engine = make_send_connectors(parse_config(raw), reactor, None)["internet"].tls_policy
+    assert engine is not None and engine.sts is None and engine.dane is None
+    assert isinstance(engine.reporting_domains, ReportingDomains)
+    quiet = make_send_connectors(parse_config(dict(raw, tls_policy={"mta_sts": False})), reactor, None)
+    assert quiet["internet"].tls_policy is None  # neither policies nor reports: no engine at all
+
+
+def test_override_none_reports_nothing_and_a_host_with_a_policy_gets_no_no_policy_session() -> None:
+    from exmta.tlspolicy.engine import DomainPolicy
+
+    engine = SimpleNamespace(reporting_domains=ReportingDomains(task.Clock(), Lookups()))
+    assert DomainPolicy("f.test", engine, override="none").no_policy("mx.f.test") is None  # type: ignore[arg-type]
+    s = DomainPolicy("f.test", engine).no_policy("mx.f.test")  # type: ignore[arg-type]
+    assert isinstance(s, NoPolicySession) and s.domain == "f.test" and s.host == "mx.f.test"
+    engine.reporting_domains = None
+    assert DomainPolicy("f.test", engine).no_policy("mx.f.test") is None  # type: ignore[arg-type]
