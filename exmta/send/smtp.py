@@ -313,7 +313,7 @@ class SMTPSendConnector:
             if target.label not in reply.text:
                 reply = Reply(reply.code, reply.status, reply.lines[:-1] + (f"{reply.lines[-1]} ({target.label})",))
             if target.policy is not None:  # TLS-RPT, and the policy named in the reply
-                reply = target.policy.after_session(proto, False, reply)
+                reply = target.policy.after_session(proto, False, reply, phase)
             elif target.report is not None:  # TLS-RPT without a policy
                 target.report.after_session(proto, False, phase, exc.reply.text, tls_mode)
             if phase == "STARTTLS" and tls_mode == "opportunistic":

@@ -98,10 +98,12 @@ class HostPolicy:
         self.engine.log.info("{policy} (testing, delivering anyway): {problem}", policy=self.label(), problem=text)
         return None
 
-    def after_session(self, proto: Any, established: bool, reply: Reply | None) -> Reply | None:
+    def after_session(self, proto: Any, established: bool, reply: Reply | None,
+                      phase: str | None = None) -> Reply | None:
         """Record what the certificate check did not see (no STARTTLS, a failed handshake), and name
-        the policy in the refusal ``reply`` of a session that did not come up."""
-        if proto.tls is None:
+        the policy in the refusal ``reply`` of a session that did not come up.  A session refused
+        before the TLS step (``phase`` greeting, EHLO, HELO) is no TLS result and is not recorded."""
+        if proto.tls is None and (established or phase in (None, "STARTTLS")):
             if established or "STARTTLS" not in getattr(proto, "capabilities", {}):
                 self.engine.record(self, "starttls-not-supported", f"{self.host} did not offer STARTTLS")
             else:

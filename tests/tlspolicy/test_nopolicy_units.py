@@ -187,3 +187,17 @@ def test_override_none_reports_nothing_and_a_host_with_a_policy_gets_no_no_polic
     assert isinstance(s, NoPolicySession) and s.domain == "f.test" and s.host == "mx.f.test"
     engine.reporting_domains = None
     assert DomainPolicy("f.test", engine).no_policy("mx.f.test") is None  # type: ignore[arg-type]
+
+
+def test_a_policy_host_that_refuses_the_session_before_tls_is_no_tls_result() -> None:
+    from exmta.tlspolicy.engine import HostPolicy
+
+    rows: list[tuple[str | None, str]] = []
+    engine = SimpleNamespace(record=lambda host, failure, text: rows.append((failure, text)))
+    host = HostPolicy("mta-sts", "mx.g.test", "g.test", True, engine)  # type: ignore[arg-type]
+    refused = host.after_session(proto(None), False, Reply.make(554, "5.7.1", "go away"), "greeting")
+    assert rows == [] and refused is not None and refused.text.startswith("MTA-STS policy of g.test: ")
+    host.after_session(proto(None, ("PIPELINING",)), False,
+                       Reply.make(451, "4.7.5", "TLS is mandatory but the remote server does not offer STARTTLS"),
+                       "STARTTLS")
+    assert rows == [("starttls-not-supported", "mx.g.test did not offer STARTTLS")]

@@ -147,12 +147,15 @@ def test_sessions_to_domains_with_only_tlsrpt_are_reported_as_no_policy_found(tm
         got: dict[str, list[Any]] = {}
 
         @defer.inlineCallbacks
-        def send(conn: SMTPSendConnector, d: str) -> Any:
+        def send(conn: SMTPSendConnector, d: str, close: bool = True) -> Any:
             [r] = yield conn.deliver(request(f"{d}.nopol.test"))
             got.setdefault(d, []).append(r)
-            yield conn.close()  # a new session for the next message
+            if close:
+                yield conn.close()  # a new session for the next message
 
-        for d in ("ok", "ok", "plain", "needcert", "wrongname", "silent"):
+        yield send(opp, "ok", close=False)
+        yield send(opp, "ok")  # the same session again: counted once
+        for d in ("ok", "plain", "needcert", "wrongname", "silent"):
             yield send(opp, d)
         for d in ("wrongname", "old", "ok"):
             yield send(strict, d)
@@ -185,11 +188,12 @@ def test_sessions_to_domains_with_only_tlsrpt_are_reported_as_no_policy_found(tm
 
     outcome = {d: [r.outcome for r in rs] for d, rs in got.items()}
     assert outcome == {
-        "ok": [Outcome.DELIVERED] * 3, "plain": [Outcome.DELIVERED], "silent": [Outcome.DELIVERED],
+        "ok": [Outcome.DELIVERED] * 4, "plain": [Outcome.DELIVERED], "silent": [Outcome.DELIVERED],
         "needcert": [Outcome.DELIVERED],  # the handshake failed: opportunistic TLS falls back to clear text
         "wrongname": [Outcome.DELIVERED, Outcome.DEFERRED],  # unverified under opportunistic, refused when mandatory
         "old": [Outcome.DEFERRED], "slow": [Outcome.DELIVERED]}, got
     assert got["needcert"][0].tls is None and got["ok"][0].tls
+    assert sum(1 for m in sinks[2].messages if m.rcpt_tos == ["b@ok.nopol.test"]) == 4
 
     assert sent == len(REPORTING)
     reports = {}
