@@ -293,9 +293,12 @@ class SMTPSendConnector:
             self.clock, self.helo_name, lmtp=self.lmtp, tls_mode=tls_mode,
             tls_context=self._context_for(target, tls_mode), username=self.config.auth_username,
             password=self.config.auth_password, timeouts=self.timeouts, remote_host=target.label,
-            protocol_log=self.protocol_log, tls_verifier=target.policy.verify if target.policy else None,
+            protocol_log=self.protocol_log,
             sasl=self.xoauth2.login(request) if self.xoauth2 is not None else None,
         )
+        if target.policy is not None:  # its certificate check, told the connection's addresses (TLS-RPT)
+            policy = target.policy
+            proto.tls_verifier = lambda conn: policy.verify(conn, proto.addresses)
         try:
             await connectProtocol(self._endpoint(target), proto)
         except (ConnectError, ConnectingCancelledError, OSError) as exc:

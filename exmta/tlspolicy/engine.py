@@ -71,27 +71,33 @@ class HostPolicy:
     def label(self) -> str:
         return "DANE" if self.kind == "dane" else f"MTA-STS policy of {self.policy_domain}"
 
-    def verify(self, connection: Any) -> str | None:
-        """Run after the handshake: None to go on, or why not (enforced policies only)."""
+    def verify(self, connection: Any, ips: tuple[str, str] = ("", "")) -> str | None:
+        """Run after the handshake: None to go on, or why not (enforced policies only).
+        ``ips``: (ours, the server's) for the TLS-RPT report."""
         try:
-            return self._verify(connection)
+            return self._verify(connection, ips)
         except Exception:  # a certificate the checks choke on: refused under an enforced policy
             self.engine.log.failure("TLS policy check of {host} failed", host=self.host)
-            self.engine.record(self, "validation-failure", "the certificate could not be checked")
+            self.engine.record(self, "validation-failure", "the certificate could not be checked", ips)
             return f"{self.label()}: {self.host}: the certificate could not be checked" if self.enforce else None
 
-    def _verify(self, connection: Any) -> str | None:
+    def _verify(self, connection: Any, ips: tuple[str, str]) -> str | None:
+        if self.kind == "dane" and not any(r.usable for r in self.tlsa):
+            # RFC 7672 2.2: TLS, unauthenticated; RFC 8460 4.3.2.1: none of the records is valid
+            self.engine.record(self, "tlsa-invalid", f"none of the TLSA records of {self.host} is usable", ips)
+            return None
         if self.kind == "dane":
             problem = check_dane(connection, self.tlsa, [self.host])
         else:
             problem = check_webpki(connection, [self.host], self.engine.store)
         if problem is None and self.mx_mismatch:
-            self.engine.record(self, "validation-failure", f"MX host {self.host} not in the policy's mx patterns")
+            self.engine.record(self, "validation-failure", f"MX host {self.host} not in the policy's mx patterns",
+                               ips)
             return None
         if problem is None:
-            self.engine.record(self, None, "")
+            self.engine.record(self, None, "", ips)
             return None
-        self.engine.record(self, problem.kind, problem.text)
+        self.engine.record(self, problem.kind, problem.text, ips)
         text = f"{self.label()}: {self.host}: {problem.text}"
         if self.enforce:
             return text
@@ -104,10 +110,11 @@ class HostPolicy:
         the policy in the refusal ``reply`` of a session that did not come up.  A session refused
         before the TLS step (``phase`` greeting, EHLO, HELO) is no TLS result and is not recorded."""
         if proto.tls is None and (established or phase in (None, "STARTTLS")):
+            ips = getattr(proto, "addresses", ("", ""))
             if established or "STARTTLS" not in getattr(proto, "capabilities", {}):
-                self.engine.record(self, "starttls-not-supported", f"{self.host} did not offer STARTTLS")
+                self.engine.record(self, "starttls-not-supported", f"{self.host} did not offer STARTTLS", ips)
             else:
-                self.engine.record(self, "validation-failure", f"TLS handshake with {self.host} failed")
+                self.engine.record(self, "validation-failure", f"TLS handshake with {self.host} failed", ips)
         if reply is None or not self.enforce or self.label() in reply.text:
             return reply
         return Reply(reply.code, reply.status, (f"{self.label()}: {reply.lines[0]}",) + reply.lines[1:])
@@ -307,22 +314,27 @@ class TLSPolicyEngine:
 
     # ------------------------------------------------------------ TLS-RPT
 
-    def record(self, host: HostPolicy, failure: str | None, text: str) -> None:
+    def record(self, host: HostPolicy, failure: str | None, text: str, ips: tuple[str, str] = ("", "")) -> None:
         if self.reporter is None:
             return
         kind = "tlsa" if host.kind == "dane" else "sts"
         strings = _policy_strings(host)
         try:
             self.reporter.record(host.policy_domain, kind, strings, host.host, failure, text,
-                                 mx_patterns=host.sts.mx if host.sts else ())
+                                 mx_patterns=host.sts.mx if host.sts else (), sending_ip=ips[0],
+                                 receiving_ip=ips[1])
         except Exception:
             self.log.failure("TLS-RPT recording failed for {domain}", domain=host.policy_domain)
 
-    def record_domain(self, domain: str, kind: str, failure: str | None, text: str, host: str = "") -> None:
+    def record_domain(self, domain: str, kind: str, failure: str | None, text: str, host: str = "",
+                      ips: tuple[str, str] = ("", "")) -> None:
         if self.reporter is None:
             return
         try:
-            self.reporter.record(domain, kind, (), host, failure, text)
+            if ips == ("", ""):
+                self.reporter.record(domain, kind, (), host, failure, text)
+            else:
+                self.reporter.record(domain, kind, (), host, failure, text, sending_ip=ips[0], receiving_ip=ips[1])
         except Exception:
             self.log.failure("TLS-RPT recording failed for {domain}", domain=domain)
 

@@ -138,20 +138,21 @@ class NoPolicySession:
         and sessions where we did not try TLS (``tls_mode`` none) say nothing
         about the receiver's TLS and are not recorded.
         """
+        ips = getattr(proto, "addresses", ("", ""))
         if proto.tls is not None:
-            self.record(None, "")
+            self.record(None, "", ips)
         elif tls_mode == "none":
             return
         elif established:
             if "STARTTLS" in getattr(proto, "capabilities", {}):
-                self.record("starttls-not-supported", f"{self.host} refused STARTTLS")
+                self.record("starttls-not-supported", f"{self.host} refused STARTTLS", ips)
             else:
-                self.record("starttls-not-supported", f"{self.host} did not offer STARTTLS")
+                self.record("starttls-not-supported", f"{self.host} did not offer STARTTLS", ips)
         elif phase == "STARTTLS":
             kind = result_type(reply_text)
             if kind in ("validation-failure", "certificate-not-trusted") and self._expired(proto):
                 kind = "certificate-expired"
-            self.record(kind, reply_text)
+            self.record(kind, reply_text, ips)
 
     def _expired(self, proto: Any) -> bool:
         """Is the certificate the server sent outside its dates?  (A connector's own context may
@@ -166,11 +167,11 @@ class NoPolicySession:
         except Exception:  # no TLS connection to look at (another transport)
             return False
 
-    def record(self, failure: str | None, text: str) -> None:
+    def record(self, failure: str | None, text: str, ips: tuple[str, str] = ("", "")) -> None:
         domain, host, engine = self.domain, self.host, self.engine
 
         def write(publishes: bool) -> None:
             if publishes:
-                engine.record_domain(domain, "no-policy-found", failure, text, host)
+                engine.record_domain(domain, "no-policy-found", failure, text, host, ips)
 
         self.domains.when_known(domain, write)

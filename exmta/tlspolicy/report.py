@@ -30,7 +30,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from exmta.model import Envelope, Recipient
-from exmta.reports.daily import DailyReportService, report_headers
+from exmta.reports.daily import DAY, DailyReportService, report_headers
 
 __all__ = ["TLSReportService", "TLSResultLog", "add_tls_report_service", "build_report", "parse_rua",
            "report_message"]
@@ -48,10 +48,11 @@ class TLSResultLog:
         self._file: Any = None
 
     def record(self, domain: str, kind: str, strings: Iterable[str], host: str, failure: str | None, text: str,
-               mx_patterns: Iterable[str] = ()) -> None:
+               mx_patterns: Iterable[str] = (), sending_ip: str = "", receiving_ip: str = "") -> None:
         row = {"time": self.clock.seconds(), "policy_domain": domain, "policy_type": kind,
                "policy_strings": list(strings), "mx_patterns": list(mx_patterns), "mx_host": host,
-               "result": failure, "text": text[:500]}
+               "result": failure, "text": text[:500], "sending_ip": sending_ip or self.sending_ip or "",
+               "receiving_ip": receiving_ip}
         try:
             if self._file is None:
                 os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -84,6 +85,15 @@ def _rows(path: str) -> list[dict[str, Any]]:
     return out
 
 
+def _date_range(rows: list[dict[str, Any]], now: float) -> tuple[float, float]:
+    """RFC 8460 4.1: whole UTC days, from the midnight before the first result to the second before
+    the last midnight (the daily run, a minute after it); ``now`` when the results are all of today."""
+    first = min(float(r.get("time", now)) for r in rows)
+    begin = first - first % DAY
+    end = now - now % DAY - 1
+    return (begin, end) if end > begin else (first, now)
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -106,7 +116,8 @@ def build_report(domain: str, rows: list[dict[str, Any]], begin: float, end: flo
             entry = policies[key] = {"policy": policy, "ok": 0, "failed": 0, "details": {}}
         if row.get("result"):
             entry["failed"] += 1
-            dkey = (str(row["result"]), str(row.get("mx_host") or ""), str(row.get("text") or ""))
+            dkey = (str(row["result"]), str(row.get("mx_host") or ""), str(row.get("text") or ""),
+                    str(row.get("sending_ip") or ""), str(row.get("receiving_ip") or ""))
             entry["details"][dkey] = entry["details"].get(dkey, 0) + 1
         else:
             entry["ok"] += 1
@@ -119,12 +130,16 @@ def build_report(domain: str, rows: list[dict[str, Any]], begin: float, end: flo
         }
         if entry["details"]:
             details = []
-            for (result, mx, text), count in sorted(entry["details"].items()):
+            for (result, mx, text, sending_ip, receiving_ip), count in sorted(entry["details"].items()):
                 d: dict[str, Any] = {"result-type": result, "failed-session-count": count}
+                if sending_ip:
+                    d["sending-mta-ip"] = sending_ip
                 if mx:
                     d["receiving-mx-hostname"] = mx
-                if text:
-                    d["additional-information"] = text
+                if receiving_ip:
+                    d["receiving-ip"] = receiving_ip
+                if text:  # free text: "additional-information" is for a URI (RFC 8460 4.4)
+                    d["failure-reason-code"] = text
                 details.append(d)
             item["failure-details"] = details
         out.append(item)
@@ -210,13 +225,13 @@ class TLSReportService(DailyReportService):
             rua = parse_rua(strings or [])
             if not rua:
                 continue
-            begin = min(float(r.get("time", now)) for r in drows)
-            report_id = hashlib.sha256(f"{self.org}|{domain}|{begin}|{now}".encode()).hexdigest()[:24]
-            report = build_report(domain, drows, begin, now, self.org, self.contact, report_id)
+            begin, end = _date_range(drows, now)
+            report_id = hashlib.sha256(f"{self.org}|{domain}|{begin}|{end}".encode()).hexdigest()[:24]
+            report = build_report(domain, drows, begin, end, self.org, self.contact, report_id)
             data = gzip.compress(json.dumps(report).encode(), mtime=0)
             mailto = [u[7:] for u in rua if u.lower().startswith("mailto:")]
             if mailto:
-                content = report_message(domain, self.org, self.sender, mailto, data, begin, now, report_id, now)
+                content = report_message(domain, self.org, self.sender, mailto, data, begin, end, report_id, now)
                 content = content.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
                 envelope = Envelope(sender="", recipients=[Recipient(t) for t in mailto], kind="dsn",
                                     received_at=now, size=len(content))

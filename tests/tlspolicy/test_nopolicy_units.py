@@ -115,9 +115,12 @@ def test_result_types(text: str, kind: str) -> None:
 class Engine:
     def __init__(self) -> None:
         self.rows: list[tuple[str, str, str | None, str, str]] = []
+        self.ips: list[tuple[str, str]] = []
 
-    def record_domain(self, domain: str, kind: str, failure: str | None, text: str, host: str = "") -> None:
+    def record_domain(self, domain: str, kind: str, failure: str | None, text: str, host: str = "",
+                      ips: tuple[str, str] = ("", "")) -> None:
         self.rows.append((domain, kind, failure, text, host))
+        self.ips.append(ips)
 
 
 def session(publishes: bool) -> tuple[NoPolicySession, Engine]:
@@ -130,7 +133,7 @@ def session(publishes: bool) -> tuple[NoPolicySession, Engine]:
 
 
 def proto(tls: str | None, caps: tuple[str, ...] = ()) -> Any:
-    return SimpleNamespace(tls=tls, capabilities={c: "" for c in caps})
+    return SimpleNamespace(tls=tls, capabilities={c: "" for c in caps}, addresses=("192.0.2.1", "198.51.100.7"))
 
 
 def test_sessions_are_classified_as_rfc_8460_says() -> None:
@@ -152,6 +155,7 @@ def test_sessions_are_classified_as_rfc_8460_says() -> None:
         ("no-policy-found", None, "mx.e.test"),
     ]
     assert engine.rows[1][3] == "mx.e.test did not offer STARTTLS"
+    assert set(engine.ips) == {("192.0.2.1", "198.51.100.7")}
     assert engine.rows[2][3] == "mx.e.test refused STARTTLS"
 
 
@@ -193,7 +197,7 @@ def test_a_policy_host_that_refuses_the_session_before_tls_is_no_tls_result() ->
     from exmta.tlspolicy.engine import HostPolicy
 
     rows: list[tuple[str | None, str]] = []
-    engine = SimpleNamespace(record=lambda host, failure, text: rows.append((failure, text)))
+    engine = SimpleNamespace(record=lambda host, failure, text, ips: rows.append((failure, text)))
     host = HostPolicy("mta-sts", "mx.g.test", "g.test", True, engine)  # type: ignore[arg-type]
     refused = host.after_session(proto(None), False, Reply.make(554, "5.7.1", "go away"), "greeting")
     assert rows == [] and refused is not None and refused.text.startswith("MTA-STS policy of g.test: ")

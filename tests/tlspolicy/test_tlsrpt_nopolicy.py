@@ -212,6 +212,9 @@ def test_sessions_to_domains_with_only_tlsrpt_are_reported_as_no_policy_found(tm
         s = policy["summary"]
         details = [(f["result-type"], f["receiving-mx-hostname"], f["failed-session-count"])
                    for f in policy.get("failure-details", ())]
+        for f in policy.get("failure-details", ()):
+            assert f["sending-mta-ip"] == "127.0.0.1", f
+            assert f["receiving-ip"] == f"127.0.0.{MX_OF[d]}" and f["failure-reason-code"], f
         return s["total-successful-session-count"], s["total-failure-session-count"], details
 
     assert summary("ok") == (3, 0, [])
