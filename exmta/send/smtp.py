@@ -209,6 +209,11 @@ class SMTPSendConnector:
         if not rcpts:
             return []
         key = self._key(nexthop, rcpts)
+        # RFC 8460 5.3: our TLS reports go out despite TLS failures (no MTA-STS/DANE, not reported), on
+        # connections of their own: none of them is pooled for, or taken from, policy-protected mail
+        use_policy = self.tls_policy is None or not self.tls_policy.exempt(request.envelope)
+        if not use_policy:
+            key += ("tls-report",)
         if self.xoauth2 is not None:  # a session is logged in as one mailbox: reuse it only for that one
             key += ("xoauth2", self.xoauth2.user_for(request).lower())
         # a host that deferred every recipient: RFC 5321 5.1 has the next address tried, as after a
@@ -237,7 +242,7 @@ class SMTPSendConnector:
         last_host: str | None = None
         attempts = 0
         try:
-            async for target in self._targets(nexthop, rcpts):
+            async for target in self._targets(nexthop, rcpts, use_policy):
                 if target.label == tempfailed_host:
                     continue  # its cached connection just deferred everything
                 attempts += 1
@@ -365,7 +370,8 @@ class SMTPSendConnector:
 
     # ------------------------------------------------------------ where to connect
 
-    async def _targets(self, nexthop: str | None, rcpts: tuple[Recipient, ...]) -> AsyncIterator[Target]:
+    async def _targets(self, nexthop: str | None, rcpts: tuple[Recipient, ...],
+                       use_policy: bool = True) -> AsyncIterator[Target]:
         if self.lmtp:
             yield self._lmtp_target()
             return
@@ -390,7 +396,7 @@ class SMTPSendConnector:
             return
         mxs = await self.resolver.resolve_mx(domain)
         # MTA-STS / DANE (exmta.tlspolicy): which MX hosts, and which TLS with each
-        policy = await self.tls_policy.for_domain(domain) if self.tls_policy is not None else None
+        policy = await self.tls_policy.for_domain(domain) if self.tls_policy is not None and use_policy else None
         last_error: DNSError | None = None
         yielded = False
         for _pref, host in mxs:

@@ -31,6 +31,7 @@ from exmta.tlspolicy.config import TLSPolicyConfig
 from exmta.tlspolicy.dane import ValidatingResolver, tlsa_name
 from exmta.tlspolicy.mtasts import MTASTS, PolicyCache, PolicyFetcher, STSPolicy
 from exmta.tlspolicy.nopolicy import NoPolicySession, ReportingDomains
+from exmta.tlspolicy.report import is_tls_report
 from exmta.tlspolicy.verify import TLSARecord, check_dane, check_webpki, make_store
 
 __all__ = ["DomainPolicy", "HostPolicy", "PolicyDeferral", "Skip", "TLSPolicyEngine"]
@@ -313,6 +314,12 @@ class TLSPolicyEngine:
         return _Creator(self._ctx, hostname, verify=False, check_name=None)
 
     # ------------------------------------------------------------ TLS-RPT
+
+    @staticmethod
+    def exempt(envelope: Any) -> bool:
+        """A TLS report of ours: RFC 8460 5.3 has it delivered despite TLS failures (even in clear),
+        and its session left out of the next report."""
+        return is_tls_report(envelope)
 
     def record(self, host: HostPolicy, failure: str | None, text: str, ips: tuple[str, str] = ("", "")) -> None:
         if self.reporter is None:

@@ -29,13 +29,23 @@ from typing import Any, Iterable
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from exmta.model import Envelope, Recipient
+from exmta.model import Envelope, MailParams, Recipient
 from exmta.reports.daily import DAY, DailyReportService, report_headers
 
-__all__ = ["TLSReportService", "TLSResultLog", "add_tls_report_service", "build_report", "parse_rua",
-           "report_message"]
+__all__ = ["REPORT_ENVID", "TLSReportService", "TLSResultLog", "add_tls_report_service", "build_report",
+           "is_tls_report", "parse_rua", "report_message"]
 
 log = Logger()
+
+#: the envelope id (RFC 3461 ENVID) of the report mails we queue: the send connector knows them by it
+REPORT_ENVID = "exmta-tlsrpt."
+
+
+def is_tls_report(envelope: Any) -> bool:
+    """A TLS report we generated (kind "dsn": received mail never has it, whatever its ENVID)."""
+    params = getattr(envelope, "params", None)
+    envid = getattr(params, "envid", None) or ""
+    return getattr(envelope, "kind", "") == "dsn" and envid.startswith(REPORT_ENVID)
 
 
 class TLSResultLog:
@@ -234,7 +244,8 @@ class TLSReportService(DailyReportService):
                 content = report_message(domain, self.org, self.sender, mailto, data, begin, end, report_id, now)
                 content = content.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
                 envelope = Envelope(sender="", recipients=[Recipient(t) for t in mailto], kind="dsn",
-                                    received_at=now, size=len(content))
+                                    received_at=now, size=len(content),
+                                    params=MailParams(envid=REPORT_ENVID + report_id))
                 queue_id = await self.store.submit(content, envelope)
                 log.info("TLS-RPT report for {domain} queued as {queue_id} for {rua}", domain=domain,
                          queue_id=queue_id, rua=", ".join(mailto))
