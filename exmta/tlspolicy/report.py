@@ -315,6 +315,11 @@ def add_tls_report_service(parent: Any, config: Any, store: Any, reactor: Any, p
 
     tp = config.tls_policy
     sender = f"postmaster@{config.hostname}"
+    signed_for = config.hostname.lower().rstrip(".")
+    if not (any(s.dkim_sign for s in config.send) and any(k.domain == signed_for for k in config.dkim_keys)):
+        log.warn("TLS-RPT reports from {sender} will go out without a DKIM signature, and RFC 8460 5.3 has "
+                 "receivers ignore them: add a [[dkim.keys]] key for {domain} and dkim_sign = true on the send "
+                 "connectors", sender=sender, domain=signed_for)
     service = TLSReportService(results, store, reactor, reactor,
                                lambda fn, *a: deferToThreadPool(reactor, pool, fn, *a), txt,
                                tp.tls_rpt_organization or config.hostname, sender, tp.tls_rpt_contact or sender,

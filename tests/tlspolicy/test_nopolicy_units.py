@@ -205,3 +205,35 @@ def test_a_policy_host_that_refuses_the_session_before_tls_is_no_tls_result() ->
                        Reply.make(451, "4.7.5", "TLS is mandatory but the remote server does not offer STARTTLS"),
                        "STARTTLS")
     assert rows == [("starttls-not-supported", "mx.g.test did not offer STARTTLS")]
+
+
+def test_the_report_service_warns_when_its_reports_would_go_out_unsigned(tmp_path: Any) -> None:
+    from twisted.application.service import MultiService
+    from twisted.internet import reactor
+    from twisted.logger import capturedLogs
+
+    from exmta.config.load import parse_config
+    from exmta.service import make_send_connectors
+    from exmta.testing.memstore import MemoryStore
+    from exmta.tlspolicy.report import add_tls_report_service
+
+    raw = {"receive": {"in": {"listen": ["tcp:2525"]}}, "server": {"data_dir": str(tmp_path), "hostname": "mx.a.test"},
+           "tls_policy": {"tls_rpt": True},
+           "send": {"internet": {"type": "smtp", "dns_servers": ["127.0.0.1:5353"]}}}
+    config = parse_config(raw)
+    with capturedLogs() as events:
+        add_tls_report_service(MultiService(), config, MemoryStore(reactor), reactor, None,
+                               make_send_connectors(config, reactor, None))
+    [warning] = [e for e in events if "DKIM" in e.get("log_format", "")]
+    assert warning["domain"] == "mx.a.test"
+    from exmta.send.dkim_sign import generate_key
+
+    key = tmp_path / "dkim.pem"
+    key.write_bytes(generate_key()[0])
+    raw["dkim"] = {"keys": [{"domain": "mx.a.test", "selector": "s1", "key_file": str(key)}]}
+    raw["send"]["internet"]["dkim_sign"] = True  # type: ignore[index]
+    config = parse_config(raw)
+    with capturedLogs() as events:
+        add_tls_report_service(MultiService(), config, MemoryStore(reactor), reactor, None,
+                               make_send_connectors(config, reactor, None))
+    assert not [e for e in events if "DKIM" in e.get("log_format", "")]
