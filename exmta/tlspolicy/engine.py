@@ -272,7 +272,10 @@ class TLSPolicyEngine:
         if policy.override == "none":
             return policy
         if self.reporting_domains is not None:  # TLSRPT TXT, alongside the policy lookups (not awaited)
-            self.reporting_domains.prefetch(domain)
+            try:
+                self.reporting_domains.prefetch(domain)
+            except Exception:  # reporting never holds up delivery
+                self.log.failure("TLSRPT lookup for {domain} not started", domain=domain)
         if self.dane is not None:
             mx = await self.dane.query(domain, "MX")
             if mx.status == "bogus" and policy.override != "testing":

@@ -136,8 +136,15 @@ class NoPolicySession:
 
         Sessions that never reached the TLS step (refused greeting or EHLO)
         and sessions where we did not try TLS (``tls_mode`` none) say nothing
-        about the receiver's TLS and are not recorded.
+        about the receiver's TLS and are not recorded.  Never raises: a
+        report must not change what happens to the mail.
         """
+        try:
+            self._classify(proto, established, phase, reply_text, tls_mode)
+        except Exception:
+            log.failure("TLS-RPT recording for {domain} failed", domain=self.domain)
+
+    def _classify(self, proto: Any, established: bool, phase: str | None, reply_text: str, tls_mode: str) -> None:
         ips = getattr(proto, "addresses", ("", ""))
         if proto.tls is not None:
             self.record(None, "", ips)

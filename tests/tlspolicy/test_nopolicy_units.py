@@ -237,3 +237,18 @@ def test_the_report_service_warns_when_its_reports_would_go_out_unsigned(tmp_pat
         add_tls_report_service(MultiService(), config, MemoryStore(reactor), reactor, None,
                                make_send_connectors(config, reactor, None))
     assert not [e for e in events if "DKIM" in e.get("log_format", "")]
+
+
+def test_a_broken_reporter_changes_nothing_for_the_mail() -> None:
+    lookups = Lookups()
+    domains = ReportingDomains(task.Clock(), lookups)
+    domains.prefetch("h.test")
+    lookups.answer(RUA)
+
+    class Broken:
+        def record_domain(self, *a: Any) -> None:
+            raise RuntimeError("disk on fire")
+
+    NoPolicySession("h.test", "mx.h.test", Broken(), domains).after_session(proto("TLSv1.3 X"), True, None, "",
+                                                                           "opportunistic")
+    NoPolicySession("h.test", "mx.h.test", None, domains).after_session(None, True, None, "", "opportunistic")
