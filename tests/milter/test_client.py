@@ -156,7 +156,7 @@ def test_silence_times_out_and_progress_restarts_the_clock():
     (optneg_reply() + reply(b"h", b"X\0y\0"), "not allowed after connect"),
     (optneg_reply(actions=p.SMFIF_ADDHDRS, protocol=p.SMFIP_NR_HDR) + CONTINUE * 8 + reply(b"b", b"x"),
      "not negotiated"),
-    (optneg_reply() + CONTINUE * 8 + reply(b"s"), "not allowed after body"),  # SKIP not negotiated
+    (optneg_reply(protocol=p.SMFIP_NR_HDR) + CONTINUE * 7 + reply(b"s"), "not allowed after body"),  # no SKIP
     (optneg_reply() + b"HTTP/1.1 400 Bad Request\r\n\r\n", "garbage"),
     (optneg_reply(protocol=p.SMFIP_HDR_LEADSPC), "not offered"),
     (optneg_reply(protocol=p.SMFIP_NR_HDR) + CONTINUE * 8 + reply(b"4"), "not allowed at end of message"),
