@@ -143,7 +143,7 @@ class MilterProtocol(Protocol):
             self.replies.extend(self.parser.feed(data))
         except MilterProtocolError as e:
             self._fail(e)
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self.transport.abortConnection()  # type: ignore[union-attr]
             return
         self._wake()
 
