@@ -195,7 +195,7 @@ class _Conversation:
             d.addTimeout(timeout, self.clock)
             try:
                 reply = await d
-            except (TimeoutError, CancelledError):
+            except TimeoutError:  # our own timeout; a CancelledError (the filter chain gave up) goes up
                 raise MilterFailed(f"no reply to {what} within {timeout:g} s") from None
             except MilterProtocolError as e:
                 raise MilterFailed(f"garbage after {what}: {e}") from None
@@ -331,27 +331,31 @@ async def converse(settings: MilterSettings, facts: MessageFacts, reactor: Any, 
     except ValueError as e:
         raise MilterFailed(str(e)) from None
     d = endpoint.connect(_OneShot(proto))
-    d.addTimeout(settings.connect_timeout, clock)
+    # the endpoint's cancellation fails with ConnectingCancelledError, not CancelledError: say what happened
+    d.addTimeout(settings.connect_timeout, clock, onTimeoutCancel=lambda result, timeout: Failure(
+        MilterFailed(f"no connection within {timeout:g} s")))
     try:
         await d
-    except (TimeoutError, CancelledError):
-        raise MilterFailed(f"no connection within {settings.connect_timeout:g} s") from None
+    except (MilterFailed, CancelledError):
+        raise
     except Exception as e:
         raise MilterFailed(f"cannot connect: {e}") from None
     conversation = _Conversation(settings, clock, proto)
     try:
         outcome = await conversation.run(facts)
-    except MilterFailed:
+    except (MilterFailed, CancelledError):
         _close(proto, abort=True)
         raise
     except Exception as e:  # a value the protocol cannot carry (e.g. a NUL in a header), or a bug
         _close(proto, abort=True)
         raise MilterFailed(f"conversation failed: {e!r}") from None
-    _close(proto, abort=False)
+    _close(proto, abort=False, message_open=outcome.stage != "eom")
     return outcome
 
 
-def _close(proto: MilterProtocol, abort: bool) -> None:
+def _close(proto: MilterProtocol, abort: bool, message_open: bool = False) -> None:
+    """Abort the connection (after a failure), or say goodbye: SMFIC_ABORT first when the milter
+    decided before end of message, then SMFIC_QUIT."""
     transport = proto.transport
     if transport is None:
         return
@@ -359,7 +363,7 @@ def _close(proto: MilterProtocol, abort: bool) -> None:
         transport.abortConnection()  # type: ignore[attr-defined]
         return
     try:
-        transport.write(p.quit())
+        transport.write((p.abort() if message_open else b"") + p.quit())
     except Exception:
         pass
     transport.loseConnection()

@@ -188,3 +188,29 @@ def test_socket_forms():
     for bad in ("inet:host", "unix:relative", "local:/x", "inet:h:0", "inet:h:70000"):
         with pytest.raises(ValueError):
             parse_socket(bad)
+
+
+def test_connect_timeout_and_a_refusal_before_end_of_message_aborts():
+    from twisted.internet.testing import MemoryReactorClock
+
+    from exmta.milter.client import converse
+
+    reactor = MemoryReactorClock()
+    settings = MilterSettings("m", "unix:/nonexistent/milter.sock", connect_timeout=5)
+    d = Deferred.fromCoroutine(converse(settings, facts(), reactor, reactor))
+    assert len(reactor.unixClients) == 1 and not d.called  # connecting, never connected
+    reactor.advance(5)
+    assert "no connection within 5 s" in str(d.result.value)
+    d.addErrback(lambda f: None)
+
+    reactor = MemoryReactorClock()
+    d = Deferred.fromCoroutine(converse(settings, facts(), reactor, reactor))
+    factory = reactor.unixClients[0][1]
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    reactor.advance(0)
+    proto.dataReceived(optneg_reply() + CONTINUE + reply(b"r"))  # refused at HELO
+    assert d.result.action == "reject" and d.result.stage == "helo"
+    assert [c for c, _ in sent_commands(transport.value())][-2:] == [b"A", b"Q"]
+    assert transport.disconnecting

@@ -11,6 +11,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 
 from exmta.milter import protocol as p
+from support.procs import free_port
 from tests.milter.fakes import CONTINUE, FakeMilter, accept_all, optneg_reply, reply
 from tests.milter.harness import make_server, send
 
@@ -132,7 +133,7 @@ def test_a_failing_milter_gets_its_default_action(milter, script, action, code):
 
 @pytest_twisted.inlineCallbacks
 def test_a_milter_that_is_not_there(tmp_path):
-    for socket in (f"unix:{tmp_path}/none.sock", "inet:127.0.0.1:9"):
+    for socket in (f"unix:{tmp_path}/none.sock", f"inet:127.0.0.1:{free_port()}"):  # nobody listens
         factory, store = make_server(reactor, [{"name": "gone", "socket": socket, "connect_timeout": 2}])
         line = yield run(send(reactor, factory, MESSAGE))
         assert line.startswith(b"451 4.7.1"), line
@@ -151,6 +152,7 @@ def test_unix_socket_and_a_list_in_order(tmp_path):
                                                {"name": "two", "socket": second.listen(reactor)}])
         line = yield run(send(reactor, factory, MESSAGE))
         assert line.startswith(b"554 5.7.1 refused by the second"), line
+        assert b"A" not in second.kinds()  # decided at end of message: nothing to abort
         assert store.queue_ids() == [] and b"E" in first.kinds()
         second_replies[b"E"] = [reply(b"d")]
         line = yield run(send(reactor, factory, MESSAGE))
