@@ -206,8 +206,7 @@ class MilterFilter(FilterBase):
                 values["{cert_subject}"] = tls.peer_certificate_subject
         auth = getattr(session, "auth_identity", None)
         if auth:
-            values["{auth_authen}"] = auth
-            values["{auth_type}"] = "PLAIN"
+            values["{auth_authen}"] = auth  # {auth_type}: the session does not keep the mechanism
         values = {k: v for k, v in values.items() if v}
         params = txn.params
         mail_args = []
