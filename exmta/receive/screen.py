@@ -110,7 +110,7 @@ class ConnectionScreen:
         self.clock = clock
         self.reactor = reactor if reactor is not None else clock
         self.cache = ListCache(clock)
-        self._lookup = lookup
+        self.lookup = lookup
         self._resolver: Any = None
         self._resolver_key: tuple[Any, ...] | None = None
         self._pool: Any = None
@@ -121,8 +121,8 @@ class ConnectionScreen:
     # ------------------------------------------------------------ resolver
 
     def _lookup_fn(self, cfg: Any) -> LookupFn:
-        if self._lookup is not None:
-            return self._lookup
+        if self.lookup is not None:
+            return self.lookup
         key = (cfg.dns_servers, cfg.timeout)
         if self._resolver is None or key != self._resolver_key:
             from exmta.routing.dns import DNSResolver, parse_nameservers
