@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
+from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
 from exmta.model import Reply
@@ -226,8 +227,11 @@ class ConnectionScreen:
 class _Screening(ProtocolWrapper):
     """One screened connection: holds the SMTP session back until the pause and the lists are done."""
 
+    transport: Any
+    factory: Any  # ScreeningFactory
+
     def __init__(self, factory: ScreeningFactory, addr: Any, rc: Any) -> None:
-        super().__init__(factory, Protocol())
+        super().__init__(cast(Any, factory), Protocol())
         self.addr = addr
         self.rc = rc
         self.peer_ip = ""
@@ -310,7 +314,7 @@ class _Screening(ProtocolWrapper):
     def _start_session(self) -> None:
         self.state = "started"
         self.wrappedProtocol = self.factory.inner.buildProtocol(self.addr)
-        self.wrappedProtocol.makeConnection(self)
+        self.wrappedProtocol.makeConnection(cast(Any, self))
         if self.buffer and self.state == "started":
             data, self.buffer = self.buffer, b""
             self.wrappedProtocol.dataReceived(data)
@@ -379,7 +383,7 @@ class _Screening(ProtocolWrapper):
                 t.cancel()
         self.timers = []
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_timers()
         started = self.state == "started"
         self.state = "closed"
