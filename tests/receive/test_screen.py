@@ -361,3 +361,59 @@ def test_check_config_refuses_screening_on_implicit_tls(tmp_path):
         parse_config({"receive": {"r": {"greet_pause": "1s", "tls": tls}}})
     assert any("implicit TLS (the client speaks first)" in p for p in e.value.problems), e.value.problems
     assert parse_config({"receive": {"r": {"tls": tls}}}).receive[0].connection_filter is None
+
+
+def test_ipv6_clients_are_looked_up_by_nibbles():
+    name = query_name("2001:db8::7", "zen.example")
+    h, _ = harness(FakeDNS(listed(name)))
+    t, _ = h.connect("2001:db8::7")
+    assert t.value() == b"554 5.7.1 Service unavailable; client [2001:db8::7] blocked using zen.example\r\n"
+
+
+def test_a_client_gone_before_the_answers_is_forgotten():
+    dns = FakeDNS()
+    dns.hold["zen.example"] = Deferred()
+    h, ev = harness(dns, config(greet_pause="1s"))
+    t, p = h.connect("192.0.2.2")
+    lose(t, p)
+    h.clock.advance(10)
+    assert t.value() == b"" and ev.screened == [] and not h.clock.getDelayedCalls()
+
+
+def test_the_protocol_log_names_the_list_that_decided():
+    records: list[tuple[str, Any]] = []
+
+    class Transcript:
+        def record(self, event: str, **fields: Any) -> None:
+            records.append((event, fields))
+
+        def reply(self, reply: Reply) -> None:
+            records.append(("reply", str(reply)))
+
+        def end(self, reason: str | None = None) -> None:
+            records.append(("disconnect", reason))
+
+    class Log:
+        def for_transport(self, transport: Any) -> Transcript:
+            return Transcript()
+
+    h, _ = harness(FakeDNS(listed("2.2.0.192.zen.example")))
+    h.factories[0].protocol_log = Log()
+    h.connect("192.0.2.2")
+    assert records[0][0] == "connect" and records[1] == ("reply", BLOCKED.decode().strip())
+    assert records[2] == ("disconnect", "connection filter: listed in zen.example (score 1, threshold 1)")
+
+
+def test_outcomes_reach_the_metrics_also_from_a_receive_worker():
+    from exmta.observe.metrics import Metrics
+    from exmta.observe.worker_metrics import WorkerRelay, dispatch
+
+    metrics = Metrics(Clock())
+    lines: list[bytes] = []
+    WorkerRelay(lines.append).connection_screened("internet", "dns_timeout")
+    dispatch(lines[0], metrics, [])
+    metrics.connection_screened("internet", "listed")
+    assert metrics.registry.get_sample_value(
+        "exmta_connection_filter_total", {"connector": "internet", "outcome": "dns_timeout"}) == 1
+    assert metrics.registry.get_sample_value(
+        "exmta_connection_filter_total", {"connector": "internet", "outcome": "listed"}) == 1
