@@ -168,3 +168,22 @@ def test_a_reload_reaches_the_receive_workers(tmp_path: Path, dns_server: knot.K
         assert "worker" in proc.log_text()
         for _ in range(6):
             assert refusal(proc, "127.0.0.2")[0] == 554
+
+
+def test_starttls_works_through_the_screening_wrapper(tmp_path: Path, dns_server: knot.KnotServer) -> None:
+    import ssl
+
+    from support.tlscerts import TestPKI
+
+    pki = TestPKI(tmp_path / "pki")
+    cert = pki.server("mx.example.test")
+    edge = EDGE + f'[receive.default.tls]\ncert = "{cert.cert}"\nkey = "{cert.key}"\n'
+    with start(tmp_path, f"{dns_server.host}:{dns_server.port}", pause="1s", edge=edge) as proc:
+        context = ssl.create_default_context(cafile=str(pki.ca_file))
+        context.check_hostname = False  # smtplib names the server 127.0.0.1; the chain is still verified
+        with client(proc, "127.0.0.9") as s:
+            s.ehlo("client.test")
+            assert s.starttls(context=context)[0] == 220
+            s.ehlo("client.test")
+            s.sendmail("sender@remote.test", ["user@example.test"], "Subject: from 127.0.0.9\r\n\r\ntls\r\n")
+        assert b"Subject: from 127.0.0.9" in delivered(proc, 1)[0]
