@@ -9,6 +9,7 @@ and threshold, Exchange's allow and block providers). No I/O here.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -96,6 +97,7 @@ def code_matcher(codes: Sequence[str], bitmask: int = 0) -> Callable[[str], bool
     return matches
 
 
+@functools.lru_cache(maxsize=8192)  # the same few clients connect again and again
 def query_name(client_ip: str, zone: str) -> str | None:
     """``1.2.3.4`` -> ``4.3.2.1.zone``; IPv6 as 32 reversed nibbles; None when not an address.
 

@@ -197,6 +197,26 @@ class ConnectionScreen:
             m = self._matchers[key] = code_matcher(item.codes, item.bitmask)
         return m
 
+    def cached_answer(self, cfg: Any, item: Any, ip: str) -> ListAnswer | None:
+        """The answer of list ``item`` from the cache alone (no coroutine, no timer), or None on a miss."""
+        name = query_name(ip, item.zone)
+        if name is None:
+            return ListAnswer(item.label, item.action, item.weight)
+        self.cache.size = cfg.cache_size
+        records = self.cache.get((name, "A"))
+        if records is None:
+            return None
+        matched = tuple(r for r in records if self._matcher(item)(r))
+        if not matched:
+            return ListAnswer(item.label, item.action, item.weight, cached=True)
+        texts: tuple[str, ...] | None = ()
+        if item.txt:
+            texts = self.cache.get((name, "TXT"))
+            if texts is None:
+                return None
+        return ListAnswer(item.label, item.action, item.weight, True, matched, sanitize_txt(" ".join(texts)),
+                          cached=True)
+
     async def answer(self, cfg: Any, item: Any, ip: str) -> ListAnswer:
         """What list ``item`` says about ``ip``; a failed lookup is an answer with ``error``, never a listing."""
         base = ListAnswer(item.label, item.action, item.weight)
@@ -260,10 +280,19 @@ class _Screening(ProtocolWrapper):
         if not self.pause_over:
             self.timers.append(clock.callLater(self.rc.greet_pause, self._pause_over))
         if cfg is not None and cfg.lists:
-            self.pending = len(cfg.lists)
-            self.timers.append(clock.callLater(cfg.timeout + 1.0, self._lookups_overdue))
+            screen = self.factory.screen
+            missing = []
             for item in cfg.lists:
-                d = ensureDeferred(self.factory.screen.answer(cfg, item, self.peer_ip))
+                known = screen.cached_answer(cfg, item, self.peer_ip)  # most clients: all from the cache
+                if known is None:
+                    missing.append(item)
+                else:
+                    self.answers.append(known)
+            self.pending = len(missing)
+            if missing:
+                self.timers.append(clock.callLater(cfg.timeout + 1.0, self._lookups_overdue))
+            for item in missing:
+                d = ensureDeferred(screen.answer(cfg, item, self.peer_ip))
                 d.addCallback(self._answered)
                 d.addErrback(lambda f: log.failure("connection filter: a lookup failed unexpectedly", f))
         self._maybe_start()
