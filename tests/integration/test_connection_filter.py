@@ -9,7 +9,8 @@ import smtplib
 import socket
 import time
 from pathlib import Path
-from typing import Iterator
+from types import SimpleNamespace
+from typing import Iterator, cast
 
 import pytest
 
@@ -187,3 +188,55 @@ def test_starttls_works_through_the_screening_wrapper(tmp_path: Path, dns_server
             s.ehlo("client.test")
             s.sendmail("sender@remote.test", ["user@example.test"], "Subject: from 127.0.0.9\r\n\r\ntls\r\n")
         assert b"Subject: from 127.0.0.9" in delivered(proc, 1)[0]
+
+
+HAPROXY_CFG = """\
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend smtp_in
+    bind 127.0.0.1:{front}
+    default_backend exmta
+backend exmta
+    server exmta1 127.0.0.1:{back} send-proxy-v2
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/sbin/haproxy"), reason="haproxy not installed")
+def test_behind_haproxy_the_real_client_is_judged_after_the_header(tmp_path: Path,
+                                                                   dns_server: knot.KnotServer) -> None:
+    from support.procs import ManagedProcess, free_port, wait_for_port
+
+    front, back = free_port(), free_port()
+    edge = (f'listen = ["tcp:{{port}}:interface=127.0.0.1", "haproxy:tcp:{back}:interface=127.0.0.1"]\n'
+            + EDGE.format(pause="2s"))
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(HAPROXY_CFG.format(front=front, back=back))
+    toml = exmta_toml(relay_networks=["127.0.0.1/32"], receive_workers=0, receive_extra=edge,
+                      extra=LISTS.format(dns=f"{dns_server.host}:{dns_server.port}", timeout="5s"))
+    toml = toml.replace('listen = ["tcp:{port}:interface=127.0.0.1"]\n', "", 1)  # the edge lists both endpoints
+    haproxy = ManagedProcess(["/usr/sbin/haproxy", "-db", "-f", str(cfg)], log_path=tmp_path / "haproxy.log",
+                             name="haproxy").start()
+    try:
+        with ExmtaProcess(tmp_path / "exmta", toml) as proc:
+            wait_for_port(front, timeout=20)
+            via = cast(ExmtaProcess, SimpleNamespace(host="127.0.0.1", port=front))  # the same server, via HAProxy
+            code, text = refusal(via, "127.0.0.2")  # HAProxy's own address (127.0.0.1) would be exempt
+            assert code == 554 and b"client [127.0.0.2] blocked using zen.test" in text
+            with socket.create_connection(("127.0.0.1", front), timeout=30,
+                                          source_address=("127.0.0.8", 0)) as sock:
+                sock.sendall(b"EHLO hasty.test\r\n")  # early talk, sent to exmta after the PROXY header
+                data = b""
+                while not data.endswith(b"\r\n"):
+                    chunk = sock.recv(1024)
+                    if not chunk:
+                        break
+                    data += chunk
+                assert data == b"521 5.5.1 Protocol error: talking before the greeting\r\n"
+            send(via, "127.0.0.7")  # waits for the pause, then delivers
+            assert len(delivered(proc, 1)) == 1
+            assert tracked(proc, "pregreet")[0]["remote_host"] == "127.0.0.8"
+    finally:
+        haproxy.stop()
