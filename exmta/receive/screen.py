@@ -209,13 +209,13 @@ class ConnectionScreen:
         matched = tuple(r for r in records if self._matcher(item)(r))
         if not matched:
             return ListAnswer(item.label, item.action, item.weight, cached=True)
-        texts: tuple[str, ...] | None = ()
+        txt = ""
         if item.txt:
             texts = self.cache.get((name, "TXT"))
             if texts is None:
                 return None
-        return ListAnswer(item.label, item.action, item.weight, True, matched, sanitize_txt(" ".join(texts)),
-                          cached=True)
+            txt = sanitize_txt(" ".join(texts))
+        return ListAnswer(item.label, item.action, item.weight, True, matched, txt, cached=True)
 
     async def answer(self, cfg: Any, item: Any, ip: str) -> ListAnswer:
         """What list ``item`` says about ``ip``; a failed lookup is an answer with ``error``, never a listing."""
