@@ -26,7 +26,8 @@ ZONES = {
     "zen.test": ("2.0.0.127 A 127.0.0.2\n"
                  "2.0.0.127 TXT \"Listed by zen.test, see https://zen.test/q?127.0.0.2\"\n"
                  "3.0.0.127 A 127.0.0.4\n"
-                 "6.0.0.127 A 127.0.0.99\n"),          # a return code the list's codes do not count
+                 "6.0.0.127 A 127.0.0.99\n"
+                 "4.0.0.127 300 A 127.0.0.3\n"),          # a return code the list's codes do not count
     "dnswl.test": "3.0.0.127 A 127.0.10.2\n",          # 127.0.0.3 is on both: the allow list wins
     "broken.test": "@ CNAME elsewhere.test.\n",        # Knot refuses to load it: every query is SERVFAIL
 }
@@ -101,6 +102,21 @@ def tracked(proc: ExmtaProcess, check: str, deadline: float = 20.0) -> list[dict
         if found or time.monotonic() > end:
             return found
         time.sleep(0.1)
+
+
+def test_the_resolver_gives_record_and_negative_ttls(dns_server: knot.KnotServer) -> None:
+    from twisted.python.threadpool import ThreadPool
+
+    from exmta.routing.dns import DNSResolver, DNSTemporaryError
+
+    resolver = DNSResolver(object(), ThreadPool(), dns_server.nameservers, timeout=3.0)  # blocking calls only
+    assert resolver.records_with_ttl_blocking("4.0.0.127.zen.test", "A")[1] == 300.0
+    records, ttl = resolver.records_with_ttl_blocking("2.0.0.127.zen.test", "A")
+    assert [r.address for r in records] == ["127.0.0.2"] and ttl == 60.0  # type: ignore[attr-defined]
+    assert resolver.records_with_ttl_blocking("9.0.0.127.zen.test", "A") == ([], 60.0)  # NXDOMAIN: SOA minimum
+    assert resolver.records_with_ttl_blocking("2.0.0.127.zen.test", "AAAA") == ([], 60.0)  # no such record
+    with pytest.raises(DNSTemporaryError):
+        resolver.records_with_ttl_blocking("2.0.0.127.broken.test", "A")
 
 
 def test_listed_refused_allowed_and_failing_lists_pass(tmp_path: Path, dns_server: knot.KnotServer) -> None:
