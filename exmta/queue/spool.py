@@ -68,13 +68,8 @@ from __future__ import annotations
 
 import functools
 import heapq
-import io
-import json
 import os
 import random
-import re
-import shutil
-import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -88,8 +83,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from exmta.coroutines import run_coroutine
-from exmta.filemodes import private_opener
-from exmta.interfaces import IMessageWriter, IQueueAdmin, IQueueStore
+from exmta.interfaces import IQueueAdmin, IQueueStore
 from exmta.model import Envelope, QueueEntry, new_queue_id
 from exmta.queue.groupsync import (
     DirectorySyncError,
@@ -99,237 +93,26 @@ from exmta.queue.groupsync import (
     fsync_directory,
     libc_syncfs,
 )
+from exmta.queue.spoolfiles import (
+    _DIRS,
+    _QUEUE_ID,
+    STATES,
+    _check_id,
+    _decode,
+    _encode,
+    _read_file,
+    _unlink_quiet,
+)
+from exmta.queue.spoolwriter import SpoolWriter
 from exmta.queue.writerlock import WriterLock
 
 __all__ = ["GroupSync", "SpoolStore", "SpoolWriter", "STATES", "fsync_directory"]
 
-STATES = ("incoming", "active", "deferred", "hold")
-_DIRS = ("tmp", "msg", *STATES, "corrupt")
-_COPY_CHUNK = 256 * 1024
 # the buffer of a content file object: below glibc's mmap threshold (128 KiB), else every message
 # costs an mmap/munmap pair and, with the syncfs thread alive, TLB shootdowns (measured: +1 ms sys)
 _FILE_BUFFER = 64 * 1024
-_MAX_PENDING = 1024 * 1024    # octets a writer buffers while its file is being created
-_CREATE_TIMEOUT = 30.0        # seconds to wait for that file when it is needed at once
-_HEAD_KEEP = 64 * 1024        # octets of the start of a message a writer keeps in memory (see head)
-_QUEUE_ID = re.compile(r"^[0-9A-Za-z]{1,64}$")
 
 T = TypeVar("T")
-
-
-def _read_file(path: str) -> bytes:
-    """A whole small file with plain reads (no fstat, isatty and lseek of a Python file object)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-            if len(chunk) < 65536:  # a short read of a regular file is its end: no read for EOF
-                break
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def _unlink_quiet(path: str) -> bool:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def _close_quiet(f: BinaryIO) -> None:
-    """Close a file whose unwritten buffer is being thrown away; a failed flush (ENOSPC) is moot."""
-    try:
-        f.close()
-    except OSError:
-        try:
-            f.close()  # the first close stopped at the flush; this one releases the descriptor
-        except OSError:
-            pass
-
-
-def _check_id(queue_id: str) -> str:
-    if not isinstance(queue_id, str) or not _QUEUE_ID.match(queue_id):
-        raise ValueError(f"not a queue id: {queue_id!r}")
-    return queue_id
-
-
-def _encode(envelope: Envelope, next_attempt: float | None) -> bytes:
-    data = envelope.to_json()
-    data["spool"] = {"next_attempt": next_attempt}
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-def _decode(raw: bytes, queue_id: str) -> tuple[Envelope, float | None]:
-    """Parse an envelope file; ValueError with a readable reason when it is unusable."""
-    try:
-        data = json.loads(raw.decode("utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        envelope = Envelope.from_json(data)
-        spool = data.get("spool") or {}
-        next_attempt = spool.get("next_attempt")
-        next_attempt = None if next_attempt is None else float(next_attempt)
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-        raise ValueError(f"unreadable envelope: {type(e).__name__}: {e}") from None
-    if envelope.queue_id != queue_id:
-        raise ValueError(f"envelope names queue id {envelope.queue_id!r}")
-    return envelope, next_attempt
-
-
-@implementer(IMessageWriter)
-class SpoolWriter:
-    """A message being received: content streams into ``tmp/<id>.msg``.
-
-    Creating a file costs an inode allocation (0.4-1.5 ms of kernel time on
-    the benchmark VM), so the file is created by a thread pool job started in
-    open_writer(); until it exists, writes, open_read() and replace_headers()
-    work on an in-memory buffer (at most ``_MAX_PENDING`` octets; beyond that
-    write() waits for the file).
-    Writes are then buffered file writes on the caller's thread (page cache
-    only); the fsync happens at commit, in the thread pool. After commit()
-    has been called, abort() does nothing (a failed commit cleans up by itself).
-    """
-
-    def __init__(self, store: SpoolStore, queue_id: str, path: str) -> None:
-        self.queue_id = queue_id
-        self.size = 0
-        self._store = store
-        self._path = path
-        self._generation = 0
-        self._state = "open"  # open | committing | committed | aborted
-        self._file: BinaryIO | None = None     # the content file, once adopted
-        self._pending = bytearray()           # writes made before the file existed
-        self._opened: BinaryIO | None = None   # set by the creation job
-        self._open_error: BaseException | None = None
-        self._ready = threading.Event()
-        self._head = bytearray()              # the first _HEAD_KEEP octets, for head
-        if store.inline_create:
-            self._create()
-            self._created: Deferred[None] = succeed(None)
-        else:
-            self._created = store._in_pool(self._create)
-
-    def _create(self) -> None:
-        """Create the content file (in the thread pool, or at once with inline_create)."""
-        try:
-            self._opened = open(self._path, "xb", opener=private_opener)  # 0600: mail content
-        except BaseException as e:
-            self._open_error = e
-        finally:
-            self._ready.set()
-
-    def _adopt(self, wait: bool) -> BinaryIO | None:
-        """The content file with every pending write in it; None if not created yet and not wait."""
-        if self._file is None:
-            if not self._ready.is_set():
-                if not wait:
-                    return None
-                if not self._ready.wait(_CREATE_TIMEOUT):
-                    raise OSError(f"spool file {self._path} was not created within {_CREATE_TIMEOUT} s")
-            if self._open_error is not None:
-                raise OSError(f"cannot create spool file {self._path}: {self._open_error}") from self._open_error
-            assert self._opened is not None
-            self._file, self._opened = self._opened, None
-            if self._pending:
-                self._file.write(self._pending)
-                self._pending = bytearray()
-        return self._file
-
-    def _require_open(self) -> None:
-        if self._state != "open":
-            raise ValueError(f"writer {self.queue_id} is {self._state}")
-
-    @property
-    def head(self) -> bytes:
-        """A prefix of the content (the first 64 KiB, or less after a header rewrite), from
-        memory: end of data reads the header block here, not from the file on the reactor thread."""
-        return bytes(self._head)
-
-    def write(self, data: bytes) -> None:
-        self._require_open()
-        if len(self._head) == self.size < _HEAD_KEEP:  # the head still holds everything written
-            self._head += data[:_HEAD_KEEP - self.size]
-        f = self._adopt(wait=len(self._pending) + len(data) > _MAX_PENDING)
-        if f is None:
-            self._pending += data
-        else:
-            f.write(data)
-        self.size += len(data)
-
-    def open_read(self) -> BinaryIO:
-        if self._state == "committed":
-            return self._store.open_content(self.queue_id)
-        self._require_open()
-        f = self._adopt(wait=False)
-        if f is None:  # everything so far is still in memory
-            return io.BytesIO(bytes(self._pending))
-        f.flush()
-        return open(self._path, "rb")
-
-    def replace_headers(self, old_length: int, new_header_block: bytes) -> None:
-        """Rewrite into a new temp file: new_header_block, then the content after old_length."""
-        self._require_open()
-        if not 0 <= old_length <= self.size:
-            raise ValueError(f"old_length {old_length} outside 0..{self.size}")
-        if old_length <= len(self._head):
-            self._head[:old_length] = new_header_block
-            del self._head[_HEAD_KEEP:]
-        else:
-            self._head = bytearray(new_header_block[:_HEAD_KEEP])
-        f = self._adopt(wait=False)
-        if f is None:  # everything so far is still in memory
-            self._pending[:old_length] = new_header_block
-            self.size = len(self._pending)
-            return
-        f.flush()
-        self._generation += 1
-        new_path = os.path.join(self._store._dirs["tmp"], f"{self.queue_id}.{self._generation}.msg")
-        new = open(new_path, "xb", opener=private_opener)
-        try:
-            new.write(new_header_block)
-            with open(self._path, "rb") as src:
-                src.seek(old_length)
-                shutil.copyfileobj(src, new, _COPY_CHUNK)
-        except BaseException:
-            _close_quiet(new)
-            _unlink_quiet(new_path)
-            raise
-        f.close()
-        _unlink_quiet(self._path)
-        self._file, self._path = new, new_path
-        self.size = self.size - old_length + len(new_header_block)
-
-    def _content_file(self) -> BinaryIO:
-        """Thread pool, at commit: the content file, waiting for its creation if need be."""
-        f = self._adopt(wait=True)
-        assert f is not None
-        return f
-
-    def abort(self) -> None:
-        """Throw the partial content away; harmless when repeated or after commit."""
-        if self._state != "open":
-            return
-        self._state = "aborted"
-        self._pending = bytearray()
-        if self._ready.is_set():
-            self._discard()
-        else:
-            self._created.addCallback(lambda _: self._discard())
-
-    def _discard(self) -> None:
-        """Close and unlink the content file. close() raises when its buffer cannot be flushed
-        (ENOSPC): the file is unlinked all the same, else a full disk keeps it (issue 10 item 8)."""
-        files, self._file, self._opened = (self._file, self._opened), None, None
-        try:
-            for f in files:
-                if f is not None:
-                    _close_quiet(f)
-        finally:
-            if self._open_error is None:
-                _unlink_quiet(self._path)
 
 
 @dataclass
