@@ -51,7 +51,7 @@ class GroupSync:
         self._clock = clock  # given: a round starts at the end of this reactor iteration (inline I/O)
         self._pending_start: Any = None
         self._paths: set[str] = set()
-        self._waiters: list[Deferred[None]] = []
+        self._waiters: list[tuple[Deferred[Any], Callable[[], Any] | None]] = []
         self._busy = False
         self.rounds = 0   # fsync rounds started
         self.fsyncs = 0   # directory fsyncs done
