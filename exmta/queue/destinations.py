@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -21,9 +21,7 @@ from twisted.python.failure import Failure
 from exmta.config.schema import QueueConfig, SendConnectorConfig
 from exmta.interfaces import IQueueStore, ISendConnector
 from exmta.model import DeliveryRequest, Outcome, Recipient, RecipientResult, Reply
-
-if TYPE_CHECKING:
-    from exmta.queue.scheduler import _Message
+from exmta.queue.outcomes import _Message
 
 __all__ = ["DEFAULT_DESTINATION_LIMIT", "DestinationQueues", "LOCAL_KINDS"]
 
