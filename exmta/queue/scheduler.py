@@ -94,7 +94,7 @@ Rules, in one place:
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.application.service import Service
@@ -102,9 +102,17 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from exmta.config.schema import Config, QueueConfig, SendConnectorConfig
-from exmta.interfaces import IMessageTracker, IQueueStore, IRouter, ISendConnector
+from exmta.interfaces import (
+    IMessageTracker,
+    IQueueStore,
+    IReconfigurable,
+    IRouter,
+    ISchedulerAdmin,
+    ISendConnector,
+)
 from exmta.model import (
     Outcome,
     QueueEntry,
@@ -118,6 +126,7 @@ from exmta.queue.destinations import REPLY_NO_RESULT, DestinationQueues, _Delive
 from exmta.queue.errors import StoreUnavailable
 from exmta.queue.outcomes import Outcomes, _Message, backoff, wants_notify
 from exmta.queue.scheduleradmin import SchedulerAdmin
+from exmta.reconfig import Reconfiguration
 from exmta.routing.router import UNREACHABLE, StaticRouter
 from exmta.routing.split import transfer_details
 
@@ -125,6 +134,7 @@ REPLY_UNROUTABLE = Reply.make(550, "5.4.4", "Unable to route")
 REPLY_ROUTER_ERROR = Reply.make(451, "4.3.0", "Routing failed")
 
 
+@implementer(ISchedulerAdmin, IReconfigurable)
 class DeliveryScheduler(DestinationQueues, Outcomes, SchedulerAdmin, Service):
     """Claims, routes and delivers queued mail; see the module docstring for the rules.
 
@@ -198,6 +208,8 @@ class DeliveryScheduler(DestinationQueues, Outcomes, SchedulerAdmin, Service):
         self._operator_suspended: dict[tuple[str, str | None], str] = {}
         self._redirect: tuple[str, str | None] | None = None
         self.operator_state: Any = None  # exmta.queue.operator_state.OperatorStateFile: survives restarts
+        #: the Config this scheduler was built or last reconfigured from (None: built from parts)
+        self._config_source: Config | None = None
 
     @classmethod
     def from_config(
@@ -212,7 +224,7 @@ class DeliveryScheduler(DestinationQueues, Outcomes, SchedulerAdmin, Service):
     ) -> DeliveryScheduler:
         """The usual wiring: a StaticRouter over ``config.routes`` unless ``router`` is given."""
         send = send_configs_by_name(config.send)
-        return cls(
+        scheduler = cls(
             store,
             router if router is not None else StaticRouter(config.routes, send),
             connectors,
@@ -224,6 +236,8 @@ class DeliveryScheduler(DestinationQueues, Outcomes, SchedulerAdmin, Service):
             send_configs=send,
             **options,
         )
+        scheduler._config_source = config
+        return scheduler
 
     def set_router(self, router: IRouter) -> None:
         """Swap the router (configuration reload); deliveries already routed keep their route."""
@@ -235,6 +249,57 @@ class DeliveryScheduler(DestinationQueues, Outcomes, SchedulerAdmin, Service):
             raise ValueError("QueueConfig.retry_schedule must not be empty")
         self._config = config
         self.wake()
+
+    # ------------------------------------------------------------ live reconfiguration (IReconfigurable)
+
+    def prepare_reconfigure(self, new_config: Config, old_config: Config | None = None) -> Reconfiguration:
+        """What ``new_config`` changes here, built but not applied (see IReconfigurable).
+
+        Routes and queue settings apply live; routes to a send connector
+        this process does not run, and the pickup interval, need a restart.
+        ``old_config`` defaults to the Config this scheduler was built or last
+        reconfigured from; it names the send connectors that are running.
+        ValueError (nothing changed) for queue settings the scheduler cannot use.
+        """
+        if old_config is None:
+            old_config = self._config_source
+        old_queue = old_config.queue if old_config is not None else self._config
+        plan = Reconfiguration("scheduler")
+        steps: list[Callable[[], None]] = []
+        old_send = ({s.name: s for s in old_config.send} if old_config is not None else dict(self._send_configs))
+        new_send = {s.name: s for s in new_config.send}
+        usable = set(old_send) & set(new_send)
+        if (old_config is None or new_config.routes != old_config.routes
+                or new_config.accepted_domains != old_config.accepted_domains):
+            missing = {c for r in new_config.routes for c in (r.connector, r.internal_connector) if c} - usable
+            if missing:
+                plan.needs_restart.append(f"routes to new send connector(s) {', '.join(sorted(missing))}")
+            else:
+                router = StaticRouter(new_config.routes, send_configs_by_name([old_send[n] for n in sorted(usable)]))
+                steps.append(lambda: self.set_router(router))
+                plan.applied.append(f"routes: {len(new_config.routes)} route(s) applied")
+        if new_config.queue != old_queue:
+            if not new_config.queue.retry_schedule:
+                raise ValueError("QueueConfig.retry_schedule must not be empty")
+            steps.append(lambda: self.set_queue_config(new_config.queue))
+            plan.applied.append("queue settings applied")
+            if new_config.queue.pickup_interval != old_queue.pickup_interval:
+                plan.needs_restart.append("queue.pickup_interval")
+
+        def apply() -> None:
+            for step in steps:
+                step()
+            self._config_source = new_config
+
+        plan.apply = apply
+        return plan
+
+    def reconfigure(self, new_config: Config) -> Reconfiguration:
+        """Apply ``new_config``'s routes and queue settings now; -> what was applied and what needs a restart."""
+        plan = self.prepare_reconfigure(new_config)
+        plan.apply()
+        self._log.info("reconfigured: {description}", description=plan.describe())
+        return plan
 
     # ------------------------------------------------------------ service
 
