@@ -91,6 +91,12 @@ Rules, in one place:
   cancelled and left leased in the store, which ``recover()`` returns to
   the queue on the next start. The scheduler does not call ``recover()``;
   the store's owner does before starting it.
+
+This module holds the service, the claim loop, routing and live
+reconfiguration; the rest are mixins of :class:`DeliveryScheduler` in modules
+of their own: destinations (:mod:`exmta.queue.destinations`), results, DSNs
+and tracking (:mod:`exmta.queue.outcomes`) and the operator's actions
+(:mod:`exmta.queue.scheduleradmin`).
 """
 from __future__ import annotations
 

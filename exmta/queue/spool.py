@@ -63,6 +63,14 @@ hold it shared, recovery takes it exclusively). Only when that lock cannot be
 had within ``recover_wait`` seconds are files younger than the store object
 (minus one second) left alone, as before. ``tmp_grace`` leaves files younger
 than that many seconds alone in any case.
+
+This module holds the store (commit, the index of due mail, claims, updates,
+holds); its other jobs have modules of their own: group commit and syncfs
+(:mod:`exmta.queue.groupsync`), the writer (:mod:`exmta.queue.spoolwriter`),
+the on-disk vocabulary (:mod:`exmta.queue.spoolfiles`), the operator's
+actions (:mod:`exmta.queue.spooladmin`) and recovery
+(:mod:`exmta.queue.spoolrecovery`), the last two as mixins of
+:class:`SpoolStore`.
 """
 from __future__ import annotations
 
