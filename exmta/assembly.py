@@ -19,6 +19,7 @@ from twisted.application.service import Service
 from exmta.config.schema import Config, ReceiveConnectorConfig
 from exmta.interfaces import (
     IAuthenticator,
+    IIncomingFeed,
     IProtocolLog,
     IQueueAdmin,
     IQueueStore,
@@ -61,6 +62,10 @@ def open_store(config: Config, paths: dict[str, str], reactor: Any, pool: Any, t
     from exmta.observe.pgtracking import wrap_tracker
 
     chosen = make_store(config, paths, reactor, pool, worker=worker)
+    require(IQueueStore, chosen.store, "the queue store")
+    if not worker:  # the claiming process: operator actions, and the mail its receive workers commit
+        require(IQueueAdmin, chosen.store, "the queue store (operator actions)")
+        require(IIncomingFeed, chosen.store, "the queue store (mail from receive workers)")
     tracker, cluster_tracking = wrap_tracker(config, chosen.store, tracker, reactor)  # every node's events
     return StoreSetup(chosen, tracker, cluster_tracking)
 

@@ -22,8 +22,10 @@ A message's path, and the seam at each step (providers are checked with
    authenticator; then ``IQueueStore.commit`` makes the message durable
    before the 250. Every step is reported to the :class:`IMessageTracker`.
 5. **Queue.** The delivery scheduler (:mod:`exmta.queue.scheduler`) claims
-   due messages from the store, routes recipients with the
-   :class:`IRouter` and hands them to :class:`ISendConnector` providers;
+   due messages from the store (what a receive worker process committed
+   reaches the claiming process through :class:`IIncomingFeed`), routes
+   recipients with the :class:`IRouter` and hands them to
+   :class:`ISendConnector` providers;
    results, retries and DSNs go back through ``IQueueStore.update`` /
    ``submit`` / ``hold``. Operators act through :class:`IQueueAdmin` (the
    store) and :class:`ISchedulerAdmin` (the scheduler); a configuration
@@ -272,6 +274,19 @@ class IQueueStore(Interface):
 
     def list_messages(queue):
         """-> Deferred[list[Envelope]] for queue in {"incoming", "active", "deferred", "hold"}."""
+
+
+class IIncomingFeed(Interface):
+    """How the claiming process learns of mail that its receive worker processes committed.
+
+    The spool and the PostgreSQL store both provide it, beside IQueueStore.
+    """
+
+    def notice(queue_id):
+        """Another process of this node committed ``queue_id``: make it due here (listeners are told)."""
+
+    def scan_incoming():
+        """-> Deferred[int]: find committed mail the notices missed (a lost line); fires with that count."""
 
 
 class IQueueAdmin(Interface):

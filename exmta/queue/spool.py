@@ -90,7 +90,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from exmta.coroutines import run_coroutine
-from exmta.interfaces import IQueueAdmin, IQueueStore
+from exmta.interfaces import IIncomingFeed, IQueueAdmin, IQueueStore
 from exmta.model import Envelope, QueueEntry, new_queue_id
 from exmta.queue.groupsync import (
     DirectorySyncError,
@@ -124,7 +124,7 @@ _FILE_BUFFER = 64 * 1024
 T = TypeVar("T")
 
 
-@implementer(IQueueStore, IQueueAdmin)
+@implementer(IQueueStore, IQueueAdmin, IIncomingFeed)
 class SpoolStore(SpoolAdmin, SpoolRecovery):
     """IQueueStore on a local directory tree (layout in the module docstring).
 

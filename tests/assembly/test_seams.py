@@ -148,3 +148,22 @@ def test_the_scheduler_is_assembled_with_checked_seams(tmp_path: Path) -> None:
         build_scheduler(cfg, MemoryStore(clock), {"relay": NotAConnector()}, clock)
     with pytest.raises(AssemblyError, match=r"^the queue store: .*EmptyStore does not provide IQueueStore"):
         build_scheduler(cfg, EmptyStore(), {"relay": Connector()}, clock)
+
+
+def test_the_stores_provide_the_incoming_feed() -> None:
+    from exmta.interfaces import IIncomingFeed, IQueueAdmin
+    from exmta.queue.postgres import PostgresStore
+    from exmta.queue.spool import SpoolStore
+
+    for store in (SpoolStore, PostgresStore):
+        assert verifyClass(IQueueStore, store) and verifyClass(IQueueAdmin, store)
+        assert verifyClass(IIncomingFeed, store)
+
+
+def test_open_store_checks_the_store(tmp_path: Path) -> None:
+    from exmta.assembly import open_store
+
+    cfg = config(tmp_path)
+    paths = {"queue": str(tmp_path / "queue"), "data": str(tmp_path / "data")}
+    opened = open_store(cfg, paths, Clock(), None, None, worker=False)
+    assert opened.store.root == str(tmp_path / "queue")
