@@ -102,6 +102,17 @@ def _tls_failure(reason: Failure | None, transport: Any) -> str | None:
     return describe_tls_failure(reason, handle)
 
 
+def _endpoints(transport: Any) -> tuple[str, str]:
+    """(local, peer) IP addresses of a TCP transport, "" for what is not IP (unix sockets, tests)."""
+    out = []
+    for get in ("getHost", "getPeer"):
+        try:
+            out.append(str(getattr(getattr(transport, get)(), "host", "") or ""))
+        except Exception:
+            out.append("")
+    return out[0], out[1]
+
+
 # ---------------------------------------------------------------- parameters
 
 
@@ -202,11 +213,14 @@ class SMTPClientProtocol(Protocol):
         self._tcp: list[Any] | None = None  # [the plain TCP connection or None] (exmta.smtp.sendnow)
         #: ``(OpenSSL connection) -> problem or None``, run once TLS is up (MTA-STS/DANE, exmta.tlspolicy)
         self.tls_verifier = tls_verifier
+        #: (our address, the peer's address) of the connection; "" when unknown (TLS-RPT reports them)
+        self.addresses: tuple[str, str] = ("", "")
 
     # ------------------------------------------------------------ transport events
 
     def connectionMade(self) -> None:
         self._connected = True
+        self.addresses = _endpoints(self.transport)
         if self.protocol_log is not None:
             self._plog = self.protocol_log.for_transport(self.transport, self.remote_host)
 
