@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.web import resource
 from zope.interface import implementer
 
-from exmta.interfaces import IMessageTracker
+from exmta.interfaces import IMessageTracker, ISessionObserver
 from exmta.model import TrackingEvent, TrackingEventId
 from exmta.queue.errors import StoreUnavailable
 
@@ -312,7 +312,7 @@ class Throughput:
         return out
 
 
-@implementer(IMessageTracker)
+@implementer(IMessageTracker, ISessionObserver)
 class Metrics:
     """Every exmta metric, in its own registry; feed it events, scrape ``registry``."""
 

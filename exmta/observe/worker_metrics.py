@@ -19,8 +19,9 @@ from typing import Any, Callable, Iterable
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from exmta.interfaces import IMessageTracker
+from exmta.interfaces import IMessageTracker, ISessionObserver
 from exmta.model import TrackingEvent, TrackingEventId
+from exmta.seams import require
 
 __all__ = ["WorkerRelay", "WorkerTracker", "decode", "dispatch"]
 
@@ -31,6 +32,7 @@ _SESSION_EVENTS = ("session_opened", "session_timed_out", "tls_started", "auth_f
 _MAX_LINE = 3500  # below PIPE_BUF (4096): one write, never interleaved
 
 
+@implementer(ISessionObserver)
 class WorkerRelay:
     """In a worker: writes events as JSON lines with ``write`` (os.write on fd 1)."""
 
@@ -89,7 +91,7 @@ class WorkerRelay:
     def observe(self, factories: Iterable[Any]) -> None:
         """Report sessions and filter verdicts of these receive factories."""
         for factory in factories:
-            factory.session_observer = self
+            factory.session_observer = require(ISessionObserver, self, "the session observer (worker)")
             chain = getattr(factory, "filters", None)
             if chain is not None:
                 chain.verdict_observer = self.filter_verdict

@@ -43,7 +43,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from exmta.coroutines import run_coroutine
-from exmta.interfaces import IMessageWriter, IQueueAdmin, IQueueStore
+from exmta.interfaces import IIncomingFeed, IMessageWriter, IQueueAdmin, IQueueStore
 from exmta.model import Envelope, QueueEntry, new_queue_id
 from exmta.queue.errors import ContentCorrupt, StoreUnavailable
 from exmta.queue.pgpool import Connections
@@ -162,7 +162,7 @@ class NodeStatus:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@implementer(IQueueStore, IQueueAdmin)
+@implementer(IQueueStore, IQueueAdmin, IIncomingFeed)
 class PostgresStore:
     """IQueueStore and IQueueAdmin on PostgreSQL (psycopg 3)."""
 
