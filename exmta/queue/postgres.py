@@ -34,8 +34,6 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, TypeVar
 
-from twisted.application.internet import TimerService
-from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -47,6 +45,7 @@ from exmta.interfaces import IIncomingFeed, IMessageWriter, IQueueAdmin, IQueueS
 from exmta.model import Envelope, QueueEntry, new_queue_id
 from exmta.queue.errors import ContentCorrupt, StoreUnavailable
 from exmta.queue.pgpool import Connections
+from exmta.queue.pgservice import PostgresService
 from exmta.queue.pgschema import migrate_dsn, status_dsn
 
 T = TypeVar("T")
@@ -193,7 +192,7 @@ class PostgresStore:
         self.takeovers = 0       # messages claimed from a node whose lease had expired
         self.draining = False    # set from the database by the heartbeat (exmta cluster drain)
         self._rate_mark: tuple[float, int] | None = None  # (time, received) at the last heartbeat
-        self.service = _PostgresService(self)
+        self.service = PostgresService(self)
 
     # ------------------------------------------------------------ plumbing
 
@@ -755,70 +754,6 @@ class PostgresStore:
             out.update({state: int(n) for state, n in cur.fetchall()})
             return out
         return self._in_pool(self._tx, work)
-
-
-class _PostgresService(MultiService):
-    """Opens the pool and threads at start; renews leases, beats the heart and polls for due mail."""
-
-    def __init__(self, store: PostgresStore) -> None:
-        super().__init__()
-        self.store = store
-        self.draining = False
-        self.last_beat: float | None = None
-        for name, interval, call in (
-            ("leases", max(1.0, store.lease / 3), self._renew),
-            ("heartbeat", 5.0, self._beat),
-            ("poll", store.poll_interval, lambda: store._notify("")),
-        ):
-            timer = TimerService(interval, call)
-            timer.clock = store._clock
-            timer.setName(name)
-            timer.setServiceParent(self)
-
-    def _renew(self) -> Deferred[Any]:
-        return self.store.renew_leases().addErrback(
-            lambda f: self.store.log.warn("lease renewal failed: {error}", error=f.getErrorMessage()))
-
-    def _beat(self) -> Deferred[Any]:
-        def done(draining: bool) -> None:
-            self.last_beat = self.store._clock.seconds()
-            if draining != self.draining:
-                self.store.log.info("node {node} {what} (exmta cluster {verb})", node=self.store.node,
-                                    what="draining: /readyz fails" if draining else "back in service",
-                                    verb="drain" if draining else "undrain")
-            self.draining = draining
-
-        def failed(f: Any) -> None:
-            self.store.log.warn("heartbeat failed: {error}", error=f.getErrorMessage())
-        return self.store.heartbeat().addCallbacks(done, failed)
-
-    def readiness(self) -> tuple[bool, str]:
-        """/readyz: not ready while draining or while the database has not answered a heartbeat lately."""
-        if self.draining:
-            return False, f"node {self.store.node} is draining (exmta cluster undrain {self.store.node})"
-        if self.last_beat is None:
-            return False, "no heartbeat stored in PostgreSQL yet"
-        age = self.store._clock.seconds() - self.last_beat
-        if age > max(15.0, self.store.lease / 2):
-            return False, f"PostgreSQL has not stored a heartbeat for {age:.0f}s"
-        return True, f"PostgreSQL heartbeat {age:.0f}s ago"
-
-    def startService(self) -> None:
-        self.store.open()
-        super().startService()
-
-    def stopService(self) -> Deferred[Any]:
-        """Stopped after the scheduler: hand back whatever it left claimed, then close."""
-        super().stopService()
-
-        def close(result: Any) -> Any:
-            self.store.close()
-            return result
-
-        def failed(f: Any) -> None:
-            self.store.log.warn("could not hand back leases at stop ({error}); they expire in {lease}s",
-                                error=f.getErrorMessage(), lease=self.store.lease)
-        return self.store.release_leases().addErrback(failed).addBoth(close)
 
 
 def _unlink_quiet(path: str) -> bool:
