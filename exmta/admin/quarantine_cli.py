@@ -55,12 +55,10 @@ def _do(client: AdminClient, args: argparse.Namespace) -> Any:
         status, body, _ = client.call("GET", f"quarantine\0{args.queue_id}\0eml")
         return _checked(status, body)
     if a in ("release", "delete"):
-        query = None
+        who: dict[str, str] = {}
         if a == "release":
-            query = {"by": _login()}
-            if args.to:
-                query["to"] = args.to
-        body = _checked(*client.call("POST", f"quarantine\0{args.queue_id}\0{a}", query)[:2])
+            who = {"by": _login(), **({"to": args.to} if args.to else {})}
+        body = _checked(*client.call("POST", f"quarantine\0{args.queue_id}\0{a}", who or None)[:2])
         if args.json:
             return body
         if a == "release":
