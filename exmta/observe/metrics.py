@@ -357,6 +357,9 @@ class Metrics:
                                  ["rule", "mode"], registry=r)
         self.latency = Histogram("exmta_delivery_latency_seconds", "Receipt to final delivery, per recipient",
                                  ["connector"], buckets=LATENCY_BUCKETS, registry=r)
+        self.screened = Counter("exmta_connection_filter", "Connections screened before the greeting "
+                                "(passed, allowed, listed, pregreet, dns_timeout, dns_error)",
+                                ["connector", "outcome"], registry=r)
         r.register(_LiveCollector(self))
 
     # ------------------------------------------------------------ IMessageTracker
@@ -411,6 +414,9 @@ class Metrics:
 
     def filter_verdict(self, filter_name: str, phase: str, action: str) -> None:
         _child(self.filter_verdicts, filter_name, phase, action).inc()
+
+    def connection_screened(self, connector: str, outcome: str) -> None:
+        _child(self.screened, connector, outcome).inc()  # exmta.receive.screen
 
     # ------------------------------------------------------------ reading
 

@@ -27,7 +27,7 @@ __all__ = ["WorkerRelay", "WorkerTracker", "decode", "dispatch"]
 log = Logger()
 
 _FIELDS = ("message_id", "size", "connector", "source", "remote_host", "reply", "tls")
-_SESSION_EVENTS = ("session_opened", "session_timed_out", "tls_started", "auth_failed")
+_SESSION_EVENTS = ("session_opened", "session_timed_out", "tls_started", "auth_failed", "connection_screened")
 _MAX_LINE = 3500  # below PIPE_BUF (4096): one write, never interleaved
 
 
@@ -76,6 +76,9 @@ class WorkerRelay:
 
     def auth_failed(self, connector: str) -> None:
         self._session("auth_failed", connector)
+
+    def connection_screened(self, connector: str, outcome: str) -> None:
+        self._session("connection_screened", connector, outcome)
 
     def filter_verdict(self, filter_name: str, phase: str, action: str) -> None:
         self._send({"t": "verdict", "f": filter_name[:64], "p": phase[:16], "a": action[:16]})
