@@ -526,11 +526,6 @@ class MessageView:
                 raw[m.end():].lstrip(b" \t").decode("ascii", "surrogateescape"))
         return index
 
-    @property
-    def queue_id(self) -> str | None:
-        """The queue id the message gets when committed (the store writer's), None for a view of bytes."""
-        return getattr(getattr(self._open, "__self__", None), "queue_id", None)
-
     def quarantine(self, reason: str) -> None:
         """Queue the message in hold/ with ``reason`` once it is accepted (the first reason wins)."""
         if self.quarantine_reason is None:
