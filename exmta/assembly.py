@@ -163,6 +163,9 @@ def make_receive_factory(config: Config, rc: ReceiveConnectorConfig, store: Any,
         config, rc, clock, lockouts=getattr(resources, "lockouts", None))
     from exmta.rules.wiring import attach_to_factory
     attach_to_factory(factory, config, store, tracker, clock)  # transport rules at end of data, or none
+    from exmta.malware.notices import bind_outbox
+    bind_outbox(store, clock, config.hostname,  # attachment-removed notices, queued once a message is committed
+                f"{config.postmaster}@{postmaster_domain(config) or config.hostname}")
     return verify_receive_factory(factory)
 
 

@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from exmta.interfaces import IMessageTracker, ISessionObserver
 from exmta.model import TrackingEvent, TrackingEventId
+from exmta.observe.quarantine_view import QuarantineSummary, summarize
 from exmta.queue.errors import StoreUnavailable
 
 try:  # optional: the "metrics" extra
@@ -83,6 +84,7 @@ class QueueSnapshot:
         self.oldest_by_nexthop: dict[str, float] = {}   # receipt time of the oldest message
         self.last_error: dict[str, str] = {}
         self.oldest: float | None = None
+        self.quarantine = QuarantineSummary()  # the hold queue less operator holds (the status page)
 
     @property
     def total(self) -> int:
@@ -161,6 +163,9 @@ class QueueSampler:
             except (KeyError, ValueError):
                 continue
             snap.by_queue[queue] = len(envelopes)
+            if queue == "hold":
+                snap.quarantine = summarize(envelopes, snap.taken_at, received_of=lambda env: (
+                    env.received_at or queue_id_time(env.queue_id)))
             for env in envelopes:
                 received = env.received_at or queue_id_time(env.queue_id) or snap.taken_at
                 if snap.oldest is None or received < snap.oldest:
