@@ -21,9 +21,6 @@ Exchange's header firewall for sessions without relay rights.
 from __future__ import annotations
 
 import dataclasses
-import email.utils
-import functools
-import ipaddress
 import random
 import re
 from typing import Any, Callable
@@ -48,6 +45,7 @@ from exmta.smtp import replies
 from exmta.smtp.backscatter import anonymous, forged_sender, narrow_mail, narrow_rcpt
 from exmta.smtp.limits import HEADER_TOO_BIG, RefusedRecipients, header_refusal, too_many_refused
 from exmta.smtp.params import ParamError, parse_mail, parse_rcpt
+from exmta.smtp.received import received_header
 from exmta.smtp.sendnow import plain_tcp, write_now
 from exmta.smtp.wire import (
     INVALID_BARE_NEWLINE, INVALID_TOO_LONG, ChunkEnd, Command, DataChunk, DataEnd,
@@ -97,29 +95,6 @@ def _default_reply(verdict: Verdict) -> Reply:
     if verdict.action is Action.DISCONNECT:
         return Reply.make(421, "4.7.0", "Closing connection")
     return Reply.make(451, "4.7.1", "Try again later")
-
-
-def _printable(text: str, utf8: bool = False) -> str:
-    """Text safe for a header field: printable, no CR/LF; ASCII unless the message is SMTPUTF8."""
-    if text.isprintable() and (utf8 or text.isascii()):
-        return text  # the usual case, without a Python loop over the characters
-    return "".join(c if c.isprintable() and (utf8 or c.isascii()) else "?" for c in text)
-
-
-@functools.lru_cache(maxsize=4)  # a new string once a second, not once per message
-def _header_date(second: int) -> str:
-    """The RFC 5322 date of the Received header, local time (seconds resolution)."""
-    return email.utils.formatdate(second, localtime=True)
-
-
-@functools.lru_cache(maxsize=4096)  # once per message, with the same few peers
-def _address_literal(peer_ip: str) -> str:
-    """The peer as an address literal for the Received header: ``[192.0.2.1]``, ``[IPv6:2001:db8::1]``."""
-    try:
-        ip = ipaddress.ip_address(peer_ip)
-    except ValueError:
-        return f"[{_printable(peer_ip) or 'unknown'}]"
-    return f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"
 
 
 @implementer(IPushProducer)
@@ -799,7 +774,7 @@ class ESMTPServer(Protocol):
         self._write_failed = False
         self.parser.begin_message()
         if self.config.add_received:
-            self._writer.write(self._received_header(self._writer.queue_id))
+            self._writer.write(received_header(self, self._writer.queue_id))
 
     async def smtp_DATA(self, argument: str) -> None:
         if argument.strip():
@@ -1090,32 +1065,6 @@ class ESMTPServer(Protocol):
                 ))
         except Exception:
             self.log.failure("tracker failed for {queue_id}", queue_id=queue_id)
-
-    def _received_header(self, queue_id: str) -> bytes:
-        assert self.session is not None and self.txn is not None
-        s = self.session
-        literal = _address_literal(s.peer_ip)
-        if not s.esmtp:
-            proto = "SMTP"
-        else:
-            proto = "ESMTP"
-            if self.txn.params.smtputf8:
-                proto = "UTF8SMTP"
-            suffix = ("S" if self.tls_active else "") + ("A" if s.auth_identity else "")
-            proto += suffix
-        utf8 = self.txn.params.smtputf8
-        lines = [f"Received: from {_printable(s.helo_name or 'unknown', utf8)} ({literal})"]
-        if s.tls is not None:
-            lines.append(f"\t(using {_printable(s.tls.version)} with cipher {_printable(s.tls.cipher)})")
-        lines.append(f"\tby {self.config.hostname} (exmta) with {proto} id {queue_id}")
-        date = _header_date(int(self.clock.seconds()))
-        if len(self.txn.recipients) == 1:
-            rcpt = self.txn.recipients[0][0]
-            lines.append(f"\tfor <{_printable(str(rcpt), utf8)}>; {date}")
-        else:
-            lines[-1] += ";"
-            lines.append(f"\t{date}")
-        return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
     def _junk(self) -> None:
         """NOOP, RSET, VRFY and HELP past the junk limit count as errors (Postfix smtpd_junk_command_limit)."""
