@@ -36,8 +36,7 @@ from exmta.config.schema import ReceiveConnectorConfig
 from exmta.filters.base import FilterChain, MessageView, call_hook
 from exmta.interfaces import IMessageTracker, IQueueStore, IReceivePolicy
 from exmta.model import (
-    Action, Address, Body, Envelope, Recipient, Reply, Session, TLSInfo, TrackingEvent,
-    TrackingEventId, Transaction, Verdict,
+    Action, Address, Body, Envelope, Recipient, Reply, Session, TLSInfo, TrackingEventId, Transaction, Verdict,
 )
 from exmta.queue.errors import StoreUnavailable
 from exmta.queue.nospace import out_of_space
@@ -47,6 +46,7 @@ from exmta.smtp.limits import HEADER_TOO_BIG, RefusedRecipients, header_refusal,
 from exmta.smtp.params import ParamError, parse_mail, parse_rcpt
 from exmta.smtp.received import received_header
 from exmta.smtp.sendnow import plain_tcp, write_now
+from exmta.smtp.tracking import clean_header_value, qualified, track_agent, track_received, track_refusal
 from exmta.smtp.wire import (
     INVALID_BARE_NEWLINE, INVALID_TOO_LONG, ChunkEnd, Command, DataChunk, DataEnd,
     InvalidLine, Mode, ServerParser,
@@ -71,30 +71,12 @@ _NOT_IMPLEMENTED = frozenset({"EXPN", "ETRN", "TURN", "ATRN", "SEND", "SOML", "S
 FIREWALLED_HEADER_PREFIXES = ("X-MS-Exchange-Organization-", "X-MS-Exchange-Forest-", "X-MS-Exchange-CrossPremises-")
 
 
-def _clean_header_value(value: Any) -> str | None:
-    """A header value as valid text: raw 8-bit octets (surrogate escapes) become UTF-8 or U+FFFD."""
-    if value is None:
-        return None
-    text = re.sub(r"\r?\n(?=[ \t])", "", str(value)).strip()  # RFC 5322 unfolding
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
 def _no_local_domains(domain: str) -> bool:
     return False
 
 
 def _untrusted(session: Session) -> bool:
     return False
-
-
-def _default_reply(verdict: Verdict) -> Reply:
-    if verdict.reply is not None:
-        return verdict.reply
-    if verdict.action is Action.REJECT:
-        return Reply.make(550, "5.7.1", "Rejected")
-    if verdict.action is Action.DISCONNECT:
-        return Reply.make(421, "4.7.0", "Closing connection")
-    return Reply.make(451, "4.7.1", "Try again later")
 
 
 @implementer(IPushProducer)
@@ -193,13 +175,13 @@ class ESMTPServer(Protocol):
             verdict = await self._policy("check_connect", self.session)
             if verdict.action in (Action.CONTINUE, Action.ACCEPT, Action.DISCARD):
                 verdict = await self.factory.filters.on_connect(self.session)
-                self._track_agent("connect", verdict)
+                track_agent(self, "connect", verdict)
         except Exception:
             self.log.failure("session {session_id}: connect check failed", session_id=self._sid)
             self._close(Reply.make(421, "4.3.0", f"{self.config.hostname} Error: internal error, try again later"))
             return
         if verdict.action in (Action.REJECT, Action.TEMPFAIL, Action.DISCONNECT):
-            reply = _default_reply(verdict)
+            reply = replies.default_reply(verdict)
             # a refused connection gets 554 or 421 (RFC 5321 3.1), then we close
             code = 554 if reply.is_permanent else 421
             self._close(Reply(code, reply.status, reply.lines))
@@ -495,7 +477,7 @@ class ESMTPServer(Protocol):
         """Send the reply for a refusing verdict; True when the command is refused."""
         if verdict.action in (Action.CONTINUE, Action.ACCEPT, Action.DISCARD):
             return False
-        reply = _default_reply(verdict)
+        reply = replies.default_reply(verdict)
         if verdict.action is Action.DISCONNECT:
             self._close(reply)
         else:
@@ -627,7 +609,7 @@ class ESMTPServer(Protocol):
         self.session.helo_name = name
         self.session.esmtp = esmtp
         verdict = await self.factory.filters.on_helo(self.session)
-        self._track_agent("helo", verdict)
+        track_agent(self, "helo", verdict)
         if self._refused(verdict):
             self.session.helo_name = None
             self.session.esmtp = False
@@ -671,8 +653,8 @@ class ESMTPServer(Protocol):
             refusal, params = self.factory.authenticator.check_mail(self, sender, params)
             if refusal is not None:
                 # send-as at MAIL: a REJECT event, as at end of data
-                self._track_refusal(TrackingEventId.REJECT, Transaction(sender, params), None, refusal,
-                                    "send-as: sender not granted")
+                track_refusal(self, TrackingEventId.REJECT, Transaction(sender, params), None, refusal,
+                              "send-as: sender not granted")
                 self._reply(refusal)
                 return
         limit = self.config.max_message_size
@@ -684,7 +666,7 @@ class ESMTPServer(Protocol):
             return
         discard = verdict.action is Action.DISCARD
         verdict = await self.factory.filters.on_mail(self.session, sender, params)
-        self._track_agent("mail", verdict, sender=str(sender))
+        track_agent(self, "mail", verdict, sender=str(sender))
         if self._refused(verdict):
             return
         self._reset_transaction()
@@ -725,7 +707,7 @@ class ESMTPServer(Protocol):
                 return
             discard = verdict.action is Action.DISCARD
             verdict = await self.factory.filters.on_rcpt(self.session, txn.view(), rcpt, params)
-            self._track_agent("rcpt", verdict, sender=str(txn.sender), rcpt=rcpt)
+            track_agent(self, "rcpt", verdict, sender=str(txn.sender), rcpt=rcpt)
             if self._refused(verdict):
                 await self._rcpt_refused(verdict, txn, rcpt, "filter", verdict.filter_name)
                 return
@@ -744,14 +726,14 @@ class ESMTPServer(Protocol):
     async def _rcpt_refused(self, verdict: Verdict, txn: Transaction, rcpt: Address, why: str,
                             filter_name: str | None = None) -> None:
         """After a refused RCPT: track it (the first few), count a 5xx, tarpit or close past the limits."""
-        reply = _default_reply(verdict)
+        reply = replies.default_reply(verdict)
         counter = self._refused_rcpts
         if not reply.is_permanent:
-            self._track_refusal(TrackingEventId.REJECT, txn, None, reply, why, rcpt=rcpt, filter_name=filter_name)
+            track_refusal(self, TrackingEventId.REJECT, txn, None, reply, why, rcpt=rcpt, filter_name=filter_name)
             return
         delay, close = counter.refused()
         if counter.tracked:
-            self._track_refusal(TrackingEventId.REJECT, txn, None, reply, why, rcpt=rcpt, filter_name=filter_name)
+            track_refusal(self, TrackingEventId.REJECT, txn, None, reply, why, rcpt=rcpt, filter_name=filter_name)
         if close:
             self.log.info("session {session_id}: {count} refused recipients, closing",
                           session_id=self._sid, count=counter.count)
@@ -886,14 +868,14 @@ class ESMTPServer(Protocol):
                     self._refuse_message(writer, txn, refusal, "send-as: From: not granted")
                     return
             verdict = await self.factory.filters.on_data(self.session, txn.view(), view)
-            self._track_agent("data", verdict, sender=str(txn.sender), txn=txn, writer=writer, view=view)
+            track_agent(self, "data", verdict, sender=str(txn.sender), txn=txn, writer=writer, view=view)
             if self._closing:  # the client left, or we closed (timeout, shutdown): it cannot get a 250
                 writer.abort()
                 return
             if verdict.action in (Action.REJECT, Action.TEMPFAIL, Action.DISCONNECT):
                 writer.abort()
-                self._track_refusal(TrackingEventId.REJECT, txn, writer, _default_reply(verdict), "filter",
-                                    filter_name=verdict.filter_name)
+                track_refusal(self, TrackingEventId.REJECT, txn, writer, replies.default_reply(verdict), "filter",
+                              filter_name=verdict.filter_name)
                 self._refused(verdict)
                 return
             new_body = getattr(view, "new_body", None)
@@ -904,8 +886,8 @@ class ESMTPServer(Protocol):
                 self.log.info("session {session_id}: message {queue_id} discarded",
                               session_id=self._sid, queue_id=writer.queue_id)
                 by_filter = verdict.filter_name if verdict.action is Action.DISCARD else None
-                self._track_refusal(TrackingEventId.DROP, txn, writer, None,
-                                    "filter" if by_filter else "discarded by policy", filter_name=by_filter)
+                track_refusal(self, TrackingEventId.DROP, txn, writer, None,
+                              "filter" if by_filter else "discarded by policy", filter_name=by_filter)
                 self._reply(replies.queued(writer.queue_id))
                 return
             rules = None
@@ -914,8 +896,8 @@ class ESMTPServer(Protocol):
                 if self._closing or rules.reply is not None or rules.discard:
                     writer.abort()
                     if not self._closing:
-                        self._track_refusal(TrackingEventId.REJECT if rules.reply else TrackingEventId.DROP, txn,
-                                            writer, rules.reply, "transport rule")
+                        track_refusal(self, TrackingEventId.REJECT if rules.reply else TrackingEventId.DROP, txn,
+                                      writer, rules.reply, "transport rule")
                         self._reply(rules.reply or replies.queued(writer.queue_id))
                     return
             view.apply_edits(writer)
@@ -926,7 +908,7 @@ class ESMTPServer(Protocol):
                 self.log.info("session {session_id}: {why}: no DSN for this message", session_id=self._sid, why=forged)
             envelope = Envelope(
                 sender=str(txn.sender),
-                recipients=[Recipient(self._qualified(a), ("NEVER",) if forged else p.notify, p.orcpt)
+                recipients=[Recipient(qualified(self, a), ("NEVER",) if forged else p.notify, p.orcpt)
                             for a, p in txn.recipients],
                 params=txn.params,
                 queue_id=writer.queue_id,
@@ -935,7 +917,7 @@ class ESMTPServer(Protocol):
                 client_ip=self.session.peer_ip,
                 client_helo=self.session.helo_name,
                 auth_identity=self.session.auth_identity,
-                message_id=_clean_header_value(message_id),
+                message_id=clean_header_value(message_id),
                 size=writer.size,
                 held_reason=getattr(view, "quarantine_reason", None),
             )
@@ -950,121 +932,25 @@ class ESMTPServer(Protocol):
         self.messages += 1
         if len(self._queued_ids) < _IDS_LOGGED:
             self._queued_ids.append(queue_id)  # named in the session's end line; the tracking log has every one
-        self._track(queue_id, envelope, view.agent_notes, getattr(view, "agent_details", None))
+        track_received(self, queue_id, envelope, view.agent_notes, getattr(view, "agent_details", None))
         if rules is not None:
             rules.committed(queue_id, envelope)  # rule hits tracked, NDR for refused recipients (never raises)
         self._reply(replies.queued(queue_id))
-
-    def _qualified(self, rcpt: Address) -> str:
-        """The envelope form of a recipient; a bare ``<postmaster>`` gets the postmaster domain."""
-        if rcpt.domain:
-            return str(rcpt)
-        return f"{rcpt.local}@{self.factory.postmaster_domain or self.config.hostname}"
 
     def _refuse_message(self, writer: Any, txn: Transaction, reply: Reply, why: str) -> None:
         writer.abort()
         self.log.info("session {session_id}: message refused at end of data: {why}",
                       session_id=self._sid, why=why)
-        self._track_refusal(TrackingEventId.REJECT, txn, writer, reply, why)
+        track_refusal(self, TrackingEventId.REJECT, txn, writer, reply, why)
         self._reply(reply)
 
     def _oversize(self) -> None:
         """The message passed max_message_size: refuse it and end the transaction."""
         if self.txn is not None and self._writer is not None:
-            self._track_refusal(TrackingEventId.REJECT, self.txn, self._writer, replies.SIZE_EXCEEDED,
-                                "message too big")
+            track_refusal(self, TrackingEventId.REJECT, self.txn, self._writer, replies.SIZE_EXCEEDED,
+                          "message too big")
         self._reset_transaction()
         self._reply(replies.SIZE_EXCEEDED)
-
-    def _track_refusal(self, event_id: TrackingEventId, txn: Transaction, writer: Any, reply: Reply | None,
-                       why: str, rcpt: Address | None = None, filter_name: str | None = None) -> None:
-        """A REJECT (or DROP, for DISCARD) tracking event for a message, or one recipient ``rcpt``, not queued."""
-        tracker = self.factory.tracker
-        if tracker is None:
-            return
-        details = {"session_id": self._sid, "reason": why}
-        if self.session is not None and self.session.auth_identity:
-            details["auth_user"] = self.session.auth_identity
-        if filter_name:
-            details["filter"] = filter_name
-        try:
-            tracker.track(TrackingEvent(
-                event_id, getattr(writer, "queue_id", ""), self.clock.seconds(),
-                sender=str(txn.sender),
-                recipients=(self._qualified(rcpt),) if rcpt is not None else
-                tuple(self._qualified(a) for a, _ in txn.recipients),
-                size=getattr(writer, "size", None), connector=self.config.name, source="SMTP",
-                remote_host=self.session.peer_ip if self.session else None,
-                reply=str(reply) if reply is not None else None,
-                details=details,
-            ))
-        except Exception:
-            self.log.failure("tracker failed for a refused message")
-
-    def _track_agent(self, phase: str, verdict: Verdict, sender: str = "", rcpt: Address | None = None,
-                     txn: Transaction | None = None, writer: Any = None, view: Any = None) -> None:
-        """An AGENTINFO event for a filter's verdict other than CONTINUE: which filter, phase, verdict, reply."""
-        tracker = self.factory.tracker
-        if tracker is None or not verdict.filter_name or verdict.action in (Action.CONTINUE, Action.ACCEPT):
-            return
-        try:
-            if rcpt is not None:
-                recipients: tuple[str, ...] = (self._qualified(rcpt),)
-            else:
-                recipients = tuple(self._qualified(a) for a, _ in txn.recipients) if txn is not None else ()
-            tracker.track(TrackingEvent(
-                TrackingEventId.AGENTINFO, getattr(writer, "queue_id", ""), self.clock.seconds(),
-                sender=sender, recipients=recipients,
-                message_id=_clean_header_value(next(iter(view.field_values("Message-ID")), None)) if view else None,
-                size=getattr(writer, "size", None), connector=self.config.name, source="AGENT",
-                remote_host=self.session.peer_ip if self.session else None,
-                reply=None if verdict.action is Action.DISCARD else str(_default_reply(verdict)),
-                details={"session_id": self._sid, "filter": verdict.filter_name, "phase": phase,
-                         "verdict": verdict.action.value},
-            ))
-        except Exception:
-            self.log.failure("tracker failed for a filter verdict")
-
-    def _track(self, queue_id: str, envelope: Envelope,
-               agents: list[tuple[str, int, str | None]] | None = None,
-               agent_details: dict[str, dict[str, str]] | None = None) -> None:
-        """RECEIVE, then an AGENTINFO per filter that edited headers or quarantined (``view.agent_notes``)."""
-        tracker = self.factory.tracker
-        if tracker is None:
-            return
-        try:
-            tracker.track(TrackingEvent(
-                TrackingEventId.RECEIVE, queue_id, envelope.received_at,
-                sender=envelope.sender,
-                recipients=tuple(r.address for r in envelope.recipients),
-                message_id=envelope.message_id, size=envelope.size,
-                connector=self.config.name, source="SMTP",
-                remote_host=envelope.client_ip,
-                tls=(f"{self.session.tls.version} {self.session.tls.cipher}"
-                     if self.session and self.session.tls else None),
-                details={"session_id": self._sid, "client_helo": envelope.client_helo or "",
-                         **({"auth_user": envelope.auth_identity} if envelope.auth_identity else {})},
-            ))
-            notes = list(agents or ())
-            if envelope.held_reason and not any(reason for _, _, reason in notes):
-                notes.append(("", 0, envelope.held_reason))  # quarantined outside the chain
-            for name, edits, reason in notes:  # Exchange's AGENTINFO: the filter acted but let the message in
-                details: dict[str, Any] = {"session_id": self._sid, "phase": "data",
-                                           "verdict": "quarantine" if reason else "continue"}
-                if name:
-                    details["filter"] = name
-                if edits:
-                    details["header_edits"] = edits
-                if reason:
-                    details["reason"] = reason
-                details.update((agent_details or {}).get(name, {}))  # e.g. the check that decided
-                tracker.track(TrackingEvent(
-                    TrackingEventId.AGENTINFO, queue_id, envelope.received_at, sender=envelope.sender,
-                    recipients=tuple(r.address for r in envelope.recipients), message_id=envelope.message_id,
-                    size=envelope.size, connector=self.config.name, source="AGENT", details=details,
-                ))
-        except Exception:
-            self.log.failure("tracker failed for {queue_id}", queue_id=queue_id)
 
     def _junk(self) -> None:
         """NOOP, RSET, VRFY and HELP past the junk limit count as errors (Postfix smtpd_junk_command_limit)."""
