@@ -33,20 +33,21 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from exmta.config.schema import ReceiveConnectorConfig
-from exmta.filters.base import FilterChain, MessageView, call_hook
+from exmta.filters.base import FilterChain, call_hook
 from exmta.interfaces import IMessageTracker, IQueueStore, IReceivePolicy
 from exmta.model import (
-    Action, Address, Body, Envelope, Recipient, Reply, Session, TLSInfo, TrackingEventId, Transaction, Verdict,
+    Action, Address, Body, Reply, Session, TLSInfo, TrackingEventId, Transaction, Verdict,
 )
 from exmta.queue.errors import StoreUnavailable
 from exmta.queue.nospace import out_of_space
 from exmta.smtp import replies
-from exmta.smtp.backscatter import anonymous, forged_sender, narrow_mail, narrow_rcpt
-from exmta.smtp.limits import HEADER_TOO_BIG, RefusedRecipients, header_refusal, too_many_refused
+from exmta.smtp.acceptance import finish_message, refuse_oversize
+from exmta.smtp.backscatter import anonymous, narrow_mail, narrow_rcpt
+from exmta.smtp.limits import RefusedRecipients, too_many_refused
 from exmta.smtp.params import ParamError, parse_mail, parse_rcpt
 from exmta.smtp.received import received_header
 from exmta.smtp.sendnow import plain_tcp, write_now
-from exmta.smtp.tracking import clean_header_value, qualified, track_agent, track_received, track_refusal
+from exmta.smtp.tracking import track_agent, track_refusal
 from exmta.smtp.wire import (
     INVALID_BARE_NEWLINE, INVALID_TOO_LONG, ChunkEnd, Command, DataChunk, DataEnd,
     InvalidLine, Mode, ServerParser,
@@ -808,6 +809,12 @@ class ESMTPServer(Protocol):
         self._bdat_last = last
         self.parser.start_bdat(size)
 
+    def _count_queued(self, queue_id: str) -> None:
+        """One more message queued in this session; the first _IDS_LOGGED ids are named in its end line."""
+        self.messages += 1
+        if len(self._queued_ids) < _IDS_LOGGED:
+            self._queued_ids.append(queue_id)  # named in the session's end line; the tracking log has every one
+
     async def _chunk_end(self, event: ChunkEnd) -> None:
         refusal, self._bdat_refusal = self._bdat_refusal, None
         if refusal is not None:
@@ -816,141 +823,18 @@ class ESMTPServer(Protocol):
                 self._close(replies.too_many_errors(self.config.hostname))
             return
         if event.oversize:
-            self._oversize()
+            refuse_oversize(self)
             return
         if self._bdat_last:
-            await self._finish_message(event.size, bare_newline=False, line_too_long=False)
+            await finish_message(self, event.size, bare_newline=False, line_too_long=False)
         else:
             self._reply(Reply.make(250, "2.0.0", f"Ok: {event.size} octets received"))
 
     async def _data_end(self, event: DataEnd) -> None:
         if event.oversize:
-            self._oversize()
+            refuse_oversize(self)
             return
-        await self._finish_message(event.size, event.bare_newline, event.line_too_long)
-
-    async def _finish_message(self, size: int, bare_newline: bool, line_too_long: bool) -> None:
-        """End of data: check, run on_data filters, apply header edits, commit, then answer."""
-        assert self.session is not None
-        writer, txn = self._writer, self.txn
-        discard, write_failed = self._txn_discard, self._write_failed
-        self._writer = None
-        self._reset_transaction()
-        if writer is None or txn is None:
-            self._reply(replies.INTERNAL_ERROR)
-            return
-        try:
-            if bare_newline:
-                self._refuse_message(writer, txn, replies.BARE_NEWLINE_DATA, "bare newline")
-                return
-            if line_too_long:
-                self._refuse_message(writer, txn, replies.TEXT_LINE_TOO_LONG, "line too long")
-                return
-            if write_failed:
-                self._refuse_message(writer, txn, write_failed if isinstance(write_failed, Reply) else
-                                     replies.INTERNAL_ERROR, "write failed")
-                return
-            view = MessageView(writer.open_read, size=writer.size, head=getattr(writer, "head", None))
-            too_big = header_refusal(view, self.config.max_header_size, self.config.max_header_field)
-            if too_big is not None:  # before anything parses the block (issue 11 items 1 and 12)
-                self._refuse_message(writer, txn, HEADER_TOO_BIG, too_big)
-                return
-            hops = len(view.field_values("Received"))
-            if self.factory.max_hops and hops > self.factory.max_hops:
-                self._refuse_message(writer, txn, replies.TOO_MANY_HOPS, f"{hops} Received headers (mail loop)")
-                return
-            if not self.factory.trusted(self.session):
-                for prefix in self.factory.firewalled_header_prefixes:
-                    view.edits.remove_headers_with_prefix(prefix)
-            if self.factory.authenticator is not None:  # send-as on From: (exmta.auth.smtp)
-                refusal = self.factory.authenticator.check_message(self, view)
-                if refusal is not None:
-                    self._refuse_message(writer, txn, refusal, "send-as: From: not granted")
-                    return
-            verdict = await self.factory.filters.on_data(self.session, txn.view(), view)
-            track_agent(self, "data", verdict, sender=str(txn.sender), txn=txn, writer=writer, view=view)
-            if self._closing:  # the client left, or we closed (timeout, shutdown): it cannot get a 250
-                writer.abort()
-                return
-            if verdict.action in (Action.REJECT, Action.TEMPFAIL, Action.DISCONNECT):
-                writer.abort()
-                track_refusal(self, TrackingEventId.REJECT, txn, writer, replies.default_reply(verdict), "filter",
-                              filter_name=verdict.filter_name)
-                self._refused(verdict)
-                return
-            new_body = getattr(view, "new_body", None)
-            if new_body is not None:  # a filter's body edit (exmta.malware: strip)
-                writer.replace_headers(writer.size, view.raw_headers + b"\r\n" + new_body)
-            if discard or verdict.action is Action.DISCARD:
-                writer.abort()
-                self.log.info("session {session_id}: message {queue_id} discarded",
-                              session_id=self._sid, queue_id=writer.queue_id)
-                by_filter = verdict.filter_name if verdict.action is Action.DISCARD else None
-                track_refusal(self, TrackingEventId.DROP, txn, writer, None,
-                              "filter" if by_filter else "discarded by policy", filter_name=by_filter)
-                self._reply(replies.queued(writer.queue_id))
-                return
-            rules = None
-            if self.factory.transport_rules is not None:  # exmta.rules.hook: one call, a decision plus its edits
-                rules = await self.factory.transport_rules.at_end_of_data(self.session, txn.view(), view, writer)
-                if self._closing or rules.reply is not None or rules.discard:
-                    writer.abort()
-                    if not self._closing:
-                        track_refusal(self, TrackingEventId.REJECT if rules.reply else TrackingEventId.DROP, txn,
-                                      writer, rules.reply, "transport rule")
-                        self._reply(rules.reply or replies.queued(writer.queue_id))
-                    return
-            view.apply_edits(writer)
-            message_id = next(iter(view.field_values("Message-ID")), None)
-            forged = forged_sender(self.session, txn) if txn.sender and \
-                anonymous(self.session, self.factory) else None
-            if forged:  # no DSN to a sender known to be forged
-                self.log.info("session {session_id}: {why}: no DSN for this message", session_id=self._sid, why=forged)
-            envelope = Envelope(
-                sender=str(txn.sender),
-                recipients=[Recipient(qualified(self, a), ("NEVER",) if forged else p.notify, p.orcpt)
-                            for a, p in txn.recipients],
-                params=txn.params,
-                queue_id=writer.queue_id,
-                received_at=self.clock.seconds(),
-                connector=self.config.name,
-                client_ip=self.session.peer_ip,
-                client_helo=self.session.helo_name,
-                auth_identity=self.session.auth_identity,
-                message_id=clean_header_value(message_id),
-                size=writer.size,
-                held_reason=getattr(view, "quarantine_reason", None),
-            )
-            if rules is not None:
-                envelope = rules.envelope(envelope)
-            queue_id = await self.factory.store.commit(writer, envelope)
-        except Exception as e:
-            refusal = self._storage_error(e, "end of data failed")
-            writer.abort()
-            self._reply(refusal)
-            return
-        self.messages += 1
-        if len(self._queued_ids) < _IDS_LOGGED:
-            self._queued_ids.append(queue_id)  # named in the session's end line; the tracking log has every one
-        track_received(self, queue_id, envelope, view.agent_notes, getattr(view, "agent_details", None))
-        if rules is not None:
-            rules.committed(queue_id, envelope)  # rule hits tracked, NDR for refused recipients (never raises)
-        self._reply(replies.queued(queue_id))
-
-    def _refuse_message(self, writer: Any, txn: Transaction, reply: Reply, why: str) -> None:
-        writer.abort()
-        self.log.info("session {session_id}: message refused at end of data: {why}",
-                      session_id=self._sid, why=why)
-        track_refusal(self, TrackingEventId.REJECT, txn, writer, reply, why)
-        self._reply(reply)
-
-    def _oversize(self) -> None:
-        """The message passed max_message_size: refuse it and end the transaction."""
-        if self.txn is not None and self._writer is not None:
-            track_refusal(self, TrackingEventId.REJECT, self.txn, self._writer, replies.SIZE_EXCEEDED,
-                          "message too big")
-        self._reset_transaction()
-        self._reply(replies.SIZE_EXCEEDED)
+        await finish_message(self, event.size, event.bare_newline, event.line_too_long)
 
     def _junk(self) -> None:
         """NOOP, RSET, VRFY and HELP past the junk limit count as errors (Postfix smtpd_junk_command_limit)."""
