@@ -18,6 +18,7 @@ from exmta.filters.base import MessageView
 from exmta.model import Action, Envelope, Recipient, Reply, TrackingEventId, Transaction
 from exmta.smtp import replies
 from exmta.smtp.backscatter import anonymous, forged_sender
+from exmta.smtp.header_checks import mail_loop, strip_firewalled_headers
 from exmta.smtp.limits import HEADER_TOO_BIG, header_refusal
 from exmta.smtp.tracking import clean_header_value, qualified, track_agent, track_received, track_refusal
 
@@ -53,13 +54,12 @@ async def finish_message(server: ESMTPServer, size: int, bare_newline: bool, lin
         if too_big is not None:  # before anything parses the block (issue 11 items 1 and 12)
             refuse_message(server, writer, txn, HEADER_TOO_BIG, too_big)
             return
-        hops = len(view.field_values("Received"))
-        if server.factory.max_hops and hops > server.factory.max_hops:
-            refuse_message(server, writer, txn, replies.TOO_MANY_HOPS, f"{hops} Received headers (mail loop)")
+        loop = mail_loop(view, server.factory.max_hops)
+        if loop is not None:
+            refuse_message(server, writer, txn, replies.TOO_MANY_HOPS, loop)
             return
         if not server.factory.trusted(server.session):
-            for prefix in server.factory.firewalled_header_prefixes:
-                view.edits.remove_headers_with_prefix(prefix)
+            strip_firewalled_headers(view, server.factory.firewalled_header_prefixes)
         if server.factory.authenticator is not None:  # send-as on From: (exmta.auth.smtp)
             refusal = server.factory.authenticator.check_message(server, view)
             if refusal is not None:

@@ -43,6 +43,7 @@ from exmta.queue.nospace import out_of_space
 from exmta.smtp import replies
 from exmta.smtp.acceptance import finish_message, refuse_oversize
 from exmta.smtp.backscatter import anonymous, narrow_mail, narrow_rcpt
+from exmta.smtp.header_checks import FIREWALLED_HEADER_PREFIXES
 from exmta.smtp.limits import RefusedRecipients, too_many_refused
 from exmta.smtp.params import ParamError, parse_mail, parse_rcpt
 from exmta.smtp.received import received_header
@@ -65,11 +66,6 @@ _KNOWN_VERBS = frozenset({
     "EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY", "HELP", "STARTTLS", "AUTH",
 })
 _NOT_IMPLEMENTED = frozenset({"EXPN", "ETRN", "TURN", "ATRN", "SEND", "SOML", "SAML", "AUTH"})
-
-
-#: Exchange's header firewall: organisation, forest and hybrid attribution headers are only
-#: believed from trusted peers (EXCHANGE.md section 5)
-FIREWALLED_HEADER_PREFIXES = ("X-MS-Exchange-Organization-", "X-MS-Exchange-Forest-", "X-MS-Exchange-CrossPremises-")
 
 
 def _no_local_domains(domain: str) -> bool:
