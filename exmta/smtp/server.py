@@ -41,6 +41,7 @@ from exmta.queue.nospace import out_of_space
 from exmta.smtp import replies
 from exmta.smtp.acceptance import finish_message, refuse_oversize
 from exmta.smtp.backscatter import anonymous, narrow_mail, narrow_rcpt
+from exmta.smtp.deadlines import arm_timer, cancel_timer
 from exmta.smtp.connector import ConnectorFactory
 from exmta.smtp.limits import RefusedRecipients, too_many_refused
 from exmta.smtp.params import ParamError, parse_mail, parse_rcpt
@@ -117,7 +118,7 @@ class ESMTPServer(Protocol):
         self._disconnected = False
         self._timer: IDelayedCall | None = None
         self._tcp: Any = _UNSET  # the plain TCP connection for write_now (exmta.smtp.sendnow), found once
-        self._deadline = 0.0  # when the client's current timeout runs out (exmta.smtp.server._arm_timer)
+        self._deadline = 0.0  # when the client's current timeout runs out (exmta.smtp.deadlines)
         self._line_started: float | None = None  # first octet of the command line still incomplete
         self._data_deadline: float | None = None  # DATA/BDAT must be in by then (grows with min_data_rate)
         self._sasl: Any = None  # the SASL mechanism of an AUTH exchange in progress (exmta.auth.smtp)
@@ -180,7 +181,7 @@ class ESMTPServer(Protocol):
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._disconnected = True
         self._closing = True
-        self._cancel_timer()
+        cancel_timer(self)
         if self.tls_active and self.factory.tls_gate is not None:
             self.factory.tls_gate.connection_lost(self, reason)  # logs a failed handshake
         if self._writer is not None:
@@ -247,7 +248,7 @@ class ESMTPServer(Protocol):
             self._processing = False
         if not self._busy and not self._closing:
             self._flush()
-            self._arm_timer()
+            arm_timer(self)
 
     def _dispatch(self, event: Any) -> None:
         if self._plog is not None and not isinstance(event, DataChunk):
@@ -270,7 +271,7 @@ class ESMTPServer(Protocol):
         self._busy = True
         d = call_hook(handler, *args)
         if not d.called:
-            self._cancel_timer()  # no command timeout while it is pending (re-armed when it is done)
+            cancel_timer(self)  # no command timeout while it is pending (re-armed when it is done)
         d.addErrback(self._handler_failed)
         d.addBoth(self._handler_done)
         self._update_reading()
@@ -357,7 +358,7 @@ class ESMTPServer(Protocol):
             self._out.append(reply.to_bytes())
         self._flush()
         self._closing = True
-        self._cancel_timer()
+        cancel_timer(self)
         self._abort_writer()
         self.txn = None
         self.parser.discard_buffer()
@@ -379,51 +380,6 @@ class ESMTPServer(Protocol):
             self._close(replies.too_many_errors(self.config.hostname))
 
     # ------------------------------------------------------------ timers
-
-    def _arm_timer(self) -> None:
-        """The client has until ``self._deadline``. The timer is not moved on each command
-        (that was a reactor reschedule per line): it fires at its old time, sees the later
-        deadline and sleeps again for the rest, unless the deadline came nearer.
-
-        A command line must be complete ``command_timeout`` after its first octet, however
-        slowly it drips in (Postfix's smtpd_per_request_deadline); DATA (or one BDAT chunk)
-        must be complete ``data_timeout`` + octets / ``min_data_rate`` after it began."""
-        if self._closing or self._busy:
-            return
-        now = self.clock.seconds()
-        if self.parser.mode is Mode.COMMAND:
-            self._data_deadline = None
-            if self.parser.buffered():
-                if self._line_started is None:
-                    self._line_started = now
-                self._deadline = self._line_started + self.config.command_timeout
-            else:
-                self._line_started = None
-                self._deadline = now + self.config.command_timeout
-        else:
-            if self._data_deadline is None:
-                self._data_deadline = now + self.config.data_timeout
-            self._deadline = now + self.config.data_timeout
-            if self.config.min_data_rate:
-                self._deadline = min(self._deadline, self._data_deadline)
-        delay = max(0.0, self._deadline - now)
-        timer = self._timer
-        if timer is None or not timer.active():
-            self._timer = self.clock.callLater(delay, self._timer_fired)
-        elif timer.getTime() > self._deadline:
-            timer.reset(delay)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _timer_fired(self) -> None:
-        left = self._deadline - self.clock.seconds()
-        if left > 0:
-            self._timer = self.clock.callLater(left, self._timer_fired)
-            return
-        self._timed_out()
 
     def _observe(self, event: str, *args: Any) -> None:
         """Tell the factory's session observer (metrics) ``event``(connector, *args); never raises."""
