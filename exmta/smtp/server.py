@@ -34,7 +34,7 @@ from zope.interface import implementer
 
 from exmta.filters.base import call_hook
 from exmta.model import (
-    Action, Address, Body, Reply, Session, TLSInfo, TrackingEventId, Transaction, Verdict,
+    Action, Address, Body, Reply, Session, TrackingEventId, Transaction, Verdict,
 )
 from exmta.queue.errors import StoreUnavailable
 from exmta.queue.nospace import out_of_space
@@ -47,6 +47,7 @@ from exmta.smtp.limits import RefusedRecipients, too_many_refused
 from exmta.smtp.params import ParamError, parse_mail, parse_rcpt
 from exmta.smtp.received import received_header
 from exmta.smtp.sendnow import plain_tcp, write_now
+from exmta.smtp.session_report import fill_tls_info, log_event, log_session_end, observe
 from exmta.smtp.tracking import track_agent, track_refusal
 from exmta.smtp.wire import (
     INVALID_BARE_NEWLINE, INVALID_TOO_LONG, ChunkEnd, Command, DataChunk, DataEnd,
@@ -141,7 +142,7 @@ class ESMTPServer(Protocol):
             started=now,
         )
         self.factory.sessions.add(self)
-        self._observe("session_opened")
+        observe(self, "session_opened")
         if self.factory.protocol_log is not None:
             self._plog = self.factory.protocol_log.for_server(self.session)
         register = getattr(self.transport, "registerProducer", None)
@@ -192,26 +193,7 @@ class ESMTPServer(Protocol):
         self._abort_writer()
         self.txn = None
         self.parser.discard_buffer()
-        if self.session is not None:
-            queued = " ".join(self._queued_ids)
-            if self.messages > len(self._queued_ids):
-                queued += f" +{self.messages - len(self._queued_ids)} more"
-            fields = dict(
-                session_id=self._sid, duration=self.clock.seconds() - self.session.started,
-                messages=self.messages, queued=f" queued ({queued})" if queued else "", errors=self.errors,
-                peer_ip=self.session.peer_ip, peer_port=self.session.peer_port, connector=self.config.name,
-                commands=" ".join(f"{verb.lower()}={n}" for verb, n in self._verbs.items()) or "no commands",
-            )
-            # rendered here (an f-string) rather than by the log observer's str.Formatter, which cost
-            # more than the rest of the session's teardown; the fields stay in the event
-            text = (f"session {fields['session_id']} end after {fields['duration']:.3f}s: "
-                    f"{fields['peer_ip']}:{fields['peer_port']} on {fields['connector']}, "
-                    f"{fields['messages']} message(s){fields['queued']}, {fields['errors']} error(s), "
-                    f"{fields['commands']}")
-            if self._refused_rcpts.count:  # one summary instead of a line per refusal (issue 11 item 7)
-                fields["refused_recipients"] = self._refused_rcpts.count
-                text += f", {self._refused_rcpts.count} refused recipient(s)"
-            self.log.info(text.replace("{", "{{").replace("}", "}}"), session_end=True, **fields)
+        log_session_end(self)
         if self._plog is not None:
             self._plog.end()
         self.factory._session_closed(self)
@@ -252,7 +234,7 @@ class ESMTPServer(Protocol):
 
     def _dispatch(self, event: Any) -> None:
         if self._plog is not None and not isinstance(event, DataChunk):
-            self._log_event(event)
+            log_event(self, event)
         if isinstance(event, DataChunk):
             self._write_content(event.data)
             return
@@ -321,14 +303,6 @@ class ESMTPServer(Protocol):
     def stopProducing(self) -> None:
         self._write_blocked = False
 
-    def _log_event(self, event: Any) -> None:
-        if isinstance(event, Command):
-            self._plog.command(event.raw)
-        elif isinstance(event, (DataEnd, ChunkEnd)):
-            self._plog.data(event.size, "DATA" if isinstance(event, DataEnd) else "BDAT")
-        elif isinstance(event, InvalidLine):
-            self._plog.command(event.raw, invalid=event.reason)
-
     # ------------------------------------------------------------ output
 
     def _reply(self, reply: Reply) -> None:
@@ -337,7 +311,7 @@ class ESMTPServer(Protocol):
         if self._plog is not None:
             self._plog.reply(reply)
         if reply.code == 535:  # RFC 4954: authentication credentials invalid
-            self._observe("auth_failed")
+            observe(self, "auth_failed")
         self._out.append(reply.to_bytes())
 
     def _flush(self) -> None:
@@ -381,18 +355,9 @@ class ESMTPServer(Protocol):
 
     # ------------------------------------------------------------ timers
 
-    def _observe(self, event: str, *args: Any) -> None:
-        """Tell the factory's session observer (metrics) ``event``(connector, *args); never raises."""
-        observer = self.factory.session_observer
-        if observer is not None:
-            try:
-                getattr(observer, event)(self.config.name, *args)
-            except Exception:
-                self.log.failure("session observer failed on {event}", event=event)
-
     def _timed_out(self) -> None:
         self._timer = None
-        self._observe("session_timed_out")
+        observe(self, "session_timed_out")
         self.log.info("session {session_id}: timeout in {mode} mode", session_id=self._sid,
                       mode=self.parser.mode.value)
         self._close(replies.timeout(self.config.hostname))
@@ -480,32 +445,6 @@ class ESMTPServer(Protocol):
 
     # ------------------------------------------------------------ commands
 
-    def _fill_tls_info(self) -> None:
-        """Record the negotiated TLS version and cipher once the handshake is done (first command over TLS)."""
-        assert self.session is not None
-        get_handle = getattr(self.transport, "getHandle", None)
-        try:
-            conn = get_handle() if get_handle is not None else None
-            version = conn.get_protocol_version_name() if conn is not None else None
-            cipher = conn.get_cipher_name() if conn is not None else None
-        except Exception:
-            version = cipher = None
-        if not version or not cipher:
-            return
-        subject = None
-        try:
-            cert = conn.get_peer_certificate()
-            if cert is not None:
-                subject = cert.to_cryptography().subject.rfc4514_string()  # X509.get_subject is deprecated
-        except Exception:
-            subject = None
-        self.session.tls = TLSInfo(version, cipher, subject)
-        self._observe("tls_started", version)
-        if self._plog is not None:
-            self._plog.tls(version, cipher, subject)
-        self.log.info("session {session_id}: TLS {tls_version} {tls_cipher}", session_id=self._sid,
-                      tls_version=version, tls_cipher=cipher)
-
     async def _command(self, cmd: Command) -> None:
         if self._sasl is not None:  # a response line of an AUTH exchange, not a command
             await self.factory.authenticator.response(self, cmd.raw)
@@ -514,7 +453,7 @@ class ESMTPServer(Protocol):
         key = verb if verb in _KNOWN_VERBS else "unknown"
         self._verbs[key] = self._verbs.get(key, 0) + 1
         if self.tls_active and self.session is not None and self.session.tls is None:
-            self._fill_tls_info()
+            fill_tls_info(self)
             if self.session.tls is not None and self.factory.tls_gate is not None:
                 self.factory.tls_gate.handshake_done(self)  # client certificate check (exmta.tls.verify)
         if self.factory.shutting_down and self.txn is None and verb != "QUIT":
