@@ -15,8 +15,15 @@ CVE-2011-0411).
 
 The session is also a push producer for its own transport: when the client
 does not read its replies, command processing stops until they drain.
-At end of data, before the filters: a mail-loop check (Received count) and
-Exchange's header firewall for sessions without relay rights.
+
+This module is the session's state machine. The other steps of a message's
+acceptance are modules of one job each, functions of the session: end of
+data in :mod:`exmta.smtp.acceptance` (the hop count and the header firewall
+in :mod:`exmta.smtp.header_checks`), the Received header in
+:mod:`exmta.smtp.received`, the deadlines in :mod:`exmta.smtp.deadlines`,
+tracking events in :mod:`exmta.smtp.tracking`, log lines and metrics in
+:mod:`exmta.smtp.session_report`; what a connector's sessions share is
+:class:`exmta.smtp.connector.ConnectorFactory` (docs/architecture.rst).
 """
 from __future__ import annotations
 
