@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.web import resource
 from zope.interface import implementer
 
-from exmta.interfaces import IMessageTracker
+from exmta.interfaces import IMessageTracker, ISessionObserver
 from exmta.model import TrackingEvent, TrackingEventId
 from exmta.queue.errors import StoreUnavailable
 
@@ -312,7 +312,7 @@ class Throughput:
         return out
 
 
-@implementer(IMessageTracker)
+@implementer(IMessageTracker, ISessionObserver)
 class Metrics:
     """Every exmta metric, in its own registry; feed it events, scrape ``registry``."""
 
@@ -352,6 +352,9 @@ class Metrics:
                                  ["rule", "mode"], registry=r)
         self.latency = Histogram("exmta_delivery_latency_seconds", "Receipt to final delivery, per recipient",
                                  ["connector"], buckets=LATENCY_BUCKETS, registry=r)
+        self.screened = Counter("exmta_connection_filter", "Connections screened before the greeting "
+                                "(passed, allowed, listed, pregreet, dns_timeout, dns_error)",
+                                ["connector", "outcome"], registry=r)
         r.register(_LiveCollector(self))
 
     # ------------------------------------------------------------ IMessageTracker
@@ -406,6 +409,9 @@ class Metrics:
 
     def filter_verdict(self, filter_name: str, phase: str, action: str) -> None:
         _child(self.filter_verdicts, filter_name, phase, action).inc()
+
+    def connection_screened(self, connector: str, outcome: str) -> None:
+        _child(self.screened, connector, outcome).inc()  # exmta.receive.screen
 
     # ------------------------------------------------------------ reading
 

@@ -17,7 +17,7 @@ dropped and counted (``lost_leases``): that recipient may be delivered twice
 
 Blocking psycopg calls run on the store's own bounded thread pool (never
 the spool's, filters' or deliveries' pool), each taking a connection from a
-small pool of connections (:class:`Connections`) that makes a new one as soon as PostgreSQL is
+small pool of connections (:class:`~exmta.queue.pgpool.Connections`) that makes a new one as soon as PostgreSQL is
 back after a restart.
 Content of a claimed message is copied to a local cache file (checksum
 verified) so that ``open_content`` stays synchronous and cheap for the
@@ -31,10 +31,8 @@ import io
 import json
 import os
 import random
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Iterator, TypeVar
+from typing import Any, BinaryIO, Callable, TypeVar
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
@@ -45,10 +43,11 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from exmta.coroutines import run_coroutine
-from exmta.interfaces import IMessageWriter, IQueueAdmin, IQueueStore
+from exmta.interfaces import IIncomingFeed, IMessageWriter, IQueueAdmin, IQueueStore
 from exmta.model import Envelope, QueueEntry, new_queue_id
-from exmta.queue import pgschema
 from exmta.queue.errors import ContentCorrupt, StoreUnavailable
+from exmta.queue.pgpool import Connections
+from exmta.queue.pgschema import migrate_dsn, status_dsn
 
 T = TypeVar("T")
 
@@ -163,7 +162,7 @@ class NodeStatus:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@implementer(IQueueStore, IQueueAdmin)
+@implementer(IQueueStore, IQueueAdmin, IIncomingFeed)
 class PostgresStore:
     """IQueueStore and IQueueAdmin on PostgreSQL (psycopg 3)."""
 
@@ -758,73 +757,6 @@ class PostgresStore:
         return self._in_pool(self._tx, work)
 
 
-class Connections:
-    """A small connection pool: idle connections are checked before use, a missing one is made at once.
-
-    No background reconnection with growing back-off (psycopg_pool waited up to a minute after a
-    PostgreSQL restart): every request that needs a connection tries to make one, bounded by the
-    store's thread pool and ``connect_timeout``, so service resumes as soon as the server is back.
-    """
-
-    def __init__(self, dsn: str, max_idle: int, connect_timeout: float, application_name: str) -> None:
-        self.dsn = dsn
-        self.max_idle = max_idle
-        self.connect_timeout = max(1, int(connect_timeout))
-        self.application_name = application_name
-        self._idle: list[Any] = []
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def _connect(self) -> Any:
-        import psycopg
-
-        conn = psycopg.connect(self.dsn, connect_timeout=self.connect_timeout,
-                               application_name=self.application_name)
-        conn.execute("SET synchronous_commit = on")  # a 250 needs the commit on disk
-        conn.commit()
-        return conn
-
-    def _checkout(self) -> Any:
-        while True:
-            with self._lock:
-                conn = self._idle.pop() if self._idle else None
-            if conn is None:
-                return self._connect()
-            try:
-                conn.execute("SELECT 1")
-                conn.rollback()
-                return conn
-            except Exception:
-                conn.close()  # stale (the server restarted): try the next one, then a new one
-
-    @contextmanager
-    def connection(self) -> Iterator[Any]:
-        conn = self._checkout()
-        try:
-            yield conn
-        finally:
-            keep = False
-            if not conn.closed and not conn.broken:
-                try:
-                    conn.rollback()
-                    keep = True
-                except Exception:
-                    keep = False
-            with self._lock:
-                if keep and not self._closed and len(self._idle) < self.max_idle:
-                    self._idle.append(conn)
-                    conn = None
-            if conn is not None:
-                conn.close()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
-
-
 class _PostgresService(MultiService):
     """Opens the pool and threads at start; renews leases, beats the heart and polls for due mail."""
 
@@ -897,19 +829,5 @@ def _unlink_quiet(path: str) -> bool:
         return False
 
 
-def migrate_dsn(dsn: str, connect_timeout: float = 10.0) -> list[int]:
-    """Create or migrate the schema (``exmta db migrate``)."""
-    import psycopg
-
-    with psycopg.connect(dsn, connect_timeout=max(1, int(connect_timeout))) as conn:
-        return pgschema.migrate(conn)
-
-
-def status_dsn(dsn: str, connect_timeout: float = 10.0) -> pgschema.SchemaStatus:
-    import psycopg
-
-    with psycopg.connect(dsn, connect_timeout=max(1, int(connect_timeout))) as conn:
-        return pgschema.status(conn)
-
-
-__all__ = ["NodeStatus", "PostgresStore", "PostgresWriter", "StoreUnavailable", "migrate_dsn", "status_dsn"]
+__all__ = ["Connections", "NodeStatus", "PostgresStore", "PostgresWriter", "StoreUnavailable", "migrate_dsn",
+           "status_dsn"]

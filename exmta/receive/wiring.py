@@ -100,8 +100,12 @@ def make_dispatchers(connectors: Sequence[ReceiveConnectorConfig], factories: Se
     listening on several endpoints has one :class:`ConnectorEntry`, so its
     connection limits count all of them together.
     """
+    from exmta.receive.screen import ConnectionScreen, screened
+
+    screen = ConnectionScreen(clock) if clock is not None else None  # DNS lists and greet pause (one per process)
     entries = {
-        rc.name: ConnectorEntry.from_config(rc, _listening(f, clock), f) for rc, f in zip(connectors, factories)
+        rc.name: ConnectorEntry.from_config(rc, screened(_listening(f, clock), f, screen), f)
+        for rc, f in zip(connectors, factories)
     }
     dispatchers = [
         (endpoint, DispatchingFactory([entries[rc.name] for rc in rcs], endpoint))

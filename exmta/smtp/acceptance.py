@@ -119,6 +119,7 @@ async def finish_message(server: ESMTPServer, size: int, bare_newline: bool, lin
             size=writer.size,
             held_reason=getattr(view, "quarantine_reason", None),
         )
+        envelope = view.edit_envelope(envelope)  # filters' recipient edits (exmta.milter)
         if rules is not None:
             envelope = rules.envelope(envelope)
         queue_id = await server.factory.store.commit(writer, envelope)
