@@ -1,6 +1,6 @@
 """Exchange's header firewall on the way out: organisation headers leave only toward trusted hops.
 
-On receive, :mod:`exmta.smtp.server` strips ``X-MS-Exchange-Organization-*``,
+On receive, :mod:`exmta.smtp.header_checks` strips ``X-MS-Exchange-Organization-*``,
 ``-Forest-*`` and ``-CrossPremises-*`` from sessions without the right to
 send them. On send, Exchange keeps them only toward connectors that hold
 ``Ms-Exch-Send-Headers-Organization`` (its Exchange servers and the hybrid

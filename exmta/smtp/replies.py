@@ -6,7 +6,7 @@ whose text depends on the session are small functions.
 """
 from __future__ import annotations
 
-from exmta.model import Reply
+from exmta.model import Action, Reply, Verdict
 
 R = Reply.make
 
@@ -107,3 +107,14 @@ def ehlo_ok(hostname: str, extensions: list[str]) -> Reply:
 def non_smtp_command() -> Reply:
     """Sent before closing on HTTP-style commands (cross-protocol attacks)."""
     return R(221, "2.7.0", "Error: non-SMTP command, goodbye")
+
+
+def default_reply(verdict: Verdict) -> Reply:
+    """The reply for a refusing verdict that names none."""
+    if verdict.reply is not None:
+        return verdict.reply
+    if verdict.action is Action.REJECT:
+        return Reply.make(550, "5.7.1", "Rejected")
+    if verdict.action is Action.DISCONNECT:
+        return Reply.make(421, "4.7.0", "Closing connection")
+    return Reply.make(451, "4.7.1", "Try again later")

@@ -15,40 +15,47 @@ CVE-2011-0411).
 
 The session is also a push producer for its own transport: when the client
 does not read its replies, command processing stops until they drain.
-At end of data, before the filters: a mail-loop check (Received count) and
-Exchange's header firewall for sessions without relay rights.
+
+This module is the session's state machine. The other steps of a message's
+acceptance are modules of one job each, functions of the session: end of
+data in :mod:`exmta.smtp.acceptance` (the hop count and the header firewall
+in :mod:`exmta.smtp.header_checks`), the Received header in
+:mod:`exmta.smtp.received`, the deadlines in :mod:`exmta.smtp.deadlines`,
+tracking events in :mod:`exmta.smtp.tracking`, log lines and metrics in
+:mod:`exmta.smtp.session_report`; what a connector's sessions share is
+:class:`exmta.smtp.connector.ConnectorFactory` (docs/architecture.rst).
 """
 from __future__ import annotations
 
 import dataclasses
-import email.utils
-import functools
-import ipaddress
 import random
 import re
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from exmta.config.schema import ReceiveConnectorConfig
-from exmta.filters.base import FilterChain, MessageView, call_hook
-from exmta.interfaces import IMessageTracker, IQueueStore, IReceivePolicy
+from exmta.filters.base import call_hook
 from exmta.model import (
-    Action, Address, Body, Envelope, Recipient, Reply, Session, TLSInfo, TrackingEvent,
-    TrackingEventId, Transaction, Verdict,
+    Action, Address, Body, Reply, Session, TrackingEventId, Transaction, Verdict,
 )
 from exmta.queue.errors import StoreUnavailable
 from exmta.queue.nospace import out_of_space
 from exmta.smtp import replies
-from exmta.smtp.backscatter import anonymous, forged_sender, narrow_mail, narrow_rcpt
-from exmta.smtp.limits import HEADER_TOO_BIG, RefusedRecipients, header_refusal, too_many_refused
+from exmta.smtp.acceptance import finish_message, refuse_oversize
+from exmta.smtp.backscatter import anonymous, narrow_mail, narrow_rcpt
+from exmta.smtp.deadlines import arm_timer, cancel_timer
+from exmta.smtp.connector import ConnectorFactory
+from exmta.smtp.limits import RefusedRecipients, too_many_refused
 from exmta.smtp.params import ParamError, parse_mail, parse_rcpt
+from exmta.smtp.received import received_header
 from exmta.smtp.sendnow import plain_tcp, write_now
+from exmta.smtp.session_report import fill_tls_info, log_event, log_session_end, observe
+from exmta.smtp.tracking import track_agent, track_refusal
 from exmta.smtp.wire import (
     INVALID_BARE_NEWLINE, INVALID_TOO_LONG, ChunkEnd, Command, DataChunk, DataEnd,
     InvalidLine, Mode, ServerParser,
@@ -66,60 +73,6 @@ _KNOWN_VERBS = frozenset({
     "EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY", "HELP", "STARTTLS", "AUTH",
 })
 _NOT_IMPLEMENTED = frozenset({"EXPN", "ETRN", "TURN", "ATRN", "SEND", "SOML", "SAML", "AUTH"})
-
-
-#: Exchange's header firewall: organisation, forest and hybrid attribution headers are only
-#: believed from trusted peers (EXCHANGE.md section 5)
-FIREWALLED_HEADER_PREFIXES = ("X-MS-Exchange-Organization-", "X-MS-Exchange-Forest-", "X-MS-Exchange-CrossPremises-")
-
-
-def _clean_header_value(value: Any) -> str | None:
-    """A header value as valid text: raw 8-bit octets (surrogate escapes) become UTF-8 or U+FFFD."""
-    if value is None:
-        return None
-    text = re.sub(r"\r?\n(?=[ \t])", "", str(value)).strip()  # RFC 5322 unfolding
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def _no_local_domains(domain: str) -> bool:
-    return False
-
-
-def _untrusted(session: Session) -> bool:
-    return False
-
-
-def _default_reply(verdict: Verdict) -> Reply:
-    if verdict.reply is not None:
-        return verdict.reply
-    if verdict.action is Action.REJECT:
-        return Reply.make(550, "5.7.1", "Rejected")
-    if verdict.action is Action.DISCONNECT:
-        return Reply.make(421, "4.7.0", "Closing connection")
-    return Reply.make(451, "4.7.1", "Try again later")
-
-
-def _printable(text: str, utf8: bool = False) -> str:
-    """Text safe for a header field: printable, no CR/LF; ASCII unless the message is SMTPUTF8."""
-    if text.isprintable() and (utf8 or text.isascii()):
-        return text  # the usual case, without a Python loop over the characters
-    return "".join(c if c.isprintable() and (utf8 or c.isascii()) else "?" for c in text)
-
-
-@functools.lru_cache(maxsize=4)  # a new string once a second, not once per message
-def _header_date(second: int) -> str:
-    """The RFC 5322 date of the Received header, local time (seconds resolution)."""
-    return email.utils.formatdate(second, localtime=True)
-
-
-@functools.lru_cache(maxsize=4096)  # once per message, with the same few peers
-def _address_literal(peer_ip: str) -> str:
-    """The peer as an address literal for the Received header: ``[192.0.2.1]``, ``[IPv6:2001:db8::1]``."""
-    try:
-        ip = ipaddress.ip_address(peer_ip)
-    except ValueError:
-        return f"[{_printable(peer_ip) or 'unknown'}]"
-    return f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"
 
 
 @implementer(IPushProducer)
@@ -173,7 +126,7 @@ class ESMTPServer(Protocol):
         self._disconnected = False
         self._timer: IDelayedCall | None = None
         self._tcp: Any = _UNSET  # the plain TCP connection for write_now (exmta.smtp.sendnow), found once
-        self._deadline = 0.0  # when the client's current timeout runs out (exmta.smtp.server._arm_timer)
+        self._deadline = 0.0  # when the client's current timeout runs out (exmta.smtp.deadlines)
         self._line_started: float | None = None  # first octet of the command line still incomplete
         self._data_deadline: float | None = None  # DATA/BDAT must be in by then (grows with min_data_rate)
         self._sasl: Any = None  # the SASL mechanism of an AUTH exchange in progress (exmta.auth.smtp)
@@ -196,7 +149,7 @@ class ESMTPServer(Protocol):
             started=now,
         )
         self.factory.sessions.add(self)
-        self._observe("session_opened")
+        observe(self, "session_opened")
         if self.factory.protocol_log is not None:
             self._plog = self.factory.protocol_log.for_server(self.session)
         register = getattr(self.transport, "registerProducer", None)
@@ -218,13 +171,13 @@ class ESMTPServer(Protocol):
             verdict = await self._policy("check_connect", self.session)
             if verdict.action in (Action.CONTINUE, Action.ACCEPT, Action.DISCARD):
                 verdict = await self.factory.filters.on_connect(self.session)
-                self._track_agent("connect", verdict)
+                track_agent(self, "connect", verdict)
         except Exception:
             self.log.failure("session {session_id}: connect check failed", session_id=self._sid)
             self._close(Reply.make(421, "4.3.0", f"{self.config.hostname} Error: internal error, try again later"))
             return
         if verdict.action in (Action.REJECT, Action.TEMPFAIL, Action.DISCONNECT):
-            reply = _default_reply(verdict)
+            reply = replies.default_reply(verdict)
             # a refused connection gets 554 or 421 (RFC 5321 3.1), then we close
             code = 554 if reply.is_permanent else 421
             self._close(Reply(code, reply.status, reply.lines))
@@ -236,7 +189,7 @@ class ESMTPServer(Protocol):
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._disconnected = True
         self._closing = True
-        self._cancel_timer()
+        cancel_timer(self)
         if self.tls_active and self.factory.tls_gate is not None:
             self.factory.tls_gate.connection_lost(self, reason)  # logs a failed handshake
         if self._writer is not None:
@@ -247,26 +200,7 @@ class ESMTPServer(Protocol):
         self._abort_writer()
         self.txn = None
         self.parser.discard_buffer()
-        if self.session is not None:
-            queued = " ".join(self._queued_ids)
-            if self.messages > len(self._queued_ids):
-                queued += f" +{self.messages - len(self._queued_ids)} more"
-            fields = dict(
-                session_id=self._sid, duration=self.clock.seconds() - self.session.started,
-                messages=self.messages, queued=f" queued ({queued})" if queued else "", errors=self.errors,
-                peer_ip=self.session.peer_ip, peer_port=self.session.peer_port, connector=self.config.name,
-                commands=" ".join(f"{verb.lower()}={n}" for verb, n in self._verbs.items()) or "no commands",
-            )
-            # rendered here (an f-string) rather than by the log observer's str.Formatter, which cost
-            # more than the rest of the session's teardown; the fields stay in the event
-            text = (f"session {fields['session_id']} end after {fields['duration']:.3f}s: "
-                    f"{fields['peer_ip']}:{fields['peer_port']} on {fields['connector']}, "
-                    f"{fields['messages']} message(s){fields['queued']}, {fields['errors']} error(s), "
-                    f"{fields['commands']}")
-            if self._refused_rcpts.count:  # one summary instead of a line per refusal (issue 11 item 7)
-                fields["refused_recipients"] = self._refused_rcpts.count
-                text += f", {self._refused_rcpts.count} refused recipient(s)"
-            self.log.info(text.replace("{", "{{").replace("}", "}}"), session_end=True, **fields)
+        log_session_end(self)
         if self._plog is not None:
             self._plog.end()
         self.factory._session_closed(self)
@@ -303,11 +237,11 @@ class ESMTPServer(Protocol):
             self._processing = False
         if not self._busy and not self._closing:
             self._flush()
-            self._arm_timer()
+            arm_timer(self)
 
     def _dispatch(self, event: Any) -> None:
         if self._plog is not None and not isinstance(event, DataChunk):
-            self._log_event(event)
+            log_event(self, event)
         if isinstance(event, DataChunk):
             self._write_content(event.data)
             return
@@ -326,7 +260,7 @@ class ESMTPServer(Protocol):
         self._busy = True
         d = call_hook(handler, *args)
         if not d.called:
-            self._cancel_timer()  # no command timeout while it is pending (re-armed when it is done)
+            cancel_timer(self)  # no command timeout while it is pending (re-armed when it is done)
         d.addErrback(self._handler_failed)
         d.addBoth(self._handler_done)
         self._update_reading()
@@ -376,14 +310,6 @@ class ESMTPServer(Protocol):
     def stopProducing(self) -> None:
         self._write_blocked = False
 
-    def _log_event(self, event: Any) -> None:
-        if isinstance(event, Command):
-            self._plog.command(event.raw)
-        elif isinstance(event, (DataEnd, ChunkEnd)):
-            self._plog.data(event.size, "DATA" if isinstance(event, DataEnd) else "BDAT")
-        elif isinstance(event, InvalidLine):
-            self._plog.command(event.raw, invalid=event.reason)
-
     # ------------------------------------------------------------ output
 
     def _reply(self, reply: Reply) -> None:
@@ -392,7 +318,7 @@ class ESMTPServer(Protocol):
         if self._plog is not None:
             self._plog.reply(reply)
         if reply.code == 535:  # RFC 4954: authentication credentials invalid
-            self._observe("auth_failed")
+            observe(self, "auth_failed")
         self._out.append(reply.to_bytes())
 
     def _flush(self) -> None:
@@ -413,7 +339,7 @@ class ESMTPServer(Protocol):
             self._out.append(reply.to_bytes())
         self._flush()
         self._closing = True
-        self._cancel_timer()
+        cancel_timer(self)
         self._abort_writer()
         self.txn = None
         self.parser.discard_buffer()
@@ -436,63 +362,9 @@ class ESMTPServer(Protocol):
 
     # ------------------------------------------------------------ timers
 
-    def _arm_timer(self) -> None:
-        """The client has until ``self._deadline``. The timer is not moved on each command
-        (that was a reactor reschedule per line): it fires at its old time, sees the later
-        deadline and sleeps again for the rest, unless the deadline came nearer.
-
-        A command line must be complete ``command_timeout`` after its first octet, however
-        slowly it drips in (Postfix's smtpd_per_request_deadline); DATA (or one BDAT chunk)
-        must be complete ``data_timeout`` + octets / ``min_data_rate`` after it began."""
-        if self._closing or self._busy:
-            return
-        now = self.clock.seconds()
-        if self.parser.mode is Mode.COMMAND:
-            self._data_deadline = None
-            if self.parser.buffered():
-                if self._line_started is None:
-                    self._line_started = now
-                self._deadline = self._line_started + self.config.command_timeout
-            else:
-                self._line_started = None
-                self._deadline = now + self.config.command_timeout
-        else:
-            if self._data_deadline is None:
-                self._data_deadline = now + self.config.data_timeout
-            self._deadline = now + self.config.data_timeout
-            if self.config.min_data_rate:
-                self._deadline = min(self._deadline, self._data_deadline)
-        delay = max(0.0, self._deadline - now)
-        timer = self._timer
-        if timer is None or not timer.active():
-            self._timer = self.clock.callLater(delay, self._timer_fired)
-        elif timer.getTime() > self._deadline:
-            timer.reset(delay)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _timer_fired(self) -> None:
-        left = self._deadline - self.clock.seconds()
-        if left > 0:
-            self._timer = self.clock.callLater(left, self._timer_fired)
-            return
-        self._timed_out()
-
-    def _observe(self, event: str, *args: Any) -> None:
-        """Tell the factory's session observer (metrics) ``event``(connector, *args); never raises."""
-        observer = self.factory.session_observer
-        if observer is not None:
-            try:
-                getattr(observer, event)(self.config.name, *args)
-            except Exception:
-                self.log.failure("session observer failed on {event}", event=event)
-
     def _timed_out(self) -> None:
         self._timer = None
-        self._observe("session_timed_out")
+        observe(self, "session_timed_out")
         self.log.info("session {session_id}: timeout in {mode} mode", session_id=self._sid,
                       mode=self.parser.mode.value)
         self._close(replies.timeout(self.config.hostname))
@@ -520,7 +392,7 @@ class ESMTPServer(Protocol):
         """Send the reply for a refusing verdict; True when the command is refused."""
         if verdict.action in (Action.CONTINUE, Action.ACCEPT, Action.DISCARD):
             return False
-        reply = _default_reply(verdict)
+        reply = replies.default_reply(verdict)
         if verdict.action is Action.DISCONNECT:
             self._close(reply)
         else:
@@ -580,32 +452,6 @@ class ESMTPServer(Protocol):
 
     # ------------------------------------------------------------ commands
 
-    def _fill_tls_info(self) -> None:
-        """Record the negotiated TLS version and cipher once the handshake is done (first command over TLS)."""
-        assert self.session is not None
-        get_handle = getattr(self.transport, "getHandle", None)
-        try:
-            conn = get_handle() if get_handle is not None else None
-            version = conn.get_protocol_version_name() if conn is not None else None
-            cipher = conn.get_cipher_name() if conn is not None else None
-        except Exception:
-            version = cipher = None
-        if not version or not cipher:
-            return
-        subject = None
-        try:
-            cert = conn.get_peer_certificate()
-            if cert is not None:
-                subject = cert.to_cryptography().subject.rfc4514_string()  # X509.get_subject is deprecated
-        except Exception:
-            subject = None
-        self.session.tls = TLSInfo(version, cipher, subject)
-        self._observe("tls_started", version)
-        if self._plog is not None:
-            self._plog.tls(version, cipher, subject)
-        self.log.info("session {session_id}: TLS {tls_version} {tls_cipher}", session_id=self._sid,
-                      tls_version=version, tls_cipher=cipher)
-
     async def _command(self, cmd: Command) -> None:
         if self._sasl is not None:  # a response line of an AUTH exchange, not a command
             await self.factory.authenticator.response(self, cmd.raw)
@@ -614,7 +460,7 @@ class ESMTPServer(Protocol):
         key = verb if verb in _KNOWN_VERBS else "unknown"
         self._verbs[key] = self._verbs.get(key, 0) + 1
         if self.tls_active and self.session is not None and self.session.tls is None:
-            self._fill_tls_info()
+            fill_tls_info(self)
             if self.session.tls is not None and self.factory.tls_gate is not None:
                 self.factory.tls_gate.handshake_done(self)  # client certificate check (exmta.tls.verify)
         if self.factory.shutting_down and self.txn is None and verb != "QUIT":
@@ -652,7 +498,7 @@ class ESMTPServer(Protocol):
         self.session.helo_name = name
         self.session.esmtp = esmtp
         verdict = await self.factory.filters.on_helo(self.session)
-        self._track_agent("helo", verdict)
+        track_agent(self, "helo", verdict)
         if self._refused(verdict):
             self.session.helo_name = None
             self.session.esmtp = False
@@ -696,8 +542,8 @@ class ESMTPServer(Protocol):
             refusal, params = self.factory.authenticator.check_mail(self, sender, params)
             if refusal is not None:
                 # send-as at MAIL: a REJECT event, as at end of data
-                self._track_refusal(TrackingEventId.REJECT, Transaction(sender, params), None, refusal,
-                                    "send-as: sender not granted")
+                track_refusal(self, TrackingEventId.REJECT, Transaction(sender, params), None, refusal,
+                              "send-as: sender not granted")
                 self._reply(refusal)
                 return
         limit = self.config.max_message_size
@@ -709,7 +555,7 @@ class ESMTPServer(Protocol):
             return
         discard = verdict.action is Action.DISCARD
         verdict = await self.factory.filters.on_mail(self.session, sender, params)
-        self._track_agent("mail", verdict, sender=str(sender))
+        track_agent(self, "mail", verdict, sender=str(sender))
         if self._refused(verdict):
             return
         self._reset_transaction()
@@ -750,7 +596,7 @@ class ESMTPServer(Protocol):
                 return
             discard = verdict.action is Action.DISCARD
             verdict = await self.factory.filters.on_rcpt(self.session, txn.view(), rcpt, params)
-            self._track_agent("rcpt", verdict, sender=str(txn.sender), rcpt=rcpt)
+            track_agent(self, "rcpt", verdict, sender=str(txn.sender), rcpt=rcpt)
             if self._refused(verdict):
                 await self._rcpt_refused(verdict, txn, rcpt, "filter", verdict.filter_name)
                 return
@@ -769,14 +615,14 @@ class ESMTPServer(Protocol):
     async def _rcpt_refused(self, verdict: Verdict, txn: Transaction, rcpt: Address, why: str,
                             filter_name: str | None = None) -> None:
         """After a refused RCPT: track it (the first few), count a 5xx, tarpit or close past the limits."""
-        reply = _default_reply(verdict)
+        reply = replies.default_reply(verdict)
         counter = self._refused_rcpts
         if not reply.is_permanent:
-            self._track_refusal(TrackingEventId.REJECT, txn, None, reply, why, rcpt=rcpt, filter_name=filter_name)
+            track_refusal(self, TrackingEventId.REJECT, txn, None, reply, why, rcpt=rcpt, filter_name=filter_name)
             return
         delay, close = counter.refused()
         if counter.tracked:
-            self._track_refusal(TrackingEventId.REJECT, txn, None, reply, why, rcpt=rcpt, filter_name=filter_name)
+            track_refusal(self, TrackingEventId.REJECT, txn, None, reply, why, rcpt=rcpt, filter_name=filter_name)
         if close:
             self.log.info("session {session_id}: {count} refused recipients, closing",
                           session_id=self._sid, count=counter.count)
@@ -799,7 +645,7 @@ class ESMTPServer(Protocol):
         self._write_failed = False
         self.parser.begin_message()
         if self.config.add_received:
-            self._writer.write(self._received_header(self._writer.queue_id))
+            self._writer.write(received_header(self, self._writer.queue_id))
 
     async def smtp_DATA(self, argument: str) -> None:
         if argument.strip():
@@ -851,6 +697,12 @@ class ESMTPServer(Protocol):
         self._bdat_last = last
         self.parser.start_bdat(size)
 
+    def _count_queued(self, queue_id: str) -> None:
+        """One more message queued in this session; the first _IDS_LOGGED ids are named in its end line."""
+        self.messages += 1
+        if len(self._queued_ids) < _IDS_LOGGED:
+            self._queued_ids.append(queue_id)  # named in the session's end line; the tracking log has every one
+
     async def _chunk_end(self, event: ChunkEnd) -> None:
         refusal, self._bdat_refusal = self._bdat_refusal, None
         if refusal is not None:
@@ -859,264 +711,18 @@ class ESMTPServer(Protocol):
                 self._close(replies.too_many_errors(self.config.hostname))
             return
         if event.oversize:
-            self._oversize()
+            refuse_oversize(self)
             return
         if self._bdat_last:
-            await self._finish_message(event.size, bare_newline=False, line_too_long=False)
+            await finish_message(self, event.size, bare_newline=False, line_too_long=False)
         else:
             self._reply(Reply.make(250, "2.0.0", f"Ok: {event.size} octets received"))
 
     async def _data_end(self, event: DataEnd) -> None:
         if event.oversize:
-            self._oversize()
+            refuse_oversize(self)
             return
-        await self._finish_message(event.size, event.bare_newline, event.line_too_long)
-
-    async def _finish_message(self, size: int, bare_newline: bool, line_too_long: bool) -> None:
-        """End of data: check, run on_data filters, apply header edits, commit, then answer."""
-        assert self.session is not None
-        writer, txn = self._writer, self.txn
-        discard, write_failed = self._txn_discard, self._write_failed
-        self._writer = None
-        self._reset_transaction()
-        if writer is None or txn is None:
-            self._reply(replies.INTERNAL_ERROR)
-            return
-        try:
-            if bare_newline:
-                self._refuse_message(writer, txn, replies.BARE_NEWLINE_DATA, "bare newline")
-                return
-            if line_too_long:
-                self._refuse_message(writer, txn, replies.TEXT_LINE_TOO_LONG, "line too long")
-                return
-            if write_failed:
-                self._refuse_message(writer, txn, write_failed if isinstance(write_failed, Reply) else
-                                     replies.INTERNAL_ERROR, "write failed")
-                return
-            view = MessageView(writer.open_read, size=writer.size, head=getattr(writer, "head", None))
-            too_big = header_refusal(view, self.config.max_header_size, self.config.max_header_field)
-            if too_big is not None:  # before anything parses the block (issue 11 items 1 and 12)
-                self._refuse_message(writer, txn, HEADER_TOO_BIG, too_big)
-                return
-            hops = len(view.field_values("Received"))
-            if self.factory.max_hops and hops > self.factory.max_hops:
-                self._refuse_message(writer, txn, replies.TOO_MANY_HOPS, f"{hops} Received headers (mail loop)")
-                return
-            if not self.factory.trusted(self.session):
-                for prefix in self.factory.firewalled_header_prefixes:
-                    view.edits.remove_headers_with_prefix(prefix)
-            if self.factory.authenticator is not None:  # send-as on From: (exmta.auth.smtp)
-                refusal = self.factory.authenticator.check_message(self, view)
-                if refusal is not None:
-                    self._refuse_message(writer, txn, refusal, "send-as: From: not granted")
-                    return
-            verdict = await self.factory.filters.on_data(self.session, txn.view(), view)
-            self._track_agent("data", verdict, sender=str(txn.sender), txn=txn, writer=writer, view=view)
-            if self._closing:  # the client left, or we closed (timeout, shutdown): it cannot get a 250
-                writer.abort()
-                return
-            if verdict.action in (Action.REJECT, Action.TEMPFAIL, Action.DISCONNECT):
-                writer.abort()
-                self._track_refusal(TrackingEventId.REJECT, txn, writer, _default_reply(verdict), "filter",
-                                    filter_name=verdict.filter_name)
-                self._refused(verdict)
-                return
-            new_body = getattr(view, "new_body", None)
-            if new_body is not None:  # a filter's body edit (exmta.malware: strip)
-                writer.replace_headers(writer.size, view.raw_headers + b"\r\n" + new_body)
-            if discard or verdict.action is Action.DISCARD:
-                writer.abort()
-                self.log.info("session {session_id}: message {queue_id} discarded",
-                              session_id=self._sid, queue_id=writer.queue_id)
-                by_filter = verdict.filter_name if verdict.action is Action.DISCARD else None
-                self._track_refusal(TrackingEventId.DROP, txn, writer, None,
-                                    "filter" if by_filter else "discarded by policy", filter_name=by_filter)
-                self._reply(replies.queued(writer.queue_id))
-                return
-            rules = None
-            if self.factory.transport_rules is not None:  # exmta.rules.hook: one call, a decision plus its edits
-                rules = await self.factory.transport_rules.at_end_of_data(self.session, txn.view(), view, writer)
-                if self._closing or rules.reply is not None or rules.discard:
-                    writer.abort()
-                    if not self._closing:
-                        self._track_refusal(TrackingEventId.REJECT if rules.reply else TrackingEventId.DROP, txn,
-                                            writer, rules.reply, "transport rule")
-                        self._reply(rules.reply or replies.queued(writer.queue_id))
-                    return
-            view.apply_edits(writer)
-            message_id = next(iter(view.field_values("Message-ID")), None)
-            forged = forged_sender(self.session, txn) if txn.sender and \
-                anonymous(self.session, self.factory) else None
-            if forged:  # no DSN to a sender known to be forged
-                self.log.info("session {session_id}: {why}: no DSN for this message", session_id=self._sid, why=forged)
-            envelope = Envelope(
-                sender=str(txn.sender),
-                recipients=[Recipient(self._qualified(a), ("NEVER",) if forged else p.notify, p.orcpt)
-                            for a, p in txn.recipients],
-                params=txn.params,
-                queue_id=writer.queue_id,
-                received_at=self.clock.seconds(),
-                connector=self.config.name,
-                client_ip=self.session.peer_ip,
-                client_helo=self.session.helo_name,
-                auth_identity=self.session.auth_identity,
-                message_id=_clean_header_value(message_id),
-                size=writer.size,
-                held_reason=getattr(view, "quarantine_reason", None),
-            )
-            envelope = view.edit_envelope(envelope)  # filters' recipient edits (exmta.milter)
-            if rules is not None:
-                envelope = rules.envelope(envelope)
-            queue_id = await self.factory.store.commit(writer, envelope)
-        except Exception as e:
-            refusal = self._storage_error(e, "end of data failed")
-            writer.abort()
-            self._reply(refusal)
-            return
-        self.messages += 1
-        if len(self._queued_ids) < _IDS_LOGGED:
-            self._queued_ids.append(queue_id)  # named in the session's end line; the tracking log has every one
-        self._track(queue_id, envelope, view.agent_notes, getattr(view, "agent_details", None))
-        if rules is not None:
-            rules.committed(queue_id, envelope)  # rule hits tracked, NDR for refused recipients (never raises)
-        self._reply(replies.queued(queue_id))
-
-    def _qualified(self, rcpt: Address) -> str:
-        """The envelope form of a recipient; a bare ``<postmaster>`` gets the postmaster domain."""
-        if rcpt.domain:
-            return str(rcpt)
-        return f"{rcpt.local}@{self.factory.postmaster_domain or self.config.hostname}"
-
-    def _refuse_message(self, writer: Any, txn: Transaction, reply: Reply, why: str) -> None:
-        writer.abort()
-        self.log.info("session {session_id}: message refused at end of data: {why}",
-                      session_id=self._sid, why=why)
-        self._track_refusal(TrackingEventId.REJECT, txn, writer, reply, why)
-        self._reply(reply)
-
-    def _oversize(self) -> None:
-        """The message passed max_message_size: refuse it and end the transaction."""
-        if self.txn is not None and self._writer is not None:
-            self._track_refusal(TrackingEventId.REJECT, self.txn, self._writer, replies.SIZE_EXCEEDED,
-                                "message too big")
-        self._reset_transaction()
-        self._reply(replies.SIZE_EXCEEDED)
-
-    def _track_refusal(self, event_id: TrackingEventId, txn: Transaction, writer: Any, reply: Reply | None,
-                       why: str, rcpt: Address | None = None, filter_name: str | None = None) -> None:
-        """A REJECT (or DROP, for DISCARD) tracking event for a message, or one recipient ``rcpt``, not queued."""
-        tracker = self.factory.tracker
-        if tracker is None:
-            return
-        details = {"session_id": self._sid, "reason": why}
-        if self.session is not None and self.session.auth_identity:
-            details["auth_user"] = self.session.auth_identity
-        if filter_name:
-            details["filter"] = filter_name
-        try:
-            tracker.track(TrackingEvent(
-                event_id, getattr(writer, "queue_id", ""), self.clock.seconds(),
-                sender=str(txn.sender),
-                recipients=(self._qualified(rcpt),) if rcpt is not None else
-                tuple(self._qualified(a) for a, _ in txn.recipients),
-                size=getattr(writer, "size", None), connector=self.config.name, source="SMTP",
-                remote_host=self.session.peer_ip if self.session else None,
-                reply=str(reply) if reply is not None else None,
-                details=details,
-            ))
-        except Exception:
-            self.log.failure("tracker failed for a refused message")
-
-    def _track_agent(self, phase: str, verdict: Verdict, sender: str = "", rcpt: Address | None = None,
-                     txn: Transaction | None = None, writer: Any = None, view: Any = None) -> None:
-        """An AGENTINFO event for a filter's verdict other than CONTINUE: which filter, phase, verdict, reply."""
-        tracker = self.factory.tracker
-        if tracker is None or not verdict.filter_name or verdict.action in (Action.CONTINUE, Action.ACCEPT):
-            return
-        try:
-            if rcpt is not None:
-                recipients: tuple[str, ...] = (self._qualified(rcpt),)
-            else:
-                recipients = tuple(self._qualified(a) for a, _ in txn.recipients) if txn is not None else ()
-            tracker.track(TrackingEvent(
-                TrackingEventId.AGENTINFO, getattr(writer, "queue_id", ""), self.clock.seconds(),
-                sender=sender, recipients=recipients,
-                message_id=_clean_header_value(next(iter(view.field_values("Message-ID")), None)) if view else None,
-                size=getattr(writer, "size", None), connector=self.config.name, source="AGENT",
-                remote_host=self.session.peer_ip if self.session else None,
-                reply=None if verdict.action is Action.DISCARD else str(_default_reply(verdict)),
-                details={"session_id": self._sid, "filter": verdict.filter_name, "phase": phase,
-                         "verdict": verdict.action.value},
-            ))
-        except Exception:
-            self.log.failure("tracker failed for a filter verdict")
-
-    def _track(self, queue_id: str, envelope: Envelope,
-               agents: list[tuple[str, int, str | None]] | None = None,
-               agent_details: dict[str, dict[str, str]] | None = None) -> None:
-        """RECEIVE, then an AGENTINFO per filter that edited headers or quarantined (``view.agent_notes``)."""
-        tracker = self.factory.tracker
-        if tracker is None:
-            return
-        try:
-            tracker.track(TrackingEvent(
-                TrackingEventId.RECEIVE, queue_id, envelope.received_at,
-                sender=envelope.sender,
-                recipients=tuple(r.address for r in envelope.recipients),
-                message_id=envelope.message_id, size=envelope.size,
-                connector=self.config.name, source="SMTP",
-                remote_host=envelope.client_ip,
-                tls=(f"{self.session.tls.version} {self.session.tls.cipher}"
-                     if self.session and self.session.tls else None),
-                details={"session_id": self._sid, "client_helo": envelope.client_helo or "",
-                         **({"auth_user": envelope.auth_identity} if envelope.auth_identity else {})},
-            ))
-            notes = list(agents or ())
-            if envelope.held_reason and not any(reason for _, _, reason in notes):
-                notes.append(("", 0, envelope.held_reason))  # quarantined outside the chain
-            for name, edits, reason in notes:  # Exchange's AGENTINFO: the filter acted but let the message in
-                details: dict[str, Any] = {"session_id": self._sid, "phase": "data",
-                                           "verdict": "quarantine" if reason else "continue"}
-                if name:
-                    details["filter"] = name
-                if edits:
-                    details["header_edits"] = edits
-                if reason:
-                    details["reason"] = reason
-                details.update((agent_details or {}).get(name, {}))  # e.g. the check that decided
-                tracker.track(TrackingEvent(
-                    TrackingEventId.AGENTINFO, queue_id, envelope.received_at, sender=envelope.sender,
-                    recipients=tuple(r.address for r in envelope.recipients), message_id=envelope.message_id,
-                    size=envelope.size, connector=self.config.name, source="AGENT", details=details,
-                ))
-        except Exception:
-            self.log.failure("tracker failed for {queue_id}", queue_id=queue_id)
-
-    def _received_header(self, queue_id: str) -> bytes:
-        assert self.session is not None and self.txn is not None
-        s = self.session
-        literal = _address_literal(s.peer_ip)
-        if not s.esmtp:
-            proto = "SMTP"
-        else:
-            proto = "ESMTP"
-            if self.txn.params.smtputf8:
-                proto = "UTF8SMTP"
-            suffix = ("S" if self.tls_active else "") + ("A" if s.auth_identity else "")
-            proto += suffix
-        utf8 = self.txn.params.smtputf8
-        lines = [f"Received: from {_printable(s.helo_name or 'unknown', utf8)} ({literal})"]
-        if s.tls is not None:
-            lines.append(f"\t(using {_printable(s.tls.version)} with cipher {_printable(s.tls.cipher)})")
-        lines.append(f"\tby {self.config.hostname} (exmta) with {proto} id {queue_id}")
-        date = _header_date(int(self.clock.seconds()))
-        if len(self.txn.recipients) == 1:
-            rcpt = self.txn.recipients[0][0]
-            lines.append(f"\tfor <{_printable(str(rcpt), utf8)}>; {date}")
-        else:
-            lines[-1] += ";"
-            lines.append(f"\t{date}")
-        return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+        await finish_message(self, event.size, event.bare_newline, event.line_too_long)
 
     def _junk(self) -> None:
         """NOOP, RSET, VRFY and HELP past the junk limit count as errors (Postfix smtpd_junk_command_limit)."""
@@ -1186,102 +792,8 @@ class ESMTPServer(Protocol):
         self.transport.startTLS(ctx)
 
 
-class ESMTPServerFactory(Factory):
+class ESMTPServerFactory(ConnectorFactory):
     """Builds :class:`ESMTPServer` sessions for one receive connector and tracks them for shutdown."""
-
-    log = Logger()
-    noisy = False
-
-    def __init__(
-        self,
-        config: ReceiveConnectorConfig,
-        policy: IReceivePolicy,
-        filters: FilterChain,
-        store: IQueueStore,
-        clock: IReactorTime,
-        tracker: IMessageTracker | None = None,
-        postmaster: str = "postmaster",
-        local_domain: Callable[[str], bool] = _no_local_domains,
-        tls_context_factory: Any = None,
-        postmaster_domain: str | None = None,
-    ) -> None:
-        """``postmaster_domain`` qualifies a bare ``RCPT TO:<postmaster>`` (default: the hostname)."""
-        self.config = config
-        self.policy = policy
-        self.filters = filters if filters is not None else FilterChain((), clock)
-        self.store = store
-        self.clock = clock
-        self.tracker = tracker
-        self.postmaster = postmaster
-        self.local_domain = local_domain
-        self.tls_context_factory = tls_context_factory
-        #: TLS from the first byte (the listener is wrapped by exmta.tls.context.listening_factory)
-        self.implicit_tls = False
-        #: exmta.tls.verify.TLSGate: require_tls and client certificate checks, or None
-        self.tls_gate: Any = None
-        #: exmta.auth.smtp.Authenticator: SMTP AUTH and send-as for this connector, or None (no AUTH)
-        self.authenticator: Any = None
-        self.postmaster_domain = postmaster_domain
-        #: header firewall (Exchange): these header families are removed from messages of sessions
-        #: that ``trusted`` does not accept; by default a session is trusted when the policy lets it relay
-        self.firewalled_header_prefixes: tuple[str, ...] = FIREWALLED_HEADER_PREFIXES
-        #: (asks the current policy, so a policy swapped by a reload counts: its ``trusted``, from its
-        #: permission groups, else its relay right)
-        self.trusted: Callable[[Session], bool] = self._policy_trusts
-        #: a message with more Received fields than this (ours included) is a mail loop: 554 5.4.6
-        #: (Exchange MaxHopCount 30; 0 = no check)
-        self.max_hops = 30
-        #: EHLO keywords not to advertise, e.g. {"CHUNKING", "BINARYMIME"} (Exchange's ChunkingEnabled
-        #: = false); BDAT itself stays accepted from clients that use it anyway
-        self.disabled_extensions: set[str] = set()
-        #: exmta.rules.hook.TransportRules run at end of data, or None (no rules file)
-        self.transport_rules: Any = None
-        #: protocol log of this connector (exmta.observe.protocol.ProtocolLog), None when off
-        self.protocol_log: Any = None
-        self.sessions: set[ESMTPServer] = set()
-        self.shutting_down = False
-        self._shutdown_waiters: list[Deferred[None]] = []
-        self._grace_call: IDelayedCall | None = None
-        #: metrics (exmta.observe.metrics.Metrics): session_opened / session_timed_out / tls_started /
-        #: auth_failed (connector, ...) are called on it when set
-        self.session_observer: Any = None
-
-    def _policy_trusts(self, session: Session) -> bool:
-        judge = getattr(self.policy, "trusted", None) or getattr(self.policy, "may_relay", None) or _untrusted
-        return bool(judge(session))
 
     def buildProtocol(self, addr: Any) -> ESMTPServer:
         return ESMTPServer(self)
-
-    def shutdown(self, grace: float) -> Deferred[None]:
-        """Stop taking commands; after ``grace`` seconds send 421 4.3.2 to whoever is left.
-
-        Idle sessions are closed at once; a session in a transaction may
-        finish it. Fires when every session is closed.
-        """
-        self.shutting_down = True
-        if not self.sessions:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._shutdown_waiters.append(d)
-        for session in list(self.sessions):
-            session.shutdown_requested()
-        if self.sessions and self._grace_call is None:
-            self._grace_call = self.clock.callLater(grace, self._grace_over)
-        return d
-
-    def _grace_over(self) -> None:
-        self._grace_call = None
-        self.log.info("shutdown grace over: closing {count} session(s)", count=len(self.sessions))
-        for session in list(self.sessions):
-            session.force_close()
-
-    def _session_closed(self, session: ESMTPServer) -> None:
-        self.sessions.discard(session)
-        if self.shutting_down and not self.sessions:
-            if self._grace_call is not None and self._grace_call.active():
-                self._grace_call.cancel()
-            self._grace_call = None
-            waiters, self._shutdown_waiters = self._shutdown_waiters, []
-            for d in waiters:
-                d.callback(None)
