@@ -275,7 +275,8 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
         if config.source and os.path.exists(config.source):
             worker_args += ["--config", os.path.abspath(config.source)]
         workers = WorkerPool(reactor, config.receive_workers, shared, worker_args, committed_elsewhere,
-                             on_event=observe.worker_event)
+                             on_event=observe.worker_event,
+                             on_request=resources.rates.answer if hasattr(resources.rates, "answer") else None)
         _add(top, "receive-workers", workers)
         observe.readiness.add("receive workers", workers.readiness)  # each alive and accepting
         # the safety net for a queue id whose line from a worker was lost

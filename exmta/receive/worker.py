@@ -125,7 +125,8 @@ def run(argv: list[str]) -> None:
     from exmta.receive.proxy import wrap_proxy
     from exmta.receive.wiring import make_dispatchers
 
-    resources = receive_resources(config, paths, reactor, pool, opened)  # rates shared with the main process
+    # rate limits: counted by the main process (or the cluster's database), asked over our stdin/stdout
+    resources = receive_resources(config, paths, reactor, pool, opened, worker_lines=lines)
     services = [service for _name, service in resource_services(resources)]
     for service in services:
         service.startService()
@@ -152,8 +153,9 @@ def run(argv: list[str]) -> None:
             resources.service.stopService()
         file_tracker.close()
         protocol_logs.close()
-        if resources.rates is not None:
-            await defer.maybeDeferred(resources.rates.service.stopService)
+        for name, service in resource_services(resources):
+            if name.startswith("rates"):  # the cluster's exchange or the channel to the main process
+                await defer.maybeDeferred(service.stopService)
         if cluster_tracking is not None:
             await defer.maybeDeferred(cluster_tracking.service.stopService)
         if chosen.service is not None:

@@ -90,9 +90,13 @@ class _WorkerProtocol(protocol.ProcessProtocol):
     def outReceived(self, data: bytes) -> None:
         self.buffer += data
         *lines, self.buffer = self.buffer.split(b"\n")
+        answers = []
         for line in lines:
             if line.startswith(b"{"):  # a metrics event (exmta.observe.worker_metrics)
                 self.owner.on_event(line)
+                continue
+            if line.startswith(b"?"):  # a rate check (exmta.receive.noderates): answered on the worker's stdin
+                answers.append(self.owner.on_request(line[1:]))
                 continue
             if line.startswith(b"!"):  # a state line (exmta.receive.worker.READY_LINE)
                 if line.strip() == b"!ready":
@@ -101,6 +105,8 @@ class _WorkerProtocol(protocol.ProcessProtocol):
             queue_id = line.strip().decode("ascii", "replace")
             if queue_id:
                 self.owner.on_committed(queue_id)
+        if answers and self.transport is not None:
+            self.transport.writeToChild(0, b"".join(answers))
 
     def errReceived(self, data: bytes) -> None:
         *lines, self.err_buffer = (self.err_buffer + data).split(b"\n")  # a line may span two reads
@@ -124,13 +130,15 @@ class WorkerPool(Service):
 
     def __init__(self, reactor: Any, count: int, sockets: list[tuple[ListenSpec, socket.socket]],
                  worker_args: list[str], on_committed: Callable[[str], None],
-                 on_event: Callable[[bytes], None] | None = None) -> None:
+                 on_event: Callable[[bytes], None] | None = None,
+                 on_request: Callable[[bytes], bytes] | None = None) -> None:
         self.reactor = reactor
         self.count = count
         self.sockets = sockets
         self.worker_args = worker_args
         self.on_committed = on_committed
         self.on_event = on_event or (lambda line: None)
+        self.on_request = on_request or (lambda line: b"")  # a worker's rate check -> the answer line
         self.procs: dict[int, tuple[Any, _WorkerProtocol]] = {}
         self.ready: set[int] = set()          # workers that said they accept connections
         self.reload_pending: set[int] = set()  # started before a reload, not ready yet: signalled when ready

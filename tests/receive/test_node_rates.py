@@ -1,0 +1,212 @@
+"""Receive rate limits counted once per node (exmta.receive.noderates), on a task.Clock: the main process
+counts for itself and for its receive workers, so a limit means the same with 0, 1 or N workers."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from exmta.model import Address, MailParams, RcptParams, Session, Transaction, Verdict
+from exmta.receive.noderates import NodeRates, RemoteRates
+from exmta.receive.policy import RATE_CHECK_FAILED, DefaultReceivePolicy
+from exmta.receive.workers import WorkerPool, _WorkerProtocol
+
+IP = "192.0.2.7"
+
+
+class Channel:
+    """A worker's stdout and stdin, joined to the main process's NodeRates (answers held until ``deliver``)."""
+
+    def __init__(self, node: NodeRates) -> None:
+        self.node = node
+        self.answers: list[bytes] = []
+        self.remote: RemoteRates | None = None
+
+    def write(self, line: bytes) -> None:
+        assert line.startswith(b"?") and line.endswith(b"\n")
+        self.answers.append(self.node.answer(line[1:-1]))
+
+    def deliver(self) -> None:
+        assert self.remote is not None
+        answers, self.answers = self.answers, []
+        self.remote.lines_received(b"".join(answers))
+
+
+class FakeReactor(Clock):
+    """A Clock that also records readers (RemoteRates reads its stdin on the reactor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.readers: list[Any] = []
+
+    def addReader(self, reader: Any) -> None:
+        self.readers.append(reader)
+
+    def removeReader(self, reader: Any) -> None:
+        if reader in self.readers:
+            self.readers.remove(reader)
+
+
+def worker(node: NodeRates, clock: FakeReactor) -> tuple[RemoteRates, Channel]:
+    channel = Channel(node)
+    remote = channel.remote = RemoteRates(channel.write, clock, fd=-1)
+    remote.running = True  # no stdin to read here: answers come through Channel.deliver
+    return remote, channel
+
+
+def policy(clock: Any, rates: Any, **limits: int) -> DefaultReceivePolicy:
+    return DefaultReceivePolicy(lambda d: None, ["0.0.0.0/0"], clock=clock, connector="inbound", rates=rates,
+                                **limits)
+
+
+def mail(p: DefaultReceivePolicy, channel: Channel | None = None, user: str | None = None) -> Verdict:
+    session = Session(peer_ip=IP, session_id="s1", auth_identity=user)
+    out = p.check_mail(session, Address("a", "x.test"), MailParams())
+    if isinstance(out, Deferred):
+        got: list[Verdict] = []
+        out.addCallback(got.append)
+        assert not got, "a worker's check waits for the main process"
+        assert channel is not None
+        channel.deliver()
+        return got[0]
+    return out
+
+
+def test_one_limit_for_the_main_process_and_two_workers() -> None:
+    clock = FakeReactor()
+    clock.advance(1_000_000)
+    node = NodeRates(clock)
+    main = policy(clock, node, messages_per_minute_per_ip=5)
+    (r1, c1), (r2, c2) = worker(node, clock), worker(node, clock)
+    w1 = policy(clock, r1, messages_per_minute_per_ip=5)
+    w2 = policy(clock, r2, messages_per_minute_per_ip=5)
+    got = [mail(w1, c1), mail(w2, c2), mail(main), mail(w1, c1), mail(w2, c2)]
+    assert got == [Verdict.CONTINUE] * 5
+    for p, ch in ((w1, c1), (w2, c2), (main, None)):
+        refused = mail(p, ch)
+        assert refused.reply is not None and (refused.reply.code, refused.reply.status) == (450, "4.7.1")
+        assert "limit 5 messages per minute" in str(refused.reply)
+    assert node.counters["inbound/messages_per_ip"].current(IP) == 5.0
+    assert node.requests == 6  # four accepted and two refused through workers; the main process asks no one
+    clock.advance(121)  # the window slides: the sender may send again, through any process
+    assert mail(w2, c2) is Verdict.CONTINUE
+
+
+def test_all_or_nothing_a_refused_user_does_not_use_up_the_address() -> None:
+    clock = FakeReactor()
+    node = NodeRates(clock)
+    remote, channel = worker(node, clock)
+    w = policy(clock, remote, messages_per_minute_per_ip=3, messages_per_minute_per_user=1)
+    assert mail(w, channel, user="alice") is Verdict.CONTINUE
+    refused = mail(w, channel, user="alice")
+    assert "too much mail from alice" in str(refused.reply)
+    assert node.counters["inbound/messages_per_ip"].current(IP) == 1.0  # not counted for the refused one
+    assert mail(w, channel, user="bob") is Verdict.CONTINUE
+
+
+def test_recipients_are_counted_by_the_main_process_too() -> None:
+    clock = FakeReactor()
+    node = NodeRates(clock)
+    remote, channel = worker(node, clock)
+    w = policy(clock, remote, recipients_per_minute_per_ip=2)
+    session = Session(peer_ip=IP, session_id="s1")
+    verdicts = []
+    for _ in range(3):
+        d = w.authorize_rcpt(session, Transaction(Address("a", "x.test")), Address("b", "y.test"), RcptParams())
+        assert isinstance(d, Deferred)
+        d.addCallback(verdicts.append)
+        channel.deliver()
+    assert verdicts[:2] == [Verdict.ACCEPT, Verdict.ACCEPT]
+    assert str(verdicts[2].reply).startswith("452 4.5.3")
+
+
+def test_no_answer_is_a_4xx_not_an_acceptance() -> None:
+    clock = FakeReactor()
+    node = NodeRates(clock)
+    remote, channel = worker(node, clock)
+    w = policy(clock, remote, messages_per_minute_per_ip=5)
+    d = w.check_mail(Session(peer_ip=IP, session_id="s1"), Address("a", "x.test"), MailParams())
+    got: list[Verdict] = []
+    d.addCallback(got.append)
+    clock.advance(remote.timeout)
+    assert got == [RATE_CHECK_FAILED] and str(RATE_CHECK_FAILED.reply).startswith("451 4.3.0")
+    channel.deliver()  # a late answer is dropped, nothing fires twice
+    assert got == [RATE_CHECK_FAILED]
+    assert not clock.getDelayedCalls()
+
+
+def test_no_limit_no_request() -> None:
+    clock = FakeReactor()
+    node = NodeRates(clock)
+    remote, channel = worker(node, clock)
+    w = policy(clock, remote)
+    assert mail(w, channel) is Verdict.CONTINUE
+    assert node.requests == 0 and channel.answers == []
+
+
+def test_counts_survive_a_reload_of_the_main_process_policies() -> None:
+    clock = FakeReactor()
+    node = NodeRates(clock)
+    first = policy(clock, node, messages_per_minute_per_ip=2)
+    assert mail(first) is Verdict.CONTINUE and mail(first) is Verdict.CONTINUE
+    reloaded = policy(clock, node, messages_per_minute_per_ip=3)  # SIGHUP: a new policy, a higher limit
+    assert mail(reloaded) is Verdict.CONTINUE
+    assert str(mail(reloaded).reply).startswith("450 4.7.1")
+
+
+def test_a_bad_request_gets_an_error_answer_and_the_worker_a_4xx() -> None:
+    clock = FakeReactor()
+    node = NodeRates(clock)
+    assert json.loads(node.answer(b'{"id": 4, "take": [["x", "many"]]}')) == {
+        "id": 4, "error": "not enough values to unpack (expected 4, got 2)"}
+    assert node.answer(b"not json") == b""
+    remote, _channel = worker(node, clock)
+    failed: list[Any] = []
+    remote.take([(remote.counter("inbound/messages_per_ip", 1), IP)]).addErrback(failed.append)
+    remote.lines_received(b'{"id": 1, "error": "boom"}\n')
+    assert "boom" in failed[0].getErrorMessage()
+
+
+def test_answers_are_read_from_the_worker_stdin_in_any_chunks() -> None:
+    clock = FakeReactor()
+    r, w = os.pipe()
+    try:
+        remote = RemoteRates(lambda line: None, clock, fd=r)
+        remote.startService()
+        assert clock.readers == [remote]
+        results: list[Any] = []
+        for _ in range(2):
+            remote.take([(remote.counter("c/messages_per_ip", 1), IP)]).addCallback(results.append)
+        os.write(w, b'{"id": 1, "refused": -1}\n{"id": 2, "re')
+        remote.doRead()
+        os.write(w, b'fused": 0}\n')
+        remote.doRead()
+        assert results[0] is None and results[1].name == "c/messages_per_ip"
+        assert remote.doRead() is None  # nothing to read: no error
+        remote.stopService()
+        assert clock.readers == []
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_the_worker_pool_answers_rate_checks_on_the_worker_stdin() -> None:
+    clock = Clock()
+    node = NodeRates(clock)
+    committed: list[str] = []
+    pool = WorkerPool(clock, 1, [], [], committed.append, on_request=node.answer)
+    written: list[tuple[int, bytes]] = []
+
+    class Transport:
+        def writeToChild(self, fd: int, data: bytes) -> None:
+            written.append((fd, data))
+
+    proto = _WorkerProtocol(pool, 0)
+    proto.transport = Transport()
+    ask = b'?{"id": 1, "take": [["inbound/messages_per_ip", 1, "192.0.2.7", 1]]}\n'
+    proto.outReceived(ask + b"Q1\n" + ask.replace(b'"id": 1', b'"id": 2'))
+    assert committed == ["Q1"]
+    assert written == [(0, b'{"id": 1, "refused": -1}\n{"id": 2, "refused": 0}\n')]  # one write per read
