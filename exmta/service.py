@@ -260,7 +260,8 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     shared: list[tuple[ListenSpec, Any]] = []
     workers: WorkerPool | None = None  # SIGHUP reaches them through the reload service
     # one listener per endpoint; it hands each connection to the connector whose remote_ranges fit best
-    for i, (endpoint, dispatcher) in enumerate(make_dispatchers(config.receive, factories, reactor)):
+    dispatchers = make_dispatchers(config.receive, factories, reactor, node=resources.node)  # node-wide limits
+    for i, (endpoint, dispatcher) in enumerate(dispatchers):
         spec = parse_shareable(str(i), endpoint) if config.receive_workers else None
         if spec is not None:
             shared.append((spec, bind_socket(spec)))  # bound now, before twistd drops root
@@ -275,8 +276,7 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
         if config.source and os.path.exists(config.source):
             worker_args += ["--config", os.path.abspath(config.source)]
         workers = WorkerPool(reactor, config.receive_workers, shared, worker_args, committed_elsewhere,
-                             on_event=observe.worker_event,
-                             on_request=resources.rates.answer if hasattr(resources.rates, "answer") else None)
+                             on_event=observe.worker_event, node=resources.node)
         _add(top, "receive-workers", workers)
         observe.readiness.add("receive workers", workers.readiness)  # each alive and accepting
         # the safety net for a queue id whose line from a worker was lost

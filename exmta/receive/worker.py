@@ -137,7 +137,7 @@ def run(argv: list[str]) -> None:
     from exmta.admin.service import attach_protocol_logs
     protocol_logs = attach_protocol_logs(config, paths, reactor, factories.values(), rotate=False)
     # the same listeners in the same order as the main process: the index names the socket
-    dispatchers = make_dispatchers(config.receive, list(factories.values()), reactor)
+    dispatchers = make_dispatchers(config.receive, list(factories.values()), reactor, node=resources.node)
 
     ports = []
     for item in args.fds.split(","):
@@ -154,7 +154,7 @@ def run(argv: list[str]) -> None:
         file_tracker.close()
         protocol_logs.close()
         for name, service in resource_services(resources):
-            if name.startswith("rates"):  # the cluster's exchange or the channel to the main process
+            if name in ("rates-db", "node-channel"):  # the cluster's exchange, the channel to the main process
                 await defer.maybeDeferred(service.stopService)
         if cluster_tracking is not None:
             await defer.maybeDeferred(cluster_tracking.service.stopService)

@@ -96,7 +96,8 @@ class _WorkerProtocol(protocol.ProcessProtocol):
                 self.owner.on_event(line)
                 continue
             if line.startswith(b"?"):  # a rate check (exmta.receive.noderates): answered on the worker's stdin
-                answers.append(self.owner.on_request(line[1:]))
+                if self.owner.node is not None:
+                    answers.append(self.owner.node.answer(line[1:], self.index))
                 continue
             if line.startswith(b"!"):  # a state line (exmta.receive.worker.READY_LINE)
                 if line.strip() == b"!ready":
@@ -130,15 +131,14 @@ class WorkerPool(Service):
 
     def __init__(self, reactor: Any, count: int, sockets: list[tuple[ListenSpec, socket.socket]],
                  worker_args: list[str], on_committed: Callable[[str], None],
-                 on_event: Callable[[bytes], None] | None = None,
-                 on_request: Callable[[bytes], bytes] | None = None) -> None:
+                 on_event: Callable[[bytes], None] | None = None, node: Any = None) -> None:
         self.reactor = reactor
         self.count = count
         self.sockets = sockets
         self.worker_args = worker_args
         self.on_committed = on_committed
         self.on_event = on_event or (lambda line: None)
-        self.on_request = on_request or (lambda line: b"")  # a worker's rate check -> the answer line
+        self.node = node  # exmta.receive.noderates.NodeRates: answers the workers' limit checks
         self.procs: dict[int, tuple[Any, _WorkerProtocol]] = {}
         self.ready: set[int] = set()          # workers that said they accept connections
         self.reload_pending: set[int] = set()  # started before a reload, not ready yet: signalled when ready
@@ -209,6 +209,8 @@ class WorkerPool(Service):
 
     def ended(self, proto: _WorkerProtocol, reason: Any) -> None:
         if self.procs.get(proto.index, (None, None))[1] is proto:
+            if self.node is not None:
+                self.node.worker_ended(proto.index)  # its sessions are gone with it
             self.procs.pop(proto.index, None)
             self.ready.discard(proto.index)
             self.reload_pending.discard(proto.index)

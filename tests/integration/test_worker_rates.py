@@ -76,6 +76,37 @@ def test_a_per_ip_message_limit_holds_across_two_workers(tmp_path: Path, smtp_si
         assert exmta.error_lines() == []
 
 
+def test_sessions_per_ip_are_limited_for_the_node_not_per_worker(tmp_path: Path) -> None:
+    toml = exmta_toml(receive_workers=2, receive_extra="max_connections_per_ip = 2")
+    clients: list[smtplib.SMTP] = []
+    with ExmtaProcess(tmp_path, toml, start_timeout=60) as exmta:
+        a, b = _workers(exmta, 2)
+        try:
+            with _only(a, [a, b]):
+                clients.append(smtplib.SMTP("127.0.0.1", exmta.port, timeout=20))  # held open by worker a
+            with _only(b, [a, b]):
+                clients.append(smtplib.SMTP("127.0.0.1", exmta.port, timeout=20))  # b's first, the node's second
+                try:
+                    third = smtplib.SMTP("127.0.0.1", exmta.port, timeout=20)
+                except smtplib.SMTPConnectError as e:
+                    refused = (e.smtp_code, e.smtp_error.decode())
+                else:
+                    third.close()
+                    refused = (220, "admitted")
+            assert refused[0] == 421 and "Too many connections from 127.0.0.1 (limit 2)" in refused[1]
+            clients.pop().quit()  # one session ends: the node admits the next one again
+            wait_until(lambda: _banner(exmta.port) == 220, timeout=30, what="a session to be admitted again")
+        finally:
+            for client in clients:
+                client.close()
+        assert exmta.error_lines() == []
+
+
+def _banner(port: int) -> int:
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+        return client.noop()[0] and 220
+
+
 def test_receive_workers_on_the_postgresql_queue(tmp_path: Path, pg_dsn: str, smtp_sink: SmtpSink) -> None:
     """Two workers commit into PostgreSQL, the main process delivers; the limit is the cluster's
     (exmta.receive.sharedrates): a worker sees what the other counted once its exchange ran (1 s)."""

@@ -197,7 +197,7 @@ def test_the_worker_pool_answers_rate_checks_on_the_worker_stdin() -> None:
     clock = Clock()
     node = NodeRates(clock)
     committed: list[str] = []
-    pool = WorkerPool(clock, 1, [], [], committed.append, on_request=node.answer)
+    pool = WorkerPool(clock, 1, [], [], committed.append, node=node)
     written: list[tuple[int, bytes]] = []
 
     class Transport:
@@ -210,3 +210,96 @@ def test_the_worker_pool_answers_rate_checks_on_the_worker_stdin() -> None:
     proto.outReceived(ask + b"Q1\n" + ask.replace(b'"id": 1', b'"id": 2'))
     assert committed == ["Q1"]
     assert written == [(0, b'{"id": 1, "refused": -1}\n{"id": 2, "refused": 0}\n')]  # one write per read
+
+
+# ---------------------------------------------------------------- connection limits of the node
+
+
+def test_sessions_per_ip_count_every_worker_and_a_dead_worker_releases_its_own() -> None:
+    node = NodeRates(Clock())
+    assert node.open_connection(0, "inbound", IP, 0, 2) is None
+    assert node.open_connection(1, "inbound", IP, 0, 2) is None
+    assert node.open_connection(1, "inbound", IP, 0, 2) == f"too many connections from {IP} (limit 2)"
+    assert node.open_connection(1, "inbound", "198.51.100.1", 0, 2) is None
+    assert node.open_connection(1, "inbound", "198.51.100.2", 3, 0) == "too many connections (3, limit 3)"
+    node.close_connection(1, "inbound", IP)
+    node.close_connection(1, "inbound", IP)  # once only: it held one
+    assert node.connection_counter("inbound").per_ip == {IP: 1, "198.51.100.1": 1}
+    node.worker_ended(1)
+    assert node.connection_counter("inbound").per_ip == {IP: 1}
+    node.close_connection(1, "inbound", "198.51.100.1")  # a late line from the dead worker changes nothing
+    assert node.connection_counter("inbound").total == 1
+
+
+def _worker_dispatcher(node: NodeRates, clock: FakeReactor, max_per_ip: int) -> tuple[Any, Channel, list[Any]]:
+    from twisted.internet.protocol import Factory, Protocol
+
+    from exmta.config.schema import ReceiveConnectorConfig
+    from exmta.receive.wiring import make_dispatchers
+
+    sessions: list[Any] = []
+
+    class Session(Protocol):
+        def __init__(self) -> None:
+            self.data = b""
+            sessions.append(self)
+
+        def connectionMade(self) -> None:
+            self.transport.write(b"220 hello\r\n")
+
+        def dataReceived(self, data: bytes) -> None:
+            self.data += data
+
+    remote, channel = worker(node, clock)
+    rc = ReceiveConnectorConfig(name="inbound", listen=("tcp:25",), max_connections_per_ip=max_per_ip)
+    ((_endpoint, dispatcher),) = make_dispatchers([rc], [Factory.forProtocol(Session)], clock, node=remote)
+    return dispatcher, channel, sessions
+
+
+def _connect(dispatcher: Any) -> tuple[Any, Any]:
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    addr = IPv4Address("TCP", IP, 40000)
+    transport = StringTransport(peerAddress=addr)
+    proto = dispatcher.buildProtocol(addr)
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def test_a_worker_session_waits_for_the_main_process_then_starts_with_what_the_client_said() -> None:
+    clock = FakeReactor()
+    node = NodeRates(clock)
+    dispatcher, channel, sessions = _worker_dispatcher(node, clock, max_per_ip=1)
+    proto, transport = _connect(dispatcher)
+    proto.dataReceived(b"EHLO early\r\n")
+    assert transport.value() == b"" and sessions == []  # no banner before the node admits the session
+    channel.deliver()
+    assert transport.value() == b"220 hello\r\n" and sessions[0].data == b"EHLO early\r\n"
+    assert node.connection_counter("inbound").per_ip == {IP: 1}
+    # a second session from the address, e.g. on another worker: over the node's limit of 1
+    other, _other_channel, _ = _worker_dispatcher(node, clock, max_per_ip=1)
+    _proto2, transport2 = _connect(other)
+    _other_channel.deliver()
+    assert transport2.value().startswith(b"421 4.7.0 ") and b"Too many connections from 192.0.2.7 (limit 1)" in transport2.value()
+    assert transport2.disconnecting
+    proto.connectionLost(None)
+    assert channel.answers == [b""]  # the close line needs no answer
+    assert node.connection_counter("inbound").per_ip == {}
+
+
+def test_no_answer_from_the_main_process_is_421_and_a_client_gone_meanwhile_is_released() -> None:
+    clock = FakeReactor()
+    node = NodeRates(clock)
+    dispatcher, channel, sessions = _worker_dispatcher(node, clock, max_per_ip=5)
+    _proto, transport = _connect(dispatcher)
+    clock.advance(10)
+    assert transport.value().startswith(b"421 4.3.2 ") and sessions == []
+    assert node.connection_counter("inbound").per_ip == {IP: 1}  # the main process did admit it
+    channel.deliver()  # the late answer: the worker releases what it no longer holds
+    channel.deliver()
+    assert node.connection_counter("inbound").per_ip == {}
+    proto, transport = _connect(dispatcher)
+    proto.connectionLost(None)  # the client left before the answer
+    channel.deliver()
+    assert sessions == [] and node.connection_counter("inbound").per_ip == {}
