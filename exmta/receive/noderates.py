@@ -77,7 +77,7 @@ class NodeRates:
             counter = self.connections[name] = ConnectionCounter()
         return counter
 
-    def open_connection(self, worker: int, name: str, ip: str, max_total: int, max_per_ip: int) -> str | None:
+    def admit(self, worker: int, name: str, ip: str, max_total: int, max_per_ip: int) -> str | None:
         """Count one session a worker accepted, or say why it is one too many (the worker's limits)."""
         counter = self.connection_counter(name)
         probe = ConnectionCounter(int(max_total), int(max_per_ip))
@@ -89,7 +89,7 @@ class NodeRates:
             held[(name, ip)] = held.get((name, ip), 0) + 1
         return why
 
-    def close_connection(self, worker: int, name: str, ip: str) -> None:
+    def release(self, worker: int, name: str, ip: str) -> None:
         held = self.held.get(worker, {})
         n = held.get((name, ip), 0)
         if n <= 0:
@@ -140,11 +140,11 @@ class NodeRates:
             refused: Any
             if "close" in request:  # a session ended: nothing to answer
                 name, ip = request["close"]
-                self.close_connection(worker, str(name), str(ip))
+                self.release(worker, str(name), str(ip))
                 return b""
             if "open" in request:
                 name, ip, max_total, max_per_ip = request["open"]
-                refused = self.open_connection(worker, str(name), str(ip), max_total, max_per_ip)
+                refused = self.admit(worker, str(name), str(ip), max_total, max_per_ip)
             else:
                 refused = self.take_items(request["take"])
             return json.dumps({"id": request["id"], "refused": refused}).encode("ascii") + b"\n"

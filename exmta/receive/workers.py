@@ -118,6 +118,13 @@ class _WorkerProtocol(protocol.ProcessProtocol):
                 text = f"worker[{self.index}] {line}".replace("{", "{{").replace("}", "}}")
                 log.info(text, index=self.index, line=line)
 
+    def processExited(self, reason: Any) -> None:
+        # nothing reads the worker's stdin any more: close our end. Seen: once the rate and session answers
+        # had been written to it, Twisted no longer watched it for the worker's close, and the stop waited
+        # for processEnded until killed
+        if self.transport is not None:
+            self.transport.closeStdin()
+
     def processEnded(self, reason: Any) -> None:
         self.owner.ended(self, reason)
         self.ended.callback(None)

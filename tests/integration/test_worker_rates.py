@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from support.exmta_proc import ExmtaProcess, exmta_toml
+from support.exmta_proc import ExmtaProcess, clean_exit, exmta_toml
 from support.procs import descendants, wait_until
 from support.sinks import SmtpSink
 
@@ -74,6 +74,8 @@ def test_a_per_ip_message_limit_holds_across_two_workers(tmp_path: Path, smtp_si
         assert "worker[0]" in log and "worker[1]" in log
         assert "rate limit: too much mail from 127.0.0.1 (limit 4 messages per minute)" in log
         assert exmta.error_lines() == []
+        # the workers were answered on their stdin: the stop still ends them and the main process cleanly
+        assert clean_exit(exmta.stop())
 
 
 def test_sessions_per_ip_are_limited_for_the_node_not_per_worker(tmp_path: Path) -> None:

@@ -217,17 +217,17 @@ def test_the_worker_pool_answers_rate_checks_on_the_worker_stdin() -> None:
 
 def test_sessions_per_ip_count_every_worker_and_a_dead_worker_releases_its_own() -> None:
     node = NodeRates(Clock())
-    assert node.open_connection(0, "inbound", IP, 0, 2) is None
-    assert node.open_connection(1, "inbound", IP, 0, 2) is None
-    assert node.open_connection(1, "inbound", IP, 0, 2) == f"too many connections from {IP} (limit 2)"
-    assert node.open_connection(1, "inbound", "198.51.100.1", 0, 2) is None
-    assert node.open_connection(1, "inbound", "198.51.100.2", 3, 0) == "too many connections (3, limit 3)"
-    node.close_connection(1, "inbound", IP)
-    node.close_connection(1, "inbound", IP)  # once only: it held one
+    assert node.admit(0, "inbound", IP, 0, 2) is None
+    assert node.admit(1, "inbound", IP, 0, 2) is None
+    assert node.admit(1, "inbound", IP, 0, 2) == f"too many connections from {IP} (limit 2)"
+    assert node.admit(1, "inbound", "198.51.100.1", 0, 2) is None
+    assert node.admit(1, "inbound", "198.51.100.2", 3, 0) == "too many connections (3, limit 3)"
+    node.release(1, "inbound", IP)
+    node.release(1, "inbound", IP)  # once only: it held one
     assert node.connection_counter("inbound").per_ip == {IP: 1, "198.51.100.1": 1}
     node.worker_ended(1)
     assert node.connection_counter("inbound").per_ip == {IP: 1}
-    node.close_connection(1, "inbound", "198.51.100.1")  # a late line from the dead worker changes nothing
+    node.release(1, "inbound", "198.51.100.1")  # a late line from the dead worker changes nothing
     assert node.connection_counter("inbound").total == 1
 
 
@@ -303,3 +303,20 @@ def test_no_answer_from_the_main_process_is_421_and_a_client_gone_meanwhile_is_r
     proto.connectionLost(None)  # the client left before the answer
     channel.deliver()
     assert sessions == [] and node.connection_counter("inbound").per_ip == {}
+
+
+def test_the_main_process_counts_its_own_sessions_in_the_node_counters() -> None:
+    from twisted.internet.protocol import Factory, Protocol
+
+    from exmta.config.schema import ReceiveConnectorConfig
+    from exmta.receive.wiring import make_dispatchers
+
+    node = NodeRates(Clock())
+    rc = ReceiveConnectorConfig(name="inbound", listen=("tcp:25",), max_connections_per_ip=1)
+    ((_endpoint, dispatcher),) = make_dispatchers([rc], [Factory.forProtocol(Protocol)], Clock(), node=node)
+    assert dispatcher.node is None  # it asks no one: it is the one that counts
+    proto, _transport = _connect(dispatcher)
+    assert node.connection_counter("inbound").per_ip == {IP: 1}
+    assert node.admit(0, "inbound", IP, 0, 1) == f"too many connections from {IP} (limit 1)"  # a worker's ask
+    proto.connectionLost(None)
+    assert node.connection_counter("inbound").per_ip == {}
