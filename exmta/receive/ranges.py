@@ -351,8 +351,8 @@ class DispatchingFactory(WrappingFactory):
             self.budget.opened(ip)
             conn.budget = self.budget
         conn.entry = entry
-        if self.node is not None:  # a receive worker: the limits count every process of the node
-            return _Admission(self, conn, entry)
+        if self.node is not None and (entry.counter.max_total or entry.counter.max_per_ip):
+            return _Admission(self, conn, entry)  # a receive worker: the limits count every process of the node
         return entry.factory.buildProtocol(conn.addr)
 
     def _limit_refusal(self, ip: str, entry: ConnectorEntry, why: str) -> Reply:
