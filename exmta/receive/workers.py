@@ -1,9 +1,10 @@
 """Receive worker processes: SMTP acceptance on more than one core.
 
-One Twisted reactor runs on one core. With ``receive_workers = N`` the main
-process binds every listening socket itself (so port 25 is bound before
-twistd drops root), then starts N worker processes that inherit those
-sockets and accept SMTP on them, committing into the same spool directory.
+One Twisted reactor runs on one core. With ``receive_workers = N`` (by
+default "auto": one per CPU) the main process binds every listening socket
+itself (so port 25 is bound before twistd drops root), then starts N worker
+processes that inherit those sockets and accept SMTP on them, committing
+into the same spool directory.
 The main process keeps the scheduler and delivery. A worker tells the main
 process about each committed message by writing its queue id on a line to
 its stdout; the spool's own scan of incoming/ is the safety net for a lost
@@ -14,6 +15,10 @@ A worker writes ``!ready`` on its stdout once it accepts connections:
 worker has, and :meth:`WorkerPool.reload` sends SIGHUP to each ready worker
 (a worker still starting gets it once ready) after the main process has
 applied a new configuration file (exmta.observe.reload).
+
+A line starting with ``?`` asks the main process to check and count a
+connection or rate limit for the whole node (exmta.receive.noderates); the
+answer goes to the worker's stdin.
 
 Only ``tcp:``, ``tcp6:`` and ``haproxy:tcp:`` endpoints can be shared this way;
 other endpoints stay in the main process.
