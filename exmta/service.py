@@ -22,7 +22,7 @@ from exmta.assembly import (load_receive_filters, make_receive_factories, open_s
                             resource_services)
 from exmta.assembly import make_receive_factory  # noqa: F401  (re-exported: its home was this module)
 from exmta.config.schema import Config
-from exmta.receive.proxy import listen_service
+from exmta.receive.proxy import listen_service, wrap_proxy
 from exmta.receive.wiring import make_dispatchers
 from exmta.receive.workers import ListenSpec, WorkerPool, bind_socket, parse_shareable
 
@@ -276,7 +276,8 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
         if config.source and os.path.exists(config.source):
             worker_args += ["--config", os.path.abspath(config.source)]
         workers = WorkerPool(reactor, config.receive_workers, shared, worker_args, committed_elsewhere,
-                             on_event=observe.worker_event, node=resources.node)
+                             on_event=observe.worker_event, node=resources.node,
+                             serve_here=lambda spec: wrap_proxy(dispatchers[int(spec.connector)][1], spec.haproxy))
         _add(top, "receive-workers", workers)
         observe.readiness.add("receive workers", workers.readiness)  # each alive and accepting
         # the safety net for a queue id whose line from a worker was lost

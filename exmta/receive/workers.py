@@ -143,7 +143,8 @@ class WorkerPool(Service):
 
     def __init__(self, reactor: Any, count: int, sockets: list[tuple[ListenSpec, socket.socket]],
                  worker_args: list[str], on_committed: Callable[[str], None],
-                 on_event: Callable[[bytes], None] | None = None, node: Any = None) -> None:
+                 on_event: Callable[[bytes], None] | None = None, node: Any = None,
+                 serve_here: Callable[[ListenSpec], Any] | None = None) -> None:
         self.reactor = reactor
         self.count = count
         self.sockets = sockets
@@ -151,6 +152,10 @@ class WorkerPool(Service):
         self.on_committed = on_committed
         self.on_event = on_event or (lambda line: None)
         self.node = node  # exmta.receive.noderates.NodeRates: answers the workers' limit checks
+        #: the protocol factory of a shared socket, for the main process to accept on it itself when a
+        #: worker cannot be started at all (e.g. twistd --uid to a user that may not run the interpreter)
+        self.serve_here = serve_here
+        self.local_ports: list[Any] = []
         self.procs: dict[int, tuple[Any, _WorkerProtocol]] = {}
         self.ready: set[int] = set()          # workers that said they accept connections
         self.reload_pending: set[int] = set()  # started before a reload, not ready yet: signalled when ready
@@ -168,7 +173,11 @@ class WorkerPool(Service):
         proto = _WorkerProtocol(self, index)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        transport = self.reactor.spawnProcess(proto, sys.executable, args, env=env, childFDs=child_fds)
+        try:
+            transport = self.reactor.spawnProcess(proto, sys.executable, args, env=env, childFDs=child_fds)
+        except OSError as e:
+            self._accept_here(index, e)
+            return
         self.procs[index] = (transport, proto)
         log.info("exmta: receive worker {index} started, pid {pid}", index=index, pid=transport.pid)
 
@@ -176,6 +185,16 @@ class WorkerPool(Service):
         super().startService()
         for i in range(self.count):
             self._spawn(i)
+
+    def _accept_here(self, index: int, error: OSError) -> None:
+        """A worker cannot be started: the main process accepts on the shared sockets itself (once)."""
+        log.error("exmta: receive worker {index} cannot be started ({error}); the main process accepts SMTP "
+                  "itself. Let the service user run {python}, or set receive_workers = 0",
+                  index=index, error=str(error), python=sys.executable)
+        if self.serve_here is None or self.local_ports:
+            return
+        for spec, sock in self.sockets:
+            self.local_ports.append(self.reactor.adoptStreamPort(sock.fileno(), spec.family, self.serve_here(spec)))
 
     def worker_ready(self, proto: _WorkerProtocol) -> None:
         if self.procs.get(proto.index, (None, None))[1] is not proto:
@@ -217,6 +236,8 @@ class WorkerPool(Service):
         if self.stopping:
             return False, "stopping"
         detail = f"{ready} of {self.count} receive worker process(es) running and ready"
+        if self.local_ports:  # degraded but accepting: the error is in the log
+            return True, detail + "; the main process accepts SMTP itself"
         return ready >= self.count, detail
 
     def ended(self, proto: _WorkerProtocol, reason: Any) -> None:
@@ -247,6 +268,8 @@ class WorkerPool(Service):
             d = proto.ended
             d.addTimeout(self.stop_deadline, self.reactor, onTimeoutCancel=lambda *_a, t=transport: _kill(t))
             waits.append(d)
+        for port in self.local_ports:
+            waits.append(defer.maybeDeferred(port.stopListening))
         for _spec, sock in self.sockets:
             sock.close()
         return defer.DeferredList(waits, consumeErrors=True)
