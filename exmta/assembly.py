@@ -5,7 +5,9 @@ The main process (:mod:`exmta.service`), every receive worker
 call these functions, so that what a worker runs, and what a reload builds,
 cannot drift from the main process. Each function builds objects and starts
 nothing: the caller decides which services run (the main process adds them
-to its ordered service tree, a worker starts them itself).
+to its ordered service tree, a worker starts them itself). Every provider a
+consumer depends on is checked with ``verifyObject`` here (:mod:`exmta.seams`):
+a missing method fails the start, naming the seam.
 """
 from __future__ import annotations
 
@@ -15,12 +17,30 @@ from typing import Any
 from twisted.application.service import Service
 
 from exmta.config.schema import Config, ReceiveConnectorConfig
+from exmta.interfaces import (
+    IAuthenticator,
+    IIncomingFeed,
+    IProtocolLog,
+    IQueueAdmin,
+    IQueueStore,
+    IReceivePolicy,
+    IRecipientLookup,
+    IReconfigurable,
+    IRouter,
+    ISchedulerAdmin,
+    ISendConnector,
+    ISessionObserver,
+    ISessionTrust,
+    ITLSGate,
+)
 from exmta.plugins import FilterEnv, load_filters, ordered
 from exmta.queue.stores import StoreChoice, make_store
 from exmta.receive.wiring import ReceiveResources, make_policy, make_resources
+from exmta.seams import AssemblyError, require
 
-__all__ = ["FilterSetup", "StoreSetup", "build_chain", "build_policy", "load_receive_filters",
-           "make_receive_factory", "make_receive_factories", "open_store", "receive_resources"]
+__all__ = ["AssemblyError", "FilterSetup", "StoreSetup", "build_chain", "build_policy", "build_scheduler",
+           "load_receive_filters", "make_receive_factory", "make_receive_factories", "open_store",
+           "receive_resources", "verify_receive_factory"]
 
 
 @dataclass
@@ -42,6 +62,10 @@ def open_store(config: Config, paths: dict[str, str], reactor: Any, pool: Any, t
     from exmta.observe.pgtracking import wrap_tracker
 
     chosen = make_store(config, paths, reactor, pool, worker=worker)
+    require(IQueueStore, chosen.store, "the queue store")
+    if not worker:  # the claiming process: operator actions, and the mail its receive workers commit
+        require(IQueueAdmin, chosen.store, "the queue store (operator actions)")
+        require(IIncomingFeed, chosen.store, "the queue store (mail from receive workers)")
     tracker, cluster_tracking = wrap_tracker(config, chosen.store, tracker, reactor)  # every node's events
     return StoreSetup(chosen, tracker, cluster_tracking)
 
@@ -151,7 +175,47 @@ def make_receive_factory(config: Config, rc: ReceiveConnectorConfig, store: Any,
         config, rc, clock, lockouts=getattr(resources, "lockouts", None))
     from exmta.rules.wiring import attach_to_factory
     attach_to_factory(factory, config, store, tracker, clock)  # transport rules at end of data, or none
+    from exmta.malware.notices import bind_outbox
+    bind_outbox(store, clock, config.hostname,  # attachment-removed notices, queued once a message is committed
+                f"{config.postmaster}@{postmaster_domain(config) or config.hostname}")
+    return verify_receive_factory(factory)
+
+
+def verify_receive_factory(factory: Any) -> Any:
+    """``factory`` once every seam the SMTP server depends on is checked with verifyObject.
+
+    Raises :class:`~exmta.seams.AssemblyError` naming the connector, the role
+    and the provider that lacks its interface (exmta.interfaces opens with the
+    map of which seam is used at which step).
+    """
+    where = f"receive.{factory.config.name}"
+    require(IReceivePolicy, factory.policy, f"{where}: the receive policy")
+    require(ISessionTrust, factory.policy, f"{where}: the receive policy (trusted, may_relay)")
+    require(IQueueStore, factory.store, f"{where}: the queue store")
+    recipients = getattr(factory.policy, "recipients", None)
+    optional = ((IRecipientLookup, recipients, "the recipient lookup"),
+                (IAuthenticator, factory.authenticator, "the authenticator"),
+                (ITLSGate, factory.tls_gate, "the TLS gate"),
+                (IProtocolLog, factory.protocol_log, "the protocol log"),
+                (ISessionObserver, factory.session_observer, "the session observer"))
+    for interface, provider, role in optional:
+        if provider is not None:
+            require(interface, provider, f"{where}: {role}")
     return factory
+
+
+def build_scheduler(config: Config, store: Any, connectors: dict[str, Any], clock: Any, tracker: Any = None) -> Any:
+    """The delivery scheduler of the main process, with its store, router and send connectors checked."""
+    from exmta.queue.scheduler import DeliveryScheduler
+
+    require(IQueueStore, store, "the queue store")
+    require(IQueueAdmin, store, "the queue store (operator actions)")
+    for name, connector in connectors.items():
+        require(ISendConnector, connector, f"send.{name}")
+    scheduler = DeliveryScheduler.from_config(config, store, connectors, clock, tracker=tracker)
+    require(IRouter, scheduler._router, "the router")
+    require(ISchedulerAdmin, scheduler, "the delivery scheduler (operator actions)")
+    return require(IReconfigurable, scheduler, "the delivery scheduler (reload)")
 
 
 def make_receive_factories(config: Config, store: Any, filters: dict[str, Any], tracker: Any, clock: Any,

@@ -1,5 +1,38 @@
 """Every zope interface of exmta in one place: the map of the system.
 
+A message's path, and the seam at each step (providers are checked with
+``verifyObject`` when the process is assembled, :mod:`exmta.assembly`):
+
+1. **Connect.** A listener hands the connection to a receive connector's
+   SMTP server (:mod:`exmta.smtp.server`). The connector's
+   :class:`IReceivePolicy` and each :class:`IMessageFilter` (built by an
+   :class:`IFilterFactory`) judge the connection; the
+   :class:`ISessionObserver` counts it and the :class:`IProtocolLog` writes
+   its transcript. Implicit TLS or STARTTLS goes through the
+   :class:`ITLSGate` (required TLS, client certificates).
+2. **EHLO, AUTH, MAIL.** The :class:`IAuthenticator` offers and runs SMTP
+   AUTH and checks send-as on MAIL FROM; the TLS gate refuses MAIL without
+   the TLS it requires; policy and filters judge the sender.
+3. **RCPT.** The policy alone may accept a recipient (relay rights from
+   :class:`ISessionTrust`, existence from the :class:`IRecipientLookup`);
+   filters may only narrow that.
+4. **DATA / BDAT.** Content streams into an :class:`IMessageWriter` from the
+   :class:`IQueueStore`. At end of data, filters see an :class:`IMessageView`;
+   the header firewall asks :class:`ISessionTrust`, send-as on From: asks the
+   authenticator; then ``IQueueStore.commit`` makes the message durable
+   before the 250. Every step is reported to the :class:`IMessageTracker`.
+5. **Queue.** The delivery scheduler (:mod:`exmta.queue.scheduler`) claims
+   due messages from the store (what a receive worker process committed
+   reaches the claiming process through :class:`IIncomingFeed`), routes
+   recipients with the :class:`IRouter` and hands them to
+   :class:`ISendConnector` providers;
+   results, retries and DSNs go back through ``IQueueStore.update`` /
+   ``submit`` / ``hold``. Operators act through :class:`IQueueAdmin` (the
+   store) and :class:`ISchedulerAdmin` (the scheduler); a configuration
+   reload reaches the scheduler through :class:`IReconfigurable`.
+6. **Transport rules** (third party): :class:`IRuleExtension` builds
+   :class:`IRuleCondition` and :class:`IRuleAction` providers.
+
 A method documented as returning ``X`` may return ``X``, a ``Deferred`` of
 ``X`` or be ``async def``; the core always calls it through
 ``maybeDeferred`` (or ``Deferred.fromCoroutine``) with a timeout on the
@@ -25,6 +58,93 @@ class IReceivePolicy(Interface):
 
     def authorize_rcpt(session, txn, rcpt, params):
         """-> Verdict for one RCPT TO: ACCEPT (local domain, relay right) or REJECT/TEMPFAIL."""
+
+
+class ISessionTrust(Interface):
+    """What a receive policy says about a session beyond single verdicts.
+
+    The SMTP server asks it for the header firewall (``trusted``) and for
+    backscatter control (``may_relay``); a policy without it trusts nobody.
+    """
+
+    def may_relay(session):
+        """-> bool: may this client send to any domain (relay right)."""
+
+    def trusted(session):
+        """-> bool: does the header firewall let this client's organization headers through."""
+
+
+class IRecipientLookup(Interface):
+    """Whether a recipient of an accepted domain exists (the recipient list, directory lookups)."""
+
+    enabled = Attribute("True when anything (a list or a lookup) can answer.")
+
+    def validates(kind):
+        """-> bool: are recipients of an accepted domain of ``kind`` ("authoritative", ...) checked."""
+
+    def exists(rcpt, kind):
+        """-> bool | None for an Address: None when nothing could answer (the caller tempfails)."""
+
+
+class IAuthenticator(Interface):
+    """SMTP AUTH and send-as for one receive connector (``ESMTPServerFactory.authenticator``)."""
+
+    def ehlo_keywords(proto):
+        """-> list[str] of EHLO keywords to offer this session (``AUTH PLAIN LOGIN`` or none)."""
+
+    def command(proto, argument):
+        """Run ``AUTH argument`` for the session ``proto``; replies are sent on it."""
+
+    def response(proto, line):
+        """Feed one client line of a running SASL exchange."""
+
+    def check_mail(proto, sender, params):
+        """-> (Reply | None, MailParams): refuse MAIL FROM the session may not send as (None: go on)."""
+
+    def check_message(proto, view):
+        """-> Reply | None: refuse a message whose From: the session may not send as."""
+
+
+class ITLSGate(Interface):
+    """Required TLS and client certificate checks of one receive connector (``factory.tls_gate``)."""
+
+    def handshake_done(server):
+        """The session's TLS handshake completed: check the client certificate."""
+
+    def check_mail(server):
+        """-> Reply | None: refuse MAIL on a session without the TLS this connector requires."""
+
+    def connection_lost(server, reason):
+        """The TLS connection closed (log a failed handshake)."""
+
+
+class IProtocolLog(Interface):
+    """The SMTP transcript of one connector (``factory.protocol_log``; None when it is off)."""
+
+    def for_server(session):
+        """-> a protocol session (record/command/reply/data/tls/end) for a received session."""
+
+    def for_transport(transport, label):
+        """-> a protocol session for an outgoing connection on ``transport``."""
+
+
+class ISessionObserver(Interface):
+    """Counts receive sessions (``factory.session_observer``): metrics, or a worker's relay to them.
+
+    Each method takes the receive connector's name first; none may raise or block.
+    """
+
+    def session_opened(connector):
+        """A session started."""
+
+    def session_timed_out(connector):
+        """A session was closed for idling."""
+
+    def tls_started(connector, version):
+        """A session completed its TLS handshake with protocol ``version``."""
+
+    def auth_failed(connector):
+        """An AUTH attempt failed."""
 
 
 class IMessageView(Interface):
@@ -156,6 +276,19 @@ class IQueueStore(Interface):
         """-> Deferred[list[Envelope]] for queue in {"incoming", "active", "deferred", "hold"}."""
 
 
+class IIncomingFeed(Interface):
+    """How the claiming process learns of mail that its receive worker processes committed.
+
+    The spool and the PostgreSQL store both provide it, beside IQueueStore.
+    """
+
+    def notice(queue_id):
+        """Another process of this node committed ``queue_id``: make it due here (listeners are told)."""
+
+    def scan_incoming():
+        """-> Deferred[int]: find committed mail the notices missed (a lost line); fires with that count."""
+
+
 class IQueueAdmin(Interface):
     """Operator actions on a queue store (exmta.admin and the scheduler's DSN paths).
 
@@ -179,6 +312,65 @@ class IQueueAdmin(Interface):
 
     def release_now(queue_id, when):
         """-> Deferred[None]: release() for an operator, the pending recipients due at ``when``."""
+
+
+class ISchedulerAdmin(Interface):
+    """Operator actions on the delivery scheduler (exmta.admin): Exchange's queue cmdlets."""
+
+    redirect = Attribute("(connector name, target) of the redirect (drain) in force, or None.")
+
+    def routes_for(envelope):
+        """-> list[Route]: where the pending recipients would go now (the redirect target if one is set)."""
+
+    def is_active(queue_id):
+        """-> bool: is this message being delivered right now."""
+
+    def destination_state(connector, nexthop):
+        """-> dict: failures, last error and suspension of one destination (empty when healthy and idle)."""
+
+    def suspend_destination(connector, nexthop, reason):
+        """Stop delivering to one destination until resume_destination (survives a restart)."""
+
+    def resume_destination(connector, nexthop):
+        """-> bool: undo suspend_destination; True when it was suspended."""
+
+    def suspended_destinations():
+        """-> dict[(connector, nexthop), reason] of the operator's suspensions."""
+
+    def clear_backoff(connector, nexthop):
+        """Forget a destination's failures and automatic suspension (before a retry now)."""
+
+    def set_redirect(name, connector, nexthop):
+        """Send every message from now on through ``connector`` to ``nexthop``; name None stops it."""
+
+    def remove_message(queue_id, ndr, reason):
+        """-> Deferred[dict]: delete a queued message, with or without a non-delivery report.
+
+        KeyError when there is none, ValueError while it is being delivered.
+        """
+
+    def wake():
+        """Claim due mail on the next reactor turn (retry now)."""
+
+
+class IReconfigurable(Interface):
+    """A long-lived service that applies a new configuration live where it can (buildbot's reconfigService).
+
+    SIGHUP (:mod:`exmta.observe.reload`) stays all or nothing: it calls
+    ``prepare_reconfigure`` for every service first, and only when every one
+    of them could be prepared runs the steps they returned.
+    """
+
+    def prepare_reconfigure(new_config, old_config):
+        """-> Reconfiguration (exmta.reconfig): what ``new_config`` would change, and its ``apply`` step.
+
+        Builds every new object and changes nothing; raises ValueError (nothing
+        changed) when ``new_config`` cannot be used. What cannot change live is
+        listed in ``needs_restart``; the old value stays in use.
+        """
+
+    def reconfigure(new_config):
+        """Apply ``new_config`` now (prepare, then apply); -> the Reconfiguration, also logged."""
 
 
 class IRouter(Interface):

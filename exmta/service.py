@@ -18,8 +18,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from exmta.assembly import (load_receive_filters, make_receive_factories, open_store, receive_resources,
-                            resource_services)
+from exmta.assembly import (build_scheduler, load_receive_filters, make_receive_factories, open_store,
+                            receive_resources, resource_services)
 from exmta.assembly import make_receive_factory  # noqa: F401  (re-exported: its home was this module)
 from exmta.config.schema import Config
 from exmta.receive.proxy import listen_service, wrap_proxy
@@ -191,7 +191,6 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     """Wire every component for ``config`` into one ordered service tree."""
     from exmta.observe.tracking import TrackingLog
     from exmta.queue.pickup import PickupDirectory
-    from exmta.queue.scheduler import DeliveryScheduler
     paths = data_paths(config)
     for key in ("data", "queue", "pickup"):
         os.makedirs(paths[key], exist_ok=True)
@@ -227,7 +226,7 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
 
     connectors = make_send_connectors(config, reactor, pool)
     _add(top, "send", ConnectorsService(connectors))
-    scheduler = DeliveryScheduler.from_config(config, store, connectors, reactor, tracker=tracker)
+    scheduler = build_scheduler(config, store, connectors, reactor, tracker=tracker)  # verifyObject on each seam
     from exmta.queue.operator_state import OperatorStateFile, redirect_connector_factory
     scheduler.restore_operator_state(OperatorStateFile(paths["queue"]),  # suspensions, redirect: kept across restarts
                                      redirect_connector_factory(config, reactor, connectors))

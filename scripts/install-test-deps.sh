@@ -65,6 +65,9 @@ done
 bash "$here/scripts/deps-oauth2.sh"  # XOAUTH2 relay tests: dovecot-submissiond, npm oidc-provider
 bash "$here/scripts/deps-dane.sh"  # unbound for the DANE tests (tests/tlspolicy/)
 bash "$here/scripts/deps-clamav.sh"  # clamd for the malware tests (tests/malware/test_clamd_real.py)
+bash "$here/scripts/deps-archives.sh"  # libarchive for RAR attachments (tests/malware/test_archive_formats.py)
+bash "$here/scripts/deps-milter.sh"  # OpenDKIM and clamav-milter for the milter tests (tests/milter/)
+bash "$here/scripts/deps-rspamd.sh"  # rspamd for the spam tests (tests/spam/test_rspamd_real.py)
 
 # exmta itself, editable (compat mode) with the [test] extras, in ./.venv
 # (scripts/install.sh; Debian's python3 is "externally managed", PEP 668)

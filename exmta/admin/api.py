@@ -333,7 +333,7 @@ class QueueOperations:
         await defer.maybeDeferred(self.store.hold, queue_id, None, "suspended by an operator")
         return {"queue_id": queue_id, "state": "hold"}
 
-    async def resume_message(self, queue_id: str) -> dict[str, Any]:
+    async def resume_message(self, queue_id: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
         state, env = await self._read(queue_id)
         if state != "hold":
             raise ApiError(409, f"{queue_id} is not suspended (it is {state})",
@@ -344,7 +344,7 @@ class QueueOperations:
         else:
             await defer.maybeDeferred(self.store.release, queue_id)
         self._track(TrackingEventId.RESUBMIT, env, {"reason": "released by an operator",
-                                                     "held_reason": env.held_reason})
+                                                     "held_reason": env.held_reason, **(details or {})})
         return {"queue_id": queue_id, "state": "incoming"}
 
     async def remove_message(self, queue_id: str, ndr: bool) -> dict[str, Any]:
@@ -510,6 +510,9 @@ class ApiResource(resource.Resource):
         method = request.method.decode("ascii", "replace").upper()
         path = [p.decode("utf-8", "replace") for p in request.postpath if p != b""]
         args = {k.decode("utf-8", "replace"): v[-1].decode("utf-8", "replace") for k, v in request.args.items()}
+        peer = request.getClientAddress()
+        # who asked (set here, over anything the query said): the quarantine's release records it
+        args["_peer"] = str(getattr(peer, "host", None) or getattr(peer, "name", None) or "unix socket")
         d = defer.Deferred.fromCoroutine(self._dispatch(method, path, args))
 
         def done(result: tuple[int, Any]) -> None:

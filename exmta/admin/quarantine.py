@@ -8,7 +8,8 @@ the same store, scheduler and tracking as the queue commands):
 
 * list, filtered by reason (substring, no case), sender, recipient and age;
 * show, export (.eml with X-Sender/X-Receiver), release (delivered to the
-  original recipients, a RESUBMIT tracking event naming the reason) and
+  original recipients, or to the ``to`` recipients chosen instead; a
+  RESUBMIT tracking event naming the reason, who released it and to whom) and
   delete (a DROP tracking event, no report);
 * expiry: quarantined messages older than ``[admin] quarantine_expiry``
   (30 days by default, 0 keeps them) are deleted by a timer.
@@ -16,11 +17,12 @@ the same store, scheduler and tracking as the queue commands):
 HTTP (under ``/api``, same token)::
 
     GET  /api/quarantine[?reason=&sender=&recipient=&older_than=S&newer_than=S&limit=N]
-    GET  /api/quarantine/<id>            POST /api/quarantine/<id>/release | delete
+    GET  /api/quarantine/<id>            POST /api/quarantine/<id>/release[?to=a@x,b@y&by=NAME] | delete
     GET  /api/quarantine/<id>/eml        POST /api/quarantine/expire
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.internet import TimerService
@@ -37,6 +39,7 @@ log = Logger()
 #: the reason `exmta queue suspend --message` gives: an operator's hold, not quarantine
 OPERATOR_HOLD = "suspended by an operator"
 EXPIRY_CHECK_INTERVAL = 3600.0
+MAX_RELEASE_RECIPIENTS = 100
 
 
 def _api_error(status: int, message: str, hint: str | None = None) -> Exception:
@@ -82,13 +85,49 @@ async def _one(ops: QueueOperations, queue_id: str) -> dict[str, Any]:
     return m
 
 
-async def release(ops: QueueOperations, queue_id: str) -> dict[str, Any]:
-    """Deliver to the original recipients; the tracking log gets a RESUBMIT naming the reason."""
+def release_recipients(text: str) -> list[str]:
+    """The ``to`` of a release: comma-separated addresses (local@domain), checked; ApiError 400 otherwise."""
+    out: list[str] = []
+    for raw in text.split(","):
+        address = raw.strip()
+        if not address:
+            continue
+        local, at, domain = address.rpartition("@")
+        if (not at or not local or not domain or len(address) > 254 or "." not in domain.strip("[]") and
+                not domain.startswith("[") or any(c.isspace() or c in '<>()",;\\' or ord(c) < 32 for c in address)):
+            raise _api_error(400, f"not a mail address: {address!r}", "give addresses as local@domain, "
+                             "separated by commas")
+        if address.lower() not in (a.lower() for a in out):
+            out.append(address)
+    if not out:
+        raise _api_error(400, "to: no recipient given", "give addresses as local@domain, separated by commas")
+    if len(out) > MAX_RELEASE_RECIPIENTS:
+        raise _api_error(400, f"to: more than {MAX_RELEASE_RECIPIENTS} recipients")
+    return out
+
+
+async def release(ops: QueueOperations, queue_id: str, to: list[str] | None = None,
+                  by: str | None = None) -> dict[str, Any]:
+    """Deliver to the original recipients (or to ``to`` instead); tracked as RESUBMIT with reason, who and whom.
+
+    ``by`` names who released it (the CLI sends the login name; the API adds the client's address).
+    """
     m = await _one(ops, queue_id)
-    await ops.resume_message(queue_id)
-    log.info("quarantine: {queue_id} released ({reason})", queue_id=queue_id, reason=m["held_reason"])
-    return {"queue_id": queue_id, "released": True, "reason": m["held_reason"],
-            "recipients": [r["address"] for r in m["recipients"]]}
+    original = [r["address"] for r in m["recipients"]]
+    if to:
+        from exmta.model import Recipient
+
+        _, env = await ops._read(queue_id)
+        chosen = dataclasses.replace(env, recipients=[Recipient(a) for a in to])
+        await defer.maybeDeferred(ops.store.hold, queue_id, chosen, env.held_reason)  # the new envelope, still held
+    who = by or "an operator"
+    await ops.resume_message(queue_id, details={
+        "reason": f"released from quarantine by {who}" + (f" to {', '.join(to)}" if to else ""),
+        "released_by": who, "released_to": list(to or original), "original_recipients": original})
+    log.info("quarantine: {queue_id} released by {who} to {to} ({reason})", queue_id=queue_id, who=who,
+             to=", ".join(to or original), reason=m["held_reason"])
+    return {"queue_id": queue_id, "released": True, "reason": m["held_reason"], "released_by": who,
+            "recipients": list(to or original), "original_recipients": original}
 
 
 async def delete(ops: QueueOperations, queue_id: str) -> dict[str, Any]:
@@ -171,7 +210,11 @@ async def dispatch(ops: QueueOperations, method: str, path: list[str], args: dic
             await _one(ops, queue_id)
             return 200, await ops.export(queue_id)
         if n == 2 and method == "POST" and path[1] == "release":
-            return 200, await release(ops, queue_id)
+            to = release_recipients(args["to"]) if args.get("to") is not None else None
+            by = " ".join((args.get("by") or "").split())[:100] or None
+            peer = args.get("_peer")
+            who = f"{by or 'admin API'} (from {peer})" if peer else by
+            return 200, await release(ops, queue_id, to, who)
         if n == 2 and method == "POST" and path[1] == "delete":
             return 200, await delete(ops, queue_id)
     raise _api_error(404 if method in ("GET", "POST") else 405,

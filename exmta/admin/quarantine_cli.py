@@ -55,13 +55,26 @@ def _do(client: AdminClient, args: argparse.Namespace) -> Any:
         status, body, _ = client.call("GET", f"quarantine\0{args.queue_id}\0eml")
         return _checked(status, body)
     if a in ("release", "delete"):
-        body = _checked(*client.call("POST", f"quarantine\0{args.queue_id}\0{a}")[:2])
+        who: dict[str, str] = {}
+        if a == "release":
+            who = {"by": _login(), **({"to": args.to} if args.to else {})}
+        body = _checked(*client.call("POST", f"quarantine\0{args.queue_id}\0{a}", who or None)[:2])
         if args.json:
             return body
         if a == "release":
             return f"Message {args.queue_id} released to {', '.join(body['recipients'])}.\n"
         return f"Message {args.queue_id} deleted.\n"
     raise CommandError(f"unknown action {a}", EXIT_USAGE)
+
+
+def _login() -> str:
+    """Who runs the command (recorded in the release's tracking event)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -103,10 +116,13 @@ def add_quarantine_parser(sub: Any) -> None:
     p.add_argument("--older-than", metavar="AGE", help="older than AGE (3600, 2h, 7d)")
     p.add_argument("--newer-than", metavar="AGE", help="newer than AGE")
     for name, text in (("show", "one quarantined message and its reason"),
-                       ("release", "deliver it to its original recipients"),
+                       ("release", "deliver it to its original recipients (or to --to)"),
                        ("delete", "delete it (no report to the sender)")):
         p = actions.add_parser(name, parents=[common], help=text)
         p.add_argument("queue_id", metavar="QUEUE_ID")
+        if name == "release":
+            p.add_argument("--to", metavar="ADDR[,ADDR]",
+                           help="deliver to these recipients instead of the original ones")
     p = actions.add_parser("export", parents=[common], help="write it as .eml (X-Sender/X-Receiver added)")
     p.add_argument("queue_id", metavar="QUEUE_ID")
     p.add_argument("-o", "--output", metavar="FILE", help="write here (default: standard output)")

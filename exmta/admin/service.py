@@ -22,7 +22,9 @@ from exmta.admin.api import QueueOperations, TokenGuard, make_admin_root
 from exmta.admin.httpguard import ADMIN_MAX_BODY, GuardedSite
 from exmta.admin.config import rotation_kwargs
 from exmta.admin.token import ensure_token, token_path
+from exmta.interfaces import IProtocolLog
 from exmta.observe.protocol import ProtocolLogs
+from exmta.seams import require
 
 __all__ = ["AdminService", "add_operations", "attach_protocol_logs"]
 
@@ -107,6 +109,8 @@ def attach_protocol_logs(config: Any, paths: dict[str, str], clock: Any, factori
     plogs = ProtocolLogs(protocol_dir, clock, **rotation)
     for rc, factory in zip(config.receive, factories):
         factory.protocol_log = plogs.get("receive", rc.name, rc.protocol_log)
+        if factory.protocol_log is not None:
+            require(IProtocolLog, factory.protocol_log, f"receive.{rc.name}: the protocol log")
     return plogs
 
 

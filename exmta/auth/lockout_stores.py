@@ -10,7 +10,7 @@ from typing import Any
 
 from exmta.auth.lockstore import FILE_NAME, LockoutStore
 from exmta.auth.pglockstore import PostgresLockoutStore
-from exmta.queue.postgres import Connections
+from exmta.queue.pgpool import Connections
 
 __all__ = ["lockout_store_for"]
 

@@ -18,7 +18,7 @@ __all__ = ["PostgresLockoutStore"]
 
 
 class PostgresLockoutStore(LockoutStore):
-    """:class:`LockoutStore` on PostgreSQL; ``connections`` is an exmta.queue.postgres.Connections pool."""
+    """:class:`LockoutStore` on PostgreSQL; ``connections`` is an exmta.queue.pgpool.Connections pool."""
 
     def __init__(self, connections: Any, clock: Any, label: str = "PostgreSQL") -> None:
         super().__init__(label, clock)

@@ -34,11 +34,13 @@ from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from exmta.auth.avatar import ISubmitter, Submitter, TemporaryAuthFailure
 from exmta.auth.lockout import LockoutSettings, LoginThrottle
 from exmta.auth.sasl import MECHANISMS, Credentials, SASLError
 from exmta.auth.sendas import SEND_AS_DENIED, from_addresses
+from exmta.interfaces import IAuthenticator
 from exmta.model import Address, MailParams, Reply
 from exmta.receive.ranges import ip_in
 
@@ -78,6 +80,7 @@ def _loggable(name: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in name[:128])
 
 
+@implementer(IAuthenticator)
 class Authenticator:
     """SMTP AUTH for one receive connector: a twisted.cred Portal plus throttle and send-as policy."""
 

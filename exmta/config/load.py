@@ -18,6 +18,7 @@ from typing import Any, Callable
 from exmta.admin import config as _ops
 from exmta.auth import config as _auth
 from exmta.config import abuse as _abuse
+from exmta.config import connfilter as _connfilter
 from exmta.config.reader import (
     ConfigError,
     Reader,
@@ -173,6 +174,7 @@ def _read_receive(r: _Reader, name: str, hostname: str) -> ReceiveConnectorConfi
     c = replace(c, **_auth.receive_auth_kwargs(r, d))
     c = replace(c, **_ops.connector_kwargs(r, d))
     c = replace(c, **_abuse.receive_abuse_kwargs(r, d))
+    c = replace(c, **_connfilter.receive_kwargs(r, d))
     if not c.listen:
         r.error("listen", "needs at least one endpoint, e.g. \"tcp:25\"")
     if 0 < c.max_text_line < 1000:
@@ -481,6 +483,7 @@ def _parse_config(raw: dict[str, Any], source: str, data_dir: str | None) -> Con
     for name in list(rs.table):
         rs.used.add(name)
         receive.append(_read_receive(rs.sub(name), name, hostname))
+    receive = _connfilter.read_connection_filter(top.sub("connection_filter"), receive)  # DNS lists
 
     send = []
     ss = top.sub("send")

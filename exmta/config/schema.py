@@ -122,6 +122,11 @@ class ReceiveConnectorConfig:
     refused_recipients_tarpit: float = 1.0  # seconds (Postfix smtpd_soft_error_limit, smtpd_error_sleep_time)
     proxy_header_timeout: float = 10.0    # haproxy: listeners: the PROXY header must arrive within this
     trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # peers that may send a PROXY header
+    # connection filtering (exmta.receive.screen; exmta.config.connfilter): DNS lists and the greet pause
+    greet_pause: float = 0.0              # seconds before the 220; a client talking first is refused (0 = off)
+    dnsbl_sites: tuple[str, ...] = ()     # [connection_filter.lists.NAME] checked at connect
+    connection_filter_exempt: tuple[str, ...] = ()  # CIDRs never screened (relay_networks never are either)
+    connection_filter: Any = None         # exmta.config.connfilter.ConnectionFilterConfig of dnsbl_sites, or None
 
 
 @dataclass(frozen=True)

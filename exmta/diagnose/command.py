@@ -174,14 +174,18 @@ def _domain(args: argparse.Namespace, config: Any, domain: str) -> Findings:
     from exmta.diagnose.domain import DomainOptions, diagnose_domain
 
     dane = None
-    if args.dane_resolver:
+    tp = config.tls_policy if config is not None else None
+    # without options, what our send side uses: [tls_policy] dane_resolvers and ca_file
+    resolvers = [args.dane_resolver] if args.dane_resolver else list(tp.dane_resolvers) if tp and tp.dane else []
+    if resolvers:
         from exmta.routing.dns import parse_nameservers
         from exmta.tlspolicy.dane import ValidatingResolver
 
-        dane = ValidatingResolver(None, None, parse_nameservers([args.dane_resolver]), timeout=args.timeout)
+        dane = ValidatingResolver(None, None, parse_nameservers(resolvers), timeout=args.timeout)
     opts = DomainOptions(domain, _dns(args, config), selectors=list(args.selector), sending_ips=list(args.ip),
                          dkim_keys=tuple(config.dkim_keys) if config is not None else (),
-                         smtp_port=args.port or 25, https_port=args.https_port, ca_file=args.ca_file,
+                         smtp_port=args.port or 25, https_port=args.https_port,
+                         ca_file=args.ca_file or (tp.ca_file if tp else None),
                          dane_resolver=dane, helo=args.helo, timeout=args.timeout, warn_days=args.warn_days,
                          check_versions=not args.no_versions)
     if config is not None and not args.selector:

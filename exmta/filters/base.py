@@ -344,6 +344,19 @@ class HeaderEdits:
         _check_field(name, "")
         self.ops.append(("remove", name))
 
+    def change_header(self, name: str, index: int, value: str) -> None:
+        """Set the ``index``-th (1-based) ``name`` field to ``value``; an empty value removes it.
+
+        With fewer fields of that name, a non-empty value is appended (the milter protocol's rule).
+        """
+        _check_field(name, value)
+        self.ops.append(("change", name, str(int(index)), value))
+
+    def insert_header_at(self, position: int, name: str, value: str) -> None:
+        """Insert a field before the ``position``-th field of the block (0: at the top; past the end: last)."""
+        _check_field(name, value)
+        self.ops.append(("insert_at", name, str(int(position)), value))
+
     def remove_header_matching(self, name: str, pattern: str) -> None:
         """Remove every ``name`` field whose unfolded value matches ``pattern`` (``re.search``, no case).
 
@@ -374,6 +387,9 @@ class HeaderEdits:
                 rx = re.compile(op[2], re.IGNORECASE)
                 fields = [f for f in fields if f[0] != key or not rx.search(_unfolded_value(f[1]))]
                 continue
+            if kind in ("change", "insert_at"):
+                fields = _positional(fields, kind, name, int(op[2]), op[3])
+                continue
             raw = f"{name}: {op[2]}\r\n".encode("utf-8")
             if kind == "add":
                 fields.append((key, raw))
@@ -387,6 +403,30 @@ class HeaderEdits:
                 else:
                     fields.append((key, raw))
         return b"".join(raw for _, raw in fields)
+
+
+def _positional(fields: list[tuple[str, bytes]], kind: str, name: str, index: int,
+                value: str) -> list[tuple[str, bytes]]:
+    """The ("change", name, n, value) and ("insert_at", name, position, value) journal operations."""
+    key = name.lower()
+    raw = f"{name}: {value}\r\n".encode("utf-8")
+    out = list(fields)
+    if kind == "insert_at":
+        out.insert(max(0, index), (key, raw))
+        return out
+    seen = 0
+    for i, (fname, _) in enumerate(out):
+        if fname == key:
+            seen += 1
+            if seen == max(1, index):
+                if value:
+                    out[i] = (key, raw)
+                else:
+                    del out[i]
+                return out
+    if value:
+        out.append((key, raw))
+    return out
 
 
 @implementer(IMessageView)
@@ -438,6 +478,11 @@ class MessageView:
         self.new_body: bytes | None = None
         #: the message's one MIME parse (exmta.message.MimeMessage), shared by content filters
         self.mime_message: Any = None
+        #: envelope recipient edits by filters (a milter's SMFIR_ADDRCPT / DELRCPT): ("add", address,
+        #: ESMTP args) and ("delete", address, ()); the server applies them with :meth:`edit_envelope`
+        self.recipient_edits: list[tuple[str, str, tuple[str, ...]]] = []
+        #: the queue id the message will have, when ``source`` is the spool writer's ``open_read``
+        self.queue_id: str | None = getattr(getattr(source, "__self__", None), "queue_id", None)
         #: extra tracking details per filter name (e.g. ``{"check": "macro: a.doc"}``), added to the
         #: AGENTINFO event of a filter that edited the message
         self.agent_details: dict[str, dict[str, str]] = {}
@@ -486,6 +531,33 @@ class MessageView:
         if self.quarantine_reason is None:
             self.quarantine_reason = str(reason).replace("\r", " ").replace("\n", " ")[:500]
 
+    def add_recipient(self, address: str, args: Sequence[str] = ()) -> None:
+        """Add an envelope recipient (``NOTIFY=`` and ``ORCPT=`` in ``args`` are kept for its DSN)."""
+        address = _bare_address(address)
+        if not address or any(c in address for c in "\r\n\0 <>"):
+            raise ValueError(f"bad recipient address {address[:80]!r}")
+        self.recipient_edits.append(("add", address, tuple(args)))
+
+    def delete_recipient(self, address: str) -> None:
+        """Remove an envelope recipient (compared without case); unknown addresses change nothing."""
+        self.recipient_edits.append(("delete", _bare_address(address), ()))
+
+    def edit_envelope(self, envelope: Any) -> Any:
+        """``envelope`` with the recipient edits applied, in order (the same object when there are none)."""
+        if not self.recipient_edits:
+            return envelope
+        from exmta.model import Recipient
+
+        recipients = list(envelope.recipients)
+        for kind, address, args in self.recipient_edits:
+            key = address.lower()
+            if kind == "delete":
+                recipients = [r for r in recipients if r.address.lower() != key]
+            elif all(r.address.lower() != key for r in recipients):
+                notify, orcpt = _dsn_args(args)
+                recipients.append(Recipient(address, notify, orcpt))
+        return dataclasses.replace(envelope, recipients=recipients)
+
     def replace_body(self, body: bytes) -> None:
         """Replace everything after the header block (CRLF line ends; headers go through ``edits``)."""
         self.new_body = bytes(body)
@@ -524,3 +596,24 @@ class MessageView:
         writer.replace_headers(self.header_length, new)
         return len(new) - self.header_length
 
+
+def _bare_address(address: str) -> str:
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1]
+    return address
+
+
+def _dsn_args(args: Sequence[str]) -> tuple[tuple[str, ...] | None, str | None]:
+    """RFC 3461 NOTIFY and ORCPT from ESMTP RCPT arguments (others are ignored)."""
+    notify: tuple[str, ...] | None = None
+    orcpt: str | None = None
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key.upper() == "NOTIFY" and value:
+            words = tuple(w.upper() for w in value.split(","))
+            if words == ("NEVER",) or set(words) <= {"SUCCESS", "FAILURE", "DELAY"}:
+                notify = words
+        elif key.upper() == "ORCPT" and ";" in value:
+            orcpt = value
+    return notify, orcpt

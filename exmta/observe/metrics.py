@@ -30,8 +30,9 @@ from twisted.logger import Logger
 from twisted.web import resource
 from zope.interface import implementer
 
-from exmta.interfaces import IMessageTracker
+from exmta.interfaces import IMessageTracker, ISessionObserver
 from exmta.model import TrackingEvent, TrackingEventId
+from exmta.observe.quarantine_view import QuarantineSummary, summarize
 from exmta.queue.errors import StoreUnavailable
 
 try:  # optional: the "metrics" extra
@@ -83,6 +84,7 @@ class QueueSnapshot:
         self.oldest_by_nexthop: dict[str, float] = {}   # receipt time of the oldest message
         self.last_error: dict[str, str] = {}
         self.oldest: float | None = None
+        self.quarantine = QuarantineSummary()  # the hold queue less operator holds (the status page)
 
     @property
     def total(self) -> int:
@@ -161,6 +163,9 @@ class QueueSampler:
             except (KeyError, ValueError):
                 continue
             snap.by_queue[queue] = len(envelopes)
+            if queue == "hold":
+                snap.quarantine = summarize(envelopes, snap.taken_at, received_of=lambda env: (
+                    env.received_at or queue_id_time(env.queue_id)))
             for env in envelopes:
                 received = env.received_at or queue_id_time(env.queue_id) or snap.taken_at
                 if snap.oldest is None or received < snap.oldest:
@@ -312,7 +317,7 @@ class Throughput:
         return out
 
 
-@implementer(IMessageTracker)
+@implementer(IMessageTracker, ISessionObserver)
 class Metrics:
     """Every exmta metric, in its own registry; feed it events, scrape ``registry``."""
 
@@ -352,6 +357,9 @@ class Metrics:
                                  ["rule", "mode"], registry=r)
         self.latency = Histogram("exmta_delivery_latency_seconds", "Receipt to final delivery, per recipient",
                                  ["connector"], buckets=LATENCY_BUCKETS, registry=r)
+        self.screened = Counter("exmta_connection_filter", "Connections screened before the greeting "
+                                "(passed, allowed, listed, pregreet, dns_timeout, dns_error)",
+                                ["connector", "outcome"], registry=r)
         r.register(_LiveCollector(self))
 
     # ------------------------------------------------------------ IMessageTracker
@@ -406,6 +414,9 @@ class Metrics:
 
     def filter_verdict(self, filter_name: str, phase: str, action: str) -> None:
         _child(self.filter_verdicts, filter_name, phase, action).inc()
+
+    def connection_screened(self, connector: str, outcome: str) -> None:
+        _child(self.screened, connector, outcome).inc()  # exmta.receive.screen
 
     # ------------------------------------------------------------ reading
 

@@ -26,6 +26,9 @@ import json
 import os
 from typing import Any
 
+from zope.interface import implementer
+
+from exmta.interfaces import IProtocolLog
 from exmta.model import Reply, Session
 from exmta.observe.rotation import RotatingLog
 
@@ -50,6 +53,7 @@ def _endpoint(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+@implementer(IProtocolLog)
 class ProtocolLog:
     """The protocol log of one connector: a :class:`RotatingLog` and the sessions that write to it."""
 

@@ -6,10 +6,11 @@ reason (the same text as ``twistd exmta --check``).
 
 What a valid new configuration changes at once:
 
-* routes: a new router for the scheduler (``DeliveryScheduler.set_router``);
-  deliveries already routed keep their route;
+* routes: a new router for the scheduler; deliveries already routed keep
+  their route;
 * queue settings (retry schedule, lifetime, delay warning, active window,
-  poison threshold): the scheduler's next decisions use them;
+  poison threshold): the scheduler's next decisions use them. (Both through
+  the scheduler's ``prepare_reconfigure``, exmta.interfaces.IReconfigurable.)
 * receive connectors (same name): policy (accepted domains, relay networks,
   permissions, rate limits, which restart counting), filter chain and
   session limits, for sessions from their next command on;
@@ -167,7 +168,6 @@ class ConfigReloader:
         new_send = {s.name: s for s in new.send}
         if old_send != new_send:
             needs_restart.append("send connectors")
-        usable = set(old_send) & set(new_send)
 
         # filters first: the only part that runs third-party code
         new_filters = None
@@ -179,24 +179,11 @@ class ConfigReloader:
 
                 new_filters = load_filters(new.filters, self.filter_env, source=new.source)
 
-        if self.scheduler is not None:
-            scheduler = self.scheduler
-            if new.routes != old.routes or new.accepted_domains != old.accepted_domains:
-                missing = {c for r in new.routes for c in (r.connector, r.internal_connector) if c} - usable
-                if missing:
-                    needs_restart.append(f"routes to new send connector(s) {', '.join(sorted(missing))}")
-                else:
-                    from exmta.queue.scheduler import send_configs_by_name
-                    from exmta.routing.router import StaticRouter
-
-                    router = StaticRouter(new.routes, send_configs_by_name([old_send[n] for n in sorted(usable)]))
-                    steps.append(lambda: _none(scheduler.set_router(router)))
-                    out.append(f"routes: {len(new.routes)} route(s) applied")
-            if new.queue != old.queue:
-                steps.append(lambda: _none(scheduler.set_queue_config(new.queue)))
-                out.append("queue settings applied")
-                if new.queue.pickup_interval != old.queue.pickup_interval:
-                    needs_restart.append("queue.pickup_interval")
+        if self.scheduler is not None:  # routes and queue settings (IReconfigurable), prepared, not applied
+            plan = self.scheduler.prepare_reconfigure(new, old)
+            steps.append(lambda: _none(plan.apply()))
+            out += plan.applied
+            needs_restart += plan.needs_restart
 
         old_rc = {rc.name: rc for rc in old.receive}
         new_rc = {rc.name: rc for rc in new.receive}

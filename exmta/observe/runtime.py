@@ -28,9 +28,11 @@ from twisted.application.service import Service
 from twisted.logger import Logger
 from twisted.web import resource
 
+from exmta.interfaces import ISessionObserver
 from exmta.observe import metrics as metrics_mod
 from exmta.observe.alerts import AlertManager, LogNotifier, MailNotifier, Sources, WebhookNotifier, build_rules
 from exmta.observe.health import HealthResource, ReadinessChecks, ReadyResource, disk_free
+from exmta.seams import require
 
 __all__ = ["Observability", "build_observability"]
 
@@ -154,7 +156,7 @@ class Observability:
         """Make ``factory`` (and its filter chain) report sessions and verdicts to the metrics."""
         if self.metrics is None:
             return
-        factory.session_observer = self.metrics
+        factory.session_observer = require(ISessionObserver, self.metrics, "the session observer (metrics)")
         chain = getattr(factory, "filters", None)
         if chain is not None:
             chain.verdict_observer = self.metrics.filter_verdict

@@ -19,18 +19,20 @@ from typing import Any, Callable, Iterable
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from exmta.interfaces import IMessageTracker
+from exmta.interfaces import IMessageTracker, ISessionObserver
 from exmta.model import TrackingEvent, TrackingEventId
+from exmta.seams import require
 
 __all__ = ["WorkerRelay", "WorkerTracker", "decode", "dispatch"]
 
 log = Logger()
 
 _FIELDS = ("message_id", "size", "connector", "source", "remote_host", "reply", "tls")
-_SESSION_EVENTS = ("session_opened", "session_timed_out", "tls_started", "auth_failed")
+_SESSION_EVENTS = ("session_opened", "session_timed_out", "tls_started", "auth_failed", "connection_screened")
 _MAX_LINE = 3500  # below PIPE_BUF (4096): one write, never interleaved
 
 
+@implementer(ISessionObserver)
 class WorkerRelay:
     """In a worker: writes events as JSON lines with ``write`` (os.write on fd 1)."""
 
@@ -77,6 +79,9 @@ class WorkerRelay:
     def auth_failed(self, connector: str) -> None:
         self._session("auth_failed", connector)
 
+    def connection_screened(self, connector: str, outcome: str) -> None:
+        self._session("connection_screened", connector, outcome)
+
     def filter_verdict(self, filter_name: str, phase: str, action: str) -> None:
         self._send({"t": "verdict", "f": filter_name[:64], "p": phase[:16], "a": action[:16]})
 
@@ -86,7 +91,7 @@ class WorkerRelay:
     def observe(self, factories: Iterable[Any]) -> None:
         """Report sessions and filter verdicts of these receive factories."""
         for factory in factories:
-            factory.session_observer = self
+            factory.session_observer = require(ISessionObserver, self, "the session observer (worker)")
             chain = getattr(factory, "filters", None)
             if chain is not None:
                 chain.verdict_observer = self.filter_verdict

@@ -164,3 +164,18 @@ def migrate(conn: Any) -> list[int]:
                 cur.execute("INSERT INTO exmta_schema (version) VALUES (%s)", (version,))
                 applied.append(version)
     return applied
+
+
+def migrate_dsn(dsn: str, connect_timeout: float = 10.0) -> list[int]:
+    """Create or migrate the schema (``exmta db migrate``)."""
+    import psycopg
+
+    with psycopg.connect(dsn, connect_timeout=max(1, int(connect_timeout))) as conn:
+        return migrate(conn)
+
+
+def status_dsn(dsn: str, connect_timeout: float = 10.0) -> SchemaStatus:
+    import psycopg
+
+    with psycopg.connect(dsn, connect_timeout=max(1, int(connect_timeout))) as conn:
+        return status(conn)

@@ -17,7 +17,7 @@ dropped and counted (``lost_leases``): that recipient may be delivered twice
 
 Blocking psycopg calls run on the store's own bounded thread pool (never
 the spool's, filters' or deliveries' pool), each taking a connection from a
-small pool of connections (:class:`Connections`) that makes a new one as soon as PostgreSQL is
+small pool of connections (:class:`~exmta.queue.pgpool.Connections`) that makes a new one as soon as PostgreSQL is
 back after a restart.
 Content of a claimed message is copied to a local cache file (checksum
 verified) so that ``open_content`` stays synchronous and cheap for the
@@ -31,13 +31,9 @@ import io
 import json
 import os
 import random
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Iterator, TypeVar
+from typing import Any, BinaryIO, Callable, TypeVar
 
-from twisted.application.internet import TimerService
-from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -45,10 +41,12 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from exmta.coroutines import run_coroutine
-from exmta.interfaces import IMessageWriter, IQueueAdmin, IQueueStore
+from exmta.interfaces import IIncomingFeed, IMessageWriter, IQueueAdmin, IQueueStore
 from exmta.model import Envelope, QueueEntry, new_queue_id
-from exmta.queue import pgschema
 from exmta.queue.errors import ContentCorrupt, StoreUnavailable
+from exmta.queue.pgpool import Connections
+from exmta.queue.pgservice import PostgresService
+from exmta.queue.pgschema import migrate_dsn, status_dsn
 
 T = TypeVar("T")
 
@@ -163,7 +161,7 @@ class NodeStatus:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@implementer(IQueueStore, IQueueAdmin)
+@implementer(IQueueStore, IQueueAdmin, IIncomingFeed)
 class PostgresStore:
     """IQueueStore and IQueueAdmin on PostgreSQL (psycopg 3)."""
 
@@ -194,7 +192,7 @@ class PostgresStore:
         self.takeovers = 0       # messages claimed from a node whose lease had expired
         self.draining = False    # set from the database by the heartbeat (exmta cluster drain)
         self._rate_mark: tuple[float, int] | None = None  # (time, received) at the last heartbeat
-        self.service = _PostgresService(self)
+        self.service = PostgresService(self)
 
     # ------------------------------------------------------------ plumbing
 
@@ -758,137 +756,6 @@ class PostgresStore:
         return self._in_pool(self._tx, work)
 
 
-class Connections:
-    """A small connection pool: idle connections are checked before use, a missing one is made at once.
-
-    No background reconnection with growing back-off (psycopg_pool waited up to a minute after a
-    PostgreSQL restart): every request that needs a connection tries to make one, bounded by the
-    store's thread pool and ``connect_timeout``, so service resumes as soon as the server is back.
-    """
-
-    def __init__(self, dsn: str, max_idle: int, connect_timeout: float, application_name: str) -> None:
-        self.dsn = dsn
-        self.max_idle = max_idle
-        self.connect_timeout = max(1, int(connect_timeout))
-        self.application_name = application_name
-        self._idle: list[Any] = []
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def _connect(self) -> Any:
-        import psycopg
-
-        conn = psycopg.connect(self.dsn, connect_timeout=self.connect_timeout,
-                               application_name=self.application_name)
-        conn.execute("SET synchronous_commit = on")  # a 250 needs the commit on disk
-        conn.commit()
-        return conn
-
-    def _checkout(self) -> Any:
-        while True:
-            with self._lock:
-                conn = self._idle.pop() if self._idle else None
-            if conn is None:
-                return self._connect()
-            try:
-                conn.execute("SELECT 1")
-                conn.rollback()
-                return conn
-            except Exception:
-                conn.close()  # stale (the server restarted): try the next one, then a new one
-
-    @contextmanager
-    def connection(self) -> Iterator[Any]:
-        conn = self._checkout()
-        try:
-            yield conn
-        finally:
-            keep = False
-            if not conn.closed and not conn.broken:
-                try:
-                    conn.rollback()
-                    keep = True
-                except Exception:
-                    keep = False
-            with self._lock:
-                if keep and not self._closed and len(self._idle) < self.max_idle:
-                    self._idle.append(conn)
-                    conn = None
-            if conn is not None:
-                conn.close()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
-
-
-class _PostgresService(MultiService):
-    """Opens the pool and threads at start; renews leases, beats the heart and polls for due mail."""
-
-    def __init__(self, store: PostgresStore) -> None:
-        super().__init__()
-        self.store = store
-        self.draining = False
-        self.last_beat: float | None = None
-        for name, interval, call in (
-            ("leases", max(1.0, store.lease / 3), self._renew),
-            ("heartbeat", 5.0, self._beat),
-            ("poll", store.poll_interval, lambda: store._notify("")),
-        ):
-            timer = TimerService(interval, call)
-            timer.clock = store._clock
-            timer.setName(name)
-            timer.setServiceParent(self)
-
-    def _renew(self) -> Deferred[Any]:
-        return self.store.renew_leases().addErrback(
-            lambda f: self.store.log.warn("lease renewal failed: {error}", error=f.getErrorMessage()))
-
-    def _beat(self) -> Deferred[Any]:
-        def done(draining: bool) -> None:
-            self.last_beat = self.store._clock.seconds()
-            if draining != self.draining:
-                self.store.log.info("node {node} {what} (exmta cluster {verb})", node=self.store.node,
-                                    what="draining: /readyz fails" if draining else "back in service",
-                                    verb="drain" if draining else "undrain")
-            self.draining = draining
-
-        def failed(f: Any) -> None:
-            self.store.log.warn("heartbeat failed: {error}", error=f.getErrorMessage())
-        return self.store.heartbeat().addCallbacks(done, failed)
-
-    def readiness(self) -> tuple[bool, str]:
-        """/readyz: not ready while draining or while the database has not answered a heartbeat lately."""
-        if self.draining:
-            return False, f"node {self.store.node} is draining (exmta cluster undrain {self.store.node})"
-        if self.last_beat is None:
-            return False, "no heartbeat stored in PostgreSQL yet"
-        age = self.store._clock.seconds() - self.last_beat
-        if age > max(15.0, self.store.lease / 2):
-            return False, f"PostgreSQL has not stored a heartbeat for {age:.0f}s"
-        return True, f"PostgreSQL heartbeat {age:.0f}s ago"
-
-    def startService(self) -> None:
-        self.store.open()
-        super().startService()
-
-    def stopService(self) -> Deferred[Any]:
-        """Stopped after the scheduler: hand back whatever it left claimed, then close."""
-        super().stopService()
-
-        def close(result: Any) -> Any:
-            self.store.close()
-            return result
-
-        def failed(f: Any) -> None:
-            self.store.log.warn("could not hand back leases at stop ({error}); they expire in {lease}s",
-                                error=f.getErrorMessage(), lease=self.store.lease)
-        return self.store.release_leases().addErrback(failed).addBoth(close)
-
-
 def _unlink_quiet(path: str) -> bool:
     try:
         os.unlink(path)
@@ -897,19 +764,5 @@ def _unlink_quiet(path: str) -> bool:
         return False
 
 
-def migrate_dsn(dsn: str, connect_timeout: float = 10.0) -> list[int]:
-    """Create or migrate the schema (``exmta db migrate``)."""
-    import psycopg
-
-    with psycopg.connect(dsn, connect_timeout=max(1, int(connect_timeout))) as conn:
-        return pgschema.migrate(conn)
-
-
-def status_dsn(dsn: str, connect_timeout: float = 10.0) -> pgschema.SchemaStatus:
-    import psycopg
-
-    with psycopg.connect(dsn, connect_timeout=max(1, int(connect_timeout))) as conn:
-        return pgschema.status(conn)
-
-
-__all__ = ["NodeStatus", "PostgresStore", "PostgresWriter", "StoreUnavailable", "migrate_dsn", "status_dsn"]
+__all__ = ["Connections", "NodeStatus", "PostgresStore", "PostgresWriter", "StoreUnavailable", "migrate_dsn",
+           "status_dsn"]

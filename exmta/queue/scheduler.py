@@ -91,12 +91,16 @@ Rules, in one place:
   cancelled and left leased in the store, which ``recover()`` returns to
   the queue on the next start. The scheduler does not call ``recover()``;
   the store's owner does before starting it.
+
+This module holds the service, the claim loop, routing and live
+reconfiguration; the rest are mixins of :class:`DeliveryScheduler` in modules
+of their own: destinations (:mod:`exmta.queue.destinations`), results, DSNs
+and tracking (:mod:`exmta.queue.outcomes`) and the operator's actions
+(:mod:`exmta.queue.scheduleradmin`).
 """
 from __future__ import annotations
 
-import collections
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application.service import Service
@@ -104,116 +108,40 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from exmta.config.schema import Config, QueueConfig, SendConnectorConfig
-from exmta.config.smarthost import smarthost as _smarthost
-from exmta.interfaces import IMessageTracker, IQueueStore, IRouter, ISendConnector
+from exmta.interfaces import (
+    IMessageTracker,
+    IQueueStore,
+    IReconfigurable,
+    IRouter,
+    ISchedulerAdmin,
+    ISendConnector,
+)
 from exmta.model import (
-    DeliveryRequest,
-    Envelope,
     Outcome,
     QueueEntry,
     Recipient,
     RecipientResult,
-    RecipientStatus,
     Reply,
     Route,
-    TrackingEvent,
     TrackingEventId,
 )
-from exmta.observe.tracking import event_details
-from exmta.queue.bounce import make_dsn
+from exmta.queue.destinations import REPLY_NO_RESULT, DestinationQueues, _Delivery, _Destination
 from exmta.queue.errors import StoreUnavailable
+from exmta.queue.outcomes import Outcomes, _Message, backoff, wants_notify
+from exmta.queue.scheduleradmin import SchedulerAdmin
+from exmta.reconfig import Reconfiguration
 from exmta.routing.router import UNREACHABLE, StaticRouter
 from exmta.routing.split import transfer_details
 
-LOCAL_KINDS = frozenset({"lmtp", "maildir"})
-DEFAULT_DESTINATION_LIMIT = 20
-STORE_RETRY_CAP = 60.0  # seconds: the longest wait between two tries to write a message's state
-
 REPLY_UNROUTABLE = Reply.make(550, "5.4.4", "Unable to route")
-REPLY_EXPIRED = Reply.make(550, "5.4.7", "QUEUE.Expired; message expired")
-REPLY_CRASH = Reply.make(451, "4.3.0", "Internal error in the send connector")
-REPLY_TIMEOUT = Reply.make(451, "4.4.2", "Delivery attempt timed out")
-REPLY_NO_RESULT = Reply.make(451, "4.3.0", "Send connector returned no result for this recipient")
 REPLY_ROUTER_ERROR = Reply.make(451, "4.3.0", "Routing failed")
 
 
-def backoff(attempt: int, schedule: Sequence[float]) -> float:
-    """Seconds to wait after failed attempt number ``attempt`` (0 = the first).
-
-    Attempt n uses ``schedule[min(n, len(schedule) - 1)]``: the last entry
-    repeats forever. Pure, so retry timing is testable without a clock.
-    """
-    if not schedule:
-        raise ValueError("retry schedule is empty")
-    return float(schedule[min(max(attempt, 0), len(schedule) - 1)])
-
-
-def _line_cut(text: str, limit: int = 400) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def wants_notify(notify: tuple[str, ...] | None, what: str) -> bool:
-    """Does a recipient's NOTIFY ask for a DSN of type ``what`` (SUCCESS/FAILURE/DELAY)?
-
-    Without NOTIFY we report FAILURE and DELAY, never SUCCESS.
-    """
-    if notify is None:
-        return what in ("FAILURE", "DELAY")
-    upper = {n.upper() for n in notify}
-    return "NEVER" not in upper and what in upper
-
-
-@dataclass(eq=False)
-class _Message:
-    entry: QueueEntry
-    outstanding: int = 0
-    crashed: bool = False
-    failed: list[Recipient] = field(default_factory=list)
-    delayed: list[Recipient] = field(default_factory=list)
-    delivered: list[Recipient] = field(default_factory=list)
-    relayed: list[Recipient] = field(default_factory=list)
-    remote_hosts: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def queue_id(self) -> str:
-        return self.entry.queue_id
-
-    @property
-    def envelope(self) -> Envelope:
-        return self.entry.envelope
-
-
-@dataclass(eq=False)
-class _Delivery:
-    message: _Message
-    connector: str
-    nexthop: str | None
-    recipients: list[Recipient]
-    # every recipient object of the message with the same address shares the result
-    same_address: dict[str, list[Recipient]]
-    call: defer.Deferred[Any] | None = None
-
-
-@dataclass(eq=False)
-class _Destination:
-    key: tuple[str, str | None]
-    limit: int
-    window: int
-    active: int = 0
-    waiting: collections.deque[_Delivery] = field(default_factory=collections.deque)
-    failures: int = 0
-    last_failure: float | None = None
-    last_reply: Reply | None = None
-    suspended_until: float | None = None
-
-    @property
-    def idle(self) -> bool:
-        return self.active == 0 and not self.waiting
-
-
-class DeliveryScheduler(Service):
+@implementer(ISchedulerAdmin, IReconfigurable)
+class DeliveryScheduler(DestinationQueues, Outcomes, SchedulerAdmin, Service):
     """Claims, routes and delivers queued mail; see the module docstring for the rules.
 
     ``connectors`` maps send connector names (as routes name them) to
@@ -286,6 +214,8 @@ class DeliveryScheduler(Service):
         self._operator_suspended: dict[tuple[str, str | None], str] = {}
         self._redirect: tuple[str, str | None] | None = None
         self.operator_state: Any = None  # exmta.queue.operator_state.OperatorStateFile: survives restarts
+        #: the Config this scheduler was built or last reconfigured from (None: built from parts)
+        self._config_source: Config | None = None
 
     @classmethod
     def from_config(
@@ -300,7 +230,7 @@ class DeliveryScheduler(Service):
     ) -> DeliveryScheduler:
         """The usual wiring: a StaticRouter over ``config.routes`` unless ``router`` is given."""
         send = send_configs_by_name(config.send)
-        return cls(
+        scheduler = cls(
             store,
             router if router is not None else StaticRouter(config.routes, send),
             connectors,
@@ -312,6 +242,8 @@ class DeliveryScheduler(Service):
             send_configs=send,
             **options,
         )
+        scheduler._config_source = config
+        return scheduler
 
     def set_router(self, router: IRouter) -> None:
         """Swap the router (configuration reload); deliveries already routed keep their route."""
@@ -323,6 +255,57 @@ class DeliveryScheduler(Service):
             raise ValueError("QueueConfig.retry_schedule must not be empty")
         self._config = config
         self.wake()
+
+    # ------------------------------------------------------------ live reconfiguration (IReconfigurable)
+
+    def prepare_reconfigure(self, new_config: Config, old_config: Config | None = None) -> Reconfiguration:
+        """What ``new_config`` changes here, built but not applied (see IReconfigurable).
+
+        Routes and queue settings apply live; routes to a send connector
+        this process does not run, and the pickup interval, need a restart.
+        ``old_config`` defaults to the Config this scheduler was built or last
+        reconfigured from; it names the send connectors that are running.
+        ValueError (nothing changed) for queue settings the scheduler cannot use.
+        """
+        if old_config is None:
+            old_config = self._config_source
+        old_queue = old_config.queue if old_config is not None else self._config
+        plan = Reconfiguration("scheduler")
+        steps: list[Callable[[], None]] = []
+        old_send = ({s.name: s for s in old_config.send} if old_config is not None else dict(self._send_configs))
+        new_send = {s.name: s for s in new_config.send}
+        usable = set(old_send) & set(new_send)
+        if (old_config is None or new_config.routes != old_config.routes
+                or new_config.accepted_domains != old_config.accepted_domains):
+            missing = {c for r in new_config.routes for c in (r.connector, r.internal_connector) if c} - usable
+            if missing:
+                plan.needs_restart.append(f"routes to new send connector(s) {', '.join(sorted(missing))}")
+            else:
+                router = StaticRouter(new_config.routes, send_configs_by_name([old_send[n] for n in sorted(usable)]))
+                steps.append(lambda: self.set_router(router))
+                plan.applied.append(f"routes: {len(new_config.routes)} route(s) applied")
+        if new_config.queue != old_queue:
+            if not new_config.queue.retry_schedule:
+                raise ValueError("QueueConfig.retry_schedule must not be empty")
+            steps.append(lambda: self.set_queue_config(new_config.queue))
+            plan.applied.append("queue settings applied")
+            if new_config.queue.pickup_interval != old_queue.pickup_interval:
+                plan.needs_restart.append("queue.pickup_interval")
+
+        def apply() -> None:
+            for step in steps:
+                step()
+            self._config_source = new_config
+
+        plan.apply = apply
+        return plan
+
+    def reconfigure(self, new_config: Config) -> Reconfiguration:
+        """Apply ``new_config``'s routes and queue settings now; -> what was applied and what needs a restart."""
+        plan = self.prepare_reconfigure(new_config)
+        plan.apply()
+        self._log.info("reconfigured: {description}", description=plan.describe())
+        return plan
 
     # ------------------------------------------------------------ service
 
@@ -582,459 +565,6 @@ class DeliveryScheduler(Service):
                 reply = REPLY_ROUTER_ERROR if not routes else REPLY_NO_RESULT
                 self._apply_all(msg, rcpts, RecipientResult(a, Outcome.DEFERRED, reply), None)
 
-    # ------------------------------------------------------------ destinations
-
-    def _limit_for(self, connector: str) -> int:
-        cfg = self._send_configs.get(connector)
-        return max(1, cfg.max_per_destination) if cfg is not None else DEFAULT_DESTINATION_LIMIT
-
-    def _is_local(self, connector: str) -> bool:
-        cfg = self._send_configs.get(connector)
-        if cfg is not None:
-            return cfg.kind in LOCAL_KINDS
-        return getattr(self._connectors.get(connector), "kind", None) in LOCAL_KINDS
-
-    def _destination(self, key: tuple[str, str | None], now: float) -> _Destination:
-        dest = self._destinations.get(key)
-        if dest is None:
-            self._prune(now)
-            limit = self._limit_for(key[0])
-            dest = self._destinations[key] = _Destination(key, limit, limit)
-        elif dest.idle and self._forgettable(dest, now):
-            dest.window, dest.failures, dest.last_failure, dest.suspended_until = dest.limit, 0, None, None
-        return dest
-
-    def _prune(self, now: float) -> None:
-        for key, dest in list(self._destinations.items()):
-            if dest.idle and (dest.last_failure is None or self._forgettable(dest, now)):
-                del self._destinations[key]
-
-    def _forgettable(self, dest: _Destination, now: float) -> bool:
-        """A failed destination's state is dropped destination_ttl after its last failure or suspension."""
-        if dest.last_failure is None:
-            return False
-        since = max(dest.last_failure, dest.suspended_until or 0.0)
-        return now - since >= self._destination_ttl
-
-    def _enqueue(self, delivery: _Delivery, now: float) -> None:
-        dest = self._destination((delivery.connector, delivery.nexthop), now)
-        if dest.key in self._operator_suspended:
-            # suspended by an operator: no attempt; looked at again after the first retry interval
-            self._skip(delivery, now + self._config.retry_schedule[0])
-            return
-        if dest.suspended_until is not None and now < dest.suspended_until:
-            self._defer_suspended(delivery, dest)
-            return
-        if dest.active >= dest.window and len(dest.waiting) >= self._max_waiting:
-            self._log.debug(
-                "destination {connector}/{nexthop} backlog full; {queue_id} requeued",
-                connector=delivery.connector, nexthop=delivery.nexthop, queue_id=delivery.message.queue_id,
-            )
-            self._skip(delivery, now + self._requeue_delay)
-            return
-        dest.waiting.append(delivery)
-        self._pump(dest)
-
-    def _defer_suspended(self, delivery: _Delivery, dest: _Destination) -> None:
-        """Defer without trying: the destination is suspended (not counted as an attempt)."""
-        assert dest.suspended_until is not None
-        where = delivery.nexthop or delivery.connector
-        last = ""
-        if dest.last_reply is not None:  # its codes only when they differ from ours (no "451 4.4.1 ...: 451 4.4.1")
-            same = (dest.last_reply.code, dest.last_reply.status) == (451, "4.4.1")
-            last = f": {dest.last_reply.text if same else dest.last_reply}"
-        reply = Reply.make(451, "4.4.1", _line_cut(f"Delivery to {where} temporarily suspended{last}"))
-        for address, rcpts in delivery.same_address.items():
-            self._apply_all(
-                delivery.message, rcpts, RecipientResult(address, Outcome.DEFERRED, reply),
-                delivery.connector, retry_at=dest.suspended_until,
-            )
-        self._delivery_done(delivery)
-
-    def _pump(self, dest: _Destination) -> None:
-        if dest.key in self._pumping:
-            return  # a delivery finished synchronously inside the loop below; it goes on
-        self._pumping.add(dest.key)
-        try:
-            while dest.waiting and dest.active < dest.window:
-                delivery = dest.waiting.popleft()
-                if not self.running:
-                    self._skip(delivery, None)
-                    continue
-                dest.active += 1
-                self._start(delivery)
-        finally:
-            self._pumping.discard(dest.key)
-
-    def _skip(self, delivery: _Delivery, retry_at: float | None) -> None:
-        """Give up a delivery that was never started; recipients keep their state."""
-        if retry_at is not None:
-            for rcpts in delivery.same_address.values():
-                for r in rcpts:
-                    r.next_attempt = retry_at
-        self._delivery_done(delivery)
-
-    def _start(self, delivery: _Delivery) -> None:
-        msg = delivery.message
-        now = self._clock.seconds()
-        for rcpts in delivery.same_address.values():
-            for r in rcpts:
-                r.attempts += 1
-                r.last_attempt = now
-                r.route = delivery.connector
-        store, queue_id = self._store, msg.queue_id
-        request = DeliveryRequest(
-            queue_id=queue_id,
-            envelope=msg.envelope,
-            recipients=tuple(delivery.recipients),
-            open_content=lambda: store.open_content(queue_id),
-            nexthop=delivery.nexthop,
-        )
-        self._in_flight.add(delivery)
-        generation = self._generation
-        d = defer.maybeDeferred(self._connectors[delivery.connector].deliver, request)
-        delivery.call = d
-        d.addTimeout(self._delivery_timeout, self._clock)
-        d.addCallbacks(
-            self._cb_delivered, self._eb_delivered,
-            callbackArgs=(delivery, generation), errbackArgs=(delivery, generation),
-        )
-        d.addErrback(lambda f: self._log.failure("handling a delivery result failed", f))
-
-    def _cb_delivered(self, results: Any, delivery: _Delivery, generation: int) -> None:
-        if generation != self._generation:
-            return
-        msg = delivery.message
-        by_address: dict[str, RecipientResult] = {}
-        try:
-            for result in results:
-                if result.recipient in delivery.same_address:
-                    by_address.setdefault(result.recipient, result)
-                else:
-                    self._log.warn(
-                        "connector {connector} reported unknown recipient {recipient} for {queue_id}",
-                        connector=delivery.connector, recipient=result.recipient, queue_id=msg.queue_id,
-                    )
-        except Exception:
-            self._log.failure("connector {connector} returned a bad result", connector=delivery.connector)
-            msg.crashed = True
-        answered = False
-        last: Reply | None = None
-        for address, rcpts in delivery.same_address.items():
-            result = by_address.get(address) or RecipientResult(address, Outcome.DEFERRED, REPLY_NO_RESULT)
-            answered = answered or result.outcome is not Outcome.DEFERRED
-            last = result.reply
-            self._apply_all(msg, rcpts, result, delivery.connector)
-        self._feedback(delivery, answered, last)
-        self._delivery_done(delivery)
-
-    def _eb_delivered(self, failure: Failure, delivery: _Delivery, generation: int) -> None:
-        if generation != self._generation:
-            return
-        msg = delivery.message
-        if failure.check(defer.TimeoutError):
-            self._log.warn(
-                "connector {connector} timed out for {queue_id}", connector=delivery.connector, queue_id=msg.queue_id,
-            )
-            reply = REPLY_TIMEOUT
-        else:
-            self._log.failure(
-                "connector {connector} crashed delivering {queue_id}", failure,
-                connector=delivery.connector, queue_id=msg.queue_id,
-            )
-            msg.crashed = True
-            reply = REPLY_CRASH
-        for address, rcpts in delivery.same_address.items():
-            self._apply_all(msg, rcpts, RecipientResult(address, Outcome.DEFERRED, reply), delivery.connector)
-        self._feedback(delivery, False, reply)
-        self._delivery_done(delivery)
-
-    def _feedback(self, delivery: _Delivery, success: bool, reply: Reply | None) -> None:
-        """Destination concurrency feedback: 1 after a failure, doubling on success.
-
-        ``suspend_after`` failed attempts in a row suspend the destination for
-        ``retry_schedule[0]`` seconds: its waiting and new deliveries are
-        deferred without a connection (Postfix's "dead destination").
-        """
-        dest = self._destinations.get((delivery.connector, delivery.nexthop))
-        if dest is None:
-            return
-        dest.active -= 1
-        now = self._clock.seconds()
-        if success:
-            dest.window = min(dest.limit, dest.window * 2)
-            dest.failures = 0
-            dest.suspended_until = None
-            if dest.window == dest.limit:
-                dest.last_failure = None
-        else:
-            dest.window = 1
-            dest.failures += 1
-            dest.last_failure = now
-            dest.last_reply = reply
-            if dest.failures >= self._suspend_after:
-                dest.suspended_until = now + self._config.retry_schedule[0]
-                self._log.warn(
-                    "destination {connector}/{nexthop} suspended until {until} after {failures} failures: {reply}",
-                    connector=dest.key[0], nexthop=dest.key[1], until=dest.suspended_until,
-                    failures=dest.failures, reply=str(reply),
-                )
-                while dest.waiting:
-                    self._defer_suspended(dest.waiting.popleft(), dest)
-        self._pump(dest)
-        if dest.idle and dest.last_failure is None and self._destinations.get(dest.key) is dest:
-            del self._destinations[dest.key]  # healthy and idle: nothing worth remembering
-
-    def _delivery_done(self, delivery: _Delivery) -> None:
-        self._in_flight.discard(delivery)
-        msg = delivery.message
-        msg.outstanding -= 1
-        if msg.outstanding == 0 and self._messages.get(msg.queue_id) is msg:
-            self._finalize(msg)
-
-    # ------------------------------------------------------------ results
-
-    def _apply_all(
-        self, msg: _Message, rcpts: list[Recipient], result: RecipientResult, connector: str | None,
-        retry_at: float | None = None,
-    ) -> None:
-        for r in rcpts:
-            self._apply(msg, r, result, connector, retry_at)
-
-    def _apply(
-        self, msg: _Message, r: Recipient, result: RecipientResult, connector: str | None,
-        retry_at: float | None = None,
-    ) -> None:
-        now = self._clock.seconds()
-        env = msg.envelope
-        r.last_reply = result.reply
-        if result.outcome is not Outcome.DEFERRED and r.dsn_due == "delayed":  # final: no warning now
-            r.dsn_due = None
-            msg.delayed = [d for d in msg.delayed if d is not r]
-        if result.remote_host:
-            msg.remote_hosts[r.address] = result.remote_host
-        if result.outcome is Outcome.DELIVERED:
-            r.status = RecipientStatus.DELIVERED
-            r.next_attempt = None
-            local = connector is not None and self._is_local(connector)
-            self._track(
-                TrackingEventId.DELIVER if local else TrackingEventId.SEND, msg, (r.address,),
-                connector=connector, result=result, source="STOREDRIVER" if local else "SMTP",
-            )
-            if wants_notify(r.notify, "SUCCESS"):
-                if local:
-                    msg.delivered.append(r)
-                elif result.peer_dsn is False:  # RFC 3461 5.2.2: the next hop cannot report delivery
-                    msg.relayed.append(r)
-        elif result.outcome is Outcome.FAILED:
-            r.status = RecipientStatus.FAILED
-            r.next_attempt = None
-            self._track(
-                TrackingEventId.FAIL, msg, (r.address,), connector=connector, result=result,
-                source="ROUTING" if connector is None else "SMTP",
-            )
-            if wants_notify(r.notify, "FAILURE"):
-                msg.failed.append(r)
-        else:
-            expires = env.received_at + self._config.max_lifetime
-            if now >= expires:
-                r.status = RecipientStatus.EXPIRED
-                r.next_attempt = None
-                self._track(
-                    TrackingEventId.EXPIRE, msg, (r.address,), connector=connector, result=result,
-                    source="QUEUE", details={"last_reply": str(result.reply)},
-                    reply=str(REPLY_EXPIRED),
-                )
-                if wants_notify(r.notify, "FAILURE"):
-                    msg.failed.append(r)
-                return
-            if retry_at is None:
-                retry_at = now + backoff(r.attempts - 1, self._config.retry_schedule)
-            warn_at = env.received_at + self._config.delay_warning
-            warn = (
-                self._config.delay_warning > 0 and not r.delay_notified
-                and wants_notify(r.notify, "DELAY") and self._bounceable(env)
-            )
-            if warn and now >= warn_at:
-                r.delay_notified = True
-                msg.delayed.append(r)
-            elif warn:
-                retry_at = min(retry_at, warn_at)  # try again when the warning is due, so it is on time
-            r.next_attempt = min(retry_at, expires)
-            self._track(
-                TrackingEventId.DEFER, msg, (r.address,), connector=connector, result=result, source="QUEUE",
-                details={"next_attempt": r.next_attempt},
-            )
-
-    @staticmethod
-    def _bounceable(env: Envelope) -> bool:
-        return env.kind != "dsn" and env.sender not in ("", "<>")
-
-    def _finalize(self, msg: _Message) -> None:
-        """Every delivery of this attempt is done: DSNs, then store.update or hold."""
-        if msg.crashed:
-            msg.envelope.crashes += 1
-        d = self._send_dsns(msg)
-        d.addCallback(lambda _: self._store_final(msg))
-        d.addErrback(lambda f: self._log.failure("finalizing {queue_id} failed", f, queue_id=msg.queue_id))
-
-    def _store_final(self, msg: _Message) -> None:
-        """After the DSNs: hold a poison message, else store the new state (kept while a DSN is due)."""
-        env = msg.envelope
-        if env.crashes >= self._config.poison_threshold:
-            reason = f"poison message: delivery crashed {env.crashes} times"
-            self._log.warn("{queue_id} moved to hold: {reason}", queue_id=msg.queue_id, reason=reason)
-
-            def hold_done(_: object) -> None:
-                self._track(
-                    TrackingEventId.POISONMESSAGE, msg, tuple(r.address for r in env.pending()),
-                    source="QUEUE", details={"reason": reason},
-                )
-
-            def store_state() -> defer.Deferred[Any]:
-                return defer.maybeDeferred(self._store.hold, msg.queue_id, env, reason).addCallback(hold_done)
-        else:
-            pending = env.pending()
-            now = self._clock.seconds()
-            times = [r.next_attempt if r.next_attempt is not None else now for r in pending]
-            if any(r.dsn_due for r in env.recipients):
-                times.append(now + self._dsn_retry)  # keep the message until its DSN is committed
-            next_attempt = min(times) if times else None
-
-            def store_state() -> defer.Deferred[Any]:
-                return defer.maybeDeferred(self._store.update, msg.queue_id, env, next_attempt)
-
-        self._store_state(msg, store_state, 0)
-
-    def _store_state(self, msg: _Message, store_state: Callable[[], defer.Deferred[Any]], tries: int) -> None:
-        """Write the message's new state; retry with backoff for as long as the store fails.
-
-        Giving up would strand the message in the store's active state until a
-        restart (issue 10 item 7), so only a store that no longer has it as
-        active (KeyError, ValueError: removed or moved meanwhile) ends this.
-        """
-        self._store_retries.pop(msg.queue_id, None)
-        if self._messages.get(msg.queue_id) is not msg:
-            return  # abandoned at the stop deadline
-
-        def failed(f: Failure) -> None:
-            if self._messages.get(msg.queue_id) is not msg:
-                return
-            if f.check(KeyError, ValueError):
-                self._log.failure("storing the state of {queue_id} failed: it is no longer active", f,
-                                  queue_id=msg.queue_id)
-                self._message_done(msg)
-                return
-            delay = min(self._claim_retry * 2 ** min(tries, 16), STORE_RETRY_CAP)
-            if f.check(StoreUnavailable):  # the queue's database is away: expected, no traceback
-                self._log.warn("storing the state of {queue_id} failed: {error}; retrying in {delay}s",
-                               queue_id=msg.queue_id, error=f.getErrorMessage(), delay=delay)
-            else:
-                self._log.failure("storing the state of {queue_id} failed; retrying in {delay}s", f,
-                                  queue_id=msg.queue_id, delay=delay)
-            self._store_retries[msg.queue_id] = self._clock.callLater(
-                delay, self._store_state, msg, store_state, tries + 1,
-            )
-
-        d = store_state()
-        d.addCallbacks(lambda _: self._message_done(msg), failed)
-
-    def _message_done(self, msg: _Message) -> None:
-        if self._messages.get(msg.queue_id) is msg:
-            del self._messages[msg.queue_id]
-        if self.running:
-            self.wake()
-        else:
-            self._check_drained()
-
-    # ------------------------------------------------------------ DSNs and tracking
-
-    def _send_dsns(self, msg: _Message) -> defer.Deferred[None]:
-        env = msg.envelope
-        d: defer.Deferred[None] = defer.succeed(None)
-        if not self._bounceable(env):
-            for r in env.recipients:
-                r.dsn_due = None
-            return d
-        retry_until = env.received_at + self._config.max_lifetime
-        for kind, rcpts in (("failed", msg.failed), ("delayed", msg.delayed), ("delivered", msg.delivered),
-                            ("relayed", msg.relayed)):
-            if rcpts:
-                for r in rcpts:
-                    r.dsn_due = kind  # stored with the message until the DSN is committed
-                d.addCallback(lambda _, k=kind, rs=list(rcpts): self._send_dsn(msg, k, rs, retry_until))
-        return d
-
-    def _send_dsn(self, msg: _Message, kind: str, rcpts: list[Recipient], retry_until: float) -> defer.Deferred[None]:
-        now = self._clock.seconds()
-        try:
-            content = self._store.open_content(msg.queue_id)
-            try:
-                data, dsn_env = make_dsn(
-                    msg.envelope, rcpts, kind, self._hostname, content, now, self._postmaster,
-                    remote_hosts=msg.remote_hosts, retry_until=retry_until,
-                )
-            finally:
-                content.close()
-        except Exception:
-            # a bug, most likely: count it as a crash so that it ends in the hold queue, not in a loop
-            msg.envelope.crashes += 1
-            self._log.failure("building a {kind} DSN for {queue_id} failed; kept, retried in {delay}s",
-                              kind=kind, queue_id=msg.queue_id, delay=self._dsn_retry)
-            return defer.succeed(None)
-
-        def submitted(dsn_id: str) -> None:
-            for r in rcpts:
-                if r.dsn_due == kind:
-                    r.dsn_due = None
-            self._track(
-                TrackingEventId.DSN, msg, tuple(r.address for r in rcpts), source="DSN",
-                details={"dsn_queue_id": dsn_id, "action": kind, "related_recipient": msg.envelope.sender},
-            )
-
-        d = defer.maybeDeferred(self._store.submit, data, dsn_env)
-        d.addCallback(submitted)
-        d.addErrback(lambda f: self._log.failure(
-            "queueing a {kind} DSN for {queue_id} failed; the message is kept and the DSN retried in {delay}s", f,
-            kind=kind, queue_id=msg.queue_id, delay=self._dsn_retry,
-        ))
-        return d
-
-    def _track(
-        self,
-        event_id: TrackingEventId,
-        msg: _Message,
-        recipients: tuple[str, ...],
-        *,
-        connector: str | None = None,
-        result: RecipientResult | None = None,
-        source: str | None = None,
-        details: Mapping[str, Any] | None = None,
-        reply: str | None = None,
-    ) -> None:
-        if self._tracker is None:
-            return
-        env = msg.envelope
-        event = TrackingEvent(
-            event_id=event_id,
-            queue_id=msg.queue_id,
-            timestamp=self._clock.seconds(),
-            sender=env.sender,
-            recipients=recipients,
-            message_id=env.message_id,
-            size=env.size,
-            connector=connector,
-            source=source,
-            remote_host=result.remote_host if result else None,
-            reply=reply if reply is not None else (str(result.reply) if result else None),
-            tls=result.tls if result else None,
-            details=event_details(event_id, env.received_at, self._clock.seconds(), result, details),
-        )
-        try:
-            self._tracker.track(event)
-        except Exception:
-            self._log.failure("message tracker failed on {event_id}", event_id=event_id.value)
-
     # ------------------------------------------------------------ operations
 
     def stats(self) -> dict[str, Any]:
@@ -1058,154 +588,6 @@ class DeliveryScheduler(Service):
                 for (c, n), d in self._destinations.items()
             },
         }
-
-
-    # ------------------------------------------------------------ operator actions (exmta.admin)
-
-    def routes_for(self, envelope: Envelope) -> list[Route]:
-        """Where the pending recipients of ``envelope`` would go now (the redirect target if one is set)."""
-        addresses = list(dict.fromkeys(r.address for r in envelope.pending()))
-        if not addresses:
-            return []
-        if self._redirect is not None:
-            return [Route(self._redirect[0], tuple(addresses), self._redirect[1])]
-        try:
-            return list(self._router.route(envelope, addresses))
-        except Exception:
-            self._log.failure("router failed for {queue_id}", queue_id=envelope.queue_id)
-            return []
-
-    def is_active(self, queue_id: str) -> bool:
-        """Is this message claimed by the scheduler (being delivered) right now?"""
-        return queue_id in self._messages
-
-    def destination_state(self, connector: str, nexthop: str | None) -> dict[str, Any]:
-        """Failures, last reply and suspension of one destination (empty when healthy and idle)."""
-        out: dict[str, Any] = {}
-        dest = self._destinations.get((connector, nexthop))
-        if dest is not None:
-            out.update(active=dest.active, failures=dest.failures, suspended_until=dest.suspended_until,
-                       last_error=str(dest.last_reply) if dest.last_reply is not None else None)
-        reason = self._operator_suspended.get((connector, nexthop))
-        if reason is not None:
-            out["suspended_by_operator"] = reason
-        return out
-
-    def suspend_destination(self, connector: str, nexthop: str | None,
-                            reason: str = "suspended by an operator") -> None:
-        """Stop delivering to one destination until :meth:`resume_destination` (Exchange Suspend-Queue)."""
-        self._operator_suspended[(connector, nexthop)] = reason
-        self._log.info("destination {connector}/{nexthop} suspended: {reason}", connector=connector,
-                       nexthop=nexthop, reason=reason)
-        self._save_operator_state()
-
-    def resume_destination(self, connector: str, nexthop: str | None) -> bool:
-        """Undo :meth:`suspend_destination`; True when it was suspended. Call retry_destination after it."""
-        found = self._operator_suspended.pop((connector, nexthop), None) is not None
-        self._log.info("destination {connector}/{nexthop} resumed", connector=connector, nexthop=nexthop)
-        if found:
-            self._save_operator_state()
-        return found
-
-    def suspended_destinations(self) -> dict[tuple[str, str | None], str]:
-        return dict(self._operator_suspended)
-
-    def clear_backoff(self, connector: str, nexthop: str | None) -> None:
-        """Forget a destination's failures and automatic suspension (before a retry now)."""
-        dest = self._destinations.get((connector, nexthop))
-        if dest is not None:
-            dest.window, dest.failures, dest.suspended_until = dest.limit, 0, None
-
-    def set_redirect(self, name: str | None, connector: ISendConnector | None = None,
-                     nexthop: str | None = None) -> None:
-        """Send every message from now on through ``connector`` to ``nexthop`` (drain); None stops it."""
-        if name is None:
-            self._redirect = None
-            self._save_operator_state()
-            return
-        if connector is not None:
-            self._connectors[name] = connector
-        self._redirect = (name, nexthop)
-        self._save_operator_state()
-
-    def restore_operator_state(self, state: Any, make_connector: Callable[[str, int], Any] | None = None) -> None:
-        """Adopt ``state`` (an OperatorStateFile) and what it holds: suspensions, and the redirect when
-        ``make_connector(host, port)`` can rebuild its connector. Call before startService."""
-        self.operator_state = state
-        suspended, redirect = state.load()
-        self._operator_suspended.update(suspended)
-        for (connector, nexthop), reason in suspended.items():
-            self._log.info("destination {connector}/{nexthop} still suspended: {reason}", connector=connector,
-                           nexthop=nexthop, reason=reason)
-        if redirect is not None and make_connector is not None:
-            name, target = redirect
-            try:
-                smarthost = _smarthost(target)
-                built = make_connector(smarthost.host, smarthost.port)
-            except Exception:
-                self._log.failure("cannot restore the redirect to {target}", target=target)
-                return
-            name = getattr(built, "name", None) or name
-            self._connectors[name] = built
-            self._redirect = (name, target)
-            self._log.info("queued mail still redirected to {target}", target=target)
-
-    def _save_operator_state(self) -> None:
-        if self.operator_state is None:
-            return
-        try:
-            self.operator_state.save(self._operator_suspended, self._redirect)
-        except Exception:
-            self._log.failure("saving the operator state failed: this change holds only until a restart")
-
-    @property
-    def redirect(self) -> tuple[str, str | None] | None:
-        return self._redirect
-
-    def remove_message(self, queue_id: str, ndr: bool,
-                       reason: str = "removed by an administrator") -> defer.Deferred[dict[str, Any]]:
-        """Delete a queued message, with or without a non-delivery report (Exchange Remove-Message -WithNDR).
-
-        KeyError when there is no such message, ValueError while it is being
-        delivered. Tracking: FAIL per pending recipient and DSN with an NDR,
-        DROP without.
-        """
-        if queue_id in self._messages:
-            return defer.fail(ValueError(f"{queue_id} is being delivered right now; try again in a moment"))
-        return defer.Deferred.fromCoroutine(self._remove_message(queue_id, ndr, reason))
-
-    async def _remove_message(self, queue_id: str, ndr: bool, reason: str) -> dict[str, Any]:
-        state, env = await defer.maybeDeferred(self._store.read, queue_id)
-        if state == "active" or queue_id in self._messages:
-            raise ValueError(f"{queue_id} is being delivered right now; try again in a moment")
-        msg = _Message(QueueEntry(queue_id, env))
-        pending = env.pending()
-        reply = Reply.make(550, "5.3.0", f"Message {reason}")
-        dsn_id = None
-        if ndr and pending and self._bounceable(env):
-            for r in pending:
-                r.last_reply = reply
-            content = self._store.open_content(queue_id)
-            try:
-                data, dsn_env = make_dsn(env, pending, "failed", self._hostname, content, self._clock.seconds(),
-                                         self._postmaster)
-            finally:
-                content.close()
-            dsn_id = await defer.maybeDeferred(self._store.submit, data, dsn_env)
-        await defer.maybeDeferred(self._store.remove, queue_id)
-        addresses = tuple(r.address for r in pending)
-        if ndr:
-            self._track(TrackingEventId.FAIL, msg, addresses, source="ADMIN", reply=str(reply),
-                        details={"reason": reason})
-            if dsn_id is not None:
-                self._track(TrackingEventId.DSN, msg, addresses, source="DSN",
-                            details={"dsn_queue_id": dsn_id, "action": "failed"})
-        else:
-            self._track(TrackingEventId.DROP, msg, addresses, source="ADMIN", details={"reason": reason})
-        self._log.info("{queue_id} removed from {state} ({ndr}): {reason}", queue_id=queue_id, state=state,
-                       ndr="with NDR" if ndr else "without NDR", reason=reason)
-        return {"queue_id": queue_id, "state": state, "ndr": dsn_id is not None, "dsn_queue_id": dsn_id,
-                "recipients": list(addresses)}
 
 
 def send_configs_by_name(configs: Sequence[SendConnectorConfig]) -> dict[str, SendConnectorConfig]:

@@ -33,7 +33,7 @@ from zope.interface import implementer
 
 from exmta.config.schema import AcceptedDomain
 from exmta.coroutines import run_coroutine
-from exmta.interfaces import IReceivePolicy
+from exmta.interfaces import IReceivePolicy, ISessionTrust
 from exmta.model import Address, Verdict
 from exmta.receive.backpressure import BackPressure
 from exmta.receive.noderates import take_local
@@ -101,7 +101,7 @@ def routing_trick(rcpt: Address) -> str | None:
     return None
 
 
-@implementer(IReceivePolicy)
+@implementer(IReceivePolicy, ISessionTrust)
 class DefaultReceivePolicy:
     """Accepted domains, relay networks and permission groups; see the module docstring.
 

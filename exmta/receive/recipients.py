@@ -28,7 +28,9 @@ from typing import Any, Callable, Sequence
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from exmta.interfaces import IRecipientLookup
 from exmta.model import Address
 
 __all__ = ["RecipientList", "RecipientValidator", "parse_recipient_list"]
@@ -111,6 +113,7 @@ class RecipientList:
         return a in self.exact or any(fnmatch.fnmatchcase(a, p) for p in self.patterns)
 
 
+@implementer(IRecipientLookup)
 class RecipientValidator:
     """Whether a recipient of an accepted domain exists: lookup hooks (the directory), then the list."""
 

@@ -103,8 +103,12 @@ def make_dispatchers(connectors: Sequence[ReceiveConnectorConfig], factories: Se
     connection limits count all of them together; with ``node``
     (ReceiveResources.node) they count every process of the node.
     """
+    from exmta.receive.screen import ConnectionScreen, screened
+
+    screen = ConnectionScreen(clock) if clock is not None else None  # DNS lists and greet pause (one per process)
     entries = {
-        rc.name: ConnectorEntry.from_config(rc, _listening(f, clock), f) for rc, f in zip(connectors, factories)
+        rc.name: ConnectorEntry.from_config(rc, screened(_listening(f, clock), f, screen), f)
+        for rc, f in zip(connectors, factories)
     }
     if hasattr(node, "connection_counter"):  # the main process: its sessions and its workers' in one count
         for rc in connectors:

@@ -17,6 +17,7 @@ from typing import Callable, TypeVar
 import dns.exception
 import dns.message
 import dns.nameserver
+import dns.rdatatype
 import dns.resolver
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -51,6 +52,9 @@ class DNSTemporaryError(DNSError):
 class DNSPermanentError(DNSError):
     """The destination does not exist or accepts no mail."""
 
+    nxdomain = False                      # the name does not exist (set with negative_ttl)
+    negative_ttl: float | None = None     # RFC 2308 TTL of that answer, when the response gave one
+
 
 class NullMXError(DNSPermanentError):
     """RFC 7505: the domain publishes a null MX and accepts no mail."""
@@ -80,6 +84,15 @@ def parse_nameservers(specs: tuple[str, ...] | list[str]) -> list[tuple[str, int
         ipaddress.ip_address(host)  # raises ValueError for a name
         out.append((host, port))
     return out
+
+
+def _negative_ttl(responses: object) -> float | None:
+    """RFC 2308: the lower of the SOA's TTL and its minimum field, from a negative answer's authority."""
+    for response in responses:  # type: ignore[attr-defined]
+        for rrset in getattr(response, "authority", ()):
+            if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+                return float(min(rrset.ttl, rrset[0].minimum))
+    return None
 
 
 class DNSResolver:
@@ -119,10 +132,19 @@ class DNSResolver:
 
     def _query(self, name: str, rdtype: str) -> list[object] | None:
         """Records of ``rdtype`` at ``name`` (CNAMEs followed); None when the name has none."""
+        answer = self._answer(name, rdtype)
+        if answer.rrset is None:
+            return None
+        return list(answer.rrset)
+
+    def _answer(self, name: str, rdtype: str) -> dns.resolver.Answer:
+        """dnspython's answer, errors mapped as documented; NXDOMAIN's error carries ``negative_ttl``."""
         try:
-            answer = self._resolver.resolve(name, rdtype, search=False, raise_on_no_answer=False)
-        except dns.resolver.NXDOMAIN:
-            raise _perm(f"Host or domain name not found: {name} (NXDOMAIN)") from None
+            return self._resolver.resolve(name, rdtype, search=False, raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN as exc:
+            error = _perm(f"Host or domain name not found: {name} (NXDOMAIN)")
+            error.nxdomain, error.negative_ttl = True, _negative_ttl(exc.responses().values())
+            raise error from None
         except dns.message.ChainTooLong:
             raise _temp(f"CNAME chain too long or looping at {name}") from None
         except dns.resolver.LifetimeTimeout:
@@ -135,9 +157,24 @@ class DNSResolver:
             raise _perm(f"DNS name too long after DNAME substitution: {name}") from None
         except dns.exception.DNSException as exc:
             raise _temp(f"DNS error looking up {rdtype} for {name}: {exc}") from None
+
+    def records_with_ttl_blocking(self, name: str, rdtype: str) -> tuple[list[object], float | None]:
+        """(records, TTL) of ``rdtype`` at ``name``; ([], negative TTL) when it has none.
+
+        For callers that cache answers for as long as the zone says (the DNS
+        lists of exmta.receive.screen). The negative TTL is the SOA's
+        (RFC 2308), None when the answer has no SOA. NXDOMAIN also gives
+        ``[]``; timeouts and SERVFAIL raise :class:`DNSTemporaryError`.
+        """
+        try:
+            answer = self._answer(name, rdtype)
+        except DNSPermanentError as exc:
+            if not exc.nxdomain:
+                raise
+            return [], exc.negative_ttl
         if answer.rrset is None:
-            return None
-        return list(answer.rrset)
+            return [], _negative_ttl([answer.response])
+        return list(answer.rrset), float(answer.rrset.ttl)
 
     def query_blocking(self, name: str, rdtype: str) -> list[object] | None:
         """Records of ``rdtype`` at ``name``, or None; for callers already on a pool thread.

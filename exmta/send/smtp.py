@@ -16,6 +16,7 @@ reused (RSET first) up to ``max_messages_per_connection`` messages.
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ class Target:
     port: int = 25
     unix_path: str | None = None
     policy: Any = None       # exmta.tlspolicy.engine.HostPolicy: MTA-STS/DANE TLS for this MX host
+    report: Any = None       # exmta.tlspolicy.nopolicy.NoPolicySession: TLS-RPT "no-policy-found"
 
     @property
     def label(self) -> str:
@@ -207,6 +209,11 @@ class SMTPSendConnector:
         if not rcpts:
             return []
         key = self._key(nexthop, rcpts)
+        # RFC 8460 5.3: our TLS reports go out despite TLS failures (no MTA-STS/DANE, not reported), on
+        # connections of their own: none of them is pooled for, or taken from, policy-protected mail
+        use_policy = self.tls_policy is None or not self.tls_policy.exempt(request.envelope)
+        if not use_policy:
+            key += ("tls-report",)
         if self.xoauth2 is not None:  # a session is logged in as one mailbox: reuse it only for that one
             key += ("xoauth2", self.xoauth2.user_for(request).lower())
         # a host that deferred every recipient: RFC 5321 5.1 has the next address tried, as after a
@@ -235,7 +242,7 @@ class SMTPSendConnector:
         last_host: str | None = None
         attempts = 0
         try:
-            async for target in self._targets(nexthop, rcpts):
+            async for target in self._targets(nexthop, rcpts, use_policy):
                 if target.label == tempfailed_host:
                     continue  # its cached connection just deferred everything
                 attempts += 1
@@ -278,7 +285,9 @@ class SMTPSendConnector:
         if isinstance(outcome, _TLSFailed):
             # RFC 7435: opportunistic TLS that fails falls back to plaintext (a new connection)
             self.log.info("TLS with {remote} failed; retrying without TLS", remote=target.label)
-            outcome = await self._try_target_once(target, request, rcpts, "none")
+            # the failure is reported (TLS-RPT); the clear-text retry is our choice, not another result
+            plain = dataclasses.replace(target, policy=None, report=None)
+            outcome = await self._try_target_once(plain, request, rcpts, "none")
             if isinstance(outcome, _TLSFailed):  # cannot happen without TLS
                 return outcome.reply
         return outcome
@@ -289,9 +298,12 @@ class SMTPSendConnector:
             self.clock, self.helo_name, lmtp=self.lmtp, tls_mode=tls_mode,
             tls_context=self._context_for(target, tls_mode), username=self.config.auth_username,
             password=self.config.auth_password, timeouts=self.timeouts, remote_host=target.label,
-            protocol_log=self.protocol_log, tls_verifier=target.policy.verify if target.policy else None,
+            protocol_log=self.protocol_log,
             sasl=self.xoauth2.login(request) if self.xoauth2 is not None else None,
         )
+        if target.policy is not None:  # its certificate check, told the connection's addresses (TLS-RPT)
+            policy = target.policy
+            proto.tls_verifier = lambda conn: policy.verify(conn, proto.addresses)
         try:
             await connectProtocol(self._endpoint(target), proto)
         except (ConnectError, ConnectingCancelledError, OSError) as exc:
@@ -309,13 +321,17 @@ class SMTPSendConnector:
             if target.label not in reply.text:
                 reply = Reply(reply.code, reply.status, reply.lines[:-1] + (f"{reply.lines[-1]} ({target.label})",))
             if target.policy is not None:  # TLS-RPT, and the policy named in the reply
-                reply = target.policy.after_session(proto, False, reply)
+                reply = target.policy.after_session(proto, False, reply, phase)
+            elif target.report is not None:  # TLS-RPT without a policy
+                target.report.after_session(proto, False, phase, exc.reply.text, tls_mode)
             if phase == "STARTTLS" and tls_mode == "opportunistic":
                 return _TLSFailed(reply)
             return reply
         self.log.info("Connected to {remote} (tls={tls})", remote=target.label, tls=proto.tls)
         if target.policy is not None:
             target.policy.after_session(proto, True, None)
+        elif target.report is not None:
+            target.report.after_session(proto, True, None, "", tls_mode)
         try:
             results = await proto.deliver(request, rcpts)
         except StaleConnection as exc:  # lost between the greeting exchange and MAIL
@@ -354,7 +370,8 @@ class SMTPSendConnector:
 
     # ------------------------------------------------------------ where to connect
 
-    async def _targets(self, nexthop: str | None, rcpts: tuple[Recipient, ...]) -> AsyncIterator[Target]:
+    async def _targets(self, nexthop: str | None, rcpts: tuple[Recipient, ...],
+                       use_policy: bool = True) -> AsyncIterator[Target]:
         if self.lmtp:
             yield self._lmtp_target()
             return
@@ -379,11 +396,12 @@ class SMTPSendConnector:
             return
         mxs = await self.resolver.resolve_mx(domain)
         # MTA-STS / DANE (exmta.tlspolicy): which MX hosts, and which TLS with each
-        policy = await self.tls_policy.for_domain(domain) if self.tls_policy is not None else None
+        policy = await self.tls_policy.for_domain(domain) if self.tls_policy is not None and use_policy else None
         last_error: DNSError | None = None
         yielded = False
         for _pref, host in mxs:
             host_policy = await policy.host(host) if policy is not None else None
+            report = policy.no_policy(host) if policy is not None and host_policy is None else None
             if host_policy is not None and not hasattr(host_policy, "verify"):  # Skip: policy forbids it
                 self.log.info("MX {host} of {domain} skipped: {reason}", host=host, domain=domain,
                               reason=host_policy.reason)
@@ -396,7 +414,7 @@ class SMTPSendConnector:
                 continue
             for addr in addresses:
                 yielded = True
-                yield Target(host, addr, self.config.port, policy=host_policy)
+                yield Target(host, addr, self.config.port, policy=host_policy, report=report)
         if not yielded and policy is not None and policy.skipped:
             raise policy.deferral()
         if not yielded and last_error is not None:

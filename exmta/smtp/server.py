@@ -964,6 +964,7 @@ class ESMTPServer(Protocol):
                 size=writer.size,
                 held_reason=getattr(view, "quarantine_reason", None),
             )
+            envelope = view.edit_envelope(envelope)  # filters' recipient edits (exmta.milter)
             if rules is not None:
                 envelope = rules.envelope(envelope)
             queue_id = await self.factory.store.commit(writer, envelope)

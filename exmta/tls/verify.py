@@ -24,8 +24,10 @@ from typing import Any
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from exmta.config.schema import ReceiveConnectorConfig
+from exmta.interfaces import ITLSGate
 from exmta.model import Reply
 from exmta.tls.context import ServerTLS, ip_in, match_name
 from exmta.tls.failures import describe_tls_failure, verify_errors
@@ -42,6 +44,7 @@ def _not_authenticated(why: str) -> Reply:
     return Reply.make(530, "5.7.1", f"Client was not authenticated: {why}")
 
 
+@implementer(ITLSGate)
 class TLSGate:
     """Per-connector TLS requirements, checked by the SMTP session; see the module docstring."""
 

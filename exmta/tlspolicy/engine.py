@@ -26,10 +26,12 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from exmta.model import Reply
-from exmta.routing.dns import DNSError, DNSResolver, DNSTemporaryError, parse_nameservers
+from exmta.routing.dns import DNSError, DNSPermanentError, DNSResolver, DNSTemporaryError, parse_nameservers
 from exmta.tlspolicy.config import TLSPolicyConfig
 from exmta.tlspolicy.dane import ValidatingResolver, tlsa_name
 from exmta.tlspolicy.mtasts import MTASTS, PolicyCache, PolicyFetcher, STSPolicy
+from exmta.tlspolicy.nopolicy import NoPolicySession, ReportingDomains
+from exmta.tlspolicy.report import is_tls_report
 from exmta.tlspolicy.verify import TLSARecord, check_dane, check_webpki, make_store
 
 __all__ = ["DomainPolicy", "HostPolicy", "PolicyDeferral", "Skip", "TLSPolicyEngine"]
@@ -70,41 +72,50 @@ class HostPolicy:
     def label(self) -> str:
         return "DANE" if self.kind == "dane" else f"MTA-STS policy of {self.policy_domain}"
 
-    def verify(self, connection: Any) -> str | None:
-        """Run after the handshake: None to go on, or why not (enforced policies only)."""
+    def verify(self, connection: Any, ips: tuple[str, str] = ("", "")) -> str | None:
+        """Run after the handshake: None to go on, or why not (enforced policies only).
+        ``ips``: (ours, the server's) for the TLS-RPT report."""
         try:
-            return self._verify(connection)
+            return self._verify(connection, ips)
         except Exception:  # a certificate the checks choke on: refused under an enforced policy
             self.engine.log.failure("TLS policy check of {host} failed", host=self.host)
-            self.engine.record(self, "validation-failure", "the certificate could not be checked")
+            self.engine.record(self, "validation-failure", "the certificate could not be checked", ips)
             return f"{self.label()}: {self.host}: the certificate could not be checked" if self.enforce else None
 
-    def _verify(self, connection: Any) -> str | None:
+    def _verify(self, connection: Any, ips: tuple[str, str]) -> str | None:
+        if self.kind == "dane" and not any(r.usable for r in self.tlsa):
+            # RFC 7672 2.2: TLS, unauthenticated; RFC 8460 4.3.2.1: none of the records is valid
+            self.engine.record(self, "tlsa-invalid", f"none of the TLSA records of {self.host} is usable", ips)
+            return None
         if self.kind == "dane":
             problem = check_dane(connection, self.tlsa, [self.host])
         else:
             problem = check_webpki(connection, [self.host], self.engine.store)
         if problem is None and self.mx_mismatch:
-            self.engine.record(self, "validation-failure", f"MX host {self.host} not in the policy's mx patterns")
+            self.engine.record(self, "validation-failure", f"MX host {self.host} not in the policy's mx patterns",
+                               ips)
             return None
         if problem is None:
-            self.engine.record(self, None, "")
+            self.engine.record(self, None, "", ips)
             return None
-        self.engine.record(self, problem.kind, problem.text)
+        self.engine.record(self, problem.kind, problem.text, ips)
         text = f"{self.label()}: {self.host}: {problem.text}"
         if self.enforce:
             return text
         self.engine.log.info("{policy} (testing, delivering anyway): {problem}", policy=self.label(), problem=text)
         return None
 
-    def after_session(self, proto: Any, established: bool, reply: Reply | None) -> Reply | None:
+    def after_session(self, proto: Any, established: bool, reply: Reply | None,
+                      phase: str | None = None) -> Reply | None:
         """Record what the certificate check did not see (no STARTTLS, a failed handshake), and name
-        the policy in the refusal ``reply`` of a session that did not come up."""
-        if proto.tls is None:
+        the policy in the refusal ``reply`` of a session that did not come up.  A session refused
+        before the TLS step (``phase`` greeting, EHLO, HELO) is no TLS result and is not recorded."""
+        if proto.tls is None and (established or phase in (None, "STARTTLS")):
+            ips = getattr(proto, "addresses", ("", ""))
             if established or "STARTTLS" not in getattr(proto, "capabilities", {}):
-                self.engine.record(self, "starttls-not-supported", f"{self.host} did not offer STARTTLS")
+                self.engine.record(self, "starttls-not-supported", f"{self.host} did not offer STARTTLS", ips)
             else:
-                self.engine.record(self, "validation-failure", f"TLS handshake with {self.host} failed")
+                self.engine.record(self, "validation-failure", f"TLS handshake with {self.host} failed", ips)
         if reply is None or not self.enforce or self.label() in reply.text:
             return reply
         return Reply(reply.code, reply.status, (f"{self.label()}: {reply.lines[0]}",) + reply.lines[1:])
@@ -159,6 +170,14 @@ class DomainPolicy:
             return HostPolicy("mta-sts", host, self.domain, False, engine, sts=sts, mx_mismatch=True)
         return HostPolicy("mta-sts", host, self.domain, enforce and sts.mode == "enforce", engine, sts=sts)
 
+    def no_policy(self, host: str) -> NoPolicySession | None:
+        """TLS-RPT for a host :meth:`host` gave no policy: its sessions count as ``no-policy-found``
+        (when the domain publishes a TLSRPT record; exmta.tlspolicy.nopolicy). None when not reporting."""
+        domains = self.engine.reporting_domains
+        if domains is None or self.override == "none":
+            return None
+        return NoPolicySession(self.domain, host, self.engine, domains)
+
     def _skip(self, host: str, reason: str, kind: str, enforce: bool) -> Skip | None:
         self.engine.record_domain(self.domain, "tlsa", kind, reason, host)
         if not enforce:
@@ -187,6 +206,10 @@ class TLSPolicyEngine:
         #: exmta.tlspolicy.report.TLSReporter (TLS-RPT), or None
         self.reporter = reporter
         self.store = make_store(config.ca_file)
+        #: which domains publish a TLSRPT record (sessions without a policy are reported to those only)
+        self.reporting_domains: ReportingDomains | None = None
+        if reporter is not None and resolver is not None:
+            self.reporting_domains = ReportingDomains(clock, self._txt_or_error)
         self.sts: MTASTS | None = None
         if config.mta_sts and resolver is not None:
             import os
@@ -248,6 +271,11 @@ class TLSPolicyEngine:
         policy = DomainPolicy(domain, self, override=self.override_for(domain))
         if policy.override == "none":
             return policy
+        if self.reporting_domains is not None:  # TLSRPT TXT, alongside the policy lookups (not awaited)
+            try:
+                self.reporting_domains.prefetch(domain)
+            except Exception:  # reporting never holds up delivery
+                self.log.failure("TLSRPT lookup for {domain} not started", domain=domain)
         if self.dane is not None:
             mx = await self.dane.query(domain, "MX")
             if mx.status == "bogus" and policy.override != "testing":
@@ -259,12 +287,21 @@ class TLSPolicyEngine:
         return policy
 
     def _txt(self, name: str) -> defer.Deferred[list[str] | None]:
+        """TXT strings at ``name``; None when there are none or DNS failed."""
+        def none_on_dns_error(failure: Any) -> None:
+            failure.trap(DNSError)
+            return None
+
+        return self._txt_or_error(name).addErrback(none_on_dns_error)
+
+    def _txt_or_error(self, name: str) -> defer.Deferred[list[str] | None]:
+        """TXT strings at ``name`` (None: no records); fails on DNS errors other than NXDOMAIN."""
         resolver = self.resolver
 
         def lookup() -> list[str] | None:
             try:
                 records = resolver.query_blocking(name, "TXT")  # type: ignore[union-attr]
-            except DNSError:
+            except DNSPermanentError:
                 return None
             if records is None:
                 return None
@@ -281,22 +318,33 @@ class TLSPolicyEngine:
 
     # ------------------------------------------------------------ TLS-RPT
 
-    def record(self, host: HostPolicy, failure: str | None, text: str) -> None:
+    @staticmethod
+    def exempt(envelope: Any) -> bool:
+        """A TLS report of ours: RFC 8460 5.3 has it delivered despite TLS failures (even in clear),
+        and its session left out of the next report."""
+        return is_tls_report(envelope)
+
+    def record(self, host: HostPolicy, failure: str | None, text: str, ips: tuple[str, str] = ("", "")) -> None:
         if self.reporter is None:
             return
         kind = "tlsa" if host.kind == "dane" else "sts"
         strings = _policy_strings(host)
         try:
             self.reporter.record(host.policy_domain, kind, strings, host.host, failure, text,
-                                 mx_patterns=host.sts.mx if host.sts else ())
+                                 mx_patterns=host.sts.mx if host.sts else (), sending_ip=ips[0],
+                                 receiving_ip=ips[1])
         except Exception:
             self.log.failure("TLS-RPT recording failed for {domain}", domain=host.policy_domain)
 
-    def record_domain(self, domain: str, kind: str, failure: str, text: str, host: str = "") -> None:
+    def record_domain(self, domain: str, kind: str, failure: str | None, text: str, host: str = "",
+                      ips: tuple[str, str] = ("", "")) -> None:
         if self.reporter is None:
             return
         try:
-            self.reporter.record(domain, kind, (), host, failure, text)
+            if ips == ("", ""):
+                self.reporter.record(domain, kind, (), host, failure, text)
+            else:
+                self.reporter.record(domain, kind, (), host, failure, text, sending_ip=ips[0], receiving_ip=ips[1])
         except Exception:
             self.log.failure("TLS-RPT recording failed for {domain}", domain=domain)
 

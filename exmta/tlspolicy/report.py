@@ -29,13 +29,23 @@ from typing import Any, Iterable
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from exmta.model import Envelope, Recipient
-from exmta.reports.daily import DailyReportService, report_headers
+from exmta.model import Envelope, MailParams, Recipient
+from exmta.reports.daily import DAY, DailyReportService, report_headers
 
-__all__ = ["TLSReportService", "TLSResultLog", "add_tls_report_service", "build_report", "parse_rua",
-           "report_message"]
+__all__ = ["REPORT_ENVID", "TLSReportService", "TLSResultLog", "add_tls_report_service", "build_report",
+           "is_tls_report", "parse_rua", "report_message"]
 
 log = Logger()
+
+#: the envelope id (RFC 3461 ENVID) of the report mails we queue: the send connector knows them by it
+REPORT_ENVID = "exmta-tlsrpt."
+
+
+def is_tls_report(envelope: Any) -> bool:
+    """A TLS report we generated (kind "dsn": received mail never has it, whatever its ENVID)."""
+    params = getattr(envelope, "params", None)
+    envid = getattr(params, "envid", None) or ""
+    return getattr(envelope, "kind", "") == "dsn" and envid.startswith(REPORT_ENVID)
 
 
 class TLSResultLog:
@@ -48,10 +58,11 @@ class TLSResultLog:
         self._file: Any = None
 
     def record(self, domain: str, kind: str, strings: Iterable[str], host: str, failure: str | None, text: str,
-               mx_patterns: Iterable[str] = ()) -> None:
+               mx_patterns: Iterable[str] = (), sending_ip: str = "", receiving_ip: str = "") -> None:
         row = {"time": self.clock.seconds(), "policy_domain": domain, "policy_type": kind,
                "policy_strings": list(strings), "mx_patterns": list(mx_patterns), "mx_host": host,
-               "result": failure, "text": text[:500]}
+               "result": failure, "text": text[:500], "sending_ip": sending_ip or self.sending_ip or "",
+               "receiving_ip": receiving_ip}
         try:
             if self._file is None:
                 os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -84,6 +95,15 @@ def _rows(path: str) -> list[dict[str, Any]]:
     return out
 
 
+def _date_range(rows: list[dict[str, Any]], now: float) -> tuple[float, float]:
+    """RFC 8460 4.1: whole UTC days, from the midnight before the first result to the second before
+    the last midnight (the daily run, a minute after it); ``now`` when the results are all of today."""
+    first = min(float(r.get("time", now)) for r in rows)
+    begin = first - first % DAY
+    end = now - now % DAY - 1
+    return (begin, end) if end > begin else (first, now)
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -106,7 +126,8 @@ def build_report(domain: str, rows: list[dict[str, Any]], begin: float, end: flo
             entry = policies[key] = {"policy": policy, "ok": 0, "failed": 0, "details": {}}
         if row.get("result"):
             entry["failed"] += 1
-            dkey = (str(row["result"]), str(row.get("mx_host") or ""), str(row.get("text") or ""))
+            dkey = (str(row["result"]), str(row.get("mx_host") or ""), str(row.get("text") or ""),
+                    str(row.get("sending_ip") or ""), str(row.get("receiving_ip") or ""))
             entry["details"][dkey] = entry["details"].get(dkey, 0) + 1
         else:
             entry["ok"] += 1
@@ -119,12 +140,16 @@ def build_report(domain: str, rows: list[dict[str, Any]], begin: float, end: flo
         }
         if entry["details"]:
             details = []
-            for (result, mx, text), count in sorted(entry["details"].items()):
+            for (result, mx, text, sending_ip, receiving_ip), count in sorted(entry["details"].items()):
                 d: dict[str, Any] = {"result-type": result, "failed-session-count": count}
+                if sending_ip:
+                    d["sending-mta-ip"] = sending_ip
                 if mx:
                     d["receiving-mx-hostname"] = mx
-                if text:
-                    d["additional-information"] = text
+                if receiving_ip:
+                    d["receiving-ip"] = receiving_ip
+                if text:  # free text: "additional-information" is for a URI (RFC 8460 4.4)
+                    d["failure-reason-code"] = text
                 details.append(d)
             item["failure-details"] = details
         out.append(item)
@@ -210,16 +235,17 @@ class TLSReportService(DailyReportService):
             rua = parse_rua(strings or [])
             if not rua:
                 continue
-            begin = min(float(r.get("time", now)) for r in drows)
-            report_id = hashlib.sha256(f"{self.org}|{domain}|{begin}|{now}".encode()).hexdigest()[:24]
-            report = build_report(domain, drows, begin, now, self.org, self.contact, report_id)
+            begin, end = _date_range(drows, now)
+            report_id = hashlib.sha256(f"{self.org}|{domain}|{begin}|{end}".encode()).hexdigest()[:24]
+            report = build_report(domain, drows, begin, end, self.org, self.contact, report_id)
             data = gzip.compress(json.dumps(report).encode(), mtime=0)
             mailto = [u[7:] for u in rua if u.lower().startswith("mailto:")]
             if mailto:
-                content = report_message(domain, self.org, self.sender, mailto, data, begin, now, report_id, now)
+                content = report_message(domain, self.org, self.sender, mailto, data, begin, end, report_id, now)
                 content = content.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
                 envelope = Envelope(sender="", recipients=[Recipient(t) for t in mailto], kind="dsn",
-                                    received_at=now, size=len(content))
+                                    received_at=now, size=len(content),
+                                    params=MailParams(envid=REPORT_ENVID + report_id))
                 queue_id = await self.store.submit(content, envelope)
                 log.info("TLS-RPT report for {domain} queued as {queue_id} for {rua}", domain=domain,
                          queue_id=queue_id, rua=", ".join(mailto))
@@ -289,6 +315,11 @@ def add_tls_report_service(parent: Any, config: Any, store: Any, reactor: Any, p
 
     tp = config.tls_policy
     sender = f"postmaster@{config.hostname}"
+    signed_for = config.hostname.lower().rstrip(".")
+    if not (any(s.dkim_sign for s in config.send) and any(k.domain == signed_for for k in config.dkim_keys)):
+        log.warn("TLS-RPT reports from {sender} will go out without a DKIM signature, and RFC 8460 5.3 has "
+                 "receivers ignore them: add a [[dkim.keys]] key for {domain} and dkim_sign = true on the send "
+                 "connectors", sender=sender, domain=signed_for)
     service = TLSReportService(results, store, reactor, reactor,
                                lambda fn, *a: deferToThreadPool(reactor, pool, fn, *a), txt,
                                tp.tls_rpt_organization or config.hostname, sender, tp.tls_rpt_contact or sender,

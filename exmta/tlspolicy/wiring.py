@@ -17,7 +17,7 @@ def attach_tls_policy(config: Any, connectors: dict[str, Any], reactor: Any, thr
     """
     tp = config.tls_policy
     engines: list[TLSPolicyEngine] = []
-    if not (tp.mta_sts or tp.dane):
+    if not (tp.mta_sts or tp.dane or tp.tls_rpt):  # tls_rpt alone: "no-policy-found" reports
         return engines
     if reporter is None and tp.tls_rpt:
         import os

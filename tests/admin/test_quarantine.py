@@ -132,3 +132,26 @@ def test_quarantine_expiry(tmp_path: Path) -> None:
         finally:
             ex.stop()
         assert ex.error_lines() == [], ex.log_text()[-4000:]
+
+
+def test_release_to_chosen_recipients(server: tuple[ExmtaProcess, SmtpSink]) -> None:
+    """``release --to`` delivers to the chosen recipients only, and the tracking log says who released it
+    to whom; a bad address is refused (exit 2) and leaves the message in quarantine."""
+    ex, sink = server
+    q = send(ex, "alice@example.org", "boss@example.net", message([("run.exe", EXE, "application/pdf")]),
+             "to1@example.org")
+    r = run(ex, "quarantine", "release", q, "--to", "not an address")
+    assert r.returncode == 2 and "not a mail address" in r.stderr
+    assert run(ex, "quarantine", "show", q).returncode == 0  # still held
+    r = run(ex, "quarantine", "release", q, "--to", "analyst@example.net, soc@example.net")
+    assert r.returncode == 0 and r.stdout == f"Message {q} released to analyst@example.net, soc@example.net.\n"
+    sink.wait_for_rcpts(["analyst@example.net", "soc@example.net"], timeout=30)
+    assert sorted(a for m in sink.messages for a in m.rcpt_tos) == ["analyst@example.net", "soc@example.net"]
+    procs.wait_until(lambda: "SEND" in events_of(ex, q), 15, "SEND after release")
+    [resubmit] = [e for e in tracking(ex) if e.get("queue_id") == q and e["event_id"] == "RESUBMIT"]
+    text = json.dumps(resubmit)
+    assert "true-type" in text and "analyst@example.net" in text and "boss@example.net" in text
+    details = resubmit.get("details", resubmit)
+    assert details["released_to"] == ["analyst@example.net", "soc@example.net"]
+    assert details["original_recipients"] == ["boss@example.net"]
+    assert "(from 127.0.0.1)" in details["released_by"]

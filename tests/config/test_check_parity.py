@@ -52,6 +52,10 @@ BROKEN = [
     ("tls-cert-missing", "", '[receive.in.tls]\ncert = "tls/nope.pem"',
      "certificate file does not exist (relative paths are relative to the configuration file's directory"),
     ("unknown-setting", "max_recipents = 10", "", "receive.in.max_recipents: unknown setting"),
+    ("dnsbl-list-undefined", 'dnsbl_sites = ["zen"]', "", "receive.in.dnsbl_sites: no [connection_filter.lists.zen]"),
+    ("dnsbl-codes-bad", 'dnsbl_sites = ["zen"]',
+     '[connection_filter.lists.zen]\nzone = "zen.test"\ncodes = ["127.0.0.[9..2]"]',
+     "connection_filter.lists.zen.codes: return code"),
 ]
 
 

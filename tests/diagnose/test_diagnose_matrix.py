@@ -203,6 +203,14 @@ def test_domain_matrix(lab: Lab) -> None:
         for domain, extra in (("wrongmx", ()), ("spf", ()), ("dkim", ("--config", cfg)), ("stsmx", ()),
                               ("tlsa", ()), ("nullmx", ())):
             faults[domain] = yield threads.deferToThread(run, *domain_args(lab, f"{domain}.diag.test", *extra))
+        # --config alone: the validating resolver and the roots of its [tls_policy]
+        with_policy = lab.tmp / "with-policy.toml"
+        with_policy.write_text(Path(cfg).read_text() + f'\n[tls_policy]\ndane = true\ndane_resolvers = ["{lab.dns}"]\n'
+                               f'ca_file = "{lab.bundle}"\n')
+        argv = domain_args(lab, "tlsa.diag.test", "--config", str(with_policy))
+        for flag in ("--dane-resolver", "--ca-file"):
+            del argv[argv.index(flag):argv.index(flag) + 2]
+        from_config = yield threads.deferToThread(run, *argv)
     finally:
         yield lab.host.stop()
     rc, report = good
@@ -218,6 +226,8 @@ def test_domain_matrix(lab: Lab) -> None:
     for domain, code in expected.items():
         rc, report = faults[domain]
         assert rc == 2 and code in codes(report), (domain, json.dumps(report, indent=1))
+    rc, report = from_config
+    assert rc == 2 and "tlsa-mismatch" in codes(report), json.dumps(report, indent=1)
     _rc, report = faults["nullmx"]
     assert "null-mx" in codes(report, "ok") and not {"no-mx", "mx-no-address"} & codes(report)
 

@@ -8,7 +8,7 @@ from typing import Any
 from twisted.internet import defer
 
 from exmta.model import Envelope, Outcome, RecipientStatus
-from exmta.queue import scheduler as scheduler_module
+from exmta.queue import outcomes as scheduler_module  # make_dsn of the DSN path (exmta.queue.outcomes)
 
 # the Harness of test_scheduler.py (tests run with --import-mode=importlib: load it by path)
 _spec = importlib.util.spec_from_file_location("_scheduler_harness", Path(__file__).with_name("test_scheduler.py"))

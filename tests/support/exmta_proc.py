@@ -166,7 +166,12 @@ class ExmtaProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.toml_template is not None:
             self.config_path = self.workdir / "exmta.toml"
-            self.config_path.write_text(self.render_toml())
+            text = self.render_toml()
+            if not re.search(r"^\s*\[admin\]", text, re.M):
+                # the admin API's default port (8025) is one for the whole machine: every test
+                # server would compete for it and an `exmta queue` could reach another test's server
+                text += f'\n[admin]\nlisten = ["tcp:{free_port()}:interface=127.0.0.1"]\n'
+            self.config_path.write_text(text)
         if port_in_use(self.port, self.host):
             raise ProcessError(f"127.0.0.1:{self.port} is already in use; not starting exmta")
         env = dict(os.environ)

@@ -165,6 +165,8 @@ def test_dane_matrix(world: World) -> None:
     assert engine.sts is not None and engine.sts._memory["both.dane.test"].mode == "enforce"
     assert ("wrong.dane.test", "tlsa", "validation-failure") in world.reports
     assert ("bogus.dane.test", "tlsa", "dnssec-invalid") in world.reports
+    # records that are all unusable: delivered over unauthenticated TLS, reported (RFC 8460 4.3.2.1)
+    assert ("unusable.dane.test", "tlsa", "tlsa-invalid") in world.reports
 
 
 @pytest_twisted.inlineCallbacks

@@ -1,4 +1,4 @@
-"""The status page: queues, throughput and latency of the last hour, active alerts, tracking search.
+"""The status page: queues, the quarantine, throughput and latency of the last hour, active alerts, tracking search.
 
 One self-contained HTML page rendered on the server: graphs are inline SVG,
 there is no script and nothing is fetched from elsewhere (the Content
@@ -30,6 +30,7 @@ from twisted.web import resource, server
 
 from exmta.admin.client import age_text
 from exmta.admin.status.newest import MAX_BYTES, search_newest
+from exmta.admin.status.quarantine import render_quarantine
 
 __all__ = ["StatusResource", "render_status", "search_tracking_log", "svg_lines"]
 
@@ -192,6 +193,7 @@ def render_status(obs: Any, query: str | None = None,
                        f'<td class="err">{e(snap.last_error.get(hop) or "")}</td></tr>')
         out.append("</table>")
     out.append("</div>")
+    out.append(render_quarantine(getattr(snap, "quarantine", None) if snap is not None else None, now))
 
     # graphs
     series = obs.throughput.series(now)

@@ -1,0 +1,1 @@
+"""Spam verdicts: rspamd over its HTTP protocol, and Exchange's SCL from the combined verdict (issue 15)."""
