@@ -12,6 +12,8 @@
 # EXMTA_RECEIVE_WORKERS (a number or auto; default: the config default), EXMTA_KEEP_QUEUE=1 keeps
 # the previous spool (default: emptied at each start, like peers/postfix_run.sh),
 # EXMTA_METRICS=0 switches [metrics] off (default: the config default, on),
+# EXMTA_LIMITS=1 sets every connection and rate limit of the connector high enough never to be reached,
+# EXMTA_LIMITS=connections only the connection limits (default: none, as every client is 127.0.0.1),
 # EXMTA_PROFILE=FILE writes a cProfile of the reactor thread at exit (pstats).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -44,8 +46,18 @@ mkdir -p "$DIR/data"
     echo "[receive.default]"
     echo "listen = [\"tcp:$PORT:interface=127.0.0.1\"]"
     echo 'relay_networks = ["127.0.0.0/8"]'
-    echo 'max_connections_per_ip = 0          # every benchmark client comes from 127.0.0.1'
-    echo 'max_connections = 0'
+    if [ "${EXMTA_LIMITS:-0}" = 1 ] || [ "${EXMTA_LIMITS:-0}" = connections ]; then
+        # limits on, none reached: what counting them for the node costs (exmta.receive.noderates)
+        echo 'max_connections_per_ip = 100000'
+        echo 'max_connections = 100000'
+        if [ "$EXMTA_LIMITS" = 1 ]; then
+            echo 'messages_per_minute_per_ip = 100000000'
+            echo 'recipients_per_minute_per_ip = 100000000'
+        fi
+    else
+        echo 'max_connections_per_ip = 0          # every benchmark client comes from 127.0.0.1'
+        echo 'max_connections = 0'
+    fi
     echo
     if [ -n "$SINK_PORT" ]; then
         echo "[send.sink]"

@@ -90,24 +90,36 @@ def load_receive_filters(config: Config, paths: dict[str, str], reactor: Any) ->
 
 
 def receive_resources(config: Config, paths: dict[str, str], reactor: Any, pool: Any,
-                      store: StoreSetup) -> ReceiveResources:
+                      store: StoreSetup, worker_lines: Any = None) -> ReceiveResources:
     """What every receive connector of the process shares (back pressure, recipients, lockouts, rates).
 
     With a shared (PostgreSQL) queue the rate limits count every process of
     every node: ``resources.rates.service`` must then run with the process.
+    Else they count every process of the node, as the connection limits
+    always do: the main process counts (exmta.receive.noderates.NodeRates)
+    and a receive worker, whose ``worker_lines`` write to the main process,
+    asks it (``resources.node``).
     """
     resources = make_resources(config, paths["queue"], reactor, reactor, pool)
     if store.chosen.shared:
         from exmta.receive.sharedrates import RateExchange
 
         resources.rates = RateExchange(store.store, reactor)
+    from exmta.receive.noderates import NodeRates, RemoteRates
+
+    # connection limits (and, without a shared queue, rate limits) count every process of the node
+    resources.node = NodeRates(reactor) if worker_lines is None else RemoteRates(worker_lines.write, reactor)
+    if resources.rates is None:
+        resources.rates = resources.node
     return resources
 
 
 def resource_services(resources: ReceiveResources) -> list[tuple[str, Service]]:
     """The services of ``resources`` that run with the process, in start order, with their names."""
     out: list[tuple[str, Service]] = []
-    if resources.rates is not None:
+    if isinstance(resources.node, Service):  # a receive worker's channel to the main process's counters
+        out.append(("node-channel", resources.node))
+    if getattr(resources.rates, "service", None) is not None:
         out.append(("rates-db", resources.rates.service))
     if resources.service is not None:
         out.append(("back-pressure", resources.service))

@@ -22,7 +22,7 @@ from exmta.assembly import (build_scheduler, load_receive_filters, make_receive_
                             receive_resources, resource_services)
 from exmta.assembly import make_receive_factory  # noqa: F401  (re-exported: its home was this module)
 from exmta.config.schema import Config
-from exmta.receive.proxy import listen_service
+from exmta.receive.proxy import listen_service, wrap_proxy
 from exmta.receive.wiring import make_dispatchers
 from exmta.receive.workers import ListenSpec, WorkerPool, bind_socket, parse_shareable
 
@@ -259,7 +259,8 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     shared: list[tuple[ListenSpec, Any]] = []
     workers: WorkerPool | None = None  # SIGHUP reaches them through the reload service
     # one listener per endpoint; it hands each connection to the connector whose remote_ranges fit best
-    for i, (endpoint, dispatcher) in enumerate(make_dispatchers(config.receive, factories, reactor)):
+    dispatchers = make_dispatchers(config.receive, factories, reactor, node=resources.node)  # node-wide limits
+    for i, (endpoint, dispatcher) in enumerate(dispatchers):
         spec = parse_shareable(str(i), endpoint) if config.receive_workers else None
         if spec is not None:
             shared.append((spec, bind_socket(spec)))  # bound now, before twistd drops root
@@ -274,7 +275,8 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
         if config.source and os.path.exists(config.source):
             worker_args += ["--config", os.path.abspath(config.source)]
         workers = WorkerPool(reactor, config.receive_workers, shared, worker_args, committed_elsewhere,
-                             on_event=observe.worker_event)
+                             on_event=observe.worker_event, node=resources.node,
+                             serve_here=lambda spec: wrap_proxy(dispatchers[int(spec.connector)][1], spec.haproxy))
         _add(top, "receive-workers", workers)
         observe.readiness.add("receive workers", workers.readiness)  # each alive and accepting
         # the safety net for a queue id whose line from a worker was lost

@@ -42,7 +42,7 @@ from exmta.config.reader import nameserver as _nameserver
 from exmta.config.reader import nonempty_string as _nonempty_str
 from exmta.config.reader import readable_file as _readable_file
 from exmta.config.reader import string as _str
-from exmta.config.schema import (
+from exmta.config.schema import (  # auto_receive_workers: re-exported (``receive_workers = "auto"``)
     AcceptedDomain,
     AlertRuleConfig,
     AlertsConfig,
@@ -54,6 +54,7 @@ from exmta.config.schema import (
     ReceiveConnectorConfig,
     RouteConfig,
     SendConnectorConfig,
+    auto_receive_workers,
 )
 from exmta.config.smarthost import smarthost as _smarthost
 from exmta.observe.alerts import RULE_KINDS
@@ -82,15 +83,6 @@ def _metrics_listen(v: Any) -> str | tuple[str, ...]:
     if not eps:
         raise ValueError("needs at least one endpoint, e.g. \"tcp:9125:interface=127.0.0.1\" (or leave it out)")
     return eps[0] if len(eps) == 1 else eps
-
-
-def auto_receive_workers() -> int:
-    """``receive_workers = "auto"``: one per CPU this process may run on; none on a single CPU."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return cpus if cpus > 1 else 0
 
 
 def _receive_workers(v: Any) -> int:
@@ -444,7 +436,7 @@ def embedded_default(data_dir: str = "./exmta-data") -> Config:
             RouteConfig(("example.test", "localhost"), "local"),
             RouteConfig(("*",), "internet"),
         ),
-        receive_workers=0,
+        receive_workers=auto_receive_workers(),  # the default: one receive worker per CPU
     )
 
 

@@ -6,6 +6,7 @@ Sizes are in octets and durations in seconds here.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -308,6 +309,15 @@ class DKIMKeyConfig:
     on_failure: str = "defer"             # signing fails: "defer" the message (logged) | "send_unsigned"
 
 
+def auto_receive_workers() -> int:
+    """``receive_workers = "auto"`` (the default): one per CPU this process may run on; none on a single CPU."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return cpus if cpus > 1 else 0
+
+
 @dataclass(frozen=True)
 class Config:
     hostname: str = "localhost"
@@ -321,7 +331,9 @@ class Config:
     postgres: PostgresConfig = field(default_factory=PostgresConfig)
     pickup_dir: str | None = None         # default <data_dir>/pickup
     tracking_log: str | None = None       # default <data_dir>/log/tracking.jsonl
-    receive_workers: int = 0              # extra processes accepting SMTP (0 = the main process only)
+    # extra processes accepting SMTP: by default "auto", one per CPU (0 = the main process only); the
+    # limits of a receive connector count every process of the node all the same (exmta.receive.noderates)
+    receive_workers: int = field(default_factory=auto_receive_workers)
     spool_io: str = "auto"                # "threads" | "inline" | "auto" (exmta.queue.spool; see main_spool_io)
     spool_sync: str = "auto"              # "fsync" | "syncfs" | "auto" (see spool_sync_for)
     receive_worker_nice: int = 10         # receive workers run this much nicer than the main process

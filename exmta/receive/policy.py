@@ -36,6 +36,7 @@ from exmta.coroutines import run_coroutine
 from exmta.interfaces import IReceivePolicy, ISessionTrust
 from exmta.model import Address, Verdict
 from exmta.receive.backpressure import BackPressure
+from exmta.receive.noderates import take_local
 from exmta.receive.ranges import IPNetwork, parse_ip
 from exmta.receive.ratelimit import RateCounter
 from exmta.receive.recipients import RecipientValidator
@@ -50,6 +51,7 @@ RELAY_DENIED = Verdict.reject(554, "5.7.1", "Relay access denied")
 UNKNOWN_RECIPIENT = Verdict.reject(550, "5.1.1", "Recipient address rejected: user unknown")
 RECIPIENT_LOOKUP_FAILED = Verdict.tempfail(451, "4.3.0", "Recipient address lookup failed, try again later")
 AUTH_REQUIRED = Verdict.reject(530, "5.7.0", "Authentication required")
+RATE_CHECK_FAILED = Verdict.tempfail(451, "4.3.0", "Rate limit check failed, try again later")
 
 SUBMIT = "submit"                          # ms-Exch-SMTP-Submit: mail to accepted domains
 RELAY = "relay"                            # ms-Exch-SMTP-Accept-Any-Recipient
@@ -152,7 +154,10 @@ class DefaultReceivePolicy:
                   messages_per_minute_per_user, recipients_per_minute_per_user)
         if any(limits) and clock is None:
             raise ValueError("rate limits need a clock")
-        # rates: an exmta.receive.sharedrates.RateExchange, so that every process of every node counts together
+        # rates: counters shared beyond this policy: every process of the node (exmta.receive.noderates,
+        # NodeRates in the main process, RemoteRates in a receive worker) or of the cluster
+        # (exmta.receive.sharedrates.RateExchange with the PostgreSQL queue)
+        self.rates = rates
         def counter(name: str, limit: int) -> RateCounter:
             return rates.counter(f"{connector}/{name}", limit) if rates is not None else RateCounter(limit, clock)
         self.messages_per_ip = counter("messages_per_ip", messages_per_minute_per_ip)
@@ -226,7 +231,7 @@ class DefaultReceivePolicy:
     def check_connect(self, session: Any) -> Verdict:
         return Verdict.CONTINUE  # ranges and connection limits: exmta.receive.ranges, before the session
 
-    def check_mail(self, session: Any, sender: Address, params: Any) -> Verdict:
+    def check_mail(self, session: Any, sender: Address, params: Any) -> Verdict | Deferred[Verdict]:
         if self.back_pressure is not None:
             reply = self.back_pressure.refusal(getattr(params, "size", None))  # SIZE= must fit too
             if reply is not None:
@@ -239,16 +244,34 @@ class DefaultReceivePolicy:
                      session_id=session.session_id, peer_ip=session.peer_ip, connector=self.connector)
             return AUTH_REQUIRED
         ip, user = session.peer_ip, getattr(session, "auth_identity", None)
-        if not self.messages_per_ip.allows(ip):
-            return self._rate_refusal(session, 450, "4.7.1", f"too much mail from {ip}",
-                                      self.messages_per_ip.limit, "messages")
-        if user and not self.messages_per_user.allows(user):
-            return self._rate_refusal(session, 450, "4.7.1", f"too much mail from {user}",
-                                      self.messages_per_user.limit, "messages")
-        self.messages_per_ip.add(ip)
-        if user:
-            self.messages_per_user.add(user)
-        return Verdict.CONTINUE
+
+        def refusal(counter: Any) -> Verdict:
+            who = ip if counter is self.messages_per_ip else user
+            return self._rate_refusal(session, 450, "4.7.1", f"too much mail from {who}", counter.limit, "messages")
+        pairs = [(self.messages_per_ip, ip)] + ([(self.messages_per_user, user)] if user else [])
+        return self._take(session, pairs, Verdict.CONTINUE, refusal)
+
+    def _take(self, session: Any, pairs: list[tuple[Any, str]], ok: Verdict,
+              refusal: Callable[[Any], Verdict]) -> Verdict | Deferred[Verdict]:
+        """``ok`` and one event counted on each (counter, key) when all allow it, else ``refusal(counter)``.
+
+        A receive worker asks the main process, which counts for the whole
+        node (exmta.receive.noderates): then the answer is a Deferred.
+        """
+        pairs = [(counter, key) for counter, key in pairs if counter.limit]
+        if not pairs:
+            return ok
+        remote = getattr(self.rates, "take", None)
+        if remote is None:
+            refused = take_local(pairs)
+            return ok if refused is None else refusal(refused)
+
+        def failed(f: Any) -> Verdict:
+            log.warn("session {session_id}: rate limit check failed: {error}",
+                     session_id=session.session_id, error=f.getErrorMessage())
+            return RATE_CHECK_FAILED
+        d: Deferred[Any] = remote(pairs)
+        return d.addCallbacks(lambda refused: ok if refused is None else refusal(refused), failed)
 
     def _rate_refusal(self, session: Any, code: int, status: str, what: str, limit: int, unit: str) -> Verdict:
         log.info("session {session_id}: rate limit: {what} (limit {limit} {unit} per minute)",
@@ -293,18 +316,16 @@ class DefaultReceivePolicy:
             log.info("session {session_id}: unknown recipient <{rcpt}> from {peer_ip}",
                      session_id=session.session_id, rcpt=str(rcpt), peer_ip=session.peer_ip)
             return UNKNOWN_RECIPIENT
-        return self._count_recipient(session)
+        verdict = self._count_recipient(session)
+        return (await verdict) if isinstance(verdict, Deferred) else verdict
 
-    def _count_recipient(self, session: Any) -> Verdict:
+    def _count_recipient(self, session: Any) -> Verdict | Deferred[Verdict]:
         """ACCEPT within the recipient rate limits (and count it), else 452 4.5.3."""
         ip, user = session.peer_ip, getattr(session, "auth_identity", None)
-        if not self.recipients_per_ip.allows(ip):
-            return self._rate_refusal(session, 452, "4.5.3", f"too many recipients from {ip}",
-                                      self.recipients_per_ip.limit, "recipients")
-        if user and not self.recipients_per_user.allows(user):
-            return self._rate_refusal(session, 452, "4.5.3", f"too many recipients from {user}",
-                                      self.recipients_per_user.limit, "recipients")
-        self.recipients_per_ip.add(ip)
-        if user:
-            self.recipients_per_user.add(user)
-        return Verdict.ACCEPT
+
+        def refusal(counter: Any) -> Verdict:
+            who = ip if counter is self.recipients_per_ip else user
+            return self._rate_refusal(session, 452, "4.5.3", f"too many recipients from {who}", counter.limit,
+                                      "recipients")
+        pairs = [(self.recipients_per_ip, ip)] + ([(self.recipients_per_user, user)] if user else [])
+        return self._take(session, pairs, Verdict.ACCEPT, refusal)

@@ -29,9 +29,10 @@ from typing import Any, Iterable, Sequence
 
 from twisted.internet.address import UNIXAddress
 from twisted.internet.interfaces import IAddress
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 
 from exmta.model import Reply
 
@@ -212,6 +213,62 @@ class _Refuse(Protocol):
         pass  # nothing the client says changes anything
 
 
+class _Admission(Protocol):
+    """A receive worker's new session, held until the main process admits it (node-wide connection limits).
+
+    What the client says meanwhile is kept and handed to the session once it
+    starts; a refusal is the same 421 as a local one.
+    """
+
+    def __init__(self, dispatcher: DispatchingFactory, conn: _Dispatch, entry: ConnectorEntry) -> None:
+        self.dispatcher = dispatcher
+        self.conn = conn
+        self.entry = entry
+        self.buffered: list[bytes] = []
+        self.lost = False
+
+    def connectionMade(self) -> None:
+        node, counter = self.dispatcher.node, self.entry.counter
+        d = node.open_connection(self.entry.name, self.conn.peer_ip, counter.max_total, counter.max_per_ip)
+        d.addCallbacks(self._answered, self._failed)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffered.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = True
+
+    def _close(self, reply: Reply) -> None:
+        transport = self.transport
+        assert transport is not None
+        transport.write(reply.to_bytes())
+        transport.loseConnection()
+
+    def _answered(self, why: str | None) -> None:
+        node, ip = self.dispatcher.node, self.conn.peer_ip
+        if why is not None:
+            if not self.lost:
+                self._close(self.dispatcher._limit_refusal(ip, self.entry, why))
+            return
+        if self.lost:
+            node.close_connection(self.entry.name, ip)
+            return
+        self.conn.admitted = (node, self.entry.name)  # released when the session ends
+        session = self.entry.factory.buildProtocol(self.conn.addr)
+        self.conn.wrappedProtocol = session
+        session.makeConnection(self.conn)
+        for data in self.buffered:
+            session.dataReceived(data)
+        self.buffered = []
+
+    def _failed(self, failure: Any) -> None:
+        log.warn("connection from {peer_ip} to connector {connector}: no answer from the main process on the "
+                 "node's connection limits: {error}", peer_ip=self.conn.peer_ip, connector=self.entry.name,
+                 error=failure.getErrorMessage())
+        if not self.lost:
+            self._close(Reply.make(421, "4.3.2", f"{self.entry.hostname} Service busy, try again later"))
+
+
 class _Dispatch(ProtocolWrapper):
     """Picks the connector when the connection is made, then passes everything through."""
 
@@ -222,6 +279,7 @@ class _Dispatch(ProtocolWrapper):
         self.peer_ip = ""
         self.local_socket = False
         self.budget: ConnectionCounter | None = None
+        self.admitted: tuple[Any, str] | None = None  # (the main process's counters, connector): a worker's session
 
     def makeConnection(self, transport: Any) -> None:
         peer = transport.getPeer()
@@ -237,6 +295,10 @@ class _Dispatch(ProtocolWrapper):
         if self.budget is not None:
             self.budget.closed(self.peer_ip)
             self.budget = None
+        if self.admitted is not None:
+            node, connector = self.admitted
+            self.admitted = None
+            node.close_connection(connector, self.peer_ip)
         super().connectionLost(reason)
 
 
@@ -254,6 +316,9 @@ class DispatchingFactory(WrappingFactory):
         #: sessions of the whole process (shared by every dispatcher): kept below RLIMIT_NOFILE
         self.budget: ConnectionCounter | None = None
         self.clock: Any = None  # for the PROXY header timeout (the reactor when None)
+        #: in a receive worker: the main process's counters (exmta.receive.noderates.RemoteRates), which
+        #: admit each session against the connector's limits for the whole node
+        self.node: Any = None
 
     def buildProtocol(self, addr: IAddress) -> _Dispatch:
         return _Dispatch(self, addr)
@@ -280,17 +345,23 @@ class DispatchingFactory(WrappingFactory):
         if why is None and self.budget is not None:
             why = self.budget.refusal(ip)  # the process's open files (exmta.receive.fdlimit)
         if why is not None:
-            log.warn("connection from {peer_ip} to connector {connector} refused: {why}",
-                     peer_ip=ip, connector=entry.name, why=why)
-            reply = Reply.make(421, "4.7.0", f"{entry.hostname} {why[0].upper()}{why[1:]}, try again later")
-            self._track_refusal(ip, entry.name, reply, why)
-            return _Refuse(reply)
+            return _Refuse(self._limit_refusal(ip, entry, why))
         entry.counter.opened(ip)
         if self.budget is not None:
             self.budget.opened(ip)
             conn.budget = self.budget
         conn.entry = entry
+        if self.node is not None and (entry.counter.max_total or entry.counter.max_per_ip):
+            return _Admission(self, conn, entry)  # a receive worker: the limits count every process of the node
         return entry.factory.buildProtocol(conn.addr)
+
+    def _limit_refusal(self, ip: str, entry: ConnectorEntry, why: str) -> Reply:
+        """The 421 for a connection over a limit (logged and tracked)."""
+        log.warn("connection from {peer_ip} to connector {connector} refused: {why}",
+                 peer_ip=ip, connector=entry.name, why=why)
+        reply = Reply.make(421, "4.7.0", f"{entry.hostname} {why[0].upper()}{why[1:]}, try again later")
+        self._track_refusal(ip, entry.name, reply, why)
+        return reply
 
     def _track_refusal(self, ip: str, connector: str | None, reply: Reply, why: str) -> None:
         """A REJECT tracking event for a refused connection (Exchange's protocol log shows them too).

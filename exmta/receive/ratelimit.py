@@ -1,4 +1,4 @@
-"""Per-client rate counters for receive connectors (Postfix's anvil idea, in process).
+"""Per-client rate counters for receive connectors (Postfix's anvil idea).
 
 A :class:`RateCounter` counts events per key (a source address or an
 authenticated user) over a sliding window of ``window`` seconds on an
@@ -9,9 +9,10 @@ numbers per key, not one timestamp per event). Keys idle for two windows are
 forgotten, so memory stays bounded by the number of recently active clients;
 ``max_keys`` caps it outright.
 
-The counters live in each process: with ``receive_workers`` every worker
-counts on its own (a client spread over N workers may get up to N times the
-limit; Postfix's anvil is one server for this reason).
+A RateCounter counts in one process. The receive side counts once per
+node all the same: the main process keeps the counters and its receive
+workers ask it (exmta.receive.noderates, as Postfix's anvil is one server),
+or once per cluster with the PostgreSQL queue (exmta.receive.sharedrates).
 """
 from __future__ import annotations
 

@@ -29,7 +29,9 @@ class ReceiveResources:
     service: BackPressureService | None = None   # measures back pressure while running
     admission: Any = None  # exmta.filters.admission.CheckAdmission: filter runs in flight
     lockouts: Any = None   # exmta.auth.lockstore.LockoutStore: AUTH failures of the node (all processes)
-    rates: Any = None      # exmta.receive.sharedrates.RateExchange: rate limits of the cluster (PostgreSQL queue)
+    rates: Any = None      # rate limits beyond one process: the node's (= node) or the cluster's (RateExchange)
+    #: exmta.receive.noderates: NodeRates in the main process, RemoteRates in a receive worker (asks the main one)
+    node: Any = None
 
 
 def make_resources(config: Config, queue_dir: str, clock: Any, reactor: Any = None,
@@ -93,12 +95,13 @@ def _listening(factory: Any, clock: Any) -> Any:
 
 
 def make_dispatchers(connectors: Sequence[ReceiveConnectorConfig], factories: Sequence[Any],
-                     clock: Any = None) -> list[tuple[str, DispatchingFactory]]:
+                     clock: Any = None, node: Any = None) -> list[tuple[str, DispatchingFactory]]:
     """One dispatching factory per distinct listen endpoint, in a stable order.
 
     ``factories[i]`` is the session factory of ``connectors[i]``. A connector
     listening on several endpoints has one :class:`ConnectorEntry`, so its
-    connection limits count all of them together.
+    connection limits count all of them together; with ``node``
+    (ReceiveResources.node) they count every process of the node.
     """
     from exmta.receive.screen import ConnectionScreen, screened
 
@@ -107,6 +110,12 @@ def make_dispatchers(connectors: Sequence[ReceiveConnectorConfig], factories: Se
         rc.name: ConnectorEntry.from_config(rc, screened(_listening(f, clock), f, screen), f)
         for rc, f in zip(connectors, factories)
     }
+    if hasattr(node, "connection_counter"):  # the main process: its sessions and its workers' in one count
+        for rc in connectors:
+            counter = node.connection_counter(rc.name)
+            counter.max_total, counter.max_per_ip = entries[rc.name].counter.max_total, \
+                entries[rc.name].counter.max_per_ip
+            entries[rc.name].counter = counter
     dispatchers = [
         (endpoint, DispatchingFactory([entries[rc.name] for rc in rcs], endpoint))
         for endpoint, rcs in group_listeners(connectors)
@@ -120,4 +129,6 @@ def make_dispatchers(connectors: Sequence[ReceiveConnectorConfig], factories: Se
     for _, dispatcher in dispatchers:
         dispatcher.budget = budget
         dispatcher.clock = clock
+        if hasattr(node, "open_connection"):  # a receive worker asks the main process before each session
+            dispatcher.node = node
     return dispatchers

@@ -125,7 +125,8 @@ def run(argv: list[str]) -> None:
     from exmta.receive.proxy import wrap_proxy
     from exmta.receive.wiring import make_dispatchers
 
-    resources = receive_resources(config, paths, reactor, pool, opened)  # rates shared with the main process
+    # rate limits: counted by the main process (or the cluster's database), asked over our stdin/stdout
+    resources = receive_resources(config, paths, reactor, pool, opened, worker_lines=lines)
     services = [service for _name, service in resource_services(resources)]
     for service in services:
         service.startService()
@@ -136,7 +137,7 @@ def run(argv: list[str]) -> None:
     from exmta.admin.service import attach_protocol_logs
     protocol_logs = attach_protocol_logs(config, paths, reactor, factories.values(), rotate=False)
     # the same listeners in the same order as the main process: the index names the socket
-    dispatchers = make_dispatchers(config.receive, list(factories.values()), reactor)
+    dispatchers = make_dispatchers(config.receive, list(factories.values()), reactor, node=resources.node)
 
     ports = []
     for item in args.fds.split(","):
@@ -152,8 +153,9 @@ def run(argv: list[str]) -> None:
             resources.service.stopService()
         file_tracker.close()
         protocol_logs.close()
-        if resources.rates is not None:
-            await defer.maybeDeferred(resources.rates.service.stopService)
+        for name, service in resource_services(resources):
+            if name in ("rates-db", "node-channel"):  # the cluster's exchange, the channel to the main process
+                await defer.maybeDeferred(service.stopService)
         if cluster_tracking is not None:
             await defer.maybeDeferred(cluster_tracking.service.stopService)
         if chosen.service is not None:

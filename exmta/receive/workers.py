@@ -1,9 +1,10 @@
 """Receive worker processes: SMTP acceptance on more than one core.
 
-One Twisted reactor runs on one core. With ``receive_workers = N`` the main
-process binds every listening socket itself (so port 25 is bound before
-twistd drops root), then starts N worker processes that inherit those
-sockets and accept SMTP on them, committing into the same spool directory.
+One Twisted reactor runs on one core. With ``receive_workers = N`` (by
+default "auto": one per CPU) the main process binds every listening socket
+itself (so port 25 is bound before twistd drops root), then starts N worker
+processes that inherit those sockets and accept SMTP on them, committing
+into the same spool directory.
 The main process keeps the scheduler and delivery. A worker tells the main
 process about each committed message by writing its queue id on a line to
 its stdout; the spool's own scan of incoming/ is the safety net for a lost
@@ -14,6 +15,10 @@ A worker writes ``!ready`` on its stdout once it accepts connections:
 worker has, and :meth:`WorkerPool.reload` sends SIGHUP to each ready worker
 (a worker still starting gets it once ready) after the main process has
 applied a new configuration file (exmta.observe.reload).
+
+A line starting with ``?`` asks the main process to check and count a
+connection or rate limit for the whole node (exmta.receive.noderates); the
+answer goes to the worker's stdin.
 
 Only ``tcp:``, ``tcp6:`` and ``haproxy:tcp:`` endpoints can be shared this way;
 other endpoints stay in the main process.
@@ -90,9 +95,14 @@ class _WorkerProtocol(protocol.ProcessProtocol):
     def outReceived(self, data: bytes) -> None:
         self.buffer += data
         *lines, self.buffer = self.buffer.split(b"\n")
+        answers = []
         for line in lines:
             if line.startswith(b"{"):  # a metrics event (exmta.observe.worker_metrics)
                 self.owner.on_event(line)
+                continue
+            if line.startswith(b"?"):  # a rate check (exmta.receive.noderates): answered on the worker's stdin
+                if self.owner.node is not None:
+                    answers.append(self.owner.node.answer(line[1:], self.index))
                 continue
             if line.startswith(b"!"):  # a state line (exmta.receive.worker.READY_LINE)
                 if line.strip() == b"!ready":
@@ -101,6 +111,8 @@ class _WorkerProtocol(protocol.ProcessProtocol):
             queue_id = line.strip().decode("ascii", "replace")
             if queue_id:
                 self.owner.on_committed(queue_id)
+        if answers and self.transport is not None:
+            self.transport.writeToChild(0, b"".join(answers))
 
     def errReceived(self, data: bytes) -> None:
         *lines, self.err_buffer = (self.err_buffer + data).split(b"\n")  # a line may span two reads
@@ -110,6 +122,13 @@ class _WorkerProtocol(protocol.ProcessProtocol):
                 # the format is the finished text (braces escaped): observers do not parse fields again
                 text = f"worker[{self.index}] {line}".replace("{", "{{").replace("}", "}}")
                 log.info(text, index=self.index, line=line)
+
+    def processExited(self, reason: Any) -> None:
+        # nothing reads the worker's stdin any more: close our end. Seen: once the rate and session answers
+        # had been written to it, Twisted no longer watched it for the worker's close, and the stop waited
+        # for processEnded until killed
+        if self.transport is not None:
+            self.transport.closeStdin()
 
     def processEnded(self, reason: Any) -> None:
         self.owner.ended(self, reason)
@@ -124,13 +143,19 @@ class WorkerPool(Service):
 
     def __init__(self, reactor: Any, count: int, sockets: list[tuple[ListenSpec, socket.socket]],
                  worker_args: list[str], on_committed: Callable[[str], None],
-                 on_event: Callable[[bytes], None] | None = None) -> None:
+                 on_event: Callable[[bytes], None] | None = None, node: Any = None,
+                 serve_here: Callable[[ListenSpec], Any] | None = None) -> None:
         self.reactor = reactor
         self.count = count
         self.sockets = sockets
         self.worker_args = worker_args
         self.on_committed = on_committed
         self.on_event = on_event or (lambda line: None)
+        self.node = node  # exmta.receive.noderates.NodeRates: answers the workers' limit checks
+        #: the protocol factory of a shared socket, for the main process to accept on it itself when a
+        #: worker cannot be started at all (e.g. twistd --uid to a user that may not run the interpreter)
+        self.serve_here = serve_here
+        self.local_ports: list[Any] = []
         self.procs: dict[int, tuple[Any, _WorkerProtocol]] = {}
         self.ready: set[int] = set()          # workers that said they accept connections
         self.reload_pending: set[int] = set()  # started before a reload, not ready yet: signalled when ready
@@ -148,7 +173,11 @@ class WorkerPool(Service):
         proto = _WorkerProtocol(self, index)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        transport = self.reactor.spawnProcess(proto, sys.executable, args, env=env, childFDs=child_fds)
+        try:
+            transport = self.reactor.spawnProcess(proto, sys.executable, args, env=env, childFDs=child_fds)
+        except OSError as e:
+            self._accept_here(index, e)
+            return
         self.procs[index] = (transport, proto)
         log.info("exmta: receive worker {index} started, pid {pid}", index=index, pid=transport.pid)
 
@@ -156,6 +185,16 @@ class WorkerPool(Service):
         super().startService()
         for i in range(self.count):
             self._spawn(i)
+
+    def _accept_here(self, index: int, error: OSError) -> None:
+        """A worker cannot be started: the main process accepts on the shared sockets itself (once)."""
+        log.error("exmta: receive worker {index} cannot be started ({error}); the main process accepts SMTP "
+                  "itself. Let the service user run {python}, or set receive_workers = 0",
+                  index=index, error=str(error), python=sys.executable)
+        if self.serve_here is None or self.local_ports:
+            return
+        for spec, sock in self.sockets:
+            self.local_ports.append(self.reactor.adoptStreamPort(sock.fileno(), spec.family, self.serve_here(spec)))
 
     def worker_ready(self, proto: _WorkerProtocol) -> None:
         if self.procs.get(proto.index, (None, None))[1] is not proto:
@@ -197,10 +236,14 @@ class WorkerPool(Service):
         if self.stopping:
             return False, "stopping"
         detail = f"{ready} of {self.count} receive worker process(es) running and ready"
+        if self.local_ports:  # degraded but accepting: the error is in the log
+            return True, detail + "; the main process accepts SMTP itself"
         return ready >= self.count, detail
 
     def ended(self, proto: _WorkerProtocol, reason: Any) -> None:
         if self.procs.get(proto.index, (None, None))[1] is proto:
+            if self.node is not None:
+                self.node.worker_ended(proto.index)  # its sessions are gone with it
             self.procs.pop(proto.index, None)
             self.ready.discard(proto.index)
             self.reload_pending.discard(proto.index)
@@ -225,6 +268,8 @@ class WorkerPool(Service):
             d = proto.ended
             d.addTimeout(self.stop_deadline, self.reactor, onTimeoutCancel=lambda *_a, t=transport: _kill(t))
             waits.append(d)
+        for port in self.local_ports:
+            waits.append(defer.maybeDeferred(port.stopListening))
         for _spec, sock in self.sockets:
             sock.close()
         return defer.DeferredList(waits, consumeErrors=True)

@@ -151,7 +151,7 @@ def test_spool_sync_and_worker_nice(tmp_path):
     assert [p for p in problems if p.startswith("server.receive_worker_nice: must be at most 19")]
 
 
-def test_receive_workers_auto_is_one_per_cpu(tmp_path, monkeypatch):
+def test_receive_workers_auto_is_one_per_cpu_and_the_default(tmp_path, monkeypatch):
     import os
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
@@ -159,6 +159,11 @@ def test_receive_workers_auto_is_one_per_cpu(tmp_path, monkeypatch):
     assert config.receive_workers == 3 and config.main_spool_io == "inline"
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert load_config(write(tmp_path, '[server]\nreceive_workers = "auto"\n' + MINIMAL)).receive_workers == 0
+    # "auto" is the default, of a file without the key and of the embedded default; 0 stays possible
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert load_config(write(tmp_path, MINIMAL)).receive_workers == 4
+    assert embedded_default(str(tmp_path)).receive_workers == 4
+    assert load_config(write(tmp_path, "[server]\nreceive_workers = 0\n" + MINIMAL)).receive_workers == 0
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, '[server]\nreceive_workers = "many"\n' + MINIMAL))
     assert info.value.problems == ["server.receive_workers: expected a whole number or \"auto\" (one per CPU), "

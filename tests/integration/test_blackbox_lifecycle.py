@@ -60,11 +60,16 @@ def test_sigkill_after_250_loses_nothing(tmp_path: Path, free_tcp_port: int) -> 
 
 
 def test_data_dir_default_config(tmp_path: Path) -> None:
-    """``twistd -n exmta --data DIR``: 127.0.0.1:2525, example.test to DIR/mail/."""
+    """``twistd -n exmta --data DIR``: 127.0.0.1:2525, example.test to DIR/mail/, receive workers "auto"."""
     if procs.port_in_use(DEFAULT_DATA_PORT):
         pytest.skip(f"127.0.0.1:{DEFAULT_DATA_PORT} is in use by another process")
+    from exmta.config.load import auto_receive_workers
+
     ex = ExmtaProcess(tmp_path / "run", data_dir=tmp_path / "data").start()
     try:
+        workers = auto_receive_workers()  # the default: one receive worker per CPU (none on one CPU)
+        procs.wait_until(lambda: ex.log_text().count("receive worker ready") >= workers, 60, "the receive workers")
+        assert len(procs.descendants(ex.pid)) == workers
         procs.swaks(ex.port, "bob@localhost", "alice@example.test", "--body", "default config")
         procs.wait_until(lambda: ex.maildir_messages("alice@example.test"), 30, "maildir delivery")
         assert b"default config" in ex.maildir_messages("alice@example.test")[0]
