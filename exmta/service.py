@@ -24,7 +24,7 @@ from exmta.assembly import make_receive_factory  # noqa: F401  (re-exported: its
 from exmta.config.schema import Config
 from exmta.receive.proxy import listen_service, wrap_proxy
 from exmta.receive.wiring import make_dispatchers
-from exmta.receive.workers import ListenSpec, WorkerPool, bind_socket, parse_shareable
+from exmta.receive.workers import ListenSpec, WorkerPool, parse_shareable
 
 log = Logger()
 
@@ -263,7 +263,7 @@ def build_service(config: Config, reactor: Any) -> OrderedService:
     for i, (endpoint, dispatcher) in enumerate(dispatchers):
         spec = parse_shareable(str(i), endpoint) if config.receive_workers else None
         if spec is not None:
-            shared.append((spec, bind_socket(spec)))  # bound now, before twistd drops root
+            shared.append((spec, None))  # bound by the pool's privilegedStartService, before twistd drops root
         else:
             _add(top, f"receive.{i}", listen_service(endpoint, dispatcher, reactor))
     if shared:

@@ -141,12 +141,14 @@ class WorkerPool(Service):
     restart_delay = 1.0
     stop_deadline = 20.0
 
-    def __init__(self, reactor: Any, count: int, sockets: list[tuple[ListenSpec, socket.socket]],
+    def __init__(self, reactor: Any, count: int, sockets: list[tuple[ListenSpec, socket.socket | None]],
                  worker_args: list[str], on_committed: Callable[[str], None],
                  on_event: Callable[[bytes], None] | None = None, node: Any = None,
                  serve_here: Callable[[ListenSpec], Any] | None = None) -> None:
         self.reactor = reactor
         self.count = count
+        #: (spec, socket); a None socket is bound at privilegedStartService (before twistd drops root), as
+        #: Twisted's own listeners are: building the service graph (a check, a test, a reload) binds nothing
         self.sockets = sockets
         self.worker_args = worker_args
         self.on_committed = on_committed
@@ -164,7 +166,7 @@ class WorkerPool(Service):
     def _spawn(self, index: int) -> None:
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         fd_args = []
-        for n, (spec, sock) in enumerate(self.sockets):
+        for n, (spec, sock) in enumerate(self._bound()):
             child_fd = 3 + n
             child_fds[child_fd] = sock.fileno()
             fd_args.append(f"{child_fd}={spec.connector}={spec.family}={int(spec.haproxy)}")
@@ -181,7 +183,17 @@ class WorkerPool(Service):
         self.procs[index] = (transport, proto)
         log.info("exmta: receive worker {index} started, pid {pid}", index=index, pid=transport.pid)
 
+    def privilegedStartService(self) -> None:
+        self.sockets = [(spec, sock if sock is not None else bind_socket(spec)) for spec, sock in self.sockets]
+        super().privilegedStartService()
+
+    def _bound(self) -> list[tuple[ListenSpec, socket.socket]]:
+        if any(sock is None for _spec, sock in self.sockets):
+            self.privilegedStartService()  # started without the privileged step (e.g. a test)
+        return [(spec, sock) for spec, sock in self.sockets if sock is not None]
+
     def startService(self) -> None:
+        self._bound()
         super().startService()
         for i in range(self.count):
             self._spawn(i)
@@ -193,7 +205,7 @@ class WorkerPool(Service):
                   index=index, error=str(error), python=sys.executable)
         if self.serve_here is None or self.local_ports:
             return
-        for spec, sock in self.sockets:
+        for spec, sock in self._bound():
             self.local_ports.append(self.reactor.adoptStreamPort(sock.fileno(), spec.family, self.serve_here(spec)))
 
     def worker_ready(self, proto: _WorkerProtocol) -> None:
@@ -271,7 +283,8 @@ class WorkerPool(Service):
         for port in self.local_ports:
             waits.append(defer.maybeDeferred(port.stopListening))
         for _spec, sock in self.sockets:
-            sock.close()
+            if sock is not None:
+                sock.close()
         return defer.DeferredList(waits, consumeErrors=True)
 
 
