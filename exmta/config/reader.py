@@ -21,7 +21,7 @@ from twisted.internet import endpoints as _twisted_endpoints
 
 __all__ = [
     "ConfigError", "Reader", "boolean", "choice", "cidr", "config_base", "config_path", "domain", "endpoint",
-    "endpoints", "integer", "list_of", "nameserver", "nonempty_string", "parse_duration", "parse_size",
+    "endpoints", "integer", "known_keys", "list_of", "nameserver", "nonempty_string", "parse_duration", "parse_size",
     "paths_relative_to", "readable_file", "relative_note", "relative_paths_note", "resolve_path", "string",
 ]
 
@@ -45,6 +45,13 @@ _SIZE_UNITS = {
 }
 _DOMAIN = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 _ENDPOINT_KINDS = {"tcp", "tcp6", "unix", "ssl", "haproxy", "systemd"}
+
+
+def known_keys(config: Any, known: Any) -> None:
+    """A plugin's options table: ValueError naming every unknown key and listing the known ones."""
+    unknown = set(config) - set(known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
 
 
 def parse_duration(value: Any) -> float:

@@ -26,6 +26,7 @@ from exmta.filters.authres import SPFResult, auth_state
 from exmta.filters.base import FilterBase
 from exmta.interfaces import IFilterFactory
 from exmta.model import Verdict
+from exmta.config.reader import known_keys
 
 __all__ = ["SPFFilter", "check_spf"]
 
@@ -172,9 +173,7 @@ def bool_option(config: dict[str, Any], key: str) -> bool:
 
 def common_options(config: dict[str, Any], keys: frozenset[str]) -> dict[str, Any]:
     """Check unknown keys and parse on_temperror / skip_authenticated (errors name the key)."""
-    unknown = set(config) - keys
-    if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(keys))})")
+    known_keys(config, keys)
     options: dict[str, Any] = {}
     if "on_temperror" in config:
         value = config["on_temperror"]

@@ -38,6 +38,7 @@ from zope.interface import provider
 
 from exmta.filters.base import FilterBase
 from exmta.interfaces import IFilterFactory
+from exmta.config.reader import known_keys
 from exmta.model import Verdict
 from exmta.spam.rspamd import CHUNK, RspamdClient, RspamdUnavailable, RspamdVerdict, request_headers
 from exmta.spam.scl import (DEFAULT_SPAM_SCORE, SclPolicy, connector_trusts_org_headers, existing_scl,
@@ -159,9 +160,7 @@ class RspamdFilter(FilterBase):
         """The constructor's keyword arguments from a ``[filters.NAME]`` table (ValueError names the key)."""
         from exmta.config.reader import parse_duration, parse_size
 
-        unknown = set(config) - KEYS
-        if unknown:
-            raise ValueError(f"unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(KEYS))})")
+        known_keys(config, KEYS)
         socket = config.get("socket")
         if not isinstance(socket, str) or not socket.startswith(("unix:", "tcp:")):
             raise ValueError('socket must be a client endpoint such as "tcp:127.0.0.1:11333" '
