@@ -32,13 +32,13 @@ import ipaddress
 import re
 from typing import Any, AsyncIterator
 
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import provider
 
 from exmta.filters.base import FilterBase
 from exmta.interfaces import IFilterFactory
 from exmta.config.reader import known_keys
+from exmta.filters.bodychunks import body_chunks
 from exmta.model import Verdict
 from exmta.spam.rspamd import CHUNK, RspamdClient, RspamdUnavailable, RspamdVerdict, request_headers
 from exmta.spam.scl import (DEFAULT_SPAM_SCORE, SclPolicy, connector_trusts_org_headers, existing_scl,
@@ -229,19 +229,9 @@ class RspamdFilter(FilterBase):
 
     # ------------------------------------------------------------ the scan
 
-    async def _chunks(self, view: Any) -> AsyncIterator[bytes]:
+    def _chunks(self, view: Any) -> AsyncIterator[bytes]:
         """The message in chunks, read from the spool on the thread pool (inline without one)."""
-        f = view.open_body() if self.threadpool is None else \
-            await deferToThreadPool(self.reactor, self.threadpool, view.open_body)
-        try:
-            while True:
-                chunk = f.read(CHUNK) if self.threadpool is None else \
-                    await deferToThreadPool(self.reactor, self.threadpool, f.read, CHUNK)
-                if not chunk:
-                    return
-                yield chunk
-        finally:
-            f.close()
+        return body_chunks(view, self.reactor, self.threadpool, CHUNK)
 
     def is_trusted(self, session: Any, view: Any) -> bool:
         """Authenticated, in ``trusted_networks``, or trusted by the connector with organisation headers."""
